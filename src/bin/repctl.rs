@@ -1,0 +1,2 @@
+//! repctl: talks to a node's control socket. (Helper D.)
+fn main() {}

@@ -1,0 +1,1 @@
+//! Resource configuration. (Helper D: implement.)

@@ -1,0 +1,1 @@
+//! Fault-injecting wrapper engine for tests. (Helper A: implement.)

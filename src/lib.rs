@@ -1,0 +1,22 @@
+//! repblock: a replicated block device in userspace.
+//!
+//! Layout (one module per concern):
+//! - [`io`]: the IO engine trait every file access goes through (io_uring,
+//!   plain pwritev/fdatasync, and a fault-injecting wrapper for tests).
+//! - [`volume`]: the local volume: data file, write-ahead log, metadata
+//!   (superblock), crash recovery, group commit and checkpoints.
+//! - [`nbd`]: the NBD front end (protocol codec, server) and a small async
+//!   client used by tests and benchmarks.
+//! - [`config`]: the resource configuration file (TOML) and its validation.
+//! - [`node`]: the node state machine (role, disk state, NBD export while
+//!   primary).
+//! - [`control`]: the control socket protocol spoken by `repctl`.
+//! - [`units`]: human-readable sizes and durations.
+
+pub mod config;
+pub mod control;
+pub mod io;
+pub mod nbd;
+pub mod node;
+pub mod units;
+pub mod volume;

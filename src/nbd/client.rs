@@ -1,0 +1,1 @@
+//! Async NBD client for tests and benchmarks. (Helper C: implement.)

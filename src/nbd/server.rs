@@ -1,0 +1,1 @@
+//! NBD server. (Helper C: implement.)

@@ -1,0 +1,1 @@
+//! Node state machine. (Helper D: implement.)
