@@ -34,6 +34,13 @@ fn uring_engine() -> Option<Arc<dyn IoEngine>> {
     }
 }
 
+/// io_uring with every transfer split into 1000-byte pieces: every
+/// completion of a bigger read or write is a short one to resubmit.
+fn uring_short_transfers() -> Option<Arc<dyn IoEngine>> {
+    uring_engine()?;
+    Some(Arc::new(UringEngine::with_max_transfer(1000)))
+}
+
 /// The fault engine with no fault armed must be transparent.
 fn fault_over_uring() -> Option<Arc<dyn IoEngine>> {
     let inner = uring_engine()?;
@@ -61,6 +68,7 @@ macro_rules! all_engines {
     ($($test:ident),* $(,)?) => {
         engine_suite!(sync, super::sync_engine; $($test),*);
         engine_suite!(io_uring, super::uring_engine; $($test),*);
+        engine_suite!(io_uring_short_transfers, super::uring_short_transfers; $($test),*);
         engine_suite!(fault_over_uring, super::fault_over_uring; $($test),*);
     };
 }
@@ -596,22 +604,36 @@ fn run_diff_batch(e: &dyn IoEngine, f: &IoFile, batch: &[DiffOp]) -> (Option<io:
     (res.err().map(|e| e.kind()), reads)
 }
 
-fn differential(ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError> {
-    let Some(uring) = uring_engine() else { return Ok(()) };
-    let sync = SyncEngine::new();
-    let dir = tmpdir();
-    let fs = sync.open(&dir.path().join("sync"), OpenMode::CREATE_NEW).expect("open");
-    let fu = uring.open(&dir.path().join("uring"), OpenMode::CREATE_NEW).expect("open");
+/// Runs `ops` on both engines, in a temp dir under `base` (the file system
+/// decides which fallocate modes exist), and compares every outcome.
+fn differential(base: &Path, ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError> {
+    if uring_engine().is_none() {
+        return Ok(());
+    }
+    // The reference first, then io_uring as configured, then io_uring with
+    // odd-sized partial transfers.
+    let engines: [(&str, Arc<dyn IoEngine>); 3] = [
+        ("sync", Arc::new(SyncEngine::new())),
+        ("uring", Arc::new(UringEngine::new())),
+        ("uring-short", Arc::new(UringEngine::with_max_transfer(4097))),
+    ];
+    let dir = tempfile::tempdir_in(base).expect("temp dir");
+    let files: Vec<IoFile> = engines
+        .iter()
+        .map(|(name, e)| e.open(&dir.path().join(name), OpenMode::CREATE_NEW).expect("open"))
+        .collect();
     let mut file_len = 0u64;
     for batch in batches(ops, max_batch) {
-        let (es, rs) = run_diff_batch(&sync, &fs, &batch);
-        let (eu, ru) = run_diff_batch(&*uring, &fu, &batch);
-        prop_assert_eq!(es, eu, "batch {:?}", batch);
-        for (op, (a, b)) in batch.iter().zip(rs.iter().zip(&ru)) {
-            // Reads that fail (past EOF) leave unspecified buffers.
-            if let DiffOp::Read { offset, len } = *op {
-                if offset + len as u64 <= file_len {
-                    prop_assert!(a == b, "read {:?} differs", op);
+        let (ref_err, ref_reads) = run_diff_batch(&*engines[0].1, &files[0], &batch);
+        for ((name, e), f) in engines.iter().zip(&files).skip(1) {
+            let (err, reads) = run_diff_batch(&**e, f, &batch);
+            prop_assert_eq!(ref_err, err, "{}: batch {:?}", name, batch);
+            for (op, (a, b)) in batch.iter().zip(ref_reads.iter().zip(&reads)) {
+                // Reads that fail (past EOF) leave unspecified buffers.
+                if let DiffOp::Read { offset, len } = *op {
+                    if offset + len as u64 <= file_len {
+                        prop_assert!(a == b, "{}: read {:?} differs", name, op);
+                    }
                 }
             }
         }
@@ -621,10 +643,12 @@ fn differential(ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError
             }
         }
     }
-    let a = std::fs::read(dir.path().join("sync")).expect("read sync file");
-    let b = std::fs::read(dir.path().join("uring")).expect("read uring file");
-    prop_assert_eq!(a.len(), b.len());
-    prop_assert!(a == b, "file contents differ");
+    let reference = std::fs::read(dir.path().join(engines[0].0)).expect("read reference file");
+    for (name, _) in &engines[1..] {
+        let other = std::fs::read(dir.path().join(name)).expect("read file");
+        prop_assert_eq!(reference.len(), other.len(), "{}: file length", name);
+        prop_assert!(reference == other, "{}: file contents differ", name);
+    }
     Ok(())
 }
 
@@ -636,6 +660,18 @@ proptest! {
         ops in proptest::collection::vec(diff_op(), 1..120),
         max_batch in proptest::collection::vec(1..40usize, 1..8),
     ) {
-        differential(&ops, &max_batch)?;
+        differential(&std::env::temp_dir(), &ops, &max_batch)?;
+    }
+
+    /// tmpfs has no FALLOC_FL_ZERO_RANGE: exercises the zero-writing fallback.
+    #[test]
+    fn sync_and_io_uring_agree_on_tmpfs(
+        ops in proptest::collection::vec(diff_op(), 1..120),
+        max_batch in proptest::collection::vec(1..40usize, 1..8),
+    ) {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            differential(shm, &ops, &max_batch)?;
+        }
     }
 }
