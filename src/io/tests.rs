@@ -675,3 +675,72 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Benchmark (not part of the suite): sync vs io_uring, same run, ratios.
+// Run: cargo test --release --lib io::tests::bench_engines -- --ignored --nocapture
+
+fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch: usize, size: usize, sync: bool) -> f64 {
+    use rand::{Rng, SeedableRng};
+    const SPAN: u64 = 256 << 20;
+    let f = e.open(&dir.join(format!("{name}-{}", e.kind())), OpenMode::CREATE_NEW).expect("open");
+    e.allocate(&f, SPAN).expect("allocate");
+    e.sync_data(&f).expect("sync");
+    let buf = pattern(7, size);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let slots = SPAN / size as u64;
+    let start = std::time::Instant::now();
+    let mut seq = 0u64;
+    for _ in 0..rounds {
+        let mut ops: Vec<IoOp<'_>> = (0..batch)
+            .map(|_| {
+                let slot = if size >= 1 << 20 {
+                    seq += 1;
+                    seq % slots
+                } else {
+                    rng.random_range(0..slots)
+                };
+                IoOp::Write { file: &f, offset: slot * size as u64, buf: &buf }
+            })
+            .collect();
+        e.submit(&mut ops).expect("writes");
+        if sync {
+            e.sync_data(&f).expect("sync");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (rounds * batch) as f64 / secs
+}
+
+#[test]
+#[ignore = "benchmark; run explicitly with --ignored --nocapture"]
+fn bench_engines() {
+    let Some(uring) = uring_engine() else { return };
+    let sync: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let dir = tmpdir();
+    for (name, rounds, batch, size, do_sync) in [
+        ("4k-qd1-fdatasync", 2000, 1, 4096, true),
+        ("4k-batch32-fdatasync", 500, 32, 4096, true),
+        ("4k-batch32", 2000, 32, 4096, false),
+        ("1m-batch8", 64, 8, 1 << 20, false),
+    ] {
+        // Alternate the order over three rounds and keep each engine's best,
+        // so that neither profits from running second (warm caches, a quiet
+        // neighbour) more than the other.
+        let (mut s, mut u) = (0f64, 0f64);
+        for round in 0..3 {
+            let sub = dir.path().join(format!("{name}-{round}"));
+            std::fs::create_dir(&sub).expect("mkdir");
+            let run = |e: &dyn IoEngine| bench_workload(e, &sub, name, rounds, batch, size, do_sync);
+            if round % 2 == 0 {
+                s = s.max(run(&*sync));
+                u = u.max(run(&*uring));
+            } else {
+                u = u.max(run(&*uring));
+                s = s.max(run(&*sync));
+            }
+            std::fs::remove_dir_all(&sub).expect("cleanup");
+        }
+        println!("{name:>22}: sync {s:>10.0} ops/s  io_uring {u:>10.0} ops/s  ratio io_uring/sync {:.2}", u / s);
+    }
+}
