@@ -724,6 +724,9 @@ fn bench_engines() {
         ("4k-batch32", 2000, 32, 4096, false),
         ("1m-batch8", 64, 8, 1 << 20, false),
     ] {
+        if std::env::var("REPBLOCK_BENCH").is_ok_and(|only| !name.contains(&only)) {
+            continue;
+        }
         // Alternate the order over three rounds and keep each engine's best,
         // so that neither profits from running second (warm caches, a quiet
         // neighbour) more than the other.

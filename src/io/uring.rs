@@ -148,7 +148,16 @@ thread_local! {
 }
 
 fn new_ring() -> io::Result<IoUring> {
-    IoUring::new(RING_ENTRIES).map_err(|e| ctx(e, "cannot create this thread's io_uring"))
+    // A thread ring has one issuer, which also reaps: no need for the kernel
+    // to interrupt it when completions arrive (COOP_TASKRUN, 5.19+;
+    // SINGLE_ISSUER, 6.0+). Older kernels refuse the flags: plain ring then.
+    match IoUring::builder().setup_coop_taskrun().setup_single_issuer().build(RING_ENTRIES) {
+        Ok(ring) => Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::new(RING_ENTRIES).map_err(|e| ctx(e, "cannot create this thread's io_uring"))
+        }
+        Err(e) => Err(ctx(e, "cannot create this thread's io_uring")),
+    }
 }
 
 /// The io_uring engine (see the module documentation).
