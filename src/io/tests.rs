@@ -412,6 +412,11 @@ fn block_device(e: &dyn IoEngine) {
     let mut past = [0u8; 2];
     let err = e.read_exact_at(&f, &mut past, SIZE - 1).expect_err("past the device end");
     assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    // A write across the device end: the part inside lands, then ENOSPC.
+    let err = e.write_all_at(&f, &[0x5A; 1024], SIZE - 512).expect_err("write past the device end");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(read(e, &f, SIZE - 512, 512), vec![0x5A; 512]);
+    e.write_all_at(&f, &b, SIZE - 1000).expect("restore the tail");
 
     // Aligned zero / punch go to the device; unaligned ones are refused by
     // the kernel (EINVAL) and written as zeroes.
