@@ -541,3 +541,43 @@ fn abandon(ring: &mut IoUring, ops: &mut [IoOp<'_>], b: &mut Batch, e: io::Error
     };
     (RingState::Broken, res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The private-ring path (re-entrance, thread teardown) runs batches
+    /// like the thread ring does.
+    #[test]
+    fn temporary_ring_runs_a_batch() {
+        if let Err(e) = probe() {
+            if std::env::var_os(DISABLE_ENV).is_some_and(|v| !v.is_empty()) {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            panic!("io_uring unavailable: {e}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = sync::open_file(&dir.path().join("f"), OpenMode::CREATE_NEW).expect("open");
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let bufs: Vec<&[u8]> = data.chunks(7).collect();
+        let mut ops: Vec<IoOp<'_>> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| IoOp::Write { file: &f, offset: i as u64 * 7, buf: b })
+            .collect();
+        ops.push(IoOp::SyncData { file: &f });
+        run_on_temporary_ring(&mut ops, 3).expect("batch of 430 ops on a private ring");
+        drop(ops);
+        let mut back = vec![0u8; data.len()];
+        run_on_temporary_ring(&mut [IoOp::Read { file: &f, offset: 0, buf: &mut back }], MAX_RW).expect("read");
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn offsets_beyond_the_kernel_range_are_einval() {
+        assert_eq!(file_offset(u64::MAX, 1).map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)));
+        assert_eq!(file_offset(i64::MAX as u64 + 1, 0).map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)));
+        assert_eq!(file_offset(10, 5).ok(), Some(15));
+    }
+}
