@@ -347,9 +347,26 @@ impl Batch {
     }
 }
 
+/// Aborts the process if a panic unwinds out of [`run_batch`] (a bug: nothing
+/// in it is expected to panic): the kernel may still hold pointers into the
+/// caller's buffers, which unwinding would free.
+struct AbortOnUnwind {
+    was_panicking: bool,
+}
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.was_panicking {
+            eprintln!("repblock: panic during an io_uring batch with operations in flight; aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// Runs `ops` to completion on `ring`. Never returns while the kernel may
 /// still access a buffer of `ops`.
 fn run_batch(ring: &mut IoUring, ops: &mut [IoOp<'_>], max_transfer: usize) -> (RingState, io::Result<()>) {
+    let _abort_on_unwind = AbortOnUnwind { was_panicking: std::thread::panicking() };
     let cap = ring.params().sq_entries() as usize;
     let mut b = Batch {
         done: vec![0; ops.len()],
