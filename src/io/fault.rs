@@ -420,6 +420,11 @@ impl IoEngine for FaultEngine {
                 IoOp::Zero { file, offset, len, .. } => (*file, *offset, *len),
                 IoOp::Read { .. } | IoOp::SyncData { .. } => continue,
             };
+            if offset.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+                // Beyond what the kernel accepts: the operation fails and
+                // changes nothing.
+                continue;
+            }
             let file_len = self.inner.len(file)?;
             if let std::collections::btree_map::Entry::Vacant(v) = st.files.entry(file.id()) {
                 let dup = IoFile::new(file.std().try_clone()?, file.path());
