@@ -86,6 +86,7 @@ all_engines!(
     open_modes,
     rename_remove_sync_dir,
     threads_share_the_engine,
+    absurd_offsets_are_errors,
     block_device,
 );
 
@@ -359,6 +360,21 @@ fn threads_share_the_engine(e: &dyn IoEngine) {
     });
 }
 
+/// Offsets past what the kernel takes (`loff_t` is signed) are errors, not
+/// panics or wrap-arounds.
+fn absurd_offsets_are_errors(e: &dyn IoEngine) {
+    let dir = tmpdir();
+    let f = e.open(&dir.path().join("data"), OpenMode::CREATE_NEW).expect("open");
+    for offset in [u64::MAX - 3, i64::MAX as u64 + 1] {
+        let err = e.write_all_at(&f, &[1u8; 8], offset).expect_err("write");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "write at {offset}: {err}");
+        let mut buf = [0u8; 8];
+        let err = e.read_exact_at(&f, &mut buf, offset).expect_err("read");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "read at {offset}: {err}");
+    }
+    assert_eq!(e.len(&f).expect("len"), 0, "nothing was written");
+}
+
 /// A loop device over a temp file, detached on drop.
 struct LoopDevice {
     dev: PathBuf,
@@ -412,6 +428,11 @@ fn block_device(e: &dyn IoEngine) {
     let mut past = [0u8; 2];
     let err = e.read_exact_at(&f, &mut past, SIZE - 1).expect_err("past the device end");
     assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    // A write across the device end: the part inside lands, then ENOSPC.
+    let err = e.write_all_at(&f, &[0x5A; 1024], SIZE - 512).expect_err("write past the device end");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(read(e, &f, SIZE - 512, 512), vec![0x5A; 512]);
+    e.write_all_at(&f, &b, SIZE - 1000).expect("restore the tail");
 
     // Aligned zero / punch go to the device; unaligned ones are refused by
     // the kernel (EINVAL) and written as zeroes.
@@ -446,6 +467,20 @@ fn probe_succeeds_and_auto_picks_io_uring() {
     assert_eq!(select_engine(EngineChoice::Auto).expect("auto").kind(), EngineKind::IoUring);
     assert_eq!(select_engine(EngineChoice::IoUring).expect("io_uring").kind(), EngineKind::IoUring);
     assert_eq!(select_engine(EngineChoice::Sync).expect("sync").kind(), EngineKind::Sync);
+}
+
+#[test]
+fn engine_choice_parses_from_the_config_spelling() {
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        io_engine: EngineChoice,
+    }
+    for (text, want) in [("auto", EngineChoice::Auto), ("io_uring", EngineChoice::IoUring), ("sync", EngineChoice::Sync)] {
+        let cfg: Cfg = toml::from_str(&format!("io_engine = \"{text}\"")).expect(text);
+        assert_eq!(cfg.io_engine, want);
+    }
+    assert!(toml::from_str::<Cfg>("io_engine = \"uring\"").is_err());
+    assert_eq!(EngineChoice::default(), EngineChoice::Auto);
 }
 
 /// Runs [`fallback_child`] in a child process with io_uring disabled by the
@@ -724,6 +759,9 @@ fn bench_engines() {
         ("4k-batch32", 2000, 32, 4096, false),
         ("1m-batch8", 64, 8, 1 << 20, false),
     ] {
+        if std::env::var("REPBLOCK_BENCH").is_ok_and(|only| !name.contains(&only)) {
+            continue;
+        }
         // Alternate the order over three rounds and keep each engine's best,
         // so that neither profits from running second (warm caches, a quiet
         // neighbour) more than the other.
