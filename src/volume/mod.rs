@@ -226,6 +226,8 @@ pub(crate) struct Shared {
     pub ckpt_wal_written: AtomicU64,
     /// Segments holding LSNs at or above it are not recycled (`u64::MAX`: none).
     pub min_retained_lsn: AtomicU64,
+    /// Ranges replay would write (see [`writer::ReplayRanges`]).
+    pub replay_ranges: Mutex<writer::ReplayRanges>,
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
     stopping: AtomicBool,
@@ -496,6 +498,13 @@ impl Volume {
         for path in listing.segments.values() {
             segment::retire(&*io, &mut files, path).map_err(|e| VolumeError::io(path, e))?;
         }
+        if files.spares.is_empty() {
+            // A zero-filled file, so that the fdatasyncs of the first
+            // segment never journal extent conversions (see segment.rs).
+            let p = segment::create_spare(&*io, &wal_dir, opts.wal_segment_size, true)
+                .map_err(|e| VolumeError::io(&wal_dir, e))?;
+            files.spares.push(p);
+        }
         let files = Mutex::new(files);
         let seg = segment::activate(&*io, &files, new_seq, last + 1, opts.wal_segment_size)
             .map_err(|e| VolumeError::io(&wal::segment_path(&wal_dir, new_seq), e))?;
@@ -527,6 +536,7 @@ impl Volume {
             wal_written: AtomicU64::new(0),
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
+            replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
