@@ -511,10 +511,11 @@ impl Volume {
         let header = SegmentHeader { seq: new_seq, first_lsn: last + 1, uuid: sb.uuid, segment_size: seg.len }.encode();
         io.write_all_at(&seg.file, &header, 0).map_err(|e| VolumeError::io(seg.file.path(), e))?;
         io.sync_data(&seg.file).map_err(|e| VolumeError::io(seg.file.path(), e))?;
-        let seg_len = seg.len;
+        let current = (seg.seq, seg.file.clone(), seg.len);
         parking::lock(&files).live.push_back(seg);
 
-        let capacity = (seg_len - SEGMENT_HEADER_SIZE) as usize - wal::RECORD_HEADER_SIZE;
+        // Every segment is at least `wal_segment_size` long (see activate).
+        let capacity = (opts.wal_segment_size - SEGMENT_HEADER_SIZE) as usize - wal::RECORD_HEADER_SIZE;
         let max_record_payload = (capacity / 4096 * 4096).min(MAX_RECORD_PAYLOAD);
         let shared = Arc::new(Shared {
             io,
@@ -546,7 +547,7 @@ impl Volume {
         });
 
         let (tx, rx) = mpsc::channel();
-        let w = Writer::new(shared.clone(), rx, last + 1);
+        let w = Writer::new(shared.clone(), rx, current, last + 1);
         let writer = std::thread::Builder::new()
             .name("repblock-wal".into())
             .spawn(move || w.run())

@@ -961,3 +961,38 @@ async fn large_writes_go_in_place_only_when_no_replayable_record_overlaps() {
     assert_eq!(v.read(0, big as u32).await.unwrap(), block(6, big));
     v.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn segment_size_can_change_between_opens() {
+    let d = tempfile::tempdir().unwrap();
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 64 << 10;
+    let io = engine();
+    let size = 4 * MIB;
+    create(&*io, &opts, size);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    for i in 0..40u64 {
+        v.write(i * 4096, block(i, 4096), false).await.unwrap();
+    }
+    v.close().await.unwrap();
+    drop(v);
+    // Larger segments now: the small spares left behind are grown on use,
+    // and a 300 KiB record fits.
+    opts.wal_segment_size = 512 << 10;
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    // A replayable write in the range keeps the big one in the WAL.
+    v.write(MIB, block(1, 512), false).await.unwrap();
+    for i in 0..6u64 {
+        v.write(MIB, block(100 + i, 300 << 10), true).await.unwrap();
+    }
+    drop(v);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.read(MIB, 300 << 10).await.unwrap(), block(105, 300 << 10));
+    for i in 0..40u64 {
+        assert_eq!(v.read(i * 4096, 4096).await.unwrap(), block(i, 4096));
+    }
+    for (seq, path) in segment::list_dir(&opts.wal_dir()).unwrap().segments {
+        assert!(std::fs::metadata(&path).unwrap().len() >= 512 << 10, "segment {seq} too small");
+    }
+    v.close().await.unwrap();
+}

@@ -198,19 +198,15 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, next_lsn: Lsn) -> Writer {
-        let (tail, max_record_payload) = {
-            let files = parking::lock(&shared.wal);
-            // `open` always activates a segment before starting the writer.
-            let cur = files.live.back().expect("writer starts with an active segment");
-            let tail = Tail { seq: cur.seq, file: cur.file.clone(), len: cur.len, pos: SEGMENT_HEADER_SIZE };
-            (tail, shared.max_record_payload)
-        };
+    /// A writer appending to `current` (just started by `open`, holding
+    /// only its header) from LSN `next_lsn`.
+    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, current: (u64, Arc<IoFile>, u64), next_lsn: Lsn) -> Writer {
+        let (seq, file, len) = current;
+        let max_record_payload = shared.max_record_payload;
         Writer {
             shared,
             rx,
-            chunk_offset: tail.pos,
-            tail,
+            tail: Tail { seq, file, len, pos: SEGMENT_HEADER_SIZE },
             unsynced: Vec::new(),
             in_place_unsynced: false,
             next_lsn,
@@ -218,6 +214,7 @@ impl Writer {
             buf: Vec::with_capacity(1 << 20),
             chunks: Vec::new(),
             chunk_start: 0,
+            chunk_offset: SEGMENT_HEADER_SIZE,
         }
     }
 
