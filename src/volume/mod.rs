@@ -168,6 +168,8 @@ pub enum VolumeError {
     NoMetadata { path: PathBuf },
     #[error("Metadata already exists at {path}; use --force to overwrite it")]
     MetadataExists { path: PathBuf },
+    #[error("Metadata {path} is in use by another open volume (is repd already running?)")]
+    InUse { path: PathBuf },
     #[error("Corrupt superblock in {path}: {reason}")]
     BadSuperblock { path: PathBuf, reason: String },
     #[error("Metadata in {path} does not match the config: {field} is {metadata} in the metadata but {config} in the config")]
@@ -334,6 +336,25 @@ fn open_data(io: &dyn IoEngine, opts: &VolumeOptions, size: u64) -> Result<IoFil
     Ok(file)
 }
 
+/// Takes (or releases) the exclusive advisory lock on the `meta` file that
+/// keeps two processes (or two `Volume`s) from using one node directory.
+pub(crate) fn flock(file: &IoFile, op: libc::c_int) -> Result<(), VolumeError> {
+    loop {
+        // SAFETY: flock(2) on a descriptor that `file` keeps open; no memory
+        // is passed.
+        let rc = unsafe { libc::flock(file.raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Err(VolumeError::InUse { path: file.path().to_path_buf() }),
+            _ => return Err(VolumeError::io(file.path(), e)),
+        }
+    }
+}
+
 /// Syncs a directory's parent so that the directory's own creation is
 /// durable; best effort (the parent may not be ours to open).
 fn sync_parent(io: &dyn IoEngine, dir: &Path) {
@@ -371,6 +392,15 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
     if meta_path.exists() && !create.force {
         return Err(VolumeError::MetadataExists { path: meta_path });
     }
+    // Even with force, never re-create under an open volume.
+    let _held = match io.open(&meta_path, OpenMode::READ_WRITE) {
+        Ok(f) => {
+            flock(&f, libc::LOCK_EX | libc::LOCK_NB)?;
+            Some(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(VolumeError::io(&meta_path, e)),
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -439,6 +469,7 @@ impl Volume {
             }
             Err(e) => return Err(VolumeError::io(&meta_path, e)),
         };
+        flock(&meta_file, libc::LOCK_EX | libc::LOCK_NB)?;
         let mut meta = MetaStore::open(&*io, meta_file)?;
         let sb = meta.current().clone();
         let mismatch = |field, config: String, metadata: String| {
@@ -678,6 +709,9 @@ impl Volume {
         if let Some(r) = s.failure() {
             return Err(VolumeError::Stopped(r));
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(VolumeError::Stopped("the volume is closed".into()));
+        }
         let mut meta = parking::lock(&s.meta);
         let cur = meta.current().clone();
         let mut sb = cur.clone();
@@ -730,6 +764,11 @@ impl Volume {
                 Some(r) => Err(VolumeError::Stopped(r)),
                 None => checkpoint::checkpoint(&shared, true),
             };
+            // The directory may be opened again (even before this `Volume`
+            // is dropped): nothing writes the metadata after this point.
+            if let Err(e) = parking::lock(&shared.meta).unlock() {
+                tracing::warn!(error = %e, "could not release the metadata lock");
+            }
             if r.is_ok() {
                 tracing::info!(
                     path = %shared.wal_dir.display(),

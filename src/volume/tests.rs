@@ -83,8 +83,23 @@ async fn create_open_write_read_flush_close_reopen() {
     assert_eq!((st.local_lsn, st.durable_lsn, st.failed), (4, 4, None));
 
     v.update_superblock(|sb| sb.disk_state = DiskState::Uptodate).unwrap();
+    // One directory, one open volume.
+    let busy = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap_err();
+    assert!(matches!(busy, VolumeError::InUse { .. }), "{busy}");
+    let busy = create_md(
+        &*io,
+        &opts,
+        &CreateOptions { resource: "r0".into(), node: "alpha".into(), size: MIB, block_size: 4096, force: true },
+    )
+    .unwrap_err();
+    assert!(busy.to_string().contains("in use"), "{busy}");
     v.close().await.unwrap();
     assert!(matches!(v.write(0, a.clone(), false).await, Err(VolumeError::Stopped(_))));
+    assert!(matches!(v.update_superblock(|_| {}), Err(VolumeError::Stopped(_))));
+    // After close the directory may be opened again, before the drop.
+    let again = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap();
+    again.close().await.unwrap();
+    drop(again);
     drop(v);
 
     let v = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap();
