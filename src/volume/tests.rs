@@ -1011,3 +1011,30 @@ async fn segment_size_can_change_between_opens() {
     }
     v.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn damaged_segment_header_before_durable_records_is_corruption() {
+    let d = tempfile::tempdir().unwrap();
+    let (opts, size, _) = build_log(d.path(), 4, 4, 100).await;
+    let seg_path = wal::segment_path(&opts.wal_dir(), 1);
+    let mut bytes = std::fs::read(&seg_path).unwrap();
+    bytes[20] ^= 1; // the seq field: CRC mismatch
+    std::fs::write(&seg_path, &bytes).unwrap();
+    let e = Volume::open(engine(), opts.clone(), &identity(size)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::WalCorrupt { offset: 0, lsn: 1, .. }), "{msg}");
+    assert!(msg.contains("segment header") && msg.contains(&seg_path.display().to_string()), "{msg}");
+
+    // Without durable records behind it, a bad header is just an empty log
+    // (a segment started but never synced).
+    let d2 = tempfile::tempdir().unwrap();
+    let (opts2, size2, _) = build_log(d2.path(), 3, 0, 100).await;
+    let seg2 = wal::segment_path(&opts2.wal_dir(), 1);
+    let mut bytes = std::fs::read(&seg2).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&seg2, &bytes).unwrap();
+    let v = Volume::open(engine(), opts2, &identity(size2)).unwrap();
+    assert_eq!(v.recovery().last_lsn, 0);
+    assert_eq!(v.recovery().end.as_ref().map(|e| e.offset), Some(0));
+    v.close().await.unwrap();
+}
