@@ -6,13 +6,16 @@
 //!    in the log (recovery relies on it: a bad record at or below the
 //!    checkpoint LSN is corruption, never a torn tail);
 //! 2. fdatasyncs the data file (every write `<= A` was applied before `A`
-//!    was published);
+//!    was published), which also makes in-place writes `<= A` durable;
+//!    only now is `A` published as the durable LSN;
 //! 3. writes the superblock: checkpoint LSN `A`, replay from the last
 //!    segment whose first LSN is `<= A + 1`;
 //! 4. recycles the segments entirely below that one (renamed to spares, at
 //!    most [`segment::MAX_SPARES`] kept, the rest removed), unless a segment
 //!    holds LSNs at or above the minimum retained LSN (the hook a later
-//!    issue uses to keep records a peer still needs), then syncs `wal/`.
+//!    issue uses to keep records a peer still needs), then syncs `wal/`;
+//! 5. forgets the replayable ranges of records `<= A` (they are never
+//!    replayed again), so later large writes there may go in place.
 //!
 //! The checkpointer thread runs one when `checkpoint_bytes` of WAL were
 //! written since the last, when the writer is blocked on a full WAL, or
@@ -46,7 +49,10 @@ pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     let applied = s.applied_lsn.load(Ordering::Acquire);
     let segs: Vec<_> = parking::lock(&s.wal).live.iter().map(|l| (l.seq, l.first_lsn, l.file.clone())).collect();
 
-    if applied > s.durable_lsn.load(Ordering::Acquire) {
+    // The WAL first, then the data file; only then is `applied` durable
+    // (in-place writes are durable once the data file is synced).
+    let sync_wal = applied > s.durable_lsn.load(Ordering::Acquire);
+    if sync_wal {
         let mut ops: Vec<IoOp<'_>> = segs.iter().map(|(_, _, f)| IoOp::SyncData { file: f }).collect();
         if let Err(e) = s.io.submit(&mut ops) {
             let reason = s.fail(format!(
@@ -56,12 +62,14 @@ pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
             ));
             return Err(VolumeError::Stopped(reason));
         }
-        s.durable_lsn.fetch_max(applied, Ordering::AcqRel);
     }
     if let Err(e) = s.io.sync_data(&s.data) {
         let reason =
             s.fail(format!("fdatasync of data {} failed during checkpoint: {e} (errno {})", s.data.path().display(), errno_of(&e)));
         return Err(VolumeError::Stopped(reason));
+    }
+    if sync_wal {
+        s.durable_lsn.fetch_max(applied, Ordering::AcqRel);
     }
     let replay_seq = segs
         .iter()
@@ -87,6 +95,8 @@ pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     }
     s.checkpoint_lsn.store(applied, Ordering::Release);
     s.ckpt_wal_written.store(written, Ordering::Release);
+    // Records up to `applied` are never replayed again.
+    parking::lock(&s.replay_ranges).prune(applied);
     tracing::debug!(lsn = applied, replay_seq, "checkpoint");
     recycle(s, replay_seq);
     s.space.notify_all();
@@ -139,6 +149,7 @@ pub(crate) fn ensure_spare(s: &Shared) {
 
 /// The checkpointer thread body.
 pub(crate) fn run(s: Arc<Shared>) {
+    ensure_spare(&s);
     let mut last = Instant::now();
     loop {
         {

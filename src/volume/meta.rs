@@ -285,6 +285,11 @@ impl MetaStore {
         &self.path
     }
 
+    /// Releases the lock `open` took on the file.
+    pub(crate) fn unlock(&self) -> Result<(), VolumeError> {
+        super::flock(&self.file, libc::LOCK_UN)
+    }
+
     /// Durably replaces the superblock: writes the other slot with the next
     /// counter, then fdatasyncs. On error the in-memory copy is unchanged.
     pub(crate) fn write(&mut self, io: &dyn IoEngine, mut sb: Superblock) -> Result<(), VolumeError> {

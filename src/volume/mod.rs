@@ -168,6 +168,8 @@ pub enum VolumeError {
     NoMetadata { path: PathBuf },
     #[error("Metadata already exists at {path}; use --force to overwrite it")]
     MetadataExists { path: PathBuf },
+    #[error("Metadata {path} is in use by another open volume (is repd already running?)")]
+    InUse { path: PathBuf },
     #[error("Corrupt superblock in {path}: {reason}")]
     BadSuperblock { path: PathBuf, reason: String },
     #[error("Metadata in {path} does not match the config: {field} is {metadata} in the metadata but {config} in the config")]
@@ -226,6 +228,8 @@ pub(crate) struct Shared {
     pub ckpt_wal_written: AtomicU64,
     /// Segments holding LSNs at or above it are not recycled (`u64::MAX`: none).
     pub min_retained_lsn: AtomicU64,
+    /// Ranges replay would write (see [`writer::ReplayRanges`]).
+    pub replay_ranges: Mutex<writer::ReplayRanges>,
     failed: Mutex<Option<String>>,
     failed_flag: AtomicBool,
     stopping: AtomicBool,
@@ -332,6 +336,25 @@ fn open_data(io: &dyn IoEngine, opts: &VolumeOptions, size: u64) -> Result<IoFil
     Ok(file)
 }
 
+/// Takes (or releases) the exclusive advisory lock on the `meta` file that
+/// keeps two processes (or two `Volume`s) from using one node directory.
+pub(crate) fn flock(file: &IoFile, op: libc::c_int) -> Result<(), VolumeError> {
+    loop {
+        // SAFETY: flock(2) on a descriptor that `file` keeps open; no memory
+        // is passed.
+        let rc = unsafe { libc::flock(file.raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Err(VolumeError::InUse { path: file.path().to_path_buf() }),
+            _ => return Err(VolumeError::io(file.path(), e)),
+        }
+    }
+}
+
 /// Syncs a directory's parent so that the directory's own creation is
 /// durable; best effort (the parent may not be ours to open).
 fn sync_parent(io: &dyn IoEngine, dir: &Path) {
@@ -369,6 +392,15 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
     if meta_path.exists() && !create.force {
         return Err(VolumeError::MetadataExists { path: meta_path });
     }
+    // Even with force, never re-create under an open volume.
+    let _held = match io.open(&meta_path, OpenMode::READ_WRITE) {
+        Ok(f) => {
+            flock(&f, libc::LOCK_EX | libc::LOCK_NB)?;
+            Some(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(VolumeError::io(&meta_path, e)),
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -437,6 +469,7 @@ impl Volume {
             }
             Err(e) => return Err(VolumeError::io(&meta_path, e)),
         };
+        flock(&meta_file, libc::LOCK_EX | libc::LOCK_NB)?;
         let mut meta = MetaStore::open(&*io, meta_file)?;
         let sb = meta.current().clone();
         let mismatch = |field, config: String, metadata: String| {
@@ -496,16 +529,24 @@ impl Volume {
         for path in listing.segments.values() {
             segment::retire(&*io, &mut files, path).map_err(|e| VolumeError::io(path, e))?;
         }
+        if files.spares.is_empty() {
+            // A zero-filled file, so that the fdatasyncs of the first
+            // segment never journal extent conversions (see segment.rs).
+            let p = segment::create_spare(&*io, &wal_dir, opts.wal_segment_size, true)
+                .map_err(|e| VolumeError::io(&wal_dir, e))?;
+            files.spares.push(p);
+        }
         let files = Mutex::new(files);
         let seg = segment::activate(&*io, &files, new_seq, last + 1, opts.wal_segment_size)
             .map_err(|e| VolumeError::io(&wal::segment_path(&wal_dir, new_seq), e))?;
         let header = SegmentHeader { seq: new_seq, first_lsn: last + 1, uuid: sb.uuid, segment_size: seg.len }.encode();
         io.write_all_at(&seg.file, &header, 0).map_err(|e| VolumeError::io(seg.file.path(), e))?;
         io.sync_data(&seg.file).map_err(|e| VolumeError::io(seg.file.path(), e))?;
-        let seg_len = seg.len;
+        let current = (seg.seq, seg.file.clone(), seg.len);
         parking::lock(&files).live.push_back(seg);
 
-        let capacity = (seg_len - SEGMENT_HEADER_SIZE) as usize - wal::RECORD_HEADER_SIZE;
+        // Every segment is at least `wal_segment_size` long (see activate).
+        let capacity = (opts.wal_segment_size - SEGMENT_HEADER_SIZE) as usize - wal::RECORD_HEADER_SIZE;
         let max_record_payload = (capacity / 4096 * 4096).min(MAX_RECORD_PAYLOAD);
         let shared = Arc::new(Shared {
             io,
@@ -527,6 +568,7 @@ impl Volume {
             wal_written: AtomicU64::new(0),
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
+            replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -536,7 +578,7 @@ impl Volume {
         });
 
         let (tx, rx) = mpsc::channel();
-        let w = Writer::new(shared.clone(), rx, last + 1);
+        let w = Writer::new(shared.clone(), rx, current, last + 1);
         let writer = std::thread::Builder::new()
             .name("repblock-wal".into())
             .spawn(move || w.run())
@@ -667,6 +709,9 @@ impl Volume {
         if let Some(r) = s.failure() {
             return Err(VolumeError::Stopped(r));
         }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(VolumeError::Stopped("the volume is closed".into()));
+        }
         let mut meta = parking::lock(&s.meta);
         let cur = meta.current().clone();
         let mut sb = cur.clone();
@@ -719,6 +764,11 @@ impl Volume {
                 Some(r) => Err(VolumeError::Stopped(r)),
                 None => checkpoint::checkpoint(&shared, true),
             };
+            // The directory may be opened again (even before this `Volume`
+            // is dropped): nothing writes the metadata after this point.
+            if let Err(e) = parking::lock(&shared.meta).unlock() {
+                tracing::warn!(error = %e, "could not release the metadata lock");
+            }
             if r.is_ok() {
                 tracing::info!(
                     path = %shared.wal_dir.display(),

@@ -233,7 +233,8 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
                         len: u64::from(rec.header.length),
                         punch: rec.header.flags & wal::FLAG_MAY_PUNCH != 0,
                     }),
-                    RecordKind::FlushBarrier => {}
+                    // The data went to the data file directly; nothing to redo.
+                    RecordKind::FlushBarrier | RecordKind::WriteInPlace => {}
                 }
                 report.replayed += 1;
                 report.last_lsn = lsn;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Lsn;
-use super::wal::{self, SEGMENT_HEADER_SIZE};
+use super::wal;
 use crate::io::{IoEngine, IoFile, OpenMode};
 
 /// Spares kept for reuse; more are removed.
@@ -99,12 +99,13 @@ pub(crate) fn activate(
     io.rename(&source, &path)?;
     io.sync_dir(&dir)?;
     let file = io.open(&path, OpenMode::READ_WRITE)?;
-    let len = io.len(&file)?;
-    if len < SEGMENT_HEADER_SIZE + 4096 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("segment file {} is only {len} bytes", path.display()),
-        ));
+    // A spare made under another `wal_segment_size` may be smaller: grow it
+    // so that every segment holds a record of the largest size.
+    let mut len = io.len(&file)?;
+    if len < size {
+        io.allocate(&file, size)?;
+        io.sync_data(&file)?;
+        len = size;
     }
     Ok(LiveSegment { seq, first_lsn, file: Arc::new(file), len })
 }

@@ -83,8 +83,23 @@ async fn create_open_write_read_flush_close_reopen() {
     assert_eq!((st.local_lsn, st.durable_lsn, st.failed), (4, 4, None));
 
     v.update_superblock(|sb| sb.disk_state = DiskState::Uptodate).unwrap();
+    // One directory, one open volume.
+    let busy = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap_err();
+    assert!(matches!(busy, VolumeError::InUse { .. }), "{busy}");
+    let busy = create_md(
+        &*io,
+        &opts,
+        &CreateOptions { resource: "r0".into(), node: "alpha".into(), size: MIB, block_size: 4096, force: true },
+    )
+    .unwrap_err();
+    assert!(busy.to_string().contains("in use"), "{busy}");
     v.close().await.unwrap();
     assert!(matches!(v.write(0, a.clone(), false).await, Err(VolumeError::Stopped(_))));
+    assert!(matches!(v.update_superblock(|_| {}), Err(VolumeError::Stopped(_))));
+    // After close the directory may be opened again, before the drop.
+    let again = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap();
+    again.close().await.unwrap();
+    drop(again);
     drop(v);
 
     let v = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap();
@@ -362,6 +377,8 @@ async fn large_writes_split_into_records_and_replay_across_segments() {
     create(&*io, &opts, size);
     let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
     let big = block(5, 3 * MIB as usize);
+    // A replayable record in the range keeps the large write in the WAL.
+    v.write(2 * MIB, block(6, 512), false).await.unwrap();
     v.write(MIB, big.clone(), true).await.unwrap();
     assert_eq!(v.read(MIB, 3 * MIB as u32).await.unwrap(), big);
     drop(v); // crash
@@ -571,7 +588,9 @@ mod faults {
     use crate::io::fault::{FaultEngine, SECTOR};
 
     const BS: usize = 4096;
-    const BLOCKS: u64 = 48;
+    const BLOCKS: u64 = 128;
+    /// Large writes (in place when nothing replayable overlaps them).
+    const BIG_BLOCKS: u64 = (writer::IN_PLACE_MIN_BYTES / BS) as u64;
 
     /// What a block may hold after a power cut: per sector, the content of
     /// the last durable write or of any later write.
@@ -595,6 +614,7 @@ mod faults {
     }
 
     enum Step {
+        /// `data` covers `data.len() / BS` blocks from `block`.
         Write { block: u64, data: Bytes, fua: bool },
         Trim { block: u64, fua: bool },
         Flush,
@@ -605,6 +625,7 @@ mod faults {
     /// random moment. Then reopen with a plain engine and check every block.
     #[derive(Default, Debug)]
     struct Stats {
+        in_place: u64,
         waves: u64,
         flushes: u64,
         cut_mid_run: bool,
@@ -645,16 +666,23 @@ mod faults {
             } else {
                 let mut used = HashSet::new();
                 for _ in 0..rng.random_range(1..8) {
-                    let block = rng.random_range(0..BLOCKS);
-                    if !used.insert(block) {
+                    let big = rng.random_range(0..4) == 0;
+                    let count = if big { BIG_BLOCKS } else { 1 };
+                    let block = rng.random_range(0..=BLOCKS - count);
+                    if !(block..block + count).all(|b| !used.contains(&b)) {
                         continue;
                     }
+                    used.extend(block..block + count);
                     let fua = rng.random_range(0..5) == 0;
-                    if rng.random_range(0..10) == 0 {
+                    if !big && rng.random_range(0..10) == 0 {
                         steps.push(Step::Trim { block, fua });
                     } else {
-                        n += 1;
-                        steps.push(Step::Write { block, data: block_data(seed, n), fua });
+                        let mut data = Vec::with_capacity(count as usize * BS);
+                        for _ in 0..count {
+                            n += 1;
+                            data.extend_from_slice(&block_data(seed, n));
+                        }
+                        steps.push(Step::Write { block, data: Bytes::from(data), fua });
                     }
                 }
             }
@@ -687,14 +715,16 @@ mod faults {
                     Step::Write { block, data, fua } => (*block, data.to_vec(), *fua),
                     Step::Trim { block, fua } => (*block, zero.clone(), *fua),
                 };
-                let m = &mut model[block as usize];
-                if ok && fua {
-                    m.stable = content;
-                    m.later.clear();
-                } else {
-                    // Completed without FUA, failed, or cut mid-flight: may
-                    // or may not be on disk.
-                    m.later.push(content);
+                for (i, chunk) in content.chunks(BS).enumerate() {
+                    let m = &mut model[block as usize + i];
+                    if ok && fua {
+                        m.stable = chunk.to_vec();
+                        m.later.clear();
+                    } else {
+                        // Completed without FUA, failed, or cut mid-flight:
+                        // may or may not be on disk.
+                        m.later.push(chunk.to_vec());
+                    }
                 }
             }
             if flushed {
@@ -712,6 +742,7 @@ mod faults {
         }
         let report = cutter.join().unwrap();
         stats.cut_mid_run = stopped;
+        stats.in_place = count_in_place(&opts);
         assert_eq!(v.status().failed.is_some(), stopped, "seed {seed}");
         drop(v);
 
@@ -732,6 +763,24 @@ mod faults {
         stats.replayed = v.recovery().replayed;
         v.close().await.unwrap();
         stats
+    }
+
+    /// In-place records left in the WAL files (any segment, any validity
+    /// of the rest).
+    fn count_in_place(opts: &VolumeOptions) -> u64 {
+        let uuid = uuid_of(opts);
+        let mut n = 0;
+        for (seq, path) in segment::list_dir(&opts.wal_dir()).unwrap().segments {
+            let buf = std::fs::read(&path).unwrap();
+            let mut off = wal::SEGMENT_HEADER_SIZE as usize;
+            while off + wal::RECORD_HEADER_SIZE <= buf.len() {
+                if let Ok(r) = wal::decode_record(&buf[off..], uuid, seq) {
+                    n += u64::from(r.header.kind == wal::RecordKind::WriteInPlace);
+                }
+                off += 8;
+            }
+        }
+        n
     }
 
     fn block_data(seed: u64, n: u64) -> Bytes {
@@ -769,12 +818,15 @@ mod faults {
         let rounds: u64 = std::env::var("REPBLOCK_POWER_CUT_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
         let mut mid_run = 0;
         let mut replayed = 0;
+        let mut in_place = 0;
         for seed in 0..rounds {
             let st = power_cut_round(seed).await;
             mid_run += u64::from(st.cut_mid_run);
             replayed += st.replayed;
+            in_place += st.in_place;
             eprintln!("power cut seed {seed}: {st:?}");
         }
+        assert!(in_place > 0, "no round exercised in-place writes");
         // Most cuts land while requests are in flight, and recovery replays.
         assert!(mid_run * 2 >= rounds, "only {mid_run} of {rounds} cuts hit a running workload");
         assert!(replayed > 0);
@@ -872,4 +924,117 @@ mod faults {
         assert!(f.contains("fdatasync of data") && f.contains("errno 5"), "{f}");
         assert!(matches!(v.write(0, block(2, 10), false).await, Err(VolumeError::Stopped(_))));
     }
+}
+
+/// Kinds of the valid records of segment `seq`, in order.
+fn record_kinds(opts: &VolumeOptions, seq: u64) -> Vec<wal::RecordKind> {
+    let buf = std::fs::read(wal::segment_path(&opts.wal_dir(), seq)).unwrap();
+    let uuid = uuid_of(opts);
+    let mut pos = wal::SEGMENT_HEADER_SIZE as usize;
+    let mut out = Vec::new();
+    while let Ok(r) = wal::decode_record(&buf[pos..], uuid, seq) {
+        out.push(r.header.kind);
+        pos += r.encoded_len();
+    }
+    out
+}
+
+#[tokio::test]
+async fn large_writes_go_in_place_only_when_no_replayable_record_overlaps() {
+    use wal::RecordKind::{Write, WriteInPlace};
+    let d = tempfile::tempdir().unwrap();
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 4 * MIB; // one segment holds the whole test
+    let io = engine();
+    let size = 4 * MIB;
+    create(&*io, &opts, size);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    let big = writer::IN_PLACE_MIN_BYTES;
+    v.write(4096, block(1, 4096), true).await.unwrap(); // replayable
+    v.write(0, block(2, big), true).await.unwrap(); // overlaps it: carries its data
+    v.write(MIB, block(3, big), true).await.unwrap(); // nothing there: in place
+    v.trim(2 * MIB, 4096, false).await.unwrap(); // replayable
+    v.write(2 * MIB, block(4, big), false).await.unwrap(); // overlaps the trim
+    v.write(3 * MIB, block(5, big - 4096), true).await.unwrap(); // too small
+    assert_eq!(
+        record_kinds(&opts, 1),
+        [Write, Write, WriteInPlace, wal::RecordKind::Trim, Write, Write]
+    );
+    drop(v); // crash
+
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.recovery().replayed, 6);
+    assert_eq!(v.read(0, big as u32).await.unwrap(), block(2, big));
+    assert_eq!(v.read(MIB, big as u32).await.unwrap(), block(3, big));
+    assert_eq!(v.read(2 * MIB, big as u32).await.unwrap(), block(4, big));
+    assert_eq!(v.read(3 * MIB, (big - 4096) as u32).await.unwrap(), block(5, big - 4096));
+    // After the open's checkpoint nothing is replayable: in place again.
+    v.write(0, block(6, big), true).await.unwrap();
+    v.close().await.unwrap();
+    assert_eq!(record_kinds(&opts, 2), [WriteInPlace]);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.read(0, big as u32).await.unwrap(), block(6, big));
+    v.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn segment_size_can_change_between_opens() {
+    let d = tempfile::tempdir().unwrap();
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 64 << 10;
+    let io = engine();
+    let size = 4 * MIB;
+    create(&*io, &opts, size);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    for i in 0..40u64 {
+        v.write(i * 4096, block(i, 4096), false).await.unwrap();
+    }
+    v.close().await.unwrap();
+    drop(v);
+    // Larger segments now: the small spares left behind are grown on use,
+    // and a 300 KiB record fits.
+    opts.wal_segment_size = 512 << 10;
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    // A replayable write in the range keeps the big one in the WAL.
+    v.write(MIB, block(1, 512), false).await.unwrap();
+    for i in 0..6u64 {
+        v.write(MIB, block(100 + i, 300 << 10), true).await.unwrap();
+    }
+    drop(v);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.read(MIB, 300 << 10).await.unwrap(), block(105, 300 << 10));
+    for i in 0..40u64 {
+        assert_eq!(v.read(i * 4096, 4096).await.unwrap(), block(i, 4096));
+    }
+    for (seq, path) in segment::list_dir(&opts.wal_dir()).unwrap().segments {
+        assert!(std::fs::metadata(&path).unwrap().len() >= 512 << 10, "segment {seq} too small");
+    }
+    v.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn damaged_segment_header_before_durable_records_is_corruption() {
+    let d = tempfile::tempdir().unwrap();
+    let (opts, size, _) = build_log(d.path(), 4, 4, 100).await;
+    let seg_path = wal::segment_path(&opts.wal_dir(), 1);
+    let mut bytes = std::fs::read(&seg_path).unwrap();
+    bytes[20] ^= 1; // the seq field: CRC mismatch
+    std::fs::write(&seg_path, &bytes).unwrap();
+    let e = Volume::open(engine(), opts.clone(), &identity(size)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::WalCorrupt { offset: 0, lsn: 1, .. }), "{msg}");
+    assert!(msg.contains("segment header") && msg.contains(&seg_path.display().to_string()), "{msg}");
+
+    // Without durable records behind it, a bad header is just an empty log
+    // (a segment started but never synced).
+    let d2 = tempfile::tempdir().unwrap();
+    let (opts2, size2, _) = build_log(d2.path(), 3, 0, 100).await;
+    let seg2 = wal::segment_path(&opts2.wal_dir(), 1);
+    let mut bytes = std::fs::read(&seg2).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&seg2, &bytes).unwrap();
+    let v = Volume::open(engine(), opts2, &identity(size2)).unwrap();
+    assert_eq!(v.recovery().last_lsn, 0);
+    assert_eq!(v.recovery().end.as_ref().map(|e| e.offset), Some(0));
+    v.close().await.unwrap();
 }

@@ -45,6 +45,13 @@ pub enum RecordKind {
     /// Reserved for the replication flush barrier (a later issue). Carries
     /// no range; replay ignores it.
     FlushBarrier = 4,
+    /// A large write whose data went to the data file only ("indirect",
+    /// as ZFS's ZIL does for large writes): no payload; `length` bytes at
+    /// `offset`. It is made durable by fdatasyncing the data file together
+    /// with the WAL. Replay has nothing to apply; the writer only emits it
+    /// when no replayable record overlaps the range, so replay never
+    /// overwrites the data in place (see docs/formats.md).
+    WriteInPlace = 5,
 }
 
 impl RecordKind {
@@ -54,6 +61,7 @@ impl RecordKind {
             2 => RecordKind::Trim,
             3 => RecordKind::WriteZeroes,
             4 => RecordKind::FlushBarrier,
+            5 => RecordKind::WriteInPlace,
             _ => return None,
         })
     }
@@ -221,7 +229,7 @@ pub fn decode_record(buf: &[u8], uuid: u128, seq: u64) -> Result<Record<'_>, Dec
     let payload_len = u32_at(h, 28) as usize;
     let layout_ok = match kind {
         RecordKind::Write => payload_len == length as usize,
-        RecordKind::Trim | RecordKind::WriteZeroes => payload_len == 0,
+        RecordKind::Trim | RecordKind::WriteZeroes | RecordKind::WriteInPlace => payload_len == 0,
         RecordKind::FlushBarrier => payload_len == 0 && length == 0,
     };
     if !layout_ok || u32_at(h, 44) != 0 {
@@ -345,6 +353,7 @@ mod tests {
             Just(RecordKind::Trim),
             Just(RecordKind::WriteZeroes),
             Just(RecordKind::FlushBarrier),
+            Just(RecordKind::WriteInPlace),
         ]
     }
 
@@ -361,7 +370,7 @@ mod tests {
             .prop_map(|(kind, punch, lsn, offset, length, durable_lsn, payload)| {
                 let (length, payload, flags) = match kind {
                     RecordKind::Write => (payload.len() as u32, payload, 0),
-                    RecordKind::Trim => (length, Vec::new(), 0),
+                    RecordKind::Trim | RecordKind::WriteInPlace => (length, Vec::new(), 0),
                     RecordKind::WriteZeroes => (length, Vec::new(), if punch { FLAG_MAY_PUNCH } else { 0 }),
                     RecordKind::FlushBarrier => (0, Vec::new(), 0),
                 };

@@ -32,6 +32,58 @@ use crate::io::{IoFile, IoOp};
 /// Most payload bytes taken into one batch.
 pub(crate) const MAX_BATCH_BYTES: usize = 16 << 20;
 
+/// Writes at least this large go to the data file only, with a payload-less
+/// `WriteInPlace` record, when no replayable record overlaps them.
+pub(crate) const IN_PLACE_MIN_BYTES: usize = 128 << 10;
+
+/// The ranges touched by replayable records (records recovery would apply:
+/// writes carrying their data, trims, write-zeroes) since the durable
+/// checkpoint, each with the highest LSN that touched it.
+///
+/// A large write may go in place only if no such range overlaps it:
+/// otherwise recovery, replaying an older record, would overwrite the newer
+/// data in place. Stored as disjoint intervals; touching or overlapping ones
+/// merge (keeping the highest LSN), which only makes the set conservative.
+/// Intervals whose LSN the checkpoint passed are pruned.
+#[derive(Debug, Default)]
+pub(crate) struct ReplayRanges {
+    /// start -> (end, highest LSN)
+    map: BTreeMap<u64, (u64, Lsn)>,
+}
+
+impl ReplayRanges {
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        matches!(self.map.range(..end).next_back(), Some((_, &(e, _))) if e > start)
+    }
+
+    pub fn insert(&mut self, mut start: u64, mut end: u64, mut lsn: Lsn) {
+        if end <= start {
+            return;
+        }
+        // Absorb every interval that overlaps or touches [start, end).
+        while let Some((&s, &(e, l))) = self.map.range(..=end).next_back() {
+            if e < start {
+                break;
+            }
+            self.map.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+            lsn = lsn.max(l);
+        }
+        self.map.insert(start, (end, lsn));
+    }
+
+    /// Forgets the intervals no record above `checkpoint_lsn` touched.
+    pub fn prune(&mut self, checkpoint_lsn: Lsn) {
+        self.map.retain(|_, &mut (_, lsn)| lsn > checkpoint_lsn);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// A set of disjoint half-open ranges, to split a batch of data operations
 /// into rounds whose operations do not overlap (an engine may run the
 /// operations of one submission in any order).
@@ -134,6 +186,9 @@ pub(crate) struct Writer {
     tail: Tail,
     /// Earlier segments written since the last WAL fdatasync.
     unsynced: Vec<Arc<IoFile>>,
+    /// In-place writes were applied since the writer last synced the data
+    /// file: a durability point must fdatasync it too.
+    in_place_unsynced: bool,
     next_lsn: Lsn,
     max_record_payload: usize,
     buf: Vec<u8>,
@@ -143,25 +198,23 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, next_lsn: Lsn) -> Writer {
-        let (tail, max_record_payload) = {
-            let files = parking::lock(&shared.wal);
-            // `open` always activates a segment before starting the writer.
-            let cur = files.live.back().expect("writer starts with an active segment");
-            let tail = Tail { seq: cur.seq, file: cur.file.clone(), len: cur.len, pos: SEGMENT_HEADER_SIZE };
-            (tail, shared.max_record_payload)
-        };
+    /// A writer appending to `current` (just started by `open`, holding
+    /// only its header) from LSN `next_lsn`.
+    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, current: (u64, Arc<IoFile>, u64), next_lsn: Lsn) -> Writer {
+        let (seq, file, len) = current;
+        let max_record_payload = shared.max_record_payload;
         Writer {
             shared,
             rx,
-            chunk_offset: tail.pos,
-            tail,
+            tail: Tail { seq, file, len, pos: SEGMENT_HEADER_SIZE },
             unsynced: Vec::new(),
+            in_place_unsynced: false,
             next_lsn,
             max_record_payload,
             buf: Vec::with_capacity(1 << 20),
             chunks: Vec::new(),
             chunk_start: 0,
+            chunk_offset: SEGMENT_HEADER_SIZE,
         }
     }
 
@@ -253,6 +306,8 @@ impl Writer {
         let mut lsns = Vec::with_capacity(batch.len());
         let mut data_ops = Vec::with_capacity(batch.len());
 
+        let shared = self.shared.clone();
+        let mut replay = parking::lock(&shared.replay_ranges);
         for r in batch {
             need_sync |= r.fua;
             let lsn = match &r.op {
@@ -261,34 +316,48 @@ impl Writer {
                     0 // replaced by the durable LSN below
                 }
                 Op::Write { offset, data } => {
-                    // A large write becomes several records (each fits a
-                    // segment); `Volume::write` never sends an empty one.
+                    let end = offset + data.len() as u64;
+                    let in_place = data.len() >= IN_PLACE_MIN_BYTES && !replay.overlaps(*offset, end);
+                    // A large write becomes several records; `Volume::write`
+                    // never sends an empty one.
                     let mut last = 0;
                     let mut done = 0usize;
                     while done < data.len() {
                         let n = (data.len() - done).min(self.max_record_payload);
                         let off = offset + done as u64;
-                        let payload = data.slice(done..done + n);
-                        last = self.append(RecordKind::Write, 0, off, n as u32, &payload, durable)?;
-                        data_ops.push(DataOp::Write { offset: off, data: payload });
+                        let piece = data.slice(done..done + n);
+                        last = if in_place {
+                            self.append(RecordKind::WriteInPlace, 0, off, n as u32, &[], durable)?
+                        } else {
+                            self.append(RecordKind::Write, 0, off, n as u32, &piece, durable)?
+                        };
+                        data_ops.push(DataOp::Write { offset: off, data: piece });
                         done += n;
+                    }
+                    if in_place {
+                        self.in_place_unsynced = true;
+                    } else {
+                        replay.insert(*offset, end, last);
                     }
                     last
                 }
                 Op::Trim { offset, len } => {
                     let lsn = self.append(RecordKind::Trim, 0, *offset, *len, &[], durable)?;
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: true });
+                    replay.insert(*offset, offset + u64::from(*len), lsn);
                     lsn
                 }
                 Op::Zeroes { offset, len, punch } => {
                     let flags = if *punch { FLAG_MAY_PUNCH } else { 0 };
                     let lsn = self.append(RecordKind::WriteZeroes, flags, *offset, *len, &[], durable)?;
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: *punch });
+                    replay.insert(*offset, offset + u64::from(*len), lsn);
                     lsn
                 }
             };
             lsns.push(lsn);
         }
+        drop(replay);
         self.finish_chunk();
         let last = self.next_lsn - 1;
 
@@ -325,15 +394,29 @@ impl Writer {
                 sync_ops.push(IoOp::SyncData { file: f });
             }
             sync_ops.push(IoOp::SyncData { file: &self.tail.file });
+            let with_data = self.in_place_unsynced;
+            if with_data {
+                sync_ops.push(IoOp::SyncData { file: &self.shared.data });
+            }
             if let Err(e) = self.shared.io.submit(&mut sync_ops) {
-                return Err(format!(
-                    "fdatasync of WAL {} failed: {e} (errno {})",
-                    self.tail.file.path().display(),
-                    crate::io::errno_of(&e)
-                ));
+                return Err(if with_data {
+                    format!(
+                        "fdatasync of WAL {} and data {} failed: {e} (errno {})",
+                        self.tail.file.path().display(),
+                        self.shared.data.path().display(),
+                        crate::io::errno_of(&e)
+                    )
+                } else {
+                    format!(
+                        "fdatasync of WAL {} failed: {e} (errno {})",
+                        self.tail.file.path().display(),
+                        crate::io::errno_of(&e)
+                    )
+                });
             }
             drop(sync_ops);
             self.unsynced.clear();
+            self.in_place_unsynced = false;
             self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
         }
         let durable_now = self.shared.durable_lsn.load(Ordering::Acquire);
@@ -419,7 +502,31 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::RangeSet;
+    use super::{RangeSet, ReplayRanges};
+
+    #[test]
+    fn replay_ranges_merge_query_and_prune() {
+        let mut r = ReplayRanges::default();
+        r.insert(0, 4096, 1);
+        r.insert(8192, 12288, 2);
+        assert!(r.overlaps(0, 1));
+        assert!(r.overlaps(4095, 8193));
+        assert!(!r.overlaps(4096, 8192));
+        assert!(!r.overlaps(12288, 1 << 20));
+        assert_eq!(r.len(), 2);
+        r.insert(4096, 8192, 3); // touches both: one interval, LSN 3
+        assert_eq!(r.len(), 1);
+        assert!(r.overlaps(5000, 5001));
+        r.prune(2);
+        assert!(r.overlaps(0, 1), "merged interval keeps the highest LSN");
+        r.prune(3);
+        assert!(!r.overlaps(0, 1 << 30));
+        r.insert(1 << 20, 2 << 20, 10);
+        r.insert(100, 200, 11);
+        r.prune(10);
+        assert!(!r.overlaps(1 << 20, 2 << 20));
+        assert!(r.overlaps(150, 151));
+    }
 
     #[test]
     fn range_set_detects_overlaps() {
