@@ -226,3 +226,6 @@ pub fn select_engine(choice: EngineChoice) -> Result<Arc<dyn IoEngine>, EngineEr
 pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
+
+#[cfg(test)]
+mod tests;

@@ -75,6 +75,9 @@ pub(crate) fn zero_range(file: &IoFile, offset: u64, len: u64, punch: bool) -> i
     match fallocate(file, mode, offset, len) {
         Ok(()) => Ok(()),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENODEV)) => {
+            // As FALLOC_FL_KEEP_SIZE: nothing at or beyond the end of the
+            // file (or device) is written, so the size never changes.
+            let len = len.min(file_len(file)?.saturating_sub(offset));
             write_zeroes(file, offset, len)
         }
         Err(e) => Err(e),
