@@ -297,15 +297,15 @@ fn events_stream_role_changes() {
     let mut n = TestNode::new("sync");
     n.create_md();
     n.start();
-    let mut ev = Command::new(REPCTL)
+    let mut ev_guard = common::ChildGuard(Some(Command::new(REPCTL)
         .arg("--config")
         .arg(&n.config)
         .args(["--node", "alpha", "events"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("repctl events");
-    let mut lines = BufReader::new(ev.stdout.take().expect("stdout")).lines();
+        .expect("repctl events")));
+    let mut lines = BufReader::new(ev_guard.child().stdout.take().expect("stdout")).lines();
     let first: serde_json::Value = serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("json");
     assert_eq!(first["event"], "state");
     assert_eq!(first["role"], "secondary");
@@ -324,7 +324,7 @@ fn events_stream_role_changes() {
     // The stream ends when repd stops.
     assert!(n.term().success());
     let rest: Vec<_> = lines.collect();
-    let status = ev.wait().expect("wait");
+    let status = ev_guard.take().wait().expect("wait");
     assert!(status.success(), "repctl events exits 0 when repd stops ({status}); trailing: {rest:?}");
 }
 
@@ -343,45 +343,135 @@ fn two_node_config_runs_with_its_peer_connecting() {
     };
     assert!(repctl(&["create-md"]).status.success());
     let log = std::fs::File::create(dir.path().join("repd.log")).unwrap();
-    let mut child = Command::new(REPD)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--node", "alpha"])
-        .stderr(log)
-        .spawn()
-        .expect("repd");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+    let mut guard = common::ChildGuard(Some(
+        Command::new(REPD).arg("--config").arg(&cfg).args(["--node", "alpha"]).stderr(log).spawn().expect("repd"),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = repctl(&["status", "--json"]);
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+            assert_eq!(s["connection"], "connecting");
+            assert_eq!(s["peer"]["name"], "beta");
+            assert_eq!(s["peer"]["disk"], "unknown");
+            assert_eq!(s["peer"]["role"], serde_json::Value::Null);
+            assert_eq!(s["replication"], serde_json::Value::Null);
+            break;
         }
+        if let Some(st) = guard.child().try_wait().unwrap() {
+            panic!("repd exited {st}: {}", std::fs::read_to_string(dir.path().join("repd.log")).unwrap());
+        }
+        assert!(Instant::now() < deadline, "repd never answered");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let _guard = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = repctl(&["status", "--json"]);
-            if out.status.success() {
-                let s: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-                assert_eq!(s["connection"], "connecting");
-                assert_eq!(s["peer"]["name"], "beta");
-                assert_eq!(s["peer"]["disk"], "unknown");
-                assert_eq!(s["peer"]["role"], serde_json::Value::Null);
-                assert_eq!(s["replication"], serde_json::Value::Null);
-                break;
-            }
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("repd exited {st}: {}", std::fs::read_to_string(dir.path().join("repd.log")).unwrap());
-            }
-            assert!(Instant::now() < deadline, "repd never answered");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Kill(child)
-    };
     let out = repctl(&["wait-sync"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("peer beta is not connected"), "{}", stderr(&out));
     let human = stdout(&repctl(&["status"]));
     assert!(human.contains("beta connection:connecting"), "{human}");
     assert!(human.contains("peer-disk:unknown"), "{human}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_the_restart_replays_nothing() {
+    common::require_tool("nbdcopy", "libnbd-bin");
+    let mut n = TestNode::ready("sync");
+    let img = common::random_file(n.path(), "in.img", 4 << 20, 5);
+    common::run_ok(Command::new("nbdcopy").arg(&img).arg(n.uri()), Duration::from_secs(120));
+    let status = n.term();
+    assert!(status.success(), "SIGTERM exit status: {status}\n{}", n.log());
+    assert!(!n.control().exists(), "control socket removed on a clean stop");
+    let log = n.log();
+    assert!(log.contains("volume closed cleanly"), "{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+
+    n.start();
+    let log = n.log();
+    let line = log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
+    assert!(line.contains("clean=true") && line.contains("replayed=0"), "no replay after a clean stop: {line}");
+    // Still secondary after the restart, and the disk stayed uptodate.
+    assert_eq!(n.status()["role"], "secondary");
+    assert_eq!(n.status()["disk"], "uptodate");
+    n.promote();
+    let out = n.path().join("out.img");
+    common::run_ok(
+        Command::new("nbdcopy").arg(n.uri()).arg(&out),
+        Duration::from_secs(120),
+    );
+    let (a, b) = (std::fs::read(&img).unwrap(), std::fs::read(&out).unwrap());
+    assert!(a[..] == b[..a.len()], "data survives the clean restart");
+
+    // After SIGKILL the restart is not clean.
+    common::run_ok(Command::new("nbdcopy").arg(&img).arg(n.uri()), Duration::from_secs(120));
+    n.kill9();
+    n.start();
+    let log = n.log();
+    let line = log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
+    assert!(line.contains("clean=false"), "{line}");
+}
+
+#[test]
+fn repd_demo_runs_and_restarts_with_the_same_data() {
+    common::require_tool("nbdinfo", "libnbd-bin");
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let port = common::free_port();
+    let run_demo = |log_name: &str| {
+        let log = std::fs::File::create(dir.path().join(log_name)).unwrap();
+        Command::new(REPD)
+            .args(["demo", "--size", "64MiB", "--nbd", &format!("127.0.0.1:{port}"), "--dir"])
+            .arg(&demo_dir)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("repd demo")
+    };
+    for round in 0..2 {
+        let mut guard = common::ChildGuard(Some(run_demo(&format!("demo-{round}.log"))));
+        let mut out = BufReader::new(guard.child().stdout.take().unwrap());
+        let mut printed = String::new();
+        let uri = format!("nbd://127.0.0.1:{port}/r0");
+        // Read the help text until the repctl lines (printed once serving).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !printed.contains("Ctrl-C") {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).unwrap();
+            if n == 0 {
+                panic!(
+                    "repd demo exited early: {}\n{}",
+                    printed,
+                    std::fs::read_to_string(dir.path().join(format!("demo-{round}.log"))).unwrap()
+                );
+            }
+            printed.push_str(&line);
+            assert!(Instant::now() < deadline);
+        }
+        for hint in [
+            format!("NBD URI:  {uri}"),
+            format!("nbdinfo {uri}"),
+            format!("nbd-client 127.0.0.1 {port} /dev/nbd0 -N r0"),
+            "nbdfuse".to_string(),
+            "losetup".to_string(),
+            format!("qemu-img info {uri}"),
+            "qemu-system-x86_64".to_string(),
+            "repctl --config".to_string(),
+        ] {
+            assert!(printed.contains(&hint), "demo help lacks {hint:?}:\n{printed}");
+        }
+        let info = common::run_ok(Command::new("nbdinfo").arg("--size").arg(&uri), Duration::from_secs(60));
+        assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), (64u64 << 20).to_string());
+        let log = std::fs::read_to_string(dir.path().join(format!("demo-{round}.log"))).unwrap();
+        if round == 0 {
+            assert!(log.contains("promote --force"), "first run forces the fresh disk:\n{log}");
+        } else {
+            assert!(!log.contains("promote --force"), "second run needs no force:\n{log}");
+        }
+        // Ctrl-C stops it cleanly.
+        let mut child = guard.take();
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "repd demo exit after SIGINT: {status}");
+    }
+    assert!(demo_dir.join("r0.toml").exists());
 }

@@ -417,3 +417,27 @@ impl RawNbdClient {
         }
     }
 }
+
+/// Kills (SIGKILL) and reaps a child process when dropped, so a failing
+/// test leaves no daemon behind.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child")
+    }
+
+    /// Takes the child out (the caller waits for it).
+    pub fn take(&mut self) -> Child {
+        self.0.take().expect("child")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
