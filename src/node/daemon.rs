@@ -50,7 +50,7 @@ pub enum DaemonError {
 /// fault injector when `REPBLOCK_FAULTS` is set.
 pub fn engine_for(config: &Config) -> Result<Arc<dyn IoEngine>, DaemonError> {
     let engine = io::select_engine(config.io_engine).map_err(|e| DaemonError::Engine(format!("{}: {e}", config.file.display())))?;
-    io::fault::wrap_from_env(engine).map_err(|e| DaemonError::Engine(e))
+    io::fault::wrap_from_env(engine).map_err(DaemonError::Engine)
 }
 
 /// Initialises the metadata of `node` (offline: refused while its repd
