@@ -85,7 +85,9 @@ python3 - "$DIR" "$RSS_KB" "$ENGINE" "${ORDER[@]}" <<'PY'
 import json, sys
 d, rss_kb, engine, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 def load(name):
-    w = json.load(open(f"{d}/{name}.json"))["jobs"][0]["write"]
+    text = open(f"{d}/{name}.json").read()
+    # fio may print notes ("fio: connected to NBD server") before the JSON.
+    w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
     return w["iops"], w["bw_bytes"] / 2**20
 print(f"\n{'job':<26}{'qemu-nbd':>20}{'repd (' + engine + ')':>22}{'ratio':>8}")
 for j in jobs:
