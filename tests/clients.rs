@@ -280,7 +280,41 @@ fn ext4_over_nbdfuse_survives_restart(engine: &str) {
     }
 }
 
+/// `disk = "/dev/loopN"`: the data lives on a block device (as an LVM
+/// volume or a partition would hold it), the WAL and metadata in `dir`.
+fn data_on_a_block_device(engine: &str) {
+    require_tool("losetup", "util-linux");
+    require_tool("nbdcopy", "libnbd-bin");
+    let work = tempfile::Builder::new().prefix("repblock-disk-").tempdir().expect("tmp");
+    let backing = work.path().join("backing.img");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(64 * MIB)).expect("backing file");
+    let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&backing), Duration::from_secs(60));
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = run_timeout(Command::new("losetup").arg("-d").arg(&self.0), Duration::from_secs(60));
+        }
+    }
+    let _loop = Loop(dev.clone());
+    let mut opts = NodeOpts::new(engine);
+    opts.disk = Some(dev.clone());
+    let mut n = TestNode::ready_with(opts);
+    assert!(!n.data_dir().join("data").exists(), "no data file when `disk` is set");
+    let img = random_file(n.path(), "in.img", 64 * MIB as usize, 77);
+    run_ok(Command::new("nbdcopy").arg(&img).arg(n.uri()), T);
+    assert!(n.term().success());
+    // After a clean stop the block device itself holds the data.
+    let on_dev = std::fs::read(&dev).expect("read the block device");
+    assert!(on_dev == std::fs::read(&img).expect("read in.img"), "the block device holds the volume's data");
+    n.restart_primary();
+    let out = n.path().join("out.img");
+    run_ok(Command::new("nbdcopy").arg(n.uri()).arg(&out), T);
+    assert!(std::fs::read(&out).expect("out") == std::fs::read(&img).expect("in"), "round trip through the device");
+}
+
 both_engines! {
+    data_on_a_loop_block_device => data_on_a_block_device;
     nbdinfo_reports_flags_and_size => nbdinfo_flags_and_size;
     unix_socket_export_works => unix_socket_export;
     qemu_img_convert_then_compare => qemu_img_convert_and_compare;

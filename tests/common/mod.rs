@@ -119,11 +119,20 @@ pub struct NodeOpts {
     pub extra: String,
     /// Extra environment for repd.
     pub env: Vec<(String, String)>,
+    /// `disk = …` (data on a block device).
+    pub disk: Option<String>,
 }
 
 impl NodeOpts {
     pub fn new(engine: &str) -> NodeOpts {
-        NodeOpts { engine: engine.to_string(), size: "64MiB".into(), unix: false, extra: String::new(), env: Vec::new() }
+        NodeOpts {
+            engine: engine.to_string(),
+            size: "64MiB".into(),
+            unix: false,
+            extra: String::new(),
+            env: Vec::new(),
+            disk: None,
+        }
     }
 }
 
@@ -183,9 +192,10 @@ impl TestNode {
     }
 
     pub fn write_config(&self) {
+        let disk = self.opts.disk.as_ref().map(|d| format!("disk = \"{d}\"\n")).unwrap_or_default();
         let text = format!(
             "name = \"r0\"\nsize = \"{size}\"\nio_engine = \"{engine}\"\ncheckpoint_interval = \"2s\"\n{extra}\n\
-             [[node]]\nname = \"alpha\"\nnbd = \"{nbd}\"\ncontrol = \"{control}\"\ndir = \"{dir}\"\n",
+             [[node]]\nname = \"alpha\"\nnbd = \"{nbd}\"\ncontrol = \"{control}\"\ndir = \"{dir}\"\n{disk}",
             size = self.opts.size,
             engine = self.opts.engine,
             extra = self.opts.extra,
