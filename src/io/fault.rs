@@ -439,7 +439,7 @@ impl IoEngine for FaultEngine {
             .filter(|(_, fail)| fail.is_none())
             .map(|(op, _)| match op {
                 IoOp::Write { file, offset, buf } => IoOp::Write { file, offset: *offset, buf },
-                IoOp::Read { file, offset, buf } => IoOp::Read { file, offset: *offset, buf: &mut **buf },
+                IoOp::Read { file, offset, buf } => IoOp::Read { file, offset: *offset, buf },
                 IoOp::SyncData { file } => IoOp::SyncData { file },
                 IoOp::Zero { file, offset, len, punch } => IoOp::Zero { file, offset: *offset, len: *len, punch: *punch },
             })

@@ -152,14 +152,31 @@ fn new_ring() -> io::Result<IoUring> {
 }
 
 /// The io_uring engine (see the module documentation).
-#[derive(Debug, Default)]
-pub struct UringEngine;
+#[derive(Debug)]
+pub struct UringEngine {
+    /// Largest transfer per SQE; smaller in tests, to drive the
+    /// short-transfer path with ordinary buffers.
+    max_transfer: usize,
+}
+
+impl Default for UringEngine {
+    fn default() -> UringEngine {
+        UringEngine::new()
+    }
+}
 
 impl UringEngine {
     /// Creates the engine. Rings are created lazily per thread; call
     /// [`probe`] first to know whether they can be.
     pub fn new() -> UringEngine {
-        UringEngine
+        UringEngine { max_transfer: MAX_RW }
+    }
+
+    /// An engine that splits every read and write into transfers of at most
+    /// `max` bytes, each completion looking like a short transfer.
+    #[cfg(test)]
+    pub(crate) fn with_max_transfer(max: usize) -> UringEngine {
+        UringEngine { max_transfer: max.clamp(1, MAX_RW) }
     }
 }
 
@@ -192,7 +209,7 @@ impl IoEngine for UringEngine {
                     Some(r) => r,
                     None => slot.insert(new_ring()?),
                 };
-                let (state, res) = run_batch(ring, ops);
+                let (state, res) = run_batch(ring, ops, self.max_transfer);
                 if let RingState::Broken = state {
                     std::mem::forget(slot.take());
                 }
@@ -200,12 +217,12 @@ impl IoEngine for UringEngine {
             }
             // Re-entered on this thread (e.g. from a tracing layer): use a
             // private ring for this call.
-            Err(_) => run_on_temporary_ring(ops),
+            Err(_) => run_on_temporary_ring(ops, self.max_transfer),
         });
         match on_thread_ring {
             Ok(res) => res,
             // Thread-local storage is being torn down (thread exit).
-            Err(_) => run_on_temporary_ring(ops),
+            Err(_) => run_on_temporary_ring(ops, self.max_transfer),
         }
     }
 
@@ -234,9 +251,9 @@ impl IoEngine for UringEngine {
     }
 }
 
-fn run_on_temporary_ring(ops: &mut [IoOp<'_>]) -> io::Result<()> {
+fn run_on_temporary_ring(ops: &mut [IoOp<'_>], max_transfer: usize) -> io::Result<()> {
     let mut ring = new_ring()?;
-    let (state, res) = run_batch(&mut ring, ops);
+    let (state, res) = run_batch(&mut ring, ops, max_transfer);
     if let RingState::Broken = state {
         std::mem::forget(ring);
     }
@@ -253,11 +270,11 @@ fn transfer_len(op: &IoOp<'_>) -> usize {
 }
 
 /// Builds the SQE for `op`, `done` bytes of which are already transferred.
-fn build_sqe(op: &mut IoOp<'_>, done: usize, index: usize) -> io::Result<squeue::Entry> {
+fn build_sqe(op: &mut IoOp<'_>, done: usize, index: usize, max_transfer: usize) -> io::Result<squeue::Entry> {
     let entry = match op {
         IoOp::Write { file, offset, buf } => {
             let rest = &buf[done..];
-            let n = rest.len().min(MAX_RW);
+            let n = rest.len().min(max_transfer);
             let off = file_offset(*offset, done)?;
             opcode::Write::new(types::Fd(file.raw_fd()), rest.as_ptr(), n as u32)
                 .offset(off)
@@ -266,7 +283,7 @@ fn build_sqe(op: &mut IoOp<'_>, done: usize, index: usize) -> io::Result<squeue:
         IoOp::Read { file, offset, buf } => {
             let off = file_offset(*offset, done)?;
             let rest = &mut buf[done..];
-            let n = rest.len().min(MAX_RW);
+            let n = rest.len().min(max_transfer);
             opcode::Read::new(types::Fd(file.raw_fd()), rest.as_mut_ptr(), n as u32)
                 .offset(off)
                 .build()
@@ -323,7 +340,7 @@ impl Batch {
 
 /// Runs `ops` to completion on `ring`. Never returns while the kernel may
 /// still access a buffer of `ops`.
-fn run_batch(ring: &mut IoUring, ops: &mut [IoOp<'_>]) -> (RingState, io::Result<()>) {
+fn run_batch(ring: &mut IoUring, ops: &mut [IoOp<'_>], max_transfer: usize) -> (RingState, io::Result<()>) {
     let cap = ring.params().sq_entries() as usize;
     let mut b = Batch {
         done: vec![0; ops.len()],
@@ -354,7 +371,7 @@ fn run_batch(ring: &mut IoUring, ops: &mut [IoOp<'_>]) -> (RingState, io::Result
                     b.queue.pop_front();
                     continue;
                 };
-                let sqe = match build_sqe(op, b.done[i], i) {
+                let sqe = match build_sqe(op, b.done[i], i, max_transfer) {
                     Ok(sqe) => sqe,
                     Err(e) => {
                         b.queue.pop_front();
@@ -403,8 +420,7 @@ fn run_batch(ring: &mut IoUring, ops: &mut [IoOp<'_>]) -> (RingState, io::Result
         }
 
         account_consumed(ring, &mut b);
-        let cqes: Vec<cqueue::Entry> = ring.completion().collect();
-        for cqe in cqes {
+        for cqe in &mut ring.completion() {
             b.in_flight = b.in_flight.saturating_sub(1);
             complete(ops, &mut b, cqe);
         }
