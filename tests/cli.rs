@@ -475,3 +475,38 @@ fn repd_demo_runs_and_restarts_with_the_same_data() {
     }
     assert!(demo_dir.join("r0.toml").exists());
 }
+
+#[test]
+fn promote_reports_a_busy_nbd_port_and_can_be_retried() {
+    let mut n = TestNode::new("sync");
+    n.create_md();
+    n.start();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", n.port)).expect("occupy the NBD port");
+    let out = n.repctl(&["promote", "--force"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(e.contains("Cannot start the NBD export") && e.contains(&format!("127.0.0.1:{}", n.port)), "{e}");
+    assert_eq!(n.status()["role"], "secondary");
+    drop(squatter);
+    // The forced promote already made the data the truth: no --force now.
+    assert_eq!(n.status()["disk"], "uptodate");
+    n.promote();
+    assert!(RawNbdClient::connect(n.port, "r0").is_ok());
+}
+
+#[test]
+fn max_clients_caps_nbd_connections() {
+    let mut opts = common::NodeOpts::new("sync");
+    opts.extra = "max_clients = 2".into();
+    let n = TestNode::ready_with(opts);
+    let a = RawNbdClient::connect(n.port, "r0").expect("first client");
+    let b = RawNbdClient::connect(n.port, "r0").expect("second client");
+    assert!(RawNbdClient::connect(n.port, "r0").is_err(), "a third connection is refused");
+    assert_eq!(n.status()["nbd"]["clients"], 2);
+    drop((a, b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while RawNbdClient::connect(n.port, "r0").is_err() {
+        assert!(Instant::now() < deadline, "slots are freed when clients leave");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
