@@ -353,7 +353,11 @@ impl Config {
     /// paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Relative paths in the file are anchored at its directory, made
+        // absolute so logs and the daemon do not depend on the working
+        // directory.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
         let raw: RawConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Toml { file: file.clone(), message: toml_message(text, &e) })?;
         let c = Checker { file: &file, base: &base };
@@ -694,6 +698,11 @@ disk = "/dev/vg0/r0"
         let c = Config::from_toml(Path::new("/etc/repblock/r0.toml"), &text).unwrap();
         assert_eq!(c.nodes[0].control, PathBuf::from("/etc/repblock/ctl.sock"));
         assert_eq!(c.nodes[0].dir, PathBuf::from("/etc/repblock/data"));
+        // A config named relative to the working directory still yields
+        // absolute paths.
+        let c = Config::from_toml(Path::new("r0.toml"), &text).unwrap();
+        assert!(c.nodes[0].dir.is_absolute(), "{}", c.nodes[0].dir.display());
+        assert_eq!(c.nodes[0].dir, std::env::current_dir().unwrap().join("data"));
     }
 
     #[test]
