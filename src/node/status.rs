@@ -156,3 +156,72 @@ impl Status {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            resource: "r0".into(),
+            node: "alpha".into(),
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+            connection: ConnState::Standalone,
+            replication: None,
+            protocol: "C".into(),
+            peer: PeerStatus { name: None, role: None, disk: None },
+            out_of_sync_bytes: 0,
+            resync: ResyncStatus { done_bytes: 0, total_bytes: 0 },
+            lsn: LsnStatus { local: 12, peer_received: 0, peer_written: 0, peer_durable: 0 },
+            size: 1 << 30,
+            block_size: 4096,
+            io_engine: "io_uring".into(),
+            nbd: NbdStatus {
+                address: "127.0.0.1:10809".into(),
+                uri: "nbd://127.0.0.1:10809/r0".into(),
+                serving: true,
+                clients: 1,
+            },
+            wal: WalStatus { bytes: 64 << 20, checkpoint_lsn: 10, durable_lsn: 12 },
+            failed: None,
+            pid: 1,
+        }
+    }
+
+    #[test]
+    fn human_reads_like_drbdadm_status() {
+        let h = sample().human();
+        assert_eq!(
+            h,
+            "r0 role:primary\n  disk:uptodate\n  connection:standalone\n  \
+             node:alpha protocol:C size:1GiB io-engine:io_uring\n  \
+             nbd:nbd://127.0.0.1:10809/r0 (1 client)\n  lsn:12 durable:12 checkpoint:10 wal:64MiB\n"
+        );
+    }
+
+    #[test]
+    fn failure_comes_right_after_the_role() {
+        let mut s = sample();
+        s.failed = Some("fdatasync of WAL failed: EIO".into());
+        let h = s.human();
+        let mut lines = h.lines();
+        assert_eq!(lines.next(), Some("r0 role:primary"));
+        assert_eq!(lines.next(), Some("  FAILED: fdatasync of WAL failed: EIO"));
+    }
+
+    #[test]
+    fn two_nodes_show_the_peer() {
+        let mut s = sample();
+        s.role = Role::Secondary;
+        s.connection = ConnState::Connecting;
+        s.peer = PeerStatus { name: Some("beta".into()), role: None, disk: Some(DiskState::Unknown) };
+        s.nbd.serving = false;
+        let h = s.human();
+        assert!(h.contains("  beta connection:connecting role:unknown\n    peer-disk:unknown\n"), "{h}");
+        assert!(h.contains("nbd:not serving"), "{h}");
+        // JSON keeps null for the unknown peer role.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["peer"], serde_json::json!({"name": "beta", "role": null, "disk": "unknown"}));
+    }
+}
