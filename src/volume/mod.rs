@@ -20,17 +20,55 @@
 //!   flush fails with [`VolumeError::Stopped`] carrying the reason, and
 //!   `status().failed` says why.
 //! - `close` checkpoints, marks the superblock clean, and stops the threads.
+//!
+//! Modules: [`wal`] (record and segment header codec), [`meta`]
+//! (superblock), [`segment`] (segment files, spares, recycling),
+//! [`recovery`], [`writer`] (log writer thread, group commit),
+//! [`checkpoint`]. The byte formats are drawn in docs/formats.md.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::fmt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
-use crate::io::IoEngine;
+use crate::io::{IoEngine, IoFile, OpenMode};
+
+pub mod checkpoint;
+pub mod meta;
+pub mod recovery;
+pub mod segment;
+pub mod wal;
+pub mod writer;
+
+pub use meta::{DiskState, Superblock};
+pub use recovery::{LogEnd, RecoveryReport};
+
+use checkpoint::CkptCtl;
+use meta::{FLAG_CLEAN_SHUTDOWN, MAX_NAME_LEN, MetaStore};
+use segment::{WalFiles, parking};
+use wal::{SEGMENT_HEADER_SIZE, SegmentHeader};
+use writer::{Msg, Op, Request, Writer};
 
 /// Log sequence number: 1 for the first record ever written; 0 means "none".
 pub type Lsn = u64;
+
+/// Default size of a WAL segment file (64 MiB).
+pub const DEFAULT_WAL_SEGMENT_SIZE: u64 = 64 << 20;
+/// Default WAL volume between checkpoints (256 MiB).
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Default longest time between checkpoints while writes arrive (30 s).
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// Smallest accepted WAL segment size (64 KiB).
+pub const MIN_WAL_SEGMENT_SIZE: u64 = 64 << 10;
+/// Largest payload of one WAL record; bigger writes are split.
+pub const MAX_RECORD_PAYLOAD: usize = 8 << 20;
 
 /// Where and how a node keeps its volume.
 #[derive(Debug, Clone)]
@@ -45,6 +83,51 @@ pub struct VolumeOptions {
     pub checkpoint_bytes: u64,
     /// Checkpoint at least this often while writes arrive.
     pub checkpoint_interval: Duration,
+}
+
+impl VolumeOptions {
+    /// Options with the defaults for `dir` (data in `dir/data`).
+    pub fn new(dir: impl Into<PathBuf>) -> VolumeOptions {
+        VolumeOptions {
+            dir: dir.into(),
+            disk: None,
+            wal_segment_size: DEFAULT_WAL_SEGMENT_SIZE,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+        }
+    }
+
+    /// `dir/meta`.
+    pub fn meta_path(&self) -> PathBuf {
+        self.dir.join("meta")
+    }
+
+    /// `dir/wal`.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.dir.join("wal")
+    }
+
+    /// The data file or block device.
+    pub fn data_path(&self) -> PathBuf {
+        self.disk.clone().unwrap_or_else(|| self.dir.join("data"))
+    }
+
+    fn validate(&self) -> Result<(), VolumeError> {
+        let bad = |what: &str, reason: String| Err(VolumeError::Invalid { what: what.into(), reason });
+        if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || self.wal_segment_size % 4096 != 0 {
+            return bad(
+                "wal_segment_size",
+                format!("{} bytes; expected a multiple of 4096, at least {MIN_WAL_SEGMENT_SIZE}", self.wal_segment_size),
+            );
+        }
+        if self.checkpoint_bytes == 0 {
+            return bad("checkpoint_bytes", "0; expected a positive size".into());
+        }
+        if self.checkpoint_interval.is_zero() {
+            return bad("checkpoint_interval", "0; expected a positive duration".into());
+        }
+        Ok(())
+    }
 }
 
 /// What `create-md` writes into a new superblock.
@@ -68,8 +151,7 @@ pub struct Identity {
     pub size: u64,
 }
 
-/// Volume errors. (Helper B: extend as needed; keep messages short and
-/// carrying context: path, offset, LSN.)
+/// Volume errors.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("Volume stopped taking writes: {0}")]
@@ -82,6 +164,28 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("No metadata at {path}: run create-md first")]
+    NoMetadata { path: PathBuf },
+    #[error("Metadata already exists at {path}; use --force to overwrite it")]
+    MetadataExists { path: PathBuf },
+    #[error("Metadata {path} is in use by another open volume (is repd already running?)")]
+    InUse { path: PathBuf },
+    #[error("Corrupt superblock in {path}: {reason}")]
+    BadSuperblock { path: PathBuf, reason: String },
+    #[error("Metadata in {path} does not match the config: {field} is {metadata} in the metadata but {config} in the config")]
+    Mismatch { path: PathBuf, field: &'static str, config: String, metadata: String },
+    #[error("Disk {path} is {len} bytes, smaller than the volume size of {size} bytes")]
+    DiskTooSmall { path: PathBuf, len: u64, size: u64 },
+    #[error("Invalid {what}: {reason}")]
+    Invalid { what: String, reason: String },
+    #[error("WAL corrupt in {path} at byte {offset} (LSN {lsn}): {reason}; refusing to start")]
+    WalCorrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String },
+}
+
+impl VolumeError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> VolumeError {
+        VolumeError::Io { path: path.to_path_buf(), source }
+    }
 }
 
 /// A snapshot of the volume's state for `status`.
@@ -99,63 +203,610 @@ pub struct VolumeStatus {
     pub failed: Option<String>,
 }
 
-/// The open volume. (Helper B: implement.)
-#[derive(Debug)]
+/// State shared by the API, the log writer and the checkpointer.
+pub(crate) struct Shared {
+    pub io: Arc<dyn IoEngine>,
+    pub data: IoFile,
+    pub meta: Mutex<MetaStore>,
+    pub wal: Mutex<WalFiles>,
+    /// Signalled when WAL space was freed (the writer waits on it, with `wal`).
+    pub space: Condvar,
+    pub wal_dir: PathBuf,
+    pub uuid: u128,
+    pub size: u64,
+    pub segment_size: u64,
+    pub max_record_payload: usize,
+    /// WAL bytes beyond which the writer waits for a checkpoint.
+    pub wal_limit: u64,
+    pub checkpoint_bytes: u64,
+    pub checkpoint_interval: Duration,
+    pub applied_lsn: AtomicU64,
+    pub durable_lsn: AtomicU64,
+    pub checkpoint_lsn: AtomicU64,
+    /// WAL bytes written since open, and its value at the last checkpoint.
+    pub wal_written: AtomicU64,
+    pub ckpt_wal_written: AtomicU64,
+    /// Segments holding LSNs at or above it are not recycled (`u64::MAX`: none).
+    pub min_retained_lsn: AtomicU64,
+    /// Ranges replay would write (see [`writer::ReplayRanges`]).
+    pub replay_ranges: Mutex<writer::ReplayRanges>,
+    failed: Mutex<Option<String>>,
+    failed_flag: AtomicBool,
+    stopping: AtomicBool,
+    pub ckpt_ctl: Mutex<CkptCtl>,
+    pub ckpt_cv: Condvar,
+    /// Serialises checkpoints.
+    pub ckpt_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Why the volume stopped taking writes, if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        if !self.failed_flag.load(Ordering::Acquire) {
+            return None;
+        }
+        parking::lock(&self.failed).clone()
+    }
+
+    /// Stops the volume (fail-stop) and logs why, once. Returns the reason
+    /// in force (the first one).
+    pub(crate) fn fail(&self, reason: String) -> String {
+        let mut f = parking::lock(&self.failed);
+        if let Some(first) = &*f {
+            return first.clone();
+        }
+        tracing::error!(
+            reason = %reason,
+            wal = %self.wal_dir.display(),
+            data = %self.data.path().display(),
+            lsn = self.applied_lsn.load(Ordering::Acquire),
+            durable_lsn = self.durable_lsn.load(Ordering::Acquire),
+            "volume stopped taking writes"
+        );
+        *f = Some(reason.clone());
+        self.failed_flag.store(true, Ordering::Release);
+        drop(f);
+        self.space.notify_all();
+        reason
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn request_checkpoint(&self) {
+        parking::lock(&self.ckpt_ctl).requested = true;
+        self.ckpt_cv.notify_one();
+    }
+
+    /// Wakes the checkpointer when enough WAL was written since the last
+    /// checkpoint.
+    pub(crate) fn maybe_request_checkpoint(&self) {
+        let pending = self
+            .wal_written
+            .load(Ordering::Acquire)
+            .saturating_sub(self.ckpt_wal_written.load(Ordering::Acquire));
+        if pending >= self.checkpoint_bytes {
+            self.request_checkpoint();
+        }
+    }
+}
+
+/// The open volume.
 pub struct Volume {
-    _io: Arc<dyn IoEngine>,
+    shared: Arc<Shared>,
+    tx: Sender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    closed: AtomicBool,
+    recovery: RecoveryReport,
+}
+
+impl fmt::Debug for Volume {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Volume")
+            .field("wal_dir", &self.shared.wal_dir)
+            .field("data", &self.shared.data.path())
+            .field("size", &self.shared.size)
+            .field("engine", &self.shared.io.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+fn validate_names(resource: &str, node: &str) -> Result<(), VolumeError> {
+    for (what, v) in [("resource name", resource), ("node name", node)] {
+        if v.is_empty() || v.len() > MAX_NAME_LEN {
+            return Err(VolumeError::Invalid {
+                what: what.into(),
+                reason: format!("{v:?} is {} bytes; expected 1 to {MAX_NAME_LEN}", v.len()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens the data file (or disk) and checks it holds `size` bytes.
+fn open_data(io: &dyn IoEngine, opts: &VolumeOptions, size: u64) -> Result<IoFile, VolumeError> {
+    let path = opts.data_path();
+    let file = io.open(&path, OpenMode::READ_WRITE).map_err(|e| VolumeError::io(&path, e))?;
+    let len = io.len(&file).map_err(|e| VolumeError::io(&path, e))?;
+    if len < size {
+        return Err(VolumeError::DiskTooSmall { path, len, size });
+    }
+    Ok(file)
+}
+
+/// Takes (or releases) the exclusive advisory lock on the `meta` file that
+/// keeps two processes (or two `Volume`s) from using one node directory.
+pub(crate) fn flock(file: &IoFile, op: libc::c_int) -> Result<(), VolumeError> {
+    loop {
+        // SAFETY: flock(2) on a descriptor that `file` keeps open; no memory
+        // is passed.
+        let rc = unsafe { libc::flock(file.raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Err(VolumeError::InUse { path: file.path().to_path_buf() }),
+            _ => return Err(VolumeError::io(file.path(), e)),
+        }
+    }
+}
+
+/// Syncs a directory's parent so that the directory's own creation is
+/// durable; best effort (the parent may not be ours to open).
+fn sync_parent(io: &dyn IoEngine, dir: &Path) {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Err(e) = io.sync_dir(parent) {
+            tracing::warn!(path = %parent.display(), error = %e, "could not sync the parent directory");
+        }
+    }
 }
 
 /// Initialises metadata for a new volume.
+///
+/// Creates `dir` (mode 0700) if needed, the `wal/` directory, and the data
+/// file (sparse, `size` bytes) unless `disk` names one, which must hold at
+/// least `size` bytes. The superblock is written last: a `meta` file means
+/// create-md completed. Refuses when `dir/meta` exists unless `force`
+/// (which also removes old WAL segments; the data is kept).
 pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions) -> Result<(), VolumeError> {
-    let _ = (io, opts, create);
-    todo!("helper B")
+    opts.validate()?;
+    validate_names(&create.resource, &create.node)?;
+    let bs = create.block_size;
+    if !bs.is_power_of_two() || !(512..=(1 << 20)).contains(&bs) {
+        return Err(VolumeError::Invalid {
+            what: "block_size".into(),
+            reason: format!("{bs}; expected a power of two from 512 to 1 MiB"),
+        });
+    }
+    if create.size == 0 || create.size % u64::from(bs) != 0 {
+        return Err(VolumeError::Invalid {
+            what: "size".into(),
+            reason: format!("{} bytes; expected a positive multiple of the block size {bs}", create.size),
+        });
+    }
+    let meta_path = opts.meta_path();
+    if meta_path.exists() && !create.force {
+        return Err(VolumeError::MetadataExists { path: meta_path });
+    }
+    // Even with force, never re-create under an open volume.
+    let _held = match io.open(&meta_path, OpenMode::READ_WRITE) {
+        Ok(f) => {
+            flock(&f, libc::LOCK_EX | libc::LOCK_NB)?;
+            Some(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(VolumeError::io(&meta_path, e)),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.dir)
+        .map_err(|e| VolumeError::io(&opts.dir, e))?;
+    let wal_dir = opts.wal_dir();
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+    // Old segments (force): another volume's log must not linger.
+    let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+    for p in listing.segments.values().chain(&listing.spares).chain(&listing.temporary) {
+        io.remove(p).map_err(|e| VolumeError::io(p, e))?;
+    }
+    io.sync_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+
+    let data_path = opts.data_path();
+    if opts.disk.is_some() {
+        open_data(io, opts, create.size)?;
+    } else {
+        let file = io.open(&data_path, OpenMode::CREATE).map_err(|e| VolumeError::io(&data_path, e))?;
+        let len = io.len(&file).map_err(|e| VolumeError::io(&data_path, e))?;
+        if len != create.size {
+            io.set_len(&file, create.size).map_err(|e| VolumeError::io(&data_path, e))?;
+        }
+        io.sync_data(&file).map_err(|e| VolumeError::io(&data_path, e))?;
+    }
+
+    let sb = Superblock {
+        flags: FLAG_CLEAN_SHUTDOWN,
+        counter: 1,
+        uuid: rand::random::<u128>(),
+        size: create.size,
+        block_size: bs,
+        disk_state: DiskState::Inconsistent,
+        checkpoint_lsn: 0,
+        replay_seq: 1,
+        gen_current: rand::random::<u64>() | 1,
+        gen_bitmap: 0,
+        gen_history: [0; 4],
+        resource: create.resource.clone(),
+        node: create.node.clone(),
+    };
+    let file = io.open(&meta_path, OpenMode::CREATE).map_err(|e| VolumeError::io(&meta_path, e))?;
+    MetaStore::create(io, file, sb.clone())?;
+    io.sync_dir(&opts.dir).map_err(|e| VolumeError::io(&opts.dir, e))?;
+    sync_parent(io, &opts.dir);
+    tracing::info!(
+        path = %opts.dir.display(),
+        resource = %sb.resource,
+        node = %sb.node,
+        size = sb.size,
+        uuid = %format!("{:032x}", sb.uuid),
+        "metadata created"
+    );
+    Ok(())
 }
 
 impl Volume {
     /// Opens the volume, running crash recovery.
     pub fn open(io: Arc<dyn IoEngine>, opts: VolumeOptions, expect: &Identity) -> Result<Arc<Volume>, VolumeError> {
-        let _ = (io, opts, expect);
-        todo!("helper B")
+        opts.validate()?;
+        let meta_path = opts.meta_path();
+        let meta_file = match io.open(&meta_path, OpenMode::READ_WRITE) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VolumeError::NoMetadata { path: meta_path });
+            }
+            Err(e) => return Err(VolumeError::io(&meta_path, e)),
+        };
+        flock(&meta_file, libc::LOCK_EX | libc::LOCK_NB)?;
+        let mut meta = MetaStore::open(&*io, meta_file)?;
+        let sb = meta.current().clone();
+        let mismatch = |field, config: String, metadata: String| {
+            Err(VolumeError::Mismatch { path: meta_path.clone(), field, config, metadata })
+        };
+        if sb.resource != expect.resource {
+            return mismatch("resource", expect.resource.clone(), sb.resource.clone());
+        }
+        if sb.node != expect.node {
+            return mismatch("node", expect.node.clone(), sb.node.clone());
+        }
+        if sb.size != expect.size {
+            return mismatch("size", expect.size.to_string(), sb.size.to_string());
+        }
+        let data = open_data(&*io, &opts, sb.size)?;
+        let wal_dir = opts.wal_dir();
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+        let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+        for p in &listing.temporary {
+            io.remove(p).map_err(|e| VolumeError::io(p, e))?;
+        }
+
+        // Recovery: replay from the checkpoint into the data file.
+        let report = recovery::recover(&recovery::RecoverArgs {
+            io: &*io,
+            wal_dir: &wal_dir,
+            segments: &listing.segments,
+            data: &data,
+            uuid: sb.uuid,
+            size: sb.size,
+            checkpoint_lsn: sb.checkpoint_lsn,
+            replay_seq: sb.replay_seq,
+        })?;
+        io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
+        let last = report.last_lsn;
+        tracing::info!(
+            path = %opts.dir.display(),
+            checkpoint_lsn = sb.checkpoint_lsn,
+            replayed = report.replayed,
+            last_lsn = last,
+            segments = report.segments_read,
+            clean = sb.clean_shutdown(),
+            "volume recovered"
+        );
+
+        // Checkpoint: the log is replayed and the data synced; the new log
+        // starts in a fresh segment (never append after a tail that may be
+        // followed by stale or torn bytes).
+        let new_seq = report.max_seq.max(sb.replay_seq.saturating_sub(1)) + 1;
+        let mut nsb = sb.clone();
+        nsb.checkpoint_lsn = last;
+        nsb.replay_seq = new_seq;
+        nsb.flags &= !FLAG_CLEAN_SHUTDOWN;
+        meta.write(&*io, nsb)?;
+
+        let mut files = WalFiles { dir: wal_dir.clone(), live: Default::default(), spares: listing.spares.clone() };
+        for path in listing.segments.values() {
+            segment::retire(&*io, &mut files, path).map_err(|e| VolumeError::io(path, e))?;
+        }
+        if files.spares.is_empty() {
+            // A zero-filled file, so that the fdatasyncs of the first
+            // segment never journal extent conversions (see segment.rs).
+            let p = segment::create_spare(&*io, &wal_dir, opts.wal_segment_size, true)
+                .map_err(|e| VolumeError::io(&wal_dir, e))?;
+            files.spares.push(p);
+        }
+        let files = Mutex::new(files);
+        let seg = segment::activate(&*io, &files, new_seq, last + 1, opts.wal_segment_size)
+            .map_err(|e| VolumeError::io(&wal::segment_path(&wal_dir, new_seq), e))?;
+        let header = SegmentHeader { seq: new_seq, first_lsn: last + 1, uuid: sb.uuid, segment_size: seg.len }.encode();
+        io.write_all_at(&seg.file, &header, 0).map_err(|e| VolumeError::io(seg.file.path(), e))?;
+        io.sync_data(&seg.file).map_err(|e| VolumeError::io(seg.file.path(), e))?;
+        let current = (seg.seq, seg.file.clone(), seg.len);
+        parking::lock(&files).live.push_back(seg);
+
+        // Every segment is at least `wal_segment_size` long (see activate).
+        let capacity = (opts.wal_segment_size - SEGMENT_HEADER_SIZE) as usize - wal::RECORD_HEADER_SIZE;
+        let max_record_payload = (capacity / 4096 * 4096).min(MAX_RECORD_PAYLOAD);
+        let shared = Arc::new(Shared {
+            io,
+            data,
+            meta: Mutex::new(meta),
+            wal: files,
+            space: Condvar::new(),
+            wal_dir,
+            uuid: sb.uuid,
+            size: sb.size,
+            segment_size: opts.wal_segment_size,
+            max_record_payload,
+            wal_limit: (4 * opts.checkpoint_bytes).max(3 * opts.wal_segment_size),
+            checkpoint_bytes: opts.checkpoint_bytes,
+            checkpoint_interval: opts.checkpoint_interval,
+            applied_lsn: AtomicU64::new(last),
+            durable_lsn: AtomicU64::new(last),
+            checkpoint_lsn: AtomicU64::new(last),
+            wal_written: AtomicU64::new(0),
+            ckpt_wal_written: AtomicU64::new(0),
+            min_retained_lsn: AtomicU64::new(u64::MAX),
+            replay_ranges: Mutex::new(writer::ReplayRanges::default()),
+            failed: Mutex::new(None),
+            failed_flag: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            ckpt_ctl: Mutex::new(CkptCtl::default()),
+            ckpt_cv: Condvar::new(),
+            ckpt_lock: Mutex::new(()),
+        });
+
+        let (tx, rx) = mpsc::channel();
+        let w = Writer::new(shared.clone(), rx, current, last + 1);
+        let writer = std::thread::Builder::new()
+            .name("repblock-wal".into())
+            .spawn(move || w.run())
+            .map_err(|e| VolumeError::Invalid { what: "log writer thread".into(), reason: e.to_string() })?;
+        let s2 = shared.clone();
+        let checkpointer = match std::thread::Builder::new().name("repblock-ckpt".into()).spawn(move || checkpoint::run(s2)) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = tx.send(Msg::Stop);
+                let _ = writer.join();
+                return Err(VolumeError::Invalid { what: "checkpointer thread".into(), reason: e.to_string() });
+            }
+        };
+        Ok(Arc::new(Volume {
+            shared,
+            tx,
+            writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some(checkpointer)),
+            closed: AtomicBool::new(false),
+            recovery: report,
+        }))
     }
 
     pub fn size(&self) -> u64 {
-        todo!("helper B")
+        self.shared.size
+    }
+
+    /// What recovery found when this volume was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.shared.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.shared.size }),
+        }
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
-        let _ = (offset, len);
-        todo!("helper B")
+        self.check_range(offset, u64::from(len))?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let shared = self.shared.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            shared
+                .io
+                .read_exact_at(&shared.data, &mut buf, offset)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| VolumeError::io(shared.data.path(), e))
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(VolumeError::Io { path: self.shared.data.path().to_path_buf(), source: std::io::Error::other(e) }),
+        }
+    }
+
+    async fn submit(&self, op: Op, fua: bool) -> Result<Lsn, VolumeError> {
+        if let Some(r) = self.shared.failure() {
+            return Err(VolumeError::Stopped(r));
+        }
+        let closed = || VolumeError::Stopped("the volume is closed".into());
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        let (done, rx) = oneshot::channel();
+        self.tx.send(Msg::Req(Request { op, fua, done })).map_err(|_| closed())?;
+        rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<Lsn, VolumeError> {
-        let _ = (offset, data, fua);
-        todo!("helper B")
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return if fua { self.flush().await } else { Ok(self.shared.applied_lsn.load(Ordering::Acquire)) };
+        }
+        self.submit(Op::Write { offset, data }, fua).await
     }
 
     /// Discards a range; it reads back as zeroes afterwards.
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<Lsn, VolumeError> {
-        let _ = (offset, len, fua);
-        todo!("helper B")
+        self.check_range(offset, u64::from(len))?;
+        if len == 0 {
+            return if fua { self.flush().await } else { Ok(self.shared.applied_lsn.load(Ordering::Acquire)) };
+        }
+        self.submit(Op::Trim { offset, len }, fua).await
     }
 
     /// Zeroes a range; `punch` allows deallocating it.
     pub async fn write_zeroes(&self, offset: u64, len: u32, punch: bool, fua: bool) -> Result<Lsn, VolumeError> {
-        let _ = (offset, len, punch, fua);
-        todo!("helper B")
+        self.check_range(offset, u64::from(len))?;
+        if len == 0 {
+            return if fua { self.flush().await } else { Ok(self.shared.applied_lsn.load(Ordering::Acquire)) };
+        }
+        self.submit(Op::Zeroes { offset, len, punch }, fua).await
     }
 
     /// Makes every write completed before this call durable; returns the
     /// durable LSN.
     pub async fn flush(&self) -> Result<Lsn, VolumeError> {
-        todo!("helper B")
+        self.submit(Op::Flush, false).await
     }
 
     pub fn status(&self) -> VolumeStatus {
-        todo!("helper B")
+        let s = &self.shared;
+        VolumeStatus {
+            local_lsn: s.applied_lsn.load(Ordering::Acquire),
+            durable_lsn: s.durable_lsn.load(Ordering::Acquire),
+            checkpoint_lsn: s.checkpoint_lsn.load(Ordering::Acquire),
+            wal_bytes: parking::lock(&s.wal).live_bytes(),
+            failed: s.failure(),
+        }
+    }
+
+    /// The current superblock.
+    pub fn superblock(&self) -> Superblock {
+        parking::lock(&self.shared.meta).current().clone()
+    }
+
+    /// Durably updates the superblock (written and fdatasync'ed before this
+    /// returns). `f` may change the disk state, the generation ids and the
+    /// flags other than CLEAN_SHUTDOWN; the fields the volume owns (names,
+    /// size, uuid, checkpoint, counter) are kept as they are. A failed write
+    /// stops the volume (the metadata file's state is unknown).
+    pub fn update_superblock(&self, f: impl FnOnce(&mut Superblock)) -> Result<(), VolumeError> {
+        let s = &self.shared;
+        if let Some(r) = s.failure() {
+            return Err(VolumeError::Stopped(r));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(VolumeError::Stopped("the volume is closed".into()));
+        }
+        let mut meta = parking::lock(&s.meta);
+        let cur = meta.current().clone();
+        let mut sb = cur.clone();
+        f(&mut sb);
+        sb.counter = cur.counter;
+        sb.uuid = cur.uuid;
+        sb.size = cur.size;
+        sb.block_size = cur.block_size;
+        sb.checkpoint_lsn = cur.checkpoint_lsn;
+        sb.replay_seq = cur.replay_seq;
+        sb.resource = cur.resource;
+        sb.node = cur.node;
+        sb.flags = (sb.flags & !FLAG_CLEAN_SHUTDOWN) | (cur.flags & FLAG_CLEAN_SHUTDOWN);
+        let path = meta.path().to_path_buf();
+        meta.write(&*s.io, sb).map_err(|e| {
+            let reason = s.fail(format!("superblock write to {} failed: {e}", path.display()));
+            VolumeError::Stopped(reason)
+        })
+    }
+
+    /// Keeps WAL segments holding LSNs `>= lsn` (records a peer still
+    /// needs) from being recycled; `None` lifts the hold. While held, the
+    /// WAL may grow to its limit and then the writer waits: the caller must
+    /// lift the hold (and fall back to a bitmap resync) before that.
+    pub fn set_min_retained_lsn(&self, lsn: Option<Lsn>) {
+        self.shared.min_retained_lsn.store(lsn.unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    /// Tells both threads to stop (the writer finishes what was queued
+    /// before) and takes their handles.
+    fn signal_stop(&self) -> (Option<JoinHandle<()>>, Option<JoinHandle<()>>) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.tx.send(Msg::Stop);
+        (parking::lock(&self.writer).take(), parking::lock(&self.checkpointer).take())
     }
 
     /// Clean shutdown: checkpoint, mark the superblock clean, stop threads.
+    /// Requests queued before complete; later ones fail with `Stopped`.
     pub async fn close(&self) -> Result<(), VolumeError> {
-        todo!("helper B")
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let (writer, ckpt) = self.signal_stop();
+        let shared = self.shared.clone();
+        let (tx, rx) = oneshot::channel();
+        // Joining and the final checkpoint block: keep them off the runtime.
+        let spawned = std::thread::Builder::new().name("repblock-close".into()).spawn(move || {
+            join_threads(&shared, writer, ckpt);
+            let r = match shared.failure() {
+                Some(r) => Err(VolumeError::Stopped(r)),
+                None => checkpoint::checkpoint(&shared, true),
+            };
+            // The directory may be opened again (even before this `Volume`
+            // is dropped): nothing writes the metadata after this point.
+            if let Err(e) = parking::lock(&shared.meta).unlock() {
+                tracing::warn!(error = %e, "could not release the metadata lock");
+            }
+            if r.is_ok() {
+                tracing::info!(
+                    path = %shared.wal_dir.display(),
+                    lsn = shared.applied_lsn.load(Ordering::Acquire),
+                    "volume closed cleanly"
+                );
+            }
+            let _ = tx.send(r);
+        });
+        if let Err(e) = spawned {
+            return Err(VolumeError::Invalid { what: "close thread".into(), reason: e.to_string() });
+        }
+        rx.await.unwrap_or_else(|_| Err(VolumeError::Stopped("close did not complete".into())))
     }
 }
+
+fn join_threads(shared: &Shared, writer: Option<JoinHandle<()>>, ckpt: Option<JoinHandle<()>>) {
+    if let Some(h) = writer {
+        let _ = h.join();
+    }
+    parking::lock(&shared.ckpt_ctl).stop = true;
+    shared.ckpt_cv.notify_all();
+    if let Some(h) = ckpt {
+        let _ = h.join();
+    }
+}
+
+impl Drop for Volume {
+    /// Without `close`, stop the threads (queued requests complete) but
+    /// leave the superblock unclean: the next open replays the WAL, as after
+    /// a crash.
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let (writer, ckpt) = self.signal_stop();
+            join_threads(&self.shared, writer, ckpt);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,429 @@
+//! The superblock: the node's metadata, kept in `dir/meta`.
+//!
+//! The file is [`META_FILE_SIZE`] bytes: two 4 KiB superblock slots at
+//! offsets 0 and 4096, then room reserved for the persistent dirty bitmap of
+//! a later issue. An update writes the slot *not* holding the newest valid
+//! copy and fdatasyncs it; a read takes the valid slot with the highest
+//! update counter. A torn superblock write therefore never loses the
+//! previous state.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Lsn, VolumeError};
+use crate::io::{IoEngine, IoFile, IoOp};
+
+/// Size of one superblock slot.
+pub const SLOT_SIZE: usize = 4096;
+/// Size of the `meta` file (two slots + reserved bitmap area).
+pub const META_FILE_SIZE: u64 = 1 << 20;
+pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBLKMETA");
+pub const SUPERBLOCK_VERSION: u32 = 1;
+/// Longest resource or node name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Superblock flag: the volume was closed cleanly (cleared while open).
+pub const FLAG_CLEAN_SHUTDOWN: u32 = 1;
+
+/// Disk state (design.md §1 vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    Uptodate,
+    Consistent,
+    Outdated,
+    Inconsistent,
+    Diskless,
+    Unknown,
+}
+
+impl DiskState {
+    fn to_u8(self) -> u8 {
+        match self {
+            DiskState::Unknown => 0,
+            DiskState::Uptodate => 1,
+            DiskState::Consistent => 2,
+            DiskState::Outdated => 3,
+            DiskState::Inconsistent => 4,
+            DiskState::Diskless => 5,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<DiskState> {
+        Some(match v {
+            0 => DiskState::Unknown,
+            1 => DiskState::Uptodate,
+            2 => DiskState::Consistent,
+            3 => DiskState::Outdated,
+            4 => DiskState::Inconsistent,
+            5 => DiskState::Diskless,
+            _ => return None,
+        })
+    }
+
+    /// The name shown to users (`uptodate`, `inconsistent`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::Uptodate => "uptodate",
+            DiskState::Consistent => "consistent",
+            DiskState::Outdated => "outdated",
+            DiskState::Inconsistent => "inconsistent",
+            DiskState::Diskless => "diskless",
+            DiskState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for DiskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The node's metadata.
+//
+// Format of one 4 KiB slot (little endian):
+//
+// | off  | size | field                                             |
+// |    0 |    8 | magic "RBLKMETA"                                  |
+// |    8 |    4 | format version (1)                                |
+// |   12 |    4 | flags (bit 0: CLEAN_SHUTDOWN)                     |
+// |   16 |    8 | update counter (the newest valid slot wins)       |
+// |   24 |   16 | volume uuid (random, made by create-md)           |
+// |   40 |    8 | size in bytes                                     |
+// |   48 |    4 | block size in bytes                               |
+// |   52 |    1 | disk state (0 unknown, 1 uptodate, 2 consistent,  |
+// |      |      |   3 outdated, 4 inconsistent, 5 diskless)         |
+// |   53 |    3 | reserved (zero)                                   |
+// |   56 |    8 | checkpoint LSN (all records <= it are in the data)|
+// |   64 |    8 | replay seq (first WAL segment recovery reads)     |
+// |   72 |    8 | generation id: current                            |
+// |   80 |    8 | generation id: bitmap                             |
+// |   88 |   32 | generation id: history [u64; 4]                   |
+// |  120 |    1 | resource name length (<= 64)                      |
+// |  121 |   64 | resource name (UTF-8, zero padded)                |
+// |  185 |    1 | node name length (<= 64)                          |
+// |  186 |   64 | node name (UTF-8, zero padded)                    |
+// |  250 | 3842 | reserved (zero)                                   |
+// | 4092 |    4 | crc32c over bytes 0..4092                         |
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Superblock {
+    pub flags: u32,
+    pub counter: u64,
+    pub uuid: u128,
+    pub size: u64,
+    pub block_size: u32,
+    pub disk_state: DiskState,
+    pub checkpoint_lsn: Lsn,
+    pub replay_seq: u64,
+    pub gen_current: u64,
+    pub gen_bitmap: u64,
+    pub gen_history: [u64; 4],
+    pub resource: String,
+    pub node: String,
+}
+
+impl Superblock {
+    pub fn clean_shutdown(&self) -> bool {
+        self.flags & FLAG_CLEAN_SHUTDOWN != 0
+    }
+
+    /// Encodes one slot. Fails only on names longer than [`MAX_NAME_LEN`].
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        for (what, name) in [("resource", &self.resource), ("node", &self.node)] {
+            if name.len() > MAX_NAME_LEN {
+                return Err(format!("{what} name is {} bytes, at most {MAX_NAME_LEN} fit", name.len()));
+            }
+        }
+        let mut b = vec![0u8; SLOT_SIZE];
+        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&SUPERBLOCK_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.counter.to_le_bytes());
+        b[24..40].copy_from_slice(&self.uuid.to_le_bytes());
+        b[40..48].copy_from_slice(&self.size.to_le_bytes());
+        b[48..52].copy_from_slice(&self.block_size.to_le_bytes());
+        b[52] = self.disk_state.to_u8();
+        b[56..64].copy_from_slice(&self.checkpoint_lsn.to_le_bytes());
+        b[64..72].copy_from_slice(&self.replay_seq.to_le_bytes());
+        b[72..80].copy_from_slice(&self.gen_current.to_le_bytes());
+        b[80..88].copy_from_slice(&self.gen_bitmap.to_le_bytes());
+        for (i, g) in self.gen_history.iter().enumerate() {
+            b[88 + 8 * i..96 + 8 * i].copy_from_slice(&g.to_le_bytes());
+        }
+        b[120] = self.resource.len() as u8;
+        b[121..121 + self.resource.len()].copy_from_slice(self.resource.as_bytes());
+        b[185] = self.node.len() as u8;
+        b[186..186 + self.node.len()].copy_from_slice(self.node.as_bytes());
+        let crc = crc32c::crc32c(&b[..SLOT_SIZE - 4]);
+        b[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        Ok(b)
+    }
+
+    /// Decodes one slot; the error says why it is not valid.
+    pub fn decode(b: &[u8]) -> Result<Superblock, String> {
+        if b.len() < SLOT_SIZE {
+            return Err("short".into());
+        }
+        let b = &b[..SLOT_SIZE];
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        if u64_at(0) != SUPERBLOCK_MAGIC {
+            return Err(if b.iter().all(|&x| x == 0) { "empty".into() } else { "bad magic".into() });
+        }
+        let stored = u32_at(SLOT_SIZE - 4);
+        let computed = crc32c::crc32c(&b[..SLOT_SIZE - 4]);
+        if stored != computed {
+            return Err(format!("CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+        }
+        let version = u32_at(8);
+        if version != SUPERBLOCK_VERSION {
+            return Err(format!("unsupported format version {version} (this build reads {SUPERBLOCK_VERSION})"));
+        }
+        let disk_state = DiskState::from_u8(b[52]).ok_or_else(|| format!("unknown disk state {}", b[52]))?;
+        let name = |off: usize, what: &str| -> Result<String, String> {
+            let len = b[off] as usize;
+            if len > MAX_NAME_LEN {
+                return Err(format!("{what} name length {len} exceeds {MAX_NAME_LEN}"));
+            }
+            String::from_utf8(b[off + 1..off + 1 + len].to_vec()).map_err(|_| format!("{what} name is not UTF-8"))
+        };
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[24..40]);
+        let mut gen_history = [0u64; 4];
+        for (i, g) in gen_history.iter_mut().enumerate() {
+            *g = u64_at(88 + 8 * i);
+        }
+        Ok(Superblock {
+            flags: u32_at(12),
+            counter: u64_at(16),
+            uuid: u128::from_le_bytes(uuid),
+            size: u64_at(40),
+            block_size: u32_at(48),
+            disk_state,
+            checkpoint_lsn: u64_at(56),
+            replay_seq: u64_at(64),
+            gen_current: u64_at(72),
+            gen_bitmap: u64_at(80),
+            gen_history,
+            resource: name(120, "resource")?,
+            node: name(185, "node")?,
+        })
+    }
+}
+
+/// The open `meta` file and the newest superblock in it.
+#[derive(Debug)]
+pub(crate) struct MetaStore {
+    file: IoFile,
+    path: PathBuf,
+    current: Superblock,
+    /// Slot holding `current`.
+    slot: usize,
+}
+
+impl MetaStore {
+    /// Reads both slots and keeps the valid one with the highest counter.
+    pub(crate) fn open(io: &dyn IoEngine, file: IoFile) -> Result<MetaStore, VolumeError> {
+        let path = file.path().to_path_buf();
+        let mut buf = vec![0u8; 2 * SLOT_SIZE];
+        let len = io.len(&file).map_err(|e| VolumeError::io(&path, e))?;
+        let avail = len.min(buf.len() as u64) as usize;
+        io.read_exact_at(&file, &mut buf[..avail], 0).map_err(|e| VolumeError::io(&path, e))?;
+        let a = Superblock::decode(&buf[..SLOT_SIZE]);
+        let b = Superblock::decode(&buf[SLOT_SIZE..]);
+        let (current, slot) = match (a, b) {
+            (Ok(a), Ok(b)) => {
+                if b.counter > a.counter {
+                    (b, 1)
+                } else {
+                    (a, 0)
+                }
+            }
+            (Ok(a), Err(e)) => {
+                if e != "empty" {
+                    tracing::warn!(path = %path.display(), slot = 1, reason = %e, "superblock slot invalid, using slot 0");
+                }
+                (a, 0)
+            }
+            (Err(e), Ok(b)) => {
+                if e != "empty" {
+                    tracing::warn!(path = %path.display(), slot = 0, reason = %e, "superblock slot invalid, using slot 1");
+                }
+                (b, 1)
+            }
+            (Err(ea), Err(eb)) => {
+                return Err(VolumeError::BadSuperblock { path, reason: format!("slot 0: {ea}; slot 1: {eb}") });
+            }
+        };
+        Ok(MetaStore { file, path, current, slot })
+    }
+
+    /// Writes a fresh superblock into slot 0 and clears slot 1 (create-md).
+    pub(crate) fn create(io: &dyn IoEngine, file: IoFile, sb: Superblock) -> Result<MetaStore, VolumeError> {
+        let path = file.path().to_path_buf();
+        let enc = sb.encode().map_err(|reason| VolumeError::Invalid { what: "superblock".into(), reason })?;
+        let mut both = enc;
+        both.resize(2 * SLOT_SIZE, 0);
+        io.set_len(&file, META_FILE_SIZE).map_err(|e| VolumeError::io(&path, e))?;
+        io.submit(&mut [IoOp::Write { file: &file, offset: 0, buf: &both }])
+            .map_err(|e| VolumeError::io(&path, e))?;
+        io.sync_data(&file).map_err(|e| VolumeError::io(&path, e))?;
+        Ok(MetaStore { file, path, current: sb, slot: 0 })
+    }
+
+    pub(crate) fn current(&self) -> &Superblock {
+        &self.current
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Releases the lock `open` took on the file.
+    pub(crate) fn unlock(&self) -> Result<(), VolumeError> {
+        super::flock(&self.file, libc::LOCK_UN)
+    }
+
+    /// Durably replaces the superblock: writes the other slot with the next
+    /// counter, then fdatasyncs. On error the in-memory copy is unchanged.
+    pub(crate) fn write(&mut self, io: &dyn IoEngine, mut sb: Superblock) -> Result<(), VolumeError> {
+        sb.counter = self.current.counter + 1;
+        let enc = sb.encode().map_err(|reason| VolumeError::Invalid { what: "superblock".into(), reason })?;
+        let slot = 1 - self.slot;
+        let off = (slot * SLOT_SIZE) as u64;
+        io.write_all_at(&self.file, &enc, off).map_err(|e| VolumeError::io(&self.path, e))?;
+        io.sync_data(&self.file).map_err(|e| VolumeError::io(&self.path, e))?;
+        self.current = sb;
+        self.slot = slot;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::OpenMode;
+    use crate::io::sync::SyncEngine;
+
+    fn sample() -> Superblock {
+        Superblock {
+            flags: FLAG_CLEAN_SHUTDOWN,
+            counter: 1,
+            uuid: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            size: 1 << 30,
+            block_size: 4096,
+            disk_state: DiskState::Inconsistent,
+            checkpoint_lsn: 17,
+            replay_seq: 3,
+            gen_current: 99,
+            gen_bitmap: 0,
+            gen_history: [1, 2, 3, 4],
+            resource: "r0".into(),
+            node: "alpha".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let sb = sample();
+        let enc = sb.encode().unwrap();
+        assert_eq!(Superblock::decode(&enc).unwrap(), sb);
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let mut sb = sample();
+        sb.node = "x".repeat(65);
+        assert!(sb.encode().unwrap_err().contains("node name"));
+        sb.node = "x".repeat(64);
+        assert_eq!(Superblock::decode(&sb.encode().unwrap()).unwrap().node.len(), 64);
+    }
+
+    #[test]
+    fn disk_state_names() {
+        assert_eq!(serde_json::to_string(&DiskState::Uptodate).unwrap(), "\"uptodate\"");
+        assert_eq!(serde_json::to_string(&DiskState::Inconsistent).unwrap(), "\"inconsistent\"");
+        for s in [
+            DiskState::Uptodate,
+            DiskState::Consistent,
+            DiskState::Outdated,
+            DiskState::Inconsistent,
+            DiskState::Diskless,
+            DiskState::Unknown,
+        ] {
+            assert_eq!(DiskState::from_u8(s.to_u8()), Some(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+    }
+
+    fn store(dir: &Path) -> (SyncEngine, MetaStore) {
+        let io = SyncEngine::new();
+        let f = io.open(&dir.join("meta"), OpenMode::CREATE).unwrap();
+        let st = MetaStore::create(&io, f, sample()).unwrap();
+        (io, st)
+    }
+
+    fn reopen(io: &SyncEngine, dir: &Path) -> Result<MetaStore, VolumeError> {
+        let f = io.open(&dir.join("meta"), OpenMode::READ_WRITE).unwrap();
+        MetaStore::open(io, f)
+    }
+
+    #[test]
+    fn updates_alternate_slots_and_newest_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let (io, mut st) = store(d.path());
+        for i in 0..5u64 {
+            let mut sb = st.current().clone();
+            sb.checkpoint_lsn = 100 + i;
+            st.write(&io, sb).unwrap();
+            let back = reopen(&io, d.path()).unwrap();
+            assert_eq!(back.current().checkpoint_lsn, 100 + i);
+            assert_eq!(back.current().counter, 2 + i);
+        }
+    }
+
+    #[test]
+    fn torn_newest_slot_falls_back_to_older() {
+        let d = tempfile::tempdir().unwrap();
+        let (io, mut st) = store(d.path());
+        let mut sb = st.current().clone();
+        sb.checkpoint_lsn = 500;
+        st.write(&io, sb).unwrap(); // slot 1, counter 2
+        // Tear slot 1: its second half never reached the disk.
+        let f = io.open(&d.path().join("meta"), OpenMode::READ_WRITE).unwrap();
+        io.write_all_at(&f, &[0u8; 2048], (SLOT_SIZE + 2048) as u64).unwrap();
+        let back = reopen(&io, d.path()).unwrap();
+        assert_eq!(back.current().checkpoint_lsn, 17);
+        assert_eq!(back.current().counter, 1);
+        // The next write goes to the torn slot, not over the good one.
+        let mut back = back;
+        let mut sb = back.current().clone();
+        sb.checkpoint_lsn = 600;
+        back.write(&io, sb).unwrap();
+        let again = reopen(&io, d.path()).unwrap();
+        assert_eq!(again.current().checkpoint_lsn, 600);
+        let mut raw = vec![0u8; SLOT_SIZE];
+        io.read_exact_at(&f, &mut raw, 0).unwrap();
+        assert_eq!(Superblock::decode(&raw).unwrap().checkpoint_lsn, 17);
+    }
+
+    #[test]
+    fn both_slots_bad_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let (io, mut st) = store(d.path());
+        st.write(&io, st.current().clone()).unwrap();
+        let f = io.open(&d.path().join("meta"), OpenMode::READ_WRITE).unwrap();
+        io.write_all_at(&f, &[0xff], 100).unwrap();
+        io.write_all_at(&f, &[0xff], (SLOT_SIZE + 100) as u64).unwrap();
+        let err = reopen(&io, d.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, VolumeError::BadSuperblock { .. }));
+        assert!(msg.contains("meta") && msg.contains("slot 0: CRC mismatch") && msg.contains("slot 1: CRC mismatch"), "{msg}");
+    }
+}

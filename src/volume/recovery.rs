@@ -1,0 +1,339 @@
+//! Crash recovery: replay the WAL from the last checkpoint into the data
+//! file, tell a torn tail from corruption.
+//!
+//! The log is read from the superblock's `replay_seq` segment, record by
+//! record, checking LSN continuity (within a segment, and across segments by
+//! the next segment header's `first_lsn`). Records above the checkpoint LSN
+//! are applied to the data file in LSN order.
+//!
+//! When the record expected at LSN `L` is bad (CRC, magic, layout, or not
+//! LSN `L`) and the log does not continue in the next segment, recovery
+//! looks for *later valid records of the same log*: the rest of the segment
+//! at every 8-byte step, and every later segment. If one of them carries
+//! `durable_lsn >= L`, record `L` had been made durable by an fdatasync and
+//! is now damaged: recovery refuses to start, naming the file, the offset
+//! and the LSNs. Otherwise the bad bytes are an unsynced torn tail (a page
+//! cache may persist a later unsynced page and lose an earlier one, so a
+//! valid record after a bad one is not proof of corruption on its own): the
+//! log ends at `L - 1`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::wal::{self, Record, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
+use super::writer::RangeSet;
+use super::{Lsn, VolumeError};
+use crate::io::{IoEngine, IoFile, IoOp, OpenMode};
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecoveryReport {
+    /// Checkpoint LSN recovery started from.
+    pub checkpoint_lsn: Lsn,
+    /// Records applied to the data file.
+    pub replayed: u64,
+    /// Last LSN of the recovered log (= `checkpoint_lsn` when nothing was
+    /// replayed).
+    pub last_lsn: Lsn,
+    /// Segment files read.
+    pub segments_read: u64,
+    /// Where the log ended: the first bytes that are not the next record
+    /// (stale bytes of a recycled file, zeroes, or an unsynced torn tail).
+    /// `None` when the segment to read next does not exist.
+    pub end: Option<LogEnd>,
+    /// Highest segment sequence number present in `wal/`.
+    pub max_seq: u64,
+}
+
+/// The first bytes after the end of the recovered log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogEnd {
+    pub path: PathBuf,
+    pub offset: u64,
+    /// The LSN that was expected there.
+    pub lsn: Lsn,
+    pub reason: String,
+}
+
+/// Inputs of [`recover`].
+pub(crate) struct RecoverArgs<'a> {
+    pub io: &'a dyn IoEngine,
+    pub wal_dir: &'a Path,
+    pub segments: &'a BTreeMap<u64, PathBuf>,
+    pub data: &'a IoFile,
+    pub uuid: u128,
+    pub size: u64,
+    pub checkpoint_lsn: Lsn,
+    pub replay_seq: u64,
+}
+
+fn read_segment(io: &dyn IoEngine, path: &Path) -> Result<Vec<u8>, VolumeError> {
+    let file = io.open(path, OpenMode::READ).map_err(|e| VolumeError::io(path, e))?;
+    let len = io.len(&file).map_err(|e| VolumeError::io(path, e))?;
+    let len = usize::try_from(len).map_err(|_| VolumeError::Invalid {
+        what: format!("WAL segment {}", path.display()),
+        reason: format!("{len} bytes do not fit in memory"),
+    })?;
+    let mut buf = vec![0u8; len];
+    io.read_exact_at(&file, &mut buf, 0).map_err(|e| VolumeError::io(path, e))?;
+    Ok(buf)
+}
+
+/// Applies records to the data file in batches of non-overlapping ranges
+/// (the engine may reorder the operations of one batch).
+struct Applier<'d> {
+    io: &'d dyn IoEngine,
+    data: &'d IoFile,
+}
+
+enum Apply<'a> {
+    Write { offset: u64, buf: &'a [u8] },
+    Zero { offset: u64, len: u64, punch: bool },
+}
+
+impl<'d> Applier<'d> {
+    fn apply_all(&self, ops: &[Apply<'_>]) -> Result<(), VolumeError> {
+        const MAX_OPS: usize = 256;
+        let mut ranges = RangeSet::default();
+        let mut start = 0;
+        for (i, op) in ops.iter().enumerate() {
+            let (off, len) = match op {
+                Apply::Write { offset, buf } => (*offset, buf.len() as u64),
+                Apply::Zero { offset, len, .. } => (*offset, *len),
+            };
+            if i - start >= MAX_OPS || !ranges.insert_if_disjoint(off, off + len) {
+                self.submit(&ops[start..i])?;
+                start = i;
+                ranges.clear();
+                ranges.insert_if_disjoint(off, off + len);
+            }
+        }
+        self.submit(&ops[start..])
+    }
+
+    fn submit(&self, ops: &[Apply<'_>]) -> Result<(), VolumeError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut io_ops: Vec<IoOp<'_>> = ops
+            .iter()
+            .map(|op| match *op {
+                Apply::Write { offset, buf } => IoOp::Write { file: self.data, offset, buf },
+                Apply::Zero { offset, len, punch } => IoOp::Zero { file: self.data, offset, len, punch },
+            })
+            .collect();
+        self.io.submit(&mut io_ops).map_err(|e| VolumeError::io(self.data.path(), e))
+    }
+}
+
+/// A valid record of the log written after the bad one, claiming the bad
+/// one was durable.
+struct Witness {
+    path: PathBuf,
+    offset: u64,
+    lsn: Lsn,
+    durable_lsn: Lsn,
+}
+
+/// Scans `buf` (segment `seq`) from `from` at 8-byte steps for a valid
+/// record with `durable_lsn >= lsn`.
+fn scan_for_witness(buf: &[u8], uuid: u128, seq: u64, from: u64, lsn: Lsn, path: &Path) -> Option<Witness> {
+    let magic = wal::RECORD_MAGIC.to_le_bytes();
+    let mut off = from.next_multiple_of(wal::RECORD_ALIGN as u64) as usize;
+    while off + wal::RECORD_HEADER_SIZE <= buf.len() {
+        if buf[off..off + 4] == magic {
+            if let Ok(rec) = wal::decode_record(&buf[off..], uuid, seq) {
+                if rec.header.durable_lsn >= lsn {
+                    return Some(Witness {
+                        path: path.to_path_buf(),
+                        offset: off as u64,
+                        lsn: rec.header.lsn,
+                        durable_lsn: rec.header.durable_lsn,
+                    });
+                }
+            }
+        }
+        off += wal::RECORD_ALIGN;
+    }
+    None
+}
+
+/// Replays the log into the data file. Refuses (with an error naming the
+/// file and offset) when a durable record is damaged.
+pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError> {
+    let ckpt = a.checkpoint_lsn;
+    let applier = Applier { io: a.io, data: a.data };
+    let mut report = RecoveryReport {
+        checkpoint_lsn: ckpt,
+        last_lsn: ckpt,
+        max_seq: a.segments.keys().next_back().copied().unwrap_or(0),
+        ..Default::default()
+    };
+    // Expected LSN of the next record; known once the first header is read.
+    let mut cursor: Option<Lsn> = None;
+    let mut seq = a.replay_seq;
+    // The segment in memory (seq, path, bytes), kept to look ahead.
+    let mut next_buf: Option<Vec<u8>> = None;
+
+    loop {
+        let expect = cursor.unwrap_or(ckpt + 1);
+        let Some(path) = a.segments.get(&seq) else {
+            // No such segment: the log ends here unless a later segment
+            // holds a record that says `expect` was durable.
+            let at = wal::segment_path(a.wal_dir, seq);
+            end_of_log(a, &mut report, expect, &at, 0, seq, None, "segment file missing")?;
+            break;
+        };
+        let buf = match next_buf.take() {
+            Some(b) => b,
+            None => read_segment(a.io, path)?,
+        };
+        report.segments_read += 1;
+        let header = match SegmentHeader::decode(&buf) {
+            Err(e) => Err(format!("segment header: {e}")),
+            Ok(h) if h.uuid != a.uuid => Err(format!("segment header: volume uuid {:032x}, expected {:032x}", h.uuid, a.uuid)),
+            Ok(h) if h.seq != seq => Err(format!("segment header: seq {}, expected {seq}", h.seq)),
+            Ok(h) if cursor.is_none() && (h.first_lsn == 0 || h.first_lsn > expect) => Err(format!(
+                "segment header: first LSN {} is past the checkpoint LSN {ckpt} + 1",
+                h.first_lsn
+            )),
+            Ok(h) if cursor.is_some() && h.first_lsn != expect => {
+                Err(format!("segment header: first LSN {}, expected {expect}", h.first_lsn))
+            }
+            Ok(h) => Ok(h),
+        };
+        let header = match header {
+            Ok(h) => h,
+            Err(reason) => {
+                end_of_log(a, &mut report, expect, path, 0, seq, Some((&buf, SEGMENT_HEADER_SIZE)), &reason)?;
+                break;
+            }
+        };
+
+        let mut lsn = header.first_lsn;
+        let mut pos = SEGMENT_HEADER_SIZE as usize;
+        let mut ops = Vec::new();
+        let bad_reason = loop {
+            let rec = match wal::decode_record(buf.get(pos..).unwrap_or(&[]), a.uuid, seq) {
+                Ok(rec) => rec,
+                Err(e) => break format!("record: {e}"),
+            };
+            if rec.header.lsn != lsn {
+                break format!("record has LSN {}, expected {lsn}", rec.header.lsn);
+            }
+            check_range(&rec, a.size, path, pos as u64)?;
+            if lsn > ckpt {
+                match rec.header.kind {
+                    RecordKind::Write => ops.push(Apply::Write { offset: rec.header.offset, buf: rec.payload }),
+                    RecordKind::Trim => {
+                        ops.push(Apply::Zero { offset: rec.header.offset, len: u64::from(rec.header.length), punch: true })
+                    }
+                    RecordKind::WriteZeroes => ops.push(Apply::Zero {
+                        offset: rec.header.offset,
+                        len: u64::from(rec.header.length),
+                        punch: rec.header.flags & wal::FLAG_MAY_PUNCH != 0,
+                    }),
+                    // The data went to the data file directly; nothing to redo.
+                    RecordKind::FlushBarrier | RecordKind::WriteInPlace => {}
+                }
+                report.replayed += 1;
+                report.last_lsn = lsn;
+            }
+            lsn += 1;
+            pos += rec.encoded_len();
+        };
+        applier.apply_all(&ops)?;
+        drop(ops);
+        cursor = Some(lsn);
+
+        // Does the log continue in the next segment?
+        if let Some(next_path) = a.segments.get(&(seq + 1)) {
+            let nb = read_segment(a.io, next_path)?;
+            let continues = matches!(SegmentHeader::decode(&nb),
+                Ok(h) if h.uuid == a.uuid && h.seq == seq + 1 && h.first_lsn == lsn);
+            if continues {
+                next_buf = Some(nb);
+                seq += 1;
+                continue;
+            }
+        }
+        end_of_log(a, &mut report, lsn, path, pos as u64, seq, Some((&buf, pos as u64 + 8)), &bad_reason)?;
+        break;
+    }
+    Ok(report)
+}
+
+fn check_range(rec: &Record<'_>, size: u64, path: &Path, offset: u64) -> Result<(), VolumeError> {
+    if rec.header.kind == RecordKind::FlushBarrier {
+        return Ok(());
+    }
+    let end = rec.header.offset.checked_add(u64::from(rec.header.length));
+    if end.is_none_or(|e| e > size) {
+        return Err(VolumeError::WalCorrupt {
+            path: path.to_path_buf(),
+            offset,
+            lsn: rec.header.lsn,
+            reason: format!(
+                "record LSN {} targets [{}, +{}) beyond the volume size {size}",
+                rec.header.lsn, rec.header.offset, rec.header.length
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The log ends before LSN `lsn`, at `path`/`offset`. Decides between a torn
+/// tail (fine) and corruption (error), see the module docs.
+#[allow(clippy::too_many_arguments)]
+fn end_of_log(
+    a: &RecoverArgs<'_>,
+    report: &mut RecoveryReport,
+    lsn: Lsn,
+    path: &Path,
+    offset: u64,
+    seq: u64,
+    current: Option<(&[u8], u64)>,
+    reason: &str,
+) -> Result<(), VolumeError> {
+    let corrupt = |why: String| VolumeError::WalCorrupt { path: path.to_path_buf(), offset, lsn, reason: why };
+    if lsn <= a.checkpoint_lsn {
+        return Err(corrupt(format!(
+            "{reason}; the log ends at LSN {} but the checkpoint LSN {} says it was durable",
+            lsn - 1,
+            a.checkpoint_lsn
+        )));
+    }
+    let mut witness = None;
+    if let Some((buf, from)) = current {
+        witness = scan_for_witness(buf, a.uuid, seq, from, lsn, path);
+    }
+    if witness.is_none() {
+        for (&later_seq, later_path) in a.segments.range(seq + 1..) {
+            let buf = read_segment(a.io, later_path)?;
+            witness = scan_for_witness(&buf, a.uuid, later_seq, SEGMENT_HEADER_SIZE, lsn, later_path);
+            if witness.is_some() {
+                break;
+            }
+        }
+    }
+    if let Some(w) = witness {
+        return Err(corrupt(format!(
+            "{reason} at LSN {lsn}, but record LSN {} at {}:{} was written after LSN {} was durable",
+            w.lsn,
+            w.path.display(),
+            w.offset,
+            w.durable_lsn
+        )));
+    }
+    if current.is_some() || a.segments.range(seq + 1..).next().is_some() {
+        tracing::info!(
+            path = %path.display(),
+            offset,
+            next_lsn = lsn,
+            reason,
+            "WAL ends here (anything after it was never synced); truncating the log"
+        );
+        report.end = Some(LogEnd { path: path.to_path_buf(), offset, lsn, reason: reason.to_string() });
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! The log writer: one thread owns the WAL tail and does group commit.
+//!
+//! Requests (write, trim, write-zeroes, flush; each with a oneshot for its
+//! completion) arrive on a channel. The writer takes everything queued (up
+//! to [`MAX_BATCH_BYTES`] of payload), assigns consecutive LSNs, encodes all
+//! records into one buffer (rolling over to a new segment when one is
+//! full), and submits the WAL write together with the data-file applies in
+//! one `IoEngine::submit` batch. Neither is synced, so their order on disk
+//! does not matter: recovery replays the WAL. If any request of the batch
+//! needs durability (FUA or flush), one fdatasync of the WAL follows; the
+//! requests arriving meanwhile form the next batch (group commit). Then the
+//! batch's requests complete.
+//!
+//! Any error of the WAL write, the data apply or the fdatasync is fail-stop:
+//! the volume stops taking writes and says why; an fdatasync is never
+//! retried.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::segment::{self, LiveSegment, parking};
+use super::wal::{self, FLAG_MAY_PUNCH, RecordHeader, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
+use super::{Lsn, Shared, VolumeError};
+use crate::io::{IoFile, IoOp};
+
+/// Most payload bytes taken into one batch.
+pub(crate) const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// Writes at least this large go to the data file only, with a payload-less
+/// `WriteInPlace` record, when no replayable record overlaps them.
+pub(crate) const IN_PLACE_MIN_BYTES: usize = 128 << 10;
+
+/// The ranges touched by replayable records (records recovery would apply:
+/// writes carrying their data, trims, write-zeroes) since the durable
+/// checkpoint, each with the highest LSN that touched it.
+///
+/// A large write may go in place only if no such range overlaps it:
+/// otherwise recovery, replaying an older record, would overwrite the newer
+/// data in place. Stored as disjoint intervals; touching or overlapping ones
+/// merge (keeping the highest LSN), which only makes the set conservative.
+/// Intervals whose LSN the checkpoint passed are pruned.
+#[derive(Debug, Default)]
+pub(crate) struct ReplayRanges {
+    /// start -> (end, highest LSN)
+    map: BTreeMap<u64, (u64, Lsn)>,
+}
+
+impl ReplayRanges {
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        matches!(self.map.range(..end).next_back(), Some((_, &(e, _))) if e > start)
+    }
+
+    pub fn insert(&mut self, mut start: u64, mut end: u64, mut lsn: Lsn) {
+        if end <= start {
+            return;
+        }
+        // Absorb every interval that overlaps or touches [start, end).
+        while let Some((&s, &(e, l))) = self.map.range(..=end).next_back() {
+            if e < start {
+                break;
+            }
+            self.map.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+            lsn = lsn.max(l);
+        }
+        self.map.insert(start, (end, lsn));
+    }
+
+    /// Forgets the intervals no record above `checkpoint_lsn` touched.
+    pub fn prune(&mut self, checkpoint_lsn: Lsn) {
+        self.map.retain(|_, &mut (_, lsn)| lsn > checkpoint_lsn);
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// A set of disjoint half-open ranges, to split a batch of data operations
+/// into rounds whose operations do not overlap (an engine may run the
+/// operations of one submission in any order).
+#[derive(Debug, Default)]
+pub(crate) struct RangeSet {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Inserts `[start, end)` unless it overlaps a range of the set.
+    pub fn insert_if_disjoint(&mut self, start: u64, end: u64) -> bool {
+        if end <= start {
+            return true;
+        }
+        if let Some((_, &e)) = self.ranges.range(..=start).next_back() {
+            if e > start {
+                return false;
+            }
+        }
+        if let Some((&s, _)) = self.ranges.range(start..).next() {
+            if s < end {
+                return false;
+            }
+        }
+        self.ranges.insert(start, end);
+        true
+    }
+
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Write { offset: u64, data: Bytes },
+    Trim { offset: u64, len: u32 },
+    Zeroes { offset: u64, len: u32, punch: bool },
+    Flush,
+}
+
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub op: Op,
+    pub fua: bool,
+    pub done: oneshot::Sender<Result<Lsn, VolumeError>>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Req(Request),
+    /// Finish what is queued before this message, then exit.
+    Stop,
+}
+
+impl Msg {
+    fn payload_len(&self) -> usize {
+        match self {
+            Msg::Req(Request { op: Op::Write { data, .. }, .. }) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The segment the writer appends to.
+struct Tail {
+    seq: u64,
+    file: Arc<IoFile>,
+    len: u64,
+    /// Next write position in the file.
+    pos: u64,
+}
+
+/// One contiguous WAL write of the batch buffer into a segment file.
+struct Chunk {
+    file: Arc<IoFile>,
+    offset: u64,
+    range: std::ops::Range<usize>,
+}
+
+/// A data-file operation of the batch.
+enum DataOp {
+    Write { offset: u64, data: Bytes },
+    Zero { offset: u64, len: u64, punch: bool },
+}
+
+impl DataOp {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            DataOp::Write { offset, data } => (*offset, *offset + data.len() as u64),
+            DataOp::Zero { offset, len, .. } => (*offset, *offset + *len),
+        }
+    }
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    tail: Tail,
+    /// Earlier segments written since the last WAL fdatasync.
+    unsynced: Vec<Arc<IoFile>>,
+    /// In-place writes were applied since the writer last synced the data
+    /// file: a durability point must fdatasync it too.
+    in_place_unsynced: bool,
+    next_lsn: Lsn,
+    max_record_payload: usize,
+    buf: Vec<u8>,
+    chunks: Vec<Chunk>,
+    chunk_start: usize,
+    chunk_offset: u64,
+}
+
+impl Writer {
+    /// A writer appending to `current` (just started by `open`, holding
+    /// only its header) from LSN `next_lsn`.
+    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, current: (u64, Arc<IoFile>, u64), next_lsn: Lsn) -> Writer {
+        let (seq, file, len) = current;
+        let max_record_payload = shared.max_record_payload;
+        Writer {
+            shared,
+            rx,
+            tail: Tail { seq, file, len, pos: SEGMENT_HEADER_SIZE },
+            unsynced: Vec::new(),
+            in_place_unsynced: false,
+            next_lsn,
+            max_record_payload,
+            buf: Vec::with_capacity(1 << 20),
+            chunks: Vec::new(),
+            chunk_start: 0,
+            chunk_offset: SEGMENT_HEADER_SIZE,
+        }
+    }
+
+    /// The thread body.
+    pub(crate) fn run(mut self) {
+        loop {
+            let Ok(first) = self.rx.recv() else { return };
+            let mut stop = false;
+            let mut bytes = first.payload_len();
+            let mut batch = Vec::new();
+            match first {
+                Msg::Req(r) => batch.push(r),
+                Msg::Stop => stop = true,
+            }
+            while !stop && bytes < MAX_BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(m) => {
+                        bytes += m.payload_len();
+                        match m {
+                            Msg::Req(r) => batch.push(r),
+                            Msg::Stop => stop = true,
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.process(batch);
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Request>) {
+        if let Some(reason) = self.shared.failure() {
+            for r in batch {
+                let _ = r.done.send(Err(VolumeError::Stopped(reason.clone())));
+            }
+            return;
+        }
+        self.wait_for_space();
+        match self.commit(&batch) {
+            Ok(lsns) => {
+                for (r, lsn) in batch.into_iter().zip(lsns) {
+                    let _ = r.done.send(Ok(lsn));
+                }
+            }
+            Err(reason) => {
+                let reason = self.shared.fail(reason);
+                for r in batch {
+                    let _ = r.done.send(Err(VolumeError::Stopped(reason.clone())));
+                }
+            }
+        }
+    }
+
+    /// Back-pressure: while the WAL holds more than the limit, wait for the
+    /// checkpointer to recycle segments.
+    fn wait_for_space(&self) {
+        let limit = self.shared.wal_limit;
+        let mut files = parking::lock(&self.shared.wal);
+        let mut warned = false;
+        while files.live_bytes() > limit && !self.shared.stopping() && self.shared.failure().is_none() {
+            if !warned {
+                tracing::debug!(wal_bytes = files.live_bytes(), limit, "WAL full, writer waits for a checkpoint");
+                warned = true;
+            }
+            self.shared.request_checkpoint();
+            files = self
+                .shared
+                .space
+                .wait_timeout(files, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Encodes, writes, applies and (if needed) syncs one batch. Returns the
+    /// LSN each request completes with, or the fail-stop reason.
+    fn commit(&mut self, batch: &[Request]) -> Result<Vec<Lsn>, String> {
+        self.buf.clear();
+        self.chunks.clear();
+        self.chunk_start = 0;
+        self.chunk_offset = self.tail.pos;
+        let durable = self.shared.durable_lsn.load(Ordering::Acquire);
+        let mut need_sync = false;
+        let mut lsns = Vec::with_capacity(batch.len());
+        let mut data_ops = Vec::with_capacity(batch.len());
+
+        let shared = self.shared.clone();
+        let mut replay = parking::lock(&shared.replay_ranges);
+        for r in batch {
+            need_sync |= r.fua;
+            let lsn = match &r.op {
+                Op::Flush => {
+                    need_sync = true;
+                    0 // replaced by the durable LSN below
+                }
+                Op::Write { offset, data } => {
+                    let end = offset + data.len() as u64;
+                    let in_place = data.len() >= IN_PLACE_MIN_BYTES && !replay.overlaps(*offset, end);
+                    // A large write becomes several records; `Volume::write`
+                    // never sends an empty one.
+                    let mut last = 0;
+                    let mut done = 0usize;
+                    while done < data.len() {
+                        let n = (data.len() - done).min(self.max_record_payload);
+                        let off = offset + done as u64;
+                        let piece = data.slice(done..done + n);
+                        last = if in_place {
+                            self.append(RecordKind::WriteInPlace, 0, off, n as u32, &[], durable)?
+                        } else {
+                            self.append(RecordKind::Write, 0, off, n as u32, &piece, durable)?
+                        };
+                        data_ops.push(DataOp::Write { offset: off, data: piece });
+                        done += n;
+                    }
+                    if in_place {
+                        self.in_place_unsynced = true;
+                    } else {
+                        replay.insert(*offset, end, last);
+                    }
+                    last
+                }
+                Op::Trim { offset, len } => {
+                    let lsn = self.append(RecordKind::Trim, 0, *offset, *len, &[], durable)?;
+                    data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: true });
+                    replay.insert(*offset, offset + u64::from(*len), lsn);
+                    lsn
+                }
+                Op::Zeroes { offset, len, punch } => {
+                    let flags = if *punch { FLAG_MAY_PUNCH } else { 0 };
+                    let lsn = self.append(RecordKind::WriteZeroes, flags, *offset, *len, &[], durable)?;
+                    data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: *punch });
+                    replay.insert(*offset, offset + u64::from(*len), lsn);
+                    lsn
+                }
+            };
+            lsns.push(lsn);
+        }
+        drop(replay);
+        self.finish_chunk();
+        let last = self.next_lsn - 1;
+
+        // One submission: the WAL chunks and the first round of data ops;
+        // further rounds only when data ops of the batch overlap.
+        let data = &self.shared.data;
+        let mut ops: Vec<IoOp<'_>> = self
+            .chunks
+            .iter()
+            .map(|c| IoOp::Write { file: &c.file, offset: c.offset, buf: &self.buf[c.range.clone()] })
+            .collect();
+        let mut ranges = RangeSet::default();
+        for d in &data_ops {
+            let (s, e) = d.range();
+            if !ranges.insert_if_disjoint(s, e) {
+                self.submit(&mut ops)?;
+                ops.clear();
+                ranges.clear();
+                ranges.insert_if_disjoint(s, e);
+            }
+            ops.push(match d {
+                DataOp::Write { offset, data: b } => IoOp::Write { file: data, offset: *offset, buf: b },
+                DataOp::Zero { offset, len, punch } => IoOp::Zero { file: data, offset: *offset, len: *len, punch: *punch },
+            });
+        }
+        self.submit(&mut ops)?;
+        drop(ops);
+        self.shared.applied_lsn.store(last, Ordering::Release);
+        self.shared.wal_written.fetch_add(self.buf.len() as u64, Ordering::AcqRel);
+
+        if need_sync && last > self.shared.durable_lsn.load(Ordering::Acquire) {
+            let mut sync_ops: Vec<IoOp<'_>> = Vec::with_capacity(1 + self.unsynced.len());
+            for f in &self.unsynced {
+                sync_ops.push(IoOp::SyncData { file: f });
+            }
+            sync_ops.push(IoOp::SyncData { file: &self.tail.file });
+            let with_data = self.in_place_unsynced;
+            if with_data {
+                sync_ops.push(IoOp::SyncData { file: &self.shared.data });
+            }
+            if let Err(e) = self.shared.io.submit(&mut sync_ops) {
+                return Err(if with_data {
+                    format!(
+                        "fdatasync of WAL {} and data {} failed: {e} (errno {})",
+                        self.tail.file.path().display(),
+                        self.shared.data.path().display(),
+                        crate::io::errno_of(&e)
+                    )
+                } else {
+                    format!(
+                        "fdatasync of WAL {} failed: {e} (errno {})",
+                        self.tail.file.path().display(),
+                        crate::io::errno_of(&e)
+                    )
+                });
+            }
+            drop(sync_ops);
+            self.unsynced.clear();
+            self.in_place_unsynced = false;
+            self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
+        }
+        let durable_now = self.shared.durable_lsn.load(Ordering::Acquire);
+        for (r, lsn) in batch.iter().zip(lsns.iter_mut()) {
+            if matches!(r.op, Op::Flush) {
+                *lsn = durable_now;
+            }
+        }
+        self.shared.maybe_request_checkpoint();
+        Ok(lsns)
+    }
+
+    fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), String> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.shared.io.submit(ops).map_err(|e| {
+            format!(
+                "write batch (WAL {}, data {}) failed: {e} (errno {})",
+                self.tail.file.path().display(),
+                self.shared.data.path().display(),
+                crate::io::errno_of(&e)
+            )
+        })
+    }
+
+    /// Appends one record to the batch buffer, rolling over to a new
+    /// segment when it does not fit. Returns its LSN.
+    fn append(
+        &mut self,
+        kind: RecordKind,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+        durable_lsn: Lsn,
+    ) -> Result<Lsn, String> {
+        let lsn = self.next_lsn;
+        let need = wal::encoded_len(payload.len()) as u64;
+        if self.tail.pos + need > self.tail.len {
+            self.rollover(lsn)?;
+        }
+        let header = RecordHeader { kind, flags, lsn, offset, length, durable_lsn };
+        wal::encode_record(&mut self.buf, self.shared.uuid, self.tail.seq, &header, payload);
+        self.tail.pos += need;
+        self.next_lsn += 1;
+        Ok(lsn)
+    }
+
+    fn finish_chunk(&mut self) {
+        if self.buf.len() > self.chunk_start {
+            self.chunks.push(Chunk {
+                file: self.tail.file.clone(),
+                offset: self.chunk_offset,
+                range: self.chunk_start..self.buf.len(),
+            });
+        }
+        self.chunk_start = self.buf.len();
+    }
+
+    /// Starts segment `seq + 1` whose first record is `first_lsn`.
+    fn rollover(&mut self, first_lsn: Lsn) -> Result<(), String> {
+        self.finish_chunk();
+        let seq = self.tail.seq + 1;
+        let seg: LiveSegment =
+            segment::activate(&*self.shared.io, &self.shared.wal, seq, first_lsn, self.shared.segment_size)
+                .map_err(|e| format!("creating WAL segment {seq} in {} failed: {e}", self.shared.wal_dir.display()))?;
+        tracing::debug!(seq, first_lsn, path = %seg.file.path().display(), "WAL segment started");
+        let header = SegmentHeader { seq, first_lsn, uuid: self.shared.uuid, segment_size: seg.len }.encode();
+        let old = std::mem::replace(
+            &mut self.tail,
+            Tail { seq, file: seg.file.clone(), len: seg.len, pos: SEGMENT_HEADER_SIZE },
+        );
+        self.unsynced.push(old.file);
+        parking::lock(&self.shared.wal).live.push_back(seg);
+        self.buf.extend_from_slice(&header);
+        self.chunk_offset = 0;
+        // The header goes out with this segment's first chunk.
+        self.chunk_start = self.buf.len() - header.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RangeSet, ReplayRanges};
+
+    #[test]
+    fn replay_ranges_merge_query_and_prune() {
+        let mut r = ReplayRanges::default();
+        r.insert(0, 4096, 1);
+        r.insert(8192, 12288, 2);
+        assert!(r.overlaps(0, 1));
+        assert!(r.overlaps(4095, 8193));
+        assert!(!r.overlaps(4096, 8192));
+        assert!(!r.overlaps(12288, 1 << 20));
+        assert_eq!(r.len(), 2);
+        r.insert(4096, 8192, 3); // touches both: one interval, LSN 3
+        assert_eq!(r.len(), 1);
+        assert!(r.overlaps(5000, 5001));
+        r.prune(2);
+        assert!(r.overlaps(0, 1), "merged interval keeps the highest LSN");
+        r.prune(3);
+        assert!(!r.overlaps(0, 1 << 30));
+        r.insert(1 << 20, 2 << 20, 10);
+        r.insert(100, 200, 11);
+        r.prune(10);
+        assert!(!r.overlaps(1 << 20, 2 << 20));
+        assert!(r.overlaps(150, 151));
+    }
+
+    #[test]
+    fn range_set_detects_overlaps() {
+        let mut r = RangeSet::default();
+        assert!(r.insert_if_disjoint(0, 4096));
+        assert!(r.insert_if_disjoint(8192, 12288));
+        assert!(r.insert_if_disjoint(4096, 8192)); // touching is fine
+        assert!(!r.insert_if_disjoint(4095, 4097));
+        assert!(!r.insert_if_disjoint(100, 200));
+        assert!(!r.insert_if_disjoint(0, 1 << 20));
+        assert!(r.insert_if_disjoint(5, 5)); // empty
+        r.clear();
+        assert!(r.insert_if_disjoint(100, 200));
+    }
+}
