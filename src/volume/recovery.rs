@@ -331,7 +331,7 @@ fn end_of_log(
             offset,
             next_lsn = lsn,
             reason,
-            "WAL ends here (anything after it was never synced); truncating the log"
+            "end of the recovered WAL: the bytes there were never synced or are stale; the log is truncated there"
         );
         report.end = Some(LogEnd { path: path.to_path_buf(), offset, lsn, reason: reason.to_string() });
     }
