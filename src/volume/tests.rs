@@ -1058,3 +1058,41 @@ async fn damaged_segment_header_before_durable_records_is_corruption() {
     assert_eq!(v.recovery().end.as_ref().map(|e| e.offset), Some(0));
     v.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn update_superblock_keeps_the_fields_the_volume_owns() {
+    let d = tempfile::tempdir().unwrap();
+    let opts = small_opts(d.path());
+    let io = engine();
+    create(&*io, &opts, MIB);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(MIB)).unwrap();
+    v.write(0, block(1, 4096), true).await.unwrap();
+    let before = v.superblock();
+    assert_ne!(before.gen_current, 0, "create-md picks a random current generation");
+    v.update_superblock(|sb| {
+        sb.disk_state = DiskState::Outdated;
+        sb.gen_bitmap = 7;
+        sb.gen_history = [1, 2, 3, 4];
+        // Not the caller's to change:
+        sb.uuid = 1;
+        sb.size = 2;
+        sb.checkpoint_lsn = 999;
+        sb.replay_seq = 999;
+        sb.resource = "other".into();
+        sb.flags |= meta::FLAG_CLEAN_SHUTDOWN;
+    })
+    .unwrap();
+    let after = v.superblock();
+    assert_eq!(after.disk_state, DiskState::Outdated);
+    assert_eq!((after.gen_bitmap, after.gen_history), (7, [1, 2, 3, 4]));
+    assert_eq!((after.uuid, after.size, after.resource.as_str()), (before.uuid, before.size, "r0"));
+    assert_eq!((after.checkpoint_lsn, after.replay_seq), (before.checkpoint_lsn, before.replay_seq));
+    assert!(!after.clean_shutdown());
+    assert_eq!(after.counter, before.counter + 1);
+    drop(v);
+    // Durable: a crash right after keeps it.
+    let v = Volume::open(io, opts, &identity(MIB)).unwrap();
+    assert_eq!(v.superblock().disk_state, DiskState::Outdated);
+    assert_eq!(v.superblock().gen_bitmap, 7);
+    v.close().await.unwrap();
+}

@@ -281,7 +281,9 @@ impl Writer {
         let mut warned = false;
         while files.live_bytes() > limit && !self.shared.stopping() && self.shared.failure().is_none() {
             if !warned {
-                tracing::debug!(wal_bytes = files.live_bytes(), limit, "WAL full, writer waits for a checkpoint");
+                // Once per stall: only a checkpoint (or a lifted retention)
+                // ends it.
+                tracing::info!(wal_bytes = files.live_bytes(), limit, "WAL full, writes wait for a checkpoint");
                 warned = true;
             }
             self.shared.request_checkpoint();
