@@ -76,7 +76,10 @@ struct Pending {
 struct ReadState {
     offset: u64,
     len: u32,
-    buf: BytesMut,
+    /// The whole data, when one chunk carried all of it (no copy).
+    whole: Option<Bytes>,
+    /// Reassembly buffer, when several chunks make up the data.
+    buf: Option<BytesMut>,
     /// Bytes described by content chunks so far.
     covered: u64,
 }
@@ -316,10 +319,11 @@ impl NbdClient {
             if st.closed {
                 return Err(ClientError::Closed);
             }
-            let read = (kind == NBD_CMD_READ).then(|| ReadState {
+            let read = (kind == NBD_CMD_READ).then_some(ReadState {
                 offset,
                 len,
-                buf: BytesMut::zeroed(len as usize),
+                whole: None,
+                buf: None,
                 covered: 0,
             });
             st.pending.insert(
@@ -633,7 +637,7 @@ async fn read_reply<R: AsyncRead + Unpin>(
             if !fill(r, buf, len as usize).await? {
                 return Err(truncated());
             }
-            let payload = buf.split_to(len as usize);
+            let payload = buf.split_to(len as usize).freeze();
             let mut st = lock(state);
             let p = st.pending.get_mut(&cookie).ok_or_else(|| {
                 ClientError::Protocol(format!("Reply chunk for unknown cookie {cookie}"))
@@ -682,12 +686,36 @@ async fn read_reply<R: AsyncRead + Unpin>(
                             rs.offset, rs.len
                         )));
                     };
-                    if kind == NBD_REPLY_TYPE_OFFSET_DATA {
-                        rs.buf[start as usize..(start + n) as usize].copy_from_slice(&payload[8..]);
+                    let whole = kind == NBD_REPLY_TYPE_OFFSET_DATA
+                        && rs.covered == 0
+                        && start == 0
+                        && n == u64::from(rs.len);
+                    if whole {
+                        rs.whole = Some(payload.slice(8..));
                     } else {
-                        rs.buf[start as usize..(start + n) as usize].fill(0);
+                        let len = rs.len as usize;
+                        let prev = rs.whole.take();
+                        let b = rs.buf.get_or_insert_with(|| {
+                            let mut b = BytesMut::zeroed(len);
+                            if let Some(w) = prev {
+                                b.copy_from_slice(&w);
+                            }
+                            b
+                        });
+                        let range = start as usize..(start + n) as usize;
+                        if kind == NBD_REPLY_TYPE_OFFSET_DATA {
+                            b[range].copy_from_slice(&payload[8..]);
+                        } else {
+                            b[range].fill(0);
+                        }
                     }
                     rs.covered += n;
+                    if rs.covered > u64::from(rs.len) {
+                        return Err(ClientError::Protocol(format!(
+                            "Overlapping content chunks for a {}-byte READ",
+                            rs.len
+                        )));
+                    }
                 }
                 k if k & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
                     let (errno, message) = parse_error_chunk(&payload)
@@ -718,7 +746,11 @@ async fn read_reply<R: AsyncRead + Unpin>(
                             rs.covered, rs.len
                         )))
                     }
-                    (None, Some(rs)) => Ok(Some(rs.buf.freeze())),
+                    (None, Some(rs)) => Ok(Some(match (rs.whole, rs.buf) {
+                        (Some(w), _) => w,
+                        (None, Some(b)) => b.freeze(),
+                        (None, None) => Bytes::new(),
+                    })),
                     (None, None) => Ok(None),
                 };
                 let _ = p.done.send(result);

@@ -57,8 +57,8 @@ const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(5);
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Listen backlog of the TCP listener.
 const LISTEN_BACKLOG: u32 = 1024;
-const READ_BUF_SIZE: usize = 256 * 1024;
-const WRITE_BUF_SIZE: usize = 256 * 1024;
+const READ_BUF_SIZE: usize = 128 * 1024;
+const WRITE_BUF_SIZE: usize = 64 * 1024;
 
 /// The transmission flags every export advertises.
 pub const TRANSMISSION_FLAGS: u16 = NBD_FLAG_HAS_FLAGS
@@ -1203,7 +1203,7 @@ where
                 }
                 if let Some(suppressed) = shared.log_client.allow() {
                     info!(
-                        conn = id, peer = %peer, cookie = h.cookie, command = command_name(h.kind),
+                        conn = id, peer = %peer, handle = h.cookie, command = command_name(h.kind),
                         offset = h.offset, len = h.len, errno, suppressed, "NBD request rejected: {message}"
                     );
                 }
@@ -1246,7 +1246,7 @@ where
                     let result = run_op(&*shared.backend, op, payload).await.map_err(|e| {
                         if let Some(suppressed) = shared.log_backend.allow() {
                             warn!(
-                                conn = id, peer = %peer, cookie = h.cookie, command = command_name(h.kind),
+                                conn = id, peer = %peer, handle = h.cookie, command = command_name(h.kind),
                                 offset = h.offset, len = h.len, error = %e, suppressed, "NBD request failed"
                             );
                         }
