@@ -191,3 +191,123 @@ async fn nbdcopy_round_trip() {
         h.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_nbd_engine_verify() {
+    let (servers, _dir) = servers().await;
+    for (h, _) in &servers {
+        let u = uri(h);
+        // Two jobs on disjoint halves, random 4 KiB writes at QD16, each block
+        // checked with crc32c after the write phase; then a mixed pass.
+        let out = run(
+            "fio",
+            &[
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={u}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--numjobs=2",
+                "--size=8M",
+                "--offset_increment=8M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--group_reporting",
+                "--output-format=json",
+            ],
+        )
+        .await;
+        // fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+        let json = &out[out.find('{').unwrap_or_else(|| panic!("no JSON in {out}"))..];
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["jobs"][0]["error"], 0, "{out}");
+        // 2 jobs × 8 MiB written.
+        assert_eq!(v["jobs"][0]["write"]["io_bytes"], 16 * 1024 * 1024, "{out}");
+    }
+    for (h, _) in servers {
+        h.shutdown().await;
+    }
+}
+
+/// fio result: (IOPS, MiB/s) of the write or read side.
+async fn fio_run(uri: &str, name: &str, rw: &str, bs: &str, iodepth: u32) -> (f64, f64) {
+    let out = run(
+        "fio",
+        &[
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={iodepth}"),
+            "--size=256M",
+            "--time_based",
+            "--runtime=5",
+            "--output-format=json",
+        ],
+    )
+    .await;
+    let json = &out[out.find('{').unwrap_or_else(|| panic!("no JSON in {out}"))..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let j = &v["jobs"][0][side];
+    (
+        j["iops"].as_f64().unwrap(),
+        j["bw"].as_f64().unwrap() / 1024.0,
+    )
+}
+
+/// The protocol layer's overhead against a named peer, nbdkit's memory
+/// plugin, in the same run (both over a Unix socket, both in memory). Run
+/// with `cargo test --release --test nbd_real_clients -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly in release mode"]
+async fn bench_against_nbdkit_memory() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let ours_sock = dir.path().join("ours.sock");
+    let kit_sock = dir.path().join("nbdkit.sock");
+    let backend = Arc::new(MemoryBackend::new(256 * 1024 * 1024));
+    let h = NbdServer::start(&ListenAddr::Unix(ours_sock.clone()), backend, config())
+        .await
+        .unwrap();
+    let mut kit = Command::new("nbdkit")
+        .args([
+            "--foreground",
+            "--unix",
+            kit_sock.to_str().unwrap(),
+            "memory",
+            "size=256M",
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nbdkit is not installed");
+    while !kit_sock.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ours = format!("nbd+unix:///{EXPORT}?socket={}", ours_sock.display());
+    let theirs = format!("nbd+unix:///?socket={}", kit_sock.display());
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "workload", "repblock", "nbdkit", "ratio"
+    );
+    for (name, rw, bs, qd) in [
+        ("4k randwrite QD1", "randwrite", "4k", 1),
+        ("4k randwrite QD32", "randwrite", "4k", 32),
+        ("1M write QD8", "write", "1M", 8),
+        ("4k randread QD32", "randread", "4k", 32),
+    ] {
+        let a = fio_run(&ours, "ours", rw, bs, qd).await;
+        let b = fio_run(&theirs, "nbdkit", rw, bs, qd).await;
+        let (x, y, unit) = if bs == "1M" {
+            (a.1, b.1, "MiB/s")
+        } else {
+            (a.0, b.0, "IOPS")
+        };
+        println!("{name:<28} {x:>12.0} {y:>12.0} {:>7.2}x  ({unit})", x / y);
+    }
+    let _ = kit.kill().await;
+    h.shutdown().await;
+}

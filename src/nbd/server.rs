@@ -592,6 +592,16 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
+/// A client-supplied name for messages and logs: lossy UTF-8, cut to 64
+/// characters (error strings must stay within the spec's 4096 bytes).
+fn shown_name(name: &[u8]) -> String {
+    let s = String::from_utf8_lossy(name);
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.into_owned(),
+    }
+}
+
 fn export_matches(cfg: &ServerConfig, name: &[u8]) -> bool {
     name.is_empty() || name == cfg.export_name.as_bytes()
 }
@@ -645,7 +655,7 @@ where
                     // No way to answer with an error: the spec says close.
                     return Err(HandshakeError::Protocol(format!(
                         "Unknown export {:?} requested by NBD_OPT_EXPORT_NAME",
-                        String::from_utf8_lossy(&data)
+                        shown_name(&data)
                     )));
                 }
                 w.write_all(&export_name_reply(size, TRANSMISSION_FLAGS, no_zeroes))
@@ -687,7 +697,7 @@ where
                     put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, e.to_string().as_bytes())
                 }
                 Ok(req) if !export_matches(cfg, &req.name) => {
-                    let msg = format!("Unknown export {:?}", String::from_utf8_lossy(&req.name));
+                    let msg = format!("Unknown export {:?}", shown_name(&req.name));
                     put_option_reply(&mut out, opt, NBD_REP_ERR_UNKNOWN, msg.as_bytes());
                 }
                 Ok(req) => {
@@ -1204,7 +1214,7 @@ where
                 if let Some(suppressed) = shared.log_client.allow() {
                     info!(
                         conn = id, peer = %peer, handle = h.cookie, command = command_name(h.kind),
-                        offset = h.offset, len = h.len, errno, suppressed, "NBD request rejected: {message}"
+                        offset = h.offset, len = h.len, errno, reason = %message, suppressed, "NBD request rejected"
                     );
                 }
                 let (head, data) = build_reply(
