@@ -15,15 +15,22 @@
 //!   requests and [`MAX_INFLIGHT_BYTES`] of READ/WRITE data between parsing a
 //!   request and writing its reply; beyond that the reader stops reading.
 //!
-//! Error answers follow the NBD spec: read/trim out of range → EINVAL,
-//! write/write-zeroes out of range → ENOSPC, unknown command or a flag not
-//! valid for the command → EINVAL, a READ/WRITE_ZEROES over the maximum block
-//! size → EINVAL, FLUSH with a nonzero offset or length → EINVAL. A rejected
-//! WRITE has its payload drained (it is at most [`MAX_BLOCK_SIZE`]) so the
-//! stream stays in sync; a WRITE longer than that, or a bad request magic,
-//! closes that one connection. Zero-length READ/WRITE/TRIM/WRITE_ZEROES
-//! within the export succeed without reaching the backend (the spec leaves
-//! them unspecified but asks the server not to disconnect).
+//! Error answers follow the NBD spec:
+//! - read/trim out of range → EINVAL; write/write-zeroes out of range → ENOSPC;
+//! - unknown command, or a flag not valid for the command (DF, REQ_ONE,
+//!   FAST_ZERO are not advertised; NO_HOLE only on WRITE_ZEROES) → EINVAL;
+//! - READ over the maximum block size (32 MiB) → EINVAL; the spec keeps
+//!   EOVERFLOW for reads with the DF flag, which is not advertised;
+//! - FLUSH with a nonzero offset or length → EINVAL;
+//! - a rejected WRITE has its payload drained (it is at most
+//!   [`MAX_BLOCK_SIZE`]) so the stream stays in sync; a WRITE longer than
+//!   that, or a bad request magic, closes that one connection;
+//! - WRITE_ZEROES and TRIM carry no payload and are served at any length
+//!   within the export (as nbdkit and qemu-nbd do; the Linux client sends
+//!   large ones);
+//! - zero-length READ/WRITE/TRIM/WRITE_ZEROES within the export succeed
+//!   without reaching the backend (the spec leaves them unspecified but asks
+//!   the server not to disconnect).
 
 use std::fmt;
 use std::io;
@@ -947,9 +954,10 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE) {
                 return reject(NBD_EINVAL, m);
             }
-            if h.len > MAX_BLOCK_SIZE {
-                return reject(NBD_EINVAL, too_long());
-            }
+            // No maximum-size check: the request carries no payload, and
+            // nbdkit, qemu-nbd and the Linux kernel client (which may send
+            // zeroes of up to 4 GiB whatever the advertised maximum) all
+            // treat it like TRIM. The spec's EINVAL here is only a SHOULD.
             if !in_range(h.len) {
                 return reject(NBD_ENOSPC, beyond());
             }
@@ -1498,6 +1506,13 @@ mod tests {
             classify(&req(NBD_CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), u64::MAX),
             Decision::Close(_)
         ));
+        // No-payload commands are served above the maximum block size.
+        for kind in [NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
+            assert!(matches!(
+                classify(&req(kind, 0, 0, u32::MAX), u64::MAX),
+                Decision::Serve(Serve::Run(_))
+            ));
+        }
         // FUA is accepted everywhere; NO_HOLE on WRITE_ZEROES.
         for kind in [
             NBD_CMD_READ,
