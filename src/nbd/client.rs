@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::proto::*;
 use super::server::ListenAddr;
+use super::wire::write_message;
 
 /// Largest structured reply chunk accepted from a server.
 const MAX_CHUNK: u32 = MAX_BLOCK_SIZE + 64 * 1024;
@@ -510,10 +511,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         let res = match out {
             Outgoing::Request { header, payload } => {
                 async {
-                    w.write_all(&header).await?;
-                    if let Some(p) = payload {
-                        w.write_all(&p).await?;
-                    }
+                    let data = payload.as_deref().unwrap_or_default();
+                    write_message(&mut w, &header, data).await?;
                     if rx.is_empty() {
                         w.flush().await?;
                     }

@@ -50,6 +50,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::proto::*;
+use super::wire::write_message;
 use super::{BlockBackend, BlockError};
 
 /// Most requests one connection may have between parsing and reply.
@@ -1334,10 +1335,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         let io = async {
-            w.write_all(&reply.head).await?;
-            if let Some(d) = &reply.data {
-                w.write_all(d).await?;
-            }
+            let data = reply.data.as_deref().unwrap_or_default();
+            write_message(&mut w, &reply.head, data).await?;
             if rx.is_empty() {
                 w.flush().await?;
             }
