@@ -1107,3 +1107,31 @@ async fn shutdown_does_not_wait_forever_for_a_client_that_does_not_read() {
     assert!(served < 400);
     assert!(t.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let h = NbdServer::start(
+        &ListenAddr::Unix(path.clone()),
+        Arc::new(MemoryBackend::new(MIB)),
+        config(),
+    )
+    .await
+    .unwrap();
+    let client = NbdClient::connect(&h.listen_addr(), EXPORT).await.unwrap();
+    drop(h);
+    // The connection is closed and the socket file goes away.
+    let r = tokio::time::timeout(IO_TIMEOUT, client.read(0, 1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Err(ClientError::Closed | ClientError::Io(_))),
+        "{r:?}"
+    );
+    let t = Instant::now();
+    while path.exists() {
+        assert!(t.elapsed() < IO_TIMEOUT, "socket file not removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

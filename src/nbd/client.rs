@@ -48,6 +48,19 @@ pub enum ClientError {
     Closed,
 }
 
+impl ClientError {
+    /// A copy for each request failed by the same connection error
+    /// (`io::Error` is not `Clone`; kind and message are kept).
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Nbd { errno } => ClientError::Nbd { errno: *errno },
+            ClientError::Io(e) => ClientError::Io(io::Error::new(e.kind(), e.to_string())),
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+            ClientError::Closed => ClientError::Closed,
+        }
+    }
+}
+
 /// Name of an NBD error value, for messages.
 pub fn errno_name(errno: u32) -> &'static str {
     match errno {
@@ -528,9 +541,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         };
         if let Err(e) = res {
             debug!(error = %e, "NBD client write failed");
-            let kind = e.kind();
-            let msg = e.to_string();
-            lock(&state).close(|| ClientError::Io(io::Error::new(kind, msg.clone())));
+            let e = ClientError::Io(e);
+            lock(&state).close(|| e.duplicate());
             return;
         }
     }
@@ -545,15 +557,14 @@ async fn reader_loop<R: AsyncRead + Unpin>(mut r: R, state: Arc<Mutex<State>>, s
             Err(e) => break Some(e),
         }
     };
-    let mut st = lock(&state);
-    match err {
-        None => st.close(|| ClientError::Closed),
-        Some(e) => {
-            debug!(error = %e, "NBD client connection failed");
-            let msg = e.to_string();
-            st.close(|| ClientError::Protocol(msg.clone()));
-        }
+    if let Some(e) = &err {
+        debug!(error = %e, "NBD client connection failed");
     }
+    // Every waiting request gets its own copy of the reason.
+    lock(&state).close(|| match &err {
+        None => ClientError::Closed,
+        Some(e) => e.duplicate(),
+    });
 }
 
 /// Reads into `buf` until it holds `want` bytes; `Ok(false)` on EOF.
