@@ -237,6 +237,15 @@ impl NbdHandle {
     }
 }
 
+impl fmt::Debug for NbdHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdHandle")
+            .field("local_addr", &self.local)
+            .field("clients", &self.client_count())
+            .finish()
+    }
+}
+
 impl Drop for NbdHandle {
     fn drop(&mut self) {
         let _ = self.shutdown_tx.send(true);
