@@ -165,7 +165,14 @@ async fn demo(dir: &Path, size: u64, nbd: &str) -> Result<()> {
 fn print_demo_help(config_path: &Path, node: &str, export: &str, nbd: &NbdAddress) {
     let uri = nbd.uri(export);
     let cfg = config_path.display();
-    let repctl = format!("repctl --config {cfg} --node {node}");
+    // Name repctl by its path when it sits next to this repd (a cargo build
+    // does not put it on PATH).
+    let repctl_bin = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("repctl"))
+        .filter(|p| p.is_file())
+        .map_or_else(|| "repctl".to_string(), |p| p.display().to_string());
+    let repctl = format!("{repctl_bin} --config {cfg} --node {node}");
     let (host, port) = match nbd {
         NbdAddress::Tcp { host, port } => (host.clone(), port.to_string()),
         NbdAddress::Unix(_) => ("HOST".to_string(), "PORT".to_string()),
@@ -179,7 +186,7 @@ repblock demo is running: resource {export}, node {node}, primary.
 Attach it:
   nbdinfo {uri}
   qemu-img info {uri}
-  qemu-img convert -p -O raw disk.img {uri}        # copy an image in
+  qemu-img convert -p -n -O raw disk.img {uri}     # copy an image in
   qemu-system-x86_64 -m 1G -drive file={uri},format=raw,cache=none
 
   # kernel client (hosts with the nbd module):
