@@ -273,11 +273,23 @@ async fn info_and_go_replies() {
     // Malformed lengths.
     let mut bad = req.encode();
     bad.push(0);
-    for data in [vec![], vec![0, 0, 0, 0, 0], bad, vec![0, 0, 0, 50, 0, 0]] {
+    // A name longer than the spec's 4096-byte string limit.
+    let long = InfoRequest {
+        name: vec![b'a'; 5000],
+        requests: vec![],
+    }
+    .encode();
+    for data in [
+        vec![],
+        vec![0, 0, 0, 0, 0],
+        bad,
+        vec![0, 0, 0, 50, 0, 0],
+        long,
+    ] {
         c.option(NBD_OPT_GO, &data).await;
         let (infos, last, _) = info_replies(&mut c, NBD_OPT_GO).await;
         assert!(infos.is_empty());
-        assert_eq!(last, NBD_REP_ERR_INVALID, "data {data:?}");
+        assert_eq!(last, NBD_REP_ERR_INVALID, "data of {} bytes", data.len());
     }
 
     // Finally GO succeeds and the transmission phase works.
