@@ -636,7 +636,7 @@ async fn oversized_write_closes_only_that_connection() {
         .request(NBD_CMD_WRITE_ZEROES, 0, 10, MIB, MAX_BLOCK_SIZE + 4096, &[])
         .await;
     assert_eq!(other.simple().await, (0, 10));
-    assert_eq!(h.client_count(), 1);
+    wait_clients(&h, 1).await;
     h.shutdown().await;
 }
 
