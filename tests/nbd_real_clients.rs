@@ -213,6 +213,8 @@ async fn fio_nbd_engine_verify() {
                 "--offset_increment=8M",
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                // No verify state files left in the working directory.
+                "--verify_state_save=0",
                 "--group_reporting",
                 "--output-format=json",
             ],
