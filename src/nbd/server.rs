@@ -227,6 +227,13 @@ impl NbdHandle {
     /// Stops accepting, lets in-flight requests finish and their replies go
     /// out, closes every connection, and returns once all are gone (and the
     /// Unix socket file is removed).
+    ///
+    /// Requests the server has not started yet get no reply (rather than the
+    /// ESHUTDOWN the spec suggests): a client that reconnects, possibly to
+    /// the new primary after a failover, resubmits unanswered requests, while
+    /// an error reply would reach its filesystem as an IO error. Handshakes
+    /// in progress are closed. A client that does not read its replies gets
+    /// a few seconds before its connection is dropped.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
         if let Some(task) = self.task.take() {
