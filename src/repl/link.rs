@@ -283,6 +283,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn handshake_then_stream_over_loopback_tcp() {
+        use crate::node::{DiskState, Role};
+        use crate::repl::{GenIds, LocalHello, handshake};
+        use std::time::Duration;
+
+        let local = |node: &str, peer: &str| LocalHello {
+            resource: "r0".into(),
+            node: node.into(),
+            peer: peer.into(),
+            size: 1 << 20,
+            block_size: 4096,
+            gen_ids: GenIds::default(),
+            role: Role::Secondary,
+            disk: DiskState::Consistent,
+            secret: b"s3cret".to_vec(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let beta = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let peer = handshake(&mut s, &local("beta", "alpha"), Duration::from_secs(5)).await.expect("beta");
+            assert_eq!(peer.node, "alpha");
+            let (mut r, w) = split_tcp(s).expect("split");
+            let (tx, rx) = mpsc::channel(64);
+            let writer = tokio::spawn(run_writer(w, rx));
+            let mut last = 0;
+            while let Some(m) = r.read().await.expect("read") {
+                let lsn = m.lsn().expect("a log record");
+                assert_eq!(lsn, last + 1, "in LSN order");
+                last = lsn;
+                tx.send(Message::Ack { received: lsn, written: lsn, durable: 0 }).await.expect("ack");
+            }
+            drop(tx);
+            writer.await.expect("writer task").expect("writer");
+            last
+        });
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let peer = handshake(&mut s, &local("alpha", "beta"), Duration::from_secs(5)).await.expect("alpha");
+        assert_eq!(peer.node, "beta");
+        let (mut r, w) = split_tcp(s).expect("split");
+        let (tx, rx) = mpsc::channel(64);
+        let writer = tokio::spawn(run_writer(w, rx));
+        let n = 2000u64;
+        for i in 1..=n {
+            let len = if i % 100 == 0 { 128 << 10 } else { 4096 };
+            tx.send(write(i, len)).await.expect("queue");
+        }
+        drop(tx);
+        writer.await.expect("writer task").expect("writer");
+        let mut acked = 0;
+        while let Some(m) = r.read().await.expect("read") {
+            if let Message::Ack { received, .. } = m {
+                assert!(received > acked, "cumulative acks grow");
+                acked = received;
+            }
+        }
+        assert_eq!(acked, n);
+        assert_eq!(beta.await.expect("beta task"), n);
+    }
+
+    #[tokio::test]
     async fn eof_inside_a_frame_is_truncation() {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let mut buf = BytesMut::new();
