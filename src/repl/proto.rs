@@ -115,25 +115,25 @@ pub struct GenIds {
     pub history: [u64; 4],
 }
 
-/// Why a handshake was refused. Wire code in brackets; an unknown code is
+/// Why a handshake was refused. Wire codes are given per variant; an unknown code is
 /// read as [`RefuseReason::Other`] (a newer peer may know more reasons).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
-    /// [1] The peer's Auth does not match the shared secret.
+    /// Code 1: The peer's Auth does not match the shared secret.
     WrongSecret,
-    /// [2] The peer serves another resource.
+    /// Code 2: The peer serves another resource.
     WrongResource,
-    /// [3] The peer is not the node our config names (or does not expect us).
+    /// Code 3: The peer is not the node our config names (or does not expect us).
     WrongPeer,
-    /// [4] The volumes differ in size.
+    /// Code 4: The volumes differ in size.
     SizeMismatch,
-    /// [5] The volumes differ in block size.
+    /// Code 5: The volumes differ in block size.
     BlockSizeMismatch,
-    /// [6] No protocol version both sides speak.
+    /// Code 6: No protocol version both sides speak.
     IncompatibleVersion,
-    /// [7] A connection with this peer is already established.
+    /// Code 7: A connection with this peer is already established.
     AlreadyConnected,
-    /// [255] Anything else; the message says what.
+    /// Code 255: Anything else; the message says what.
     Other,
 }
 
@@ -185,21 +185,21 @@ impl std::fmt::Display for RefuseReason {
     }
 }
 
-/// Why a peer closes an established connection. Wire code in brackets; an
+/// Why a peer closes an established connection. Wire codes are given per variant; an
 /// unknown code is read as [`GoodbyeReason::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GoodbyeReason {
-    /// [1] The daemon is stopping; reconnect when it is back.
+    /// Code 1: The daemon is stopping; reconnect when it is back.
     Shutdown,
-    /// [2] An operator ran `disconnect`: do not reconnect until told to.
+    /// Code 2: An operator ran `disconnect`: do not reconnect until told to.
     Disconnect,
-    /// [3] Both sides wrote since their last common generation.
+    /// Code 3: Both sides wrote since their last common generation.
     SplitBrain,
-    /// [4] The generation ids share no history: the data is unrelated.
+    /// Code 4: The generation ids share no history: the data is unrelated.
     UnrelatedData,
-    /// [5] The peer broke the protocol (unexpected message, LSN gap...).
+    /// Code 5: The peer broke the protocol (unexpected message, LSN gap...).
     ProtocolError,
-    /// [255] Anything else; the message says what.
+    /// Code 255: Anything else; the message says what.
     Other,
 }
 
