@@ -344,6 +344,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn cancelled_reads_lose_nothing() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        use std::time::Duration;
+
+        // Encoded messages trickle in, cut at random points, while the
+        // reader keeps abandoning `read` on a short timer, as an engine does
+        // in `select!` against its heartbeat.
+        let msgs: Vec<Message> = (1..=300u64).map(|i| write(i, (i as usize * 37) % 9000)).collect();
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            encode(m, &mut wire).expect("encode");
+        }
+        let (mut a, b) = tokio::io::duplex(4096);
+        let trickle = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(7);
+            let mut rest = wire.freeze();
+            while !rest.is_empty() {
+                let n = rng.random_range(1..=rest.len().min(5000));
+                a.write_all(&rest.split_to(n)).await.expect("write");
+                if rng.random_range(0..4) == 0 {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        });
+        let mut r = FrameReader::new(b);
+        let mut got = Vec::new();
+        let mut abandoned = 0;
+        while got.len() < msgs.len() {
+            match tokio::time::timeout(Duration::from_micros(100), r.read()).await {
+                Ok(m) => got.push(m.expect("read").expect("not yet closed")),
+                Err(_) => abandoned += 1,
+            }
+        }
+        trickle.await.expect("trickle");
+        assert_eq!(got, msgs);
+        assert!(r.read().await.expect("clean end").is_none());
+        assert!(abandoned > 0, "the test did cancel some reads");
+    }
+
+    #[tokio::test]
     async fn eof_inside_a_frame_is_truncation() {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         let mut buf = BytesMut::new();
