@@ -22,9 +22,12 @@
 //!
 //! The full byte-level description is docs/replication-protocol.md.
 
+pub mod engine;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+mod session;
+pub mod store;
 
 pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,
