@@ -1,1 +1,849 @@
-//! Resource configuration. (Helper D: implement.)
+//! The resource configuration file (design.md §6).
+//!
+//! One TOML file describes a resource and is shared by its nodes; each node
+//! finds its own `[[node]]` section by name (`--node`). Every field is
+//! documented in `docs/config.md`, with its default and unit.
+//!
+//! Errors always name the file and the field and say what was expected:
+//!
+//! ```text
+//! r0.toml: node[1].nbd: expected "host:port" or "unix:/path", got "10809"
+//! r0.toml: size: "1 GB" is not a size (examples: "512MiB", "1GiB")
+//! r0.toml: unknown field "sise" (line 2, column 1)
+//! ```
+//!
+//! Parsing is done in two steps: serde (with `deny_unknown_fields`) reads the
+//! file into loosely typed raw tables, so that unknown keys and TOML syntax
+//! errors keep their line and column; then [`Config::from_toml`] checks each
+//! field by name, so a wrong value is reported as `field: expected …, got …`
+//! rather than as a serde type error.
+//!
+//! Relative paths (`control`, `dir`, `disk`, `nbd = "unix:…"`) are relative
+//! to the directory holding the config file.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::io::EngineChoice;
+use crate::units;
+
+/// Longest accepted resource or node name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Default `block_size`.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// Default `wal_segment_size`.
+pub const DEFAULT_WAL_SEGMENT_SIZE: u64 = 64 << 20;
+/// Smallest accepted `wal_segment_size`.
+pub const MIN_WAL_SEGMENT_SIZE: u64 = 1 << 20;
+/// Default `checkpoint_bytes`.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Default `checkpoint_interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `max_clients`.
+pub const DEFAULT_MAX_CLIENTS: u32 = 256;
+/// Largest accepted `max_clients`.
+pub const MAX_MAX_CLIENTS: u32 = 65536;
+
+/// Configuration errors. Every message starts with the file name.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or structure error (with line and column when known).
+    #[error("{file}: {message}")]
+    Toml { file: String, message: String },
+    /// A field is missing or has a wrong value.
+    #[error("{file}: {field}: {message}")]
+    Field { file: String, field: String, message: String },
+    /// A rule involving several fields or nodes.
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("{file}: no node named {name:?} (nodes in this file: {present})")]
+    NoSuchNode { file: String, name: String, present: String },
+}
+
+/// Replication protocol (design.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Protocol {
+    /// Asynchronous: a write completes once local.
+    A,
+    /// Semi-synchronous: … and once the peer received it.
+    B,
+    /// Synchronous: … and once the peer wrote it.
+    #[default]
+    C,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::A => "A",
+            Protocol::B => "B",
+            Protocol::C => "C",
+        })
+    }
+}
+
+/// Where a node exports its volume over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NbdAddress {
+    /// `host:port` (IPv6 hosts in brackets: `[::1]:10809`).
+    Tcp { host: String, port: u16 },
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for NbdAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdAddress::Tcp { host, port } => write!(f, "{host}:{port}"),
+            NbdAddress::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl NbdAddress {
+    /// The NBD URI a client uses for `export` on this address.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            NbdAddress::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+            NbdAddress::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+}
+
+/// One `[[node]]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Node name, unique in the file.
+    pub name: String,
+    /// `host:port` the peer connects to (required with two nodes).
+    pub replication: Option<String>,
+    /// `host:port` to bind for replication (defaults to `replication`).
+    pub replication_listen: Option<String>,
+    /// NBD export address (served only while primary).
+    pub nbd: NbdAddress,
+    /// Control socket path (`repctl` talks to it).
+    pub control: PathBuf,
+    /// Node directory: metadata, WAL, and the data file unless `disk`.
+    pub dir: PathBuf,
+    /// Optional block device (or file) holding the data.
+    pub disk: Option<PathBuf>,
+}
+
+/// A validated resource configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (as given), for messages.
+    pub file: PathBuf,
+    /// Resource name; also the NBD export name.
+    pub name: String,
+    /// Volume size in bytes (a multiple of `block_size`).
+    pub size: u64,
+    /// Replication protocol, `C` by default.
+    pub protocol: Protocol,
+    /// Shared secret authenticating the replication link.
+    pub secret: Option<String>,
+    /// Block size in bytes: a power of two in 512..=1MiB, 4KiB by default.
+    pub block_size: u32,
+    /// IO engine (`auto` by default).
+    pub io_engine: EngineChoice,
+    /// WAL segment file size in bytes (64MiB by default).
+    pub wal_segment_size: u64,
+    /// Checkpoint after this many WAL bytes (256MiB by default).
+    pub checkpoint_bytes: u64,
+    /// Checkpoint at least this often while writes arrive (30s by default).
+    pub checkpoint_interval: Duration,
+    /// Maximum concurrent NBD connections (256 by default).
+    pub max_clients: u32,
+    /// The nodes (one or two).
+    pub nodes: Vec<NodeConfig>,
+}
+
+// Raw forms: exactly the keys the file may hold, values still untyped so
+// that the per-field checks below can name the field in their errors.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Option<toml::Value>,
+    size: Option<toml::Value>,
+    protocol: Option<toml::Value>,
+    secret: Option<toml::Value>,
+    block_size: Option<toml::Value>,
+    io_engine: Option<toml::Value>,
+    wal_segment_size: Option<toml::Value>,
+    checkpoint_bytes: Option<toml::Value>,
+    checkpoint_interval: Option<toml::Value>,
+    max_clients: Option<toml::Value>,
+    node: Option<Vec<RawNode>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<toml::Value>,
+    replication: Option<toml::Value>,
+    replication_listen: Option<toml::Value>,
+    nbd: Option<toml::Value>,
+    control: Option<toml::Value>,
+    dir: Option<toml::Value>,
+    disk: Option<toml::Value>,
+}
+
+/// Field checker bound to one file (keeps messages uniform).
+struct Checker<'a> {
+    file: &'a str,
+    base: &'a Path,
+}
+
+impl Checker<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Field { file: self.file.to_string(), field: field.to_string(), message: message.into() }
+    }
+
+    fn required<'v>(&self, field: &str, v: &'v Option<toml::Value>, example: &str) -> Result<&'v toml::Value, ConfigError> {
+        v.as_ref().ok_or_else(|| self.err(field, format!("missing (expected e.g. {field} = {example})")))
+    }
+
+    fn string(&self, field: &str, v: &toml::Value, what: &str) -> Result<String, ConfigError> {
+        match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            other => Err(self.err(field, format!("expected {what}, got {}", describe(other)))),
+        }
+    }
+
+    fn name(&self, field: &str, v: &toml::Value) -> Result<String, ConfigError> {
+        let s = self.string(field, v, "a name string")?;
+        let ok_chars = s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if s.is_empty() || s.len() > MAX_NAME_LEN || !ok_chars || s == "." || s == ".." {
+            return Err(self.err(
+                field,
+                format!("expected 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-], got {s:?}"),
+            ));
+        }
+        Ok(s)
+    }
+
+    fn size(&self, field: &str, v: &toml::Value) -> Result<u64, ConfigError> {
+        match v {
+            toml::Value::String(s) => units::parse_size(s).map_err(|e| self.err(field, e.to_string())),
+            toml::Value::Integer(i) => {
+                u64::try_from(*i).map_err(|_| self.err(field, format!("expected a size, got the negative number {i}")))
+            }
+            other => Err(self.err(field, format!("expected a size such as \"1GiB\", got {}", describe(other)))),
+        }
+    }
+
+    fn duration(&self, field: &str, v: &toml::Value) -> Result<Duration, ConfigError> {
+        match v {
+            toml::Value::String(s) => units::parse_duration(s).map_err(|e| self.err(field, e.to_string())),
+            other => Err(self.err(field, format!("expected a duration such as \"30s\", got {}", describe(other)))),
+        }
+    }
+
+    fn host_port(&self, field: &str, v: &toml::Value) -> Result<String, ConfigError> {
+        let s = self.string(field, v, "\"host:port\"")?;
+        parse_host_port(&s).ok_or_else(|| self.err(field, format!("expected \"host:port\", got {s:?}")))?;
+        Ok(s)
+    }
+
+    fn path(&self, field: &str, v: &toml::Value) -> Result<PathBuf, ConfigError> {
+        let s = self.string(field, v, "a path")?;
+        if s.is_empty() {
+            return Err(self.err(field, "expected a path, got \"\""));
+        }
+        Ok(self.base.join(s))
+    }
+
+    fn nbd(&self, field: &str, v: &toml::Value) -> Result<NbdAddress, ConfigError> {
+        let expected = "expected \"host:port\" or \"unix:/path\"";
+        let s = match v {
+            toml::Value::String(s) => s.clone(),
+            other => return Err(self.err(field, format!("{expected}, got {}", describe(other)))),
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(self.err(field, format!("{expected}, got {s:?}")));
+            }
+            return Ok(NbdAddress::Unix(self.base.join(path)));
+        }
+        match parse_host_port(&s) {
+            Some((host, port)) => Ok(NbdAddress::Tcp { host: host.to_string(), port }),
+            None => Err(self.err(field, format!("{expected}, got {s:?}"))),
+        }
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6); `None` when malformed.
+pub fn parse_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if port == 0 {
+        return None;
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner.strip_suffix(']').is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && !host.contains(':')
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    host_ok.then_some((host, port))
+}
+
+fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("{s:?}"),
+        toml::Value::Integer(i) => format!("the number {i}"),
+        toml::Value::Float(x) => format!("the number {x}"),
+        toml::Value::Boolean(b) => format!("{b}"),
+        toml::Value::Datetime(d) => format!("the date {d}"),
+        toml::Value::Array(_) => "an array".to_string(),
+        toml::Value::Table(_) => "a table".to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Turns a toml/serde error into one line: `unknown field "sise" (line 2, column 1)`,
+/// prefixed with `node[i]: ` when it falls inside the i-th `[[node]]` table.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let mut msg = e.message().trim().replace('\n', "; ");
+    // serde says "unknown field `sise`, expected one of `name`, …".
+    if let Some((field, tail)) = msg.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')) {
+        let expected = tail.trim_start_matches(", ").replace('`', "");
+        msg = format!("unknown field {field:?} ({expected})");
+    }
+    let Some(span) = e.span() else { return msg };
+    let (line, col) = line_col(text, span.start);
+    let node_headers = text[..span.start.min(text.len())]
+        .lines()
+        .filter(|l| l.trim_start().starts_with("[[node]]"))
+        .count();
+    // Top-level keys come before the first [[node]]; after it, a key belongs
+    // to the latest node table.
+    let prefix = if node_headers > 0 { format!("node[{}]: ", node_headers - 1) } else { String::new() };
+    format!("{prefix}{msg} (line {line}, column {col})")
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: path.display().to_string(), source })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative
+    /// paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        // Relative paths in the file are anchored at its directory, made
+        // absolute so logs and the daemon do not depend on the working
+        // directory.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = absolute.parent().map(Path::to_path_buf).unwrap_or_default();
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Toml { file: file.clone(), message: toml_message(text, &e) })?;
+        let c = Checker { file: &file, base: &base };
+
+        let name = c.name("name", c.required("name", &raw.name, "\"r0\"")?)?;
+        let size = c.size("size", c.required("size", &raw.size, "\"1GiB\"")?)?;
+        let protocol = match &raw.protocol {
+            None => Protocol::default(),
+            Some(v) => match c.string("protocol", v, "\"A\", \"B\" or \"C\"")?.as_str() {
+                "A" => Protocol::A,
+                "B" => Protocol::B,
+                "C" => Protocol::C,
+                other => return Err(c.err("protocol", format!("expected \"A\", \"B\" or \"C\", got {other:?}"))),
+            },
+        };
+        let secret = match &raw.secret {
+            None => None,
+            Some(v) => {
+                let s = c.string("secret", v, "a string")?;
+                if s.is_empty() {
+                    return Err(c.err("secret", "expected a non-empty string, got \"\""));
+                }
+                Some(s)
+            }
+        };
+        let block_size = match &raw.block_size {
+            None => DEFAULT_BLOCK_SIZE,
+            Some(v) => {
+                let b = c.size("block_size", v)?;
+                if !b.is_power_of_two() || !(512..=(1 << 20)).contains(&b) {
+                    return Err(c.err(
+                        "block_size",
+                        format!("expected a power of two from 512B to 1MiB, got {}", units::format_size(b)),
+                    ));
+                }
+                b as u32
+            }
+        };
+        if size == 0 || size % u64::from(block_size) != 0 {
+            return Err(c.err(
+                "size",
+                format!(
+                    "expected a non-zero multiple of block_size ({}), got {} ({size} bytes)",
+                    units::format_size(block_size.into()),
+                    units::format_size(size)
+                ),
+            ));
+        }
+        let io_engine = match &raw.io_engine {
+            None => EngineChoice::Auto,
+            Some(v) => match c.string("io_engine", v, "\"auto\", \"io_uring\" or \"sync\"")?.as_str() {
+                "auto" => EngineChoice::Auto,
+                "io_uring" => EngineChoice::IoUring,
+                "sync" => EngineChoice::Sync,
+                other => {
+                    return Err(c.err("io_engine", format!("expected \"auto\", \"io_uring\" or \"sync\", got {other:?}")));
+                }
+            },
+        };
+        let wal_segment_size = match &raw.wal_segment_size {
+            None => DEFAULT_WAL_SEGMENT_SIZE,
+            Some(v) => {
+                let s = c.size("wal_segment_size", v)?;
+                if s < MIN_WAL_SEGMENT_SIZE || s % 4096 != 0 {
+                    return Err(c.err(
+                        "wal_segment_size",
+                        format!("expected at least 1MiB and a multiple of 4KiB, got {}", units::format_size(s)),
+                    ));
+                }
+                s
+            }
+        };
+        let checkpoint_bytes = match &raw.checkpoint_bytes {
+            None => DEFAULT_CHECKPOINT_BYTES,
+            Some(v) => {
+                let s = c.size("checkpoint_bytes", v)?;
+                if s == 0 {
+                    return Err(c.err("checkpoint_bytes", "expected a non-zero size, got 0"));
+                }
+                s
+            }
+        };
+        let checkpoint_interval = match &raw.checkpoint_interval {
+            None => DEFAULT_CHECKPOINT_INTERVAL,
+            Some(v) => {
+                let d = c.duration("checkpoint_interval", v)?;
+                if d.is_zero() {
+                    return Err(c.err("checkpoint_interval", "expected a non-zero duration, got 0s"));
+                }
+                d
+            }
+        };
+        let max_clients = match &raw.max_clients {
+            None => DEFAULT_MAX_CLIENTS,
+            Some(toml::Value::Integer(n)) if (1..=i64::from(MAX_MAX_CLIENTS)).contains(n) => *n as u32,
+            Some(other) => {
+                return Err(c.err(
+                    "max_clients",
+                    format!("expected a number from 1 to {MAX_MAX_CLIENTS}, got {}", describe(other)),
+                ));
+            }
+        };
+
+        let raw_nodes = raw.node.unwrap_or_default();
+        if raw_nodes.is_empty() || raw_nodes.len() > 2 {
+            return Err(c.err(
+                "node",
+                format!("expected one or two [[node]] sections, got {}", raw_nodes.len()),
+            ));
+        }
+        let two = raw_nodes.len() == 2;
+        let mut nodes = Vec::with_capacity(raw_nodes.len());
+        for (i, n) in raw_nodes.iter().enumerate() {
+            let f = |key: &str| format!("node[{i}].{key}");
+            let name = c.name(&f("name"), c.required(&f("name"), &n.name, "\"alpha\"")?)?;
+            let replication = match &n.replication {
+                Some(v) => Some(c.host_port(&f("replication"), v)?),
+                None if two => {
+                    return Err(c.err(
+                        &f("replication"),
+                        "missing (required with two nodes; expected e.g. replication = \"10.0.0.1:7790\")",
+                    ));
+                }
+                None => None,
+            };
+            let replication_listen = match &n.replication_listen {
+                Some(v) => Some(c.host_port(&f("replication_listen"), v)?),
+                None => None,
+            };
+            let nbd = c.nbd(&f("nbd"), c.required(&f("nbd"), &n.nbd, "\"127.0.0.1:10809\"")?)?;
+            let control = c.path(&f("control"), c.required(&f("control"), &n.control, "\"/run/repblock/r0.sock\"")?)?;
+            let dir = c.path(&f("dir"), c.required(&f("dir"), &n.dir, "\"/var/lib/repblock/r0\"")?)?;
+            let disk = match &n.disk {
+                Some(v) => Some(c.path(&f("disk"), v)?),
+                None => None,
+            };
+            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk });
+        }
+        if two && secret.is_none() {
+            return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
+        }
+        let invalid = |message: String| ConfigError::Invalid { file: file.clone(), message };
+        let mut seen = HashSet::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if !seen.insert(&n.name) {
+                return Err(invalid(format!("node[{i}].name: {:?} is used by two nodes", n.name)));
+            }
+        }
+        if two {
+            let (a, b) = (&nodes[0], &nodes[1]);
+            let clash = if a.nbd == b.nbd {
+                Some(("nbd", a.nbd.to_string()))
+            } else if a.control == b.control {
+                Some(("control", a.control.display().to_string()))
+            } else if a.dir == b.dir {
+                Some(("dir", a.dir.display().to_string()))
+            } else if a.disk.is_some() && a.disk == b.disk {
+                Some(("disk", a.disk.as_ref().map(|d| d.display().to_string()).unwrap_or_default()))
+            } else {
+                None
+            };
+            if let Some((field, value)) = clash {
+                return Err(invalid(format!(
+                    "node[1].{field}: {value:?} is also node[0].{field}; each node needs its own"
+                )));
+            }
+        }
+
+        Ok(Config {
+            file: path.to_path_buf(),
+            name,
+            size,
+            protocol,
+            secret,
+            block_size,
+            io_engine,
+            wal_segment_size,
+            checkpoint_bytes,
+            checkpoint_interval,
+            max_clients,
+            nodes,
+        })
+    }
+
+    /// The section of node `name`, or an error listing the nodes present.
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::NoSuchNode {
+            file: self.file.display().to_string(),
+            name: name.to_string(),
+            present: self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The other node of a two-node resource.
+    pub fn peer_of(&self, name: &str) -> Option<&NodeConfig> {
+        if self.nodes.len() == 2 { self.nodes.iter().find(|n| n.name != name) } else { None }
+    }
+
+    /// Volume options for `node`.
+    pub fn volume_options(&self, node: &NodeConfig) -> crate::volume::VolumeOptions {
+        crate::volume::VolumeOptions {
+            dir: node.dir.clone(),
+            disk: node.disk.clone(),
+            wal_segment_size: self.wal_segment_size,
+            checkpoint_bytes: self.checkpoint_bytes,
+            checkpoint_interval: self.checkpoint_interval,
+        }
+    }
+
+    /// What the volume of `node` must be.
+    pub fn identity(&self, node: &NodeConfig) -> crate::volume::Identity {
+        crate::volume::Identity { resource: self.name.clone(), node: node.name.clone(), size: self.size }
+    }
+
+    /// What `create-md` writes for `node`.
+    pub fn create_options(&self, node: &NodeConfig, force: bool) -> crate::volume::CreateOptions {
+        crate::volume::CreateOptions {
+            resource: self.name.clone(),
+            node: node.name.clone(),
+            size: self.size,
+            block_size: self.block_size,
+            force,
+        }
+    }
+}
+
+/// The single-node config `repd demo` writes: resource `r0`, node `demo`,
+/// everything under `dir` (paths relative to the config file).
+pub fn demo_toml(size: u64, nbd: &str) -> String {
+    format!(
+        "# Written by `repd demo`: a single-node resource; see docs/config.md.\n\
+         name = \"r0\"\n\
+         size = \"{size}\"\n\
+         \n\
+         [[node]]\n\
+         name = \"demo\"\n\
+         nbd = \"{nbd}\"\n\
+         control = \"control.sock\"\n\
+         dir = \"data\"\n",
+        size = units::format_size(size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = r#"
+name = "r0"
+size = "64MiB"
+
+[[node]]
+name = "alpha"
+nbd = "127.0.0.1:10809"
+control = "/run/repblock/r0-alpha.sock"
+dir = "/var/lib/repblock/r0-alpha"
+"#;
+
+    const TWO: &str = r#"
+name = "r0"
+size = "1GiB"
+protocol = "B"
+secret = "change-me"
+block_size = "8KiB"
+io_engine = "sync"
+wal_segment_size = "16MiB"
+checkpoint_bytes = 134217728
+checkpoint_interval = "5s"
+max_clients = 8
+
+[[node]]
+name = "alpha"
+replication = "10.0.0.1:7790"
+replication_listen = "0.0.0.0:7790"
+nbd = "127.0.0.1:10809"
+control = "/run/repblock/r0-alpha.sock"
+dir = "/var/lib/repblock/r0-alpha"
+
+[[node]]
+name = "beta"
+replication = "10.0.0.2:7790"
+nbd = "unix:/run/repblock/r0-beta.nbd"
+control = "/run/repblock/r0-beta.sock"
+dir = "/var/lib/repblock/r0-beta"
+disk = "/dev/vg0/r0"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("r0.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        load(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn single_node_gets_defaults() {
+        let c = load(ONE).unwrap();
+        assert_eq!(c.name, "r0");
+        assert_eq!(c.size, 64 << 20);
+        assert_eq!(c.protocol, Protocol::C);
+        assert_eq!(c.secret, None);
+        assert_eq!(c.block_size, 4096);
+        assert_eq!(c.io_engine, EngineChoice::Auto);
+        assert_eq!(c.wal_segment_size, 64 << 20);
+        assert_eq!(c.checkpoint_bytes, 256 << 20);
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(30));
+        assert_eq!(c.max_clients, 256);
+        assert_eq!(c.nodes.len(), 1);
+        let n = c.node("alpha").unwrap();
+        assert_eq!(n.nbd, NbdAddress::Tcp { host: "127.0.0.1".into(), port: 10809 });
+        assert_eq!(n.control, PathBuf::from("/run/repblock/r0-alpha.sock"));
+        assert_eq!(n.replication, None);
+        assert!(c.peer_of("alpha").is_none());
+    }
+
+    #[test]
+    fn two_nodes_with_every_field() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.protocol, Protocol::B);
+        assert_eq!(c.block_size, 8192);
+        assert_eq!(c.io_engine, EngineChoice::Sync);
+        assert_eq!(c.wal_segment_size, 16 << 20);
+        assert_eq!(c.checkpoint_bytes, 128 << 20);
+        assert_eq!(c.checkpoint_interval, Duration::from_secs(5));
+        assert_eq!(c.max_clients, 8);
+        let b = c.node("beta").unwrap();
+        assert_eq!(b.nbd, NbdAddress::Unix("/run/repblock/r0-beta.nbd".into()));
+        assert_eq!(b.nbd.uri("r0"), "nbd+unix:///r0?socket=/run/repblock/r0-beta.nbd");
+        assert_eq!(b.disk, Some(PathBuf::from("/dev/vg0/r0")));
+        assert_eq!(c.peer_of("beta").unwrap().name, "alpha");
+        assert_eq!(c.node("alpha").unwrap().replication_listen.as_deref(), Some("0.0.0.0:7790"));
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let text = ONE.replace("/run/repblock/r0-alpha.sock", "ctl.sock").replace("/var/lib/repblock/r0-alpha", "data");
+        let c = Config::from_toml(Path::new("/etc/repblock/r0.toml"), &text).unwrap();
+        assert_eq!(c.nodes[0].control, PathBuf::from("/etc/repblock/ctl.sock"));
+        assert_eq!(c.nodes[0].dir, PathBuf::from("/etc/repblock/data"));
+        // A config named relative to the working directory still yields
+        // absolute paths.
+        let c = Config::from_toml(Path::new("r0.toml"), &text).unwrap();
+        assert!(c.nodes[0].dir.is_absolute(), "{}", c.nodes[0].dir.display());
+        assert_eq!(c.nodes[0].dir, std::env::current_dir().unwrap().join("data"));
+    }
+
+    #[test]
+    fn bad_nbd_address_names_node_and_field() {
+        let text = TWO.replace("nbd = \"unix:/run/repblock/r0-beta.nbd\"", "nbd = \"10809\"");
+        assert_eq!(err(&text), r#"r0.toml: node[1].nbd: expected "host:port" or "unix:/path", got "10809""#);
+        let text = ONE.replace("127.0.0.1:10809", "unix:");
+        assert!(err(&text).contains("node[0].nbd: expected"), "{}", err(&text));
+        let text = ONE.replace("\"127.0.0.1:10809\"", "10809");
+        assert_eq!(
+            err(&text),
+            r#"r0.toml: node[0].nbd: expected "host:port" or "unix:/path", got the number 10809"#
+        );
+    }
+
+    #[test]
+    fn bad_size_shows_examples() {
+        let text = ONE.replace("\"64MiB\"", "\"1 GB\"");
+        assert_eq!(err(&text), r#"r0.toml: size: "1 GB" is not a size (examples: "512MiB", "1GiB")"#);
+        let text = ONE.replace("\"64MiB\"", "-5");
+        assert_eq!(err(&text), "r0.toml: size: expected a size, got the negative number -5");
+        let text = ONE.replace("\"64MiB\"", "\"1000\"");
+        assert!(err(&text).starts_with("r0.toml: size: expected a non-zero multiple of block_size (4KiB)"));
+        let text = ONE.replace("\"64MiB\"", "0");
+        assert!(err(&text).starts_with("r0.toml: size: expected a non-zero multiple"));
+    }
+
+    #[test]
+    fn unknown_field_keeps_line_and_names_node() {
+        let text = ONE.replace("size = ", "sise = ");
+        let e = err(&text);
+        assert!(e.starts_with(r#"r0.toml: unknown field "sise""#), "{e}");
+        assert!(e.contains("(line 3, column 1)"), "{e}");
+        let text = ONE.replace("dir = ", "dirr = ");
+        let e = err(&text);
+        assert!(e.starts_with(r#"r0.toml: node[0]: unknown field "dirr""#), "{e}");
+        assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_error_has_line() {
+        let e = err("name = \"r0\"\nsize = \n");
+        assert!(e.starts_with("r0.toml: "), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        assert!(err(&ONE.replace("name = \"r0\"", "")).starts_with("r0.toml: name: missing"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "")).starts_with("r0.toml: size: missing"));
+        assert!(err(&ONE.replace("nbd = \"127.0.0.1:10809\"", "")).starts_with("r0.toml: node[0].nbd: missing"));
+        assert!(err(&ONE.replace("control = ", "#")).starts_with("r0.toml: node[0].control: missing"));
+        assert!(err(&ONE.replace("dir = ", "#")).starts_with("r0.toml: node[0].dir: missing"));
+        assert_eq!(
+            err("name = \"r0\"\nsize = \"1GiB\"\n"),
+            "r0.toml: node: expected one or two [[node]] sections, got 0"
+        );
+    }
+
+    #[test]
+    fn bad_names() {
+        let e = err(&ONE.replace("name = \"r0\"", "name = \"r 0\""));
+        assert_eq!(e, r#"r0.toml: name: expected 1 to 64 characters from [A-Za-z0-9_.-], got "r 0""#);
+        let long = "a".repeat(65);
+        assert!(err(&ONE.replace("\"alpha\"", &format!("\"{long}\""))).starts_with("r0.toml: node[0].name: expected 1 to 64"));
+        assert!(err(&ONE.replace("name = \"r0\"", "name = \"\"")).starts_with("r0.toml: name: expected"));
+        assert!(err(&ONE.replace("name = \"r0\"", "name = 7")).contains("got the number 7"));
+    }
+
+    #[test]
+    fn enums_and_ranges() {
+        assert_eq!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nprotocol = \"D\"")),
+            r#"r0.toml: protocol: expected "A", "B" or "C", got "D""#
+        );
+        assert_eq!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nio_engine = \"aio\"")),
+            r#"r0.toml: io_engine: expected "auto", "io_uring" or "sync", got "aio""#
+        );
+        assert_eq!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nblock_size = \"3KiB\"")),
+            "r0.toml: block_size: expected a power of two from 512B to 1MiB, got 3KiB"
+        );
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nblock_size = \"2MiB\"")).contains("block_size"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = 0")).starts_with("r0.toml: max_clients: expected a number from 1 to 65536, got the number 0"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = \"8\"")).starts_with("r0.toml: max_clients:"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = \"soon\"")).starts_with(r#"r0.toml: checkpoint_interval: "soon" is not a duration"#));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = 30")).starts_with("r0.toml: checkpoint_interval: expected a duration"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nwal_segment_size = \"4KiB\"")).starts_with("r0.toml: wal_segment_size: expected at least 1MiB"));
+        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_bytes = 0")).starts_with("r0.toml: checkpoint_bytes:"));
+    }
+
+    #[test]
+    fn two_nodes_need_secret_and_replication() {
+        assert_eq!(
+            err(&TWO.replace("secret = \"change-me\"", "")),
+            "r0.toml: secret: missing (required with two nodes: it authenticates the replication link)"
+        );
+        assert!(err(&TWO.replace("replication = \"10.0.0.2:7790\"", "")).starts_with("r0.toml: node[1].replication: missing"));
+        assert_eq!(
+            err(&TWO.replace("\"10.0.0.2:7790\"", "\"10.0.0.2\"")),
+            r#"r0.toml: node[1].replication: expected "host:port", got "10.0.0.2""#
+        );
+        assert!(err(&TWO.replace("\"0.0.0.0:7790\"", "\"0.0.0.0:99999\"")).starts_with("r0.toml: node[0].replication_listen:"));
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        assert_eq!(err(&TWO.replace("\"beta\"", "\"alpha\"")), r#"r0.toml: node[1].name: "alpha" is used by two nodes"#);
+        assert!(err(&TWO.replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809")).starts_with("r0.toml: node[1].nbd: \"127.0.0.1:10809\" is also node[0].nbd"));
+        assert!(err(&TWO.replace("r0-beta.sock", "r0-alpha.sock")).starts_with("r0.toml: node[1].control:"));
+        assert!(err(&TWO.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha")).starts_with("r0.toml: node[1].dir:"));
+        let three = format!("{TWO}\n[[node]]\nname = \"gamma\"\n");
+        assert!(err(&three).starts_with("r0.toml: node: expected one or two [[node]] sections, got 3"));
+    }
+
+    #[test]
+    fn unknown_node_lists_present_ones() {
+        let c = load(TWO).unwrap();
+        assert_eq!(
+            c.node("gamma").unwrap_err().to_string(),
+            r#"r0.toml: no node named "gamma" (nodes in this file: alpha, beta)"#
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(parse_host_port("127.0.0.1:10809"), Some(("127.0.0.1", 10809)));
+        assert_eq!(parse_host_port("[::1]:10809"), Some(("[::1]", 10809)));
+        assert_eq!(parse_host_port("node-a.example:7790"), Some(("node-a.example", 7790)));
+        for bad in ["10809", ":10809", "host:", "host:0", "host:65536", "::1:80", "[zz]:80", "a b:1"] {
+            assert_eq!(parse_host_port(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let text = demo_toml(1 << 30, "127.0.0.1:10809");
+        let c = Config::from_toml(Path::new("/tmp/demo/r0.toml"), &text).unwrap();
+        assert_eq!(c.size, 1 << 30);
+        assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/demo/control.sock"));
+        assert_eq!(c.nodes[0].dir, PathBuf::from("/tmp/demo/data"));
+    }
+}

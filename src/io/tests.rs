@@ -34,6 +34,13 @@ fn uring_engine() -> Option<Arc<dyn IoEngine>> {
     }
 }
 
+/// io_uring with every transfer split into 1000-byte pieces: every
+/// completion of a bigger read or write is a short one to resubmit.
+fn uring_short_transfers() -> Option<Arc<dyn IoEngine>> {
+    uring_engine()?;
+    Some(Arc::new(UringEngine::with_max_transfer(1000)))
+}
+
 /// The fault engine with no fault armed must be transparent.
 fn fault_over_uring() -> Option<Arc<dyn IoEngine>> {
     let inner = uring_engine()?;
@@ -61,6 +68,7 @@ macro_rules! all_engines {
     ($($test:ident),* $(,)?) => {
         engine_suite!(sync, super::sync_engine; $($test),*);
         engine_suite!(io_uring, super::uring_engine; $($test),*);
+        engine_suite!(io_uring_short_transfers, super::uring_short_transfers; $($test),*);
         engine_suite!(fault_over_uring, super::fault_over_uring; $($test),*);
     };
 }
@@ -78,6 +86,7 @@ all_engines!(
     open_modes,
     rename_remove_sync_dir,
     threads_share_the_engine,
+    absurd_offsets_are_errors,
     block_device,
 );
 
@@ -351,6 +360,21 @@ fn threads_share_the_engine(e: &dyn IoEngine) {
     });
 }
 
+/// Offsets past what the kernel takes (`loff_t` is signed) are errors, not
+/// panics or wrap-arounds.
+fn absurd_offsets_are_errors(e: &dyn IoEngine) {
+    let dir = tmpdir();
+    let f = e.open(&dir.path().join("data"), OpenMode::CREATE_NEW).expect("open");
+    for offset in [u64::MAX - 3, i64::MAX as u64 + 1] {
+        let err = e.write_all_at(&f, &[1u8; 8], offset).expect_err("write");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "write at {offset}: {err}");
+        let mut buf = [0u8; 8];
+        let err = e.read_exact_at(&f, &mut buf, offset).expect_err("read");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "read at {offset}: {err}");
+    }
+    assert_eq!(e.len(&f).expect("len"), 0, "nothing was written");
+}
+
 /// A loop device over a temp file, detached on drop.
 struct LoopDevice {
     dev: PathBuf,
@@ -404,6 +428,11 @@ fn block_device(e: &dyn IoEngine) {
     let mut past = [0u8; 2];
     let err = e.read_exact_at(&f, &mut past, SIZE - 1).expect_err("past the device end");
     assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    // A write across the device end: the part inside lands, then ENOSPC.
+    let err = e.write_all_at(&f, &[0x5A; 1024], SIZE - 512).expect_err("write past the device end");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(read(e, &f, SIZE - 512, 512), vec![0x5A; 512]);
+    e.write_all_at(&f, &b, SIZE - 1000).expect("restore the tail");
 
     // Aligned zero / punch go to the device; unaligned ones are refused by
     // the kernel (EINVAL) and written as zeroes.
@@ -438,6 +467,20 @@ fn probe_succeeds_and_auto_picks_io_uring() {
     assert_eq!(select_engine(EngineChoice::Auto).expect("auto").kind(), EngineKind::IoUring);
     assert_eq!(select_engine(EngineChoice::IoUring).expect("io_uring").kind(), EngineKind::IoUring);
     assert_eq!(select_engine(EngineChoice::Sync).expect("sync").kind(), EngineKind::Sync);
+}
+
+#[test]
+fn engine_choice_parses_from_the_config_spelling() {
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        io_engine: EngineChoice,
+    }
+    for (text, want) in [("auto", EngineChoice::Auto), ("io_uring", EngineChoice::IoUring), ("sync", EngineChoice::Sync)] {
+        let cfg: Cfg = toml::from_str(&format!("io_engine = \"{text}\"")).expect(text);
+        assert_eq!(cfg.io_engine, want);
+    }
+    assert!(toml::from_str::<Cfg>("io_engine = \"uring\"").is_err());
+    assert_eq!(EngineChoice::default(), EngineChoice::Auto);
 }
 
 /// Runs [`fallback_child`] in a child process with io_uring disabled by the
@@ -596,22 +639,36 @@ fn run_diff_batch(e: &dyn IoEngine, f: &IoFile, batch: &[DiffOp]) -> (Option<io:
     (res.err().map(|e| e.kind()), reads)
 }
 
-fn differential(ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError> {
-    let Some(uring) = uring_engine() else { return Ok(()) };
-    let sync = SyncEngine::new();
-    let dir = tmpdir();
-    let fs = sync.open(&dir.path().join("sync"), OpenMode::CREATE_NEW).expect("open");
-    let fu = uring.open(&dir.path().join("uring"), OpenMode::CREATE_NEW).expect("open");
+/// Runs `ops` on both engines, in a temp dir under `base` (the file system
+/// decides which fallocate modes exist), and compares every outcome.
+fn differential(base: &Path, ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError> {
+    if uring_engine().is_none() {
+        return Ok(());
+    }
+    // The reference first, then io_uring as configured, then io_uring with
+    // odd-sized partial transfers.
+    let engines: [(&str, Arc<dyn IoEngine>); 3] = [
+        ("sync", Arc::new(SyncEngine::new())),
+        ("uring", Arc::new(UringEngine::new())),
+        ("uring-short", Arc::new(UringEngine::with_max_transfer(4097))),
+    ];
+    let dir = tempfile::tempdir_in(base).expect("temp dir");
+    let files: Vec<IoFile> = engines
+        .iter()
+        .map(|(name, e)| e.open(&dir.path().join(name), OpenMode::CREATE_NEW).expect("open"))
+        .collect();
     let mut file_len = 0u64;
     for batch in batches(ops, max_batch) {
-        let (es, rs) = run_diff_batch(&sync, &fs, &batch);
-        let (eu, ru) = run_diff_batch(&*uring, &fu, &batch);
-        prop_assert_eq!(es, eu, "batch {:?}", batch);
-        for (op, (a, b)) in batch.iter().zip(rs.iter().zip(&ru)) {
-            // Reads that fail (past EOF) leave unspecified buffers.
-            if let DiffOp::Read { offset, len } = *op {
-                if offset + len as u64 <= file_len {
-                    prop_assert!(a == b, "read {:?} differs", op);
+        let (ref_err, ref_reads) = run_diff_batch(&*engines[0].1, &files[0], &batch);
+        for ((name, e), f) in engines.iter().zip(&files).skip(1) {
+            let (err, reads) = run_diff_batch(&**e, f, &batch);
+            prop_assert_eq!(ref_err, err, "{}: batch {:?}", name, batch);
+            for (op, (a, b)) in batch.iter().zip(ref_reads.iter().zip(&reads)) {
+                // Reads that fail (past EOF) leave unspecified buffers.
+                if let DiffOp::Read { offset, len } = *op {
+                    if offset + len as u64 <= file_len {
+                        prop_assert!(a == b, "{}: read {:?} differs", name, op);
+                    }
                 }
             }
         }
@@ -621,10 +678,12 @@ fn differential(ops: &[DiffOp], max_batch: &[usize]) -> Result<(), TestCaseError
             }
         }
     }
-    let a = std::fs::read(dir.path().join("sync")).expect("read sync file");
-    let b = std::fs::read(dir.path().join("uring")).expect("read uring file");
-    prop_assert_eq!(a.len(), b.len());
-    prop_assert!(a == b, "file contents differ");
+    let reference = std::fs::read(dir.path().join(engines[0].0)).expect("read reference file");
+    for (name, _) in &engines[1..] {
+        let other = std::fs::read(dir.path().join(name)).expect("read file");
+        prop_assert_eq!(reference.len(), other.len(), "{}: file length", name);
+        prop_assert!(reference == other, "{}: file contents differ", name);
+    }
     Ok(())
 }
 
@@ -636,6 +695,111 @@ proptest! {
         ops in proptest::collection::vec(diff_op(), 1..120),
         max_batch in proptest::collection::vec(1..40usize, 1..8),
     ) {
-        differential(&ops, &max_batch)?;
+        differential(&std::env::temp_dir(), &ops, &max_batch)?;
+    }
+
+    /// tmpfs has no FALLOC_FL_ZERO_RANGE: exercises the zero-writing fallback.
+    #[test]
+    fn sync_and_io_uring_agree_on_tmpfs(
+        ops in proptest::collection::vec(diff_op(), 1..120),
+        max_batch in proptest::collection::vec(1..40usize, 1..8),
+    ) {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            differential(shm, &ops, &max_batch)?;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Benchmark (not part of the suite): sync vs io_uring, same run, ratios.
+// Run: cargo test --release --lib io::tests::bench_engines -- --ignored --nocapture
+
+fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch: usize, size: usize, sync: bool) -> f64 {
+    use rand::{Rng, SeedableRng};
+    const SPAN: u64 = 256 << 20;
+    let f = e.open(&dir.join(format!("{name}-{}", e.kind())), OpenMode::CREATE_NEW).expect("open");
+    e.allocate(&f, SPAN).expect("allocate");
+    if name.contains("cached") {
+        // Fill the file so every page is in the page cache.
+        let chunk = pattern(3, 1 << 20);
+        for i in 0..SPAN >> 20 {
+            e.write_all_at(&f, &chunk, i << 20).expect("fill");
+        }
+    }
+    e.sync_data(&f).expect("sync");
+    let buf = pattern(7, size);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let slots = SPAN / size as u64;
+    let start = std::time::Instant::now();
+    let mut seq = 0u64;
+    for _ in 0..rounds {
+        let offsets: Vec<u64> = (0..batch)
+            .map(|_| {
+                let slot = if size >= 1 << 20 {
+                    seq += 1;
+                    seq % slots
+                } else {
+                    rng.random_range(0..slots)
+                };
+                slot * size as u64
+            })
+            .collect();
+        if name.contains("read") {
+            let mut bufs: Vec<Vec<u8>> = offsets.iter().map(|_| vec![0u8; size]).collect();
+            let mut ops: Vec<IoOp<'_>> = offsets
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&offset, b)| IoOp::Read { file: &f, offset, buf: b })
+                .collect();
+            e.submit(&mut ops).expect("reads");
+        } else {
+            let mut ops: Vec<IoOp<'_>> =
+                offsets.iter().map(|&offset| IoOp::Write { file: &f, offset, buf: &buf }).collect();
+            e.submit(&mut ops).expect("writes");
+        }
+        if sync {
+            e.sync_data(&f).expect("sync");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (rounds * batch) as f64 / secs
+}
+
+#[test]
+#[ignore = "benchmark; run explicitly with --ignored --nocapture"]
+fn bench_engines() {
+    let Some(uring) = uring_engine() else { return };
+    let sync: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let dir = tmpdir();
+    for (name, rounds, batch, size, do_sync) in [
+        ("4k-qd1-fdatasync", 2000, 1, 4096, true),
+        ("4k-batch32-fdatasync", 500, 32, 4096, true),
+        ("4k-batch32", 2000, 32, 4096, false),
+        ("1m-batch8", 64, 8, 1 << 20, false),
+        ("4k-batch32-cached", 2000, 32, 4096, false),
+        ("4k-read-batch32-cached", 2000, 32, 4096, false),
+    ] {
+        if std::env::var("REPBLOCK_BENCH").is_ok_and(|only| !only.split(',').any(|n| n == name)) {
+            continue;
+        }
+        // Alternate the order over three rounds and keep each engine's best,
+        // so that neither profits from running second (warm caches, a quiet
+        // neighbour) more than the other.
+        let (mut s, mut u) = (0f64, 0f64);
+        for round in 0..3 {
+            let sub = dir.path().join(format!("{name}-{round}"));
+            std::fs::create_dir(&sub).expect("mkdir");
+            let run = |e: &dyn IoEngine| bench_workload(e, &sub, name, rounds, batch, size, do_sync);
+            if round % 2 == 0 {
+                s = s.max(run(&*sync));
+                u = u.max(run(&*uring));
+            } else {
+                u = u.max(run(&*uring));
+                s = s.max(run(&*sync));
+            }
+            std::fs::remove_dir_all(&sub).expect("cleanup");
+        }
+        println!("{name:>22}: sync {s:>10.0} ops/s  io_uring {u:>10.0} ops/s  ratio io_uring/sync {:.2}", u / s);
     }
 }

@@ -9,8 +9,14 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub mod client;
+pub mod memory;
 pub mod proto;
 pub mod server;
+mod wire;
+
+pub use client::{ClientError, NbdClient};
+pub use memory::MemoryBackend;
+pub use server::{ListenAddr, ListenAddrError, NbdHandle, NbdServer, ServerConfig};
 
 /// Errors a backend returns; mapped to NBD errno values in one place
 /// ([`BlockError::nbd_errno`]).
@@ -49,13 +55,30 @@ impl BlockError {
 pub trait BlockBackend: Send + Sync + 'static {
     /// Export size in bytes.
     fn size(&self) -> u64;
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, BlockError>> + Send;
+    fn read(&self, offset: u64, len: u32)
+    -> impl Future<Output = Result<Bytes, BlockError>> + Send;
     /// Completes per the write semantics (design.md §2); with `fua`, only once
     /// durable.
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// Makes every write completed before it (on any connection) durable.
     fn flush(&self) -> impl Future<Output = Result<(), BlockError>> + Send;
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// `no_hole`: the client asked that the range stays allocated.
-    fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), BlockError>> + Send;
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (with apt, only when something is
+# missing), ensures a Rust toolchain, and runs the whole suite: unit,
+# property and end-to-end tests against real repd processes and real NBD
+# clients (nbdinfo, qemu-img, nbdcopy, fio, nbdfuse + loop + ext4).
+# The end-to-end tests need root (loop devices, mount) and /dev/fuse.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+need qemu-img qemu-utils
+need nbdinfo libnbd-bin
+need nbdcopy libnbd-bin
+need nbdfuse libnbd-bin
+need nbdkit nbdkit
+need fio fio
+need mkfs.ext4 e2fsprogs
+need e2fsck e2fsprogs
+need fusermount3 fuse3
+need losetup util-linux
+need mount mount
+install_needed
+ensure_toolchain
+
+[ "$(id -u)" -eq 0 ] || say "warning: not root: the ext4/loop-device tests will fail"
+[ -e /dev/fuse ] || say "warning: /dev/fuse is missing: the nbdfuse tests will fail"
+
+cd "$REPO_ROOT"
+start=$(date +%s)
+if cargo nextest --version >/dev/null 2>&1; then
+    say "cargo nextest run --all-targets"
+    cargo nextest run --all-targets --no-fail-fast
+else
+    say "cargo test --all-targets (cargo-nextest not installed)"
+    cargo test --all-targets --no-fail-fast
+fi
+say "test suite passed in $(( $(date +%s) - start ))s"

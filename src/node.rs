@@ -1,1 +1,0 @@
-//! Node state machine. (Helper D: implement.)

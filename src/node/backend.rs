@@ -1,0 +1,102 @@
+//! The NBD backend of a primary: the volume, with volume errors mapped to
+//! NBD errors.
+//!
+//! Mapping (the errno each NBD client sees):
+//!
+//! | volume error | NBD error | why |
+//! | --- | --- | --- |
+//! | `Stopped` (fail-stop after a failed fdatasync or WAL write) | `EIO` | the disk failed; the kernel client reports EIO to the filesystem, which is what a failing disk does. `ESHUTDOWN` is kept for a server going away (demote, stop), which clients may treat as "retry elsewhere". |
+//! | `OutOfRange` on a write | `ENOSPC` | as the NBD spec asks for writes past the end |
+//! | `OutOfRange` otherwise | `EINVAL` | as the NBD spec asks for reads/trims past the end |
+//! | anything else (IO errors) | `EIO` | |
+//!
+//! The server range-checks requests before they get here, so `OutOfRange`
+//! is a second line of defence.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::nbd::{BlockBackend, BlockError};
+use crate::volume::{Volume, VolumeError};
+
+/// Serves a [`Volume`] over NBD.
+#[derive(Debug, Clone)]
+pub struct VolumeBackend {
+    volume: Arc<Volume>,
+}
+
+impl VolumeBackend {
+    pub fn new(volume: Arc<Volume>) -> VolumeBackend {
+        VolumeBackend { volume }
+    }
+}
+
+/// What the request was, for the errno choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Other,
+}
+
+fn map_error(op: Op, e: VolumeError) -> BlockError {
+    match e {
+        VolumeError::Stopped(reason) => BlockError::Io(format!("volume stopped taking writes: {reason}")),
+        e @ VolumeError::OutOfRange { .. } if op == Op::Write => BlockError::NoSpace(e.to_string()),
+        e @ VolumeError::OutOfRange { .. } => BlockError::Invalid(e.to_string()),
+        other => BlockError::Io(other.to_string()),
+    }
+}
+
+impl BlockBackend for VolumeBackend {
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        self.volume.read(offset, len).await.map_err(|e| map_error(Op::Read, e))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        self.volume.write(offset, data, fua).await.map(drop).map_err(|e| map_error(Op::Write, e))
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.volume.flush().await.map(drop).map_err(|e| map_error(Op::Other, e))
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
+        self.volume.trim(offset, len, fua).await.map(drop).map_err(|e| map_error(Op::Other, e))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> Result<(), BlockError> {
+        // NO_HOLE means "keep it allocated": do not punch.
+        self.volume
+            .write_zeroes(offset, len, !no_hole, fua)
+            .await
+            .map(drop)
+            .map_err(|e| map_error(Op::Write, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto;
+
+    #[test]
+    fn errors_map_to_the_documented_errno() {
+        let stopped = || VolumeError::Stopped("fdatasync failed: EIO".into());
+        let range = || VolumeError::OutOfRange { offset: 10, len: 4096, size: 8192 };
+        assert_eq!(map_error(Op::Write, stopped()).nbd_errno(), proto::NBD_EIO);
+        assert_eq!(map_error(Op::Other, stopped()).nbd_errno(), proto::NBD_EIO);
+        assert_eq!(map_error(Op::Write, range()).nbd_errno(), proto::NBD_ENOSPC);
+        assert_eq!(map_error(Op::Read, range()).nbd_errno(), proto::NBD_EINVAL);
+        assert_eq!(map_error(Op::Other, range()).nbd_errno(), proto::NBD_EINVAL);
+        let io = VolumeError::Io { path: "/x/data".into(), source: std::io::Error::from_raw_os_error(libc::EIO) };
+        let mapped = map_error(Op::Read, io);
+        assert_eq!(mapped.nbd_errno(), proto::NBD_EIO);
+        assert!(mapped.to_string().contains("/x/data"), "{mapped}");
+    }
+}

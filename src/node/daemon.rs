@@ -1,0 +1,146 @@
+//! Running a node: what `repd` does between parsing its arguments and
+//! exiting, and the offline `create-md`.
+//!
+//! Start order matters: the control socket is bound first, so that a second
+//! `repd` for the same node is refused before it touches the volume; then the
+//! IO engine is chosen, the volume opened (crash recovery runs here), and the
+//! control server started.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Node, NodeError};
+use crate::config::{Config, ConfigError, NodeConfig};
+use crate::control::{self, ControlError, ControlSocket};
+use crate::io::{self, IoEngine};
+use crate::volume::{self, Volume, VolumeError};
+
+/// File name of the superblock inside a node directory.
+pub const SUPERBLOCK_FILE: &str = "meta";
+
+/// How often the daemon looks for a volume that failed on its own (to log
+/// it and emit a `failed` event even when nobody asks for status).
+const FAILURE_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("{0}")]
+    Engine(String),
+    #[error("no metadata in {}: run `repctl --config {} --node {node} create-md`", dir.display(), config.display())]
+    NoMetadata { dir: PathBuf, config: PathBuf, node: String },
+    #[error("node {node} is running (control socket {} answers); stop repd before create-md", path.display())]
+    Running { node: String, path: PathBuf },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("{0}")]
+    Task(String),
+}
+
+/// Chooses the IO engine the config asks for, wrapped by the test-only
+/// fault injector when `REPBLOCK_FAULTS` is set.
+pub fn engine_for(config: &Config) -> Result<Arc<dyn IoEngine>, DaemonError> {
+    let engine = io::select_engine(config.io_engine).map_err(|e| DaemonError::Engine(format!("{}: {e}", config.file.display())))?;
+    io::fault::wrap_from_env(engine).map_err(DaemonError::Engine)
+}
+
+/// Initialises the metadata of `node` (offline: refused while its repd
+/// answers on the control socket).
+pub fn create_md(config: &Config, node: &NodeConfig, force: bool) -> Result<(), DaemonError> {
+    if control::daemon_answers(&node.control) {
+        return Err(DaemonError::Running { node: node.name.clone(), path: node.control.clone() });
+    }
+    let engine = engine_for(config)?;
+    volume::create_md(&*engine, &config.volume_options(node), &config.create_options(node, force))?;
+    tracing::info!(resource = %config.name, node = %node.name, dir = %node.dir.display(), force, "metadata created");
+    Ok(())
+}
+
+/// Whether `create-md` was run for `node`.
+pub fn has_metadata(node: &NodeConfig) -> bool {
+    node.dir.join(SUPERBLOCK_FILE).exists()
+}
+
+/// A running node: its state machine and its control server.
+#[derive(Debug)]
+pub struct Daemon {
+    node: Arc<Node>,
+    stop: watch::Sender<bool>,
+    control: JoinHandle<()>,
+    watcher: JoinHandle<()>,
+}
+
+impl Daemon {
+    /// Starts node `name` of `config` (secondary). Must run inside a
+    /// multi-threaded tokio runtime.
+    pub async fn start(config: Config, name: &str) -> Result<Daemon, DaemonError> {
+        let me = config.node(name)?.clone();
+        let socket = ControlSocket::bind(&me.control, &me.name)?;
+        if !has_metadata(&me) {
+            return Err(DaemonError::NoMetadata { dir: me.dir.clone(), config: config.file.clone(), node: me.name.clone() });
+        }
+        let engine = engine_for(&config)?;
+        let kind = engine.kind();
+        let opts = config.volume_options(&me);
+        let identity = config.identity(&me);
+        let volume: Arc<Volume> = tokio::task::spawn_blocking(move || Volume::open(engine, opts, &identity))
+            .await
+            .map_err(|e| DaemonError::Task(format!("volume open task failed: {e}")))??;
+        let node = Node::new(config, me, volume, kind);
+        let (stop, stop_rx) = watch::channel(false);
+        let control = tokio::spawn(socket.serve(Arc::clone(&node), stop_rx.clone()));
+        let watcher = {
+            let node = Arc::clone(&node);
+            let mut stop_rx = stop_rx;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = control::stopped(&mut stop_rx) => break,
+                        _ = tokio::time::sleep(FAILURE_POLL) => { node.check_failed(); }
+                    }
+                }
+            })
+        };
+        tracing::info!(control = %node.me.control.display(), "control socket ready");
+        Ok(Daemon { node, stop, control, watcher })
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    pub fn control_path(&self) -> &Path {
+        &self.node.me.control
+    }
+
+    /// Graceful stop: the export goes down, the volume is closed (clean),
+    /// the control socket removed.
+    pub async fn stop(self) -> Result<(), DaemonError> {
+        let res = self.node.shutdown().await;
+        // The sender outlives the receivers' last check; ignore "no receiver".
+        let _ = self.stop.send(true);
+        let _ = self.control.await;
+        let _ = self.watcher.await;
+        res.map_err(DaemonError::from)
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; returns the signal's name.
+pub async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,56 @@
+//! The node's persistent disk state, kept in the volume's superblock.
+
+use super::DiskState;
+use crate::volume::{self, Volume, VolumeError};
+
+fn from_volume(d: volume::DiskState) -> DiskState {
+    match d {
+        volume::DiskState::Uptodate => DiskState::UpToDate,
+        volume::DiskState::Consistent => DiskState::Consistent,
+        volume::DiskState::Outdated => DiskState::Outdated,
+        volume::DiskState::Inconsistent => DiskState::Inconsistent,
+        volume::DiskState::Diskless => DiskState::Diskless,
+        volume::DiskState::Unknown => DiskState::Unknown,
+    }
+}
+
+fn to_volume(d: DiskState) -> volume::DiskState {
+    match d {
+        DiskState::UpToDate => volume::DiskState::Uptodate,
+        DiskState::Consistent => volume::DiskState::Consistent,
+        DiskState::Outdated => volume::DiskState::Outdated,
+        DiskState::Inconsistent => volume::DiskState::Inconsistent,
+        DiskState::Diskless => volume::DiskState::Diskless,
+        DiskState::Unknown => volume::DiskState::Unknown,
+    }
+}
+
+/// The disk state recorded in the superblock.
+pub fn load(volume: &Volume) -> DiskState {
+    from_volume(volume.superblock().disk_state)
+}
+
+/// Records `state` in the superblock (written and fdatasync'ed before this
+/// returns).
+pub fn store(volume: &Volume, state: DiskState) -> Result<(), VolumeError> {
+    volume.update_superblock(|sb| sb.disk_state = to_volume(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_round_trips() {
+        for d in [
+            DiskState::UpToDate,
+            DiskState::Consistent,
+            DiskState::Outdated,
+            DiskState::Inconsistent,
+            DiskState::Diskless,
+            DiskState::Unknown,
+        ] {
+            assert_eq!(from_volume(to_volume(d)), d);
+        }
+    }
+}

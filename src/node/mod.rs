@@ -1,0 +1,426 @@
+//! The node state machine: role, disk state, and the NBD export while
+//! primary.
+//!
+//! ```text
+//!             promote (disk uptodate, or --force)
+//!   secondary ───────────────────────────────────► primary ── NBD export up
+//!       ▲                                             │
+//!       └──────────── demote (no clients, or --force) ┘
+//! ```
+//!
+//! - A node always starts **secondary**, whatever it was before it stopped
+//!   (as DRBD: a restarted node never serves until promoted).
+//! - The disk state lives in the superblock: `inconsistent` after
+//!   `create-md`, `uptodate` once an operator forced a promote (single node:
+//!   the data is then the truth). Replication (later issues) moves it
+//!   through `consistent`/`outdated`.
+//! - Only a primary accepts NBD clients: the export is started by promote
+//!   and stopped by demote and by shutdown.
+//! - A two-node resource runs, in this build, like a single node whose peer
+//!   never connects: connection `connecting`, peer disk `unknown`.
+//!
+//! Transitions are serialised by one async mutex; `status` never waits for
+//! one (it reads a snapshot under a short std mutex).
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::config::{Config, NodeConfig};
+use crate::control::{ControlHandler, Event, Request};
+use crate::io::EngineKind;
+use crate::volume::{Volume, VolumeError};
+
+pub mod backend;
+pub mod daemon;
+mod disk;
+mod export;
+pub mod status;
+
+pub use backend::VolumeBackend;
+pub use status::Status;
+
+/// Role of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// Disk state (design.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    /// The newest data.
+    #[serde(rename = "uptodate")]
+    UpToDate,
+    /// Crash-consistent, maybe stale.
+    Consistent,
+    /// Known stale.
+    Outdated,
+    /// Mid-resync or never initialised: not usable.
+    Inconsistent,
+    /// No local disk.
+    Diskless,
+    /// Not known (the peer's, when not connected).
+    Unknown,
+}
+
+/// Connection state (design.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnState {
+    Standalone,
+    Connecting,
+    Connected,
+}
+
+macro_rules! display_via_serde {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                // Unit variants always serialize to a JSON string.
+                match serde_json::to_value(self) {
+                    Ok(serde_json::Value::String(s)) => f.write_str(&s),
+                    _ => write!(f, "{self:?}"),
+                }
+            }
+        }
+    )*};
+}
+display_via_serde!(Role, DiskState, ConnState);
+
+/// Why a node operation failed. The messages go to `repctl` users as they
+/// are.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The operation was refused; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what}: {source}")]
+    Volume {
+        what: &'static str,
+        #[source]
+        source: VolumeError,
+    },
+    #[error("Cannot start the NBD export: {0}")]
+    Export(String),
+    #[error("{cmd}: needs a peer connection; replication is not available in this build")]
+    NotAvailable { cmd: &'static str },
+}
+
+/// The mutable part of the node.
+#[derive(Debug)]
+struct State {
+    role: Role,
+    disk: DiskState,
+    export: Option<Arc<export::Export>>,
+    failed_reported: bool,
+}
+
+/// One node of a resource, running.
+#[derive(Debug)]
+pub struct Node {
+    config: Config,
+    me: NodeConfig,
+    volume: Arc<Volume>,
+    engine: EngineKind,
+    state: Mutex<State>,
+    transition: tokio::sync::Mutex<()>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Node {
+    /// A secondary node over an open volume; the disk state comes from the
+    /// superblock.
+    pub fn new(config: Config, me: NodeConfig, volume: Arc<Volume>, engine: EngineKind) -> Arc<Node> {
+        let disk = disk::load(&volume);
+        let (events, _) = broadcast::channel(256);
+        tracing::info!(resource = %config.name, node = %me.name, role = "secondary", %disk, "node started");
+        Arc::new(Node {
+            config,
+            me,
+            volume,
+            engine,
+            state: Mutex::new(State { role: Role::Secondary, disk, export: None, failed_reported: false }),
+            transition: tokio::sync::Mutex::new(()),
+            events,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this short lock leaves plain data behind;
+        // keep serving status rather than propagating the poison.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: &str, fields: serde_json::Value) {
+        // No subscriber is not an error.
+        let _ = self.events.send(Event::now(event, fields));
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    pub fn role(&self) -> Role {
+        self.state().role
+    }
+
+    /// The volume's fail-stop reason, emitting a `failed` event the first
+    /// time it is seen.
+    fn check_failed(&self) -> Option<String> {
+        let failed = self.volume.status().failed;
+        if let Some(reason) = &failed {
+            let mut st = self.state();
+            if !st.failed_reported {
+                st.failed_reported = true;
+                drop(st);
+                tracing::error!(reason = %reason, "volume stopped taking writes");
+                self.emit("failed", serde_json::json!({ "reason": reason }));
+            }
+        }
+        failed
+    }
+
+    /// Becomes primary and starts the NBD export.
+    pub async fn promote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
+        let _t = self.transition.lock().await;
+        if self.state().role == Role::Primary {
+            return Ok(serde_json::json!({ "role": "primary", "changed": false }));
+        }
+        if let Some(reason) = self.check_failed() {
+            return Err(NodeError::Refused(format!(
+                "cannot promote: the volume stopped taking writes ({reason}); restart repd once the disk is fixed"
+            )));
+        }
+        let disk = self.state().disk;
+        if disk != DiskState::UpToDate {
+            if !force {
+                return Err(NodeError::Refused(refuse_promote_message(disk)));
+            }
+            tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
+            disk::store(&self.volume, DiskState::UpToDate)
+                .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
+            self.state().disk = DiskState::UpToDate;
+            self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
+        }
+        let backend = Arc::new(VolumeBackend::new(Arc::clone(&self.volume)));
+        let cfg = export::ExportConfig {
+            export_name: self.config.name.clone(),
+            description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
+            max_connections: self.config.max_clients as usize,
+        };
+        let export = export::start(&self.me.nbd, backend, cfg).await.map_err(NodeError::Export)?;
+        {
+            let mut st = self.state();
+            st.export = Some(Arc::new(export));
+            st.role = Role::Primary;
+        }
+        let uri = self.me.nbd.uri(&self.config.name);
+        tracing::info!(node = %self.me.name, role = "primary", nbd = %uri, forced = force, "promoted");
+        self.emit("role-changed", serde_json::json!({ "role": "primary", "forced": force }));
+        self.emit("nbd-started", serde_json::json!({ "address": self.me.nbd.to_string(), "uri": uri }));
+        Ok(serde_json::json!({ "role": "primary", "changed": true, "nbd": uri }))
+    }
+
+    /// Becomes secondary: stops the export (refused while clients are
+    /// attached unless `force`, which disconnects them) and flushes.
+    pub async fn demote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
+        let _t = self.transition.lock().await;
+        let export = {
+            let st = self.state();
+            if st.role == Role::Secondary {
+                return Ok(serde_json::json!({ "role": "secondary", "changed": false }));
+            }
+            st.export.clone()
+        };
+        let clients = export.as_ref().map_or(0, |e| e.client_count());
+        if clients > 0 && !force {
+            return Err(NodeError::Refused(format!(
+                "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
+                if clients == 1 { " is" } else { "s are" },
+                if clients == 1 { "it" } else { "them" },
+                if clients == 1 { "it" } else { "them" },
+            )));
+        }
+        self.stop_export().await;
+        self.state().role = Role::Secondary;
+        tracing::info!(node = %self.me.name, role = "secondary", disconnected = clients, "demoted");
+        self.emit("role-changed", serde_json::json!({ "role": "secondary", "disconnected_clients": clients }));
+        // Every write completed before the export stopped is now durable.
+        self.volume
+            .flush()
+            .await
+            .map_err(|source| NodeError::Volume { what: "demoted, but the final flush failed", source })?;
+        Ok(serde_json::json!({ "role": "secondary", "changed": true, "disconnected_clients": clients }))
+    }
+
+    /// Shuts the export down (if up) and waits for in-flight requests.
+    async fn stop_export(&self) {
+        let export = self.state().export.take();
+        if let Some(export) = export {
+            match Arc::try_unwrap(export) {
+                Ok(export) => export.shutdown().await,
+                Err(_) => tracing::error!("NBD export still shared at shutdown; it stops when the last user drops it"),
+            }
+            self.emit("nbd-stopped", serde_json::json!({ "address": self.me.nbd.to_string() }));
+        }
+    }
+
+    /// The status object (design.md §6).
+    pub fn status(&self) -> Status {
+        let failed = self.check_failed();
+        let vs = self.volume.status();
+        let (role, disk, clients, serving) = {
+            let st = self.state();
+            (st.role, st.disk, st.export.as_ref().map_or(0, |e| e.client_count()), st.export.is_some())
+        };
+        let peer = self.config.peer_of(&self.me.name);
+        Status {
+            resource: self.config.name.clone(),
+            node: self.me.name.clone(),
+            role,
+            disk,
+            connection: if peer.is_some() { ConnState::Connecting } else { ConnState::Standalone },
+            replication: None,
+            protocol: self.config.protocol.to_string(),
+            peer: status::PeerStatus {
+                name: peer.map(|p| p.name.clone()),
+                role: None,
+                disk: peer.map(|_| DiskState::Unknown),
+            },
+            out_of_sync_bytes: 0,
+            resync: status::ResyncStatus { done_bytes: 0, total_bytes: 0 },
+            lsn: status::LsnStatus { local: vs.local_lsn, peer_received: 0, peer_written: 0, peer_durable: 0 },
+            size: self.config.size,
+            block_size: self.config.block_size,
+            io_engine: self.engine.to_string(),
+            nbd: status::NbdStatus {
+                address: self.me.nbd.to_string(),
+                uri: self.me.nbd.uri(&self.config.name),
+                serving,
+                clients,
+            },
+            wal: status::WalStatus { bytes: vs.wal_bytes, checkpoint_lsn: vs.checkpoint_lsn, durable_lsn: vs.durable_lsn },
+            failed,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Returns once the disk is uptodate and nothing is out of sync.
+    ///
+    /// In this build (no replication) every state is final: a healthy
+    /// single node returns at once; anything that would need a sync source
+    /// is an error rather than a wait that cannot end.
+    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
+        let _ = timeout;
+        let disk = self.state().disk;
+        if let Some(peer) = self.config.peer_of(&self.me.name) {
+            return Err(NodeError::Refused(format!(
+                "wait-sync: peer {} is not connected (replication is not available in this build); disk is {disk}",
+                peer.name
+            )));
+        }
+        if disk != DiskState::UpToDate {
+            return Err(NodeError::Refused(format!(
+                "wait-sync: disk is {disk} and no sync source is connected (single-node resource: \
+                 `promote --force` makes this node's data the truth)"
+            )));
+        }
+        Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }))
+    }
+
+    /// Graceful stop: export down, volume closed (clean flag set).
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        let _t = self.transition.lock().await;
+        self.emit("stopping", serde_json::json!({}));
+        self.stop_export().await;
+        self.state().role = Role::Secondary;
+        self.volume.close().await.map_err(|source| NodeError::Volume { what: "clean shutdown failed", source })?;
+        tracing::info!(node = %self.me.name, "volume closed cleanly");
+        Ok(())
+    }
+}
+
+fn refuse_promote_message(disk: DiskState) -> String {
+    let why = match disk {
+        DiskState::Inconsistent => "its content was never initialised or synced",
+        DiskState::Outdated => "a newer copy of the data exists on the peer",
+        DiskState::Consistent => "it is crash-consistent but may miss the peer's latest writes",
+        DiskState::Diskless => "there is no local disk",
+        DiskState::Unknown => "its state is not known",
+        DiskState::UpToDate => "",
+    };
+    format!("cannot promote: disk is {disk}: {why}; --force makes this node's data the truth")
+}
+
+impl ControlHandler for Node {
+    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        let res = match req {
+            Request::Status => serde_json::to_value(self.status()).map_err(|e| NodeError::Refused(e.to_string())),
+            Request::Promote { force } => self.promote(force).await,
+            Request::Demote { force } => self.demote(force).await,
+            Request::WaitSync { timeout_secs } => {
+                let timeout = timeout_secs.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
+                self.wait_sync(timeout).await
+            }
+            Request::Connect { .. } => Err(NodeError::NotAvailable { cmd: "connect" }),
+            Request::Disconnect => Err(NodeError::NotAvailable { cmd: "disconnect" }),
+            Request::Verify => Err(NodeError::NotAvailable { cmd: "verify" }),
+            Request::Invalidate => Err(NodeError::NotAvailable { cmd: "invalidate" }),
+            Request::Events => Err(NodeError::Refused("events: handled by the control server".into())),
+        };
+        res.map_err(|e| e.to_string())
+    }
+
+    fn state_event(&self) -> Event {
+        let s = self.status();
+        Event::now(
+            "state",
+            serde_json::json!({
+                "role": s.role, "disk": s.disk, "connection": s.connection,
+                "nbd_clients": s.nbd.clients, "failed": s.failed,
+            }),
+        )
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabulary_is_spelled_as_designed() {
+        assert_eq!(DiskState::UpToDate.to_string(), "uptodate");
+        assert_eq!(DiskState::Inconsistent.to_string(), "inconsistent");
+        assert_eq!(Role::Primary.to_string(), "primary");
+        assert_eq!(ConnState::Standalone.to_string(), "standalone");
+        assert_eq!(serde_json::to_string(&DiskState::UpToDate).unwrap(), "\"uptodate\"");
+        let d: DiskState = serde_json::from_str("\"outdated\"").unwrap();
+        assert_eq!(d, DiskState::Outdated);
+    }
+
+    #[test]
+    fn promote_refusal_explains_the_risk() {
+        let m = refuse_promote_message(DiskState::Inconsistent);
+        assert_eq!(
+            m,
+            "cannot promote: disk is inconsistent: its content was never initialised or synced; \
+             --force makes this node's data the truth"
+        );
+        assert!(refuse_promote_message(DiskState::Outdated).contains("newer copy"));
+    }
+}

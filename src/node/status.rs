@@ -1,0 +1,227 @@
+//! `status`: the JSON object of design.md §6 and its human rendering.
+//!
+//! JSON (names may be added, never changed):
+//!
+//! ```json
+//! {
+//!   "resource": "r0", "node": "alpha",
+//!   "role": "primary", "disk": "uptodate",
+//!   "connection": "standalone", "replication": null, "protocol": "C",
+//!   "peer": { "name": null, "role": null, "disk": null },
+//!   "out_of_sync_bytes": 0,
+//!   "resync": { "done_bytes": 0, "total_bytes": 0 },
+//!   "lsn": { "local": 42, "peer_received": 0, "peer_written": 0, "peer_durable": 0 },
+//!   "size": 67108864, "block_size": 4096, "io_engine": "io_uring",
+//!   "nbd": { "address": "127.0.0.1:10809", "uri": "nbd://127.0.0.1:10809/r0",
+//!            "serving": true, "clients": 1 },
+//!   "wal": { "bytes": 1048576, "checkpoint_lsn": 40, "durable_lsn": 42 },
+//!   "failed": null,
+//!   "pid": 1234
+//! }
+//! ```
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConnState, DiskState, Role};
+use crate::units::format_size_approx;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub resource: String,
+    pub node: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub connection: ConnState,
+    /// Replication state when connected (`established`, `sync-source` …).
+    pub replication: Option<String>,
+    pub protocol: String,
+    pub peer: PeerStatus,
+    pub out_of_sync_bytes: u64,
+    pub resync: ResyncStatus,
+    pub lsn: LsnStatus,
+    /// Volume size in bytes.
+    pub size: u64,
+    pub block_size: u32,
+    /// `io_uring` or `sync`: the engine actually running.
+    pub io_engine: String,
+    pub nbd: NbdStatus,
+    pub wal: WalStatus,
+    /// Why the volume stopped taking writes (fail-stop), or null.
+    pub failed: Option<String>,
+    /// Process id of repd.
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: Option<String>,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LsnStatus {
+    pub local: u64,
+    pub peer_received: u64,
+    pub peer_written: u64,
+    pub peer_durable: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NbdStatus {
+    /// Configured address (`host:port` or `unix:/path`).
+    pub address: String,
+    /// NBD URI of the export.
+    pub uri: String,
+    /// Whether the export is up (only while primary).
+    pub serving: bool,
+    /// Attached NBD connections.
+    pub clients: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WalStatus {
+    /// Bytes of WAL kept on disk.
+    pub bytes: u64,
+    pub checkpoint_lsn: u64,
+    pub durable_lsn: u64,
+}
+
+impl Status {
+    /// Renders the status like `drbdadm status`: resource and role, then
+    /// disk and connection, then details. A fail-stop reason comes right
+    /// after the first line.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        // Writes to a String cannot fail.
+        let _ = writeln!(s, "{} role:{}", self.resource, self.role);
+        if let Some(reason) = &self.failed {
+            let _ = writeln!(s, "  FAILED: {reason}");
+            let _ = writeln!(s, "          (writes and flushes fail; restart repd once the disk is fixed)");
+        }
+        let _ = writeln!(s, "  disk:{}", self.disk);
+        match &self.peer.name {
+            None => {
+                let _ = writeln!(s, "  connection:{}", self.connection);
+            }
+            Some(peer) => {
+                let role = self.peer.role.map_or("unknown".to_string(), |r| r.to_string());
+                let disk = self.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
+                let _ = writeln!(s, "  {peer} connection:{} role:{role}", self.connection);
+                match &self.replication {
+                    Some(r) => {
+                        let _ = writeln!(s, "    replication:{r} peer-disk:{disk}");
+                    }
+                    None => {
+                        let _ = writeln!(s, "    peer-disk:{disk}");
+                    }
+                }
+                if self.out_of_sync_bytes > 0 {
+                    let _ = writeln!(s, "    out-of-sync:{}", format_size_approx(self.out_of_sync_bytes));
+                }
+                if self.resync.total_bytes > 0 {
+                    let pct = 100.0 * self.resync.done_bytes as f64 / self.resync.total_bytes as f64;
+                    let _ = writeln!(
+                        s,
+                        "    resync:{pct:.1}% ({} of {})",
+                        format_size_approx(self.resync.done_bytes),
+                        format_size_approx(self.resync.total_bytes)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s, "  node:{} protocol:{} size:{} io-engine:{}", self.node, self.protocol, format_size_approx(self.size), self.io_engine);
+        if self.nbd.serving {
+            let n = self.nbd.clients;
+            let _ = writeln!(s, "  nbd:{} ({n} client{})", self.nbd.uri, if n == 1 { "" } else { "s" });
+        } else {
+            let _ = writeln!(s, "  nbd:not serving (only a primary exports {})", self.nbd.address);
+        }
+        let _ = writeln!(
+            s,
+            "  lsn:{} durable:{} checkpoint:{} wal:{}",
+            self.lsn.local,
+            self.wal.durable_lsn,
+            self.wal.checkpoint_lsn,
+            format_size_approx(self.wal.bytes)
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            resource: "r0".into(),
+            node: "alpha".into(),
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+            connection: ConnState::Standalone,
+            replication: None,
+            protocol: "C".into(),
+            peer: PeerStatus { name: None, role: None, disk: None },
+            out_of_sync_bytes: 0,
+            resync: ResyncStatus { done_bytes: 0, total_bytes: 0 },
+            lsn: LsnStatus { local: 12, peer_received: 0, peer_written: 0, peer_durable: 0 },
+            size: 1 << 30,
+            block_size: 4096,
+            io_engine: "io_uring".into(),
+            nbd: NbdStatus {
+                address: "127.0.0.1:10809".into(),
+                uri: "nbd://127.0.0.1:10809/r0".into(),
+                serving: true,
+                clients: 1,
+            },
+            wal: WalStatus { bytes: 64 << 20, checkpoint_lsn: 10, durable_lsn: 12 },
+            failed: None,
+            pid: 1,
+        }
+    }
+
+    #[test]
+    fn human_reads_like_drbdadm_status() {
+        let h = sample().human();
+        assert_eq!(
+            h,
+            "r0 role:primary\n  disk:uptodate\n  connection:standalone\n  \
+             node:alpha protocol:C size:1GiB io-engine:io_uring\n  \
+             nbd:nbd://127.0.0.1:10809/r0 (1 client)\n  lsn:12 durable:12 checkpoint:10 wal:64MiB\n"
+        );
+    }
+
+    #[test]
+    fn failure_comes_right_after_the_role() {
+        let mut s = sample();
+        s.failed = Some("fdatasync of WAL failed: EIO".into());
+        let h = s.human();
+        let mut lines = h.lines();
+        assert_eq!(lines.next(), Some("r0 role:primary"));
+        assert_eq!(lines.next(), Some("  FAILED: fdatasync of WAL failed: EIO"));
+    }
+
+    #[test]
+    fn two_nodes_show_the_peer() {
+        let mut s = sample();
+        s.role = Role::Secondary;
+        s.connection = ConnState::Connecting;
+        s.peer = PeerStatus { name: Some("beta".into()), role: None, disk: Some(DiskState::Unknown) };
+        s.nbd.serving = false;
+        let h = s.human();
+        assert!(h.contains("  beta connection:connecting role:unknown\n    peer-disk:unknown\n"), "{h}");
+        assert!(h.contains("nbd:not serving"), "{h}");
+        // JSON keeps null for the unknown peer role.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["peer"], serde_json::json!({"name": "beta", "role": null, "disk": "unknown"}));
+    }
+}
