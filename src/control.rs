@@ -91,6 +91,8 @@ pub enum Request {
         timeout_secs: Option<f64>,
     },
     Events,
+    /// Release writes suspended by `on_peer_loss = "suspend"`.
+    ResumeIo,
 }
 
 /// One response line.
