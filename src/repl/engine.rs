@@ -791,10 +791,10 @@ pub fn new_gen_id() -> u64 {
 pub fn describe_handshake_error(e: &HandshakeError, peer: &str, addr: &str) -> String {
     match e {
         HandshakeError::Refused { reason, message, .. } => {
-            format!("peer {peer} ({addr}) refused by us: {}: {message}", reason.as_str())
+            format!("peer {peer} ({addr}) refused by us: {}: {message}", reason.as_str().replace('-', " "))
         }
         HandshakeError::PeerRefused { reason, message, .. } => {
-            format!("peer {peer} refused: {}: {message}", reason.as_str())
+            format!("peer {peer} refused: {}: {message}", reason.as_str().replace('-', " "))
         }
         other => format!("handshake with {peer} ({addr}) failed: {other}"),
     }
