@@ -39,16 +39,6 @@ pub enum FeedItem {
     SyncData { offset: u64, data: Bytes },
 }
 
-impl FeedItem {
-    /// Payload bytes carried (for accounting).
-    pub fn payload_len(&self) -> usize {
-        match self {
-            FeedItem::Record { op: FeedOp::Write { data, .. }, .. } | FeedItem::SyncData { data, .. } => data.len(),
-            _ => 0,
-        }
-    }
-}
-
 /// The receiving end of the feed.
 pub trait FeedSource: Send {
     /// The next item; `None` once the feed was detached (or the volume
