@@ -448,6 +448,12 @@ impl Node {
     pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
         let Some(repl) = &self.repl else {
             let disk = self.disk();
+            if let Some(peer) = self.config.peer_of(&self.me.name) {
+                return Err(NodeError::Refused(format!(
+                    "wait-sync: peer {} is not connected (replication is not running); disk is {disk}",
+                    peer.name
+                )));
+            }
             if disk != DiskState::UpToDate {
                 return Err(NodeError::Refused(format!(
                     "wait-sync: disk is {disk} and no sync source is connected (single-node resource: \
