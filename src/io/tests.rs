@@ -720,6 +720,13 @@ fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch
     const SPAN: u64 = 256 << 20;
     let f = e.open(&dir.join(format!("{name}-{}", e.kind())), OpenMode::CREATE_NEW).expect("open");
     e.allocate(&f, SPAN).expect("allocate");
+    if name.contains("cached") {
+        // Fill the file so every page is in the page cache.
+        let chunk = pattern(3, 1 << 20);
+        for i in 0..SPAN >> 20 {
+            e.write_all_at(&f, &chunk, i << 20).expect("fill");
+        }
+    }
     e.sync_data(&f).expect("sync");
     let buf = pattern(7, size);
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
@@ -727,7 +734,7 @@ fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch
     let start = std::time::Instant::now();
     let mut seq = 0u64;
     for _ in 0..rounds {
-        let mut ops: Vec<IoOp<'_>> = (0..batch)
+        let offsets: Vec<u64> = (0..batch)
             .map(|_| {
                 let slot = if size >= 1 << 20 {
                     seq += 1;
@@ -735,10 +742,22 @@ fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch
                 } else {
                     rng.random_range(0..slots)
                 };
-                IoOp::Write { file: &f, offset: slot * size as u64, buf: &buf }
+                slot * size as u64
             })
             .collect();
-        e.submit(&mut ops).expect("writes");
+        if name.contains("read") {
+            let mut bufs: Vec<Vec<u8>> = offsets.iter().map(|_| vec![0u8; size]).collect();
+            let mut ops: Vec<IoOp<'_>> = offsets
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(&offset, b)| IoOp::Read { file: &f, offset, buf: b })
+                .collect();
+            e.submit(&mut ops).expect("reads");
+        } else {
+            let mut ops: Vec<IoOp<'_>> =
+                offsets.iter().map(|&offset| IoOp::Write { file: &f, offset, buf: &buf }).collect();
+            e.submit(&mut ops).expect("writes");
+        }
         if sync {
             e.sync_data(&f).expect("sync");
         }
@@ -758,8 +777,10 @@ fn bench_engines() {
         ("4k-batch32-fdatasync", 500, 32, 4096, true),
         ("4k-batch32", 2000, 32, 4096, false),
         ("1m-batch8", 64, 8, 1 << 20, false),
+        ("4k-batch32-cached", 2000, 32, 4096, false),
+        ("4k-read-batch32-cached", 2000, 32, 4096, false),
     ] {
-        if std::env::var("REPBLOCK_BENCH").is_ok_and(|only| !name.contains(&only)) {
+        if std::env::var("REPBLOCK_BENCH").is_ok_and(|only| !only.split(',').any(|n| n == name)) {
             continue;
         }
         // Alternate the order over three rounds and keep each engine's best,

@@ -3,8 +3,10 @@
 //! A batch handed to [`UringEngine::submit`] becomes one submission queue
 //! entry per operation (`IORING_OP_WRITE`, `IORING_OP_READ`,
 //! `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`, `IORING_OP_FALLOCATE`),
-//! submitted with a single `io_uring_enter` per ring-full, so that a whole
-//! group commit (WAL write + data writes) costs one system call.
+//! all pushed before a single `io_uring_enter` (one per ring-full for larger
+//! batches), so that a whole group commit (WAL write + data writes) reaches
+//! the kernel in one system call. Further `io_uring_enter` calls only wait
+//! for completions not yet in (and resubmit the rest of short transfers).
 //!
 //! Rings are per thread: the volume calls the engine from several threads (the
 //! log writer, the checkpointer, blocking read tasks); each lazily gets its own

@@ -27,6 +27,7 @@ use tracing::debug;
 
 use super::proto::*;
 use super::server::ListenAddr;
+use super::wire::write_message;
 
 /// Largest structured reply chunk accepted from a server.
 const MAX_CHUNK: u32 = MAX_BLOCK_SIZE + 64 * 1024;
@@ -45,6 +46,19 @@ pub enum ClientError {
     /// The connection is closed (disconnected, or failed earlier).
     #[error("Connection closed")]
     Closed,
+}
+
+impl ClientError {
+    /// A copy for each request failed by the same connection error
+    /// (`io::Error` is not `Clone`; kind and message are kept).
+    fn duplicate(&self) -> ClientError {
+        match self {
+            ClientError::Nbd { errno } => ClientError::Nbd { errno: *errno },
+            ClientError::Io(e) => ClientError::Io(io::Error::new(e.kind(), e.to_string())),
+            ClientError::Protocol(m) => ClientError::Protocol(m.clone()),
+            ClientError::Closed => ClientError::Closed,
+        }
+    }
 }
 
 /// Name of an NBD error value, for messages.
@@ -76,7 +90,10 @@ struct Pending {
 struct ReadState {
     offset: u64,
     len: u32,
-    buf: BytesMut,
+    /// The whole data, when one chunk carried all of it (no copy).
+    whole: Option<Bytes>,
+    /// Reassembly buffer, when several chunks make up the data.
+    buf: Option<BytesMut>,
     /// Bytes described by content chunks so far.
     covered: u64,
 }
@@ -316,10 +333,11 @@ impl NbdClient {
             if st.closed {
                 return Err(ClientError::Closed);
             }
-            let read = (kind == NBD_CMD_READ).then(|| ReadState {
+            let read = (kind == NBD_CMD_READ).then_some(ReadState {
                 offset,
                 len,
-                buf: BytesMut::zeroed(len as usize),
+                whole: None,
+                buf: None,
                 covered: 0,
             });
             st.pending.insert(
@@ -506,10 +524,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         let res = match out {
             Outgoing::Request { header, payload } => {
                 async {
-                    w.write_all(&header).await?;
-                    if let Some(p) = payload {
-                        w.write_all(&p).await?;
-                    }
+                    let data = payload.as_deref().unwrap_or_default();
+                    write_message(&mut w, &header, data).await?;
                     if rx.is_empty() {
                         w.flush().await?;
                     }
@@ -525,9 +541,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         };
         if let Err(e) = res {
             debug!(error = %e, "NBD client write failed");
-            let kind = e.kind();
-            let msg = e.to_string();
-            lock(&state).close(|| ClientError::Io(io::Error::new(kind, msg.clone())));
+            let e = ClientError::Io(e);
+            lock(&state).close(|| e.duplicate());
             return;
         }
     }
@@ -542,15 +557,14 @@ async fn reader_loop<R: AsyncRead + Unpin>(mut r: R, state: Arc<Mutex<State>>, s
             Err(e) => break Some(e),
         }
     };
-    let mut st = lock(&state);
-    match err {
-        None => st.close(|| ClientError::Closed),
-        Some(e) => {
-            debug!(error = %e, "NBD client connection failed");
-            let msg = e.to_string();
-            st.close(|| ClientError::Protocol(msg.clone()));
-        }
+    if let Some(e) = &err {
+        debug!(error = %e, "NBD client connection failed");
     }
+    // Every waiting request gets its own copy of the reason.
+    lock(&state).close(|| match &err {
+        None => ClientError::Closed,
+        Some(e) => e.duplicate(),
+    });
 }
 
 /// Reads into `buf` until it holds `want` bytes; `Ok(false)` on EOF.
@@ -633,7 +647,7 @@ async fn read_reply<R: AsyncRead + Unpin>(
             if !fill(r, buf, len as usize).await? {
                 return Err(truncated());
             }
-            let payload = buf.split_to(len as usize);
+            let payload = buf.split_to(len as usize).freeze();
             let mut st = lock(state);
             let p = st.pending.get_mut(&cookie).ok_or_else(|| {
                 ClientError::Protocol(format!("Reply chunk for unknown cookie {cookie}"))
@@ -682,12 +696,36 @@ async fn read_reply<R: AsyncRead + Unpin>(
                             rs.offset, rs.len
                         )));
                     };
-                    if kind == NBD_REPLY_TYPE_OFFSET_DATA {
-                        rs.buf[start as usize..(start + n) as usize].copy_from_slice(&payload[8..]);
+                    let whole = kind == NBD_REPLY_TYPE_OFFSET_DATA
+                        && rs.covered == 0
+                        && start == 0
+                        && n == u64::from(rs.len);
+                    if whole {
+                        rs.whole = Some(payload.slice(8..));
                     } else {
-                        rs.buf[start as usize..(start + n) as usize].fill(0);
+                        let len = rs.len as usize;
+                        let prev = rs.whole.take();
+                        let b = rs.buf.get_or_insert_with(|| {
+                            let mut b = BytesMut::zeroed(len);
+                            if let Some(w) = prev {
+                                b.copy_from_slice(&w);
+                            }
+                            b
+                        });
+                        let range = start as usize..(start + n) as usize;
+                        if kind == NBD_REPLY_TYPE_OFFSET_DATA {
+                            b[range].copy_from_slice(&payload[8..]);
+                        } else {
+                            b[range].fill(0);
+                        }
                     }
                     rs.covered += n;
+                    if rs.covered > u64::from(rs.len) {
+                        return Err(ClientError::Protocol(format!(
+                            "Overlapping content chunks for a {}-byte READ",
+                            rs.len
+                        )));
+                    }
                 }
                 k if k & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
                     let (errno, message) = parse_error_chunk(&payload)
@@ -718,7 +756,11 @@ async fn read_reply<R: AsyncRead + Unpin>(
                             rs.covered, rs.len
                         )))
                     }
-                    (None, Some(rs)) => Ok(Some(rs.buf.freeze())),
+                    (None, Some(rs)) => Ok(Some(match (rs.whole, rs.buf) {
+                        (Some(w), _) => w,
+                        (None, Some(b)) => b.freeze(),
+                        (None, None) => Bytes::new(),
+                    })),
                     (None, None) => Ok(None),
                 };
                 let _ = p.done.send(result);

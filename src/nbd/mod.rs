@@ -12,6 +12,7 @@ pub mod client;
 pub mod memory;
 pub mod proto;
 pub mod server;
+mod wire;
 
 pub use client::{ClientError, NbdClient};
 pub use memory::MemoryBackend;

@@ -15,15 +15,22 @@
 //!   requests and [`MAX_INFLIGHT_BYTES`] of READ/WRITE data between parsing a
 //!   request and writing its reply; beyond that the reader stops reading.
 //!
-//! Error answers follow the NBD spec: read/trim out of range → EINVAL,
-//! write/write-zeroes out of range → ENOSPC, unknown command or a flag not
-//! valid for the command → EINVAL, a READ/WRITE_ZEROES over the maximum block
-//! size → EINVAL, FLUSH with a nonzero offset or length → EINVAL. A rejected
-//! WRITE has its payload drained (it is at most [`MAX_BLOCK_SIZE`]) so the
-//! stream stays in sync; a WRITE longer than that, or a bad request magic,
-//! closes that one connection. Zero-length READ/WRITE/TRIM/WRITE_ZEROES
-//! within the export succeed without reaching the backend (the spec leaves
-//! them unspecified but asks the server not to disconnect).
+//! Error answers follow the NBD spec:
+//! - read/trim out of range → EINVAL; write/write-zeroes out of range → ENOSPC;
+//! - unknown command, or a flag not valid for the command (DF, REQ_ONE,
+//!   FAST_ZERO are not advertised; NO_HOLE only on WRITE_ZEROES) → EINVAL;
+//! - READ over the maximum block size (32 MiB) → EINVAL; the spec keeps
+//!   EOVERFLOW for reads with the DF flag, which is not advertised;
+//! - FLUSH with a nonzero offset or length → EINVAL;
+//! - a rejected WRITE has its payload drained (it is at most
+//!   [`MAX_BLOCK_SIZE`]) so the stream stays in sync; a WRITE longer than
+//!   that, or a bad request magic, closes that one connection;
+//! - WRITE_ZEROES and TRIM carry no payload and are served at any length
+//!   within the export (as nbdkit and qemu-nbd do; the Linux client sends
+//!   large ones);
+//! - zero-length READ/WRITE/TRIM/WRITE_ZEROES within the export succeed
+//!   without reaching the backend (the spec leaves them unspecified but asks
+//!   the server not to disconnect).
 
 use std::fmt;
 use std::io;
@@ -43,6 +50,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::proto::*;
+use super::wire::write_message;
 use super::{BlockBackend, BlockError};
 
 /// Most requests one connection may have between parsing and reply.
@@ -57,8 +65,8 @@ const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(5);
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Listen backlog of the TCP listener.
 const LISTEN_BACKLOG: u32 = 1024;
-const READ_BUF_SIZE: usize = 256 * 1024;
-const WRITE_BUF_SIZE: usize = 256 * 1024;
+const READ_BUF_SIZE: usize = 128 * 1024;
+const WRITE_BUF_SIZE: usize = 64 * 1024;
 
 /// The transmission flags every export advertises.
 pub const TRANSMISSION_FLAGS: u16 = NBD_FLAG_HAS_FLAGS
@@ -226,6 +234,15 @@ impl NbdHandle {
                 warn!(error = %e, "NBD accept task failed");
             }
         }
+    }
+}
+
+impl fmt::Debug for NbdHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdHandle")
+            .field("local_addr", &self.local)
+            .field("clients", &self.client_count())
+            .finish()
     }
 }
 
@@ -592,6 +609,16 @@ fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
+/// A client-supplied name for messages and logs: lossy UTF-8, cut to 64
+/// characters (error strings must stay within the spec's 4096 bytes).
+fn shown_name(name: &[u8]) -> String {
+    let s = String::from_utf8_lossy(name);
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.into_owned(),
+    }
+}
+
 fn export_matches(cfg: &ServerConfig, name: &[u8]) -> bool {
     name.is_empty() || name == cfg.export_name.as_bytes()
 }
@@ -645,7 +672,7 @@ where
                     // No way to answer with an error: the spec says close.
                     return Err(HandshakeError::Protocol(format!(
                         "Unknown export {:?} requested by NBD_OPT_EXPORT_NAME",
-                        String::from_utf8_lossy(&data)
+                        shown_name(&data)
                     )));
                 }
                 w.write_all(&export_name_reply(size, TRANSMISSION_FLAGS, no_zeroes))
@@ -687,7 +714,7 @@ where
                     put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, e.to_string().as_bytes())
                 }
                 Ok(req) if !export_matches(cfg, &req.name) => {
-                    let msg = format!("Unknown export {:?}", String::from_utf8_lossy(&req.name));
+                    let msg = format!("Unknown export {:?}", shown_name(&req.name));
                     put_option_reply(&mut out, opt, NBD_REP_ERR_UNKNOWN, msg.as_bytes());
                 }
                 Ok(req) => {
@@ -937,9 +964,10 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE) {
                 return reject(NBD_EINVAL, m);
             }
-            if h.len > MAX_BLOCK_SIZE {
-                return reject(NBD_EINVAL, too_long());
-            }
+            // No maximum-size check: the request carries no payload, and
+            // nbdkit, qemu-nbd and the Linux kernel client (which may send
+            // zeroes of up to 4 GiB whatever the advertised maximum) all
+            // treat it like TRIM. The spec's EINVAL here is only a SHOULD.
             if !in_range(h.len) {
                 return reject(NBD_ENOSPC, beyond());
             }
@@ -1203,8 +1231,8 @@ where
                 }
                 if let Some(suppressed) = shared.log_client.allow() {
                     info!(
-                        conn = id, peer = %peer, cookie = h.cookie, command = command_name(h.kind),
-                        offset = h.offset, len = h.len, errno, suppressed, "NBD request rejected: {message}"
+                        conn = id, peer = %peer, handle = h.cookie, command = command_name(h.kind),
+                        offset = h.offset, len = h.len, errno, reason = %message, suppressed, "NBD request rejected"
                     );
                 }
                 let (head, data) = build_reply(
@@ -1246,7 +1274,7 @@ where
                     let result = run_op(&*shared.backend, op, payload).await.map_err(|e| {
                         if let Some(suppressed) = shared.log_backend.allow() {
                             warn!(
-                                conn = id, peer = %peer, cookie = h.cookie, command = command_name(h.kind),
+                                conn = id, peer = %peer, handle = h.cookie, command = command_name(h.kind),
                                 offset = h.offset, len = h.len, error = %e, suppressed, "NBD request failed"
                             );
                         }
@@ -1316,10 +1344,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         let io = async {
-            w.write_all(&reply.head).await?;
-            if let Some(d) = &reply.data {
-                w.write_all(d).await?;
-            }
+            let data = reply.data.as_deref().unwrap_or_default();
+            write_message(&mut w, &reply.head, data).await?;
             if rx.is_empty() {
                 w.flush().await?;
             }
@@ -1488,6 +1514,13 @@ mod tests {
             classify(&req(NBD_CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), u64::MAX),
             Decision::Close(_)
         ));
+        // No-payload commands are served above the maximum block size.
+        for kind in [NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
+            assert!(matches!(
+                classify(&req(kind, 0, 0, u32::MAX), u64::MAX),
+                Decision::Serve(Serve::Run(_))
+            ));
+        }
         // FUA is accepted everywhere; NO_HOLE on WRITE_ZEROES.
         for kind in [
             NBD_CMD_READ,

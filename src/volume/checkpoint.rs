@@ -11,7 +11,7 @@
 //! 3. writes the superblock: checkpoint LSN `A`, replay from the last
 //!    segment whose first LSN is `<= A + 1`;
 //! 4. recycles the segments entirely below that one (renamed to spares, at
-//!    most [`segment::MAX_SPARES`] kept, the rest removed), unless a segment
+//!    most `segment::MAX_SPARES` (2) kept, the rest removed), unless a segment
 //!    holds LSNs at or above the minimum retained LSN (the hook a later
 //!    issue uses to keep records a peer still needs), then syncs `wal/`;
 //! 5. forgets the replayable ranges of records `<= A` (they are never

@@ -6,20 +6,33 @@
 //!
 //! - [`create_md`] initialises a node directory (superblock, WAL directory,
 //!   data file unless `disk` is given). Refuses if metadata exists unless
-//!   `force`.
-//! - [`Volume::open`] validates the superblock against the config, runs crash
-//!   recovery (replays the WAL from the last checkpoint into the data file,
-//!   truncates a torn tail, refuses mid-log corruption naming file and
-//!   offset), and starts the log writer and checkpointer threads.
+//!   `force`, and always refuses a directory an open volume holds.
+//! - [`Volume::open`] locks the directory (an exclusive `flock` on `meta`),
+//!   validates the superblock against the config, runs crash recovery
+//!   (replays the WAL from the last checkpoint into the data file, truncates
+//!   a torn tail, refuses corruption of a durable record naming file and
+//!   offset), checkpoints, and starts the log writer and checkpointer
+//!   threads. It blocks: call it from a blocking context.
 //! - `write` / `trim` / `write_zeroes` assign an LSN, append the record to the
 //!   WAL and apply it to the data file, then complete; with `fua` they
-//!   complete only once the WAL is fdatasync'ed up to that LSN.
+//!   complete only once they are durable. Writes of 128 KiB or more go to the
+//!   data file only, with a payload-less WAL record, when no replayable
+//!   record overlaps them (docs/formats.md, `WriteInPlace`); a durability
+//!   point then fdatasyncs the data file too.
 //! - `flush` makes every write completed before it durable (group commit:
 //!   concurrent flushes and FUA writes share one fdatasync).
-//! - Any fdatasync (or WAL write) failure is fail-stop: every later write and
-//!   flush fails with [`VolumeError::Stopped`] carrying the reason, and
-//!   `status().failed` says why.
-//! - `close` checkpoints, marks the superblock clean, and stops the threads.
+//! - Reads go to the data file; a read sees every completed write.
+//! - Any WAL write, data write or fdatasync failure is fail-stop: every later
+//!   write, trim, write-zeroes and flush fails with [`VolumeError::Stopped`]
+//!   carrying the reason, and `status().failed` says why.
+//! - `close` drains the queue, checkpoints, marks the superblock clean, stops
+//!   the threads and releases the lock. Dropping a `Volume` without `close`
+//!   stops the threads but leaves the superblock unclean: the next open
+//!   replays the WAL as after a crash.
+//!
+//! Memory: the writer's batch buffer holds at most 16 MiB of payload (plus
+//! one record); recovery reads segments through a 4 MiB window and applies
+//! at most 4 MiB of pending payload at a time.
 //!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
 //! (superblock), [`segment`] (segment files, spares, recycling),

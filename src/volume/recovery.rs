@@ -67,16 +67,75 @@ pub(crate) struct RecoverArgs<'a> {
     pub replay_seq: u64,
 }
 
-fn read_segment(io: &dyn IoEngine, path: &Path) -> Result<Vec<u8>, VolumeError> {
-    let file = io.open(path, OpenMode::READ).map_err(|e| VolumeError::io(path, e))?;
-    let len = io.len(&file).map_err(|e| VolumeError::io(path, e))?;
-    let len = usize::try_from(len).map_err(|_| VolumeError::Invalid {
-        what: format!("WAL segment {}", path.display()),
-        reason: format!("{len} bytes do not fit in memory"),
-    })?;
-    let mut buf = vec![0u8; len];
-    io.read_exact_at(&file, &mut buf, 0).map_err(|e| VolumeError::io(path, e))?;
-    Ok(buf)
+/// Bytes of a segment read at once; records larger than this get a window
+/// of their own size. Tiny in unit tests, so that every recovery test
+/// crosses window boundaries.
+const WINDOW: usize = if cfg!(test) { 4 << 10 } else { 4 << 20 };
+
+/// Reads a segment file through a window, so that recovery never holds a
+/// whole segment in memory.
+struct SegmentReader {
+    file: IoFile,
+    len: u64,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: u64,
+}
+
+impl SegmentReader {
+    fn open(io: &dyn IoEngine, path: &Path) -> Result<SegmentReader, VolumeError> {
+        let file = io.open(path, OpenMode::READ).map_err(|e| VolumeError::io(path, e))?;
+        let len = io.len(&file).map_err(|e| VolumeError::io(path, e))?;
+        Ok(SegmentReader { file, len, buf: Vec::new(), start: 0 })
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// `[off, off+n)`, clipped to the end of the file.
+    fn bytes(&mut self, io: &dyn IoEngine, off: u64, n: usize) -> Result<&[u8], VolumeError> {
+        let end = off.saturating_add(n as u64).min(self.len);
+        if off >= end {
+            return Ok(&[]);
+        }
+        if off < self.start || end > self.start + self.buf.len() as u64 {
+            let want = ((end - off) as usize).max(WINDOW).min((self.len - off) as usize);
+            self.buf.resize(want, 0);
+            io.read_exact_at(&self.file, &mut self.buf, off).map_err(|e| VolumeError::io(self.file.path(), e))?;
+            self.start = off;
+        }
+        let s = (off - self.start) as usize;
+        Ok(&self.buf[s..s + (end - off) as usize])
+    }
+
+    /// Decodes the record at `off` (segment `seq`).
+    fn record(
+        &mut self,
+        io: &dyn IoEngine,
+        off: u64,
+        uuid: u128,
+        seq: u64,
+    ) -> Result<Result<Record<'_>, wal::DecodeError>, VolumeError> {
+        let head = self.bytes(io, off, wal::RECORD_HEADER_SIZE)?;
+        if head.len() < wal::RECORD_HEADER_SIZE {
+            return Ok(Err(wal::DecodeError::Short));
+        }
+        // The decoder validates everything; this only sizes the read. The
+        // writer never makes a larger record: do not read megabytes for a
+        // garbage length.
+        let payload_len = u32::from_le_bytes([head[28], head[29], head[30], head[31]]) as usize;
+        if payload_len > super::MAX_RECORD_PAYLOAD {
+            return Ok(Err(wal::DecodeError::BadLayout));
+        }
+        let whole = self.bytes(io, off, wal::RECORD_HEADER_SIZE.saturating_add(payload_len))?;
+        Ok(wal::decode_record(whole, uuid, seq))
+    }
+
+    /// The segment header, if it decodes.
+    fn header(&mut self, io: &dyn IoEngine) -> Result<Result<SegmentHeader, wal::DecodeError>, VolumeError> {
+        Ok(SegmentHeader::decode(self.bytes(io, 0, 64)?))
+    }
 }
 
 /// Applies records to the data file in batches of non-overlapping ranges
@@ -86,13 +145,16 @@ struct Applier<'d> {
     data: &'d IoFile,
 }
 
-enum Apply<'a> {
-    Write { offset: u64, buf: &'a [u8] },
+enum Apply {
+    Write { offset: u64, buf: Vec<u8> },
     Zero { offset: u64, len: u64, punch: bool },
 }
 
+/// Records are applied once this many payload bytes are pending.
+const APPLY_BYTES: usize = if cfg!(test) { 16 << 10 } else { 4 << 20 };
+
 impl<'d> Applier<'d> {
-    fn apply_all(&self, ops: &[Apply<'_>]) -> Result<(), VolumeError> {
+    fn apply_all(&self, ops: &[Apply]) -> Result<(), VolumeError> {
         const MAX_OPS: usize = 256;
         let mut ranges = RangeSet::default();
         let mut start = 0;
@@ -111,15 +173,15 @@ impl<'d> Applier<'d> {
         self.submit(&ops[start..])
     }
 
-    fn submit(&self, ops: &[Apply<'_>]) -> Result<(), VolumeError> {
+    fn submit(&self, ops: &[Apply]) -> Result<(), VolumeError> {
         if ops.is_empty() {
             return Ok(());
         }
         let mut io_ops: Vec<IoOp<'_>> = ops
             .iter()
-            .map(|op| match *op {
-                Apply::Write { offset, buf } => IoOp::Write { file: self.data, offset, buf },
-                Apply::Zero { offset, len, punch } => IoOp::Zero { file: self.data, offset, len, punch },
+            .map(|op| match op {
+                Apply::Write { offset, buf } => IoOp::Write { file: self.data, offset: *offset, buf },
+                Apply::Zero { offset, len, punch } => IoOp::Zero { file: self.data, offset: *offset, len: *len, punch: *punch },
             })
             .collect();
         self.io.submit(&mut io_ops).map_err(|e| VolumeError::io(self.data.path(), e))
@@ -135,27 +197,30 @@ struct Witness {
     durable_lsn: Lsn,
 }
 
-/// Scans `buf` (segment `seq`) from `from` at 8-byte steps for a valid
-/// record with `durable_lsn >= lsn`.
-fn scan_for_witness(buf: &[u8], uuid: u128, seq: u64, from: u64, lsn: Lsn, path: &Path) -> Option<Witness> {
+/// Scans segment `seq` from `from` at 8-byte steps for a valid record with
+/// `durable_lsn >= lsn`.
+fn scan_for_witness(
+    io: &dyn IoEngine,
+    r: &mut SegmentReader,
+    uuid: u128,
+    seq: u64,
+    from: u64,
+    lsn: Lsn,
+) -> Result<Option<Witness>, VolumeError> {
     let magic = wal::RECORD_MAGIC.to_le_bytes();
-    let mut off = from.next_multiple_of(wal::RECORD_ALIGN as u64) as usize;
-    while off + wal::RECORD_HEADER_SIZE <= buf.len() {
-        if buf[off..off + 4] == magic {
-            if let Ok(rec) = wal::decode_record(&buf[off..], uuid, seq) {
+    let mut off = from.next_multiple_of(wal::RECORD_ALIGN as u64);
+    while off + wal::RECORD_HEADER_SIZE as u64 <= r.len {
+        if r.bytes(io, off, 4)? == magic {
+            if let Ok(rec) = r.record(io, off, uuid, seq)? {
                 if rec.header.durable_lsn >= lsn {
-                    return Some(Witness {
-                        path: path.to_path_buf(),
-                        offset: off as u64,
-                        lsn: rec.header.lsn,
-                        durable_lsn: rec.header.durable_lsn,
-                    });
+                    let (l, d) = (rec.header.lsn, rec.header.durable_lsn);
+                    return Ok(Some(Witness { path: r.path().to_path_buf(), offset: off, lsn: l, durable_lsn: d }));
                 }
             }
         }
-        off += wal::RECORD_ALIGN;
+        off += wal::RECORD_ALIGN as u64;
     }
-    None
+    Ok(None)
 }
 
 /// Replays the log into the data file. Refuses (with an error naming the
@@ -172,8 +237,8 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
     // Expected LSN of the next record; known once the first header is read.
     let mut cursor: Option<Lsn> = None;
     let mut seq = a.replay_seq;
-    // The segment in memory (seq, path, bytes), kept to look ahead.
-    let mut next_buf: Option<Vec<u8>> = None;
+    // The next segment, opened to look ahead at its header.
+    let mut next_reader: Option<SegmentReader> = None;
 
     loop {
         let expect = cursor.unwrap_or(ckpt + 1);
@@ -184,12 +249,12 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
             end_of_log(a, &mut report, expect, &at, 0, seq, None, "segment file missing")?;
             break;
         };
-        let buf = match next_buf.take() {
-            Some(b) => b,
-            None => read_segment(a.io, path)?,
+        let mut reader = match next_reader.take() {
+            Some(r) => r,
+            None => SegmentReader::open(a.io, path)?,
         };
         report.segments_read += 1;
-        let header = match SegmentHeader::decode(&buf) {
+        let header = match reader.header(a.io)? {
             Err(e) => Err(format!("segment header: {e}")),
             Ok(h) if h.uuid != a.uuid => Err(format!("segment header: volume uuid {:032x}, expected {:032x}", h.uuid, a.uuid)),
             Ok(h) if h.seq != seq => Err(format!("segment header: seq {}, expected {seq}", h.seq)),
@@ -205,42 +270,50 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
         let header = match header {
             Ok(h) => h,
             Err(reason) => {
-                end_of_log(a, &mut report, expect, path, 0, seq, Some((&buf, SEGMENT_HEADER_SIZE)), &reason)?;
+                end_of_log(a, &mut report, expect, path, 0, seq, Some((&mut reader, SEGMENT_HEADER_SIZE)), &reason)?;
                 break;
             }
         };
 
         let mut lsn = header.first_lsn;
-        let mut pos = SEGMENT_HEADER_SIZE as usize;
+        let mut pos = SEGMENT_HEADER_SIZE;
         let mut ops = Vec::new();
+        let mut pending_bytes = 0usize;
         let bad_reason = loop {
-            let rec = match wal::decode_record(buf.get(pos..).unwrap_or(&[]), a.uuid, seq) {
+            let rec = match reader.record(a.io, pos, a.uuid, seq)? {
                 Ok(rec) => rec,
                 Err(e) => break format!("record: {e}"),
             };
             if rec.header.lsn != lsn {
                 break format!("record has LSN {}, expected {lsn}", rec.header.lsn);
             }
-            check_range(&rec, a.size, path, pos as u64)?;
+            check_range(&rec, a.size, path, pos)?;
+            let (h, encoded_len) = (rec.header, rec.encoded_len());
             if lsn > ckpt {
-                match rec.header.kind {
-                    RecordKind::Write => ops.push(Apply::Write { offset: rec.header.offset, buf: rec.payload }),
-                    RecordKind::Trim => {
-                        ops.push(Apply::Zero { offset: rec.header.offset, len: u64::from(rec.header.length), punch: true })
+                match h.kind {
+                    RecordKind::Write => {
+                        pending_bytes += rec.payload.len();
+                        ops.push(Apply::Write { offset: h.offset, buf: rec.payload.to_vec() });
                     }
+                    RecordKind::Trim => ops.push(Apply::Zero { offset: h.offset, len: u64::from(h.length), punch: true }),
                     RecordKind::WriteZeroes => ops.push(Apply::Zero {
-                        offset: rec.header.offset,
-                        len: u64::from(rec.header.length),
-                        punch: rec.header.flags & wal::FLAG_MAY_PUNCH != 0,
+                        offset: h.offset,
+                        len: u64::from(h.length),
+                        punch: h.flags & wal::FLAG_MAY_PUNCH != 0,
                     }),
                     // The data went to the data file directly; nothing to redo.
                     RecordKind::FlushBarrier | RecordKind::WriteInPlace => {}
                 }
                 report.replayed += 1;
                 report.last_lsn = lsn;
+                if pending_bytes >= APPLY_BYTES {
+                    applier.apply_all(&ops)?;
+                    ops.clear();
+                    pending_bytes = 0;
+                }
             }
             lsn += 1;
-            pos += rec.encoded_len();
+            pos += encoded_len as u64;
         };
         applier.apply_all(&ops)?;
         drop(ops);
@@ -248,16 +321,16 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
 
         // Does the log continue in the next segment?
         if let Some(next_path) = a.segments.get(&(seq + 1)) {
-            let nb = read_segment(a.io, next_path)?;
-            let continues = matches!(SegmentHeader::decode(&nb),
+            let mut nr = SegmentReader::open(a.io, next_path)?;
+            let continues = matches!(nr.header(a.io)?,
                 Ok(h) if h.uuid == a.uuid && h.seq == seq + 1 && h.first_lsn == lsn);
             if continues {
-                next_buf = Some(nb);
+                next_reader = Some(nr);
                 seq += 1;
                 continue;
             }
         }
-        end_of_log(a, &mut report, lsn, path, pos as u64, seq, Some((&buf, pos as u64 + 8)), &bad_reason)?;
+        end_of_log(a, &mut report, lsn, path, pos, seq, Some((&mut reader, pos + 8)), &bad_reason)?;
         break;
     }
     Ok(report)
@@ -292,7 +365,7 @@ fn end_of_log(
     path: &Path,
     offset: u64,
     seq: u64,
-    current: Option<(&[u8], u64)>,
+    current: Option<(&mut SegmentReader, u64)>,
     reason: &str,
 ) -> Result<(), VolumeError> {
     let corrupt = |why: String| VolumeError::WalCorrupt { path: path.to_path_buf(), offset, lsn, reason: why };
@@ -303,14 +376,15 @@ fn end_of_log(
             a.checkpoint_lsn
         )));
     }
+    let current_present = current.is_some();
     let mut witness = None;
-    if let Some((buf, from)) = current {
-        witness = scan_for_witness(buf, a.uuid, seq, from, lsn, path);
+    if let Some((reader, from)) = current {
+        witness = scan_for_witness(a.io, reader, a.uuid, seq, from, lsn)?;
     }
     if witness.is_none() {
         for (&later_seq, later_path) in a.segments.range(seq + 1..) {
-            let buf = read_segment(a.io, later_path)?;
-            witness = scan_for_witness(&buf, a.uuid, later_seq, SEGMENT_HEADER_SIZE, lsn, later_path);
+            let mut reader = SegmentReader::open(a.io, later_path)?;
+            witness = scan_for_witness(a.io, &mut reader, a.uuid, later_seq, SEGMENT_HEADER_SIZE, lsn)?;
             if witness.is_some() {
                 break;
             }
@@ -325,13 +399,13 @@ fn end_of_log(
             w.durable_lsn
         )));
     }
-    if current.is_some() || a.segments.range(seq + 1..).next().is_some() {
+    if current_present || a.segments.range(seq + 1..).next().is_some() {
         tracing::info!(
             path = %path.display(),
             offset,
             next_lsn = lsn,
             reason,
-            "WAL ends here (anything after it was never synced); truncating the log"
+            "end of the recovered WAL: the bytes there were never synced or are stale; the log is truncated there"
         );
         report.end = Some(LogEnd { path: path.to_path_buf(), offset, lsn, reason: reason.to_string() });
     }

@@ -2,7 +2,7 @@
 //!
 //! Requests (write, trim, write-zeroes, flush; each with a oneshot for its
 //! completion) arrive on a channel. The writer takes everything queued (up
-//! to [`MAX_BATCH_BYTES`] of payload), assigns consecutive LSNs, encodes all
+//! to `MAX_BATCH_BYTES`, 16 MiB, of payload), assigns consecutive LSNs, encodes all
 //! records into one buffer (rolling over to a new segment when one is
 //! full), and submits the WAL write together with the data-file applies in
 //! one `IoEngine::submit` batch. Neither is synced, so their order on disk
@@ -281,7 +281,9 @@ impl Writer {
         let mut warned = false;
         while files.live_bytes() > limit && !self.shared.stopping() && self.shared.failure().is_none() {
             if !warned {
-                tracing::debug!(wal_bytes = files.live_bytes(), limit, "WAL full, writer waits for a checkpoint");
+                // Once per stall: only a checkpoint (or a lifted retention)
+                // ends it.
+                tracing::info!(wal_bytes = files.live_bytes(), limit, "WAL full, writes wait for a checkpoint");
                 warned = true;
             }
             self.shared.request_checkpoint();

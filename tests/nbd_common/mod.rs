@@ -255,3 +255,16 @@ impl Raw {
         }
     }
 }
+
+/// Waits until the server has no connection in the transmission phase.
+pub async fn wait_no_clients(h: &NbdHandle) {
+    let t = std::time::Instant::now();
+    while h.client_count() != 0 {
+        assert!(
+            t.elapsed() < IO_TIMEOUT,
+            "client_count stuck at {}",
+            h.client_count()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
