@@ -208,7 +208,11 @@ impl Node {
                 return Err(NodeError::Refused(refuse_promote_message(disk)));
             }
             tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
-            disk::store(&self.volume, DiskState::UpToDate)
+            // A durable superblock write: off the async workers.
+            let volume = Arc::clone(&self.volume);
+            tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
+                .await
+                .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                 .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
             self.state().disk = DiskState::UpToDate;
             self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
