@@ -213,6 +213,9 @@ async fn fio_nbd_engine_verify() {
                 "--offset_increment=8M",
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                // fio saves its verify state into the working directory
+                // otherwise (the repository root under cargo test).
+                "--verify_state_save=0",
                 "--group_reporting",
                 "--output-format=json",
             ],
