@@ -374,8 +374,13 @@ impl ControlHandler for Node {
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
             Request::WaitSync { timeout_secs } => {
-                let timeout = timeout_secs.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
-                self.wait_sync(timeout).await
+                match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
+                    Ok(timeout) => self.wait_sync(timeout).await,
+                    Err(_) => Err(NodeError::Refused(format!(
+                        "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
+                        timeout_secs.unwrap_or_default()
+                    ))),
+                }
             }
             Request::Connect { .. } => Err(NodeError::NotAvailable { cmd: "connect" }),
             Request::Disconnect => Err(NodeError::NotAvailable { cmd: "disconnect" }),
