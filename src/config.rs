@@ -751,6 +751,20 @@ disk = "/dev/vg0/r0"
         assert!(e.contains("line 9"), "{e}");
     }
 
+    proptest::proptest! {
+        /// Whatever the file holds, loading it answers (Ok or Err), never
+        /// panics; damaged versions of a valid file included.
+        #[test]
+        fn never_panics(text in "\\PC{0,200}", cut in 0usize..400, junk in "\\PC{0,8}") {
+            let _ = load(&text);
+            let mut damaged = ONE.to_string();
+            let at = (0..=cut.min(damaged.len())).rev().find(|i| damaged.is_char_boundary(*i)).unwrap_or(0);
+            damaged.insert_str(at, &junk);
+            let _ = load(&damaged);
+            let _ = load(&ONE[..(0..=cut.min(ONE.len())).rev().find(|i| ONE.is_char_boundary(*i)).unwrap_or(0)]);
+        }
+    }
+
     #[test]
     fn positions_survive_multibyte_text() {
         let text = "# é\nnamé = 1\n";
