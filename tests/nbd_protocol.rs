@@ -273,11 +273,23 @@ async fn info_and_go_replies() {
     // Malformed lengths.
     let mut bad = req.encode();
     bad.push(0);
-    for data in [vec![], vec![0, 0, 0, 0, 0], bad, vec![0, 0, 0, 50, 0, 0]] {
+    // A name longer than the spec's 4096-byte string limit.
+    let long = InfoRequest {
+        name: vec![b'a'; 5000],
+        requests: vec![],
+    }
+    .encode();
+    for data in [
+        vec![],
+        vec![0, 0, 0, 0, 0],
+        bad,
+        vec![0, 0, 0, 50, 0, 0],
+        long,
+    ] {
         c.option(NBD_OPT_GO, &data).await;
         let (infos, last, _) = info_replies(&mut c, NBD_OPT_GO).await;
         assert!(infos.is_empty());
-        assert_eq!(last, NBD_REP_ERR_INVALID, "data {data:?}");
+        assert_eq!(last, NBD_REP_ERR_INVALID, "data of {} bytes", data.len());
     }
 
     // Finally GO succeeds and the transmission phase works.
@@ -624,7 +636,7 @@ async fn oversized_write_closes_only_that_connection() {
         .request(NBD_CMD_WRITE_ZEROES, 0, 10, MIB, MAX_BLOCK_SIZE + 4096, &[])
         .await;
     assert_eq!(other.simple().await, (0, 10));
-    assert_eq!(h.client_count(), 1);
+    wait_clients(&h, 1).await;
     h.shutdown().await;
 }
 
@@ -1134,4 +1146,147 @@ async fn dropping_the_handle_stops_the_server() {
         assert!(t.elapsed() < IO_TIMEOUT, "socket file not removed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Every answer against a model of the spec.
+// ---------------------------------------------------------------------------
+
+/// The errno the spec asks for, computed independently of the server.
+fn model_errno(kind: u16, flags: u16, offset: u64, len: u32, size: u64) -> u32 {
+    let in_range = offset
+        .checked_add(u64::from(len))
+        .is_some_and(|e| e <= size);
+    let allowed = match kind {
+        NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
+        _ => NBD_CMD_FLAG_FUA,
+    };
+    match kind {
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES
+            if flags & !allowed != 0 =>
+        {
+            NBD_EINVAL
+        }
+        NBD_CMD_READ if len > MAX_BLOCK_SIZE || !in_range => NBD_EINVAL,
+        NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES if !in_range => NBD_ENOSPC,
+        NBD_CMD_TRIM if !in_range => NBD_EINVAL,
+        NBD_CMD_FLUSH if offset != 0 || len != 0 => NBD_EINVAL,
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => 0,
+        _ => NBD_EINVAL,
+    }
+}
+
+#[tokio::test]
+async fn random_requests_match_the_model() {
+    use rand::{Rng, SeedableRng};
+    let size = MIB + 123;
+    let (h, _) = start(size).await;
+    for seed in 0..4u64 {
+        let structured = seed % 2 == 1;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut c = Raw::connect(&h).await;
+        c.go(structured).await;
+        // The model starts from the content the previous connections left.
+        let mut model = {
+            let client = NbdClient::connect(&h.listen_addr(), EXPORT).await.unwrap();
+            let d = client.read(0, size as u32).await.unwrap().to_vec();
+            client.disconnect().await.unwrap();
+            d
+        };
+        for i in 0..400u64 {
+            let kind = match rng.random_range(0..20) {
+                0..=5 => NBD_CMD_READ,
+                6..=11 => NBD_CMD_WRITE,
+                12..=13 => NBD_CMD_FLUSH,
+                14..=15 => NBD_CMD_TRIM,
+                16..=17 => NBD_CMD_WRITE_ZEROES,
+                18 => rng.random_range(5..=20),
+                _ => rng.random(),
+            };
+            let flags = match rng.random_range(0..10) {
+                0..=5 => 0,
+                6..=7 => NBD_CMD_FLAG_FUA,
+                8 => NBD_CMD_FLAG_NO_HOLE,
+                _ => 1 << rng.random_range(0..16),
+            };
+            let mut offset = match rng.random_range(0..10) {
+                0..=7 => rng.random_range(0..size),
+                8 => size - rng.random_range(0..100),
+                _ => rng.random(),
+            };
+            let mut len: u32 = match rng.random_range(0..10) {
+                0..=7 => rng.random_range(1..=65536),
+                8 => 0,
+                _ if kind == NBD_CMD_WRITE => rng.random_range(1..=300_000),
+                _ => rng.random(),
+            };
+            if kind == NBD_CMD_FLUSH && rng.random_range(0..4) != 0 {
+                (offset, len) = (0, 0);
+            }
+            let payload: Vec<u8> = if kind == NBD_CMD_WRITE {
+                (0..len).map(|_| rng.random()).collect()
+            } else {
+                vec![]
+            };
+            c.request(kind, flags, i, offset, len, &payload).await;
+            let want = model_errno(kind, flags, offset, len, size);
+            let reply = c.reply(|_| (kind == NBD_CMD_READ).then_some(len)).await;
+            let what =
+                format!("seed {seed} #{i}: kind {kind} flags {flags:#x} offset {offset} len {len}");
+            let (errno, data) = match reply {
+                Reply::Simple {
+                    error,
+                    cookie,
+                    data,
+                } => {
+                    assert_eq!(cookie, i, "{what}");
+                    assert!(
+                        !(structured && kind == NBD_CMD_READ),
+                        "simple reply to a structured READ: {what}"
+                    );
+                    (error, data)
+                }
+                Reply::Chunk {
+                    flags: rf,
+                    kind: rk,
+                    cookie,
+                    payload,
+                } => {
+                    assert_eq!(cookie, i, "{what}");
+                    assert!(structured, "chunk without negotiation: {what}");
+                    assert_eq!(rf, NBD_REPLY_FLAG_DONE, "{what}");
+                    match rk {
+                        NBD_REPLY_TYPE_OFFSET_DATA => {
+                            assert_eq!(&payload[..8], &offset.to_be_bytes(), "{what}");
+                            (0, payload[8..].to_vec())
+                        }
+                        NBD_REPLY_TYPE_NONE => (0, vec![]),
+                        NBD_REPLY_TYPE_ERROR => (parse_error_chunk(&payload).unwrap().0, vec![]),
+                        other => panic!("chunk type {other}: {what}"),
+                    }
+                }
+            };
+            assert_eq!(errno, want, "{what}");
+            if want != 0 {
+                continue;
+            }
+            let range = offset as usize..(offset + u64::from(len)) as usize;
+            match kind {
+                NBD_CMD_READ => assert!(data == model[range], "READ content differs: {what}"),
+                NBD_CMD_WRITE => model[range].copy_from_slice(&payload),
+                NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES => model[range].fill(0),
+                _ => {}
+            }
+        }
+        // The stream is still in sync and the export holds the model.
+        c.request(NBD_CMD_DISC, 0, 0, 0, 0, &[]).await;
+        c.expect_closed().await;
+        let client = NbdClient::connect(&h.listen_addr(), EXPORT).await.unwrap();
+        assert!(
+            client.read(0, size as u32).await.unwrap() == model[..],
+            "seed {seed}: final content differs"
+        );
+        client.disconnect().await.unwrap();
+    }
+    h.shutdown().await;
 }

@@ -100,6 +100,18 @@ async fn nbdinfo_json_reports_size_and_flags() {
         // The description reaches the client.
         assert_eq!(export["description"], "test export", "{out}");
     }
+    // NBD_OPT_LIST through a real client.
+    let (h, _) = &servers[0];
+    let addr = match h.listen_addr() {
+        ListenAddr::Tcp(a) => a,
+        ListenAddr::Unix(_) => unreachable!("the first server listens on TCP"),
+    };
+    let out = run("nbdinfo", &["--list", "--json", &format!("nbd://{addr}")]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let exports = v["exports"].as_array().unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(exports.len(), 1, "{out}");
+    assert_eq!(exports[0]["export-name"], EXPORT, "{out}");
+    assert_eq!(exports[0]["export-size"], SIZE, "{out}");
     for (h, _) in servers {
         h.shutdown().await;
     }
@@ -213,8 +225,7 @@ async fn fio_nbd_engine_verify() {
                 "--offset_increment=8M",
                 "--verify=crc32c",
                 "--verify_fatal=1",
-                // fio saves its verify state into the working directory
-                // otherwise (the repository root under cargo test).
+                // No verify state files left in the working directory.
                 "--verify_state_save=0",
                 "--group_reporting",
                 "--output-format=json",

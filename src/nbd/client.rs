@@ -317,7 +317,10 @@ impl NbdClient {
         self.inner.block_size
     }
 
-    /// Sends one request (header plus optional payload) and waits for its reply.
+    /// Sends one request (header plus optional payload) and waits for its
+    /// reply: the READ data, or `None`. Nothing is validated, so tests can
+    /// send what the typed methods below would not (unknown commands, odd
+    /// flags).
     pub async fn request(
         &self,
         kind: u16,
@@ -369,11 +372,13 @@ impl NbdClient {
         rx.await.map_err(|_| ClientError::Closed)?
     }
 
+    /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         let data = self.request(NBD_CMD_READ, 0, offset, len, None).await?;
         Ok(data.unwrap_or_default())
     }
 
+    /// Writes `data` at `offset`; with `fua`, completes only once durable.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
         self.write_bytes(offset, Bytes::copy_from_slice(data), fua)
             .await
@@ -398,10 +403,13 @@ impl NbdClient {
             .map(drop)
     }
 
+    /// Makes every write completed before it durable (on every connection,
+    /// when the server advertises CAN_MULTI_CONN).
     pub async fn flush(&self) -> Result<(), ClientError> {
         self.request(NBD_CMD_FLUSH, 0, 0, 0, None).await.map(drop)
     }
 
+    /// Discards a range (NBD_CMD_TRIM).
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ClientError> {
         let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
         self.request(NBD_CMD_TRIM, flags, offset, len, None)
@@ -409,6 +417,7 @@ impl NbdClient {
             .map(drop)
     }
 
+    /// Zeroes a range; `no_hole` asks the server to keep it allocated.
     pub async fn write_zeroes(
         &self,
         offset: u64,

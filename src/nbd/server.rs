@@ -227,6 +227,13 @@ impl NbdHandle {
     /// Stops accepting, lets in-flight requests finish and their replies go
     /// out, closes every connection, and returns once all are gone (and the
     /// Unix socket file is removed).
+    ///
+    /// Requests the server has not started yet get no reply (rather than the
+    /// ESHUTDOWN the spec suggests): a client that reconnects, possibly to
+    /// the new primary after a failover, resubmits unanswered requests, while
+    /// an error reply would reach its filesystem as an IO error. Handshakes
+    /// in progress are closed. A client that does not read its replies gets
+    /// a few seconds before its connection is dropped.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
         if let Some(task) = self.task.take() {
@@ -523,9 +530,10 @@ enum HandshakeError {
 enum Negotiated {
     /// NBD_OPT_ABORT: acknowledged, close.
     Abort,
-    Transmission {
-        structured: bool,
-    },
+    /// Enter the transmission phase once `last` (the final handshake reply)
+    /// is written: the caller counts the client first, so that a client
+    /// seeing the reply also sees itself in [`NbdHandle::client_count`].
+    Transmission { structured: bool, last: Vec<u8> },
 }
 
 /// Decrements the transmission-phase client count when dropped.
@@ -566,9 +574,24 @@ async fn serve_connection<B, R, W>(
             debug!(conn = id, peer = %peer, "NBD client aborted the handshake");
             let _ = w.shutdown().await;
         }
-        Ok(Negotiated::Transmission { structured }) => {
+        Ok(Negotiated::Transmission { structured, last }) => {
             shared.clients.fetch_add(1, Ordering::SeqCst);
             let _guard = ClientGuard(shared.clients.clone());
+            let sent = async {
+                w.write_all(&last).await?;
+                w.flush().await
+            };
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(conn = id, peer = %peer, error = %e, "NBD client left at the end of the handshake");
+                    return;
+                }
+                Err(_) => {
+                    debug!(conn = id, peer = %peer, "NBD client does not read the end of the handshake");
+                    return;
+                }
+            }
             debug!(conn = id, peer = %peer, structured, "NBD transmission phase");
             let end = transmission(r, w, id, &peer, structured, &shared).await;
             match end {
@@ -675,10 +698,8 @@ where
                         shown_name(&data)
                     )));
                 }
-                w.write_all(&export_name_reply(size, TRANSMISSION_FLAGS, no_zeroes))
-                    .await?;
-                w.flush().await?;
-                return Ok(Negotiated::Transmission { structured });
+                let last = export_name_reply(size, TRANSMISSION_FLAGS, no_zeroes);
+                return Ok(Negotiated::Transmission { structured, last });
             }
             NBD_OPT_ABORT => {
                 // The spec asks to ignore any data sent with ABORT.
@@ -747,9 +768,8 @@ where
                     }
                     put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                     if opt == NBD_OPT_GO {
-                        w.write_all(&out).await?;
-                        w.flush().await?;
-                        return Ok(Negotiated::Transmission { structured });
+                        let last = out.to_vec();
+                        return Ok(Negotiated::Transmission { structured, last });
                     }
                 }
             },

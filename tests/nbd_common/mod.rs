@@ -256,15 +256,21 @@ impl Raw {
     }
 }
 
-/// Waits until the server has no connection in the transmission phase.
-pub async fn wait_no_clients(h: &NbdHandle) {
+/// Waits until the server has `n` connections in the transmission phase
+/// (a closed connection is uncounted just after its socket closes).
+pub async fn wait_clients(h: &NbdHandle, n: usize) {
     let t = std::time::Instant::now();
-    while h.client_count() != 0 {
+    while h.client_count() != n {
         assert!(
             t.elapsed() < IO_TIMEOUT,
-            "client_count stuck at {}",
+            "client_count stuck at {}, want {n}",
             h.client_count()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until the server has no connection in the transmission phase.
+pub async fn wait_no_clients(h: &NbdHandle) {
+    wait_clients(h, 0).await;
 }
