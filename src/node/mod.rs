@@ -118,7 +118,7 @@ pub enum NodeError {
 struct State {
     role: Role,
     disk: DiskState,
-    export: Option<Arc<export::Export>>,
+    export: Option<export::Export>,
     failed_reported: bool,
 }
 
@@ -226,7 +226,7 @@ impl Node {
         let export = export::start(&self.me.nbd, backend, cfg).await.map_err(NodeError::Export)?;
         {
             let mut st = self.state();
-            st.export = Some(Arc::new(export));
+            st.export = Some(export);
             st.role = Role::Primary;
         }
         let uri = self.me.nbd.uri(&self.config.name);
@@ -240,14 +240,13 @@ impl Node {
     /// attached unless `force`, which disconnects them) and flushes.
     pub async fn demote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
         let _t = self.transition.lock().await;
-        let export = {
+        let clients = {
             let st = self.state();
             if st.role == Role::Secondary {
                 return Ok(serde_json::json!({ "role": "secondary", "changed": false }));
             }
-            st.export.clone()
+            st.export.as_ref().map_or(0, |e| e.client_count())
         };
-        let clients = export.as_ref().map_or(0, |e| e.client_count());
         if clients > 0 && !force {
             return Err(NodeError::Refused(format!(
                 "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
@@ -272,10 +271,7 @@ impl Node {
     async fn stop_export(&self) {
         let export = self.state().export.take();
         if let Some(export) = export {
-            match Arc::try_unwrap(export) {
-                Ok(export) => export.shutdown().await,
-                Err(_) => tracing::error!("NBD export still shared at shutdown; it stops when the last user drops it"),
-            }
+            export.shutdown().await;
             self.emit("nbd-stopped", serde_json::json!({ "address": self.me.nbd.to_string() }));
         }
     }
