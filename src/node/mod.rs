@@ -320,9 +320,9 @@ impl Node {
     ///
     /// In this build (no replication) every state is final: a healthy
     /// single node returns at once; anything that would need a sync source
-    /// is an error rather than a wait that cannot end.
-    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
-        let _ = timeout;
+    /// is an error rather than a wait that cannot end. `_timeout` bounds the
+    /// wait once replication gives it something to wait for.
+    pub async fn wait_sync(&self, _timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
         let disk = self.state().disk;
         if let Some(peer) = self.config.peer_of(&self.me.name) {
             return Err(NodeError::Refused(format!(
