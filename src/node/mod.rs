@@ -125,7 +125,7 @@ pub enum NodeError {
 #[derive(Debug)]
 struct State {
     role: Role,
-    export: Option<Arc<export::Export>>,
+    export: Option<export::Export>,
     failed_reported: bool,
 }
 
@@ -272,7 +272,11 @@ impl Node {
                 return Err(NodeError::Refused(refuse_promote_message(disk)));
             }
             tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
-            disk::store(&self.volume, DiskState::UpToDate)
+            // A durable superblock write: off the async workers.
+            let volume = Arc::clone(&self.volume);
+            tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
+                .await
+                .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                 .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
             self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
         }
@@ -296,7 +300,7 @@ impl Node {
         };
         {
             let mut st = self.state();
-            st.export = Some(Arc::new(export));
+            st.export = Some(export);
             st.role = Role::Primary;
         }
         let uri = self.me.nbd.uri(&self.config.name);
@@ -310,14 +314,13 @@ impl Node {
     /// attached unless `force`, which disconnects them) and flushes.
     pub async fn demote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
         let _t = self.transition.lock().await;
-        let export = {
+        let clients = {
             let st = self.state();
             if st.role == Role::Secondary {
                 return Ok(serde_json::json!({ "role": "secondary", "changed": false }));
             }
-            st.export.clone()
+            st.export.as_ref().map_or(0, |e| e.client_count())
         };
-        let clients = export.as_ref().map_or(0, |e| e.client_count());
         if clients > 0 && !force {
             return Err(NodeError::Refused(format!(
                 "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
@@ -351,10 +354,7 @@ impl Node {
     async fn stop_export(&self) {
         let export = self.state().export.take();
         if let Some(export) = export {
-            match Arc::try_unwrap(export) {
-                Ok(export) => export.shutdown().await,
-                Err(_) => tracing::error!("NBD export still shared at shutdown; it stops when the last user drops it"),
-            }
+            export.shutdown().await;
             self.emit("nbd-stopped", serde_json::json!({ "address": self.me.nbd.to_string() }));
         }
     }
@@ -536,8 +536,13 @@ impl ControlHandler for Node {
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
             Request::WaitSync { timeout_secs } => {
-                let timeout = timeout_secs.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
-                self.wait_sync(timeout).await
+                match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
+                    Ok(timeout) => self.wait_sync(timeout).await,
+                    Err(_) => Err(NodeError::Refused(format!(
+                        "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
+                        timeout_secs.unwrap_or_default()
+                    ))),
+                }
             }
             Request::Connect { discard_my_data } => self.connect(discard_my_data),
             Request::Disconnect => self.repl_or("disconnect").map(|r| {
