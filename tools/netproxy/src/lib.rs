@@ -89,8 +89,9 @@ pub enum Mode {
     /// everything read before resumes in order.
     Stall,
     /// Close current connections (abortively: the peers see a reset) and
-    /// close every new one at once after the TCP handshake: a partition as
-    /// seen by `connect()` followed by the first read.
+    /// close every new one at once after the TCP handshake (`connect()`
+    /// succeeds, the first read sees EOF); new connections never reach the
+    /// upstream. A partition as seen by a dialing peer.
     Refuse,
 }
 
@@ -415,7 +416,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     let id = shared.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                     if *shared.mode.borrow() == Mode::Refuse {
                         debug!(conn = id, %peer, "refused");
-                        abort_close(client);
+                        // A plain close (FIN), not a reset: a reset can reach
+                        // the client before its connect() returns and fail
+                        // it, and Refuse promises a connect that succeeds.
+                        drop(client);
                         continue;
                     }
                     tasks.spawn(conn::run(shared.clone(), client, peer, id));
