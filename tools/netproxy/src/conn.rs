@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use crate::{Direction, Mode, Shared, abort_close, wait_until};
 
 /// Largest chunk read at once.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Bytes a direction may hold between read and write: 16 MiB is a 3 GiB/s
 /// link with 5 ms of one-way delay, more than loopback moves on the test
@@ -177,7 +177,17 @@ async fn pump(shared: &Shared, dir: Direction, mut src: ReadHalf<'_>, mut dst: W
             // n <= CHUNK, far below u32::MAX; the semaphore is never closed.
             let Ok(permit) = budget.acquire_many(n as u32).await else { return Ok(()) };
             permit.forget();
-            if tx.send(Item::Data { bytes: buf[..n].to_vec(), release }).is_err() {
+            // A full-ish buffer is handed over as is (no copy); a small
+            // read is copied out, so a queue of small messages does not pin
+            // a whole buffer each.
+            let bytes = if n >= CHUNK / 4 {
+                let mut full = std::mem::replace(&mut buf, vec![0u8; CHUNK]);
+                full.truncate(n);
+                full
+            } else {
+                buf[..n].to_vec()
+            };
+            if tx.send(Item::Data { bytes, release }).is_err() {
                 return Ok(());
             }
         }
