@@ -18,6 +18,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -88,10 +89,20 @@ impl Drop for Live<'_> {
     }
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, id: u64) {
+/// The receivers of the signals that close a connection, subscribed by the
+/// accept loop as soon as a connection is accepted, so that a cut issued
+/// after `accept()` returned is never missed.
+pub(crate) struct Watch(Signals);
+
+impl Watch {
+    pub(crate) fn new(shared: &Shared) -> Self {
+        Watch(Signals::new(shared))
+    }
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, id: u64, watch: Watch) {
     let _live = Live::new(&shared);
-    // Subscribed before anything else, so a cut issued after accept is seen.
-    let mut signals = Signals::new(&shared);
+    let mut signals = watch.0;
     let upstream = shared.upstream();
 
     let mut server = tokio::select! {
@@ -139,6 +150,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: Socket
     }
 }
 
+/// When data read now leaves the delay line (a delay too large to add is
+/// treated as "a year from now": never, for a test).
+fn release_time(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// What travels through a delay line.
 enum Item {
     Data { bytes: Vec<u8>, release: Instant },
@@ -165,7 +183,7 @@ async fn pump(shared: &Shared, dir: Direction, mut src: ReadHalf<'_>, mut dst: W
                 // Re-check the mode (a read is cancel-safe: nothing is lost).
                 _ = mode.changed() => continue,
             };
-            let release = Instant::now() + shared.delay(dir);
+            let release = release_time(shared.delay(dir));
             if n == 0 {
                 // The writer may be gone already if it failed; its error wins.
                 let _ = tx.send(Item::Eof { release });
@@ -263,7 +281,7 @@ async fn write_paced(
         shared.count(dir, n);
         off += n;
         if let Some(rate) = shared.rate(dir) {
-            let cost = std::time::Duration::from_secs_f64(n as f64 / rate as f64);
+            let cost = Duration::from_secs_f64(n as f64 / rate as f64);
             *next_free = (*next_free).max(start) + cost;
         }
     }

@@ -336,8 +336,11 @@ impl ProxyHandle {
     }
 
     /// Bytes written to the other side in `dir` since start or the last
-    /// [`reset_counters`](Self::reset_counters). Discarded (blackholed) bytes
-    /// and bytes still in the delay line are not counted.
+    /// [`reset_counters`](Self::reset_counters): counted as each write to the
+    /// destination socket returns. Discarded (blackholed) bytes and bytes
+    /// still in the delay line are not counted. (A [`cut`](Self::cut) resets
+    /// the sockets, which may discard bytes already counted but not yet read
+    /// by the peer.)
     pub fn bytes(&self, dir: Direction) -> u64 {
         self.shared().bytes[dir.index()].load(Ordering::Relaxed)
     }
@@ -413,6 +416,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
+                    let watch = conn::Watch::new(&shared);
                     let id = shared.accepted.fetch_add(1, Ordering::Relaxed) + 1;
                     if *shared.mode.borrow() == Mode::Refuse {
                         debug!(conn = id, %peer, "refused");
@@ -422,7 +426,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         drop(client);
                         continue;
                     }
-                    tasks.spawn(conn::run(shared.clone(), client, peer, id));
+                    tasks.spawn(conn::run(shared.clone(), client, peer, id, watch));
                 }
                 Err(e) => {
                     // EMFILE and friends: do not spin; the connection stays
