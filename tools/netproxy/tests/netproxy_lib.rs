@@ -318,6 +318,23 @@ async fn blackhole_keeps_connections_open_and_drops_data() {
 }
 
 #[tokio::test]
+async fn new_connections_are_blackholed_too() {
+    let mut up = Upstream::start().await;
+    let proxy = start(up.addr).await;
+    proxy.set_mode(Mode::Blackhole);
+    // A peer reconnecting into a silent link: TCP connects end to end, the
+    // handshake bytes vanish.
+    let mut client = connect(&proxy).await;
+    let mut server = up.accept().await;
+    client.write_all(b"hello?").await.expect("write");
+    server.write_all(b"anyone?").await.expect("write");
+    assert_quiet(&mut server, "server of a blackholed new connection").await;
+    assert_quiet(&mut client, "client of a blackholed new connection").await;
+    assert_eq!((proxy.connections(), proxy.accepted()), (1, 1));
+    assert_eq!((proxy.bytes(UP), proxy.bytes(DOWN)), (0, 0));
+}
+
+#[tokio::test]
 async fn blackhole_drops_data_already_in_the_delay_line() {
     let mut up = Upstream::start().await;
     let proxy = start(up.addr).await;

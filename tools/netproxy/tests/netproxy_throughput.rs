@@ -1,7 +1,7 @@
 //! The proxy's own cost, measured against a direct loopback connection in the
 //! same run (a ratio, since absolute numbers mean little on a shared
 //! machine). Ignored by default; run with
-//! `cargo test --release -p repblock-netproxy --test throughput -- --ignored --nocapture`.
+//! `cargo test --release -p repblock-netproxy --test netproxy_throughput -- --ignored --nocapture`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
