@@ -179,7 +179,15 @@ async fn pump(shared: &Shared, dir: Direction, mut src: ReadHalf<'_>, mut dst: W
                 return Ok(());
             }
             let n = tokio::select! {
-                r = src.read(&mut buf) => r?,
+                r = src.read(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // A reset is news from the far side like a FIN:
+                        // it does not cross a blackhole either.
+                        wait_until(&mut mode, |m| *m == Mode::Pass).await;
+                        return Err(e);
+                    }
+                },
                 // Re-check the mode (a read is cancel-safe: nothing is lost).
                 _ = mode.changed() => continue,
             };

@@ -81,7 +81,7 @@ pub enum Mode {
     Pass,
     /// Keep connections open and silently stop forwarding: data is read and
     /// discarded in both directions, including data already in the delay
-    /// line. A peer half-close (FIN) is held back until the mode is `Pass`
+    /// line. A peer's FIN or reset is held back until the mode is `Pass`
     /// again. New connections are accepted and blackholed too.
     Blackhole,
     /// Keep connections open and stop reading and writing, so TCP
