@@ -18,9 +18,29 @@
 //! (read and discard), stall (stop reading and writing: TCP back-pressure)
 //! and refuse (close current and new connections). [`ProxyHandle::cut`]
 //! closes the current connections once.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use repblock_netproxy::{Direction, Mode, Proxy};
+//!
+//! # async fn demo(secondary: std::net::SocketAddr) -> std::io::Result<()> {
+//! let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), secondary).await?;
+//! // Point the primary at proxy.local_addr() instead of the secondary.
+//! proxy.set_delay_both(Duration::from_millis(5)); // 10 ms round trip
+//! proxy.reset_counters();
+//! // ... replicate ...
+//! let moved = proxy.bytes(Direction::ClientToServer);
+//! proxy.set_mode(Mode::Blackhole); // silent link: heartbeats must notice
+//! proxy.cut(); // or: the link breaks
+//! proxy.shutdown().await;
+//! # let _ = moved;
+//! # Ok(())
+//! # }
+//! ```
 
 mod conn;
 pub mod control;
+mod timer;
 pub mod units;
 
 use std::fmt;

@@ -94,4 +94,12 @@ async fn proxy_cost_against_direct_loopback() {
         proxied.saturating_sub(direct)
     );
     assert!(proxy.bytes(repblock_netproxy::Direction::ClientToServer) == 5000 * 4);
+
+    // How precisely a delay is honoured: the benchmarks use 0.5 ms and
+    // 2.5 ms each way for 1 ms and 5 ms RTT.
+    for each_way_us in [100u64, 500, 2500] {
+        proxy.set_delay_both(Duration::from_micros(each_way_us));
+        let rtt = ping_pong(proxy.local_addr(), 500).await;
+        println!("delay {each_way_us} us each way: mean RTT {rtt:?} (nominal {} us)", 2 * each_way_us);
+    }
 }
