@@ -433,7 +433,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = wait_until(&mut shutdown, |s| *s) => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    warn!(error = %e, "connection task failed");
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
                     let watch = conn::Watch::new(&shared);
