@@ -560,3 +560,47 @@ async fn a_reset_on_one_side_resets_the_other() {
     assert_closed(&mut server, "server after the client reset").await;
     eventually("no connection left", || proxy.connections() == 0).await;
 }
+
+#[tokio::test]
+async fn lossless_faults_never_lose_or_reorder_data() {
+    // Stall, delay and rate changes are the lossless faults: flipping them
+    // at random while data streams both ways must not cost a byte.
+    let proxy = start(echo_server().await).await;
+    let mut client = connect(&proxy).await;
+    let data = pattern(8 << 20, 6);
+    let flipper = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+            loop {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                match x % 5 {
+                    0 => proxy.set_mode(Mode::Stall),
+                    1 => proxy.set_mode(Mode::Pass),
+                    2 => proxy.set_delay(if x & 8 == 0 { UP } else { DOWN }, Duration::from_micros(x % 3000)),
+                    3 => proxy.set_rate(if x & 8 == 0 { UP } else { DOWN }, Some(64 << 20)),
+                    _ => proxy.set_rate(if x & 8 == 0 { UP } else { DOWN }, None),
+                }
+                tokio::time::sleep(Duration::from_micros(500 + x % 3000)).await;
+            }
+        })
+    };
+    let (mut rd, mut wr) = client.split();
+    let (echoed, ()) = tokio::join!(
+        async {
+            let mut buf = vec![0u8; data.len()];
+            timeout(Duration::from_secs(20), rd.read_exact(&mut buf)).await.expect("echo timed out").expect("read");
+            buf
+        },
+        async {
+            wr.write_all(&data).await.expect("write");
+        }
+    );
+    flipper.abort();
+    proxy.set_mode(Mode::Pass);
+    assert!(echoed == data, "data lost or reordered by lossless faults");
+    let len = data.len() as u64;
+    eventually("exact counters", || proxy.bytes(UP) == len && proxy.bytes(DOWN) == len).await;
+}
