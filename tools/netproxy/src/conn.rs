@@ -160,9 +160,14 @@ fn release_time(delay: Duration) -> Instant {
 
 /// What travels through a delay line.
 enum Item {
-    Data { bytes: Vec<u8>, release: Instant },
+    Data {
+        bytes: Vec<u8>,
+        release: Instant,
+    },
     /// The source half-closed; pass the FIN on after the data before it.
-    Eof { release: Instant },
+    Eof {
+        release: Instant,
+    },
 }
 
 /// Forwards `src` to `dst` until `src` reaches EOF and that EOF was passed

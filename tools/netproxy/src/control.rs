@@ -39,9 +39,15 @@ pub const MAX_LINE: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// One-way delay for one direction, or both when `dir` is `None`.
-    Delay { dir: Option<Direction>, delay: Duration },
+    Delay {
+        dir: Option<Direction>,
+        delay: Duration,
+    },
     /// Bandwidth cap (`None`: off) for one direction, or both.
-    Rate { dir: Option<Direction>, rate: Option<u64> },
+    Rate {
+        dir: Option<Direction>,
+        rate: Option<u64>,
+    },
     Mode(Mode),
     Cut,
     Stats,
@@ -255,10 +261,16 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!("delay 5ms".parse(), Ok(Command::Delay { dir: None, delay: ms(5) }));
         assert_eq!("delay up 2ms".parse(), Ok(Command::Delay { dir: Some(Direction::ClientToServer), delay: ms(2) }));
-        assert_eq!(" DELAY Down 0 \n".parse(), Ok(Command::Delay { dir: Some(Direction::ServerToClient), delay: ms(0) }));
+        assert_eq!(
+            " DELAY Down 0 \n".parse(),
+            Ok(Command::Delay { dir: Some(Direction::ServerToClient), delay: ms(0) })
+        );
         assert_eq!("rate 10MiB".parse(), Ok(Command::Rate { dir: None, rate: Some(10 << 20) }));
         assert_eq!("rate off".parse(), Ok(Command::Rate { dir: None, rate: None }));
-        assert_eq!("rate down 1KiB/s".parse(), Ok(Command::Rate { dir: Some(Direction::ServerToClient), rate: Some(1024) }));
+        assert_eq!(
+            "rate down 1KiB/s".parse(),
+            Ok(Command::Rate { dir: Some(Direction::ServerToClient), rate: Some(1024) })
+        );
         assert_eq!("mode blackhole".parse(), Ok(Command::Mode(Mode::Blackhole)));
         assert_eq!("mode Stall".parse(), Ok(Command::Mode(Mode::Stall)));
         assert_eq!("cut".parse(), Ok(Command::Cut));

@@ -475,7 +475,8 @@ pub(crate) async fn wait_until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T)
 }
 
 /// Closes a socket with a reset instead of a FIN: the way a cut link or a
-/// refused connection looks to the peer, and data not yet delivered is lost.
+/// connection closed by `Refuse` looks to the peer; data not yet delivered
+/// is lost.
 pub(crate) fn abort_close(s: TcpStream) {
     // A zero linger makes close() send RST; it never blocks the thread.
     let _ = s.set_zero_linger();

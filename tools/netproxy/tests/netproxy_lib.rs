@@ -387,9 +387,7 @@ async fn stall_builds_back_pressure_and_loses_nothing() {
     let (mut rd, mut wr) = client.into_split();
     let writer = tokio::spawn({
         let data = data.clone();
-        async move {
-            wr.write_all(&data).await.map(|()| wr)
-        }
+        async move { wr.write_all(&data).await.map(|()| wr) }
     });
     assert_quiet(&mut server, "server during stall").await;
     assert!(!writer.is_finished(), "64 MiB fitted into socket buffers: no back-pressure");

@@ -89,10 +89,7 @@ async fn proxy_cost_against_direct_loopback() {
     let proxy = Proxy::start("127.0.0.1:0".parse().expect("addr"), echo).await.expect("start");
     let direct = ping_pong(echo, 5000).await;
     let proxied = ping_pong(proxy.local_addr(), 5000).await;
-    println!(
-        "QD1 round trip: direct {direct:?}, proxied {proxied:?}, added {:?}",
-        proxied.saturating_sub(direct)
-    );
+    println!("QD1 round trip: direct {direct:?}, proxied {proxied:?}, added {:?}", proxied.saturating_sub(direct));
     assert!(proxy.bytes(repblock_netproxy::Direction::ClientToServer) == 5000 * 4);
 
     // How precisely a delay is honoured: the benchmarks use 0.5 ms and
