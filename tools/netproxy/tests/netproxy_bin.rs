@@ -74,6 +74,21 @@ impl Control {
         Control { rd: AsyncBufReader::new(rd), wr }
     }
 
+    /// Polls `stats` until `ready` holds: the proxy counts a write right
+    /// after it returns, so the peer may read the bytes a moment before the
+    /// counter moves.
+    async fn stats_when(&mut self, what: &str, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let stats = stats_of(&self.send("stats").await);
+            if ready(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: last stats {stats}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     async fn send(&mut self, command: &str) -> String {
         self.wr.write_all(format!("{command}\n").as_bytes()).await.expect("send command");
         let mut reply = String::new();
@@ -127,9 +142,7 @@ async fn control_commands_steer_a_running_proxy() {
     assert!(rtt >= Duration::from_millis(10), "--delay 5ms gave a round trip of {rtt:?}");
 
     let mut ctl = Control::connect(&proxy.control).await;
-    let stats = stats_of(&ctl.send("stats").await);
-    assert_eq!(stats["bytes_up"], 5);
-    assert_eq!(stats["bytes_down"], 5);
+    let stats = ctl.stats_when("5 bytes each way", |s| s["bytes_up"] == 5 && s["bytes_down"] == 5).await;
     assert_eq!(stats["connections"], 1);
     assert_eq!(stats["accepted"], 1);
     assert_eq!(stats["mode"], "pass");
@@ -166,6 +179,8 @@ async fn control_commands_steer_a_running_proxy() {
     assert_eq!(ctl.send("mode pass").await, "ok");
     round_trip(&mut client, b"back").await;
 
+    // hello, again, back: 14 bytes each way; the blackholed 4 are not counted.
+    ctl.stats_when("14 bytes each way", |s| s["bytes_up"] == 14 && s["bytes_down"] == 14).await;
     assert_eq!(ctl.send("reset").await, "ok");
     let stats = stats_of(&ctl.send("stats").await);
     assert_eq!((stats["bytes_up"].as_u64(), stats["bytes_down"].as_u64()), (Some(0), Some(0)));
