@@ -110,7 +110,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut client: TcpStream, peer: Socket
         r = TcpStream::connect(upstream) => match r {
             Ok(s) => s,
             Err(e) => {
-                warn!(conn = id, %peer, %upstream, error = %e, "upstream connect failed, closing client");
+                if let Some(failures) = shared.connect_failed() {
+                    warn!(conn = id, %peer, %upstream, error = %e, failures, "upstream connect failed, closing client");
+                } else {
+                    debug!(conn = id, %peer, %upstream, error = %e, "upstream connect failed, closing client");
+                }
                 abort_close(client);
                 return;
             }

@@ -182,6 +182,9 @@ pub(crate) struct Shared {
     /// Bytes written to the other side, per direction.
     bytes: [AtomicU64; 2],
     connections: AtomicUsize,
+    /// Upstream connect failures not logged yet, and when the last warning
+    /// was logged: a client in a reconnect loop must not flood the log.
+    connect_failures: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
     accepted: AtomicU64,
     mode: watch::Sender<Mode>,
     /// Bumped by every [`ProxyHandle::cut`]; connections watch for a change.
@@ -227,6 +230,21 @@ impl Shared {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts an upstream connect failure; returns how many to report now
+    /// (this one and those suppressed since the last report), or `None` when
+    /// a warning went out less than a second ago.
+    pub(crate) fn connect_failed(&self) -> Option<u64> {
+        let mut g = self.connect_failures.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        let now = std::time::Instant::now();
+        if g.1.is_some_and(|last| now.duration_since(last) < Duration::from_secs(1)) {
+            return None;
+        }
+        let n = g.0;
+        *g = (0, Some(now));
+        Some(n)
+    }
+
     pub(crate) fn connection_closed(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
@@ -252,6 +270,7 @@ impl Proxy {
             rate: [AtomicU64::new(0), AtomicU64::new(0)],
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             connections: AtomicUsize::new(0),
+            connect_failures: std::sync::Mutex::new((0, None)),
             accepted: AtomicU64::new(0),
             mode: watch::Sender::new(Mode::Pass),
             cut: watch::Sender::new(0),
@@ -481,4 +500,35 @@ pub(crate) fn abort_close(s: TcpStream) {
     // A zero linger makes close() send RST; it never blocks the thread.
     let _ = s.set_zero_linger();
     drop(s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connect_failure_warnings_are_rate_limited() {
+        let proxy = Proxy::start("127.0.0.1:0".parse().expect("addr"), "127.0.0.1:9".parse().expect("addr"))
+            .await
+            .expect("start");
+        let shared = proxy.shared();
+        assert_eq!(shared.connect_failed(), Some(1), "the first failure is reported");
+        assert_eq!(shared.connect_failed(), None, "a second one within a second is not");
+        assert_eq!(shared.connect_failed(), None);
+        // A second later the suppressed ones are reported with the next.
+        shared.connect_failures.lock().expect("lock").1 = Some(std::time::Instant::now() - Duration::from_secs(2));
+        assert_eq!(shared.connect_failed(), Some(3));
+    }
+
+    #[test]
+    fn mode_names_round_trip() {
+        for m in [Mode::Pass, Mode::Blackhole, Mode::Stall, Mode::Refuse] {
+            assert_eq!(m.name().parse::<Mode>(), Ok(m));
+            assert_eq!(m.to_string(), m.name());
+        }
+        assert_eq!("BLACKHOLE".parse::<Mode>(), Ok(Mode::Blackhole));
+        assert_eq!("drop".parse::<Mode>(), Err(UnknownMode("drop".into())));
+        assert_eq!(Direction::ClientToServer.to_string(), "up");
+        assert_eq!(Direction::ServerToClient.to_string(), "down");
+    }
 }
