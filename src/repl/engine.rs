@@ -689,6 +689,10 @@ impl Engine {
         self.set_conn(if standalone { ConnState::Standalone } else { ConnState::Connecting });
         match outcome {
             Outcome::Stopped(r) => tracing::info!(peer = %self.cfg.peer, reason = ?r, "replication session ended"),
+            Outcome::PeerLeft(why) => {
+                tracing::info!(peer = %self.cfg.peer, "peer disconnected: {why}");
+                self.emit("peer-disconnected", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
+            }
             Outcome::PeerGone(why) => {
                 tracing::warn!(peer = %self.cfg.peer, "peer lost: {why}");
                 self.emit("peer-lost", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));

@@ -46,7 +46,9 @@ const ACK_EVERY: usize = 256;
 pub enum Outcome {
     /// We ended it.
     Stopped(StopReason),
-    /// The peer closed, said goodbye, went silent, or the connection broke.
+    /// The peer said goodbye (orderly: shutdown, role change, disconnect).
+    PeerLeft(String),
+    /// The peer closed, went silent, or the connection broke.
     PeerGone(String),
     /// A local error or a protocol violation.
     Failed(String),
@@ -164,7 +166,7 @@ impl Session {
                     }
                     Message::Pong { .. } => Tick::Ping,
                     Message::Goodbye { reason, message } => {
-                        Tick::Out(Outcome::PeerGone(format!("peer said goodbye ({}): {message}", reason.as_str())))
+                        Tick::Out(Outcome::PeerLeft(format!("{} ({message})", reason.as_str())))
                     }
                     Message::State { role, disk, .. } => {
                         self.engine.set_peer(role, disk);
