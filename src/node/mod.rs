@@ -390,9 +390,7 @@ impl Node {
             None => {
                 // A primary running without its peer: the peer needs
                 // everything (full sync) until bitmaps land.
-                let alone = view.as_ref().is_some_and(|v| v.connection != ConnState::Connected)
-                    && role == Role::Primary
-                    && vs.local_lsn > 0;
+                let alone = self.repl.as_ref().is_some_and(|r| r.diverged() && !r.view().acks.active);
                 (status::ResyncStatus::default(), if alone { self.config.size } else { 0 })
             }
         };

@@ -319,6 +319,13 @@ impl Engine {
         self.role.subscribe()
     }
 
+    /// Whether this node wrote (or was promoted) without its peer
+    /// receiving the stream since the last session: the peer then needs a
+    /// full sync.
+    pub fn diverged(&self) -> bool {
+        self.diverged.load(Ordering::Acquire)
+    }
+
     /// Whether a session is up.
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
