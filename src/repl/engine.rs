@@ -250,6 +250,8 @@ pub struct Engine {
     kick: Notify,
     events: broadcast::Sender<Event>,
     shutdown: watch::Sender<bool>,
+    /// When each distinct link failure was last logged (rate limit).
+    logged: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -284,6 +286,7 @@ impl Engine {
             kick: Notify::new(),
             events,
             shutdown: watch::Sender::new(false),
+            logged: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -582,11 +585,11 @@ impl Engine {
             let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr)).await {
                 Ok(Ok(stream)) => self.handshake_and_adopt(stream, true, &self.cfg.peer_addr).await,
                 Ok(Err(e)) => {
-                    self.note_failure(format!("cannot connect to {} at {}: {e}", self.cfg.peer, self.cfg.peer_addr));
+                    self.note_failure(format!("cannot connect to {} at {}: {e}", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
                     false
                 }
                 Err(_) => {
-                    self.note_failure(format!("cannot connect to {} at {}: timed out", self.cfg.peer, self.cfg.peer_addr));
+                    self.note_failure(format!("cannot connect to {} at {}: timed out", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
                     false
                 }
             };
@@ -600,19 +603,21 @@ impl Engine {
         }
     }
 
-    /// Logs a link failure, rate limited per distinct message.
-    fn note_failure(&self, msg: String) {
-        let mut v = self.view_mut();
-        let repeat = v.last_error.as_deref() == Some(msg.as_str());
-        v.last_error = Some(msg.clone());
-        drop(v);
-        static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
-        if !repeat || last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-            *last = Some(Instant::now());
-            tracing::warn!(peer = %self.cfg.peer, "{msg}");
+    /// Logs a link failure (`msg`, without addresses, so that repeats are
+    /// recognised), rate limited per distinct message; `addr` is the remote
+    /// end.
+    fn note_failure(&self, msg: String, addr: &str) {
+        self.view_mut().last_error = Some(msg.clone());
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() > 64 {
+            logged.clear();
+        }
+        let due = logged.get(&msg).is_none_or(|t| t.elapsed() >= LOG_EVERY);
+        if due {
+            logged.insert(msg.clone(), Instant::now());
+            tracing::warn!(peer = %self.cfg.peer, %addr, "{msg}");
         } else {
-            tracing::debug!(peer = %self.cfg.peer, "{msg}");
+            tracing::debug!(peer = %self.cfg.peer, %addr, "{msg}");
         }
     }
 
@@ -623,7 +628,7 @@ impl Engine {
         let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
             Ok(p) => p,
             Err(e) => {
-                self.note_failure(describe_handshake_error(&e, &self.cfg.peer, addr));
+                self.note_failure(describe_handshake_error(&e, &self.cfg.peer), addr);
                 return false;
             }
         };
@@ -799,15 +804,15 @@ pub fn new_gen_id() -> u64 {
 }
 
 /// A log line for a failed handshake that names what mismatched.
-pub fn describe_handshake_error(e: &HandshakeError, peer: &str, addr: &str) -> String {
+pub fn describe_handshake_error(e: &HandshakeError, peer: &str) -> String {
     match e {
         HandshakeError::Refused { reason, message, .. } => {
-            format!("peer {peer} ({addr}) refused by us: {}: {message}", reason.as_str().replace('-', " "))
+            format!("peer {peer} refused by us: {}: {message}", reason.as_str().replace('-', " "))
         }
         HandshakeError::PeerRefused { reason, message, .. } => {
             format!("peer {peer} refused: {}: {message}", reason.as_str().replace('-', " "))
         }
-        other => format!("handshake with {peer} ({addr}) failed: {other}"),
+        other => format!("handshake with {peer} failed: {other}"),
     }
 }
 
