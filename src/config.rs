@@ -963,4 +963,27 @@ disk = "/dev/vg0/r0"
         assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/demo/control.sock"));
         assert_eq!(c.nodes[0].dir, PathBuf::from("/tmp/demo/data"));
     }
+
+    #[test]
+    fn replication_keys_have_defaults_and_are_checked() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_secs(1));
+        assert_eq!(c.ping_timeout, Duration::from_millis(500));
+        assert_eq!(c.on_peer_loss, OnPeerLoss::Continue);
+        assert_eq!(c.connect_retry, Duration::from_millis(100));
+        assert_eq!(c.max_buffer, 64 << 20);
+        let with = |extra: &str| TWO.replacen("protocol = \"B\"", &format!("protocol = \"B\"\n{extra}"), 1);
+        let c = load(&with("ping_interval = \"250ms\"\nping_timeout = \"2s\"\non_peer_loss = \"suspend\"\nconnect_retry = \"1s\"\nmax_buffer = \"8MiB\"")).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_millis(250));
+        assert_eq!(c.ping_timeout, Duration::from_secs(2));
+        assert_eq!(c.on_peer_loss, OnPeerLoss::Suspend);
+        assert_eq!(c.connect_retry, Duration::from_secs(1));
+        assert_eq!(c.max_buffer, 8 << 20);
+        assert_eq!(
+            err(&with("on_peer_loss = \"panic\"")),
+            "r0.toml: on_peer_loss: expected \"continue\" or \"suspend\", got \"panic\""
+        );
+        assert_eq!(err(&with("ping_timeout = \"0s\"")), "r0.toml: ping_timeout: expected a non-zero duration, got 0s");
+        assert!(err(&with("max_buffer = \"4KiB\"")).starts_with("r0.toml: max_buffer: expected at least 1MiB"));
+    }
 }
