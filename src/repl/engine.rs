@@ -648,7 +648,7 @@ impl Engine {
         if let Some(cur) = slot.as_ref() {
             let new_wins = keep_connection(&self.cfg.node, &self.cfg.peer, dialled_by_us);
             let cur_wins = keep_connection(&self.cfg.node, &self.cfg.peer, cur.dialled_by_us);
-            let keep_current = (cur_wins && !new_wins) || (!new_wins && cur.started.elapsed() < DUPLICATE_WINDOW);
+            let keep_current = !new_wins && (cur_wins || cur.started.elapsed() < DUPLICATE_WINDOW);
             if keep_current {
                 return None;
             }
@@ -670,7 +670,7 @@ impl Engine {
         // A replaced session may still be winding down: wait for it.
         let mut connected = self.connected.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(3), connected.wait_for(|c| !*c)).await;
-        if !self.slot().as_ref().is_some_and(|s| s.id == id) {
+        if self.slot().as_ref().is_none_or(|s| s.id != id) {
             return;
         }
         self.connected.send_replace(true);

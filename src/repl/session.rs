@@ -319,7 +319,9 @@ impl Session {
                     Tick::Frame(Message::SyncAck { done_bytes }) => {
                         if let Some(s) = sync.as_mut() {
                             s.done = done_bytes.min(s.total);
-                            engine.view_mut().resync.as_mut().map(|r| r.done_bytes = s.done);
+                            if let Some(r) = engine.view_mut().resync.as_mut() {
+                                r.done_bytes = s.done;
+                            }
                             if s.end_sent && s.done >= s.total {
                                 let took = engine.view_mut().resync.map(|r| r.started.elapsed());
                                 tracing::info!(peer = %peer.node, bytes = s.total, took = ?took, "full sync done");
