@@ -251,14 +251,13 @@ impl Node {
             )));
         }
         if let Some(repl) = &self.repl {
-            let v = repl.view();
-            if v.connection == ConnState::Connected && v.peer_role == Some(Role::Primary) {
+            if repl.peer_is_primary(ROLE_SETTLE).await {
                 return Err(NodeError::Refused(format!(
                     "cannot promote: peer {} is primary; demote it first (two primaries would be a split brain)",
                     repl.config().peer
                 )));
             }
-            if v.replication == Some(ReplState::SyncTarget) && !force {
+            if repl.view().replication == Some(ReplState::SyncTarget) && !force {
                 return Err(NodeError::Refused(
                     "cannot promote: a full sync from the peer is running and the disk is inconsistent until it ends; \
                      --force makes this half-synced data the truth"
@@ -281,7 +280,7 @@ impl Node {
             self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
         }
         if let Some(repl) = &self.repl {
-            repl.set_role(Role::Primary).map_err(|e| NodeError::Replication(e.to_string()))?;
+            repl.set_role(Role::Primary, ROLE_SETTLE).await;
         }
         let backend = Arc::new(VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone()));
         let cfg = export::ExportConfig {
@@ -293,7 +292,7 @@ impl Node {
             Ok(e) => e,
             Err(e) => {
                 if let Some(repl) = &self.repl {
-                    let _ = repl.set_role(Role::Secondary);
+                    repl.set_role(Role::Secondary, Duration::ZERO).await;
                 }
                 return Err(NodeError::Export(e));
             }
@@ -337,7 +336,7 @@ impl Node {
             if repl.is_connected() && !repl.wait_received(lsn, DEMOTE_WAIT).await {
                 tracing::warn!(lsn, "demote: the peer did not receive every completed write within {DEMOTE_WAIT:?}");
             }
-            let _ = repl.set_role(Role::Secondary);
+            repl.set_role(Role::Secondary, ROLE_SETTLE).await;
         }
         self.state().role = Role::Secondary;
         tracing::info!(node = %self.me.name, role = "secondary", disconnected = clients, "demoted");
@@ -497,6 +496,10 @@ impl Node {
         Ok(())
     }
 }
+
+/// How long a role change waits for the link to be renegotiated (and
+/// promote for a demoting peer to say so).
+const ROLE_SETTLE: Duration = Duration::from_secs(2);
 
 /// How long `demote` waits for the peer to receive every completed write.
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);

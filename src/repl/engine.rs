@@ -338,18 +338,48 @@ impl Engine {
 
     /// The node changed role. A running session ends and the link is
     /// renegotiated at once (the handshake carries roles and generations).
-    /// A promote without a peer receiving the feed starts a new generation.
-    pub fn set_role(&self, role: Role) -> Result<(), EngineError> {
+    /// Waits (up to `settle`) for the renegotiated session when there was
+    /// one, so that a new primary's first writes already stream to the
+    /// peer. A primary without a peer receiving its feed starts a new
+    /// generation at its first write ([`Engine::before_write`]).
+    pub async fn set_role(&self, role: Role, settle: Duration) {
         let old = self.role.send_replace(role);
         if old == role {
-            return Ok(());
+            return;
         }
-        if role == Role::Primary && !self.acks.borrow().active && !self.is_connected() {
-            self.new_generation()?;
-        }
+        let was_connected = self.is_connected();
         self.stop_session(StopReason::RoleChange);
         self.kick.notify_waiters();
-        Ok(())
+        if was_connected && *self.want_connect.borrow() {
+            let wait = async {
+                let mut c = self.connected.subscribe();
+                let _ = c.wait_for(|c| !*c).await;
+                loop {
+                    let v = self.view();
+                    if v.connection == ConnState::Connected && v.replication.is_some() && v.peer_role.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            if tokio::time::timeout(settle, wait).await.is_err() {
+                tracing::info!(peer = %self.cfg.peer, "role changed; the peer has not reconnected yet");
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) until the peer is not known as primary (it
+    /// may be demoting right now); returns whether it is still primary.
+    pub async fn peer_is_primary(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.view();
+            let primary = v.connection == ConnState::Connected && v.peer_role == Some(Role::Primary);
+            if !primary || Instant::now() >= deadline {
+                return primary;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Starts a new generation (once per divergence).

@@ -175,8 +175,12 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("released at peer loss").expect("waiter task");
     // Writes while alone start a new generation; reconnect resyncs fully.
     let gen_before = p.a.meta().gen_ids.current;
+    assert!(!p.alpha.diverged());
     p.alpha.before_write().await.expect("before_write");
     assert_ne!(p.a.meta().gen_ids.current, gen_before, "writing alone starts a new generation");
+    assert!(p.alpha.diverged());
+    p.alpha.before_write().await.expect("before_write");
+    assert_eq!(p.a.meta().gen_ids.history[0], gen_before, "once per divergence");
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
     p.beta.connect();
@@ -236,7 +240,7 @@ async fn wrong_secret_is_refused_with_the_reason() {
 async fn two_primaries_go_standalone() {
     let p = pair(Protocol::C, |_| {}).await;
     in_sync(&p).await;
-    p.beta.set_role(Role::Primary).expect("beta primary");
+    p.beta.set_role(Role::Primary, Duration::ZERO).await;
     until("both standalone", Duration::from_secs(5), || {
         p.alpha.view().connection == ConnState::Standalone && p.beta.view().connection == ConnState::Standalone
     })
@@ -279,4 +283,23 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     assert!(took >= Duration::from_millis(250), "not before interval + timeout ({took:?})");
     assert!(took < Duration::from_millis(800), "within interval + timeout plus scheduling slack ({took:?})");
     drop(sock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_swap_while_connected_needs_no_sync() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    let lsn = p.a.write(0, &pattern(5, 4096), true);
+    p.alpha.wait(lsn, Durability::Flush).await;
+    // alpha demotes, beta promotes: same generation, same log, no sync.
+    p.alpha.set_role(Role::Secondary, Duration::from_secs(2)).await;
+    assert!(!p.beta.peer_is_primary(Duration::from_secs(2)).await, "beta sees alpha demoted");
+    p.beta.set_role(Role::Primary, Duration::from_secs(2)).await;
+    until("beta established as source", Duration::from_secs(5), || established(&p.beta)).await;
+    assert!(p.beta.view().resync.is_none());
+    assert!(!p.beta.diverged(), "a promote with the peer connected starts no new generation");
+    assert_eq!(p.a.meta().gen_ids.current, p.b.meta().gen_ids.current);
+    let lsn = p.b.write(4096, &pattern(6, 4096), false);
+    p.beta.wait(lsn, Durability::Write).await;
+    assert!(p.a.data() == p.b.data());
 }
