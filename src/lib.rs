@@ -10,6 +10,8 @@
 //! - [`config`]: the resource configuration file (TOML) and its validation.
 //! - [`node`]: the node state machine (role, disk state, NBD export while
 //!   primary).
+//! - [`repl`]: the replication link: wire protocol (frames, messages,
+//!   versions), framed async reader/writer, and the authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
 //! - [`units`]: human-readable sizes and durations.
 
@@ -18,5 +20,6 @@ pub mod control;
 pub mod io;
 pub mod nbd;
 pub mod node;
+pub mod repl;
 pub mod units;
 pub mod volume;

@@ -3,7 +3,9 @@
 //! Run: `cargo test --release --test volume_bench -- --ignored --nocapture`
 //! (`REPBLOCK_BENCH_DIR` picks the directory, default the system temp dir;
 //! `REPBLOCK_BENCH_SECS` the seconds per case, default 3;
-//! `REPBLOCK_BENCH_ENGINE=sync|io_uring` runs only that engine).
+//! `REPBLOCK_BENCH_ENGINE=sync|io_uring` runs only that engine;
+//! `REPBLOCK_BENCH_CASES=QD1,QD32` only the cases whose name contains one of
+//! the words).
 //!
 //! The peer is what `qemu-nbd --cache=none` does for the same workload on a
 //! raw file: `O_DIRECT` pwrite (+ `fdatasync` for the durable case) from the
@@ -185,7 +187,11 @@ async fn bench_engine(choice: EngineChoice) {
         .expect("open");
     let peer_path = dir.path().join("peer.raw");
     println!("engine {}:", io.kind());
+    let only = std::env::var("REPBLOCK_BENCH_CASES").unwrap_or_default();
     for case in [Case::RandWriteFsyncQd1, Case::RandWriteFuaQd1, Case::RandWriteQd32, Case::SeqWrite1mQd8] {
+        if !only.is_empty() && !only.split(',').any(|c| case.name().contains(c.trim())) {
+            continue;
+        }
         let ours = run_volume(v.clone(), case).await;
         let peer = tokio::task::spawn_blocking({
             let p = peer_path.clone();

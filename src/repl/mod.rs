@@ -1,0 +1,37 @@
+//! The replication link: the versioned wire protocol spoken between the two
+//! nodes of a resource, and the handshake that opens it.
+//!
+//! - [`proto`]: frames (`| magic "RBRP" | type | flags | len | crc32c |`),
+//!   the [`Message`] enum with its version history, the pure codec
+//!   ([`encode`], [`decode`]); data payloads decode without a copy.
+//! - [`link`]: async [`FrameReader`] / [`FrameWriter`] over any byte stream,
+//!   batching small frames into one write; [`run_writer`] as a task.
+//! - [`handshake`](mod@handshake): the symmetric Hello / Auth / Welcome exchange with
+//!   mutual HMAC-SHA256 authentication and [`RefuseReason`]s, and the rule
+//!   that picks one connection when both nodes dialled.
+//!
+//! Typical use by the replication engine, on each new TCP connection:
+//!
+//! ```ignore
+//! let peer = handshake(&mut stream, &local, Duration::from_secs(5)).await?;
+//! let (mut rx, tx) = split_tcp(stream)?;          // TCP_NODELAY on
+//! let (q, chan) = tokio::sync::mpsc::channel(1024);
+//! tokio::spawn(run_writer(tx, chan));              // q.send(Message::Write { .. })
+//! while let Some(msg) = rx.read().await? { /* apply, ack */ }
+//! ```
+//!
+//! The full byte-level description is docs/replication-protocol.md.
+
+pub mod handshake;
+pub mod link;
+pub mod proto;
+
+pub use handshake::{
+    HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,
+    negotiate_version, refuse,
+};
+pub use link::{FrameReader, FrameWriter, LinkError, run_writer, split_tcp};
+pub use proto::{
+    FrameError, GenIds, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode,
+    encode,
+};

@@ -1,0 +1,1010 @@
+//! Replication wire protocol: frames, messages and their codec.
+//!
+//! Every message travels in one frame. All integers are little-endian; every
+//! layout is drawn above the code that writes it, and docs/replication-protocol.md
+//! repeats them byte by byte.
+//!
+//! Nothing here does IO: [`decode`] takes the bytes received so far and
+//! returns a whole message, `Ok(None)` ("not a whole frame yet"), or a
+//! [`FrameError`] after which the connection must be dropped (a bad frame is
+//! never applied). Data payloads are zero-copy: the `data` of
+//! [`Message::Write`] and [`Message::SyncData`] is a slice of the receive
+//! buffer. The async reader/writer pair built on this lives in
+//! [`super::link`].
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::node::{DiskState, Role};
+use crate::volume::Lsn;
+
+// ---------------------------------------------------------------------------
+// Versions.
+// ---------------------------------------------------------------------------
+
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+// ---------------------------------------------------------------------------
+// Frames.
+// ---------------------------------------------------------------------------
+
+/// `"RBRP"` as it appears on the wire (little-endian u32 of those 4 bytes).
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"RBRP");
+/// Bytes of the frame header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Largest `data` carried by one Write or SyncData message (32 MiB, the NBD
+/// maximum request size).
+pub const MAX_DATA_LEN: usize = 32 << 20;
+/// Largest payload of any frame: the largest data plus room for the fixed
+/// fields. A header announcing more is rejected before its payload arrives.
+pub const MAX_PAYLOAD_LEN: usize = MAX_DATA_LEN + 4096;
+/// Longest resource or node name in a Hello (the config allows 64).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest human-readable message (Refuse, Goodbye); longer ones are cut at
+/// a character boundary when encoded.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+
+/// Bits of the per-message `flags` byte of Write, Trim and Zeroes.
+pub const OP_FLAG_FUA: u8 = 1 << 0;
+/// Zeroes only: the range may be deallocated (NBD without NO_HOLE).
+pub const OP_FLAG_PUNCH: u8 = 1 << 1;
+
+/// Message type codes (the `type` field of the frame header). Gaps leave
+/// room for related messages in later versions.
+pub mod msg_type {
+    pub const HELLO: u16 = 1;
+    pub const AUTH: u16 = 2;
+    pub const WELCOME: u16 = 3;
+    pub const REFUSE: u16 = 4;
+    pub const STATE: u16 = 16;
+    pub const WRITE: u16 = 32;
+    pub const TRIM: u16 = 33;
+    pub const ZEROES: u16 = 34;
+    pub const BARRIER: u16 = 35;
+    pub const ACK: u16 = 48;
+    pub const SYNC_START: u16 = 64;
+    pub const SYNC_DATA: u16 = 65;
+    pub const SYNC_END: u16 = 66;
+    pub const SYNC_ACK: u16 = 67;
+    pub const PING: u16 = 80;
+    pub const PONG: u16 = 81;
+    pub const GOODBYE: u16 = 96;
+}
+
+/// Errors of the frame codec. Any of them ends the connection: the stream
+/// cannot be resynchronised after a bad frame, and nothing of it is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("Bad frame magic {found:#010x} (expected {FRAME_MAGIC:#010x} \"RBRP\")")]
+    BadMagic { found: u32 },
+    #[error("Frame of type {msg_type} announces {len} payload bytes, more than the maximum {max}")]
+    TooLarge { msg_type: u16, len: u32, max: usize },
+    #[error("Bad frame CRC (type {msg_type}, {len} payload bytes): header says {expected:#010x}, computed {computed:#010x}")]
+    BadCrc {
+        msg_type: u16,
+        len: u32,
+        expected: u32,
+        computed: u32,
+    },
+    #[error("Unknown message type {msg_type} ({len} payload bytes)")]
+    UnknownType { msg_type: u16, len: u32 },
+    #[error("{msg}: unknown frame flags {flags:#06x} (none are defined in protocol version {PROTOCOL_VERSION})")]
+    UnknownFrameFlags { msg: &'static str, flags: u16 },
+    #[error("Malformed {msg}: {detail}")]
+    Malformed { msg: &'static str, detail: String },
+    #[error("Cannot encode {msg}: {detail}")]
+    Unencodable { msg: &'static str, detail: String },
+}
+
+// ---------------------------------------------------------------------------
+// Vocabulary carried by messages.
+// ---------------------------------------------------------------------------
+
+/// Data generation identifiers (design.md §4), compared on connect.
+///
+/// Format (48 bytes, inside Hello): | current u64 | bitmap u64 | history 4 x u64 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GenIds {
+    /// The generation the data is in now.
+    pub current: u64,
+    /// The generation the bitmap started tracking from, or 0.
+    pub bitmap: u64,
+    /// Older generations, newest first; 0 for unused slots.
+    pub history: [u64; 4],
+}
+
+/// Why a handshake was refused. Wire codes are given per variant; an unknown code is
+/// read as [`RefuseReason::Other`] (a newer peer may know more reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// Code 1: The peer's Auth does not match the shared secret.
+    WrongSecret,
+    /// Code 2: The peer serves another resource.
+    WrongResource,
+    /// Code 3: The peer is not the node our config names (or does not expect us).
+    WrongPeer,
+    /// Code 4: The volumes differ in size.
+    SizeMismatch,
+    /// Code 5: The volumes differ in block size.
+    BlockSizeMismatch,
+    /// Code 6: No protocol version both sides speak.
+    IncompatibleVersion,
+    /// Code 7: A connection with this peer is already established.
+    AlreadyConnected,
+    /// Code 255: Anything else; the message says what.
+    Other,
+}
+
+impl RefuseReason {
+    pub fn code(self) -> u16 {
+        match self {
+            RefuseReason::WrongSecret => 1,
+            RefuseReason::WrongResource => 2,
+            RefuseReason::WrongPeer => 3,
+            RefuseReason::SizeMismatch => 4,
+            RefuseReason::BlockSizeMismatch => 5,
+            RefuseReason::IncompatibleVersion => 6,
+            RefuseReason::AlreadyConnected => 7,
+            RefuseReason::Other => 255,
+        }
+    }
+
+    pub fn from_code(code: u16) -> RefuseReason {
+        match code {
+            1 => RefuseReason::WrongSecret,
+            2 => RefuseReason::WrongResource,
+            3 => RefuseReason::WrongPeer,
+            4 => RefuseReason::SizeMismatch,
+            5 => RefuseReason::BlockSizeMismatch,
+            6 => RefuseReason::IncompatibleVersion,
+            7 => RefuseReason::AlreadyConnected,
+            _ => RefuseReason::Other,
+        }
+    }
+
+    /// Short name for logs (`wrong-secret`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::WrongSecret => "wrong-secret",
+            RefuseReason::WrongResource => "wrong-resource",
+            RefuseReason::WrongPeer => "wrong-peer",
+            RefuseReason::SizeMismatch => "size-mismatch",
+            RefuseReason::BlockSizeMismatch => "block-size-mismatch",
+            RefuseReason::IncompatibleVersion => "incompatible-version",
+            RefuseReason::AlreadyConnected => "already-connected",
+            RefuseReason::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a peer closes an established connection. Wire codes are given per variant; an
+/// unknown code is read as [`GoodbyeReason::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoodbyeReason {
+    /// Code 1: The daemon is stopping; reconnect when it is back.
+    Shutdown,
+    /// Code 2: An operator ran `disconnect`: do not reconnect until told to.
+    Disconnect,
+    /// Code 3: Both sides wrote since their last common generation.
+    SplitBrain,
+    /// Code 4: The generation ids share no history: the data is unrelated.
+    UnrelatedData,
+    /// Code 5: The peer broke the protocol (unexpected message, LSN gap...).
+    ProtocolError,
+    /// Code 255: Anything else; the message says what.
+    Other,
+}
+
+impl GoodbyeReason {
+    pub fn code(self) -> u16 {
+        match self {
+            GoodbyeReason::Shutdown => 1,
+            GoodbyeReason::Disconnect => 2,
+            GoodbyeReason::SplitBrain => 3,
+            GoodbyeReason::UnrelatedData => 4,
+            GoodbyeReason::ProtocolError => 5,
+            GoodbyeReason::Other => 255,
+        }
+    }
+
+    pub fn from_code(code: u16) -> GoodbyeReason {
+        match code {
+            1 => GoodbyeReason::Shutdown,
+            2 => GoodbyeReason::Disconnect,
+            3 => GoodbyeReason::SplitBrain,
+            4 => GoodbyeReason::UnrelatedData,
+            5 => GoodbyeReason::ProtocolError,
+            _ => GoodbyeReason::Other,
+        }
+    }
+
+    /// Short name for logs (`shutdown`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GoodbyeReason::Shutdown => "shutdown",
+            GoodbyeReason::Disconnect => "disconnect",
+            GoodbyeReason::SplitBrain => "split-brain",
+            GoodbyeReason::UnrelatedData => "unrelated-data",
+            GoodbyeReason::ProtocolError => "protocol-error",
+            GoodbyeReason::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for GoodbyeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Wire code of a role: | primary 1 | secondary 2 |.
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Primary => 1,
+        Role::Secondary => 2,
+    }
+}
+
+fn role_from(code: u8) -> Option<Role> {
+    match code {
+        1 => Some(Role::Primary),
+        2 => Some(Role::Secondary),
+        _ => None,
+    }
+}
+
+/// Wire code of a disk state: | unknown 0 | uptodate 1 | consistent 2 |
+/// outdated 3 | inconsistent 4 | diskless 5 | (the superblock's codes).
+fn disk_code(d: DiskState) -> u8 {
+    match d {
+        DiskState::Unknown => 0,
+        DiskState::UpToDate => 1,
+        DiskState::Consistent => 2,
+        DiskState::Outdated => 3,
+        DiskState::Inconsistent => 4,
+        DiskState::Diskless => 5,
+    }
+}
+
+fn disk_from(code: u8) -> Option<DiskState> {
+    Some(match code {
+        0 => DiskState::Unknown,
+        1 => DiskState::UpToDate,
+        2 => DiskState::Consistent,
+        3 => DiskState::Outdated,
+        4 => DiskState::Inconsistent,
+        5 => DiskState::Diskless,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Messages.
+// ---------------------------------------------------------------------------
+
+/// The Hello each side sends first (see [`Message::Hello`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Oldest protocol version the sender speaks.
+    pub min_version: u16,
+    /// Newest protocol version the sender speaks.
+    pub max_version: u16,
+    /// Feature bits. None are defined in version 1: send 0, ignore unknown
+    /// bits (a feature is used only when both sides set it).
+    pub flags: u32,
+    /// Resource name.
+    pub resource: String,
+    /// The sender's node name.
+    pub node: String,
+    /// The node name the sender expects to talk to.
+    pub peer: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Block size in bytes (the dirty bitmap's granularity).
+    pub block_size: u32,
+    pub gen_ids: GenIds,
+    pub role: Role,
+    pub disk: DiskState,
+    /// Fresh random challenge; the peer's Auth is a MAC over it.
+    pub nonce: [u8; 32],
+}
+
+/// One replication message.
+///
+/// Version history (bump [`PROTOCOL_VERSION`] and add a line for every change
+/// to a message layout, a type code or a rule of the exchange; Hello, Refuse
+/// and the frame header are frozen forever, since they negotiate the
+/// version):
+///
+/// - **1** (repblock 0.1): frame `| magic "RBRP" | type u16 | flags u16 | len u32 | crc32c u32 |`;
+///   handshake Hello / Auth (HMAC-SHA256, label `repblock-auth-v1`) /
+///   Welcome / Refuse; State; log stream Write / Trim / Zeroes / Barrier;
+///   cumulative Ack (received, written, durable); full sync SyncStart /
+///   SyncData / SyncEnd / SyncAck; Ping / Pong; Goodbye.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    // --- Handshake -------------------------------------------------------
+    //
+    // Format (Hello, payload):
+    // | min_version u16 | max_version u16 | flags u32 | size u64 | block_size u32 |
+    // | role u8 | disk u8 | reserved u16 = 0 |
+    // | gen.current u64 | gen.bitmap u64 | gen.history 4 x u64 | nonce [32] |
+    // | resource_len u8 | resource | node_len u8 | node | peer_len u8 | peer |
+    // 104 fixed bytes, then three UTF-8 names of 1..=255 bytes.
+    Hello(Box<Hello>),
+    // Format (Auth): | mac [32] |
+    /// HMAC-SHA256 proving knowledge of the shared secret (see handshake.rs).
+    Auth { mac: [u8; 32] },
+    // Format (Welcome): | version u16 |
+    /// The sender accepted the peer; `version` is the one both will speak.
+    Welcome { version: u16 },
+    // Format (Refuse): | reason u16 | message_len u16 | message (UTF-8) |
+    /// The sender refuses the connection and closes it.
+    Refuse { reason: RefuseReason, message: String },
+
+    // --- State -----------------------------------------------------------
+    //
+    // Format (State): | role u8 | disk u8 | reserved u16 = 0 | out_of_sync_bytes u64 |
+    /// The sender's role or disk state changed.
+    State {
+        role: Role,
+        disk: DiskState,
+        out_of_sync_bytes: u64,
+    },
+
+    // --- Log stream, primary -> secondary, in LSN order --------------------
+    //
+    // Format (Write): | lsn u64 | offset u64 | flags u8 (bit 0 FUA) | data (rest of the payload) |
+    Write {
+        lsn: Lsn,
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    },
+    // Format (Trim): | lsn u64 | offset u64 | len u32 | flags u8 (bit 0 FUA) |
+    Trim {
+        lsn: Lsn,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    // Format (Zeroes): | lsn u64 | offset u64 | len u32 | flags u8 (bit 0 FUA, bit 1 PUNCH) |
+    Zeroes {
+        lsn: Lsn,
+        offset: u64,
+        len: u32,
+        punch: bool,
+        fua: bool,
+    },
+    // Format (Barrier): | upto_lsn u64 |
+    /// The receiver makes everything up to `upto_lsn` durable and acks it.
+    Barrier { upto_lsn: Lsn },
+
+    // --- Acks, secondary -> primary, cumulative ---------------------------
+    //
+    // Format (Ack): | received u64 | written u64 | durable u64 |
+    /// Everything up to `received` arrived, up to `written` is in the
+    /// receiver's WAL and data file, up to `durable` is fdatasync'ed.
+    Ack {
+        received: Lsn,
+        written: Lsn,
+        durable: Lsn,
+    },
+
+    // --- Full sync, in the same ordered stream as the log ---------------
+    //
+    // Format (SyncStart): | total_bytes u64 | start_lsn u64 |
+    /// A full sync begins; the log continues at `start_lsn + 1` after it.
+    SyncStart { total_bytes: u64, start_lsn: Lsn },
+    // Format (SyncData): | offset u64 | data (rest of the payload) |
+    SyncData { offset: u64, data: Bytes },
+    // Format (SyncEnd): | bytes u64 |
+    /// The full sync is complete; `bytes` were sent.
+    SyncEnd { bytes: u64 },
+    // Format (SyncAck): | done_bytes u64 |
+    /// Secondary -> primary: sync progress made durable.
+    SyncAck { done_bytes: u64 },
+
+    // --- Heartbeat ---------------------------------------------------------
+    //
+    // Format (Ping, Pong): | seq u64 | sent_ns u64 |
+    Ping { seq: u64, sent_ns: u64 },
+    /// Echoes the Ping's fields.
+    Pong { seq: u64, sent_ns: u64 },
+
+    // Format (Goodbye): | reason u16 | message_len u16 | message (UTF-8) |
+    /// Orderly disconnect.
+    Goodbye { reason: GoodbyeReason, message: String },
+}
+
+impl Message {
+    /// The frame type code.
+    pub fn msg_type(&self) -> u16 {
+        use msg_type::*;
+        match self {
+            Message::Hello(_) => HELLO,
+            Message::Auth { .. } => AUTH,
+            Message::Welcome { .. } => WELCOME,
+            Message::Refuse { .. } => REFUSE,
+            Message::State { .. } => STATE,
+            Message::Write { .. } => WRITE,
+            Message::Trim { .. } => TRIM,
+            Message::Zeroes { .. } => ZEROES,
+            Message::Barrier { .. } => BARRIER,
+            Message::Ack { .. } => ACK,
+            Message::SyncStart { .. } => SYNC_START,
+            Message::SyncData { .. } => SYNC_DATA,
+            Message::SyncEnd { .. } => SYNC_END,
+            Message::SyncAck { .. } => SYNC_ACK,
+            Message::Ping { .. } => PING,
+            Message::Pong { .. } => PONG,
+            Message::Goodbye { .. } => GOODBYE,
+        }
+    }
+
+    /// The message's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        type_name(self.msg_type()).unwrap_or("unknown")
+    }
+
+    /// The trailing data of Write and SyncData (sent without a copy by
+    /// [`super::link::FrameWriter`]).
+    pub fn data(&self) -> Option<&Bytes> {
+        match self {
+            Message::Write { data, .. } | Message::SyncData { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    /// The LSN of a log record (Write, Trim, Zeroes), if this is one.
+    pub fn lsn(&self) -> Option<Lsn> {
+        match self {
+            Message::Write { lsn, .. } | Message::Trim { lsn, .. } | Message::Zeroes { lsn, .. } => Some(*lsn),
+            _ => None,
+        }
+    }
+
+    /// Size of the encoded frame, header included.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.fixed_len() + self.data().map_or(0, |d| d.len())
+    }
+
+    /// Bytes of the payload before the trailing data.
+    fn fixed_len(&self) -> usize {
+        match self {
+            Message::Hello(h) => HELLO_FIXED_LEN + 3 + h.resource.len() + h.node.len() + h.peer.len(),
+            Message::Auth { .. } => 32,
+            Message::Welcome { .. } => 2,
+            Message::Refuse { message, .. } | Message::Goodbye { message, .. } => 4 + cut(message).len(),
+            Message::State { .. } => 12,
+            Message::Write { .. } => 17,
+            Message::Trim { .. } => 21,
+            Message::Zeroes { .. } => 21,
+            Message::Barrier { .. } => 8,
+            Message::Ack { .. } => 24,
+            Message::SyncStart { .. } => 16,
+            Message::SyncData { .. } => 8,
+            Message::SyncEnd { .. } => 8,
+            Message::SyncAck { .. } => 8,
+            Message::Ping { .. } | Message::Pong { .. } => 16,
+        }
+    }
+
+    /// Writes the payload except the trailing data.
+    fn put_fixed(&self, b: &mut BytesMut) -> Result<(), FrameError> {
+        match self {
+            Message::Hello(h) => {
+                b.put_u16_le(h.min_version);
+                b.put_u16_le(h.max_version);
+                b.put_u32_le(h.flags);
+                b.put_u64_le(h.size);
+                b.put_u32_le(h.block_size);
+                b.put_u8(role_code(h.role));
+                b.put_u8(disk_code(h.disk));
+                b.put_u16_le(0);
+                b.put_u64_le(h.gen_ids.current);
+                b.put_u64_le(h.gen_ids.bitmap);
+                for g in h.gen_ids.history {
+                    b.put_u64_le(g);
+                }
+                b.put_slice(&h.nonce);
+                for (field, name) in [("resource", &h.resource), ("node", &h.node), ("peer", &h.peer)] {
+                    if name.is_empty() || name.len() > MAX_NAME_LEN {
+                        return Err(FrameError::Unencodable {
+                            msg: "hello",
+                            detail: format!("{field} name must be 1 to {MAX_NAME_LEN} bytes, got {}", name.len()),
+                        });
+                    }
+                    b.put_u8(name.len() as u8);
+                    b.put_slice(name.as_bytes());
+                }
+            }
+            Message::Auth { mac } => b.put_slice(mac),
+            Message::Welcome { version } => b.put_u16_le(*version),
+            Message::Refuse { reason, message } => put_text(b, reason.code(), message),
+            Message::Goodbye { reason, message } => put_text(b, reason.code(), message),
+            Message::State { role, disk, out_of_sync_bytes } => {
+                b.put_u8(role_code(*role));
+                b.put_u8(disk_code(*disk));
+                b.put_u16_le(0);
+                b.put_u64_le(*out_of_sync_bytes);
+            }
+            Message::Write { lsn, offset, fua, data } => {
+                check_data("write", data)?;
+                b.put_u64_le(*lsn);
+                b.put_u64_le(*offset);
+                b.put_u8(if *fua { OP_FLAG_FUA } else { 0 });
+            }
+            Message::Trim { lsn, offset, len, fua } => {
+                b.put_u64_le(*lsn);
+                b.put_u64_le(*offset);
+                b.put_u32_le(*len);
+                b.put_u8(if *fua { OP_FLAG_FUA } else { 0 });
+            }
+            Message::Zeroes { lsn, offset, len, punch, fua } => {
+                b.put_u64_le(*lsn);
+                b.put_u64_le(*offset);
+                b.put_u32_le(*len);
+                let mut flags = 0;
+                if *fua {
+                    flags |= OP_FLAG_FUA;
+                }
+                if *punch {
+                    flags |= OP_FLAG_PUNCH;
+                }
+                b.put_u8(flags);
+            }
+            Message::Barrier { upto_lsn } => b.put_u64_le(*upto_lsn),
+            Message::Ack { received, written, durable } => {
+                b.put_u64_le(*received);
+                b.put_u64_le(*written);
+                b.put_u64_le(*durable);
+            }
+            Message::SyncStart { total_bytes, start_lsn } => {
+                b.put_u64_le(*total_bytes);
+                b.put_u64_le(*start_lsn);
+            }
+            Message::SyncData { offset, data } => {
+                check_data("sync-data", data)?;
+                b.put_u64_le(*offset);
+            }
+            Message::SyncEnd { bytes } => b.put_u64_le(*bytes),
+            Message::SyncAck { done_bytes } => b.put_u64_le(*done_bytes),
+            Message::Ping { seq, sent_ns } | Message::Pong { seq, sent_ns } => {
+                b.put_u64_le(*seq);
+                b.put_u64_le(*sent_ns);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of the Hello payload before the names.
+const HELLO_FIXED_LEN: usize = 2 + 2 + 4 + 8 + 4 + 1 + 1 + 2 + 8 + 8 + 4 * 8 + 32;
+
+/// Name of a known message type.
+pub fn type_name(t: u16) -> Option<&'static str> {
+    use msg_type::*;
+    Some(match t {
+        HELLO => "hello",
+        AUTH => "auth",
+        WELCOME => "welcome",
+        REFUSE => "refuse",
+        STATE => "state",
+        WRITE => "write",
+        TRIM => "trim",
+        ZEROES => "zeroes",
+        BARRIER => "barrier",
+        ACK => "ack",
+        SYNC_START => "sync-start",
+        SYNC_DATA => "sync-data",
+        SYNC_END => "sync-end",
+        SYNC_ACK => "sync-ack",
+        PING => "ping",
+        PONG => "pong",
+        GOODBYE => "goodbye",
+        _ => return None,
+    })
+}
+
+fn check_data(msg: &'static str, data: &Bytes) -> Result<(), FrameError> {
+    if data.len() > MAX_DATA_LEN {
+        return Err(FrameError::Unencodable {
+            msg,
+            detail: format!("{} data bytes, more than the maximum {MAX_DATA_LEN}", data.len()),
+        });
+    }
+    Ok(())
+}
+
+/// `s` cut to at most [`MAX_MESSAGE_LEN`] bytes at a character boundary.
+fn cut(s: &str) -> &str {
+    if s.len() <= MAX_MESSAGE_LEN {
+        return s;
+    }
+    let mut end = MAX_MESSAGE_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_text(b: &mut BytesMut, code: u16, message: &str) {
+    let m = cut(message);
+    b.put_u16_le(code);
+    b.put_u16_le(m.len() as u16);
+    b.put_slice(m.as_bytes());
+}
+
+// ---------------------------------------------------------------------------
+// Encoding.
+// ---------------------------------------------------------------------------
+
+/// Appends the frame of `msg` to `dst`.
+///
+/// Fails only for a message that cannot be represented (data over
+/// [`MAX_DATA_LEN`], an empty or over-long name in a Hello); `dst` is then
+/// left as it was.
+pub fn encode(msg: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+    let data = encode_head(msg, dst)?;
+    if let Some(d) = data {
+        dst.extend_from_slice(&d);
+    }
+    Ok(())
+}
+
+/// Appends the header and the fixed part of the payload of `msg` to `dst`
+/// and returns the trailing data the caller must send right after it (the
+/// CRC in the header already covers it). This lets a writer send large data
+/// from the caller's buffer without copying it.
+pub fn encode_head(msg: &Message, dst: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    let start = dst.len();
+    dst.reserve(FRAME_HEADER_LEN + msg.fixed_len());
+    // Format (frame header):
+    // | magic u32 "RBRP" | type u16 | flags u16 = 0 | len u32 | crc u32 |
+    // crc = crc32c(type ‖ flags ‖ len ‖ payload)
+    dst.put_u32_le(FRAME_MAGIC);
+    dst.put_u16_le(msg.msg_type());
+    dst.put_u16_le(0);
+    dst.put_u32_le(0); // len, patched below
+    dst.put_u32_le(0); // crc, patched below
+    if let Err(e) = msg.put_fixed(dst) {
+        dst.truncate(start);
+        return Err(e);
+    }
+    let data = msg.data();
+    let len = dst.len() - start - FRAME_HEADER_LEN + data.map_or(0, |d| d.len());
+    debug_assert!(len <= MAX_PAYLOAD_LEN);
+    dst[start + 8..start + 12].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut crc = crc32c::crc32c(&dst[start + 4..start + 12]);
+    crc = crc32c::crc32c_append(crc, &dst[start + FRAME_HEADER_LEN..]);
+    if let Some(d) = data {
+        crc = crc32c::crc32c_append(crc, d);
+    }
+    dst[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    Ok(data.cloned())
+}
+
+// ---------------------------------------------------------------------------
+// Decoding.
+// ---------------------------------------------------------------------------
+
+/// Header fields of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub msg_type: u16,
+    pub flags: u16,
+    pub len: u32,
+    pub crc: u32,
+}
+
+/// The cheap check: is a whole frame at the front of `src`?
+///
+/// Returns the frame's total length once it is all there, `Ok(None)` while
+/// more bytes are needed, and an error as soon as the bytes seen cannot
+/// start a valid frame (bad magic, even a partial one; a length over the
+/// maximum), so garbage is refused without waiting for more of it.
+pub fn check(src: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameError> {
+    let magic = FRAME_MAGIC.to_le_bytes();
+    let seen = src.len().min(4);
+    if src[..seen] != magic[..seen] {
+        let mut found = [0u8; 4];
+        found[..seen].copy_from_slice(&src[..seen]);
+        return Err(FrameError::BadMagic { found: u32::from_le_bytes(found) });
+    }
+    if src.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let h = FrameHeader {
+        msg_type: u16::from_le_bytes([src[4], src[5]]),
+        flags: u16::from_le_bytes([src[6], src[7]]),
+        len: u32::from_le_bytes([src[8], src[9], src[10], src[11]]),
+        crc: u32::from_le_bytes([src[12], src[13], src[14], src[15]]),
+    };
+    if h.len as usize > MAX_PAYLOAD_LEN {
+        return Err(FrameError::TooLarge {
+            msg_type: h.msg_type,
+            len: h.len,
+            max: MAX_PAYLOAD_LEN,
+        });
+    }
+    let total = FRAME_HEADER_LEN + h.len as usize;
+    if src.len() < total {
+        return Ok(None);
+    }
+    Ok(Some((h, total)))
+}
+
+/// Takes one whole frame off the front of `src` and decodes it.
+///
+/// `Ok(None)`: not a whole frame yet, `src` untouched (room for the rest of
+/// the frame is reserved). On error the connection must be dropped; `src` is
+/// then in an unspecified state.
+pub fn decode(src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+    let (h, total) = match check(src)? {
+        Some(x) => x,
+        None => {
+            if src.len() >= FRAME_HEADER_LEN {
+                let len = u32::from_le_bytes([src[8], src[9], src[10], src[11]]) as usize;
+                src.reserve(FRAME_HEADER_LEN + len - src.len());
+            }
+            return Ok(None);
+        }
+    };
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&src[4..12]), &src[FRAME_HEADER_LEN..total]);
+    if computed != h.crc {
+        return Err(FrameError::BadCrc {
+            msg_type: h.msg_type,
+            len: h.len,
+            expected: h.crc,
+            computed,
+        });
+    }
+    let Some(name) = type_name(h.msg_type) else {
+        return Err(FrameError::UnknownType { msg_type: h.msg_type, len: h.len });
+    };
+    if h.flags != 0 {
+        return Err(FrameError::UnknownFrameFlags { msg: name, flags: h.flags });
+    }
+    let mut frame = src.split_to(total).freeze();
+    frame.advance(FRAME_HEADER_LEN);
+    decode_payload(h.msg_type, name, frame).map(Some)
+}
+
+/// Reads fixed fields off a payload, failing with a `Malformed` error that
+/// names the message and the field.
+struct Payload {
+    msg: &'static str,
+    b: Bytes,
+}
+
+impl Payload {
+    fn need(&self, field: &'static str, n: usize) -> Result<(), FrameError> {
+        if self.b.remaining() < n {
+            return Err(FrameError::Malformed {
+                msg: self.msg,
+                detail: format!("payload ends inside {field} (need {n} more bytes, have {})", self.b.remaining()),
+            });
+        }
+        Ok(())
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
+        self.need(field, 1)?;
+        Ok(self.b.get_u8())
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, FrameError> {
+        self.need(field, 2)?;
+        Ok(self.b.get_u16_le())
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, FrameError> {
+        self.need(field, 4)?;
+        Ok(self.b.get_u32_le())
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, FrameError> {
+        self.need(field, 8)?;
+        Ok(self.b.get_u64_le())
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FrameError> {
+        self.need(field, N)?;
+        let mut a = [0u8; N];
+        self.b.copy_to_slice(&mut a);
+        Ok(a)
+    }
+
+    fn string(&mut self, field: &'static str, len: usize) -> Result<String, FrameError> {
+        self.need(field, len)?;
+        let raw = self.b.split_to(len);
+        String::from_utf8(raw.to_vec()).map_err(|_| self.bad(format!("{field} is not UTF-8")))
+    }
+
+    fn name(&mut self, field: &'static str) -> Result<String, FrameError> {
+        let len = self.u8(field)? as usize;
+        if len == 0 {
+            return Err(self.bad(format!("empty {field} name")));
+        }
+        self.string(field, len)
+    }
+
+    fn text(&mut self) -> Result<String, FrameError> {
+        let len = self.u16("message length")? as usize;
+        if len > MAX_MESSAGE_LEN {
+            return Err(self.bad(format!("message of {len} bytes, more than the maximum {MAX_MESSAGE_LEN}")));
+        }
+        self.string("message", len)
+    }
+
+    fn role(&mut self) -> Result<Role, FrameError> {
+        let c = self.u8("role")?;
+        role_from(c).ok_or_else(|| self.bad(format!("unknown role code {c}")))
+    }
+
+    fn disk(&mut self) -> Result<DiskState, FrameError> {
+        let c = self.u8("disk")?;
+        disk_from(c).ok_or_else(|| self.bad(format!("unknown disk state code {c}")))
+    }
+
+    fn reserved16(&mut self) -> Result<(), FrameError> {
+        let r = self.u16("reserved")?;
+        if r != 0 {
+            return Err(self.bad(format!("reserved field is {r:#06x}, must be 0")));
+        }
+        Ok(())
+    }
+
+    fn op_flags(&mut self, known: u8) -> Result<u8, FrameError> {
+        let f = self.u8("flags")?;
+        if f & !known != 0 {
+            return Err(self.bad(format!("unknown flags {f:#04x}")));
+        }
+        Ok(f)
+    }
+
+    /// The rest of the payload, without a copy.
+    fn rest(&mut self) -> Bytes {
+        self.b.split_off(0)
+    }
+
+    /// Fails if bytes are left over.
+    fn end(&self) -> Result<(), FrameError> {
+        if self.b.has_remaining() {
+            return Err(self.bad(format!("{} unexpected bytes after the last field", self.b.remaining())));
+        }
+        Ok(())
+    }
+
+    fn bad(&self, detail: String) -> FrameError {
+        FrameError::Malformed { msg: self.msg, detail }
+    }
+}
+
+fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message, FrameError> {
+    use msg_type::*;
+    let mut p = Payload { msg: name, b: payload };
+    let m = match t {
+        HELLO => {
+            let min_version = p.u16("min_version")?;
+            let max_version = p.u16("max_version")?;
+            let flags = p.u32("flags")?;
+            let size = p.u64("size")?;
+            let block_size = p.u32("block_size")?;
+            let role = p.role()?;
+            let disk = p.disk()?;
+            p.reserved16()?;
+            let current = p.u64("gen.current")?;
+            let bitmap = p.u64("gen.bitmap")?;
+            let mut history = [0u64; 4];
+            for h in &mut history {
+                *h = p.u64("gen.history")?;
+            }
+            let nonce = p.array::<32>("nonce")?;
+            let resource = p.name("resource")?;
+            let node = p.name("node")?;
+            let peer = p.name("peer")?;
+            Message::Hello(Box::new(Hello {
+                min_version,
+                max_version,
+                flags,
+                resource,
+                node,
+                peer,
+                size,
+                block_size,
+                gen_ids: GenIds { current, bitmap, history },
+                role,
+                disk,
+                nonce,
+            }))
+        }
+        AUTH => Message::Auth { mac: p.array::<32>("mac")? },
+        WELCOME => Message::Welcome { version: p.u16("version")? },
+        REFUSE => {
+            let reason = RefuseReason::from_code(p.u16("reason")?);
+            Message::Refuse { reason, message: p.text()? }
+        }
+        STATE => {
+            let role = p.role()?;
+            let disk = p.disk()?;
+            p.reserved16()?;
+            Message::State { role, disk, out_of_sync_bytes: p.u64("out_of_sync_bytes")? }
+        }
+        WRITE => {
+            let lsn = p.u64("lsn")?;
+            let offset = p.u64("offset")?;
+            let flags = p.op_flags(OP_FLAG_FUA)?;
+            let data = p.rest();
+            if data.len() > MAX_DATA_LEN {
+                return Err(p.bad(format!("{} data bytes, more than the maximum {MAX_DATA_LEN}", data.len())));
+            }
+            Message::Write { lsn, offset, fua: flags & OP_FLAG_FUA != 0, data }
+        }
+        TRIM => {
+            let lsn = p.u64("lsn")?;
+            let offset = p.u64("offset")?;
+            let len = p.u32("len")?;
+            let flags = p.op_flags(OP_FLAG_FUA)?;
+            Message::Trim { lsn, offset, len, fua: flags & OP_FLAG_FUA != 0 }
+        }
+        ZEROES => {
+            let lsn = p.u64("lsn")?;
+            let offset = p.u64("offset")?;
+            let len = p.u32("len")?;
+            let flags = p.op_flags(OP_FLAG_FUA | OP_FLAG_PUNCH)?;
+            Message::Zeroes {
+                lsn,
+                offset,
+                len,
+                punch: flags & OP_FLAG_PUNCH != 0,
+                fua: flags & OP_FLAG_FUA != 0,
+            }
+        }
+        BARRIER => Message::Barrier { upto_lsn: p.u64("upto_lsn")? },
+        ACK => Message::Ack {
+            received: p.u64("received")?,
+            written: p.u64("written")?,
+            durable: p.u64("durable")?,
+        },
+        SYNC_START => Message::SyncStart {
+            total_bytes: p.u64("total_bytes")?,
+            start_lsn: p.u64("start_lsn")?,
+        },
+        SYNC_DATA => {
+            let offset = p.u64("offset")?;
+            let data = p.rest();
+            if data.len() > MAX_DATA_LEN {
+                return Err(p.bad(format!("{} data bytes, more than the maximum {MAX_DATA_LEN}", data.len())));
+            }
+            Message::SyncData { offset, data }
+        }
+        SYNC_END => Message::SyncEnd { bytes: p.u64("bytes")? },
+        SYNC_ACK => Message::SyncAck { done_bytes: p.u64("done_bytes")? },
+        PING => Message::Ping { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
+        PONG => Message::Pong { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
+        GOODBYE => {
+            let reason = GoodbyeReason::from_code(p.u16("reason")?);
+            Message::Goodbye { reason, message: p.text()? }
+        }
+        _ => {
+            // type_name() accepted the code, so this is a missing arm.
+            return Err(p.bad(format!("type {t} has no decoder")));
+        }
+    };
+    p.end()?;
+    Ok(m)
+}
+
+#[cfg(test)]
+#[path = "proto_tests.rs"]
+mod tests;
