@@ -42,6 +42,11 @@ pub(crate) struct CkptCtl {
 /// superblock write (used by `close`).
 pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     let _serial = parking::lock(&s.ckpt_lock);
+    checkpoint_locked(s, clean)
+}
+
+/// [`checkpoint`] for a caller that holds `ckpt_lock`.
+pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     if let Some(r) = s.failure() {
         return Err(VolumeError::Stopped(r));
     }

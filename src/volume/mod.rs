@@ -54,13 +54,17 @@ use tokio::sync::oneshot;
 use crate::io::{IoEngine, IoFile, OpenMode};
 
 pub mod checkpoint;
+pub mod feed;
 pub mod meta;
 pub mod recovery;
+pub mod replica;
 pub mod segment;
 pub mod wal;
 pub mod writer;
 
+pub use feed::{Feed, FeedItem, FeedOp};
 pub use meta::{DiskState, Superblock};
+pub use replica::MAX_SYNC_CHUNK;
 pub use recovery::{LogEnd, RecoveryReport};
 
 use checkpoint::CkptCtl;
@@ -193,6 +197,8 @@ pub enum VolumeError {
     Invalid { what: String, reason: String },
     #[error("WAL corrupt in {path} at byte {offset} (LSN {lsn}): {reason}; refusing to start")]
     WalCorrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String },
+    #[error("Replicated record LSN {got} is out of sequence: the local log expects LSN {expected}; nothing was applied")]
+    LsnGap { expected: Lsn, got: Lsn },
 }
 
 impl VolumeError {
@@ -250,6 +256,8 @@ pub(crate) struct Shared {
     pub ckpt_cv: Condvar,
     /// Serialises checkpoints.
     pub ckpt_lock: Mutex<()>,
+    /// The replication feed the writer publishes into.
+    pub feed: feed::FeedHub,
 }
 
 impl Shared {
@@ -588,6 +596,7 @@ impl Volume {
             ckpt_ctl: Mutex::new(CkptCtl::default()),
             ckpt_cv: Condvar::new(),
             ckpt_lock: Mutex::new(()),
+            feed: feed::FeedHub::new(last),
         });
 
         let (tx, rx) = mpsc::channel();
@@ -660,7 +669,7 @@ impl Volume {
             return Err(closed());
         }
         let (done, rx) = oneshot::channel();
-        self.tx.send(Msg::Req(Request { op, fua, done })).map_err(|_| closed())?;
+        self.tx.send(Msg::Req(Request { op, fua, lsn: None, done })).map_err(|_| closed())?;
         rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
@@ -802,6 +811,8 @@ fn join_threads(shared: &Shared, writer: Option<JoinHandle<()>>, ckpt: Option<Jo
     if let Some(h) = writer {
         let _ = h.join();
     }
+    // Nothing is published any more: the feed's receiver sees the end.
+    shared.feed.detach();
     parking::lock(&shared.ckpt_ctl).stop = true;
     shared.ckpt_cv.notify_all();
     if let Some(h) = ckpt {
