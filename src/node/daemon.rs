@@ -141,10 +141,8 @@ impl Daemon {
 }
 
 /// The replication engine's view of the volume.
-fn replication_store(_volume: &Arc<Volume>) -> Option<Arc<dyn crate::repl::store::ReplStore>> {
-    // The volume's replication API (feed, apply, full sync) is not in this
-    // build yet: two-node resources run with their peer `connecting`.
-    None
+fn replication_store(volume: &Arc<Volume>) -> Option<Arc<dyn crate::repl::store::ReplStore>> {
+    Some(Arc::new(crate::repl::volume_store::VolumeStore(Arc::clone(volume))))
 }
 
 /// Waits for SIGTERM or SIGINT; returns the signal's name.

@@ -20,24 +20,7 @@ use crate::volume::{Lsn, VolumeError};
 /// A boxed, sendable future (the trait is used as `dyn`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// One logged operation, as streamed to the peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FeedOp {
-    Write { offset: u64, data: Bytes },
-    Trim { offset: u64, len: u32 },
-    Zeroes { offset: u64, len: u32, punch: bool },
-}
-
-/// What the primary's log writer publishes for the peer, in commit order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FeedItem {
-    Record { lsn: Lsn, op: FeedOp, fua: bool },
-    /// A FLUSH completed locally: everything `<= upto` must become durable
-    /// on the peer.
-    Barrier { upto: Lsn },
-    /// A full-sync block, ordered with the records.
-    SyncData { offset: u64, data: Bytes },
-}
+pub use crate::volume::{FeedItem, FeedOp};
 
 /// The receiving end of the feed.
 pub trait FeedSource: Send {
