@@ -33,11 +33,13 @@ use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
 
 /// Messages queued for the writer task.
-const WRITER_QUEUE: usize = 256;
+const WRITER_QUEUE: usize = 64;
 /// Full-sync read size.
 const SYNC_CHUNK: u64 = 1 << 20;
-/// Full-sync reads queued but not yet seen in the feed.
-const SYNC_READS_AHEAD: u64 = 8;
+/// Full-sync bytes read but not yet acknowledged by the target: bounds the
+/// sync data ahead of an application write in the stream (under B and C a
+/// write made during the sync waits behind at most this much).
+const SYNC_WINDOW: u64 = 8 << 20;
 /// Frames handled before acks are sent even if more are buffered.
 const ACK_EVERY: usize = 256;
 
@@ -272,7 +274,7 @@ impl Session {
             }
             self.ping();
             if let Some(s) = sync.as_mut() {
-                while s.queued < s.total && s.queued - s.seen < SYNC_READS_AHEAD * SYNC_CHUNK {
+                while s.queued < s.total && s.queued - s.done < SYNC_WINDOW {
                     let len = (s.total - s.queued).min(SYNC_CHUNK);
                     if let Err(e) = store.queue_sync_read(s.queued, len as u32) {
                         return Outcome::Failed(format!("full sync read at {}: {e}", s.queued));
