@@ -93,6 +93,12 @@ pub enum Request {
     Events,
     /// Release writes suspended by `on_peer_loss = "suspend"`.
     ResumeIo,
+    /// New generation; with `clear_bitmap`, skip the initial sync of two
+    /// blank volumes.
+    NewCurrentUuid {
+        #[serde(default)]
+        clear_bitmap: bool,
+    },
 }
 
 /// One response line.

@@ -68,6 +68,12 @@ enum Command {
     Disconnect,
     /// Release writes held by `on_peer_loss = "suspend"` (the peer is resynced when it is back).
     ResumeIo,
+    /// With --clear-bitmap: two connected, blank, inconsistent nodes become uptodate without a sync.
+    NewCurrentUuid {
+        /// Skip the initial sync (both volumes must be blank: never written).
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
     /// Compare every block with the peer (needs replication).
     Verify,
     /// Mark the whole local disk out of sync (needs replication).
@@ -159,6 +165,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Disconnect => {
             connect()?.request(&Request::Disconnect)?;
             writeln!(stdout, "{}: standalone", node.name)?;
+        }
+        Command::NewCurrentUuid { clear_bitmap } => {
+            let v = connect()?.request_with(&Request::NewCurrentUuid { clear_bitmap }, Duration::from_secs(15))?;
+            let g = v.get("generation").and_then(|g| g.as_str()).unwrap_or("?");
+            writeln!(stdout, "{}: uptodate, peer uptodate, generation {g} (no initial sync)", node.name)?;
         }
         Command::ResumeIo => {
             let v = connect()?.request(&Request::ResumeIo)?;

@@ -505,6 +505,22 @@ const ROLE_SETTLE: Duration = Duration::from_secs(2);
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);
 
 impl Node {
+    async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<serde_json::Value, NodeError> {
+        let repl = self.repl_or("new-current-uuid")?;
+        if !clear_bitmap {
+            return Err(NodeError::NotAvailable {
+                cmd: "new-current-uuid",
+                why: "only `new-current-uuid --clear-bitmap` (skip the initial sync of two blank volumes) is supported",
+            });
+        }
+        let _t = self.transition.lock().await;
+        let generation = repl
+            .new_current_uuid_clear_bitmap(Duration::from_secs(10))
+            .await
+            .map_err(|why| NodeError::Refused(format!("new-current-uuid --clear-bitmap: {why}")))?;
+        Ok(serde_json::json!({ "disk": "uptodate", "peer_disk": "uptodate", "generation": format!("{generation:016X}") }))
+    }
+
     fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
         let repl = self.repl_or("connect")?;
         if discard_my_data {
@@ -551,6 +567,7 @@ impl ControlHandler for Node {
                 serde_json::json!({ "connection": "standalone" })
             }),
             Request::ResumeIo => self.repl_or("resume-io").map(|r| serde_json::json!({ "resumed": r.resume_io() })),
+            Request::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(clear_bitmap).await,
             Request::Verify => Err(NodeError::NotAvailable { cmd: "verify", why: "online verify is not implemented yet" }),
             Request::Invalidate => {
                 Err(NodeError::NotAvailable { cmd: "invalidate", why: "invalidate is not implemented yet" })

@@ -250,6 +250,8 @@ pub struct Engine {
     kick: Notify,
     events: broadcast::Sender<Event>,
     shutdown: watch::Sender<bool>,
+    /// `new-current-uuid --clear-bitmap` waits for the next idle session.
+    clear_bitmap_offer: AtomicBool,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -287,6 +289,7 @@ impl Engine {
             events,
             shutdown: watch::Sender::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
+            clear_bitmap_offer: AtomicBool::new(false),
         })
     }
 
@@ -365,6 +368,64 @@ impl Engine {
             if tokio::time::timeout(settle, wait).await.is_err() {
                 tracing::info!(peer = %self.cfg.peer, "role changed; the peer has not reconnected yet");
             }
+        }
+    }
+
+    pub(crate) fn take_clear_bitmap_offer(&self) -> bool {
+        self.clear_bitmap_offer.swap(false, Ordering::AcqRel)
+    }
+
+    /// `new-current-uuid --clear-bitmap` (DRBD's name): both nodes
+    /// connected, secondary, `inconsistent` and never written get the same
+    /// new generation and become `uptodate` without a sync. Refused
+    /// otherwise, saying why.
+    pub async fn new_current_uuid_clear_bitmap(&self, timeout: Duration) -> Result<u64, String> {
+        let v = self.view();
+        if v.connection != ConnState::Connected {
+            return Err(format!("peer {} is not connected; both nodes must be connected", self.cfg.peer));
+        }
+        if self.role() != Role::Secondary || v.peer_role != Some(Role::Secondary) {
+            return Err("both nodes must be secondary (a primary has already started syncing its data)".into());
+        }
+        let meta = self.store.meta();
+        if meta.disk != DiskState::Inconsistent || v.peer_disk != DiskState::Inconsistent {
+            return Err(format!(
+                "both disks must be inconsistent (fresh create-md); this disk is {}, the peer's is {}",
+                meta.disk, v.peer_disk
+            ));
+        }
+        let lsn = self.store.local_lsn();
+        if lsn != 0 {
+            return Err(format!("this volume was written (local LSN {lsn}): its data would not match the peer's"));
+        }
+        let mut new = meta;
+        new.disk = DiskState::UpToDate;
+        new.gen_ids.history = [meta.gen_ids.current, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
+        new.gen_ids.current = new_gen_id();
+        self.store.store_meta(new).map_err(|e| format!("cannot record the new generation: {e}"))?;
+        // Renegotiate: the next Hello carries the generation, the idle
+        // session then tells the peer to take it.
+        self.clear_bitmap_offer.store(true, Ordering::Release);
+        self.stop_session(StopReason::RoleChange);
+        self.kick.notify_waiters();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.view();
+            if v.connection == ConnState::Connected && v.peer_disk == DiskState::UpToDate {
+                tracing::info!(generation = format_args!("{:016X}", new.gen_ids.current), "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
+                self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": "inconsistent", "clear_bitmap": true }));
+                return Ok(new.gen_ids.current);
+            }
+            let refused = v.last_error.as_deref().is_some_and(|e| e.contains("new-current-uuid --clear-bitmap refused"));
+            if refused || Instant::now() >= deadline {
+                self.clear_bitmap_offer.store(false, Ordering::Release);
+                let why = v.last_error.unwrap_or_else(|| "the peer did not confirm in time".into());
+                if let Err(e) = self.store.store_meta(meta) {
+                    return Err(format!("{why}; and restoring this disk's state failed: {e}"));
+                }
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -733,6 +794,7 @@ impl Engine {
             Outcome::Stopped(r) => tracing::info!(peer = %self.cfg.peer, reason = ?r, "replication session ended"),
             Outcome::PeerLeft(why) => {
                 tracing::info!(peer = %self.cfg.peer, "peer disconnected: {why}");
+                self.view_mut().last_error = Some(format!("peer disconnected: {why}"));
                 self.emit("peer-disconnected", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
             }
             Outcome::PeerGone(why) => {

@@ -49,14 +49,18 @@ struct Pair {
 /// alpha primary (uptodate, generation 7), beta secondary (fresh,
 /// inconsistent); `tweak` adjusts both configs before the start.
 async fn pair(protocol: Protocol, tweak: impl Fn(&mut EngineConfig)) -> Pair {
+    pair_with(protocol, tweak, DiskState::UpToDate, Role::Primary).await
+}
+
+async fn pair_with(protocol: Protocol, tweak: impl Fn(&mut EngineConfig), alpha_disk: DiskState, alpha_role: Role) -> Pair {
     let (pa, pb) = (free_port(), free_port());
     let mut ca = cfg("alpha", "beta", pa, pb, protocol);
     let mut cb = cfg("beta", "alpha", pb, pa, protocol);
     tweak(&mut ca);
     tweak(&mut cb);
-    let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let a = MemStore::new(SIZE, alpha_disk, 7);
     let b = MemStore::new(SIZE, DiskState::Inconsistent, 0);
-    let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
+    let alpha = Engine::new(ca, a.clone(), alpha_role, broadcast::channel(64).0);
     let beta = Engine::new(cb, b.clone(), Role::Secondary, broadcast::channel(64).0);
     alpha.start().await.expect("alpha starts");
     beta.start().await.expect("beta starts");
@@ -302,4 +306,22 @@ async fn role_swap_while_connected_needs_no_sync() {
     let lsn = p.b.write(4096, &pattern(6, 4096), false);
     p.beta.wait(lsn, Durability::Write).await;
     assert!(p.a.data() == p.b.data());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_bitmap_skips_the_initial_sync_of_blank_volumes_only() {
+    let p = pair_with(Protocol::C, |_| {}, DiskState::Inconsistent, Role::Secondary).await;
+    until("connected", Duration::from_secs(5), || p.alpha.view().peer_disk == DiskState::Inconsistent).await;
+    let g = p.alpha.new_current_uuid_clear_bitmap(Duration::from_secs(5)).await.expect("clear-bitmap on blank volumes");
+    assert_eq!(p.a.meta().disk, DiskState::UpToDate);
+    until("beta uptodate", Duration::from_secs(5), || p.b.meta().disk == DiskState::UpToDate).await;
+    assert_eq!(p.b.meta().gen_ids.current, g, "both sides share the new generation");
+    // alpha promoted: same generation, same (empty) log: no sync.
+    p.alpha.set_role(Role::Primary, Duration::from_secs(2)).await;
+    until("established", Duration::from_secs(5), || established(&p.alpha)).await;
+    assert!(p.alpha.view().resync.is_none(), "no sync after clear-bitmap");
+    // Refused once there is data (and not both secondary).
+    p.a.write(0, &pattern(1, 4096), false);
+    let why = p.alpha.new_current_uuid_clear_bitmap(Duration::from_secs(1)).await.expect_err("refused");
+    assert!(why.contains("secondary"), "{why}");
 }

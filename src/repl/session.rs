@@ -91,7 +91,7 @@ pub async fn run(engine: &Arc<Engine>, stream: TcpStream, peer: &PeerInfo, stop:
         (Role::Secondary, Role::Primary) => s.target(&mut io, peer).await,
         (Role::Secondary, Role::Secondary) => {
             engine.set_replication(ReplState::Established);
-            s.idle(&mut io).await
+            s.idle(&mut io, peer).await
         }
     };
     if let Outcome::Stopped(r) = &outcome {
@@ -195,8 +195,15 @@ impl Session {
 
     // --- Idle -----------------------------------------------------------------
 
-    async fn idle(&mut self, io: &mut Io) -> Outcome {
+    async fn idle(&mut self, io: &mut Io, peer: &PeerInfo) -> Outcome {
         let my_role = *io.role_rx.borrow();
+        if self.engine.take_clear_bitmap_offer() {
+            // `new-current-uuid --clear-bitmap`: our Hello carried the new
+            // generation; an empty sync tells the peer to take it.
+            let _ = self.tx.try_send(Message::SyncStart { total_bytes: 0, start_lsn: 0 });
+            let _ = self.tx.try_send(Message::SyncEnd { bytes: 0 });
+        }
+        let mut empty_sync = false;
         loop {
             if let Some(r) = io.stop_reason() {
                 return Outcome::Stopped(r);
@@ -217,9 +224,43 @@ impl Session {
                     // The peer was promoted; it reconnects to renegotiate.
                 }
                 Tick::Frame(Message::State { .. }) | Tick::Frame(Message::Ack { .. }) => {}
+                Tick::Frame(Message::SyncStart { total_bytes: 0, start_lsn: 0 }) => empty_sync = true,
+                Tick::Frame(Message::SyncEnd { bytes: 0 }) if empty_sync => {
+                    empty_sync = false;
+                    if let Err(why) = self.take_peer_generation(peer) {
+                        tracing::warn!(peer = %peer.node, "new-current-uuid --clear-bitmap from the peer refused: {why}");
+                        let _ = self.tx.try_send(Message::Goodbye {
+                            reason: GoodbyeReason::Other,
+                            message: format!("new-current-uuid --clear-bitmap refused by {}: {why}", self.engine.cfg.node),
+                        });
+                        return Outcome::Failed(format!("refused the peer's new-current-uuid --clear-bitmap: {why}"));
+                    }
+                }
                 Tick::Frame(m) => return Outcome::Failed(format!("unexpected {} from a secondary peer", m.name())),
             }
         }
+    }
+
+    /// The peer (both secondary, both blank) declared a new generation
+    /// with both disks uptodate and no sync: take it, if we are blank too.
+    fn take_peer_generation(&mut self, peer: &PeerInfo) -> Result<(), String> {
+        let engine = &self.engine;
+        let meta = engine.meta();
+        let lsn = engine.store.local_lsn();
+        if meta.disk != DiskState::Inconsistent {
+            return Err(format!("our disk is {}, not inconsistent", meta.disk));
+        }
+        if lsn != 0 {
+            return Err(format!("our volume was written (local LSN {lsn})"));
+        }
+        if peer.disk != DiskState::UpToDate || peer.gen_ids.current == 0 {
+            return Err("the peer did not announce an uptodate generation".into());
+        }
+        engine.store_disk(DiskState::UpToDate, Some(peer.gen_ids)).map_err(|e| format!("cannot record the disk: {e}"))?;
+        tracing::info!(peer = %peer.node, "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
+        let _ = self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
+        engine.set_peer(peer.role, DiskState::UpToDate);
+        Ok(())
     }
 
     // --- Source (primary) -------------------------------------------------------
