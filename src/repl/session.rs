@@ -35,11 +35,18 @@ use crate::volume::{Lsn, VolumeError};
 /// Messages queued for the writer task.
 const WRITER_QUEUE: usize = 64;
 /// Full-sync read size.
-const SYNC_CHUNK: u64 = 1 << 20;
-/// Full-sync bytes read but not yet acknowledged by the target: bounds the
-/// sync data ahead of an application write in the stream (under B and C a
-/// write made during the sync waits behind at most this much).
+const SYNC_CHUNK: u64 = 256 << 10;
+/// Full-sync bytes read but not yet acknowledged by the target are bounded:
+/// an application write made during the sync waits (under B and C) behind
+/// that much sync data. The bound is what the link moves in
+/// [`SYNC_AHEAD`] at the sync's measured speed, within
+/// [`SYNC_WINDOW_MIN`]..=[`SYNC_WINDOW`].
 const SYNC_WINDOW: u64 = 8 << 20;
+const SYNC_WINDOW_MIN: u64 = 2 * SYNC_CHUNK;
+const SYNC_AHEAD: Duration = Duration::from_millis(20);
+// Application writes have priority: while one the peer has not written yet
+// is in the stream, at most one chunk of sync data is outstanding, so a
+// write made during a sync waits behind one chunk, not a whole window.
 /// Frames handled before acks are sent even if more are buffered.
 const ACK_EVERY: usize = 256;
 
@@ -304,10 +311,11 @@ impl Session {
             engine.set_replication(ReplState::SyncSource);
             engine.set_resync(Some(Resync { done_bytes: 0, total_bytes: size, started: Instant::now() }));
             engine.emit("sync-started", serde_json::json!({ "peer": peer.node, "role": "source", "total_bytes": size, "kind": "full" }));
-            Some(SyncSource { total: size, queued: 0, seen: 0, end_sent: false, done: 0 })
+            Some(SyncSource { total: size, queued: 0, seen: 0, end_sent: false, done: 0, started: Instant::now() })
         };
         let my_role = Role::Primary;
         let mut pending: Option<Message> = None;
+        let mut last_record: Lsn = base;
         let tx = self.tx.clone();
         loop {
             if let Some(r) = io.stop_reason() {
@@ -315,7 +323,15 @@ impl Session {
             }
             self.ping();
             if let Some(s) = sync.as_mut() {
-                while s.queued < s.total && s.queued - s.done < SYNC_WINDOW {
+                let app_waiting = last_record > engine.acks.borrow().written;
+                let secs = s.started.elapsed().as_secs_f64();
+                let speed = if secs > 0.0 { s.done as f64 / secs } else { 0.0 };
+                let window = if app_waiting {
+                    SYNC_CHUNK
+                } else {
+                    ((speed * SYNC_AHEAD.as_secs_f64()) as u64).clamp(SYNC_WINDOW_MIN, SYNC_WINDOW)
+                };
+                while s.queued < s.total && s.queued - s.done < window {
                     let len = (s.total - s.queued).min(SYNC_CHUNK);
                     if let Err(e) = store.queue_sync_read(s.queued, len as u32) {
                         return Outcome::Failed(format!("full sync read at {}: {e}", s.queued));
@@ -333,6 +349,9 @@ impl Session {
                     Some(item) => {
                         if let (FeedItem::SyncData { data, .. }, Some(s)) = (&item, sync.as_mut()) {
                             s.seen += data.len() as u64;
+                        }
+                        if let FeedItem::Record { lsn, .. } = &item {
+                            last_record = *lsn;
                         }
                         pending = Some(item_to_message(item));
                     }
@@ -590,6 +609,7 @@ struct SyncSource {
     end_sent: bool,
     /// Bytes the peer acknowledged.
     done: u64,
+    started: Instant,
 }
 
 #[derive(Default)]
