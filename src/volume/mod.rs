@@ -258,6 +258,12 @@ pub(crate) struct Shared {
     pub ckpt_lock: Mutex<()>,
     /// The replication feed the writer publishes into.
     pub feed: feed::FeedHub,
+    /// The peer's retention hold was lifted because the WAL filled up
+    /// (see `Volume::set_retain_after`).
+    pub retention_lifted: AtomicBool,
+    /// The current hold came from `set_retain_after` and may be lifted
+    /// when the WAL fills (a `set_min_retained_lsn` hold is never lifted).
+    pub retention_liftable: AtomicBool,
 }
 
 impl Shared {
@@ -597,6 +603,8 @@ impl Volume {
             ckpt_cv: Condvar::new(),
             ckpt_lock: Mutex::new(()),
             feed: feed::FeedHub::new(last),
+            retention_lifted: AtomicBool::new(false),
+            retention_liftable: AtomicBool::new(false),
         });
 
         let (tx, rx) = mpsc::channel();

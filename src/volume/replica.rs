@@ -166,10 +166,34 @@ impl Volume {
     }
 
     /// WAL retention: keep records `> lsn` (what the peer has not made
-    /// durable) from being recycled; `None` = no peer constraint. Bounded
-    /// by the WAL limit: see `set_min_retained_lsn`.
+    /// durable) from being recycled; `None` = no peer constraint.
+    ///
+    /// Bounded by the WAL limit: when the WAL fills up and the hold is what
+    /// keeps the checkpointer from recycling, the hold is lifted (local
+    /// writes go on; the peer can no longer be caught up from the log) and
+    /// [`Volume::retention_lifted`] turns true. Later `Some` calls are then
+    /// ignored until `set_retain_after(None)` (the engine detaches and does
+    /// a full sync on the next connection).
     pub fn set_retain_after(&self, lsn: Option<Lsn>) {
-        self.set_min_retained_lsn(lsn.map(|l| l.saturating_add(1)));
+        let s = &self.shared;
+        match lsn {
+            None => {
+                s.retention_liftable.store(false, Ordering::Release);
+                self.set_min_retained_lsn(None);
+                s.retention_lifted.store(false, Ordering::Release);
+            }
+            Some(_) if s.retention_lifted.load(Ordering::Acquire) => {}
+            Some(l) => {
+                s.retention_liftable.store(true, Ordering::Release);
+                self.set_min_retained_lsn(Some(l.saturating_add(1)));
+            }
+        }
+    }
+
+    /// Whether the WAL filled up while keeping records for the peer and the
+    /// hold was lifted (see [`Volume::set_retain_after`]).
+    pub fn retention_lifted(&self) -> bool {
+        self.shared.retention_lifted.load(Ordering::Acquire)
     }
 }
 
