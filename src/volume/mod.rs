@@ -34,10 +34,16 @@
 //! one record); recovery reads segments through a 4 MiB window and applies
 //! at most 4 MiB of pending payload at a time.
 //!
+//! Replication (issue 3, [`replica`] and [`feed`]): the log writer publishes
+//! every committed record, flush barrier and full-sync read into one
+//! bounded [`Feed`] for the primary's sender, in commit order; a secondary
+//! applies the primary's records with their LSNs (`apply`), full-sync data
+//! (`apply_sync_data`), and rebases its log when a full sync starts.
+//!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
 //! (superblock), [`segment`] (segment files, spares, recycling),
 //! [`recovery`], [`writer`] (log writer thread, group commit),
-//! [`checkpoint`]. The byte formats are drawn in docs/formats.md.
+//! [`checkpoint`], [`feed`] and [`replica`]. The byte formats are drawn in docs/formats.md.
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;

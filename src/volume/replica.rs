@@ -54,8 +54,10 @@ impl Volume {
 
     /// Enqueues a full-sync read of `[offset, offset+len)` (`len <= 8 MiB`)
     /// in the log writer's order; the data appears in the feed as
-    /// `SyncData` (if a feed is still attached when the writer gets to it).
-    /// Returns once enqueued; a read error stops the volume (fail-stop).
+    /// `SyncData`, if the feed attached now is still attached when the
+    /// writer gets to it (never in a later feed; without a feed the call
+    /// does nothing). Returns once enqueued; a read error stops the volume
+    /// (fail-stop).
     pub fn queue_sync_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
         self.check_range(offset, u64::from(len))?;
         if len == 0 || len > MAX_SYNC_CHUNK {
@@ -65,7 +67,8 @@ impl Volume {
             });
         }
         self.check_open()?;
-        self.tx.send(Msg::SyncRead { offset, len }).map_err(|_| closed())
+        let Some(feed) = self.shared.feed.attached() else { return Ok(()) };
+        self.tx.send(Msg::SyncRead { offset, len, feed }).map_err(|_| closed())
     }
 
     /// Checks a replicated record before it is queued.

@@ -565,3 +565,23 @@ async fn retention_keeps_segments_and_is_lifted_when_the_wal_fills() {
     }
     v.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_read_queued_for_one_feed_never_lands_in_the_next() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    let (_, feed1) = v.attach_feed(1);
+    v.write(0, data(1, 8192), false).await.unwrap(); // over the bound: the writer waits
+    v.queue_sync_read(0, 4096).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(feed1.buffered_bytes(), 8192, "the sync read waits for room");
+    drop(feed1);
+    let (from, mut feed2) = v.attach_feed(1 << 20);
+    assert_eq!(from, 1);
+    v.write(4096, data(2, 4096), false).await.unwrap();
+    v.flush().await.unwrap();
+    let items: Vec<_> = std::iter::from_fn(|| feed2.try_recv()).collect();
+    assert!(matches!(items[..], [FeedItem::Record { lsn: 2, .. }, FeedItem::Barrier { upto: 2 }]), "{:?}", items.len());
+    v.close().await.unwrap();
+}
