@@ -235,7 +235,9 @@ pub struct Feed {
 
 impl Feed {
     /// The next item; `None` once the feed is detached (or replaced, or the
-    /// receiver dropped): buffered items are discarded then.
+    /// volume closed): buffered items are discarded then. Cancel-safe (an
+    /// item is taken only when the future completes), so it may be used in
+    /// `select!`.
     pub async fn recv(&mut self) -> Option<FeedItem> {
         loop {
             if self.ch.is_closed() {

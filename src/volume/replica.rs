@@ -147,7 +147,8 @@ impl Volume {
     /// Full sync starts: the next record expected is `last_lsn + 1`. Starts
     /// a new WAL segment whose first LSN is `last_lsn + 1` and checkpoints,
     /// so recovery never replays older records across the gap. `local_lsn`
-    /// reads `last_lsn` afterwards.
+    /// reads `last_lsn` afterwards. The old log is recycled: any retention
+    /// hold (`set_retain_after`, `set_min_retained_lsn`) ends.
     pub async fn rebase_log(&self, last_lsn: Lsn) -> Result<(), VolumeError> {
         if last_lsn == u64::MAX {
             return Err(VolumeError::Invalid { what: "rebase LSN".into(), reason: format!("{last_lsn} leaves no next LSN") });

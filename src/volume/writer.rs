@@ -399,8 +399,11 @@ impl Writer {
         self.unsynced.clear();
         self.next_lsn = first_lsn;
         parking::lock(&s.wal).live.push_back(seg);
-        // Nothing before the gap is ever replayed again.
+        // Nothing before the gap is ever replayed again, nor sent to a peer:
+        // a retention hold on the old log ends.
         *parking::lock(&s.replay_ranges) = ReplayRanges::default();
+        s.min_retained_lsn.store(u64::MAX, Ordering::Release);
+        s.retention_liftable.store(false, Ordering::Release);
         s.applied_lsn.store(last, Ordering::Release);
         s.durable_lsn.store(last, Ordering::Release);
         s.feed.reset_lsn(last);
