@@ -585,3 +585,22 @@ async fn a_sync_read_queued_for_one_feed_never_lands_in_the_next() {
     assert!(matches!(items[..], [FeedItem::Record { lsn: 2, .. }, FeedItem::Barrier { upto: 2 }]), "{:?}", items.len());
     v.close().await.unwrap();
 }
+
+/// The engine boxes these futures as `Send` (it runs them on tokio tasks).
+#[tokio::test]
+async fn replication_futures_are_send() {
+    fn is_send<T: Send>(t: T) -> T {
+        t
+    }
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    let (_, mut feed) = v.attach_feed(1 << 20);
+    is_send(v.apply(1, FeedOp::Zeroes { offset: 0, len: 512, punch: false }, true)).await.unwrap();
+    is_send(v.apply_sync_data(4096, data(1, 4096))).await.unwrap();
+    assert!(matches!(is_send(feed.recv()).await, Some(FeedItem::Record { lsn: 1, fua: true, .. })));
+    is_send(v.finish_sync()).await.unwrap();
+    is_send(v.rebase_log(7)).await.unwrap();
+    assert_eq!(v.status().local_lsn, 7);
+    v.close().await.unwrap();
+}
