@@ -282,7 +282,12 @@ async fn replicate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_from_feed_and_sync_reads_under_load_is_identical_and_survives_a_crash() {
-    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    for io in engines() {
+        replica_scenario(io).await;
+    }
+}
+
+async fn replica_scenario(io: Arc<dyn IoEngine>) {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let size = 4 * MIB;
     let a = open_new(&io, da.path(), size);
