@@ -129,6 +129,9 @@ impl FeedChannel {
 pub(crate) struct FeedSlot {
     channel: Option<Arc<FeedChannel>>,
     published_lsn: Lsn,
+    /// Incremented at each attach: work queued for one feed (a sync read)
+    /// never lands in a later one.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -138,7 +141,7 @@ pub(crate) struct FeedHub {
 
 impl FeedHub {
     pub fn new(last_lsn: Lsn) -> FeedHub {
-        FeedHub { slot: Mutex::new(FeedSlot { channel: None, published_lsn: last_lsn }) }
+        FeedHub { slot: Mutex::new(FeedSlot { channel: None, published_lsn: last_lsn, generation: 0 }) }
     }
 
     /// Attaches a new feed, closing the previous one. Returns the highest
@@ -156,6 +159,7 @@ impl FeedHub {
             old.close();
         }
         let from = slot.published_lsn;
+        slot.generation += 1;
         drop(slot);
         tracing::info!(after_lsn = from, max_buffered_bytes, "replication feed attached");
         (from, Feed { ch })
@@ -168,20 +172,24 @@ impl FeedHub {
         }
     }
 
-    /// Whether a feed is attached (and not closed by its receiver).
-    pub fn attached(&self) -> bool {
-        parking::lock(&self.slot).channel.as_ref().is_some_and(|c| !c.is_closed())
+    /// The generation of the attached feed (`None` when none is attached
+    /// or its receiver is gone).
+    pub fn attached(&self) -> Option<u64> {
+        let slot = parking::lock(&self.slot);
+        slot.channel.as_ref().filter(|c| !c.is_closed()).map(|_| slot.generation)
     }
 
     /// Publishes `items` (drained) and records `last_lsn` as published.
+    /// With `only_for`, the items go only into the feed of that generation.
     /// Called by the writer only, in commit order.
-    pub fn publish(&self, items: &mut Vec<FeedItem>, last_lsn: Lsn) {
+    pub fn publish(&self, items: &mut Vec<FeedItem>, last_lsn: Lsn, only_for: Option<u64>) {
         let mut slot = parking::lock(&self.slot);
         slot.published_lsn = last_lsn;
         if slot.channel.as_ref().is_some_and(|c| c.is_closed()) {
             slot.channel = None;
         }
-        let Some(ch) = slot.channel.as_ref() else {
+        let wrong_feed = only_for.is_some_and(|g| g != slot.generation);
+        let Some(ch) = slot.channel.as_ref().filter(|_| !wrong_feed) else {
             items.clear();
             return;
         };
@@ -227,7 +235,9 @@ pub struct Feed {
 
 impl Feed {
     /// The next item; `None` once the feed is detached (or replaced, or the
-    /// receiver dropped): buffered items are discarded then.
+    /// volume closed): buffered items are discarded then. Cancel-safe (an
+    /// item is taken only when the future completes), so it may be used in
+    /// `select!`.
     pub async fn recv(&mut self) -> Option<FeedItem> {
         loop {
             if self.ch.is_closed() {
@@ -290,26 +300,26 @@ mod tests {
     async fn publish_attach_replace_and_drop() {
         let hub = FeedHub::new(5);
         // Nothing attached: items are dropped, the LSN advances.
-        hub.publish(&mut vec![rec(6, 10)], 6);
+        hub.publish(&mut vec![rec(6, 10)], 6, None);
         let (from, mut feed) = hub.attach(1 << 20);
         assert_eq!(from, 6);
-        hub.publish(&mut vec![rec(7, 10), FeedItem::Barrier { upto: 7 }], 7);
+        hub.publish(&mut vec![rec(7, 10), FeedItem::Barrier { upto: 7 }], 7, None);
         assert_eq!(feed.buffered_bytes(), 10);
         assert_eq!(feed.recv().await, Some(rec(7, 10)));
         assert_eq!(feed.try_recv(), Some(FeedItem::Barrier { upto: 7 }));
         assert_eq!(feed.try_recv(), None);
         assert_eq!(feed.buffered_bytes(), 0);
 
-        hub.publish(&mut vec![rec(8, 1)], 8);
+        hub.publish(&mut vec![rec(8, 1)], 8, None);
         let (from2, mut feed2) = hub.attach(1 << 20);
         assert_eq!(from2, 8);
         assert!(feed.is_closed());
         assert_eq!(feed.recv().await, None, "a replaced feed ends, its buffer discarded");
         drop(feed2.try_recv());
         drop(feed2);
-        assert!(!hub.attached(), "dropping the receiver detaches it");
+        assert_eq!(hub.attached(), None, "dropping the receiver detaches it");
         let mut items = vec![rec(9, 1)];
-        hub.publish(&mut items, 9);
+        hub.publish(&mut items, 9, None);
         assert!(items.is_empty());
     }
 
@@ -324,7 +334,7 @@ mod tests {
             (first, second)
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        h2.publish(&mut vec![rec(1, 3)], 1);
+        h2.publish(&mut vec![rec(1, 3)], 1, None);
         tokio::time::sleep(Duration::from_millis(20)).await;
         h2.detach();
         let (a, b) = tokio::time::timeout(Duration::from_secs(5), t).await.expect("recv woke").expect("task");
@@ -336,7 +346,7 @@ mod tests {
     fn writer_waits_over_the_bound_until_drained_or_detached() {
         let hub = Arc::new(FeedHub::new(0));
         let (_, mut feed) = hub.attach(100);
-        hub.publish(&mut vec![rec(1, 80), rec(2, 80)], 2);
+        hub.publish(&mut vec![rec(1, 80), rec(2, 80)], 2, None);
         let h = hub.clone();
         let waiter = std::thread::spawn(move || {
             let t = std::time::Instant::now();
@@ -349,7 +359,7 @@ mod tests {
         let waited = waiter.join().expect("waiter");
         assert!(waited >= Duration::from_millis(100));
 
-        hub.publish(&mut vec![rec(3, 200)], 3);
+        hub.publish(&mut vec![rec(3, 200)], 3, None);
         let h = hub.clone();
         let waiter = std::thread::spawn(move || h.wait_for_room(|| false));
         std::thread::sleep(Duration::from_millis(100));

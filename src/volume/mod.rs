@@ -34,10 +34,16 @@
 //! one record); recovery reads segments through a 4 MiB window and applies
 //! at most 4 MiB of pending payload at a time.
 //!
+//! Replication (issue 3, [`replica`] and [`feed`]): the log writer publishes
+//! every committed record, flush barrier and full-sync read into one
+//! bounded [`Feed`] for the primary's sender, in commit order; a secondary
+//! applies the primary's records with their LSNs (`apply`), full-sync data
+//! (`apply_sync_data`), and rebases its log when a full sync starts.
+//!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
 //! (superblock), [`segment`] (segment files, spares, recycling),
 //! [`recovery`], [`writer`] (log writer thread, group commit),
-//! [`checkpoint`]. The byte formats are drawn in docs/formats.md.
+//! [`checkpoint`], [`feed`] and [`replica`]. The byte formats are drawn in docs/formats.md.
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;
@@ -258,6 +264,12 @@ pub(crate) struct Shared {
     pub ckpt_lock: Mutex<()>,
     /// The replication feed the writer publishes into.
     pub feed: feed::FeedHub,
+    /// The peer's retention hold was lifted because the WAL filled up
+    /// (see `Volume::set_retain_after`).
+    pub retention_lifted: AtomicBool,
+    /// The current hold came from `set_retain_after` and may be lifted
+    /// when the WAL fills (a `set_min_retained_lsn` hold is never lifted).
+    pub retention_liftable: AtomicBool,
 }
 
 impl Shared {
@@ -597,6 +609,8 @@ impl Volume {
             ckpt_cv: Condvar::new(),
             ckpt_lock: Mutex::new(()),
             feed: feed::FeedHub::new(last),
+            retention_lifted: AtomicBool::new(false),
+            retention_liftable: AtomicBool::new(false),
         });
 
         let (tx, rx) = mpsc::channel();

@@ -54,8 +54,10 @@ impl Volume {
 
     /// Enqueues a full-sync read of `[offset, offset+len)` (`len <= 8 MiB`)
     /// in the log writer's order; the data appears in the feed as
-    /// `SyncData` (if a feed is still attached when the writer gets to it).
-    /// Returns once enqueued; a read error stops the volume (fail-stop).
+    /// `SyncData`, if the feed attached now is still attached when the
+    /// writer gets to it (never in a later feed; without a feed the call
+    /// does nothing). Returns once enqueued; a read error stops the volume
+    /// (fail-stop).
     pub fn queue_sync_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
         self.check_range(offset, u64::from(len))?;
         if len == 0 || len > MAX_SYNC_CHUNK {
@@ -65,7 +67,8 @@ impl Volume {
             });
         }
         self.check_open()?;
-        self.tx.send(Msg::SyncRead { offset, len }).map_err(|_| closed())
+        let Some(feed) = self.shared.feed.attached() else { return Ok(()) };
+        self.tx.send(Msg::SyncRead { offset, len, feed }).map_err(|_| closed())
     }
 
     /// Checks a replicated record before it is queued.
@@ -144,7 +147,8 @@ impl Volume {
     /// Full sync starts: the next record expected is `last_lsn + 1`. Starts
     /// a new WAL segment whose first LSN is `last_lsn + 1` and checkpoints,
     /// so recovery never replays older records across the gap. `local_lsn`
-    /// reads `last_lsn` afterwards.
+    /// reads `last_lsn` afterwards. The old log is recycled: any retention
+    /// hold (`set_retain_after`, `set_min_retained_lsn`) ends.
     pub async fn rebase_log(&self, last_lsn: Lsn) -> Result<(), VolumeError> {
         if last_lsn == u64::MAX {
             return Err(VolumeError::Invalid { what: "rebase LSN".into(), reason: format!("{last_lsn} leaves no next LSN") });
@@ -166,10 +170,34 @@ impl Volume {
     }
 
     /// WAL retention: keep records `> lsn` (what the peer has not made
-    /// durable) from being recycled; `None` = no peer constraint. Bounded
-    /// by the WAL limit: see `set_min_retained_lsn`.
+    /// durable) from being recycled; `None` = no peer constraint.
+    ///
+    /// Bounded by the WAL limit: when the WAL fills up and the hold is what
+    /// keeps the checkpointer from recycling, the hold is lifted (local
+    /// writes go on; the peer can no longer be caught up from the log) and
+    /// [`Volume::retention_lifted`] turns true. Later `Some` calls are then
+    /// ignored until `set_retain_after(None)` (the engine detaches and does
+    /// a full sync on the next connection).
     pub fn set_retain_after(&self, lsn: Option<Lsn>) {
-        self.set_min_retained_lsn(lsn.map(|l| l.saturating_add(1)));
+        let s = &self.shared;
+        match lsn {
+            None => {
+                s.retention_liftable.store(false, Ordering::Release);
+                self.set_min_retained_lsn(None);
+                s.retention_lifted.store(false, Ordering::Release);
+            }
+            Some(_) if s.retention_lifted.load(Ordering::Acquire) => {}
+            Some(l) => {
+                s.retention_liftable.store(true, Ordering::Release);
+                self.set_min_retained_lsn(Some(l.saturating_add(1)));
+            }
+        }
+    }
+
+    /// Whether the WAL filled up while keeping records for the peer and the
+    /// hold was lifted (see [`Volume::set_retain_after`]).
+    pub fn retention_lifted(&self) -> bool {
+        self.shared.retention_lifted.load(Ordering::Acquire)
     }
 }
 

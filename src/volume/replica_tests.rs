@@ -282,7 +282,12 @@ async fn replicate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_from_feed_and_sync_reads_under_load_is_identical_and_survives_a_crash() {
-    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    for io in engines() {
+        replica_scenario(io).await;
+    }
+}
+
+async fn replica_scenario(io: Arc<dyn IoEngine>) {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let size = 4 * MIB;
     let a = open_new(&io, da.path(), size);
@@ -404,4 +409,203 @@ async fn rebase_then_crash_replays_only_after_the_rebase_point() {
         assert_eq!(v.read(0, 4096).await.unwrap(), data(5, 4096));
         v.close().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_read_is_ordered_with_the_writes_around_it() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    // Without a feed a sync read is a no-op (the flush after it makes sure
+    // the writer got to it before the attach).
+    v.queue_sync_read(0, 4096).unwrap();
+    v.flush().await.unwrap();
+    let (from, mut feed) = v.attach_feed(1 << 20);
+    assert_eq!(from, 0);
+    let (x, y) = (data(1, 4096), data(2, 4096));
+    v.write(0, x.clone(), false).await.unwrap();
+    v.queue_sync_read(0, 8192).unwrap();
+    v.write(0, y.clone(), false).await.unwrap();
+    v.queue_sync_read(0, 4096).unwrap();
+    v.flush().await.unwrap();
+    let items: Vec<_> = std::iter::from_fn(|| feed.try_recv()).collect();
+    let mut x_then_zero = x.to_vec();
+    x_then_zero.resize(8192, 0);
+    let rec = |lsn, data: &Bytes| FeedItem::Record { lsn, op: FeedOp::Write { offset: 0, data: data.clone() }, fua: false };
+    let brief = |items: &[FeedItem]| -> Vec<String> {
+        items
+            .iter()
+            .map(|i| match i {
+                FeedItem::Record { lsn, op, fua } => format!("record {lsn} {:?} fua={fua} crc={:08x}", op.range(), op_crc(op)),
+                FeedItem::Barrier { upto } => format!("barrier {upto}"),
+                FeedItem::SyncData { offset, data } => format!("sync {offset}+{} crc={:08x}", data.len(), crc32c::crc32c(data)),
+            })
+            .collect()
+    };
+    fn op_crc(op: &FeedOp) -> u32 {
+        match op {
+            FeedOp::Write { data, .. } => crc32c::crc32c(data),
+            _ => 0,
+        }
+    }
+    assert_eq!(
+        brief(&items),
+        brief(&[
+            rec(1, &x),
+            FeedItem::SyncData { offset: 0, data: Bytes::from(x_then_zero) },
+            rec(2, &y),
+            FeedItem::SyncData { offset: 0, data: y.clone() },
+            FeedItem::Barrier { upto: 2 },
+        ]),
+        "a sync read sees every earlier write and precedes every later one"
+    );
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attaching_under_load_yields_exactly_the_records_after_the_returned_lsn() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), 4 * MIB);
+    let mut writers = Vec::new();
+    for t in 0..4u64 {
+        let v = v.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..300u64 {
+                v.write((t * 300 + i) * 4096 % (4 * MIB), data(i, 4096), i % 50 == 0).await.unwrap();
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (from, mut feed) = v.attach_feed(usize::MAX);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let last = v.status().local_lsn;
+    assert_eq!(last, 1200);
+    let mut next = from + 1;
+    while let Some(item) = feed.try_recv() {
+        if let FeedItem::Record { lsn, .. } = item {
+            assert_eq!(lsn, next, "attached at LSN {from}");
+            next += 1;
+        }
+    }
+    assert_eq!(next - 1, last, "no record lost or duplicated around the attach (from {from})");
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_sync_then_crash_never_replays_an_older_record_over_sync_data() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let size = MIB;
+    let (old, sync) = (data(1, 8192), data(2, 8192));
+    for finish in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let v = open_new(&io, d.path(), size);
+        v.rebase_log(10).await.unwrap();
+        // A record the sync data supersedes (read on the primary after it).
+        v.apply(11, FeedOp::Write { offset: 0, data: old.clone() }, false).await.unwrap();
+        v.apply_sync_data(0, sync.clone()).await.unwrap();
+        if finish {
+            v.finish_sync().await.unwrap();
+            assert_eq!(v.status().checkpoint_lsn, 11);
+        }
+        assert_eq!(v.read(0, 8192).await.unwrap(), sync);
+        drop(v); // crash
+        let v = reopen(&io, d.path(), size);
+        assert_eq!(v.status().local_lsn, 11);
+        let got = v.read(0, 8192).await.unwrap();
+        if finish {
+            assert_eq!(v.recovery().replayed, 0);
+            assert_eq!(got, sync, "after finish_sync the sync data stays");
+        } else {
+            // Before the sync finished the disk is inconsistent: replay may
+            // put the older record back (the sync restarts). This is what
+            // finish_sync's checkpoint prevents.
+            assert_eq!(v.recovery().replayed, 1);
+            assert_eq!(got, old);
+        }
+        v.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_segments_and_is_lifted_when_the_wal_fills() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 64 << 10;
+    opts.checkpoint_bytes = 64 << 10; // WAL limit: 256 KiB
+    let size = 4 * MIB;
+    create(&*io, &opts, size);
+    let v = Volume::open(io.clone(), opts, &identity(size)).unwrap();
+
+    // Below the limit the hold keeps the segments the peer needs.
+    v.set_retain_after(Some(0));
+    for i in 0..12u64 {
+        v.write(i * 8192, data(i, 8192), false).await.unwrap();
+    }
+    v.finish_sync().await.unwrap(); // a checkpoint at the current LSN
+    assert!(v.status().wal_bytes >= 128 << 10, "held segments stay: {:?}", v.status());
+    assert!(!v.retention_lifted());
+
+    // A peer far behind: the WAL fills, the hold is lifted, writes go on.
+    let writer = {
+        let v = v.clone();
+        tokio::spawn(async move {
+            for i in 0..96u64 {
+                v.write(i * 8192, data(100 + i, 8192), false).await.unwrap();
+            }
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(20), writer).await.expect("writes never stall on the peer's hold").unwrap();
+    assert!(v.retention_lifted());
+    v.set_retain_after(Some(5));
+    v.finish_sync().await.unwrap();
+    assert!(v.status().wal_bytes <= 128 << 10, "a lifted hold is not re-imposed: {:?}", v.status());
+    v.set_retain_after(None);
+    assert!(!v.retention_lifted());
+    for i in 0..96u64 {
+        assert_eq!(v.read(i * 8192, 8192).await.unwrap(), data(100 + i, 8192));
+    }
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_read_queued_for_one_feed_never_lands_in_the_next() {
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    let (_, feed1) = v.attach_feed(1);
+    v.write(0, data(1, 8192), false).await.unwrap(); // over the bound: the writer waits
+    v.queue_sync_read(0, 4096).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(feed1.buffered_bytes(), 8192, "the sync read waits for room");
+    drop(feed1);
+    let (from, mut feed2) = v.attach_feed(1 << 20);
+    assert_eq!(from, 1);
+    v.write(4096, data(2, 4096), false).await.unwrap();
+    v.flush().await.unwrap();
+    let items: Vec<_> = std::iter::from_fn(|| feed2.try_recv()).collect();
+    assert!(matches!(items[..], [FeedItem::Record { lsn: 2, .. }, FeedItem::Barrier { upto: 2 }]), "{:?}", items.len());
+    v.close().await.unwrap();
+}
+
+/// The engine boxes these futures as `Send` (it runs them on tokio tasks).
+#[tokio::test]
+async fn replication_futures_are_send() {
+    fn is_send<T: Send>(t: T) -> T {
+        t
+    }
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    let (_, mut feed) = v.attach_feed(1 << 20);
+    is_send(v.apply(1, FeedOp::Zeroes { offset: 0, len: 512, punch: false }, true)).await.unwrap();
+    is_send(v.apply_sync_data(4096, data(1, 4096))).await.unwrap();
+    assert!(matches!(is_send(feed.recv()).await, Some(FeedItem::Record { lsn: 1, fua: true, .. })));
+    is_send(v.finish_sync()).await.unwrap();
+    is_send(v.rebase_log(7)).await.unwrap();
+    assert_eq!(v.status().local_lsn, 7);
+    v.close().await.unwrap();
 }

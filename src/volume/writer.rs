@@ -153,7 +153,7 @@ pub(crate) enum Msg {
     Stop,
     /// Replication: read a data range between batches and publish it in
     /// the feed as `SyncData`.
-    SyncRead { offset: u64, len: u32 },
+    SyncRead { offset: u64, len: u32, feed: u64 },
     /// Replication (secondary): write full-sync data to the data file, not
     /// logged, ordered with the records around it.
     SyncWrite { offset: u64, data: Bytes, done: oneshot::Sender<Result<(), VolumeError>> },
@@ -300,7 +300,7 @@ impl Writer {
             Ok(lsns) => {
                 // Published before the requests complete: a reply gated on
                 // the peer never waits for an LSN not yet in the feed.
-                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1);
+                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1, None);
                 for (r, lsn) in batch.into_iter().zip(lsns) {
                     let _ = r.done.send(lsn);
                 }
@@ -325,11 +325,12 @@ impl Writer {
     fn special(&mut self, msg: Msg) {
         match msg {
             Msg::Req(_) | Msg::Stop => {}
-            Msg::SyncRead { offset, len } => {
-                if self.shared.failure().is_some() || !self.shared.feed.attached() {
+            Msg::SyncRead { offset, len, feed } => {
+                // Only for the feed it was queued for (not a later one).
+                self.wait_for_feed_room();
+                if self.shared.failure().is_some() || self.shared.feed.attached() != Some(feed) {
                     return;
                 }
-                self.wait_for_feed_room();
                 let mut buf = vec![0u8; len as usize];
                 let data = &self.shared.data;
                 if let Err(e) = self.shared.io.read_exact_at(data, &mut buf, offset) {
@@ -342,7 +343,7 @@ impl Writer {
                 }
                 self.feed_items.clear();
                 self.feed_items.push(FeedItem::SyncData { offset, data: Bytes::from(buf) });
-                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1);
+                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1, Some(feed));
             }
             Msg::SyncWrite { offset, data, done } => {
                 let r = match self.shared.failure() {
@@ -398,8 +399,11 @@ impl Writer {
         self.unsynced.clear();
         self.next_lsn = first_lsn;
         parking::lock(&s.wal).live.push_back(seg);
-        // Nothing before the gap is ever replayed again.
+        // Nothing before the gap is ever replayed again, nor sent to a peer:
+        // a retention hold on the old log ends.
         *parking::lock(&s.replay_ranges) = ReplayRanges::default();
+        s.min_retained_lsn.store(u64::MAX, Ordering::Release);
+        s.retention_liftable.store(false, Ordering::Release);
         s.applied_lsn.store(last, Ordering::Release);
         s.durable_lsn.store(last, Ordering::Release);
         s.feed.reset_lsn(last);
