@@ -728,7 +728,7 @@ impl Engine {
             return false;
         };
         self.view_mut().last_error = None;
-        self.run_session(id, stream, peer, stop_rx).await;
+        self.run_session(id, stream, peer, stop_rx, local.role).await;
         true
     }
 
@@ -757,6 +757,7 @@ impl Engine {
         stream: TcpStream,
         peer: PeerInfo,
         stop: watch::Receiver<Option<StopReason>>,
+        hello_role: Role,
     ) {
         // A replaced session may still be winding down: wait for it.
         let mut connected = self.connected.subscribe();
@@ -765,7 +766,7 @@ impl Engine {
             return;
         }
         self.connected.send_replace(true);
-        let outcome = super::session::run(self, stream, &peer, stop).await;
+        let outcome = super::session::run(self, stream, &peer, stop, hello_role).await;
         self.end_session(id, &outcome);
     }
 

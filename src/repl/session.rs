@@ -66,7 +66,15 @@ pub enum Outcome {
 type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 
 /// Runs a session to its end.
-pub async fn run(engine: &Arc<Engine>, stream: TcpStream, peer: &PeerInfo, stop: watch::Receiver<Option<StopReason>>) -> Outcome {
+/// `hello_role` is the role our Hello announced: if ours changed since, the
+/// peer decided on a stale role and the session is renegotiated at once.
+pub async fn run(
+    engine: &Arc<Engine>,
+    stream: TcpStream,
+    peer: &PeerInfo,
+    stop: watch::Receiver<Option<StopReason>>,
+    hello_role: Role,
+) -> Outcome {
     let (reader, writer) = match split_tcp(stream) {
         Ok(x) => x,
         Err(e) => return Outcome::PeerGone(format!("socket setup failed: {e}")),
@@ -85,6 +93,12 @@ pub async fn run(engine: &Arc<Engine>, stream: TcpStream, peer: &PeerInfo, stop:
         started: Instant::now(),
     };
     let local_role = engine.role();
+    if local_role != hello_role {
+        let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
+        drop(s);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+        return Outcome::Stopped(StopReason::RoleChange);
+    }
     tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %peer.role, peer_disk = %peer.disk, "replication connected");
     let outcome = match (local_role, peer.role) {
         (Role::Primary, Role::Primary) => {
@@ -275,11 +289,13 @@ impl Session {
     async fn source(&mut self, io: &mut Io, peer: &PeerInfo) -> Outcome {
         let engine = Arc::clone(&self.engine);
         // The target starts with an Ack carrying its local LSN.
+        let give_up = Instant::now() + super::engine::HANDSHAKE_TIMEOUT;
         let peer_lsn = loop {
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
                 _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
+                _ = sleep_until(give_up.into()) => Tick::Out(Outcome::Failed("the secondary did not start its session (no initial Ack)".into())),
             };
             match tick {
                 Tick::Out(o) => return o,
