@@ -44,6 +44,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// from the peer when the kept one is older than this (the peer restarted
 /// and dialled again before our heartbeat noticed).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
+/// How much later than the peer the node that loses the connection rule
+/// dials.
+const LOSER_DIAL_DELAY: Duration = Duration::from_millis(300);
 /// Repeated connect failures with the same message are logged at most this
 /// often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
@@ -645,12 +648,15 @@ impl Engine {
         let mut want = self.want_connect.subscribe();
         let mut connected = self.connected.subscribe();
         let mut stop = self.shutdown.subscribe();
-        let mut delay = Duration::ZERO;
-        // The node that loses the connection rule dials a little later, so
-        // that simultaneous starts rarely produce two connections.
-        if super::handshake::connection_winner(&self.cfg.node, &self.cfg.peer) != self.cfg.node {
-            delay = self.cfg.connect_retry;
-        }
+        // The node that loses the connection rule dials a little later
+        // (at start and after each session), so that both nodes dialing at
+        // once rarely produces two connections (one of which is then closed).
+        let loser_extra = if super::handshake::connection_winner(&self.cfg.node, &self.cfg.peer) == self.cfg.node {
+            Duration::ZERO
+        } else {
+            LOSER_DIAL_DELAY
+        };
+        let mut delay = loser_extra;
         loop {
             if *stop.borrow() {
                 return;
@@ -687,7 +693,7 @@ impl Engine {
             delay = if ok {
                 // Wait for this session to end before dialing again.
                 let _ = connected.wait_for(|c| !*c).await;
-                self.cfg.connect_retry
+                self.cfg.connect_retry + loser_extra
             } else {
                 (delay * 2).clamp(self.cfg.connect_retry, self.cfg.max_connect_retry)
             };
@@ -723,6 +729,11 @@ impl Engine {
                 return false;
             }
         };
+        if !*self.want_connect.borrow() {
+            // `disconnect` came while the handshake ran.
+            tracing::debug!(peer = %peer.node, "standalone: authenticated connection dropped");
+            return false;
+        }
         let Some((id, stop_rx)) = self.adopt(dialled_by_us) else {
             tracing::debug!(peer = %peer.node, dialled_by_us, "duplicate replication connection closed");
             return false;
