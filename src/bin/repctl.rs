@@ -100,26 +100,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("repctl: {}", render(&e));
+            eprintln!("repctl: {}", repblock::errors::render_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes on one line, skipping causes already spelled out.
-fn render(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if !out.contains(&msg) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&msg);
-        }
-    }
-    out
-}
 
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
