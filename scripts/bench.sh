@@ -1,101 +1,138 @@
 #!/usr/bin/env bash
-# Compares repd (single-node resource) with qemu-nbd serving a raw file, in
-# the same run, with fio's nbd engine:
-#   1. 4 KiB random write, QD1, fsync after every write
-#   2. 4 KiB random write, QD32
-#   3. 1 MiB sequential write, QD8
-# and prints IOPS/bandwidth, the repd/qemu-nbd ratio, and repd's peak RSS.
+# Single-node repblock against qemu-nbd serving a raw file, same run, same disk,
+# with fio's nbd engine. Prints IOPS/bandwidth per workload and the ratio
+# repblock/qemu-nbd (higher is better for repblock), plus repd's peak RSS.
 #
-# Environment: BENCH_DIR (default target/bench; must support O_DIRECT, so not
-# tmpfs), BENCH_RUNTIME seconds per job (default 20), BENCH_SIZE (1GiB).
+#   scripts/bench.sh [--runtime SECONDS] [--size SIZE] [--rounds N] [--engine auto|io_uring|sync]
+#
+# Workloads (issue 2):
+#   qd1-write-fsync   4 KiB random write, QD1, fsync=1 (an NBD FLUSH after every write)
+#   qd32-randwrite    4 KiB random write, QD32
+#   seq-1m-qd8        1 MiB sequential write, QD8
+# Each workload runs `rounds` times per server, alternating servers so both
+# share the machine's drift; the median round is reported.
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+runtime=10
+size=1GiB
+rounds=3
+engine=auto
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runtime) runtime=$2; shift 2 ;;
+    --size) size=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --engine) engine=$2; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need fio fio
 need qemu-nbd qemu-utils
 need python3 python3
 install_needed
 ensure_toolchain
+fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd engine"
 
-cd "$REPO_ROOT"
-cargo build --release --bins
-REPD="$REPO_ROOT/target/release/repd"
-REPCTL="$REPO_ROOT/target/release/repctl"
+root=$REPO_ROOT
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bin repd --bin repctl
+repd="$root/target/release/repd"
+repctl="$root/target/release/repctl"
 
-DIR="${BENCH_DIR:-$REPO_ROOT/target/bench}"
-RUNTIME="${BENCH_RUNTIME:-20}"
-SIZE="${BENCH_SIZE:-1GiB}"
-rm -rf "$DIR" && mkdir -p "$DIR"
-REPD_PORT=$(( 20000 + RANDOM % 10000 ))
-QEMU_PORT=$(( REPD_PORT + 1 ))
-
-cat > "$DIR/r0.toml" <<TOML
-name = "r0"
-size = "$SIZE"
-[[node]]
-name = "bench"
-nbd = "127.0.0.1:$REPD_PORT"
-control = "control.sock"
-dir = "repd"
-TOML
-
+work=$(mktemp -d /var/tmp/repblock-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-"$REPCTL" --config "$DIR/r0.toml" --node bench create-md
-RUST_LOG=warn "$REPD" --config "$DIR/r0.toml" --node bench 2>"$DIR/repd.log" &
-REPD_PID=$!
-pids+=("$REPD_PID")
-for _ in $(seq 100); do "$REPCTL" --config "$DIR/r0.toml" --node bench status >/dev/null 2>&1 && break; sleep 0.1; done
-"$REPCTL" --config "$DIR/r0.toml" --node bench promote --force
-STATUS=$("$REPCTL" --config "$DIR/r0.toml" --node bench status --json)
-ENGINE=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["io_engine"])' "$STATUS")
-BYTES=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["size"])' "$STATUS")
+rb_port=$((20000 + RANDOM % 10000))
+q_port=$((rb_port + 1))
 
-# Preallocated, as repd's data file is: compare IO paths, not allocation.
-fallocate -l "$BYTES" "$DIR/qemu.raw"
-qemu-nbd -f raw -t --cache=none --aio=io_uring -p "$QEMU_PORT" -b 127.0.0.1 -x r0 "$DIR/qemu.raw" &
+cat > "$work/r0.toml" <<TOML
+name = "r0"
+size = "$size"
+io_engine = "$engine"
+
+[[node]]
+name = "alpha"
+nbd = "127.0.0.1:$rb_port"
+control = "$work/alpha.sock"
+dir = "$work/alpha"
+TOML
+
+"$repctl" --config "$work/r0.toml" --node alpha create-md >/dev/null
+"$repd" --config "$work/r0.toml" --node alpha 2>"$work/repd.log" &
+rb_pid=$!
+pids+=("$rb_pid")
+for _ in $(seq 100); do
+  "$repctl" --config "$work/r0.toml" --node alpha status --json >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$repctl" --config "$work/r0.toml" --node alpha promote --force >/dev/null
+
+size_bytes=$(numfmt --from=iec-i "${size%B}")
+qemu-img create -q -f raw "$work/qemu.img" "$size_bytes"
+# preallocate so qemu-nbd does not pay for block allocation (repblock's WAL
+# segments are preallocated too; its data file is sparse)
+fallocate -l "$(stat -c %s "$work/qemu.img")" "$work/qemu.img"
+qemu-nbd -f raw -t --cache=none --aio=io_uring -b 127.0.0.1 -p "$q_port" -x r0 "$work/qemu.img" &
 pids+=("$!")
 sleep 1
 
-run_fio() { # NAME URI ARGS...
-    local name=$1 uri=$2; shift 2
-    fio --name="$name" --ioengine=nbd --uri="$uri" --direct=1 --time_based --runtime="$RUNTIME" \
-        --ramp_time=2 --output-format=json "$@" > "$DIR/$name.json"
+engine_used=$("$repctl" --config "$work/r0.toml" --node alpha status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["io_engine"])')
+echo "repd: io_engine $engine_used; qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'); fio $(fio --version)"
+echo "runtime ${runtime}s x ${rounds} rounds per server, volume $size, $(nproc) cores"
+echo
+
+run_fio() { # name uri extra-args...
+  local name=$1 uri=$2; shift 2
+  fio --name="$name" --ioengine=nbd --uri="$uri" --size="$size" --time_based --runtime="$runtime" \
+      --ramp_time=1 --output-format=json --output="$work/out.json" "$@" >/dev/null 2>&1
 }
 
-declare -A JOBS=(
-    [randwrite-4k-qd1-fsync]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
-    [randwrite-4k-qd32]="--rw=randwrite --bs=4k --iodepth=32"
-    [seqwrite-1m-qd8]="--rw=write --bs=1m --iodepth=8"
+declare -A args=(
+  [qd1-write-fsync]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+  [qd32-randwrite]="--rw=randwrite --bs=4k --iodepth=32"
+  [seq-1m-qd8]="--rw=write --bs=1m --iodepth=8"
 )
-ORDER=(randwrite-4k-qd1-fsync randwrite-4k-qd32 seqwrite-1m-qd8)
-for job in "${ORDER[@]}"; do
-    say "fio $job: qemu-nbd"
-    # shellcheck disable=SC2086
-    run_fio "qemu-$job" "nbd://127.0.0.1:$QEMU_PORT/r0" ${JOBS[$job]}
-    say "fio $job: repd ($ENGINE)"
-    # shellcheck disable=SC2086
-    run_fio "repd-$job" "nbd://127.0.0.1:$REPD_PORT/r0" ${JOBS[$job]}
+results="$work/results.tsv"
+: > "$results"
+for wl in qd1-write-fsync qd32-randwrite seq-1m-qd8; do
+  for r in $(seq "$rounds"); do
+    for srv in repblock qemu-nbd; do
+      port=$rb_port; [ "$srv" = qemu-nbd ] && port=$q_port
+      # shellcheck disable=SC2086
+      run_fio "$wl" "nbd://127.0.0.1:$port/r0" ${args[$wl]}
+      python3 - "$work/out.json" "$wl" "$srv" "$r" >> "$results" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+j = d["jobs"][0]["write"]
+lat = j.get("clat_ns") or j.get("lat_ns")
+p = lat.get("percentile", {})
+print("\t".join([sys.argv[2], sys.argv[3], sys.argv[4], f'{j["iops"]:.1f}', f'{j["bw_bytes"]/1e6:.1f}',
+                 f'{p.get("50.000000", 0)/1000:.1f}', f'{p.get("99.000000", 0)/1000:.1f}']))
+PY
+    done
+  done
 done
 
-RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$REPD_PID/status")
-python3 - "$DIR" "$RSS_KB" "$ENGINE" "${ORDER[@]}" <<'PY'
-import json, sys
-d, rss_kb, engine, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-def load(name):
-    text = open(f"{d}/{name}.json").read()
-    # fio may print notes ("fio: connected to NBD server") before the JSON.
-    w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
-    return w["iops"], w["bw_bytes"] / 2**20
-print(f"\n{'job':<26}{'qemu-nbd':>20}{'repd (' + engine + ')':>22}{'ratio':>8}")
-for j in jobs:
-    qi, qb = load(f"qemu-{j}")
-    ri, rb = load(f"repd-{j}")
-    if j.startswith("seq"):
-        print(f"{j:<26}{qb:>15.1f} MiB/s{rb:>17.1f} MiB/s{rb / qb:>8.2f}")
-    else:
-        print(f"{j:<26}{qi:>16.0f} IOPS{ri:>18.0f} IOPS{ri / qi:>8.2f}")
-print(f"\nrepd peak RSS: {rss_kb / 1024:.1f} MiB")
+rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$rb_pid/status")
+python3 - "$results" "$rss_kib" <<'PY'
+import sys, statistics, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+by = collections.defaultdict(list)
+for wl, srv, r, iops, mbs, p50, p99 in rows:
+    by[(wl, srv)].append((float(iops), float(mbs), float(p50), float(p99)))
+def med(xs, i): return statistics.median(x[i] for x in xs)
+print(f'{"workload":<17} {"repblock IOPS":>13} {"MB/s":>8} {"p99 us":>8}  {"qemu-nbd IOPS":>13} {"MB/s":>8} {"p99 us":>8}  {"ratio":>6}')
+for wl in ["qd1-write-fsync", "qd32-randwrite", "seq-1m-qd8"]:
+    a, b = by[(wl, "repblock")], by[(wl, "qemu-nbd")]
+    ratio = med(a, 0) / med(b, 0) if med(b, 0) else float("nan")
+    print(f'{wl:<17} {med(a,0):>13.0f} {med(a,1):>8.1f} {med(a,3):>8.0f}  {med(b,0):>13.0f} {med(b,1):>8.1f} {med(b,3):>8.0f}  {ratio:>6.2f}')
+print(f"\nrepd peak RSS (VmHWM): {int(sys.argv[2])/1024:.1f} MiB")
 PY

@@ -312,9 +312,18 @@ fn describe(v: &toml::Value) -> String {
     }
 }
 
+/// The text before byte `offset`, cut at a character boundary.
+fn before(text: &str, offset: usize) -> &str {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = before(text, offset);
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
@@ -331,7 +340,7 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
     }
     let Some(span) = e.span() else { return msg };
     let (line, col) = line_col(text, span.start);
-    let node_headers = text[..span.start.min(text.len())]
+    let node_headers = before(text, span.start)
         .lines()
         .filter(|l| l.trim_start().starts_with("[[node]]"))
         .count();
@@ -740,6 +749,32 @@ disk = "/dev/vg0/r0"
         let e = err(&text);
         assert!(e.starts_with(r#"r0.toml: node[0]: unknown field "dirr""#), "{e}");
         assert!(e.contains("line 9"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the file holds, loading it answers (Ok or Err), never
+        /// panics; damaged versions of a valid file included.
+        #[test]
+        fn never_panics(text in "\\PC{0,200}", cut in 0usize..400, junk in "\\PC{0,8}") {
+            let _ = load(&text);
+            let mut damaged = ONE.to_string();
+            let at = (0..=cut.min(damaged.len())).rev().find(|i| damaged.is_char_boundary(*i)).unwrap_or(0);
+            damaged.insert_str(at, &junk);
+            let _ = load(&damaged);
+            let _ = load(&ONE[..(0..=cut.min(ONE.len())).rev().find(|i| ONE.is_char_boundary(*i)).unwrap_or(0)]);
+        }
+    }
+
+    #[test]
+    fn positions_survive_multibyte_text() {
+        let text = "# é\nnamé = 1\n";
+        assert_eq!(line_col(text, 5), (2, 1));
+        assert_eq!(line_col(text, 3), (1, 3), "inside a character: cut before it");
+        assert_eq!(line_col(text, 999), (3, 1));
+        let e = err(&format!("# ünïcödé ✓\n{ONE}\n\"nöde\" = 1\n"));
+        assert!(e.contains("unknown field \"nöde\""), "{e}");
+        let e = err(&format!("# ünïcödé ✓\n{ONE}\nnöde = 1\n"));
+        assert!(e.contains("invalid unquoted key") && e.contains("line 12, column 2"), "{e}");
     }
 
     #[test]

@@ -534,6 +534,20 @@ mod tests {
         assert_eq!(e, format!("repd for node alpha is not running (no control socket at {})", path.display()));
     }
 
+    #[test]
+    fn a_daemon_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        // Accepts connections (the kernel does) but never reads or answers.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut c = ControlClient::connect(&path, "alpha", Duration::from_millis(200)).unwrap();
+        let t = std::time::Instant::now();
+        let e = c.request(&Request::Status).unwrap_err();
+        assert!(matches!(e, ControlError::Timeout { .. }), "{e}");
+        assert_eq!(e.to_string(), "repd for node alpha did not answer within 200ms");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
     #[tokio::test]
     async fn stale_socket_is_replaced() {
         let dir = tempfile::tempdir().unwrap();

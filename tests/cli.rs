@@ -510,3 +510,50 @@ fn max_clients_caps_nbd_connections() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_control_socket_answers_bad_requests_and_survives() {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let mut n = TestNode::new("sync");
+    n.create_md();
+    n.start();
+    let mode = std::fs::metadata(n.control()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket is owner-only");
+    let stream = std::os::unix::net::UnixStream::connect(n.control()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut ask = |line: &str| -> serde_json::Value {
+        w.write_all(line.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    };
+    for (req, expect) in [
+        ("hello", "bad request"),
+        ("{\"cmd\":\"explode\"}", "bad request"),
+        ("{\"cmd\":\"promote\",\"force\":\"yes\"}", "bad request"),
+        ("{\"cmd\":\"wait-sync\",\"timeout_secs\":1e300}", "timeout_secs must be"),
+        ("{\"cmd\":\"wait-sync\",\"timeout_secs\":-1}", "timeout_secs must be"),
+    ] {
+        let v = ask(req);
+        assert_eq!(v["ok"], false, "{req}: {v}");
+        assert!(v["error"].as_str().unwrap_or_default().contains(expect), "{req}: {v}");
+    }
+    // The same connection still works.
+    assert_eq!(ask("{\"cmd\":\"status\"}")["result"]["role"], "secondary");
+    // An over-long line closes only that connection.
+    let mut long = std::os::unix::net::UnixStream::connect(n.control()).unwrap();
+    // The daemon may close before all of it is written.
+    let _ = long.write_all(&vec![b'x'; 100 * 1024]);
+    drop(long);
+    assert_eq!(n.status()["role"], "secondary");
+    // And repctl rejects bad numbers before asking.
+    let out = n.repctl(&["--timeout", "0", "status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--timeout: expected a positive number"), "{}", stderr(&out));
+    let out = n.repctl(&["wait-sync", "--timeout", "1e300"]);
+    assert_eq!(out.status.code(), Some(1));
+}

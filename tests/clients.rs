@@ -55,6 +55,15 @@ fn unix_socket_export(engine: &str) {
     assert_eq!(got.len() as u64, 64 * MIB);
     assert!(got[..4 * MIB as usize] == std::fs::read(&img).expect("read in.img")[..], "data differs");
     assert!(got[4 * MIB as usize..].iter().all(|&b| b == 0), "the rest of the volume reads as zeroes");
+    // SIGKILL leaves the socket file behind; the next promote replaces it.
+    let mut n = n;
+    n.kill9();
+    assert!(n.nbd_socket().exists(), "a killed repd leaves its NBD socket file");
+    n.restart_primary();
+    check_export_flags(&nbdinfo_json(&n.uri()), 64 * MIB);
+    // A clean stop removes it.
+    assert!(n.term().success());
+    assert!(!n.nbd_socket().exists(), "a clean stop removes the NBD socket file");
 }
 
 fn qemu_img_convert_and_compare(engine: &str) {

@@ -264,6 +264,14 @@ fn sync_error_is_fail_stop(engine: &str) {
     let mut opts = NodeOpts::new(engine);
     opts.env.push(("REPBLOCK_FAULTS".into(), "sync_error_after=40:EIO".into()));
     let n = TestNode::ready_with(opts);
+    // Watch the event stream: the failure must be announced.
+    let (tx, events) = std::sync::mpsc::channel::<serde_json::Value>();
+    let events_client =
+        repblock::control::ControlClient::connect(&n.control(), "alpha", Duration::from_secs(10)).expect("events");
+    std::thread::spawn(move || {
+        // Ends when repd goes away (the test's TestNode kills it on drop).
+        let _ = events_client.events(|v| tx.send(v.clone()).is_ok());
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let client = NbdClient::connect(&addr(&n), "r0").await.expect("connect");
@@ -290,6 +298,13 @@ fn sync_error_is_fail_stop(engine: &str) {
     let s = n.status();
     let reason = s["failed"].as_str().unwrap_or_else(|| panic!("status shows the failure: {s}"));
     assert!(!reason.is_empty());
+    let failed_event = loop {
+        let ev = events.recv_timeout(Duration::from_secs(10)).expect("a `failed` event within 10 s");
+        if ev["event"] == "failed" {
+            break ev;
+        }
+    };
+    assert_eq!(failed_event["reason"], reason, "{failed_event}");
     let human = n.repctl_ok(&["status"]);
     assert!(human.contains("FAILED:"), "{human}");
     let out = n.repctl(&["demote"]);

@@ -116,10 +116,10 @@ fn render(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
     let node = config.node(&cli.node)?.clone();
-    if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
-        anyhow::bail!("--timeout: expected a positive number of seconds, got {}", cli.timeout);
-    }
-    let timeout = Duration::from_secs_f64(cli.timeout);
+    let timeout = Duration::try_from_secs_f64(cli.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .with_context(|| format!("--timeout: expected a positive number of seconds, got {}", cli.timeout))?;
     let connect = || ControlClient::connect(&node.control, &node.name, timeout);
     let mut stdout = std::io::stdout().lock();
     match cli.command {
@@ -162,12 +162,11 @@ fn run(cli: Cli) -> Result<()> {
             connect()?.request(&Request::Invalidate)?;
         }
         Command::WaitSync { timeout: wait } => {
-            if let Some(t) = wait {
-                if !(t.is_finite() && t >= 0.0) {
-                    anyhow::bail!("wait-sync --timeout: expected a number of seconds, got {t}");
-                }
-            }
-            let extra = wait.map_or(Duration::from_secs(365 * 24 * 3600), Duration::from_secs_f64);
+            let extra = match wait {
+                None => Duration::from_secs(365 * 24 * 3600),
+                Some(t) => Duration::try_from_secs_f64(t)
+                    .with_context(|| format!("wait-sync --timeout: expected a number of seconds, got {t}"))?,
+            };
             connect()?.request_with(&Request::WaitSync { timeout_secs: wait }, extra)?;
             writeln!(stdout, "{}: in sync", node.name)?;
         }

@@ -123,7 +123,13 @@ async fn run(config_path: &Path, node: &str) -> Result<()> {
 
 async fn serve_until_signal(daemon: Daemon) -> Result<()> {
     let signal = daemon::wait_for_signal().await.context("cannot install signal handlers")?;
-    tracing::info!(signal, "stopping");
+    tracing::info!(signal, "stopping (a second signal exits at once; the WAL makes that safe)");
+    tokio::spawn(async {
+        if let Ok(second) = daemon::wait_for_signal().await {
+            eprintln!("repd: {second} during the clean stop: exiting now; the next start replays the WAL");
+            std::process::exit(130);
+        }
+    });
     daemon.stop().await?;
     tracing::info!("stopped cleanly");
     Ok(())

@@ -973,12 +973,16 @@ mod tests {
         let inner = crate::io::select_engine(crate::io::EngineChoice::Auto).expect("engine");
         let e = FaultEngine::new(inner, 5);
         let started = AtomicBool::new(false);
+        // Every writer opens its file before the cut can happen (an open
+        // after the cut fails with EIO, like any other operation).
+        let opened = std::sync::Barrier::new(5);
         let results: Vec<(u64, u64)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4u8)
                 .map(|t| {
-                    let (e, dir, started) = (&e, dir.path(), &started);
+                    let (e, dir, started, opened) = (&e, dir.path(), &started, &opened);
                     s.spawn(move || {
                         let f = e.open(&dir.join(format!("log{t}")), OpenMode::CREATE_NEW).expect("open");
+                        opened.wait();
                         let (mut written, mut durable) = (0u64, 0u64);
                         loop {
                             let rec = fill(t.wrapping_mul(50).wrapping_add(written as u8), SECTOR as usize);
@@ -998,6 +1002,7 @@ mod tests {
                     })
                 })
                 .collect();
+            opened.wait();
             while !started.load(Ordering::Acquire) {
                 std::thread::yield_now();
             }

@@ -118,7 +118,7 @@ pub enum NodeError {
 struct State {
     role: Role,
     disk: DiskState,
-    export: Option<Arc<export::Export>>,
+    export: Option<export::Export>,
     failed_reported: bool,
 }
 
@@ -208,7 +208,11 @@ impl Node {
                 return Err(NodeError::Refused(refuse_promote_message(disk)));
             }
             tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
-            disk::store(&self.volume, DiskState::UpToDate)
+            // A durable superblock write: off the async workers.
+            let volume = Arc::clone(&self.volume);
+            tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
+                .await
+                .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                 .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
             self.state().disk = DiskState::UpToDate;
             self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
@@ -222,7 +226,7 @@ impl Node {
         let export = export::start(&self.me.nbd, backend, cfg).await.map_err(NodeError::Export)?;
         {
             let mut st = self.state();
-            st.export = Some(Arc::new(export));
+            st.export = Some(export);
             st.role = Role::Primary;
         }
         let uri = self.me.nbd.uri(&self.config.name);
@@ -236,14 +240,13 @@ impl Node {
     /// attached unless `force`, which disconnects them) and flushes.
     pub async fn demote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
         let _t = self.transition.lock().await;
-        let export = {
+        let clients = {
             let st = self.state();
             if st.role == Role::Secondary {
                 return Ok(serde_json::json!({ "role": "secondary", "changed": false }));
             }
-            st.export.clone()
+            st.export.as_ref().map_or(0, |e| e.client_count())
         };
-        let clients = export.as_ref().map_or(0, |e| e.client_count());
         if clients > 0 && !force {
             return Err(NodeError::Refused(format!(
                 "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
@@ -268,10 +271,7 @@ impl Node {
     async fn stop_export(&self) {
         let export = self.state().export.take();
         if let Some(export) = export {
-            match Arc::try_unwrap(export) {
-                Ok(export) => export.shutdown().await,
-                Err(_) => tracing::error!("NBD export still shared at shutdown; it stops when the last user drops it"),
-            }
+            export.shutdown().await;
             self.emit("nbd-stopped", serde_json::json!({ "address": self.me.nbd.to_string() }));
         }
     }
@@ -320,9 +320,9 @@ impl Node {
     ///
     /// In this build (no replication) every state is final: a healthy
     /// single node returns at once; anything that would need a sync source
-    /// is an error rather than a wait that cannot end.
-    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
-        let _ = timeout;
+    /// is an error rather than a wait that cannot end. `_timeout` bounds the
+    /// wait once replication gives it something to wait for.
+    pub async fn wait_sync(&self, _timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
         let disk = self.state().disk;
         if let Some(peer) = self.config.peer_of(&self.me.name) {
             return Err(NodeError::Refused(format!(
@@ -370,8 +370,13 @@ impl ControlHandler for Node {
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
             Request::WaitSync { timeout_secs } => {
-                let timeout = timeout_secs.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
-                self.wait_sync(timeout).await
+                match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
+                    Ok(timeout) => self.wait_sync(timeout).await,
+                    Err(_) => Err(NodeError::Refused(format!(
+                        "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
+                        timeout_secs.unwrap_or_default()
+                    ))),
+                }
             }
             Request::Connect { .. } => Err(NodeError::NotAvailable { cmd: "connect" }),
             Request::Disconnect => Err(NodeError::NotAvailable { cmd: "disconnect" }),

@@ -290,6 +290,10 @@ impl TestNode {
         self.repctl_ok(&["promote"]);
     }
 
+    pub fn demote(&self) {
+        self.repctl_ok(&["demote"]);
+    }
+
     /// create-md, start, promote --force: a primary ready for clients.
     pub fn ready(engine: &str) -> TestNode {
         TestNode::ready_with(NodeOpts::new(engine))
