@@ -42,6 +42,11 @@ pub(crate) struct CkptCtl {
 /// superblock write (used by `close`).
 pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     let _serial = parking::lock(&s.ckpt_lock);
+    checkpoint_locked(s, clean)
+}
+
+/// [`checkpoint`] for a caller that holds `ckpt_lock`.
+pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeError> {
     if let Some(r) = s.failure() {
         return Err(VolumeError::Stopped(r));
     }
@@ -107,13 +112,26 @@ pub(crate) fn checkpoint(s: &Shared, clean: bool) -> Result<(), VolumeError> {
 /// A failure here loses nothing (the files stay and are retried), so it is
 /// logged, not fatal.
 fn recycle(s: &Shared, replay_seq: u64) {
-    let min_retained = s.min_retained_lsn.load(Ordering::Acquire);
+    let mut min_retained = s.min_retained_lsn.load(Ordering::Acquire);
     let mut files = parking::lock(&s.wal);
     let mut changed = false;
     while files.live.len() > 1 && files.live[0].seq < replay_seq {
         let last_lsn = files.live[1].first_lsn.saturating_sub(1);
         if last_lsn >= min_retained {
-            break;
+            if files.live_bytes() <= s.wal_limit || !s.retention_liftable.load(Ordering::Acquire) {
+                break;
+            }
+            // The peer fell too far behind: keeping its records would stop
+            // local writes. Lift the hold (the peer needs a full sync).
+            s.min_retained_lsn.store(u64::MAX, Ordering::Release);
+            s.retention_lifted.store(true, Ordering::Release);
+            tracing::warn!(
+                retained_from_lsn = min_retained,
+                wal_bytes = files.live_bytes(),
+                limit = s.wal_limit,
+                "WAL full: no longer keeping the records the peer has not made durable; it needs a full sync"
+            );
+            min_retained = u64::MAX;
         }
         let Some(seg) = files.live.pop_front() else { break };
         let path = seg.file.path().to_path_buf();

@@ -34,10 +34,16 @@
 //! one record); recovery reads segments through a 4 MiB window and applies
 //! at most 4 MiB of pending payload at a time.
 //!
+//! Replication (issue 3, [`replica`] and [`feed`]): the log writer publishes
+//! every committed record, flush barrier and full-sync read into one
+//! bounded [`Feed`] for the primary's sender, in commit order; a secondary
+//! applies the primary's records with their LSNs (`apply`), full-sync data
+//! (`apply_sync_data`), and rebases its log when a full sync starts.
+//!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
 //! (superblock), [`segment`] (segment files, spares, recycling),
 //! [`recovery`], [`writer`] (log writer thread, group commit),
-//! [`checkpoint`]. The byte formats are drawn in docs/formats.md.
+//! [`checkpoint`], [`feed`] and [`replica`]. The byte formats are drawn in docs/formats.md.
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;
@@ -54,13 +60,17 @@ use tokio::sync::oneshot;
 use crate::io::{IoEngine, IoFile, OpenMode};
 
 pub mod checkpoint;
+pub mod feed;
 pub mod meta;
 pub mod recovery;
+pub mod replica;
 pub mod segment;
 pub mod wal;
 pub mod writer;
 
+pub use feed::{Feed, FeedItem, FeedOp};
 pub use meta::{DiskState, Superblock};
+pub use replica::MAX_SYNC_CHUNK;
 pub use recovery::{LogEnd, RecoveryReport};
 
 use checkpoint::CkptCtl;
@@ -193,6 +203,8 @@ pub enum VolumeError {
     Invalid { what: String, reason: String },
     #[error("WAL corrupt in {path} at byte {offset} (LSN {lsn}): {reason}; refusing to start")]
     WalCorrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String },
+    #[error("Replicated record LSN {got} is out of sequence: the local log expects LSN {expected}; nothing was applied")]
+    LsnGap { expected: Lsn, got: Lsn },
 }
 
 impl VolumeError {
@@ -250,6 +262,14 @@ pub(crate) struct Shared {
     pub ckpt_cv: Condvar,
     /// Serialises checkpoints.
     pub ckpt_lock: Mutex<()>,
+    /// The replication feed the writer publishes into.
+    pub feed: feed::FeedHub,
+    /// The peer's retention hold was lifted because the WAL filled up
+    /// (see `Volume::set_retain_after`).
+    pub retention_lifted: AtomicBool,
+    /// The current hold came from `set_retain_after` and may be lifted
+    /// when the WAL fills (a `set_min_retained_lsn` hold is never lifted).
+    pub retention_liftable: AtomicBool,
 }
 
 impl Shared {
@@ -588,6 +608,9 @@ impl Volume {
             ckpt_ctl: Mutex::new(CkptCtl::default()),
             ckpt_cv: Condvar::new(),
             ckpt_lock: Mutex::new(()),
+            feed: feed::FeedHub::new(last),
+            retention_lifted: AtomicBool::new(false),
+            retention_liftable: AtomicBool::new(false),
         });
 
         let (tx, rx) = mpsc::channel();
@@ -660,7 +683,7 @@ impl Volume {
             return Err(closed());
         }
         let (done, rx) = oneshot::channel();
-        self.tx.send(Msg::Req(Request { op, fua, done })).map_err(|_| closed())?;
+        self.tx.send(Msg::Req(Request { op, fua, lsn: None, done })).map_err(|_| closed())?;
         rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
@@ -802,6 +825,8 @@ fn join_threads(shared: &Shared, writer: Option<JoinHandle<()>>, ckpt: Option<Jo
     if let Some(h) = writer {
         let _ = h.join();
     }
+    // Nothing is published any more: the feed's receiver sees the end.
+    shared.feed.detach();
     parking::lock(&shared.ckpt_ctl).stop = true;
     shared.ckpt_cv.notify_all();
     if let Some(h) = ckpt {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::feed::{FeedItem, FeedOp};
 use super::segment::{self, LiveSegment, parking};
 use super::wal::{self, FLAG_MAY_PUNCH, RecordHeader, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
 use super::{Lsn, Shared, VolumeError};
@@ -126,10 +127,22 @@ pub(crate) enum Op {
     Flush,
 }
 
+impl Op {
+    fn payload_len(&self) -> usize {
+        match self {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Request {
     pub op: Op,
     pub fua: bool,
+    /// Replicated record (`Volume::apply`): it must get exactly this LSN
+    /// (one record), else it is refused with `LsnGap` and nothing is done.
+    pub lsn: Option<Lsn>,
     pub done: oneshot::Sender<Result<Lsn, VolumeError>>,
 }
 
@@ -138,6 +151,17 @@ pub(crate) enum Msg {
     Req(Request),
     /// Finish what is queued before this message, then exit.
     Stop,
+    /// Replication: read a data range between batches and publish it in
+    /// the feed as `SyncData`.
+    SyncRead { offset: u64, len: u32, feed: u64 },
+    /// Replication (secondary): write full-sync data to the data file, not
+    /// logged, ordered with the records around it.
+    SyncWrite { offset: u64, data: Bytes, done: oneshot::Sender<Result<(), VolumeError>> },
+    /// Replication (secondary): the log continues at `last + 1` (see
+    /// `Writer::rebase`).
+    Rebase { last: Lsn, done: oneshot::Sender<Result<(), VolumeError>> },
+    /// A checkpoint in the writer's order (after everything queued before).
+    Checkpoint { done: oneshot::Sender<Result<(), VolumeError>> },
 }
 
 impl Msg {
@@ -195,6 +219,8 @@ pub(crate) struct Writer {
     chunks: Vec<Chunk>,
     chunk_start: usize,
     chunk_offset: u64,
+    /// Feed items of the batch being committed (published after it).
+    feed_items: Vec<FeedItem>,
 }
 
 impl Writer {
@@ -215,38 +241,48 @@ impl Writer {
             chunks: Vec::new(),
             chunk_start: 0,
             chunk_offset: SEGMENT_HEADER_SIZE,
+            feed_items: Vec::new(),
         }
     }
 
     /// The thread body.
+    ///
+    /// Requests are batched; any other message ends the batch and runs
+    /// between batches, so it is ordered with the requests around it.
     pub(crate) fn run(mut self) {
+        let mut pending: Option<Msg> = None;
         loop {
-            let Ok(first) = self.rx.recv() else { return };
-            let mut stop = false;
+            let first = match pending.take() {
+                Some(m) => m,
+                None => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+            };
             let mut bytes = first.payload_len();
             let mut batch = Vec::new();
             match first {
                 Msg::Req(r) => batch.push(r),
-                Msg::Stop => stop = true,
+                Msg::Stop => return,
+                other => {
+                    self.special(other);
+                    continue;
+                }
             }
-            while !stop && bytes < MAX_BATCH_BYTES {
+            while bytes < MAX_BATCH_BYTES {
                 match self.rx.try_recv() {
-                    Ok(m) => {
-                        bytes += m.payload_len();
-                        match m {
-                            Msg::Req(r) => batch.push(r),
-                            Msg::Stop => stop = true,
-                        }
+                    Ok(Msg::Req(r)) => {
+                        bytes += r.op.payload_len();
+                        batch.push(r);
+                    }
+                    Ok(other) => {
+                        pending = Some(other);
+                        break;
                     }
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                self.process(batch);
-            }
-            if stop {
-                return;
-            }
+            self.process(batch);
         }
     }
 
@@ -257,11 +293,16 @@ impl Writer {
             }
             return;
         }
+        self.wait_for_feed_room();
         self.wait_for_space();
+        self.feed_items.clear();
         match self.commit(&batch) {
             Ok(lsns) => {
+                // Published before the requests complete: a reply gated on
+                // the peer never waits for an LSN not yet in the feed.
+                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1, None);
                 for (r, lsn) in batch.into_iter().zip(lsns) {
-                    let _ = r.done.send(Ok(lsn));
+                    let _ = r.done.send(lsn);
                 }
             }
             Err(reason) => {
@@ -271,6 +312,105 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Replication back-pressure: while the attached feed holds more than
+    /// its bound, do not take new work.
+    fn wait_for_feed_room(&self) {
+        let s = &self.shared;
+        s.feed.wait_for_room(|| s.stopping() || s.failure().is_some());
+    }
+
+    /// Runs a non-request message, between batches.
+    fn special(&mut self, msg: Msg) {
+        match msg {
+            Msg::Req(_) | Msg::Stop => {}
+            Msg::SyncRead { offset, len, feed } => {
+                // Only for the feed it was queued for (not a later one).
+                self.wait_for_feed_room();
+                if self.shared.failure().is_some() || self.shared.feed.attached() != Some(feed) {
+                    return;
+                }
+                let mut buf = vec![0u8; len as usize];
+                let data = &self.shared.data;
+                if let Err(e) = self.shared.io.read_exact_at(data, &mut buf, offset) {
+                    self.shared.fail(format!(
+                        "full-sync read of [{offset}, +{len}) from {} failed: {e} (errno {})",
+                        data.path().display(),
+                        crate::io::errno_of(&e)
+                    ));
+                    return;
+                }
+                self.feed_items.clear();
+                self.feed_items.push(FeedItem::SyncData { offset, data: Bytes::from(buf) });
+                self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1, Some(feed));
+            }
+            Msg::SyncWrite { offset, data, done } => {
+                let r = match self.shared.failure() {
+                    Some(reason) => Err(VolumeError::Stopped(reason)),
+                    None => {
+                        let file = &self.shared.data;
+                        self.shared.io.write_all_at(file, &data, offset).map_err(|e| {
+                            VolumeError::Stopped(self.shared.fail(format!(
+                                "full-sync write of [{offset}, +{}) to {} failed: {e} (errno {})",
+                                data.len(),
+                                file.path().display(),
+                                crate::io::errno_of(&e)
+                            )))
+                        })
+                    }
+                };
+                let _ = done.send(r);
+            }
+            Msg::Rebase { last, done } => {
+                let r = match self.shared.failure() {
+                    Some(reason) => Err(VolumeError::Stopped(reason)),
+                    None => self.rebase(last),
+                };
+                let _ = done.send(r);
+            }
+            Msg::Checkpoint { done } => {
+                let _ = done.send(super::checkpoint::checkpoint(&self.shared, false));
+            }
+        }
+    }
+
+    /// The log continues at `last + 1` (full sync of a secondary): starts a
+    /// new segment whose first LSN is `last + 1`, syncs its header, and
+    /// checkpoints at `last` (data file synced, superblock: checkpoint LSN
+    /// `last`, replay from the new segment), so recovery never replays the
+    /// records before the gap. The older segments are recycled.
+    fn rebase(&mut self, last: Lsn) -> Result<(), VolumeError> {
+        let s = self.shared.clone();
+        // No checkpoint may run between the LSN reset and the superblock
+        // write with a mix of old and new state.
+        let _serial = parking::lock(&s.ckpt_lock);
+        let seq = self.tail.seq + 1;
+        let first_lsn = last + 1;
+        let stop = |reason: String| VolumeError::Stopped(s.fail(reason));
+        let seg = segment::activate(&*s.io, &s.wal, seq, first_lsn, s.segment_size)
+            .map_err(|e| stop(format!("creating WAL segment {seq} in {} failed: {e}", s.wal_dir.display())))?;
+        let header = SegmentHeader { seq, first_lsn, uuid: s.uuid, segment_size: seg.len }.encode();
+        s.io.write_all_at(&seg.file, &header, 0)
+            .and_then(|()| s.io.sync_data(&seg.file))
+            .map_err(|e| stop(format!("writing the header of WAL segment {} failed: {e}", seg.file.path().display())))?;
+        let old_lsn = self.next_lsn - 1;
+        self.tail = Tail { seq, file: seg.file.clone(), len: seg.len, pos: SEGMENT_HEADER_SIZE };
+        self.unsynced.clear();
+        self.next_lsn = first_lsn;
+        parking::lock(&s.wal).live.push_back(seg);
+        // Nothing before the gap is ever replayed again, nor sent to a peer:
+        // a retention hold on the old log ends.
+        *parking::lock(&s.replay_ranges) = ReplayRanges::default();
+        s.min_retained_lsn.store(u64::MAX, Ordering::Release);
+        s.retention_liftable.store(false, Ordering::Release);
+        s.applied_lsn.store(last, Ordering::Release);
+        s.durable_lsn.store(last, Ordering::Release);
+        s.feed.reset_lsn(last);
+        super::checkpoint::checkpoint_locked(&s, false)?;
+        self.in_place_unsynced = false;
+        tracing::info!(old_lsn, last_lsn = last, seq, "WAL rebased: the log continues at the peer's LSN");
+        Ok(())
     }
 
     /// Back-pressure: while the WAL holds more than the limit, wait for the
@@ -297,8 +437,10 @@ impl Writer {
     }
 
     /// Encodes, writes, applies and (if needed) syncs one batch. Returns the
-    /// LSN each request completes with, or the fail-stop reason.
-    fn commit(&mut self, batch: &[Request]) -> Result<Vec<Lsn>, String> {
+    /// result each request completes with (the LSN, or `LsnGap` for a
+    /// replicated record out of sequence), or the fail-stop reason. Fills
+    /// `feed_items` with the batch's records (and a barrier if it flushed).
+    fn commit(&mut self, batch: &[Request]) -> Result<Vec<Result<Lsn, VolumeError>>, String> {
         self.buf.clear();
         self.chunks.clear();
         self.chunk_start = 0;
@@ -310,11 +452,22 @@ impl Writer {
 
         let shared = self.shared.clone();
         let mut replay = parking::lock(&shared.replay_ranges);
-        for r in batch {
+        let mut refused: Vec<Option<VolumeError>> = Vec::new();
+        let mut flushed = false;
+        for (i, r) in batch.iter().enumerate() {
+            if let Some(want) = r.lsn {
+                if want != self.next_lsn {
+                    refused.resize_with(batch.len(), || None);
+                    refused[i] = Some(VolumeError::LsnGap { expected: self.next_lsn, got: want });
+                    lsns.push(0);
+                    continue;
+                }
+            }
             need_sync |= r.fua;
             let lsn = match &r.op {
                 Op::Flush => {
                     need_sync = true;
+                    flushed = true;
                     0 // replaced by the durable LSN below
                 }
                 Op::Write { offset, data } => {
@@ -333,6 +486,12 @@ impl Writer {
                         } else {
                             self.append(RecordKind::Write, 0, off, n as u32, &piece, durable)?
                         };
+                        let fua = r.fua && done + n == data.len();
+                        self.feed_items.push(FeedItem::Record {
+                            lsn: last,
+                            op: FeedOp::Write { offset: off, data: piece.clone() },
+                            fua,
+                        });
                         data_ops.push(DataOp::Write { offset: off, data: piece });
                         done += n;
                     }
@@ -347,6 +506,8 @@ impl Writer {
                     let lsn = self.append(RecordKind::Trim, 0, *offset, *len, &[], durable)?;
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: true });
                     replay.insert(*offset, offset + u64::from(*len), lsn);
+                    let op = FeedOp::Trim { offset: *offset, len: *len };
+                    self.feed_items.push(FeedItem::Record { lsn, op, fua: r.fua });
                     lsn
                 }
                 Op::Zeroes { offset, len, punch } => {
@@ -354,6 +515,8 @@ impl Writer {
                     let lsn = self.append(RecordKind::WriteZeroes, flags, *offset, *len, &[], durable)?;
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: *punch });
                     replay.insert(*offset, offset + u64::from(*len), lsn);
+                    let op = FeedOp::Zeroes { offset: *offset, len: *len, punch: *punch };
+                    self.feed_items.push(FeedItem::Record { lsn, op, fua: r.fua });
                     lsn
                 }
             };
@@ -427,8 +590,12 @@ impl Writer {
                 *lsn = durable_now;
             }
         }
+        if flushed {
+            self.feed_items.push(FeedItem::Barrier { upto: durable_now });
+        }
         self.shared.maybe_request_checkpoint();
-        Ok(lsns)
+        let mut refused = refused.into_iter();
+        Ok(lsns.into_iter().map(|lsn| refused.next().flatten().map_or(Ok(lsn), Err)).collect())
     }
 
     fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), String> {
