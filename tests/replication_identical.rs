@@ -114,18 +114,27 @@ fn identical_after_workload_protocol_c() {
 #[test]
 fn writes_during_the_initial_sync_reach_the_peer() {
     let mut pair = Pair::new(PairOpts::new("C").proxied());
-    pair.proxies().set_rate(Some(24 * MIB));
+    pair.proxies().set_rate(Some(16 * MIB));
     pair.start_both();
     pair.alpha.repctl_ok(&["promote", "--force"]);
     pair.beta.wait_status("sync-target", Duration::from_secs(20), |s| s["replication"] == "sync-target");
     let alpha_sums = pair.rt.block_on(async {
         let c = pair.alpha.nbd().await;
-        // Every 512 KiB, front to back and back to front, while the sync runs.
-        for i in 0..64u64 {
-            let off = if i % 2 == 0 { i * 512 * 1024 } else { pair.size - (i + 1) * 512 * 1024 };
-            c.write(off, &vec![(i as u8) | 0x80; 64 * 1024], false).await.expect("write during the sync");
+        // Every 512 KiB, front to back and back to front, all in flight at
+        // once while the sync runs.
+        let t = std::time::Instant::now();
+        let writes: Vec<_> = (0..64u64)
+            .map(|i| {
+                let c = c.clone();
+                let off = if i % 2 == 0 { i * 512 * 1024 } else { pair.size - (i + 1) * 512 * 1024 };
+                tokio::spawn(async move { c.write(off, &vec![(i as u8) | 0x80; 64 * 1024], false).await })
+            })
+            .collect();
+        for w in writes {
+            w.await.expect("task").expect("write during the sync");
         }
         c.flush().await.expect("flush");
+        eprintln!("64 writes + flush during the sync took {:?}", t.elapsed());
         let sums = checksums(&c, pair.size, CHUNK).await;
         c.disconnect().await.expect("disconnect");
         sums

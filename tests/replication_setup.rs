@@ -248,3 +248,37 @@ fn skip_initial_sync_on_blank_volumes() {
     let msg = pair.alpha.repctl_refused(&["new-current-uuid", "--clear-bitmap"]);
     assert!(!msg.trim().is_empty(), "the refusal says why");
 }
+
+/// `promote --force` while the link is still in its handshake (50 ms each
+/// way on the link, so the handshake takes a few hundred ms): the promotion
+/// must still reach the peer and the initial sync must run. Five rounds.
+#[test]
+fn promote_during_the_handshake_still_syncs() {
+    for round in 0..5 {
+        let mut pair = Pair::new(PairOpts::new("C").proxied());
+        pair.proxies().set_delay_both(Duration::from_millis(50));
+        pair.alpha.create_md();
+        pair.beta.create_md();
+        pair.beta.start();
+        let accepted = pair.proxies().accepted();
+        pair.alpha.start();
+        // Alpha dials beta at once: promote while that handshake runs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pair.proxies().accepted() == accepted {
+            assert!(Instant::now() < deadline, "round {round}: alpha did not dial beta within 10s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(round * 40));
+        pair.alpha.repctl_ok(&["promote", "--force"]);
+        let out = pair.beta.repctl_timeout(&["wait-sync", "--timeout", "30"], Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "round {round}: promote during the handshake: beta never synced (wait-sync: {}){}\nalpha: {:#}\nbeta: {:#}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""),
+            pair.alpha.status(),
+            pair.beta.status()
+        );
+        pair.assert_established();
+    }
+}

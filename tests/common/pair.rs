@@ -427,11 +427,18 @@ impl Pair {
         self.beta.start();
     }
 
-    /// A replicating pair: both started, alpha `promote --force`, the
-    /// initial full sync done (`wait-sync` on beta).
+    /// A replicating pair: both started and connected, alpha `promote
+    /// --force`, the initial full sync done (`wait-sync` on beta).
+    ///
+    /// The promote waits for the link first: a promote that races with the
+    /// handshake is tested on its own (replication_setup.rs), so that every
+    /// other test checks its own property.
     pub fn up(opts: PairOpts) -> Pair {
         let mut pair = Pair::new(opts);
         pair.start_both();
+        for p in [&pair.alpha, &pair.beta] {
+            p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
+        }
         pair.alpha.repctl_ok(&["promote", "--force"]);
         pair.beta.wait_sync(90);
         pair.assert_established();
