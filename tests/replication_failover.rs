@@ -1,4 +1,4 @@
-//! Failover under protocol C: random writes (some FUA) and FLUSHes on alpha,
+//! Failover under protocol C (and B, primary only): random writes (some FUA) and FLUSHes on alpha,
 //! SIGKILL of alpha, `promote` on beta without `--force`, and every write
 //! that was durable on alpha (FUA, or completed before a completed FLUSH was
 //! issued) reads back from beta over NBD. Variants: the proxy cuts the link
@@ -41,10 +41,14 @@ enum Disturbance {
 }
 
 fn failover(d: Disturbance) {
-    let test = format!("failover ({d:?})");
+    failover_with("C", d);
+}
+
+fn failover_with(protocol: &str, d: Disturbance) {
+    let test = format!("failover (protocol {protocol}, {d:?})");
     let seed = seed(&test);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let opts = PairOpts::new("C");
+    let opts = PairOpts::new(protocol);
     let opts = match d {
         Disturbance::None | Disturbance::RestartBeta => opts,
         Disturbance::CutLink => opts.proxied(),
@@ -140,4 +144,11 @@ fn failover_after_secondary_restart_and_resync() {
 #[test]
 fn failover_while_writes_are_suspended_after_a_cut() {
     failover(Disturbance::CutSuspended);
+}
+
+/// Protocol B keeps every durable write when only the primary fails: beta
+/// had received it, and must apply it before it serves as primary.
+#[test]
+fn failover_protocol_b_after_sigkill_loses_no_durable_write() {
+    failover_with("B", Disturbance::None);
 }
