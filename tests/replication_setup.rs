@@ -324,3 +324,32 @@ fn disconnect_and_connect() {
     let read = pair.rt.block_on(async { pair.beta.nbd().await.read(0, 65536).await.expect("read from beta") });
     assert!(read[..] == data[..], "beta must hold the data alpha wrote while standalone, after connect + resync");
 }
+
+/// Two primaries meeting is refused (split-brain handling is issue 4): both
+/// go standalone, log it, and keep serving their own data.
+#[test]
+fn two_primaries_are_refused() {
+    let pair = Pair::up(PairOpts::new("C"));
+    pair.alpha.repctl_ok(&["disconnect"]);
+    pair.beta.wait_status("peer gone", Duration::from_secs(10), |s| s["connection"] != "connected");
+    pair.beta.repctl_ok(&["promote"]);
+    pair.alpha.repctl_ok(&["connect"]);
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.wait_status("standalone after meeting another primary", Duration::from_secs(20), |s| {
+            s["connection"] == "standalone"
+        });
+        assert_eq!(s["role"], "primary", "{}: keeps its role\n{s:#}", p.name);
+        assert_eq!(s["nbd"]["serving"], true, "{}: keeps serving\n{s:#}", p.name);
+    }
+    // They stay apart.
+    std::thread::sleep(Duration::from_secs(2));
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.status();
+        assert_eq!(s["connection"], "standalone", "{}: two primaries must not reconnect on their own\n{s:#}", p.name);
+        let logged = p
+            .log_lines_lower()
+            .iter()
+            .any(|l| l.contains("split") || (l.contains("primar") && (l.contains("both") || l.contains("two"))));
+        assert!(logged, "{}'s log does not say why it went standalone (two primaries / split brain):\n{}", p.name, p.log());
+    }
+}
