@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::pair::{Pair, PairOpts, median, ms_since};
+use repblock_netproxy::Mode;
 
 const ONE_WAY: Duration = Duration::from_millis(10);
 const RTT_MS: f64 = 20.0;
@@ -117,4 +118,64 @@ fn protocol_c_waits_for_the_peer_to_write_and_sync() {
     assert!(m.write >= min, "protocol C: QD1 write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer written)", m.write);
     assert!(m.fua >= min, "protocol C: FUA write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer durable)", m.fua);
     assert!(m.flush >= min, "protocol C: FLUSH median {:.2} ms, expected >= RTT {RTT_MS} ms (peer fdatasync'ed)", m.flush);
+}
+
+/// Protocol A is bounded by `max_buffer`: with the link stalled (the proxy
+/// stops reading: TCP back-pressure, no close), writes on alpha must stop
+/// completing once the feed (`max_buffer = 1MiB`) and the kernel's socket
+/// buffers (at most tcp_rmem max + tcp_wmem max, read from /proc) are full,
+/// plus 4 MiB of slack for batching, instead of buffering in memory; with
+/// the link back, they all complete. A long ping timeout keeps the stalled
+/// link from being declared lost (which would release the writes).
+#[test]
+fn protocol_a_stops_at_max_buffer_when_the_link_stalls() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const MIB: u64 = 1 << 20;
+    const TOTAL_MIB: u64 = 112;
+    let pair = Pair::up(
+        PairOpts::new("A")
+            .size("128MiB")
+            .proxied()
+            .extra("max_buffer = \"1MiB\"\nping_interval = \"1s\"\nping_timeout = \"60s\""),
+    );
+    pair.proxies().set_mode(Mode::Stall);
+    let client = pair.rt.block_on(pair.alpha.nbd());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = pair.rt.spawn({
+        let c = client.clone();
+        let done = done.clone();
+        async move {
+            let chunk = vec![0x77u8; MIB as usize];
+            for i in 0..TOTAL_MIB {
+                c.write(i * MIB, &chunk, false).await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<(), repblock::nbd::ClientError>(())
+        }
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let completed = done.load(std::sync::atomic::Ordering::Relaxed);
+    let bound = 1 + kernel_tcp_max("tcp_rmem") / MIB + kernel_tcp_max("tcp_wmem") / MIB + 4;
+    assert!(bound < TOTAL_MIB, "this machine's socket buffers ({bound} MiB) are too large for this test");
+    eprintln!("protocol A, stalled link: {completed} of {TOTAL_MIB} MiB written after 8 s (bound {bound} MiB)");
+    let a = pair.alpha.status();
+    assert_eq!(a["connection"], "connected", "the stalled link must not be declared lost (ping_timeout 60s)\n{a:#}");
+    assert!(
+        completed <= bound,
+        "protocol A completed {completed} MiB of writes while the link was stalled, more than max_buffer (1 MiB) + the \
+         kernel's socket buffers + 4 MiB = {bound} MiB: the primary buffers beyond max_buffer"
+    );
+    pair.proxies().set_mode(Mode::Pass);
+    let res = pair.rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), writer).await });
+    assert!(matches!(res, Ok(Ok(Ok(())))), "with the link back every write completes: {res:?}");
+    pair.alpha.wait_status("peer_written catches up", Duration::from_secs(30), |s| {
+        s["lsn"]["peer_written"].as_u64() >= s["lsn"]["local"].as_u64()
+    });
+}
+
+/// The max of /proc/sys/net/ipv4/NAME ("min default max"), in bytes.
+fn kernel_tcp_max(name: &str) -> u64 {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    text.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{path}: unexpected {text:?}"))
 }
