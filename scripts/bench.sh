@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Single-node repblock against qemu-nbd serving a raw file, same run, same disk,
-# with fio's nbd engine. Prints IOPS/bandwidth per workload and the ratio
-# repblock/qemu-nbd (higher is better for repblock), plus repd's peak RSS.
+# repblock against qemu-nbd serving a raw file (unreplicated), same run, same
+# disk, with fio's nbd engine. Prints, per workload, the median IOPS, MB/s and
+# p99 latency of every target and its ratio to qemu-nbd (higher is better for
+# repblock), plus repd's peak RSS.
 #
-#   scripts/bench.sh [--runtime SECONDS] [--size SIZE] [--rounds N] [--engine auto|io_uring|sync]
+#   scripts/bench.sh [--targets single,A,B,C] [--runtime SECONDS] [--size SIZE]
+#                    [--rounds N] [--engine auto|io_uring|sync]
 #
-# Workloads (issue 2):
+# Targets: `single` is a one-node resource (issue 2); `A`, `B`, `C` are a
+# two-node pair on loopback under that protocol (issue 3), measured on the
+# primary. Default: single.
+# Workloads:
 #   qd1-write-fsync   4 KiB random write, QD1, fsync=1 (an NBD FLUSH after every write)
 #   qd32-randwrite    4 KiB random write, QD32
 #   seq-1m-qd8        1 MiB sequential write, QD8
-# Each workload runs `rounds` times per server, alternating servers so both
+# Each workload runs `rounds` times per server, alternating the servers so all
 # share the machine's drift; the median round is reported.
 set -euo pipefail
 
@@ -17,13 +22,15 @@ runtime=10
 size=1GiB
 rounds=3
 engine=auto
+targets=single
 while [ $# -gt 0 ]; do
   case "$1" in
     --runtime) runtime=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --engine) engine=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --targets) targets=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -36,10 +43,9 @@ install_needed
 ensure_toolchain
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd engine"
 
-root=$REPO_ROOT
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bin repd --bin repctl
-repd="$root/target/release/repd"
-repctl="$root/target/release/repctl"
+cargo build --release --quiet --manifest-path "$REPO_ROOT/Cargo.toml" --bin repd --bin repctl
+repd="$REPO_ROOT/target/release/repd"
+repctl="$REPO_ROOT/target/release/repctl"
 
 work=$(mktemp -d /var/tmp/repblock-bench.XXXXXX)
 pids=()
@@ -50,50 +56,113 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rb_port=$((20000 + RANDOM % 10000))
-q_port=$((rb_port + 1))
+port=$((20000 + RANDOM % 10000))
+# next_port VAR: the next free-looking port into VAR (no subshell, so the counter advances).
+next_port() { port=$((port + 1)); printf -v "$1" %s "$port"; }
 
-cat > "$work/r0.toml" <<TOML
+wait_control() { # config node
+  for _ in $(seq 100); do
+    "$repctl" --config "$1" --node "$2" status --json >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "repd $2 ($1) did not come up: $(tail -5 "$work/$2-$(basename "$1" .toml).log")"
+}
+
+declare -A uri pid_of
+# start_single NAME: a one-node resource; sets uri[NAME].
+start_single() {
+  local t=$1 cfg="$work/$1.toml" nbd
+  next_port nbd
+  cat > "$cfg" <<TOML
 name = "r0"
 size = "$size"
 io_engine = "$engine"
 
 [[node]]
 name = "alpha"
-nbd = "127.0.0.1:$rb_port"
-control = "$work/alpha.sock"
-dir = "$work/alpha"
+nbd = "127.0.0.1:$nbd"
+control = "$work/$t-alpha.sock"
+dir = "$work/$t-alpha"
 TOML
+  "$repctl" --config "$cfg" --node alpha create-md >/dev/null
+  "$repd" --config "$cfg" --node alpha 2>"$work/alpha-$t.log" &
+  pids+=("$!"); pid_of[$t]=$!
+  wait_control "$cfg" alpha
+  "$repctl" --config "$cfg" --node alpha promote --force >/dev/null
+  uri[$t]="nbd://127.0.0.1:$nbd/r0"
+}
 
-"$repctl" --config "$work/r0.toml" --node alpha create-md >/dev/null
-"$repd" --config "$work/r0.toml" --node alpha 2>"$work/repd.log" &
-rb_pid=$!
-pids+=("$rb_pid")
-for _ in $(seq 100); do
-  "$repctl" --config "$work/r0.toml" --node alpha status --json >/dev/null 2>&1 && break
-  sleep 0.1
+# start_pair PROTOCOL: alpha (primary) + beta on loopback; sets uri[PROTOCOL].
+start_pair() {
+  local t=$1 cfg="$work/$1.toml" nbd ra rb nbd_b
+  next_port nbd; next_port ra; next_port rb; next_port nbd_b
+  cat > "$cfg" <<TOML
+name = "r0"
+size = "$size"
+io_engine = "$engine"
+protocol = "$t"
+secret = "bench"
+
+[[node]]
+name = "alpha"
+replication = "127.0.0.1:$ra"
+nbd = "127.0.0.1:$nbd"
+control = "$work/$t-alpha.sock"
+dir = "$work/$t-alpha"
+
+[[node]]
+name = "beta"
+replication = "127.0.0.1:$rb"
+nbd = "127.0.0.1:$nbd_b"
+control = "$work/$t-beta.sock"
+dir = "$work/$t-beta"
+TOML
+  local n
+  for n in alpha beta; do
+    "$repctl" --config "$cfg" --node $n create-md >/dev/null
+    "$repd" --config "$cfg" --node $n 2>"$work/$n-$t.log" &
+    pids+=("$!")
+    [ $n = alpha ] && pid_of[$t]=$!
+  done
+  wait_control "$cfg" alpha
+  wait_control "$cfg" beta
+  # Both volumes are new and blank: skip the initial full sync (DRBD's
+  # new-current-uuid --clear-bitmap) once the link is up.
+  for _ in $(seq 100); do
+    "$repctl" --config "$cfg" --node alpha new-current-uuid --clear-bitmap >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$repctl" --config "$cfg" --node alpha promote >/dev/null
+  "$repctl" --config "$cfg" --node beta wait-sync --timeout 60 >/dev/null 2>&1 \
+    || die "protocol $t pair did not reach established/uptodate: $("$repctl" --config "$cfg" --node alpha status)"
+  uri[$t]="nbd://127.0.0.1:$nbd/r0"
+}
+
+IFS=, read -r -a tlist <<< "$targets"
+for t in "${tlist[@]}"; do
+  case "$t" in
+    single) start_single single ;;
+    A|B|C) start_pair "$t" ;;
+    *) die "unknown target $t (single, A, B, C)" ;;
+  esac
 done
-"$repctl" --config "$work/r0.toml" --node alpha promote --force >/dev/null
 
 size_bytes=$(numfmt --from=iec-i "${size%B}")
 qemu-img create -q -f raw "$work/qemu.img" "$size_bytes"
 # preallocate so qemu-nbd does not pay for block allocation (repblock's WAL
 # segments are preallocated too; its data file is sparse)
-fallocate -l "$(stat -c %s "$work/qemu.img")" "$work/qemu.img"
+fallocate -l "$size_bytes" "$work/qemu.img"
+next_port q_port
 qemu-nbd -f raw -t --cache=none --aio=io_uring -b 127.0.0.1 -p "$q_port" -x r0 "$work/qemu.img" &
 pids+=("$!")
+uri[qemu-nbd]="nbd://127.0.0.1:$q_port/r0"
 sleep 1
 
-engine_used=$("$repctl" --config "$work/r0.toml" --node alpha status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["io_engine"])')
+first_cfg="$work/${tlist[0]}.toml"
+engine_used=$("$repctl" --config "$first_cfg" --node alpha status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["io_engine"])')
 echo "repd: io_engine $engine_used; qemu-nbd $(qemu-nbd --version | head -1 | awk '{print $2}'); fio $(fio --version)"
-echo "runtime ${runtime}s x ${rounds} rounds per server, volume $size, $(nproc) cores"
+echo "runtime ${runtime}s x ${rounds} rounds per server, volume $size, $(nproc) cores, targets: qemu-nbd ${tlist[*]}"
 echo
-
-run_fio() { # name uri extra-args...
-  local name=$1 uri=$2; shift 2
-  fio --name="$name" --ioengine=nbd --uri="$uri" --size="$size" --time_based --runtime="$runtime" \
-      --ramp_time=1 --output-format=json --output="$work/out.json" "$@" >/dev/null 2>&1
-}
 
 declare -A args=(
   [qd1-write-fsync]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
@@ -104,10 +173,11 @@ results="$work/results.tsv"
 : > "$results"
 for wl in qd1-write-fsync qd32-randwrite seq-1m-qd8; do
   for r in $(seq "$rounds"); do
-    for srv in repblock qemu-nbd; do
-      port=$rb_port; [ "$srv" = qemu-nbd ] && port=$q_port
+    for srv in qemu-nbd "${tlist[@]}"; do
       # shellcheck disable=SC2086
-      run_fio "$wl" "nbd://127.0.0.1:$port/r0" ${args[$wl]}
+      fio --name="$wl" --ioengine=nbd --uri="${uri[$srv]}" --size="$size" --time_based --runtime="$runtime" \
+          --ramp_time=1 --output-format=json --output="$work/out.json" ${args[$wl]} >/dev/null 2>&1 \
+        || die "fio $wl against $srv failed"
       python3 - "$work/out.json" "$wl" "$srv" "$r" >> "$results" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -121,18 +191,28 @@ PY
   done
 done
 
-rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$rb_pid/status")
-python3 - "$results" "$rss_kib" <<'PY'
+rss=""
+for t in "${tlist[@]}"; do
+  rss+="$t=$(awk '/VmHWM/ {print $2}' "/proc/${pid_of[$t]}/status") "
+done
+python3 - "$results" "$rss" qemu-nbd "${tlist[@]}" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rss = dict(kv.split("=") for kv in sys.argv[2].split())
+servers = sys.argv[3:]
 by = collections.defaultdict(list)
 for wl, srv, r, iops, mbs, p50, p99 in rows:
     by[(wl, srv)].append((float(iops), float(mbs), float(p50), float(p99)))
 def med(xs, i): return statistics.median(x[i] for x in xs)
-print(f'{"workload":<17} {"repblock IOPS":>13} {"MB/s":>8} {"p99 us":>8}  {"qemu-nbd IOPS":>13} {"MB/s":>8} {"p99 us":>8}  {"ratio":>6}')
+name = lambda s: s if s in ("qemu-nbd", "single") else f"protocol {s}"
+print(f'{"workload":<17} {"server":<11} {"IOPS":>9} {"MB/s":>8} {"p50 us":>8} {"p99 us":>8} {"vs qemu-nbd":>12}')
 for wl in ["qd1-write-fsync", "qd32-randwrite", "seq-1m-qd8"]:
-    a, b = by[(wl, "repblock")], by[(wl, "qemu-nbd")]
-    ratio = med(a, 0) / med(b, 0) if med(b, 0) else float("nan")
-    print(f'{wl:<17} {med(a,0):>13.0f} {med(a,1):>8.1f} {med(a,3):>8.0f}  {med(b,0):>13.0f} {med(b,1):>8.1f} {med(b,3):>8.0f}  {ratio:>6.2f}')
-print(f"\nrepd peak RSS (VmHWM): {int(sys.argv[2])/1024:.1f} MiB")
+    base = med(by[(wl, "qemu-nbd")], 0)
+    for s in servers:
+        xs = by[(wl, s)]
+        ratio = "" if s == "qemu-nbd" else f"{med(xs, 0) / base:.2f}"
+        print(f'{wl:<17} {name(s):<11} {med(xs,0):>9.0f} {med(xs,1):>8.1f} {med(xs,2):>8.0f} {med(xs,3):>8.0f} {ratio:>12}')
+print()
+for t in servers[1:]:
+    print(f"repd peak RSS ({name(t)}, primary): {int(rss[t])/1024:.1f} MiB")
 PY

@@ -43,10 +43,38 @@ pub const MIN_WAL_SEGMENT_SIZE: u64 = 1 << 20;
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
 /// Default `checkpoint_interval`.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `ping_interval`.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `ping_timeout`.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default `connect_retry` (first reconnect delay; doubles up to [`MAX_CONNECT_RETRY`]).
+pub const DEFAULT_CONNECT_RETRY: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_CONNECT_RETRY: Duration = Duration::from_secs(5);
+/// Default `max_buffer` (bytes of replication feed buffered for the peer).
+pub const DEFAULT_MAX_BUFFER: u64 = 64 << 20;
 /// Default `max_clients`.
 pub const DEFAULT_MAX_CLIENTS: u32 = 256;
 /// Largest accepted `max_clients`.
 pub const MAX_MAX_CLIENTS: u32 = 65536;
+
+/// `on_peer_loss`: what a primary does with writes while its peer is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPeerLoss {
+    /// Keep serving alone (the next connect resyncs the peer).
+    Continue,
+    /// Block writes until the peer is back and in sync, or `repctl resume-io`.
+    Suspend,
+}
+
+impl fmt::Display for OnPeerLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnPeerLoss::Continue => "continue",
+            OnPeerLoss::Suspend => "suspend",
+        })
+    }
+}
 
 /// Configuration errors. Every message starts with the file name.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +192,16 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// Maximum concurrent NBD connections (256 by default).
     pub max_clients: u32,
+    /// Heartbeat period on the replication link.
+    pub ping_interval: Duration,
+    /// A peer silent for `ping_interval + ping_timeout` is declared lost.
+    pub ping_timeout: Duration,
+    /// What a primary does with writes while its peer is lost.
+    pub on_peer_loss: OnPeerLoss,
+    /// First reconnect delay (doubling up to 5s).
+    pub connect_retry: Duration,
+    /// Bytes of replication feed buffered for the peer before writes wait.
+    pub max_buffer: u64,
     /// The nodes (one or two).
     pub nodes: Vec<NodeConfig>,
 }
@@ -184,6 +222,11 @@ struct RawConfig {
     checkpoint_bytes: Option<toml::Value>,
     checkpoint_interval: Option<toml::Value>,
     max_clients: Option<toml::Value>,
+    ping_interval: Option<toml::Value>,
+    ping_timeout: Option<toml::Value>,
+    on_peer_loss: Option<toml::Value>,
+    connect_retry: Option<toml::Value>,
+    max_buffer: Option<toml::Value>,
     node: Option<Vec<RawNode>>,
 }
 
@@ -535,6 +578,40 @@ impl Config {
             }
         }
 
+        let nonzero_duration = |field: &str, v: &Option<toml::Value>, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(v) => {
+                    let d = c.duration(field, v)?;
+                    if d.is_zero() {
+                        return Err(c.err(field, "expected a non-zero duration, got 0s"));
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        let ping_interval = nonzero_duration("ping_interval", &raw.ping_interval, DEFAULT_PING_INTERVAL)?;
+        let ping_timeout = nonzero_duration("ping_timeout", &raw.ping_timeout, DEFAULT_PING_TIMEOUT)?;
+        let connect_retry = nonzero_duration("connect_retry", &raw.connect_retry, DEFAULT_CONNECT_RETRY)?;
+        let on_peer_loss = match &raw.on_peer_loss {
+            None => OnPeerLoss::Continue,
+            Some(v) => match c.string("on_peer_loss", v, "\"continue\" or \"suspend\"")?.as_str() {
+                "continue" => OnPeerLoss::Continue,
+                "suspend" => OnPeerLoss::Suspend,
+                other => return Err(c.err("on_peer_loss", format!("expected \"continue\" or \"suspend\", got {other:?}"))),
+            },
+        };
+        let max_buffer = match &raw.max_buffer {
+            None => DEFAULT_MAX_BUFFER,
+            Some(v) => {
+                let s = c.size("max_buffer", v)?;
+                if s < (1 << 20) {
+                    return Err(c.err("max_buffer", format!("expected at least 1MiB, got {}", units::format_size(s))));
+                }
+                s
+            }
+        };
+
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -547,6 +624,11 @@ impl Config {
             checkpoint_bytes,
             checkpoint_interval,
             max_clients,
+            ping_interval,
+            ping_timeout,
+            on_peer_loss,
+            connect_retry,
+            max_buffer,
             nodes,
         })
     }
@@ -880,5 +962,28 @@ disk = "/dev/vg0/r0"
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/demo/control.sock"));
         assert_eq!(c.nodes[0].dir, PathBuf::from("/tmp/demo/data"));
+    }
+
+    #[test]
+    fn replication_keys_have_defaults_and_are_checked() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_secs(1));
+        assert_eq!(c.ping_timeout, Duration::from_millis(500));
+        assert_eq!(c.on_peer_loss, OnPeerLoss::Continue);
+        assert_eq!(c.connect_retry, Duration::from_millis(100));
+        assert_eq!(c.max_buffer, 64 << 20);
+        let with = |extra: &str| TWO.replacen("protocol = \"B\"", &format!("protocol = \"B\"\n{extra}"), 1);
+        let c = load(&with("ping_interval = \"250ms\"\nping_timeout = \"2s\"\non_peer_loss = \"suspend\"\nconnect_retry = \"1s\"\nmax_buffer = \"8MiB\"")).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_millis(250));
+        assert_eq!(c.ping_timeout, Duration::from_secs(2));
+        assert_eq!(c.on_peer_loss, OnPeerLoss::Suspend);
+        assert_eq!(c.connect_retry, Duration::from_secs(1));
+        assert_eq!(c.max_buffer, 8 << 20);
+        assert_eq!(
+            err(&with("on_peer_loss = \"panic\"")),
+            "r0.toml: on_peer_loss: expected \"continue\" or \"suspend\", got \"panic\""
+        );
+        assert_eq!(err(&with("ping_timeout = \"0s\"")), "r0.toml: ping_timeout: expected a non-zero duration, got 0s");
+        assert!(err(&with("max_buffer = \"4KiB\"")).starts_with("r0.toml: max_buffer: expected at least 1MiB"));
     }
 }

@@ -91,6 +91,14 @@ pub enum Request {
         timeout_secs: Option<f64>,
     },
     Events,
+    /// Release writes suspended by `on_peer_loss = "suspend"`.
+    ResumeIo,
+    /// New generation; with `clear_bitmap`, skip the initial sync of two
+    /// blank volumes.
+    NewCurrentUuid {
+        #[serde(default)]
+        clear_bitmap: bool,
+    },
 }
 
 /// One response line.

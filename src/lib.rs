@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod control;
+pub mod errors;
 pub mod io;
 pub mod nbd;
 pub mod node;

@@ -58,19 +58,27 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Connect to the peer (needs replication).
+    /// Start connecting to the peer again (after `disconnect` or a split brain).
     Connect {
         /// Resolve a split brain by throwing away this node's changes.
         #[arg(long)]
         discard_my_data: bool,
     },
-    /// Disconnect from the peer (needs replication).
+    /// Drop the link to the peer and stop dialing (standalone).
     Disconnect,
+    /// Release writes held by `on_peer_loss = "suspend"` (the peer is resynced when it is back).
+    ResumeIo,
+    /// With --clear-bitmap: two connected, blank, inconsistent nodes become uptodate without a sync.
+    NewCurrentUuid {
+        /// Skip the initial sync (both volumes must be blank: never written).
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
     /// Compare every block with the peer (needs replication).
     Verify,
     /// Mark the whole local disk out of sync (needs replication).
     Invalidate,
-    /// Wait until the disk is uptodate and nothing is out of sync.
+    /// Wait until connected, established, and both disks uptodate (progress on stderr).
     WaitSync {
         /// Give up after this many seconds.
         #[arg(long, value_name = "SECONDS")]
@@ -92,26 +100,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("repctl: {}", render(&e));
+            eprintln!("repctl: {}", repblock::errors::render_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes on one line, skipping causes already spelled out.
-fn render(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if !out.contains(&msg) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&msg);
-        }
-    }
-    out
-}
 
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
@@ -150,10 +144,23 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(stdout, "{}: secondary{was}{dropped}", node.name)?;
         }
         Command::Connect { discard_my_data } => {
-            connect()?.request(&Request::Connect { discard_my_data })?;
+            let v = connect()?.request(&Request::Connect { discard_my_data })?;
+            let c = v.get("connection").and_then(|c| c.as_str()).unwrap_or("connecting");
+            writeln!(stdout, "{}: {c}", node.name)?;
         }
         Command::Disconnect => {
             connect()?.request(&Request::Disconnect)?;
+            writeln!(stdout, "{}: standalone", node.name)?;
+        }
+        Command::NewCurrentUuid { clear_bitmap } => {
+            let v = connect()?.request_with(&Request::NewCurrentUuid { clear_bitmap }, Duration::from_secs(15))?;
+            let g = v.get("generation").and_then(|g| g.as_str()).unwrap_or("?");
+            writeln!(stdout, "{}: uptodate, peer uptodate, generation {g} (no initial sync)", node.name)?;
+        }
+        Command::ResumeIo => {
+            let v = connect()?.request(&Request::ResumeIo)?;
+            let was = v.get("resumed") == Some(&serde_json::Value::Bool(true));
+            writeln!(stdout, "{}: {}", node.name, if was { "IO resumed" } else { "IO was not suspended" })?;
         }
         Command::Verify => {
             connect()?.request(&Request::Verify)?;
@@ -162,12 +169,15 @@ fn run(cli: Cli) -> Result<()> {
             connect()?.request(&Request::Invalidate)?;
         }
         Command::WaitSync { timeout: wait } => {
-            let extra = match wait {
-                None => Duration::from_secs(365 * 24 * 3600),
-                Some(t) => Duration::try_from_secs_f64(t)
-                    .with_context(|| format!("wait-sync --timeout: expected a number of seconds, got {t}"))?,
-            };
-            connect()?.request_with(&Request::WaitSync { timeout_secs: wait }, extra)?;
+            if let Some(t) = wait {
+                Duration::try_from_secs_f64(t).with_context(|| format!("wait-sync --timeout: expected a number of seconds, got {t}"))?;
+            }
+            if config.peer_of(&node.name).is_some() {
+                wait_sync_with_progress(&connect, wait.map(Duration::from_secs_f64))?;
+            } else {
+                let extra = wait.map_or(Duration::from_secs(365 * 24 * 3600), Duration::from_secs_f64);
+                connect()?.request_with(&Request::WaitSync { timeout_secs: wait }, extra)?;
+            }
             writeln!(stdout, "{}: in sync", node.name)?;
         }
         Command::Events => {
@@ -186,4 +196,48 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `wait-sync` on a two-node resource: polls `status` until connected,
+/// established and both disks uptodate, printing progress lines on stderr
+/// when something changes (at most every second while a sync runs).
+fn wait_sync_with_progress(
+    connect: &dyn Fn() -> Result<ControlClient, repblock::control::ControlError>,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut last_line = String::new();
+    let mut last_print = std::time::Instant::now();
+    loop {
+        let v = connect()?.request(&Request::Status)?;
+        let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
+        let peer_disk = s.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
+        let replication = s.replication.clone().unwrap_or_else(|| "none".into());
+        if s.connection.to_string() == "connected"
+            && replication == "established"
+            && s.disk.to_string() == "uptodate"
+            && peer_disk == "uptodate"
+        {
+            return Ok(());
+        }
+        let mut line = format!("{}: connection:{} replication:{replication} disk:{} peer-disk:{peer_disk}", s.node, s.connection, s.disk);
+        if s.resync.total_bytes > 0 {
+            let pct = 100.0 * s.resync.done_bytes as f64 / s.resync.total_bytes as f64;
+            line.push_str(&format!(" sync:{pct:.1}%"));
+            if let Some(eta) = s.resync.eta_seconds {
+                line.push_str(&format!(" eta:{eta}s"));
+            }
+        }
+        if line != last_line || last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{line}");
+            last_line = line;
+            last_print = std::time::Instant::now();
+        }
+        if let Some(t) = timeout {
+            if start.elapsed() >= t {
+                anyhow::bail!("wait-sync: timed out after {:.1}s: {last_line}", t.as_secs_f64());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

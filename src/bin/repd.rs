@@ -67,21 +67,6 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-/// The error and its causes on one line, skipping causes that the message
-/// above already spells out.
-fn render(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if !out.contains(&msg) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&msg);
-        }
-    }
-    out
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -108,7 +93,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("repd: {}", render(&e));
+            eprintln!("repd: {}", repblock::errors::render_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -18,18 +18,46 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::nbd::{BlockBackend, BlockError};
-use crate::volume::{Volume, VolumeError};
+use crate::repl::engine::{Durability, Engine};
+use crate::volume::{Lsn, Volume, VolumeError};
 
-/// Serves a [`Volume`] over NBD.
+/// Serves a [`Volume`] over NBD. With a replication engine, each reply
+/// waits after the local completion for what the protocol requires of the
+/// peer (design.md §2, see [`Engine::wait`]).
 #[derive(Debug, Clone)]
 pub struct VolumeBackend {
     volume: Arc<Volume>,
+    gate: Option<Arc<Engine>>,
 }
 
 impl VolumeBackend {
     pub fn new(volume: Arc<Volume>) -> VolumeBackend {
-        VolumeBackend { volume }
+        VolumeBackend { volume, gate: None }
     }
+
+    /// A backend whose replies wait for the peer through `gate`.
+    pub fn with_gate(volume: Arc<Volume>, gate: Option<Arc<Engine>>) -> VolumeBackend {
+        VolumeBackend { volume, gate }
+    }
+
+    async fn before_write(&self) -> Result<(), BlockError> {
+        match &self.gate {
+            Some(g) => g.before_write().await.map_err(|e| BlockError::Io(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    async fn after(&self, r: Result<Lsn, VolumeError>, d: Durability, op: Op) -> Result<(), BlockError> {
+        let lsn = r.map_err(|e| map_error(op, e))?;
+        if let Some(g) = &self.gate {
+            g.wait(lsn, d).await;
+        }
+        Ok(())
+    }
+}
+
+fn durability(fua: bool) -> Durability {
+    if fua { Durability::Flush } else { Durability::Write }
 }
 
 /// What the request was, for the errno choice.
@@ -59,24 +87,27 @@ impl BlockBackend for VolumeBackend {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
-        self.volume.write(offset, data, fua).await.map(drop).map_err(|e| map_error(Op::Write, e))
+        self.before_write().await?;
+        let r = self.volume.write(offset, data, fua).await;
+        self.after(r, durability(fua), Op::Write).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        self.volume.flush().await.map(drop).map_err(|e| map_error(Op::Other, e))
+        let r = self.volume.flush().await;
+        self.after(r, Durability::Flush, Op::Other).await
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
-        self.volume.trim(offset, len, fua).await.map(drop).map_err(|e| map_error(Op::Other, e))
+        self.before_write().await?;
+        let r = self.volume.trim(offset, len, fua).await;
+        self.after(r, durability(fua), Op::Other).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> Result<(), BlockError> {
+        self.before_write().await?;
         // NO_HOLE means "keep it allocated": do not punch.
-        self.volume
-            .write_zeroes(offset, len, !no_hole, fua)
-            .await
-            .map(drop)
-            .map_err(|e| map_error(Op::Write, e))
+        let r = self.volume.write_zeroes(offset, len, !no_hole, fua).await;
+        self.after(r, durability(fua), Op::Write).await
     }
 }
 

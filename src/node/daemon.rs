@@ -95,7 +95,13 @@ impl Daemon {
         let volume: Arc<Volume> = tokio::task::spawn_blocking(move || Volume::open(engine, opts, &identity))
             .await
             .map_err(|e| DaemonError::Task(format!("volume open task failed: {e}")))??;
-        let node = Node::new(config, me, volume, kind);
+        let node = Node::with_store(config, me, Arc::clone(&volume), kind, replication_store(&volume));
+        // A node that cannot bind its replication address does not start
+        // (as one that cannot bind its control socket).
+        if let Err(e) = node.start_replication().await {
+            let _ = node.shutdown().await;
+            return Err(e.into());
+        }
         let (stop, stop_rx) = watch::channel(false);
         let control = tokio::spawn(socket.serve(Arc::clone(&node), stop_rx.clone()));
         let watcher = {
@@ -132,6 +138,11 @@ impl Daemon {
         let _ = self.watcher.await;
         res.map_err(DaemonError::from)
     }
+}
+
+/// The replication engine's view of the volume.
+fn replication_store(volume: &Arc<Volume>) -> Option<Arc<dyn crate::repl::store::ReplStore>> {
+    Some(Arc::new(crate::repl::volume_store::VolumeStore(Arc::clone(volume))))
 }
 
 /// Waits for SIGTERM or SIGINT; returns the signal's name.

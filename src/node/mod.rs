@@ -16,8 +16,12 @@
 //!   through `consistent`/`outdated`.
 //! - Only a primary accepts NBD clients: the export is started by promote
 //!   and stopped by demote and by shutdown.
-//! - A two-node resource runs, in this build, like a single node whose peer
-//!   never connects: connection `connecting`, peer disk `unknown`.
+//! - A two-node resource runs a replication engine ([`crate::repl::engine`]):
+//!   the link to the peer, the log stream (primary) or its application
+//!   (secondary), and the gate that holds NBD replies until the peer
+//!   acknowledged what the protocol requires. The engine learns the role
+//!   from here; the disk state lives in the superblock, where a full sync
+//!   (secondary side) updates it.
 //!
 //! Transitions are serialised by one async mutex; `status` never waits for
 //! one (it reads a snapshot under a short std mutex).
@@ -32,6 +36,8 @@ use tokio::sync::broadcast;
 use crate::config::{Config, NodeConfig};
 use crate::control::{ControlHandler, Event, Request};
 use crate::io::EngineKind;
+use crate::repl::engine::{Engine, EngineConfig, ReplState};
+use crate::repl::store::ReplStore;
 use crate::volume::{Volume, VolumeError};
 
 pub mod backend;
@@ -109,15 +115,16 @@ pub enum NodeError {
     },
     #[error("Cannot start the NBD export: {0}")]
     Export(String),
-    #[error("{cmd}: needs a peer connection; replication is not available in this build")]
-    NotAvailable { cmd: &'static str },
+    #[error("{cmd}: not available: {why}")]
+    NotAvailable { cmd: &'static str, why: &'static str },
+    #[error("{0}")]
+    Replication(String),
 }
 
 /// The mutable part of the node.
 #[derive(Debug)]
 struct State {
     role: Role,
-    disk: DiskState,
     export: Option<export::Export>,
     failed_reported: bool,
 }
@@ -132,24 +139,65 @@ pub struct Node {
     state: Mutex<State>,
     transition: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Event>,
+    /// The replication engine (two-node resources).
+    repl: Option<Arc<Engine>>,
 }
 
 impl Node {
     /// A secondary node over an open volume; the disk state comes from the
     /// superblock.
     pub fn new(config: Config, me: NodeConfig, volume: Arc<Volume>, engine: EngineKind) -> Arc<Node> {
+        Node::with_store(config, me, volume, engine, None)
+    }
+
+    /// A node whose replication (two-node resources) runs over `store`.
+    /// Call [`Node::start_replication`] to bring the link up.
+    pub fn with_store(
+        config: Config,
+        me: NodeConfig,
+        volume: Arc<Volume>,
+        engine: EngineKind,
+        store: Option<Arc<dyn ReplStore>>,
+    ) -> Arc<Node> {
         let disk = disk::load(&volume);
         let (events, _) = broadcast::channel(256);
+        let repl = match (EngineConfig::from_config(&config, &me), store) {
+            (Some(cfg), Some(store)) => Some(Engine::new(cfg, store, Role::Secondary, events.clone())),
+            _ => None,
+        };
         tracing::info!(resource = %config.name, node = %me.name, role = "secondary", %disk, "node started");
         Arc::new(Node {
             config,
             me,
             volume,
             engine,
-            state: Mutex::new(State { role: Role::Secondary, disk, export: None, failed_reported: false }),
+            state: Mutex::new(State { role: Role::Secondary, export: None, failed_reported: false }),
             transition: tokio::sync::Mutex::new(()),
             events,
+            repl,
         })
+    }
+
+    /// Binds the replication address and starts connecting to the peer.
+    pub async fn start_replication(&self) -> Result<(), NodeError> {
+        match &self.repl {
+            Some(e) => e.start().await.map_err(|e| NodeError::Replication(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The replication engine, if this is a two-node resource.
+    pub fn replication(&self) -> Option<&Arc<Engine>> {
+        self.repl.as_ref()
+    }
+
+    /// The disk state (from the superblock, which a full sync updates).
+    fn disk(&self) -> DiskState {
+        disk::load(&self.volume)
+    }
+
+    fn repl_or(&self, cmd: &'static str) -> Result<&Arc<Engine>, NodeError> {
+        self.repl.as_ref().ok_or(NodeError::NotAvailable { cmd, why: "this resource has a single node (no peer to replicate to)" })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -202,7 +250,22 @@ impl Node {
                 "cannot promote: the volume stopped taking writes ({reason}); restart repd once the disk is fixed"
             )));
         }
-        let disk = self.state().disk;
+        if let Some(repl) = &self.repl {
+            if repl.peer_is_primary(ROLE_SETTLE).await {
+                return Err(NodeError::Refused(format!(
+                    "cannot promote: peer {} is primary; demote it first (two primaries would be a split brain)",
+                    repl.config().peer
+                )));
+            }
+            if repl.view().replication == Some(ReplState::SyncTarget) && !force {
+                return Err(NodeError::Refused(
+                    "cannot promote: a full sync from the peer is running and the disk is inconsistent until it ends; \
+                     --force makes this half-synced data the truth"
+                        .into(),
+                ));
+            }
+        }
+        let disk = self.disk();
         if disk != DiskState::UpToDate {
             if !force {
                 return Err(NodeError::Refused(refuse_promote_message(disk)));
@@ -214,16 +277,26 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                 .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
-            self.state().disk = DiskState::UpToDate;
             self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": true }));
         }
-        let backend = Arc::new(VolumeBackend::new(Arc::clone(&self.volume)));
+        if let Some(repl) = &self.repl {
+            repl.set_role(Role::Primary, ROLE_SETTLE).await;
+        }
+        let backend = Arc::new(VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone()));
         let cfg = export::ExportConfig {
             export_name: self.config.name.clone(),
             description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
             max_connections: self.config.max_clients as usize,
         };
-        let export = export::start(&self.me.nbd, backend, cfg).await.map_err(NodeError::Export)?;
+        let export = match export::start(&self.me.nbd, backend, cfg).await {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(repl) = &self.repl {
+                    repl.set_role(Role::Secondary, Duration::ZERO).await;
+                }
+                return Err(NodeError::Export(e));
+            }
+        };
         {
             let mut st = self.state();
             st.export = Some(export);
@@ -256,6 +329,15 @@ impl Node {
             )));
         }
         self.stop_export().await;
+        if let Some(repl) = &self.repl {
+            // Every completed write must have reached the peer before it
+            // may become primary.
+            let lsn = self.volume.status().local_lsn;
+            if repl.is_connected() && !repl.wait_received(lsn, DEMOTE_WAIT).await {
+                tracing::warn!(lsn, "demote: the peer did not receive every completed write within {DEMOTE_WAIT:?}");
+            }
+            repl.set_role(Role::Secondary, ROLE_SETTLE).await;
+        }
         self.state().role = Role::Secondary;
         tracing::info!(node = %self.me.name, role = "secondary", disconnected = clients, "demoted");
         self.emit("role-changed", serde_json::json!({ "role": "secondary", "disconnected_clients": clients }));
@@ -280,27 +362,65 @@ impl Node {
     pub fn status(&self) -> Status {
         let failed = self.check_failed();
         let vs = self.volume.status();
-        let (role, disk, clients, serving) = {
+        let disk = self.disk();
+        let (role, clients, serving) = {
             let st = self.state();
-            (st.role, st.disk, st.export.as_ref().map_or(0, |e| e.client_count()), st.export.is_some())
+            (st.role, st.export.as_ref().map_or(0, |e| e.client_count()), st.export.is_some())
         };
         let peer = self.config.peer_of(&self.me.name);
+        let view = self.repl.as_ref().map(|r| r.view());
+        let (resync, out_of_sync) = match view.as_ref().and_then(|v| v.resync) {
+            Some(r) => {
+                let secs = r.started.elapsed().as_secs_f64();
+                let speed = if secs > 0.0 { (r.done_bytes as f64 / secs) as u64 } else { 0 };
+                let left = r.total_bytes.saturating_sub(r.done_bytes);
+                let eta = (speed > 0).then(|| left / speed);
+                (
+                    status::ResyncStatus {
+                        done_bytes: r.done_bytes,
+                        total_bytes: r.total_bytes,
+                        speed_bytes_per_sec: speed,
+                        eta_seconds: eta,
+                        kind: Some("full".into()),
+                    },
+                    left,
+                )
+            }
+            None => {
+                // A primary running without its peer: the peer needs
+                // everything (full sync) until bitmaps land.
+                let alone = self.repl.as_ref().is_some_and(|r| r.diverged() && !r.view().acks.active);
+                (status::ResyncStatus::default(), if alone { self.config.size } else { 0 })
+            }
+        };
+        let acks = view.as_ref().map(|v| v.acks).unwrap_or_default();
         Status {
             resource: self.config.name.clone(),
             node: self.me.name.clone(),
             role,
             disk,
-            connection: if peer.is_some() { ConnState::Connecting } else { ConnState::Standalone },
-            replication: None,
+            connection: match &view {
+                Some(v) => v.connection,
+                None if peer.is_some() => ConnState::Connecting,
+                None => ConnState::Standalone,
+            },
+            replication: view.as_ref().and_then(|v| v.replication).map(|r| r.as_str().to_string()),
             protocol: self.config.protocol.to_string(),
             peer: status::PeerStatus {
                 name: peer.map(|p| p.name.clone()),
-                role: None,
-                disk: peer.map(|_| DiskState::Unknown),
+                role: view.as_ref().and_then(|v| v.peer_role),
+                disk: peer.map(|_| view.as_ref().map_or(DiskState::Unknown, |v| v.peer_disk)),
             },
-            out_of_sync_bytes: 0,
-            resync: status::ResyncStatus { done_bytes: 0, total_bytes: 0 },
-            lsn: status::LsnStatus { local: vs.local_lsn, peer_received: 0, peer_written: 0, peer_durable: 0 },
+            out_of_sync_bytes: out_of_sync,
+            resync,
+            lsn: status::LsnStatus {
+                local: vs.local_lsn,
+                peer_received: acks.received,
+                peer_written: acks.written,
+                peer_durable: acks.durable,
+            },
+            io_suspended: view.as_ref().is_some_and(|v| v.suspended),
+            link_error: view.as_ref().and_then(|v| v.last_error.clone()),
             size: self.config.size,
             block_size: self.config.block_size,
             io_engine: self.engine.to_string(),
@@ -316,27 +436,50 @@ impl Node {
         }
     }
 
-    /// Returns once the disk is uptodate and nothing is out of sync.
+    /// Returns once the disk is uptodate and nothing is out of sync: for a
+    /// two-node resource, connected, `established`, and both disks
+    /// uptodate.
     ///
-    /// In this build (no replication) every state is final: a healthy
-    /// single node returns at once; anything that would need a sync source
-    /// is an error rather than a wait that cannot end. `_timeout` bounds the
-    /// wait once replication gives it something to wait for.
-    pub async fn wait_sync(&self, _timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
-        let disk = self.state().disk;
-        if let Some(peer) = self.config.peer_of(&self.me.name) {
-            return Err(NodeError::Refused(format!(
-                "wait-sync: peer {} is not connected (replication is not available in this build); disk is {disk}",
-                peer.name
-            )));
+    /// A single node returns at once when healthy; one that needs a sync
+    /// source is an error rather than a wait that cannot end.
+    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
+        let Some(repl) = &self.repl else {
+            let disk = self.disk();
+            if let Some(peer) = self.config.peer_of(&self.me.name) {
+                return Err(NodeError::Refused(format!(
+                    "wait-sync: peer {} is not connected (replication is not running); disk is {disk}",
+                    peer.name
+                )));
+            }
+            if disk != DiskState::UpToDate {
+                return Err(NodeError::Refused(format!(
+                    "wait-sync: disk is {disk} and no sync source is connected (single-node resource: \
+                     `promote --force` makes this node's data the truth)"
+                )));
+            }
+            return Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }));
+        };
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let v = repl.view();
+            let disk = self.disk();
+            if v.connection == ConnState::Connected
+                && v.replication == Some(ReplState::Established)
+                && disk == DiskState::UpToDate
+                && v.peer_disk == DiskState::UpToDate
+            {
+                return Ok(serde_json::json!({ "disk": disk, "peer_disk": v.peer_disk, "out_of_sync_bytes": 0 }));
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Err(NodeError::Refused(format!(
+                    "wait-sync: timed out: connection {}, replication {}, disk {disk}, peer disk {}",
+                    v.connection,
+                    v.replication.map_or("none", |r| r.as_str()),
+                    v.peer_disk
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if disk != DiskState::UpToDate {
-            return Err(NodeError::Refused(format!(
-                "wait-sync: disk is {disk} and no sync source is connected (single-node resource: \
-                 `promote --force` makes this node's data the truth)"
-            )));
-        }
-        Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }))
     }
 
     /// Graceful stop: export down, volume closed (clean flag set).
@@ -344,10 +487,50 @@ impl Node {
         let _t = self.transition.lock().await;
         self.emit("stopping", serde_json::json!({}));
         self.stop_export().await;
+        if let Some(repl) = &self.repl {
+            repl.shutdown().await;
+        }
         self.state().role = Role::Secondary;
         self.volume.close().await.map_err(|source| NodeError::Volume { what: "clean shutdown failed", source })?;
         tracing::info!(node = %self.me.name, "volume closed cleanly");
         Ok(())
+    }
+}
+
+/// How long a role change waits for the link to be renegotiated (and
+/// promote for a demoting peer to say so).
+const ROLE_SETTLE: Duration = Duration::from_secs(2);
+
+/// How long `demote` waits for the peer to receive every completed write.
+const DEMOTE_WAIT: Duration = Duration::from_secs(30);
+
+impl Node {
+    async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<serde_json::Value, NodeError> {
+        let repl = self.repl_or("new-current-uuid")?;
+        if !clear_bitmap {
+            return Err(NodeError::NotAvailable {
+                cmd: "new-current-uuid",
+                why: "only `new-current-uuid --clear-bitmap` (skip the initial sync of two blank volumes) is supported",
+            });
+        }
+        let _t = self.transition.lock().await;
+        let generation = repl
+            .new_current_uuid_clear_bitmap(Duration::from_secs(10))
+            .await
+            .map_err(|why| NodeError::Refused(format!("new-current-uuid --clear-bitmap: {why}")))?;
+        Ok(serde_json::json!({ "disk": "uptodate", "peer_disk": "uptodate", "generation": format!("{generation:016X}") }))
+    }
+
+    fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
+        let repl = self.repl_or("connect")?;
+        if discard_my_data {
+            return Err(NodeError::NotAvailable {
+                cmd: "connect --discard-my-data",
+                why: "split-brain resolution comes with generation-based resync (issue 4)",
+            });
+        }
+        repl.connect();
+        Ok(serde_json::json!({ "connection": repl.view().connection }))
     }
 }
 
@@ -378,10 +561,17 @@ impl ControlHandler for Node {
                     ))),
                 }
             }
-            Request::Connect { .. } => Err(NodeError::NotAvailable { cmd: "connect" }),
-            Request::Disconnect => Err(NodeError::NotAvailable { cmd: "disconnect" }),
-            Request::Verify => Err(NodeError::NotAvailable { cmd: "verify" }),
-            Request::Invalidate => Err(NodeError::NotAvailable { cmd: "invalidate" }),
+            Request::Connect { discard_my_data } => self.connect(discard_my_data),
+            Request::Disconnect => self.repl_or("disconnect").map(|r| {
+                r.disconnect();
+                serde_json::json!({ "connection": "standalone" })
+            }),
+            Request::ResumeIo => self.repl_or("resume-io").map(|r| serde_json::json!({ "resumed": r.resume_io() })),
+            Request::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(clear_bitmap).await,
+            Request::Verify => Err(NodeError::NotAvailable { cmd: "verify", why: "online verify is not implemented yet" }),
+            Request::Invalidate => {
+                Err(NodeError::NotAvailable { cmd: "invalidate", why: "invalidate is not implemented yet" })
+            }
             Request::Events => Err(NodeError::Refused("events: handled by the control server".into())),
         };
         res.map_err(|e| e.to_string())

@@ -52,6 +52,13 @@ pub struct Status {
     pub failed: Option<String>,
     /// Process id of repd.
     pub pid: u32,
+    /// Writes are held because the peer was lost and `on_peer_loss` is
+    /// `suspend` (`repctl resume-io` releases them).
+    #[serde(default)]
+    pub io_suspended: bool,
+    /// The last replication link failure (refusal, connect error), if any.
+    #[serde(default)]
+    pub link_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,10 +68,19 @@ pub struct PeerStatus {
     pub disk: Option<DiskState>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResyncStatus {
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Average since the sync started.
+    #[serde(default)]
+    pub speed_bytes_per_sec: u64,
+    /// Estimated seconds left (null when not known).
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+    /// `full` while a full sync runs, null otherwise.
+    #[serde(default)]
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,12 +145,25 @@ impl Status {
                 }
                 if self.resync.total_bytes > 0 {
                     let pct = 100.0 * self.resync.done_bytes as f64 / self.resync.total_bytes as f64;
-                    let _ = writeln!(
+                    let _ = write!(
                         s,
-                        "    resync:{pct:.1}% ({} of {})",
+                        "    resync:{pct:.1}% ({} of {}",
                         format_size_approx(self.resync.done_bytes),
                         format_size_approx(self.resync.total_bytes)
                     );
+                    if self.resync.speed_bytes_per_sec > 0 {
+                        let _ = write!(s, ", {}/s", format_size_approx(self.resync.speed_bytes_per_sec));
+                    }
+                    if let Some(eta) = self.resync.eta_seconds {
+                        let _ = write!(s, ", eta {eta}s");
+                    }
+                    let _ = writeln!(s, ")");
+                }
+                if self.io_suspended {
+                    let _ = writeln!(s, "    io:suspended (peer lost; `repctl resume-io` releases writes)");
+                }
+                if let Some(e) = &self.link_error {
+                    let _ = writeln!(s, "    last-error:{e}");
                 }
             }
         }
@@ -172,7 +201,7 @@ mod tests {
             protocol: "C".into(),
             peer: PeerStatus { name: None, role: None, disk: None },
             out_of_sync_bytes: 0,
-            resync: ResyncStatus { done_bytes: 0, total_bytes: 0 },
+            resync: ResyncStatus::default(),
             lsn: LsnStatus { local: 12, peer_received: 0, peer_written: 0, peer_durable: 0 },
             size: 1 << 30,
             block_size: 4096,
@@ -186,6 +215,8 @@ mod tests {
             wal: WalStatus { bytes: 64 << 20, checkpoint_lsn: 10, durable_lsn: 12 },
             failed: None,
             pid: 1,
+            io_suspended: false,
+            link_error: None,
         }
     }
 

@@ -22,9 +22,17 @@
 //!
 //! The full byte-level description is docs/replication-protocol.md.
 
+pub mod engine;
+#[cfg(test)]
+mod engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+mod session;
+pub mod store;
+pub mod volume_store;
+#[cfg(test)]
+pub mod testing;
 
 pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,

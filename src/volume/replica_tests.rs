@@ -282,7 +282,12 @@ async fn replicate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_from_feed_and_sync_reads_under_load_is_identical_and_survives_a_crash() {
-    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    for io in engines() {
+        replica_scenario(io).await;
+    }
+}
+
+async fn replica_scenario(io: Arc<dyn IoEngine>) {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let size = 4 * MIB;
     let a = open_new(&io, da.path(), size);
@@ -583,5 +588,24 @@ async fn a_sync_read_queued_for_one_feed_never_lands_in_the_next() {
     v.flush().await.unwrap();
     let items: Vec<_> = std::iter::from_fn(|| feed2.try_recv()).collect();
     assert!(matches!(items[..], [FeedItem::Record { lsn: 2, .. }, FeedItem::Barrier { upto: 2 }]), "{:?}", items.len());
+    v.close().await.unwrap();
+}
+
+/// The engine boxes these futures as `Send` (it runs them on tokio tasks).
+#[tokio::test]
+async fn replication_futures_are_send() {
+    fn is_send<T: Send>(t: T) -> T {
+        t
+    }
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let d = tempfile::tempdir().unwrap();
+    let v = open_new(&io, d.path(), MIB);
+    let (_, mut feed) = v.attach_feed(1 << 20);
+    is_send(v.apply(1, FeedOp::Zeroes { offset: 0, len: 512, punch: false }, true)).await.unwrap();
+    is_send(v.apply_sync_data(4096, data(1, 4096))).await.unwrap();
+    assert!(matches!(is_send(feed.recv()).await, Some(FeedItem::Record { lsn: 1, fua: true, .. })));
+    is_send(v.finish_sync()).await.unwrap();
+    is_send(v.rebase_log(7)).await.unwrap();
+    assert_eq!(v.status().local_lsn, 7);
     v.close().await.unwrap();
 }

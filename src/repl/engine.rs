@@ -1,0 +1,951 @@
+//! The replication engine of one node: the link to the peer (listen, dial
+//! with backoff, handshake, one connection kept), the session that runs on
+//! it (primary streaming or secondary apply, see [`super::session`]), the
+//! reply gate of the primary, and the state that `status` and `events`
+//! show.
+//!
+//! ```text
+//!            listener ──┐                    ┌─► source session (we are primary)
+//!   dialer (backoff) ───┴─► handshake ─► adopt ─► target session (peer is primary)
+//!                                             └─► idle session (both secondary)
+//!   NBD request ─► local commit ─► Gate::wait(lsn, level) ◄── acks (watch) ◄── session
+//! ```
+//!
+//! Gate (design.md §2): after the local completion of a request with LSN
+//! `l`, the reply waits under protocol A for nothing, under B for the peer's
+//! `received >= l`, under C for `written >= l` (`durable >= l` for FLUSH and
+//! FUA). Acks are cumulative. Waiters are released when the peer is lost
+//! (the primary goes on alone; the next connect resyncs), unless
+//! `on_peer_loss = "suspend"`: then they, and new writes, wait for the peer
+//! to be back and in sync, or for `resume-io`.
+//!
+//! Generations: a primary that writes while no peer receives its feed starts
+//! a new generation once (new random `current`, the old one into the
+//! history), so that a peer with the old generation is resynced on connect.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, broadcast, watch};
+
+use super::handshake::{HandshakeError, LocalHello, PeerInfo, handshake, keep_connection};
+use super::proto::GenIds;
+use super::store::{ReplMeta, ReplStore};
+use crate::config::{Config, NodeConfig, OnPeerLoss, Protocol};
+use crate::control::Event;
+use crate::node::{ConnState, DiskState, Role};
+use crate::volume::{Lsn, VolumeError};
+
+/// How long a handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that lost the winner rule is still replaced by a later one
+/// from the peer when the kept one is older than this (the peer restarted
+/// and dialled again before our heartbeat noticed).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
+/// How much later than the peer the node that loses the connection rule
+/// dials.
+const LOSER_DIAL_DELAY: Duration = Duration::from_millis(300);
+/// Repeated connect failures with the same message are logged at most this
+/// often.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The engine's settings, from the config.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub resource: String,
+    pub node: String,
+    pub peer: String,
+    /// Where we listen.
+    pub listen: String,
+    /// Where the peer listens.
+    pub peer_addr: String,
+    pub secret: Vec<u8>,
+    pub protocol: Protocol,
+    pub block_size: u32,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub connect_retry: Duration,
+    pub max_connect_retry: Duration,
+    pub max_buffer: usize,
+    pub on_peer_loss: OnPeerLoss,
+}
+
+impl EngineConfig {
+    /// The engine settings of node `me`; `None` for a single-node resource.
+    pub fn from_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
+        let peer = config.peer_of(&me.name)?;
+        let peer_addr = peer.replication.clone()?;
+        let listen = me.replication_listen.clone().or_else(|| me.replication.clone())?;
+        Some(EngineConfig {
+            resource: config.name.clone(),
+            node: me.name.clone(),
+            peer: peer.name.clone(),
+            listen,
+            peer_addr,
+            secret: config.secret.clone().unwrap_or_default().into_bytes(),
+            protocol: config.protocol,
+            block_size: config.block_size,
+            ping_interval: config.ping_interval,
+            ping_timeout: config.ping_timeout,
+            connect_retry: config.connect_retry,
+            max_connect_retry: crate::config::MAX_CONNECT_RETRY,
+            max_buffer: usize::try_from(config.max_buffer).unwrap_or(usize::MAX),
+            on_peer_loss: config.on_peer_loss,
+        })
+    }
+}
+
+/// What a reply waits for (design.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// WRITE / TRIM / WRITE_ZEROES without FUA.
+    Write,
+    /// FLUSH, or any request with FUA.
+    Flush,
+}
+
+/// Cumulative peer acknowledgements of the current session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acks {
+    /// A session is streaming the feed to the peer: replies wait for acks.
+    pub active: bool,
+    /// The feed of the session starts after this LSN (older ones are not
+    /// the peer's to acknowledge: they reach it through the full sync, or
+    /// it has them already).
+    pub base: Lsn,
+    pub received: Lsn,
+    pub written: Lsn,
+    pub durable: Lsn,
+}
+
+impl Acks {
+    fn covers(&self, lsn: Lsn, need: Need) -> bool {
+        if !self.active || lsn <= self.base {
+            return true;
+        }
+        match need {
+            Need::Nothing => true,
+            Need::Received => self.received >= lsn,
+            Need::Written => self.written >= lsn,
+            Need::Durable => self.durable >= lsn,
+        }
+    }
+}
+
+/// The peer acknowledgement a reply needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    Nothing,
+    Received,
+    Written,
+    Durable,
+}
+
+/// The §2 table.
+pub fn need_for(protocol: Protocol, d: Durability) -> Need {
+    match (protocol, d) {
+        (Protocol::A, _) => Need::Nothing,
+        (Protocol::B, _) => Need::Received,
+        (Protocol::C, Durability::Write) => Need::Written,
+        (Protocol::C, Durability::Flush) => Need::Durable,
+    }
+}
+
+/// Replication state when connected (design.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplState {
+    Established,
+    SyncSource,
+    SyncTarget,
+}
+
+impl ReplState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplState::Established => "established",
+            ReplState::SyncSource => "sync-source",
+            ReplState::SyncTarget => "sync-target",
+        }
+    }
+}
+
+/// Full-sync progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resync {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub started: Instant,
+}
+
+/// What `status` shows about replication.
+#[derive(Debug, Clone)]
+pub struct LinkView {
+    pub connection: ConnState,
+    pub replication: Option<ReplState>,
+    pub peer_role: Option<Role>,
+    pub peer_disk: DiskState,
+    pub resync: Option<Resync>,
+    pub acks: Acks,
+    /// Writes are suspended (on_peer_loss = suspend, peer lost).
+    pub suspended: bool,
+    /// The last refusal or connection error, for humans.
+    pub last_error: Option<String>,
+}
+
+/// Control of the running session.
+struct SessionSlot {
+    id: u64,
+    started: Instant,
+    dialled_by_us: bool,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+/// Why the engine ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `repctl disconnect`.
+    Disconnect,
+    /// A newer connection replaces it.
+    Replaced,
+    /// Our role changed: reconnect to renegotiate.
+    RoleChange,
+    /// The daemon stops.
+    Shutdown,
+}
+
+/// Errors of the engine's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot bind the replication address {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Volume {
+        what: &'static str,
+        #[source]
+        source: VolumeError,
+    },
+}
+
+/// The replication engine of one node.
+pub struct Engine {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) store: Arc<dyn ReplStore>,
+    role: watch::Sender<Role>,
+    pub(crate) acks: watch::Sender<Acks>,
+    /// Writes wait while true.
+    suspended: watch::Sender<bool>,
+    /// The operator wants a connection (false after `disconnect` or split brain).
+    want_connect: watch::Sender<bool>,
+    /// Whether a session is up.
+    connected: watch::Sender<bool>,
+    view: Mutex<LinkView>,
+    slot: Mutex<Option<SessionSlot>>,
+    next_session: AtomicU64,
+    /// A new generation was started since the peer last received our feed.
+    diverged: AtomicBool,
+    /// Redial now (role change).
+    kick: Notify,
+    events: broadcast::Sender<Event>,
+    shutdown: watch::Sender<bool>,
+    /// `new-current-uuid --clear-bitmap` waits for the next idle session.
+    clear_bitmap_offer: AtomicBool,
+    /// When each distinct link failure was last logged (rate limit).
+    logged: Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("node", &self.cfg.node).field("peer", &self.cfg.peer).finish()
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, store: Arc<dyn ReplStore>, role: Role, events: broadcast::Sender<Event>) -> Arc<Engine> {
+        Arc::new(Engine {
+            cfg,
+            store,
+            role: watch::Sender::new(role),
+            acks: watch::Sender::new(Acks::default()),
+            suspended: watch::Sender::new(false),
+            want_connect: watch::Sender::new(true),
+            connected: watch::Sender::new(false),
+            view: Mutex::new(LinkView {
+                connection: ConnState::Connecting,
+                replication: None,
+                peer_role: None,
+                peer_disk: DiskState::Unknown,
+                resync: None,
+                acks: Acks::default(),
+                suspended: false,
+                last_error: None,
+            }),
+            slot: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            diverged: AtomicBool::new(false),
+            kick: Notify::new(),
+            events,
+            shutdown: watch::Sender::new(false),
+            logged: Mutex::new(std::collections::HashMap::new()),
+            clear_bitmap_offer: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn view_mut(&self) -> MutexGuard<'_, LinkView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<SessionSlot>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn emit(&self, event: &str, fields: serde_json::Value) {
+        let _ = self.events.send(Event::now(event, fields));
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// A snapshot for `status`.
+    pub fn view(&self) -> LinkView {
+        let mut v = self.view_mut().clone();
+        v.acks = *self.acks.borrow();
+        v.suspended = *self.suspended.borrow();
+        v
+    }
+
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    pub(crate) fn role_rx(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
+    /// Whether this node wrote (or was promoted) without its peer
+    /// receiving the stream since the last session: the peer then needs a
+    /// full sync.
+    pub fn diverged(&self) -> bool {
+        self.diverged.load(Ordering::Acquire)
+    }
+
+    /// Whether a session is up.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    // --- Roles --------------------------------------------------------------
+
+    /// The node changed role. A running session ends and the link is
+    /// renegotiated at once (the handshake carries roles and generations).
+    /// Waits (up to `settle`) for the renegotiated session when there was
+    /// one, so that a new primary's first writes already stream to the
+    /// peer. A primary without a peer receiving its feed starts a new
+    /// generation at its first write ([`Engine::before_write`]).
+    pub async fn set_role(&self, role: Role, settle: Duration) {
+        let old = self.role.send_replace(role);
+        if old == role {
+            return;
+        }
+        let was_connected = self.is_connected();
+        self.stop_session(StopReason::RoleChange);
+        self.kick.notify_waiters();
+        if was_connected && *self.want_connect.borrow() {
+            let wait = async {
+                let mut c = self.connected.subscribe();
+                let _ = c.wait_for(|c| !*c).await;
+                loop {
+                    let v = self.view();
+                    if v.connection == ConnState::Connected && v.replication.is_some() && v.peer_role.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            if tokio::time::timeout(settle, wait).await.is_err() {
+                tracing::info!(peer = %self.cfg.peer, "role changed; the peer has not reconnected yet");
+            }
+        }
+    }
+
+    pub(crate) fn take_clear_bitmap_offer(&self) -> bool {
+        self.clear_bitmap_offer.swap(false, Ordering::AcqRel)
+    }
+
+    /// `new-current-uuid --clear-bitmap` (DRBD's name): both nodes
+    /// connected, secondary, `inconsistent` and never written get the same
+    /// new generation and become `uptodate` without a sync. Refused
+    /// otherwise, saying why.
+    pub async fn new_current_uuid_clear_bitmap(&self, timeout: Duration) -> Result<u64, String> {
+        let v = self.view();
+        if v.connection != ConnState::Connected {
+            return Err(format!("peer {} is not connected; both nodes must be connected", self.cfg.peer));
+        }
+        if self.role() != Role::Secondary || v.peer_role != Some(Role::Secondary) {
+            return Err("both nodes must be secondary (a primary has already started syncing its data)".into());
+        }
+        let meta = self.store.meta();
+        if meta.disk != DiskState::Inconsistent || v.peer_disk != DiskState::Inconsistent {
+            return Err(format!(
+                "both disks must be inconsistent (fresh create-md); this disk is {}, the peer's is {}",
+                meta.disk, v.peer_disk
+            ));
+        }
+        let lsn = self.store.local_lsn();
+        if lsn != 0 {
+            return Err(format!("this volume was written (local LSN {lsn}): its data would not match the peer's"));
+        }
+        let mut new = meta;
+        new.disk = DiskState::UpToDate;
+        new.gen_ids.history = [meta.gen_ids.current, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
+        new.gen_ids.current = new_gen_id();
+        self.store.store_meta(new).map_err(|e| format!("cannot record the new generation: {e}"))?;
+        // Renegotiate: the next Hello carries the generation, the idle
+        // session then tells the peer to take it.
+        self.clear_bitmap_offer.store(true, Ordering::Release);
+        self.stop_session(StopReason::RoleChange);
+        self.kick.notify_waiters();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.view();
+            if v.connection == ConnState::Connected && v.peer_disk == DiskState::UpToDate {
+                tracing::info!(generation = format_args!("{:016X}", new.gen_ids.current), "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
+                self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": "inconsistent", "clear_bitmap": true }));
+                return Ok(new.gen_ids.current);
+            }
+            let refused = v.last_error.as_deref().is_some_and(|e| e.contains("new-current-uuid --clear-bitmap refused"));
+            if refused || Instant::now() >= deadline {
+                self.clear_bitmap_offer.store(false, Ordering::Release);
+                let why = v.last_error.unwrap_or_else(|| "the peer did not confirm in time".into());
+                if let Err(e) = self.store.store_meta(meta) {
+                    return Err(format!("{why}; and restoring this disk's state failed: {e}"));
+                }
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (up to `timeout`) until the peer is not known as primary (it
+    /// may be demoting right now); returns whether it is still primary.
+    pub async fn peer_is_primary(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.view();
+            let primary = v.connection == ConnState::Connected && v.peer_role == Some(Role::Primary);
+            if !primary || Instant::now() >= deadline {
+                return primary;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts a new generation (once per divergence).
+    fn new_generation(&self) -> Result<(), EngineError> {
+        if self.diverged.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut meta = self.store.meta();
+        let old = meta.gen_ids.current;
+        meta.gen_ids.history = [old, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
+        meta.gen_ids.current = new_gen_id();
+        if let Err(source) = self.store.store_meta(meta) {
+            self.diverged.store(false, Ordering::Release);
+            return Err(EngineError::Volume { what: "cannot record a new generation", source });
+        }
+        tracing::info!(old = format_args!("{old:016X}"), new = format_args!("{:016X}", meta.gen_ids.current), "writing without the peer: new generation");
+        Ok(())
+    }
+
+    // --- The gate -------------------------------------------------------------
+
+    /// Called before a write is submitted on the primary: waits while IO is
+    /// suspended; starts a new generation at the first write no peer
+    /// receives.
+    pub async fn before_write(&self) -> Result<(), EngineError> {
+        let mut rx = self.suspended.subscribe();
+        // The sender lives as long as self.
+        let _ = rx.wait_for(|s| !*s).await;
+        if !self.acks.borrow().active {
+            self.new_generation()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the peer acknowledged `lsn` as the protocol requires for
+    /// `d` (returns at once under protocol A, without a peer, or once the
+    /// peer is lost, unless IO is suspended).
+    pub async fn wait(&self, lsn: Lsn, d: Durability) {
+        let need = need_for(self.cfg.protocol, d);
+        if need == Need::Nothing {
+            return;
+        }
+        let mut acks = self.acks.subscribe();
+        let mut suspended = self.suspended.subscribe();
+        loop {
+            let _ = acks.wait_for(|a| a.covers(lsn, need)).await;
+            if !*suspended.borrow_and_update() {
+                return;
+            }
+            // Suspended: wait for the peer to be back and synced, or resume-io.
+            tokio::select! {
+                _ = suspended.wait_for(|s| !*s) => {}
+                _ = acks.changed() => {}
+            }
+            if acks.borrow().covers(lsn, need) && !*suspended.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// `repctl resume-io`: releases suspended writes (the peer will be
+    /// resynced when it is back).
+    pub fn resume_io(&self) -> bool {
+        let was = self.suspended.send_replace(false);
+        if was {
+            tracing::warn!("IO resumed by the operator without the peer");
+            self.emit("io-resumed", serde_json::json!({}));
+        }
+        was
+    }
+
+    pub(crate) fn set_suspended(&self, on: bool) {
+        if self.suspended.send_replace(on) != on {
+            self.emit(if on { "io-suspended" } else { "io-resumed" }, serde_json::json!({}));
+            if on {
+                tracing::warn!(peer = %self.cfg.peer, "peer lost: writes suspended until it is back or `repctl resume-io`");
+            }
+        }
+    }
+
+    /// Waits until the peer received every LSN up to `lsn` (demote), or the
+    /// session ends, or `timeout`.
+    pub async fn wait_received(&self, lsn: Lsn, timeout: Duration) -> bool {
+        let mut rx = self.acks.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|a| a.covers(lsn, Need::Received))).await.is_ok()
+    }
+
+    // --- Connect / disconnect ------------------------------------------------
+
+    /// `repctl connect`.
+    pub fn connect(&self) {
+        if !self.want_connect.send_replace(true) {
+            self.set_conn(ConnState::Connecting);
+            tracing::info!(peer = %self.cfg.peer, "connecting");
+        }
+        self.kick.notify_waiters();
+    }
+
+    /// `repctl disconnect`: stop dialing, drop the link.
+    pub fn disconnect(&self) {
+        self.want_connect.send_replace(false);
+        self.stop_session(StopReason::Disconnect);
+        self.set_conn(ConnState::Standalone);
+    }
+
+    /// Goes standalone on its own (split brain, unrelated data).
+    pub(crate) fn go_standalone(&self, why: &str) {
+        self.want_connect.send_replace(false);
+        self.view_mut().last_error = Some(why.to_string());
+        self.set_conn(ConnState::Standalone);
+    }
+
+    pub(crate) fn set_conn(&self, c: ConnState) {
+        let changed = {
+            let mut v = self.view_mut();
+            let changed = v.connection != c;
+            v.connection = c;
+            if c != ConnState::Connected {
+                v.replication = None;
+                v.peer_role = None;
+                v.peer_disk = DiskState::Unknown;
+                v.resync = None;
+            }
+            changed
+        };
+        if changed {
+            self.emit("connection-changed", serde_json::json!({ "connection": c, "peer": self.cfg.peer }));
+        }
+    }
+
+    fn stop_session(&self, why: StopReason) {
+        if let Some(slot) = self.slot().as_ref() {
+            slot.stop.send_replace(Some(why));
+        }
+    }
+
+    /// Stops the link for good (daemon shutdown).
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        self.want_connect.send_replace(false);
+        self.stop_session(StopReason::Shutdown);
+        let mut rx = self.connected.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|c| !*c)).await;
+    }
+
+    // --- The link --------------------------------------------------------------
+
+    /// Binds the replication address and starts the listener and the dialer.
+    pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
+        let listener = TcpListener::bind(&self.cfg.listen)
+            .await
+            .map_err(|source| EngineError::Bind { addr: self.cfg.listen.clone(), source })?;
+        tracing::info!(listen = %self.cfg.listen, peer = %self.cfg.peer, peer_addr = %self.cfg.peer_addr, "replication link up");
+        tokio::spawn(Arc::clone(self).accept_loop(listener));
+        tokio::spawn(Arc::clone(self).dial_loop());
+        Ok(())
+    }
+
+    fn local_hello(&self) -> LocalHello {
+        let meta = self.store.meta();
+        LocalHello {
+            resource: self.cfg.resource.clone(),
+            node: self.cfg.node.clone(),
+            peer: self.cfg.peer.clone(),
+            size: self.store.size(),
+            block_size: self.cfg.block_size,
+            gen_ids: meta.gen_ids,
+            role: self.role(),
+            disk: meta.disk,
+            secret: self.cfg.secret.clone(),
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let (stream, from) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replication accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                let wanted = *me.want_connect.borrow();
+                if !wanted {
+                    tracing::debug!(%from, "standalone: replication connection dropped");
+                    return;
+                }
+                me.handshake_and_adopt(stream, false, &from.to_string()).await;
+            });
+        }
+    }
+
+    async fn dial_loop(self: Arc<Self>) {
+        let mut want = self.want_connect.subscribe();
+        let mut connected = self.connected.subscribe();
+        let mut stop = self.shutdown.subscribe();
+        // The node that loses the connection rule dials a little later
+        // (at start and after each session), so that both nodes dialing at
+        // once rarely produces two connections (one of which is then closed).
+        let loser_extra = if super::handshake::connection_winner(&self.cfg.node, &self.cfg.peer) == self.cfg.node {
+            Duration::ZERO
+        } else {
+            LOSER_DIAL_DELAY
+        };
+        let mut delay = loser_extra;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            // Wait until a connection is wanted and none is up.
+            tokio::select! {
+                _ = async {
+                    let _ = want.wait_for(|w| *w).await;
+                    let _ = connected.wait_for(|c| !*c).await;
+                } => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.kick.notified() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            if !*want.borrow() || *connected.borrow() {
+                continue;
+            }
+            let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr)).await {
+                Ok(Ok(stream)) => self.handshake_and_adopt(stream, true, &self.cfg.peer_addr).await,
+                Ok(Err(e)) => {
+                    self.note_failure(format!("cannot connect to {} at {}: {e}", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
+                    false
+                }
+                Err(_) => {
+                    self.note_failure(format!("cannot connect to {} at {}: timed out", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
+                    false
+                }
+            };
+            delay = if ok {
+                // Wait for this session to end before dialing again.
+                let _ = connected.wait_for(|c| !*c).await;
+                self.cfg.connect_retry + loser_extra
+            } else {
+                (delay * 2).clamp(self.cfg.connect_retry, self.cfg.max_connect_retry)
+            };
+        }
+    }
+
+    /// Logs a link failure (`msg`, without addresses, so that repeats are
+    /// recognised), rate limited per distinct message; `addr` is the remote
+    /// end.
+    fn note_failure(&self, msg: String, addr: &str) {
+        self.view_mut().last_error = Some(msg.clone());
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() > 64 {
+            logged.clear();
+        }
+        let due = logged.get(&msg).is_none_or(|t| t.elapsed() >= LOG_EVERY);
+        if due {
+            logged.insert(msg.clone(), Instant::now());
+            tracing::warn!(peer = %self.cfg.peer, %addr, "{msg}");
+        } else {
+            tracing::debug!(peer = %self.cfg.peer, %addr, "{msg}");
+        }
+    }
+
+    /// Runs the handshake on a new connection and, if it succeeds, the
+    /// session. Returns whether a session ran.
+    async fn handshake_and_adopt(self: &Arc<Self>, mut stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
+        let local = self.local_hello();
+        let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.note_failure(describe_handshake_error(&e, &self.cfg.peer), addr);
+                return false;
+            }
+        };
+        if !*self.want_connect.borrow() {
+            // `disconnect` came while the handshake ran.
+            tracing::debug!(peer = %peer.node, "standalone: authenticated connection dropped");
+            return false;
+        }
+        let Some((id, stop_rx)) = self.adopt(dialled_by_us) else {
+            tracing::debug!(peer = %peer.node, dialled_by_us, "duplicate replication connection closed");
+            return false;
+        };
+        self.view_mut().last_error = None;
+        self.run_session(id, stream, peer, stop_rx, local.role).await;
+        true
+    }
+
+    /// Decides whether a freshly authenticated connection becomes the
+    /// session (replacing the running one when the connection rule says so).
+    fn adopt(&self, dialled_by_us: bool) -> Option<(u64, watch::Receiver<Option<StopReason>>)> {
+        let mut slot = self.slot();
+        if let Some(cur) = slot.as_ref() {
+            let new_wins = keep_connection(&self.cfg.node, &self.cfg.peer, dialled_by_us);
+            let cur_wins = keep_connection(&self.cfg.node, &self.cfg.peer, cur.dialled_by_us);
+            let keep_current = !new_wins && (cur_wins || cur.started.elapsed() < DUPLICATE_WINDOW);
+            if keep_current {
+                return None;
+            }
+            cur.stop.send_replace(Some(StopReason::Replaced));
+        }
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (stop, stop_rx) = watch::channel(None);
+        *slot = Some(SessionSlot { id, started: Instant::now(), dialled_by_us, stop });
+        Some((id, stop_rx))
+    }
+
+    async fn run_session(
+        self: &Arc<Self>,
+        id: u64,
+        stream: TcpStream,
+        peer: PeerInfo,
+        stop: watch::Receiver<Option<StopReason>>,
+        hello_role: Role,
+    ) {
+        // A replaced session may still be winding down: wait for it.
+        let mut connected = self.connected.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(3), connected.wait_for(|c| !*c)).await;
+        if self.slot().as_ref().is_none_or(|s| s.id != id) {
+            return;
+        }
+        self.connected.send_replace(true);
+        let outcome = super::session::run(self, stream, &peer, stop, hello_role).await;
+        self.end_session(id, &outcome);
+    }
+
+    /// Bookkeeping after a session ended.
+    fn end_session(&self, id: u64, outcome: &super::session::Outcome) {
+        use super::session::Outcome;
+        let was_feeding = self.acks.borrow().active;
+        if was_feeding {
+            self.store.detach_feed();
+            self.store.set_retain_after(None);
+            if self.cfg.on_peer_loss == OnPeerLoss::Suspend && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange)) {
+                // Suspend before releasing the waiters, so none slips through.
+                self.set_suspended(true);
+            }
+            self.acks.send_modify(|a| a.active = false);
+        }
+        {
+            let mut slot = self.slot();
+            if slot.as_ref().is_some_and(|s| s.id == id) {
+                *slot = None;
+            }
+        }
+        let standalone = !*self.want_connect.borrow();
+        self.set_conn(if standalone { ConnState::Standalone } else { ConnState::Connecting });
+        match outcome {
+            Outcome::Stopped(r) => tracing::info!(peer = %self.cfg.peer, reason = ?r, "replication session ended"),
+            Outcome::PeerLeft(why) => {
+                tracing::info!(peer = %self.cfg.peer, "peer disconnected: {why}");
+                self.view_mut().last_error = Some(format!("peer disconnected: {why}"));
+                self.emit("peer-disconnected", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
+            }
+            Outcome::PeerGone(why) => {
+                tracing::warn!(peer = %self.cfg.peer, "peer lost: {why}");
+                self.emit("peer-lost", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
+            }
+            Outcome::Failed(why) => {
+                tracing::error!(peer = %self.cfg.peer, "replication session failed: {why}");
+                self.view_mut().last_error = Some(why.clone());
+            }
+        }
+        self.connected.send_replace(false);
+    }
+
+    // --- Called by sessions ----------------------------------------------------
+
+    /// The peer now receives the feed (or stopped): no new generation needed.
+    pub(crate) fn feed_attached(&self, base: Lsn) {
+        self.diverged.store(false, Ordering::Release);
+        self.acks.send_replace(Acks { active: true, base, received: base, written: base, durable: base });
+    }
+
+    /// Records the peer's cumulative acks (never moving backwards).
+    pub(crate) fn record_ack(&self, received: Lsn, written: Lsn, durable: Lsn) {
+        self.acks.send_if_modified(|a| {
+            let before = *a;
+            a.received = a.received.max(received);
+            a.written = a.written.max(written).min(a.received);
+            a.durable = a.durable.max(durable).min(a.written);
+            *a != before
+        });
+    }
+
+    pub(crate) fn set_peer(&self, role: Role, disk: DiskState) {
+        let changed = {
+            let mut v = self.view_mut();
+            let changed = v.peer_role != Some(role) || v.peer_disk != disk;
+            v.peer_role = Some(role);
+            v.peer_disk = disk;
+            changed
+        };
+        if changed {
+            self.emit("peer-changed", serde_json::json!({ "peer": self.cfg.peer, "role": role, "disk": disk }));
+        }
+    }
+
+    pub(crate) fn set_replication(&self, r: ReplState) {
+        let changed = {
+            let mut v = self.view_mut();
+            let changed = v.replication != Some(r) || v.connection != ConnState::Connected;
+            v.replication = Some(r);
+            v.connection = ConnState::Connected;
+            changed
+        };
+        if changed {
+            self.emit(
+                "replication-changed",
+                serde_json::json!({ "connection": "connected", "replication": r.as_str(), "peer": self.cfg.peer }),
+            );
+            if r == ReplState::Established && self.role() == Role::Primary {
+                // Back in sync: suspended writes go on.
+                self.set_suspended(false);
+            }
+        }
+    }
+
+    pub(crate) fn set_resync(&self, r: Option<Resync>) {
+        self.view_mut().resync = r;
+    }
+
+    /// Persists the local disk state (and optionally generations).
+    pub(crate) fn store_disk(&self, disk: DiskState, gen_ids: Option<GenIds>) -> Result<(), VolumeError> {
+        let mut meta = self.store.meta();
+        let from = meta.disk;
+        meta.disk = disk;
+        if let Some(g) = gen_ids {
+            meta.gen_ids = g;
+        }
+        self.store.store_meta(meta)?;
+        if from != disk {
+            self.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn meta(&self) -> ReplMeta {
+        self.store.meta()
+    }
+}
+
+/// A new random generation id (never 0, which means "none").
+pub fn new_gen_id() -> u64 {
+    loop {
+        let g: u64 = rand::random();
+        if g != 0 {
+            return g;
+        }
+    }
+}
+
+/// A log line for a failed handshake that names what mismatched.
+pub fn describe_handshake_error(e: &HandshakeError, peer: &str) -> String {
+    match e {
+        HandshakeError::Refused { reason, message, .. } => {
+            format!("peer {peer} refused by us: {}: {message}", reason.as_str().replace('-', " "))
+        }
+        HandshakeError::PeerRefused { reason, message, .. } => {
+            format!("peer {peer} refused: {}: {message}", reason.as_str().replace('-', " "))
+        }
+        other => format!("handshake with {peer} failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reply_table_of_design_section_2() {
+        use Durability::*;
+        assert_eq!(need_for(Protocol::A, Write), Need::Nothing);
+        assert_eq!(need_for(Protocol::A, Flush), Need::Nothing);
+        assert_eq!(need_for(Protocol::B, Write), Need::Received);
+        assert_eq!(need_for(Protocol::B, Flush), Need::Received);
+        assert_eq!(need_for(Protocol::C, Write), Need::Written);
+        assert_eq!(need_for(Protocol::C, Flush), Need::Durable);
+    }
+
+    #[test]
+    fn acks_cover_only_what_the_peer_acknowledged_in_this_session() {
+        let a = Acks { active: true, base: 10, received: 15, written: 12, durable: 11 };
+        assert!(a.covers(9, Need::Durable), "older than the session: not the peer's");
+        assert!(a.covers(15, Need::Received));
+        assert!(!a.covers(16, Need::Received));
+        assert!(a.covers(12, Need::Written));
+        assert!(!a.covers(13, Need::Written));
+        assert!(a.covers(11, Need::Durable));
+        assert!(!a.covers(12, Need::Durable));
+        let gone = Acks { active: false, ..a };
+        assert!(gone.covers(100, Need::Durable), "no peer: nothing to wait for");
+    }
+}

@@ -1,0 +1,327 @@
+//! Engine tests: two engines over loopback TCP with in-memory stores (and a
+//! scripted fake peer for the heartbeat), proving the §2 gate per
+//! protocol, the full sync, peer loss handling and refusals.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use super::engine::{Durability, Engine, EngineConfig, ReplState};
+use super::store::ReplStore;
+use super::testing::MemStore;
+use crate::config::{OnPeerLoss, Protocol};
+use crate::node::{ConnState, DiskState, Role};
+
+const SIZE: usize = 4 << 20;
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) -> EngineConfig {
+    EngineConfig {
+        resource: "r0".into(),
+        node: node.into(),
+        peer: peer.into(),
+        listen: format!("127.0.0.1:{listen}"),
+        peer_addr: format!("127.0.0.1:{peer_port}"),
+        secret: b"s3cret".to_vec(),
+        protocol,
+        block_size: 4096,
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(200),
+        connect_retry: Duration::from_millis(20),
+        max_connect_retry: Duration::from_millis(200),
+        max_buffer: 64 << 20,
+        on_peer_loss: OnPeerLoss::Continue,
+    }
+}
+
+struct Pair {
+    alpha: Arc<Engine>,
+    beta: Arc<Engine>,
+    a: Arc<MemStore>,
+    b: Arc<MemStore>,
+}
+
+/// alpha primary (uptodate, generation 7), beta secondary (fresh,
+/// inconsistent); `tweak` adjusts both configs before the start.
+async fn pair(protocol: Protocol, tweak: impl Fn(&mut EngineConfig)) -> Pair {
+    pair_with(protocol, tweak, DiskState::UpToDate, Role::Primary).await
+}
+
+async fn pair_with(protocol: Protocol, tweak: impl Fn(&mut EngineConfig), alpha_disk: DiskState, alpha_role: Role) -> Pair {
+    let (pa, pb) = (free_port(), free_port());
+    let mut ca = cfg("alpha", "beta", pa, pb, protocol);
+    let mut cb = cfg("beta", "alpha", pb, pa, protocol);
+    tweak(&mut ca);
+    tweak(&mut cb);
+    let a = MemStore::new(SIZE, alpha_disk, 7);
+    let b = MemStore::new(SIZE, DiskState::Inconsistent, 0);
+    let alpha = Engine::new(ca, a.clone(), alpha_role, broadcast::channel(64).0);
+    let beta = Engine::new(cb, b.clone(), Role::Secondary, broadcast::channel(64).0);
+    alpha.start().await.expect("alpha starts");
+    beta.start().await.expect("beta starts");
+    Pair { alpha, beta, a, b }
+}
+
+async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn established(e: &Engine) -> bool {
+    let v = e.view();
+    v.connection == ConnState::Connected && v.replication == Some(ReplState::Established) && v.peer_disk == DiskState::UpToDate
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+async fn in_sync(p: &Pair) {
+    until("alpha established with an uptodate peer", Duration::from_secs(10), || established(&p.alpha)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_sync_then_streaming_make_identical_copies() {
+    let p = pair(Protocol::C, |_| {}).await;
+    // Written before the peer connects: reaches it through the full sync.
+    for i in 0..16 {
+        p.a.write(i * 64 * 1024, &pattern(i as u8, 8192), false);
+    }
+    in_sync(&p).await;
+    assert_eq!(p.b.meta().disk, DiskState::UpToDate);
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current, "the target takes the source's generation");
+    // Streamed after the sync.
+    let mut last = 0;
+    for i in 0..64usize {
+        let lsn = p.a.write((i * 12_288) % (SIZE - 8192), &pattern(100 + i as u8, 8192), i % 7 == 1);
+        p.alpha.wait(lsn, Durability::Write).await;
+        last = lsn;
+    }
+    let upto = p.a.flush_primary();
+    assert_eq!(upto, last);
+    p.alpha.wait(upto, Durability::Flush).await;
+    let acks = p.alpha.view().acks;
+    assert!(acks.durable >= upto, "{acks:?}");
+    assert!(p.b.data() == p.a.data(), "secondary copy differs from the primary's");
+    assert!(p.b.flushes() >= 1, "the barrier made the secondary flush");
+}
+
+async fn timed_wait(p: &Pair, lsn: u64, d: Durability) -> Duration {
+    let t = Instant::now();
+    p.alpha.wait(lsn, d).await;
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_waits_for_written_and_durable() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.b.set_apply_delay(Duration::from_millis(300));
+    let lsn = p.a.write(0, &pattern(1, 4096), false);
+    assert!(timed_wait(&p, lsn, Durability::Write).await >= Duration::from_millis(250), "C: a write waits for the peer's apply");
+    p.b.set_apply_delay(Duration::ZERO);
+    p.b.set_flush_delay(Duration::from_millis(300));
+    let lsn = p.a.write(4096, &pattern(2, 4096), false);
+    let w = timed_wait(&p, lsn, Durability::Write).await;
+    assert!(w < Duration::from_millis(250), "C: a plain write does not wait for the peer's fdatasync ({w:?})");
+    let upto = p.a.flush_primary();
+    assert!(timed_wait(&p, upto, Durability::Flush).await >= Duration::from_millis(250), "C: a FLUSH waits for the peer's fdatasync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_b_waits_for_received_only() {
+    let p = pair(Protocol::B, |_| {}).await;
+    in_sync(&p).await;
+    p.b.set_apply_delay(Duration::from_millis(400));
+    p.b.set_flush_delay(Duration::from_millis(400));
+    let lsn = p.a.write(0, &pattern(1, 4096), false);
+    let w = timed_wait(&p, lsn, Durability::Write).await;
+    assert!(w < Duration::from_millis(300), "B: a write waits for receipt, not for the apply ({w:?})");
+    assert!(p.alpha.view().acks.received >= lsn);
+    let upto = p.a.flush_primary();
+    let f = timed_wait(&p, upto, Durability::Flush).await;
+    assert!(f < Duration::from_millis(300), "B: a FLUSH waits for receipt only ({f:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_never_waits_for_the_peer() {
+    let p = pair(Protocol::A, |_| {}).await;
+    in_sync(&p).await;
+    p.beta.disconnect();
+    until("alpha connecting", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    // Even with the peer connected but slow, nothing waits.
+    p.beta.connect();
+    in_sync(&p).await;
+    p.b.set_apply_delay(Duration::from_secs(5));
+    let lsn = p.a.write(0, &pattern(1, 4096), true);
+    assert!(timed_wait(&p, lsn, Durability::Flush).await < Duration::from_millis(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.b.set_apply_delay(Duration::from_secs(30));
+    let lsn = p.a.write(0, &pattern(9, 4096), false);
+    let alpha = p.alpha.clone();
+    let waiter = tokio::spawn(async move { alpha.wait(lsn, Durability::Write).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "the write waits for the slow peer");
+    p.beta.disconnect();
+    tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("released at peer loss").expect("waiter task");
+    // Writes while alone start a new generation; reconnect resyncs fully.
+    let gen_before = p.a.meta().gen_ids.current;
+    assert!(!p.alpha.diverged());
+    p.alpha.before_write().await.expect("before_write");
+    assert_ne!(p.a.meta().gen_ids.current, gen_before, "writing alone starts a new generation");
+    assert!(p.alpha.diverged());
+    p.alpha.before_write().await.expect("before_write");
+    assert_eq!(p.a.meta().gen_ids.history[0], gen_before, "once per divergence");
+    p.a.write(8192, &pattern(10, 4096), false);
+    p.b.set_apply_delay(Duration::ZERO);
+    p.beta.connect();
+    in_sync(&p).await;
+    let upto = p.a.flush_primary();
+    p.alpha.wait(upto, Durability::Flush).await;
+    assert!(p.b.data() == p.a.data(), "resynced copy differs");
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_holds_writes_until_resume_io() {
+    let p = pair(Protocol::C, |c| c.on_peer_loss = OnPeerLoss::Suspend).await;
+    in_sync(&p).await;
+    p.beta.disconnect();
+    until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
+    let alpha = p.alpha.clone();
+    let w = tokio::spawn(async move { alpha.before_write().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!w.is_finished(), "writes are held while suspended");
+    assert!(p.alpha.resume_io());
+    tokio::time::timeout(Duration::from_secs(2), w).await.expect("released by resume-io").expect("task").expect("ok");
+    assert!(!p.alpha.view().suspended);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_writes_resume_when_the_peer_is_back_in_sync() {
+    let p = pair(Protocol::C, |c| c.on_peer_loss = OnPeerLoss::Suspend).await;
+    in_sync(&p).await;
+    p.beta.disconnect();
+    until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
+    let alpha = p.alpha.clone();
+    let w = tokio::spawn(async move { alpha.before_write().await });
+    p.beta.connect();
+    tokio::time::timeout(Duration::from_secs(5), w).await.expect("released once the peer is back").expect("task").expect("ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused_with_the_reason() {
+    let p = pair(Protocol::C, |c| {
+        if c.node == "beta" {
+            c.secret = b"other".to_vec();
+        }
+    })
+    .await;
+    until("a refusal is recorded", Duration::from_secs(5), || {
+        p.alpha.view().last_error.is_some_and(|e| e.contains("wrong secret"))
+    })
+    .await;
+    assert_eq!(p.alpha.view().connection, ConnState::Connecting);
+    // The primary keeps working alone.
+    let lsn = p.a.write(0, &pattern(3, 4096), false);
+    assert!(timed_wait(&p, lsn, Durability::Flush).await < Duration::from_millis(50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_primaries_go_standalone() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.beta.set_role(Role::Primary, Duration::ZERO).await;
+    until("both standalone", Duration::from_secs(5), || {
+        p.alpha.view().connection == ConnState::Standalone && p.beta.view().connection == ConnState::Standalone
+    })
+    .await;
+    assert!(p.alpha.view().last_error.is_some_and(|e| e.contains("split brain")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
+    use super::handshake::{LocalHello, handshake};
+    use super::proto::{GenIds, Message};
+    let fake_port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
+    let (pa, _) = (free_port(), ());
+    let ca = cfg("alpha", "beta", pa, fake_port, Protocol::C);
+    let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
+    alpha.start().await.expect("alpha starts");
+    // The fake beta: handshake, initial Ack, then silence (the socket stays open).
+    let (mut sock, _) = listener.accept().await.expect("alpha dials");
+    let hello = LocalHello {
+        resource: "r0".into(),
+        node: "beta".into(),
+        peer: "alpha".into(),
+        size: SIZE as u64,
+        block_size: 4096,
+        gen_ids: GenIds { current: 7, ..GenIds::default() },
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        secret: b"s3cret".to_vec(),
+    };
+    handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
+    let mut buf = bytes::BytesMut::new();
+    super::proto::encode(&Message::Ack { received: 0, written: 0, durable: 0 }, &mut buf).expect("encode");
+    tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.expect("send ack");
+    let silent_since = Instant::now();
+    until("connected", Duration::from_secs(2), || alpha.view().connection == ConnState::Connected).await;
+    until("peer declared lost", Duration::from_secs(3), || alpha.view().connection != ConnState::Connected).await;
+    let took = silent_since.elapsed();
+    assert!(took >= Duration::from_millis(250), "not before interval + timeout ({took:?})");
+    assert!(took < Duration::from_millis(800), "within interval + timeout plus scheduling slack ({took:?})");
+    drop(sock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_swap_while_connected_needs_no_sync() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    let lsn = p.a.write(0, &pattern(5, 4096), true);
+    p.alpha.wait(lsn, Durability::Flush).await;
+    // alpha demotes, beta promotes: same generation, same log, no sync.
+    p.alpha.set_role(Role::Secondary, Duration::from_secs(2)).await;
+    assert!(!p.beta.peer_is_primary(Duration::from_secs(2)).await, "beta sees alpha demoted");
+    p.beta.set_role(Role::Primary, Duration::from_secs(2)).await;
+    until("beta established as source", Duration::from_secs(5), || established(&p.beta)).await;
+    assert!(p.beta.view().resync.is_none());
+    assert!(!p.beta.diverged(), "a promote with the peer connected starts no new generation");
+    assert_eq!(p.a.meta().gen_ids.current, p.b.meta().gen_ids.current);
+    let lsn = p.b.write(4096, &pattern(6, 4096), false);
+    p.beta.wait(lsn, Durability::Write).await;
+    assert!(p.a.data() == p.b.data());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_bitmap_skips_the_initial_sync_of_blank_volumes_only() {
+    let p = pair_with(Protocol::C, |_| {}, DiskState::Inconsistent, Role::Secondary).await;
+    until("connected", Duration::from_secs(5), || p.alpha.view().peer_disk == DiskState::Inconsistent).await;
+    let g = p.alpha.new_current_uuid_clear_bitmap(Duration::from_secs(5)).await.expect("clear-bitmap on blank volumes");
+    assert_eq!(p.a.meta().disk, DiskState::UpToDate);
+    until("beta uptodate", Duration::from_secs(5), || p.b.meta().disk == DiskState::UpToDate).await;
+    assert_eq!(p.b.meta().gen_ids.current, g, "both sides share the new generation");
+    // alpha promoted: same generation, same (empty) log: no sync.
+    p.alpha.set_role(Role::Primary, Duration::from_secs(2)).await;
+    until("established", Duration::from_secs(5), || established(&p.alpha)).await;
+    assert!(p.alpha.view().resync.is_none(), "no sync after clear-bitmap");
+    // Refused once there is data (and not both secondary).
+    p.a.write(0, &pattern(1, 4096), false);
+    let why = p.alpha.new_current_uuid_clear_bitmap(Duration::from_secs(1)).await.expect_err("refused");
+    assert!(why.contains("secondary"), "{why}");
+}
