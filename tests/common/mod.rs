@@ -10,6 +10,11 @@
 //! - `kill9`, `term`, `restart` for crash and shutdown tests.
 //! - Drop kills a running repd; a panicking test prints every repd log.
 //!
+//! - [`pair`]: the two-node harness of the replication tests (two repd,
+//!   optionally the in-project proxy on the link); [`durable`]: a random
+//!   write workload and the flush/FUA durability model checked after a
+//!   crash or failover.
+//!
 //! External tools (nbdinfo, qemu-img, fio …) are required: a missing one
 //! fails the test with the package to install (`scripts/test.sh` installs
 //! them), it never skips.
@@ -455,3 +460,6 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+pub mod durable;
+pub mod pair;
