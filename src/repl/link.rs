@@ -21,7 +21,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, mpsc};
 
 use super::proto::{FrameError, Message, decode, encode, encode_head};
 
@@ -196,16 +199,68 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// when the channel is empty. Returns after the last sender is dropped and
 /// everything is written (the stream is then shut down for writing), or at
 /// the first error.
-pub async fn run_writer<W: AsyncWrite + Unpin>(mut w: FrameWriter<W>, mut rx: mpsc::Receiver<Message>) -> Result<(), LinkError> {
+pub async fn run_writer<W: AsyncWrite + Unpin>(w: FrameWriter<W>, rx: mpsc::Receiver<Message>) -> Result<(), LinkError> {
+    run_writer_counted(w, rx, None).await
+}
+
+/// Bytes of message data (Write and SyncData payloads) handed to
+/// [`run_writer_counted`] and not yet written to the socket. A channel bounds
+/// what waits for the writer in messages; this bounds it in bytes, so a
+/// sender can stop at a byte budget (the primary's `max_buffer`) whatever the
+/// size of its writes.
+#[derive(Debug, Default)]
+pub struct QueuedBytes {
+    bytes: AtomicUsize,
+    drained: Notify,
+}
+
+impl QueuedBytes {
+    /// Counts `n` more bytes handed to the writer.
+    pub fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Bytes handed to the writer and not yet written.
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the writer wrote something out (one waiter: the
+    /// sender; a wake-up that comes before the wait is kept).
+    pub async fn drained(&self) {
+        self.drained.notified().await
+    }
+
+    fn written(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.drained.notify_one();
+    }
+}
+
+/// [`run_writer`], also counting the data bytes it has written out of
+/// `counted` (which the sender added them to).
+pub async fn run_writer_counted<W: AsyncWrite + Unpin>(
+    mut w: FrameWriter<W>,
+    mut rx: mpsc::Receiver<Message>,
+    counted: Option<Arc<QueuedBytes>>,
+) -> Result<(), LinkError> {
+    let data_len = |m: &Message| m.data().map_or(0, |d| d.len());
     while let Some(m) = rx.recv().await {
+        let mut data = data_len(&m);
         w.queue(&m)?;
         while w.queued_bytes() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(m) => w.queue(&m)?,
+                Ok(m) => {
+                    data += data_len(&m);
+                    w.queue(&m)?
+                }
                 Err(_) => break,
             }
         }
         w.flush().await?;
+        if let Some(c) = &counted {
+            c.written(data);
+        }
     }
     w.shutdown().await?;
     Ok(())
@@ -233,6 +288,35 @@ mod tests {
             fua: lsn % 3 == 0,
             data: Bytes::from((0..len).map(|i| (i as u8).wrapping_add(lsn as u8)).collect::<Vec<u8>>()),
         }
+    }
+
+    #[tokio::test]
+    async fn counted_writer_releases_data_bytes_once_written() {
+        // A 64 KiB pipe that nobody reads yet: the writer blocks with data queued.
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let (tx, rx) = mpsc::channel(16);
+        let queued = Arc::new(QueuedBytes::default());
+        let writer = tokio::spawn(run_writer_counted(FrameWriter::new(a), rx, Some(Arc::clone(&queued))));
+        for lsn in 1..=4u64 {
+            let m = write(lsn, 256 << 10);
+            queued.add(m.data().map_or(0, |d| d.len()));
+            tx.send(m).await.expect("queued");
+        }
+        tx.send(Message::Barrier { upto_lsn: 4 }).await.expect("queued");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(queued.get() > 0, "nothing was read, so data must still count as queued");
+        drop(tx);
+        let mut r = FrameReader::new(b);
+        let mut n = 0;
+        while let Some(m) = r.read().await.expect("read") {
+            n += 1;
+            if let Message::Barrier { .. } = m {
+                break;
+            }
+        }
+        assert_eq!(n, 5);
+        writer.await.expect("writer task").expect("writer");
+        assert_eq!(queued.get(), 0, "every data byte is released once written");
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use tokio::time::sleep_until;
 
 use super::engine::{Engine, ReplState, Resync, StopReason};
 use super::handshake::PeerInfo;
-use super::link::{FrameReader, LinkError, run_writer, split_tcp};
+use super::link::{FrameReader, LinkError, QueuedBytes, run_writer_counted, split_tcp};
 use super::proto::{GoodbyeReason, Message};
 use super::store::{BoxFut, FeedItem, FeedOp};
 use crate::node::{DiskState, Role};
@@ -80,12 +80,14 @@ pub async fn run(
         Err(e) => return Outcome::PeerGone(format!("socket setup failed: {e}")),
     };
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-    let writer_task = tokio::spawn(run_writer(writer, rx));
+    let queued = Arc::new(QueuedBytes::default());
+    let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
     engine.set_peer(peer.role, peer.disk);
     let mut io = Io { reader, stop, role_rx: engine.role_rx() };
     let mut s = Session {
         engine: Arc::clone(engine),
         tx,
+        queued,
         last_rx: Instant::now(),
         next_ping: Instant::now(),
         ping_seq: 0,
@@ -147,6 +149,10 @@ impl Io {
 struct Session {
     engine: Arc<Engine>,
     tx: mpsc::Sender<Message>,
+    /// Data bytes in the writer's queue, not yet on the socket: the primary
+    /// takes nothing more from the feed while `max_buffer` bytes wait there,
+    /// so the feed fills and back-pressure reaches the log writer.
+    queued: Arc<QueuedBytes>,
     last_rx: Instant,
     next_ping: Instant,
     ping_seq: u64,
@@ -378,14 +384,16 @@ impl Session {
                         return Outcome::Failed("the replication feed was closed".into());
                     }
                 },
-                permit = tx.reserve(), if pending.is_some() => match permit {
+                permit = tx.reserve(), if pending.is_some() && self.queued.get() < engine.cfg.max_buffer => match permit {
                     Ok(p) => {
                         if let Some(m) = pending.take() {
+                            self.queued.add(m.data().map_or(0, |d| d.len()));
                             p.send(m);
                         }
                     }
                     Err(_) => return Outcome::PeerGone("connection closed (writer stopped)".into()),
                 },
+                _ = self.queued.drained(), if pending.is_some() && self.queued.get() >= engine.cfg.max_buffer => {}
                 r = io.reader.read() => match self.frame_result(r) {
                     Tick::Out(o) => return o,
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
