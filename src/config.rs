@@ -253,7 +253,12 @@ impl Checker<'_> {
         ConfigError::Field { file: self.file.to_string(), field: field.to_string(), message: message.into() }
     }
 
-    fn required<'v>(&self, field: &str, v: &'v Option<toml::Value>, example: &str) -> Result<&'v toml::Value, ConfigError> {
+    fn required<'v>(
+        &self,
+        field: &str,
+        v: &'v Option<toml::Value>,
+        example: &str,
+    ) -> Result<&'v toml::Value, ConfigError> {
         v.as_ref().ok_or_else(|| self.err(field, format!("missing (expected e.g. {field} = {example})")))
     }
 
@@ -268,10 +273,9 @@ impl Checker<'_> {
         let s = self.string(field, v, "a name string")?;
         let ok_chars = s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if s.is_empty() || s.len() > MAX_NAME_LEN || !ok_chars || s == "." || s == ".." {
-            return Err(self.err(
-                field,
-                format!("expected 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-], got {s:?}"),
-            ));
+            return Err(
+                self.err(field, format!("expected 1 to {MAX_NAME_LEN} characters from [A-Za-z0-9_.-], got {s:?}"))
+            );
         }
         Ok(s)
     }
@@ -383,10 +387,7 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
     }
     let Some(span) = e.span() else { return msg };
     let (line, col) = line_col(text, span.start);
-    let node_headers = before(text, span.start)
-        .lines()
-        .filter(|l| l.trim_start().starts_with("[[node]]"))
-        .count();
+    let node_headers = before(text, span.start).lines().filter(|l| l.trim_start().starts_with("[[node]]")).count();
     // Top-level keys come before the first [[node]]; after it, a key belongs
     // to the latest node table.
     let prefix = if node_headers > 0 { format!("node[{}]: ", node_headers - 1) } else { String::new() };
@@ -465,7 +466,9 @@ impl Config {
                 "io_uring" => EngineChoice::IoUring,
                 "sync" => EngineChoice::Sync,
                 other => {
-                    return Err(c.err("io_engine", format!("expected \"auto\", \"io_uring\" or \"sync\", got {other:?}")));
+                    return Err(
+                        c.err("io_engine", format!("expected \"auto\", \"io_uring\" or \"sync\", got {other:?}"))
+                    );
                 }
             },
         };
@@ -515,10 +518,7 @@ impl Config {
 
         let raw_nodes = raw.node.unwrap_or_default();
         if raw_nodes.is_empty() || raw_nodes.len() > 2 {
-            return Err(c.err(
-                "node",
-                format!("expected one or two [[node]] sections, got {}", raw_nodes.len()),
-            ));
+            return Err(c.err("node", format!("expected one or two [[node]] sections, got {}", raw_nodes.len())));
         }
         let two = raw_nodes.len() == 2;
         let mut nodes = Vec::with_capacity(raw_nodes.len());
@@ -578,18 +578,19 @@ impl Config {
             }
         }
 
-        let nonzero_duration = |field: &str, v: &Option<toml::Value>, default: Duration| -> Result<Duration, ConfigError> {
-            match v {
-                None => Ok(default),
-                Some(v) => {
-                    let d = c.duration(field, v)?;
-                    if d.is_zero() {
-                        return Err(c.err(field, "expected a non-zero duration, got 0s"));
+        let nonzero_duration =
+            |field: &str, v: &Option<toml::Value>, default: Duration| -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(v) => {
+                        let d = c.duration(field, v)?;
+                        if d.is_zero() {
+                            return Err(c.err(field, "expected a non-zero duration, got 0s"));
+                        }
+                        Ok(d)
                     }
-                    Ok(d)
                 }
-            }
-        };
+            };
         let ping_interval = nonzero_duration("ping_interval", &raw.ping_interval, DEFAULT_PING_INTERVAL)?;
         let ping_timeout = nonzero_duration("ping_timeout", &raw.ping_timeout, DEFAULT_PING_TIMEOUT)?;
         let connect_retry = nonzero_duration("connect_retry", &raw.connect_retry, DEFAULT_CONNECT_RETRY)?;
@@ -598,7 +599,9 @@ impl Config {
             Some(v) => match c.string("on_peer_loss", v, "\"continue\" or \"suspend\"")?.as_str() {
                 "continue" => OnPeerLoss::Continue,
                 "suspend" => OnPeerLoss::Suspend,
-                other => return Err(c.err("on_peer_loss", format!("expected \"continue\" or \"suspend\", got {other:?}"))),
+                other => {
+                    return Err(c.err("on_peer_loss", format!("expected \"continue\" or \"suspend\", got {other:?}")));
+                }
             },
         };
         let max_buffer = match &raw.max_buffer {
@@ -803,10 +806,7 @@ disk = "/dev/vg0/r0"
         let text = ONE.replace("127.0.0.1:10809", "unix:");
         assert!(err(&text).contains("node[0].nbd: expected"), "{}", err(&text));
         let text = ONE.replace("\"127.0.0.1:10809\"", "10809");
-        assert_eq!(
-            err(&text),
-            r#"r0.toml: node[0].nbd: expected "host:port" or "unix:/path", got the number 10809"#
-        );
+        assert_eq!(err(&text), r#"r0.toml: node[0].nbd: expected "host:port" or "unix:/path", got the number 10809"#);
     }
 
     #[test]
@@ -884,7 +884,10 @@ disk = "/dev/vg0/r0"
         let e = err(&ONE.replace("name = \"r0\"", "name = \"r 0\""));
         assert_eq!(e, r#"r0.toml: name: expected 1 to 64 characters from [A-Za-z0-9_.-], got "r 0""#);
         let long = "a".repeat(65);
-        assert!(err(&ONE.replace("\"alpha\"", &format!("\"{long}\""))).starts_with("r0.toml: node[0].name: expected 1 to 64"));
+        assert!(
+            err(&ONE.replace("\"alpha\"", &format!("\"{long}\"")))
+                .starts_with("r0.toml: node[0].name: expected 1 to 64")
+        );
         assert!(err(&ONE.replace("name = \"r0\"", "name = \"\"")).starts_with("r0.toml: name: expected"));
         assert!(err(&ONE.replace("name = \"r0\"", "name = 7")).contains("got the number 7"));
     }
@@ -903,13 +906,33 @@ disk = "/dev/vg0/r0"
             err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nblock_size = \"3KiB\"")),
             "r0.toml: block_size: expected a power of two from 512B to 1MiB, got 3KiB"
         );
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nblock_size = \"2MiB\"")).contains("block_size"));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = 0")).starts_with("r0.toml: max_clients: expected a number from 1 to 65536, got the number 0"));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = \"8\"")).starts_with("r0.toml: max_clients:"));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = \"soon\"")).starts_with(r#"r0.toml: checkpoint_interval: "soon" is not a duration"#));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = 30")).starts_with("r0.toml: checkpoint_interval: expected a duration"));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nwal_segment_size = \"4KiB\"")).starts_with("r0.toml: wal_segment_size: expected at least 1MiB"));
-        assert!(err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_bytes = 0")).starts_with("r0.toml: checkpoint_bytes:"));
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nblock_size = \"2MiB\"")).contains("block_size")
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = 0"))
+                .starts_with("r0.toml: max_clients: expected a number from 1 to 65536, got the number 0")
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nmax_clients = \"8\""))
+                .starts_with("r0.toml: max_clients:")
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = \"soon\""))
+                .starts_with(r#"r0.toml: checkpoint_interval: "soon" is not a duration"#)
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_interval = 30"))
+                .starts_with("r0.toml: checkpoint_interval: expected a duration")
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\nwal_segment_size = \"4KiB\""))
+                .starts_with("r0.toml: wal_segment_size: expected at least 1MiB")
+        );
+        assert!(
+            err(&ONE.replace("size = \"64MiB\"", "size = \"64MiB\"\ncheckpoint_bytes = 0"))
+                .starts_with("r0.toml: checkpoint_bytes:")
+        );
     }
 
     #[test]
@@ -918,20 +941,35 @@ disk = "/dev/vg0/r0"
             err(&TWO.replace("secret = \"change-me\"", "")),
             "r0.toml: secret: missing (required with two nodes: it authenticates the replication link)"
         );
-        assert!(err(&TWO.replace("replication = \"10.0.0.2:7790\"", "")).starts_with("r0.toml: node[1].replication: missing"));
+        assert!(
+            err(&TWO.replace("replication = \"10.0.0.2:7790\"", ""))
+                .starts_with("r0.toml: node[1].replication: missing")
+        );
         assert_eq!(
             err(&TWO.replace("\"10.0.0.2:7790\"", "\"10.0.0.2\"")),
             r#"r0.toml: node[1].replication: expected "host:port", got "10.0.0.2""#
         );
-        assert!(err(&TWO.replace("\"0.0.0.0:7790\"", "\"0.0.0.0:99999\"")).starts_with("r0.toml: node[0].replication_listen:"));
+        assert!(
+            err(&TWO.replace("\"0.0.0.0:7790\"", "\"0.0.0.0:99999\""))
+                .starts_with("r0.toml: node[0].replication_listen:")
+        );
     }
 
     #[test]
     fn duplicates_are_refused() {
-        assert_eq!(err(&TWO.replace("\"beta\"", "\"alpha\"")), r#"r0.toml: node[1].name: "alpha" is used by two nodes"#);
-        assert!(err(&TWO.replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809")).starts_with("r0.toml: node[1].nbd: \"127.0.0.1:10809\" is also node[0].nbd"));
+        assert_eq!(
+            err(&TWO.replace("\"beta\"", "\"alpha\"")),
+            r#"r0.toml: node[1].name: "alpha" is used by two nodes"#
+        );
+        assert!(
+            err(&TWO.replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809"))
+                .starts_with("r0.toml: node[1].nbd: \"127.0.0.1:10809\" is also node[0].nbd")
+        );
         assert!(err(&TWO.replace("r0-beta.sock", "r0-alpha.sock")).starts_with("r0.toml: node[1].control:"));
-        assert!(err(&TWO.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha")).starts_with("r0.toml: node[1].dir:"));
+        assert!(
+            err(&TWO.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha"))
+                .starts_with("r0.toml: node[1].dir:")
+        );
         let three = format!("{TWO}\n[[node]]\nname = \"gamma\"\n");
         assert!(err(&three).starts_with("r0.toml: node: expected one or two [[node]] sections, got 3"));
     }

@@ -274,7 +274,8 @@ async fn serve_connection<H: ControlHandler>(
             return Ok(());
         }
         if buf.last() != Some(&b'\n') {
-            let why = if buf.len() > MAX_REQUEST_LINE { "request line too long" } else { "request line not terminated" };
+            let why =
+                if buf.len() > MAX_REQUEST_LINE { "request line too long" } else { "request line not terminated" };
             write_line(&mut write, &Response::err(why)).await?;
             return Ok(());
         }
@@ -341,7 +342,8 @@ impl ControlClient {
             }
             Err(source) => return Err(ControlError::Io { path: path.to_path_buf(), source }),
         };
-        let client = ControlClient { node: node.to_string(), path: path.to_path_buf(), reader: BufReader::new(stream), timeout };
+        let client =
+            ControlClient { node: node.to_string(), path: path.to_path_buf(), reader: BufReader::new(stream), timeout };
         client.set_timeout(Some(timeout))?;
         Ok(client)
     }
@@ -366,12 +368,10 @@ impl ControlClient {
     }
 
     fn send(&mut self, req: &Request) -> Result<(), ControlError> {
-        let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol { path: self.path.clone(), detail: e.to_string() })?;
+        let mut line = serde_json::to_vec(req)
+            .map_err(|e| ControlError::Protocol { path: self.path.clone(), detail: e.to_string() })?;
         line.push(b'\n');
-        self.reader
-            .get_mut()
-            .write_all(&line)
-            .map_err(|source| ControlError::Io { path: self.path.clone(), source })
+        self.reader.get_mut().write_all(&line).map_err(|source| ControlError::Io { path: self.path.clone(), source })
     }
 
     /// Sends one request and waits for its answer. `extra` lengthens the
@@ -384,10 +384,15 @@ impl ControlClient {
         self.timeout = saved;
         self.set_timeout(Some(saved))?;
         let Some(line) = res? else {
-            return Err(ControlError::Protocol { path: self.path.clone(), detail: "connection closed before the answer".into() });
+            return Err(ControlError::Protocol {
+                path: self.path.clone(),
+                detail: "connection closed before the answer".into(),
+            });
         };
-        let resp: Response = serde_json::from_str(&line)
-            .map_err(|e| ControlError::Protocol { path: self.path.clone(), detail: format!("{e}: {}", line.trim_end()) })?;
+        let resp: Response = serde_json::from_str(&line).map_err(|e| ControlError::Protocol {
+            path: self.path.clone(),
+            detail: format!("{e}: {}", line.trim_end()),
+        })?;
         if resp.ok {
             Ok(resp.result.unwrap_or(serde_json::Value::Null))
         } else {
@@ -406,8 +411,10 @@ impl ControlClient {
         self.send(&Request::Events)?;
         self.set_timeout(None)?;
         while let Some(line) = self.read_line()? {
-            let v: serde_json::Value = serde_json::from_str(&line)
-                .map_err(|e| ControlError::Protocol { path: self.path.clone(), detail: format!("{e}: {}", line.trim_end()) })?;
+            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| ControlError::Protocol {
+                path: self.path.clone(),
+                detail: format!("{e}: {}", line.trim_end()),
+            })?;
             if v.get("ok") == Some(&serde_json::Value::Bool(false)) {
                 let msg = v.get("error").and_then(|e| e.as_str()).unwrap_or("refused").to_string();
                 return Err(ControlError::Refused(msg));

@@ -43,8 +43,22 @@ fn status_contract(engine: &str) {
     n.start();
     let s = n.status();
     for key in [
-        "resource", "node", "role", "disk", "connection", "replication", "protocol", "peer", "out_of_sync_bytes",
-        "resync", "lsn", "size", "io_engine", "nbd", "wal", "failed",
+        "resource",
+        "node",
+        "role",
+        "disk",
+        "connection",
+        "replication",
+        "protocol",
+        "peer",
+        "out_of_sync_bytes",
+        "resync",
+        "lsn",
+        "size",
+        "io_engine",
+        "nbd",
+        "wal",
+        "failed",
     ] {
         assert!(s.get(key).is_some(), "status lacks {key}: {s}");
     }
@@ -180,10 +194,22 @@ fn config_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let good = "name = \"r0\"\nsize = \"64MiB\"\n[[node]]\nname = \"alpha\"\nnbd = \"127.0.0.1:10809\"\ncontrol = \"ctl.sock\"\ndir = \"d\"\n";
     let cases: &[(&str, String, &str)] = &[
-        ("bad-nbd.toml", good.replace("127.0.0.1:10809", "10809"), r#"bad-nbd.toml: node[0].nbd: expected "host:port" or "unix:/path", got "10809""#),
-        ("bad-size.toml", good.replace("\"64MiB\"", "\"1 GB\""), r#"bad-size.toml: size: "1 GB" is not a size (examples: "512MiB", "1GiB")"#),
+        (
+            "bad-nbd.toml",
+            good.replace("127.0.0.1:10809", "10809"),
+            r#"bad-nbd.toml: node[0].nbd: expected "host:port" or "unix:/path", got "10809""#,
+        ),
+        (
+            "bad-size.toml",
+            good.replace("\"64MiB\"", "\"1 GB\""),
+            r#"bad-size.toml: size: "1 GB" is not a size (examples: "512MiB", "1GiB")"#,
+        ),
         ("unknown.toml", good.replace("size =", "sise ="), r#"unknown.toml: unknown field "sise""#),
-        ("engine.toml", format!("io_engine = \"aio\"\n{good}"), r#"engine.toml: io_engine: expected "auto", "io_uring" or "sync", got "aio""#),
+        (
+            "engine.toml",
+            format!("io_engine = \"aio\"\n{good}"),
+            r#"engine.toml: io_engine: expected "auto", "io_uring" or "sync", got "aio""#,
+        ),
     ];
     for (file, text, expected) in cases {
         let path = write_file(dir.path(), file, text);
@@ -199,11 +225,17 @@ fn config_errors_name_file_and_field() {
     }
     // A node missing from the file: the error lists the nodes present.
     let path = write_file(dir.path(), "good.toml", good);
-    let out = run_timeout(Command::new(REPCTL).arg("--config").arg(&path).args(["--node", "beta", "status"]), Duration::from_secs(30));
+    let out = run_timeout(
+        Command::new(REPCTL).arg("--config").arg(&path).args(["--node", "beta", "status"]),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(r#"no node named "beta" (nodes in this file: alpha)"#), "{}", stderr(&out));
     // Usage errors exit 2.
-    let out = run_timeout(Command::new(REPCTL).arg("--config").arg(&path).args(["--node", "alpha", "frobnicate"]), Duration::from_secs(30));
+    let out = run_timeout(
+        Command::new(REPCTL).arg("--config").arg(&path).args(["--node", "alpha", "frobnicate"]),
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(2));
     let out = run_timeout(Command::new(REPD).arg("--config").arg(&path), Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(2));
@@ -271,11 +303,7 @@ fn replication_commands_on_a_single_node_say_why_they_are_not_available() {
     ] {
         let out = n.repctl(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(
-            stderr(&out).contains(&format!("{cmd}: not available: ")),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(&format!("{cmd}: not available: ")), "{}", stderr(&out));
     }
 }
 
@@ -299,14 +327,16 @@ fn events_stream_role_changes() {
     let mut n = TestNode::new("sync");
     n.create_md();
     n.start();
-    let mut ev_guard = common::ChildGuard(Some(Command::new(REPCTL)
-        .arg("--config")
-        .arg(&n.config)
-        .args(["--node", "alpha", "events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("repctl events")));
+    let mut ev_guard = common::ChildGuard(Some(
+        Command::new(REPCTL)
+            .arg("--config")
+            .arg(&n.config)
+            .args(["--node", "alpha", "events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("repctl events"),
+    ));
     let mut lines = BufReader::new(ev_guard.child().stdout.take().expect("stdout")).lines();
     let first: serde_json::Value = serde_json::from_str(&lines.next().expect("a line").expect("read")).expect("json");
     assert_eq!(first["event"], "state");
@@ -341,7 +371,10 @@ fn two_node_config_runs_with_its_peer_connecting() {
     );
     let cfg = write_file(dir.path(), "r0.toml", &text);
     let repctl = |args: &[&str]| {
-        run_timeout(Command::new(REPCTL).arg("--config").arg(&cfg).args(["--node", "alpha"]).args(args), Duration::from_secs(30))
+        run_timeout(
+            Command::new(REPCTL).arg("--config").arg(&cfg).args(["--node", "alpha"]).args(args),
+            Duration::from_secs(30),
+        )
     };
     assert!(repctl(&["create-md"]).status.success());
     let log = std::fs::File::create(dir.path().join("repd.log")).unwrap();
@@ -390,17 +423,15 @@ fn sigterm_stops_cleanly_and_the_restart_replays_nothing() {
 
     n.start();
     let log = n.log();
-    let line = log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
+    let line =
+        log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
     assert!(line.contains("clean=true") && line.contains("replayed=0"), "no replay after a clean stop: {line}");
     // Still secondary after the restart, and the disk stayed uptodate.
     assert_eq!(n.status()["role"], "secondary");
     assert_eq!(n.status()["disk"], "uptodate");
     n.promote();
     let out = n.path().join("out.img");
-    common::run_ok(
-        Command::new("nbdcopy").arg(n.uri()).arg(&out),
-        Duration::from_secs(120),
-    );
+    common::run_ok(Command::new("nbdcopy").arg(n.uri()).arg(&out), Duration::from_secs(120));
     let (a, b) = (std::fs::read(&img).unwrap(), std::fs::read(&out).unwrap());
     assert!(a[..] == b[..a.len()], "data survives the clean restart");
 
@@ -409,7 +440,8 @@ fn sigterm_stops_cleanly_and_the_restart_replays_nothing() {
     n.kill9();
     n.start();
     let log = n.log();
-    let line = log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
+    let line =
+        log.lines().find(|l| l.contains("volume recovered")).unwrap_or_else(|| panic!("no recovery line:\n{log}"));
     assert!(line.contains("clean=false"), "{line}");
 }
 

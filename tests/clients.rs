@@ -70,10 +70,7 @@ fn qemu_img_convert_and_compare(engine: &str) {
     require_tool("qemu-img", "qemu-utils");
     let n = TestNode::ready(engine);
     let img = random_file(n.path(), "random.img", 16 * MIB as usize, 42);
-    run_ok(
-        Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&img).arg(n.uri()),
-        T,
-    );
+    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&img).arg(n.uri()), T);
     // compare: the first 16 MiB match, the rest of the export reads as zeroes.
     let out = run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(n.uri()), T);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Images are identical"), "{out:?}");
@@ -154,7 +151,12 @@ struct Attached {
 
 impl Attached {
     fn new(uri: &str, dir: &Path) -> Attached {
-        for (tool, pkg) in [("nbdfuse", "fuse3 libnbd-bin (nbdfuse)"), ("losetup", "util-linux"), ("mkfs.ext4", "e2fsprogs"), ("fusermount3", "fuse3")] {
+        for (tool, pkg) in [
+            ("nbdfuse", "fuse3 libnbd-bin (nbdfuse)"),
+            ("losetup", "util-linux"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("fusermount3", "fuse3"),
+        ] {
             require_tool(tool, pkg);
         }
         let fuse_dir = dir.join("fuse");

@@ -77,7 +77,8 @@ fn acceptable(base: &[u64], h: &History) -> Vec<HashSet<u64>> {
     // Latest flush issue time among completed flushes is all that matters:
     // a completed write is durable if any completed flush was issued after
     // it completed.
-    let completed_flush_issues: Vec<u64> = h.flushes.iter().filter(|f| f.completed.is_some()).map(|f| f.issued).collect();
+    let completed_flush_issues: Vec<u64> =
+        h.flushes.iter().filter(|f| f.completed.is_some()).map(|f| f.issued).collect();
     let latest_flush_issue = completed_flush_issues.iter().copied().max();
     let durable = |w: &WriteRec| match w.completed {
         None => false,
@@ -113,14 +114,14 @@ async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], round: u32, seed: 
     const CHUNK_BLOCKS: usize = 256;
     let mut found = Vec::with_capacity(REGION_BLOCKS);
     for first in (0..REGION_BLOCKS).step_by(CHUNK_BLOCKS) {
-        let data = client
-            .read((first * BLOCK) as u64, (CHUNK_BLOCKS * BLOCK) as u32)
-            .await
-            .expect("read after restart");
+        let data =
+            client.read((first * BLOCK) as u64, (CHUNK_BLOCKS * BLOCK) as u32).await.expect("read after restart");
         for (i, buf) in data.chunks(BLOCK).enumerate() {
             let b = first + i;
             let id = identify(buf, b).unwrap_or_else(|| {
-                panic!("seed {seed} round {round}: block {b} holds bytes that are no write's content (torn or misplaced)")
+                panic!(
+                    "seed {seed} round {round}: block {b} holds bytes that are no write's content (torn or misplaced)"
+                )
             });
             assert!(
                 allowed[b].contains(&id),
@@ -183,10 +184,8 @@ async fn writer(
 }
 
 fn kill_during_writes(engine: &str) {
-    let seed: u64 = std::env::var("REPBLOCK_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
+    let seed: u64 =
+        std::env::var("REPBLOCK_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
     eprintln!("crash test ({engine}): seed {seed} (REPBLOCK_CRASH_SEED={seed} replays it)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut n = TestNode::new(engine);
@@ -278,7 +277,10 @@ fn sync_error_is_fail_stop(engine: &str) {
         let mut failed_at = None;
         for i in 0..500u64 {
             let block = (i % 256) as usize;
-            client.write((block * BLOCK) as u64, &content(i + 1, block), false).await.expect("write before the failure");
+            client
+                .write((block * BLOCK) as u64, &content(i + 1, block), false)
+                .await
+                .expect("write before the failure");
             if let Err(e) = client.flush().await {
                 assert!(matches!(e, ClientError::Nbd { .. }), "a failed flush is an NBD error reply, got {e}");
                 failed_at = Some(i);
@@ -313,7 +315,11 @@ fn sync_error_is_fail_stop(engine: &str) {
     assert_eq!(n.status()["role"], "secondary");
     let out = n.repctl(&["promote"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped taking writes"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stopped taking writes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(n.log().contains("stopped taking writes") || n.log().contains("fdatasync"), "{}", n.log());
 }
 

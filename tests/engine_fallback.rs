@@ -46,11 +46,12 @@ fn explicit_io_uring_refuses_to_start_when_unavailable() {
     assert!(!n.control().exists(), "no control socket left behind");
     // The same through repctl create-md --force with the override set.
     let out = run_timeout(
-        Command::new(common::REPCTL)
-            .env("REPBLOCK_DISABLE_IO_URING", "1")
-            .arg("--config")
-            .arg(&n.config)
-            .args(["--node", "alpha", "create-md", "--force"]),
+        Command::new(common::REPCTL).env("REPBLOCK_DISABLE_IO_URING", "1").arg("--config").arg(&n.config).args([
+            "--node",
+            "alpha",
+            "create-md",
+            "--force",
+        ]),
         Duration::from_secs(30),
     );
     assert_eq!(out.status.code(), Some(1));

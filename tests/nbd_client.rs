@@ -17,11 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts one client and runs the server side of the handshake: answers
 /// STRUCTURED_REPLY (ACK if `structured`, else ERR_UNSUP) and GO.
 async fn fake_handshake(s: &mut TcpStream, structured: bool) {
-    s.write_all(&encode_greeting(
-        NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES,
-    ))
-    .await
-    .unwrap();
+    s.write_all(&encode_greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)).await.unwrap();
     let mut flags = [0u8; 4];
     s.read_exact(&mut flags).await.unwrap();
     loop {
@@ -33,20 +29,11 @@ async fn fake_handshake(s: &mut TcpStream, structured: bool) {
         let mut out = BytesMut::new();
         match h.option {
             NBD_OPT_STRUCTURED_REPLY => {
-                let rep = if structured {
-                    NBD_REP_ACK
-                } else {
-                    NBD_REP_ERR_UNSUP
-                };
+                let rep = if structured { NBD_REP_ACK } else { NBD_REP_ERR_UNSUP };
                 put_option_reply(&mut out, h.option, rep, &[]);
             }
             NBD_OPT_GO => {
-                put_option_reply(
-                    &mut out,
-                    h.option,
-                    NBD_REP_INFO,
-                    &info_export(SIZE, NBD_FLAG_HAS_FLAGS),
-                );
+                put_option_reply(&mut out, h.option, NBD_REP_INFO, &info_export(SIZE, NBD_FLAG_HAS_FLAGS));
                 put_option_reply(&mut out, h.option, NBD_REP_ACK, &[]);
                 s.write_all(&out).await.unwrap();
                 return;
@@ -77,10 +64,7 @@ where
         fake_handshake(&mut s, structured).await;
         script(s).await;
     });
-    let client = tokio::time::timeout(TIMEOUT, NbdClient::connect(&addr, "x"))
-        .await
-        .unwrap()
-        .unwrap();
+    let client = tokio::time::timeout(TIMEOUT, NbdClient::connect(&addr, "x")).await.unwrap().unwrap();
     (client, server)
 }
 
@@ -110,40 +94,17 @@ async fn reassembles_data_and_hole_chunks_out_of_order() {
         assert_eq!((r.kind, r.offset, r.len), (NBD_CMD_READ, 1000, 300));
         // [1000,1100) data "a", [1100,1200) hole, [1200,1300) data "c": sent
         // last-first, then NONE with DONE.
-        let mut out = chunk(
-            0,
-            NBD_REPLY_TYPE_OFFSET_DATA,
-            r.cookie,
-            &data_payload(1200, &[b'c'; 100]),
-        );
-        out.extend(chunk(
-            0,
-            NBD_REPLY_TYPE_OFFSET_HOLE,
-            r.cookie,
-            &hole_payload(1100, 100),
-        ));
-        out.extend(chunk(
-            0,
-            NBD_REPLY_TYPE_OFFSET_DATA,
-            r.cookie,
-            &data_payload(1000, &[b'a'; 100]),
-        ));
-        out.extend(chunk(
-            NBD_REPLY_FLAG_DONE,
-            NBD_REPLY_TYPE_NONE,
-            r.cookie,
-            &[],
-        ));
+        let mut out = chunk(0, NBD_REPLY_TYPE_OFFSET_DATA, r.cookie, &data_payload(1200, &[b'c'; 100]));
+        out.extend(chunk(0, NBD_REPLY_TYPE_OFFSET_HOLE, r.cookie, &hole_payload(1100, 100)));
+        out.extend(chunk(0, NBD_REPLY_TYPE_OFFSET_DATA, r.cookie, &data_payload(1000, &[b'a'; 100])));
+        out.extend(chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, r.cookie, &[]));
         s.write_all(&out).await.unwrap();
         // Keep the connection until the client is done.
         let mut sink = [0u8; 64];
         let _ = s.read(&mut sink).await;
     })
     .await;
-    let data = tokio::time::timeout(TIMEOUT, client.read(1000, 300))
-        .await
-        .unwrap()
-        .unwrap();
+    let data = tokio::time::timeout(TIMEOUT, client.read(1000, 300)).await.unwrap().unwrap();
     let mut want = vec![b'a'; 100];
     want.extend_from_slice(&[0; 100]);
     want.extend_from_slice(&[b'c'; 100]);
@@ -164,21 +125,11 @@ async fn error_chunks_and_incomplete_reads_fail_the_request() {
         s.write_all(&b).await.unwrap();
         // 2: a read answered with half its data and DONE: not a success.
         let r = read_request(&mut s).await;
-        let out = chunk(
-            NBD_REPLY_FLAG_DONE,
-            NBD_REPLY_TYPE_OFFSET_DATA,
-            r.cookie,
-            &data_payload(0, &[1; 50]),
-        );
+        let out = chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, r.cookie, &data_payload(0, &[1; 50]));
         s.write_all(&out).await.unwrap();
         // 3: a read with a data chunk, then an error chunk.
         let r = read_request(&mut s).await;
-        let mut out = chunk(
-            0,
-            NBD_REPLY_TYPE_OFFSET_DATA,
-            r.cookie,
-            &data_payload(0, &[1; 100]),
-        );
+        let mut out = chunk(0, NBD_REPLY_TYPE_OFFSET_DATA, r.cookie, &data_payload(0, &[1; 100]));
         let mut b = BytesMut::new();
         put_error_chunk(&mut b, r.cookie, NBD_EIO, "");
         out.extend_from_slice(&b);
@@ -193,28 +144,17 @@ async fn error_chunks_and_incomplete_reads_fail_the_request() {
     })
     .await;
     assert!(matches!(
-        tokio::time::timeout(TIMEOUT, client.write(0, b"abc", false))
-            .await
-            .unwrap(),
+        tokio::time::timeout(TIMEOUT, client.write(0, b"abc", false)).await.unwrap(),
         Err(ClientError::Nbd { errno: NBD_ENOSPC })
     ));
+    assert!(matches!(tokio::time::timeout(TIMEOUT, client.read(0, 100)).await.unwrap(), Err(ClientError::Protocol(_))));
     assert!(matches!(
-        tokio::time::timeout(TIMEOUT, client.read(0, 100))
-            .await
-            .unwrap(),
-        Err(ClientError::Protocol(_))
-    ));
-    assert!(matches!(
-        tokio::time::timeout(TIMEOUT, client.read(0, 100))
-            .await
-            .unwrap(),
+        tokio::time::timeout(TIMEOUT, client.read(0, 100)).await.unwrap(),
         Err(ClientError::Nbd { errno: NBD_EIO })
     ));
     assert!(matches!(
         tokio::time::timeout(TIMEOUT, client.flush()).await.unwrap(),
-        Err(ClientError::Nbd {
-            errno: NBD_ESHUTDOWN
-        })
+        Err(ClientError::Nbd { errno: NBD_ESHUTDOWN })
     ));
     drop(client);
     server.await.unwrap();
@@ -259,11 +199,8 @@ async fn unknown_cookie_or_bad_magic_fails_everything_in_flight() {
             let _ = s.read(&mut sink).await;
         })
         .await;
-        let (a, b) = tokio::time::timeout(TIMEOUT, async {
-            tokio::join!(client.flush(), client.read(0, 4))
-        })
-        .await
-        .unwrap();
+        let (a, b) =
+            tokio::time::timeout(TIMEOUT, async { tokio::join!(client.flush(), client.read(0, 4)) }).await.unwrap();
         assert!(matches!(a, Err(ClientError::Protocol(_))), "{a:?}");
         assert!(matches!(b, Err(ClientError::Protocol(_))), "{b:?}");
         assert!(matches!(client.flush().await, Err(ClientError::Closed)));
@@ -283,9 +220,7 @@ async fn server_dying_mid_reply_fails_the_request() {
         // Dropping the stream: the server "crashes" mid-reply.
     })
     .await;
-    let r = tokio::time::timeout(TIMEOUT, client.read(0, 4096))
-        .await
-        .unwrap();
+    let r = tokio::time::timeout(TIMEOUT, client.read(0, 4096)).await.unwrap();
     assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
     assert!(matches!(client.read(0, 1).await, Err(ClientError::Closed)));
     server.await.unwrap();
@@ -303,9 +238,7 @@ async fn refused_handshakes_are_errors() {
         b.extend_from_slice(&[0; 16]);
         let _ = s.write_all(&b).await;
     });
-    let r = tokio::time::timeout(TIMEOUT, NbdClient::connect(&addr, "x"))
-        .await
-        .unwrap();
+    let r = tokio::time::timeout(TIMEOUT, NbdClient::connect(&addr, "x")).await.unwrap();
     assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
     server.await.unwrap();
     // Nobody listening.

@@ -35,12 +35,7 @@ async fn run(tool: &str, args: &[&str]) -> String {
         Ok(Err(e)) => panic!("cannot run {tool}: {e}"),
         Ok(Ok(o)) => o,
     };
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{tool} {args:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -60,14 +55,9 @@ async fn servers() -> (Vec<(NbdHandle, Arc<MemoryBackend>)>, tempfile::TempDir) 
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let mut v = Vec::new();
-    for addr in [
-        "127.0.0.1:0".to_string(),
-        format!("unix:{}", dir.path().join("nbd.sock").display()),
-    ] {
+    for addr in ["127.0.0.1:0".to_string(), format!("unix:{}", dir.path().join("nbd.sock").display())] {
         let backend = Arc::new(MemoryBackend::new(SIZE));
-        let h = NbdServer::start(&addr.parse().unwrap(), backend.clone(), config())
-            .await
-            .unwrap();
+        let h = NbdServer::start(&addr.parse().unwrap(), backend.clone(), config()).await.unwrap();
         v.push((h, backend));
     }
     (v, dir)
@@ -78,18 +68,11 @@ async fn nbdinfo_json_reports_size_and_flags() {
     let (servers, _dir) = servers().await;
     for (h, _) in &servers {
         let out = run("nbdinfo", &["--json", &uri(h)]).await;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
         let export = &v["exports"][0];
         assert_eq!(export["export-size"], SIZE, "{out}");
         assert_eq!(export["export-name"], EXPORT, "{out}");
-        for flag in [
-            "can_flush",
-            "can_fua",
-            "can_trim",
-            "can_zero",
-            "can_multi_conn",
-        ] {
+        for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
             assert_eq!(export[flag], true, "{flag} in {out}");
         }
         assert_eq!(export["is_read_only"], false, "{out}");
@@ -125,36 +108,14 @@ async fn qemu_img_convert_in_and_compare() {
     let src = src.to_str().unwrap();
     for (h, backend) in &servers {
         let u = uri(h);
-        run(
-            "qemu-img",
-            &["convert", "-n", "-f", "raw", "-O", "raw", src, &u],
-        )
-        .await;
-        assert!(
-            backend.snapshot(0, SIZE as usize) == data,
-            "export content differs after qemu-img convert"
-        );
+        run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src, &u]).await;
+        assert!(backend.snapshot(0, SIZE as usize) == data, "export content differs after qemu-img convert");
         let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src, &u]).await;
         assert!(out.contains("Images are identical"), "{out}");
         // And a difference is seen through the export.
-        repblock::nbd::BlockBackend::write(
-            &**backend,
-            12345,
-            bytes::Bytes::from_static(b"X"),
-            false,
-        )
-        .await
-        .unwrap();
-        let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw", src, &u])
-            .output()
-            .await
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "qemu-img compare must report the difference"
-        );
+        repblock::nbd::BlockBackend::write(&**backend, 12345, bytes::Bytes::from_static(b"X"), false).await.unwrap();
+        let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src, &u]).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "qemu-img compare must report the difference");
         assert!(String::from_utf8_lossy(&out.stdout).contains("offset 12288"));
     }
     for (h, _) in servers {
@@ -172,30 +133,9 @@ async fn nbdcopy_round_trip() {
         let out = dir.path().join(format!("out{i}.img"));
         // Several connections and many requests in flight: multi-conn and
         // pipelining under a real client.
-        run(
-            "nbdcopy",
-            &[
-                "--connections=4",
-                "--requests=32",
-                src.to_str().unwrap(),
-                &u,
-            ],
-        )
-        .await;
-        assert!(
-            backend.snapshot(0, SIZE as usize) == data,
-            "export content differs after nbdcopy in"
-        );
-        run(
-            "nbdcopy",
-            &[
-                "--connections=4",
-                "--requests=32",
-                &u,
-                out.to_str().unwrap(),
-            ],
-        )
-        .await;
+        run("nbdcopy", &["--connections=4", "--requests=32", src.to_str().unwrap(), &u]).await;
+        assert!(backend.snapshot(0, SIZE as usize) == data, "export content differs after nbdcopy in");
+        run("nbdcopy", &["--connections=4", "--requests=32", &u, out.to_str().unwrap()]).await;
         assert!(std::fs::read(&out).unwrap() == data, "nbdcopy out differs");
         wait_no_clients(h).await;
     }
@@ -234,8 +174,7 @@ async fn fio_nbd_engine_verify() {
         .await;
         // fio's nbd engine prints "fio: connected to NBD server" before the JSON.
         let json = &out[out.find('{').unwrap_or_else(|| panic!("no JSON in {out}"))..];
-        let v: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
         assert_eq!(v["jobs"][0]["error"], 0, "{out}");
         // 2 jobs × 8 MiB written.
         assert_eq!(v["jobs"][0]["write"]["io_bytes"], 16 * 1024 * 1024, "{out}");
@@ -267,10 +206,7 @@ async fn fio_run(uri: &str, name: &str, rw: &str, bs: &str, iodepth: u32) -> (f6
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     let side = if rw.contains("read") { "read" } else { "write" };
     let j = &v["jobs"][0][side];
-    (
-        j["iops"].as_f64().unwrap(),
-        j["bw"].as_f64().unwrap() / 1024.0,
-    )
+    (j["iops"].as_f64().unwrap(), j["bw"].as_f64().unwrap() / 1024.0)
 }
 
 /// The protocol layer's overhead against a named peer, nbdkit's memory
@@ -284,17 +220,9 @@ async fn bench_against_nbdkit_memory() {
     let ours_sock = dir.path().join("ours.sock");
     let kit_sock = dir.path().join("nbdkit.sock");
     let backend = Arc::new(MemoryBackend::new(256 * 1024 * 1024));
-    let h = NbdServer::start(&ListenAddr::Unix(ours_sock.clone()), backend, config())
-        .await
-        .unwrap();
+    let h = NbdServer::start(&ListenAddr::Unix(ours_sock.clone()), backend, config()).await.unwrap();
     let mut kit = Command::new("nbdkit")
-        .args([
-            "--foreground",
-            "--unix",
-            kit_sock.to_str().unwrap(),
-            "memory",
-            "size=256M",
-        ])
+        .args(["--foreground", "--unix", kit_sock.to_str().unwrap(), "memory", "size=256M"])
         .kill_on_drop(true)
         .spawn()
         .expect("nbdkit is not installed");
@@ -303,10 +231,7 @@ async fn bench_against_nbdkit_memory() {
     }
     let ours = format!("nbd+unix:///{EXPORT}?socket={}", ours_sock.display());
     let theirs = format!("nbd+unix:///?socket={}", kit_sock.display());
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "workload", "repblock", "nbdkit", "ratio"
-    );
+    println!("{:<28} {:>12} {:>12} {:>8}", "workload", "repblock", "nbdkit", "ratio");
     for (name, rw, bs, qd) in [
         ("4k randwrite QD1", "randwrite", "4k", 1),
         ("4k randwrite QD32", "randwrite", "4k", 32),
@@ -315,11 +240,7 @@ async fn bench_against_nbdkit_memory() {
     ] {
         let a = fio_run(&ours, "ours", rw, bs, qd).await;
         let b = fio_run(&theirs, "nbdkit", rw, bs, qd).await;
-        let (x, y, unit) = if bs == "1M" {
-            (a.1, b.1, "MiB/s")
-        } else {
-            (a.0, b.0, "IOPS")
-        };
+        let (x, y, unit) = if bs == "1M" { (a.1, b.1, "MiB/s") } else { (a.0, b.0, "IOPS") };
         println!("{name:<28} {x:>12.0} {y:>12.0} {:>7.2}x  ({unit})", x / y);
     }
     let _ = kit.kill().await;

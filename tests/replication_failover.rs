@@ -68,7 +68,10 @@ fn failover_with(protocol: &str, d: Disturbance) {
             // the writers keep going.
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             while pair.proxies().accepted() == accepted {
-                assert!(std::time::Instant::now() < deadline, "{test}: no new connection through the proxy within 20s of the cut");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{test}: no new connection through the proxy within 20s of the cut"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             pair.beta.wait_sync(60);

@@ -77,7 +77,9 @@ fn silent_link_is_detected_within_interval_plus_timeout() {
     pair.alpha.wait_status("reconnected", Duration::from_secs(20), |s| s["connection"] == "connected");
     pair.beta.wait_sync(60);
     pair.assert_established();
-    let ok = pair.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.write(0, &[1u8; 4096], true)).await });
+    let ok = pair
+        .rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), client.write(0, &[1u8; 4096], true)).await });
     assert!(matches!(ok, Ok(Ok(()))), "a FUA write after the reconnect completes: {ok:?}");
 }
 
@@ -85,7 +87,9 @@ fn silent_link_is_detected_within_interval_plus_timeout() {
 fn suspend_holds_writes_until_the_peer_is_back_or_resume_io() {
     let mut pair = Pair::up(PairOpts::new("C").extra("on_peer_loss = \"suspend\""));
     let client = pair.rt.block_on(pair.alpha.nbd());
-    let ok = pair.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), client.write(0, &[1u8; 4096], false)).await });
+    let ok = pair
+        .rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), client.write(0, &[1u8; 4096], false)).await });
     assert!(matches!(ok, Ok(Ok(()))), "a write with the peer connected completes: {ok:?}");
 
     // 1. Peer gone: a write blocks; the peer comes back: it completes.
@@ -96,7 +100,11 @@ fn suspend_holds_writes_until_the_peer_is_back_or_resume_io() {
         async move { c.write(4096, &[2u8; 4096], false).await }
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!write.is_finished(), "on_peer_loss = suspend: a write completed while the peer was away: {:?}", pair.rt.block_on(write));
+    assert!(
+        !write.is_finished(),
+        "on_peer_loss = suspend: a write completed while the peer was away: {:?}",
+        pair.rt.block_on(write)
+    );
     pair.beta.start();
     let res = pair.rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), write).await });
     assert!(matches!(res, Ok(Ok(Ok(())))), "the suspended write completes once the peer is back: {res:?}");
@@ -110,7 +118,11 @@ fn suspend_holds_writes_until_the_peer_is_back_or_resume_io() {
         async move { c.write(8192, &[3u8; 4096], false).await }
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!write.is_finished(), "on_peer_loss = suspend: a write completed while the peer was away: {:?}", pair.rt.block_on(write));
+    assert!(
+        !write.is_finished(),
+        "on_peer_loss = suspend: a write completed while the peer was away: {:?}",
+        pair.rt.block_on(write)
+    );
     pair.alpha.repctl_ok(&["resume-io"]);
     let res = pair.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), write).await });
     assert!(matches!(res, Ok(Ok(Ok(())))), "resume-io releases the suspended write: {res:?}");

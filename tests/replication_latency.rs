@@ -73,7 +73,10 @@ fn measure(protocol: &str) -> (Pair, Medians) {
         eprintln!("protocol {protocol}: write {write:.1?}\nFUA {fua:.1?}\nflush {flush:.1?}");
         Medians { write: median(&mut write), fua: median(&mut fua), flush: median(&mut flush) }
     });
-    eprintln!("protocol {protocol} medians: write {:.2} ms, FUA write {:.2} ms, flush {:.2} ms", m.write, m.fua, m.flush);
+    eprintln!(
+        "protocol {protocol} medians: write {:.2} ms, FUA write {:.2} ms, flush {:.2} ms",
+        m.write, m.fua, m.flush
+    );
     // Under A the last writes may still be on their way: let the peer catch
     // up before counting what went through the proxy.
     pair.alpha.wait_status("peer_written catches up", Duration::from_secs(10), |s| {
@@ -96,7 +99,11 @@ fn protocol_a_replies_without_waiting_for_the_peer() {
     let half = RTT_MS / 2.0;
     assert!(m.write < half, "protocol A: QD1 write median {:.2} ms, expected < {half} ms (local only)", m.write);
     assert!(m.fua < half, "protocol A: FUA write median {:.2} ms, expected < {half} ms (local fdatasync only)", m.fua);
-    assert!(m.flush < half, "protocol A: FLUSH median {:.2} ms, expected < {half} ms (must not wait for the peer)", m.flush);
+    assert!(
+        m.flush < half,
+        "protocol A: FLUSH median {:.2} ms, expected < {half} ms (must not wait for the peer)",
+        m.flush
+    );
     let a = pair.alpha.status();
     assert_eq!(a["replication"], "established", "everything still reached beta and the link stayed up\n{a:#}");
 }
@@ -106,7 +113,11 @@ fn protocol_b_waits_for_the_peer_to_receive() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (_pair, m) = measure("B");
     let min = RTT_MS - 1.0;
-    assert!(m.write >= min, "protocol B: QD1 write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer received)", m.write);
+    assert!(
+        m.write >= min,
+        "protocol B: QD1 write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer received)",
+        m.write
+    );
     assert!(m.fua >= min, "protocol B: FUA write median {:.2} ms, expected >= RTT {RTT_MS} ms", m.fua);
 }
 
@@ -115,9 +126,17 @@ fn protocol_c_waits_for_the_peer_to_write_and_sync() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (_pair, m) = measure("C");
     let min = RTT_MS - 1.0;
-    assert!(m.write >= min, "protocol C: QD1 write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer written)", m.write);
+    assert!(
+        m.write >= min,
+        "protocol C: QD1 write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer written)",
+        m.write
+    );
     assert!(m.fua >= min, "protocol C: FUA write median {:.2} ms, expected >= RTT {RTT_MS} ms (peer durable)", m.fua);
-    assert!(m.flush >= min, "protocol C: FLUSH median {:.2} ms, expected >= RTT {RTT_MS} ms (peer fdatasync'ed)", m.flush);
+    assert!(
+        m.flush >= min,
+        "protocol C: FLUSH median {:.2} ms, expected >= RTT {RTT_MS} ms (peer fdatasync'ed)",
+        m.flush
+    );
 }
 
 /// Protocol A is bounded by `max_buffer`: with the link stalled (the proxy

@@ -122,7 +122,8 @@ fn garbage_on_the_replication_port_is_refused() {
         b"RBRP\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff garbage",
     ];
     for payload in payloads {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", pair.alpha.repl_listen_port)).expect("connect to alpha's replication port");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", pair.alpha.repl_listen_port))
+            .expect("connect to alpha's replication port");
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
         // Alpha may close before everything is written: ignore write errors.
         let _ = s.write_all(payload);
@@ -132,7 +133,9 @@ fn garbage_on_the_replication_port_is_refused() {
                 Ok(0) => break true,
                 // Alpha may send its Hello or a Refuse first.
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break false,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    break false;
+                }
                 Err(_) => break true,
             }
         };
@@ -140,7 +143,11 @@ fn garbage_on_the_replication_port_is_refused() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while garbage_lines(&pair.alpha) <= before {
-        assert!(Instant::now() < deadline, "alpha's log does not report the garbage connections:\n{}", pair.alpha.log());
+        assert!(
+            Instant::now() < deadline,
+            "alpha's log does not report the garbage connections:\n{}",
+            pair.alpha.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let a = pair.alpha.status();

@@ -143,7 +143,10 @@ fn pair_setup_initial_sync_and_status() {
     let local = u(&a["lsn"]["local"]);
     assert!(local >= before + 10, "10 writes must advance lsn.local by at least 10: {before} -> {local}\n{a:#}");
     for f in ["peer_received", "peer_written", "peer_durable"] {
-        assert!(u(&a["lsn"][f]) >= local, "after a completed FLUSH under C, lsn.{f} must reach lsn.local ({local})\n{a:#}");
+        assert!(
+            u(&a["lsn"][f]) >= local,
+            "after a completed FLUSH under C, lsn.{f} must reach lsn.local ({local})\n{a:#}"
+        );
     }
     let b = pair.beta.wait_status("beta's lsn.local reaches alpha's", Duration::from_secs(10), |s| {
         s["lsn"]["local"].as_u64() == Some(local)
@@ -170,7 +173,8 @@ fn check_events(text: &str) {
         assert!(e["event"].is_string(), "event without a name: {e}");
     }
     // The first line is the `state` snapshot the stream starts with.
-    let mentions = |words: &[&str]| events.iter().skip(1).any(|e| words.iter().all(|w| e.to_string().to_lowercase().contains(w)));
+    let mentions =
+        |words: &[&str]| events.iter().skip(1).any(|e| words.iter().all(|w| e.to_string().to_lowercase().contains(w)));
     assert!(mentions(&["primary"]), "no event reports alpha becoming primary:\n{text}");
     assert!(mentions(&["sync"]), "no event reports the sync:\n{text}");
     assert!(mentions(&["uptodate"]), "no event reports the peer's disk becoming uptodate:\n{text}");
@@ -207,7 +211,8 @@ fn role_rules() {
     pair.alpha.wait_status("peer beta primary", Duration::from_secs(10), |s| s["peer"]["role"] == "primary");
     let ok = pair.rt.block_on(async {
         let c = pair.beta.nbd().await;
-        c.write(0, &[7u8; 4096], true).await.is_ok() && c.read(0, 4096).await.map(|d| d.iter().all(|&x| x == 7)).unwrap_or(false)
+        c.write(0, &[7u8; 4096], true).await.is_ok()
+            && c.read(0, 4096).await.map(|d| d.iter().all(|&x| x == 7)).unwrap_or(false)
     });
     assert!(ok, "beta, promoted, serves reads and writes");
     let msg = pair.alpha.repctl_refused(&["promote"]);
@@ -231,7 +236,9 @@ fn skip_initial_sync_on_blank_volumes() {
     }
     pair.alpha.repctl_ok(&["new-current-uuid", "--clear-bitmap"]);
     for p in [&pair.alpha, &pair.beta] {
-        p.wait_status("uptodate without a sync", Duration::from_secs(10), |s| s["disk"] == "uptodate" && s["peer"]["disk"] == "uptodate");
+        p.wait_status("uptodate without a sync", Duration::from_secs(10), |s| {
+            s["disk"] == "uptodate" && s["peer"]["disk"] == "uptodate"
+        });
     }
     pair.alpha.repctl_ok(&["promote"]);
     let b = pair.beta.wait_status("peer primary", Duration::from_secs(10), |s| s["peer"]["role"] == "primary");
@@ -350,6 +357,11 @@ fn two_primaries_are_refused() {
             .log_lines_lower()
             .iter()
             .any(|l| l.contains("split") || (l.contains("primar") && (l.contains("both") || l.contains("two"))));
-        assert!(logged, "{}'s log does not say why it went standalone (two primaries / split brain):\n{}", p.name, p.log());
+        assert!(
+            logged,
+            "{}'s log does not say why it went standalone (two primaries / split brain):\n{}",
+            p.name,
+            p.log()
+        );
     }
 }

@@ -205,7 +205,11 @@ fn sigkill_at_random_moments_loses_no_durable_write() {
                 None => panic!("round {round}: block {b} lost a durable write (expected {:?})", expected[b as usize]),
             }
         }
-        eprintln!("round {round} ({:?} since spawn): {} writes completed, last flush after {flushed:?}, {in_flight_seen} blocks hold non-durable writes", spawned.elapsed(), completed.map_or(0, |c| c + 1));
+        eprintln!(
+            "round {round} ({:?} since spawn): {} writes completed, last flush after {flushed:?}, {in_flight_seen} blocks hold non-durable writes",
+            spawned.elapsed(),
+            completed.map_or(0, |c| c + 1)
+        );
     }
     assert!(total_completed > 50, "the children completed only {total_completed} writes");
 }

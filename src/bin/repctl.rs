@@ -106,7 +106,6 @@ fn main() -> ExitCode {
     }
 }
 
-
 fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
     let node = config.node(&cli.node)?.clone();
@@ -119,7 +118,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::CreateMd { force } => {
             daemon::create_md(&config, &node, force)?;
-            writeln!(stdout, "{}: metadata created in {} (disk inconsistent until `promote --force`)", node.name, node.dir.display())?;
+            writeln!(
+                stdout,
+                "{}: metadata created in {} (disk inconsistent until `promote --force`)",
+                node.name,
+                node.dir.display()
+            )?;
         }
         Command::Status { json } => {
             let v = connect()?.request(&Request::Status)?;
@@ -170,7 +174,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::WaitSync { timeout: wait } => {
             if let Some(t) = wait {
-                Duration::try_from_secs_f64(t).with_context(|| format!("wait-sync --timeout: expected a number of seconds, got {t}"))?;
+                Duration::try_from_secs_f64(t)
+                    .with_context(|| format!("wait-sync --timeout: expected a number of seconds, got {t}"))?;
             }
             if config.peer_of(&node.name).is_some() {
                 wait_sync_with_progress(&connect, wait.map(Duration::from_secs_f64))?;
@@ -220,7 +225,10 @@ fn wait_sync_with_progress(
         {
             return Ok(());
         }
-        let mut line = format!("{}: connection:{} replication:{replication} disk:{} peer-disk:{peer_disk}", s.node, s.connection, s.disk);
+        let mut line = format!(
+            "{}: connection:{} replication:{replication} disk:{} peer-disk:{peer_disk}",
+            s.node, s.connection, s.disk
+        );
         if s.resync.total_bytes > 0 {
             let pct = 100.0 * s.resync.done_bytes as f64 / s.resync.total_bytes as f64;
             line.push_str(&format!(" sync:{pct:.1}%"));

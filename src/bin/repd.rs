@@ -67,7 +67,6 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_level);

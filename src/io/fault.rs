@@ -326,13 +326,8 @@ struct RangeSet {
 impl RangeSet {
     fn insert(&mut self, mut a: u64, mut b: u64) {
         // Merge with every range that overlaps or touches [a, b).
-        let touching: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=b)
-            .rev()
-            .take_while(|&(_, &e)| e >= a)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let touching: Vec<(u64, u64)> =
+            self.ranges.range(..=b).rev().take_while(|&(_, &e)| e >= a).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in touching {
             self.ranges.remove(&s);
             a = a.min(s);
@@ -446,7 +441,9 @@ impl IoEngine for FaultEngine {
                 IoOp::Write { file, offset, buf } => IoOp::Write { file, offset: *offset, buf },
                 IoOp::Read { file, offset, buf } => IoOp::Read { file, offset: *offset, buf },
                 IoOp::SyncData { file } => IoOp::SyncData { file },
-                IoOp::Zero { file, offset, len, punch } => IoOp::Zero { file, offset: *offset, len: *len, punch: *punch },
+                IoOp::Zero { file, offset, len, punch } => {
+                    IoOp::Zero { file, offset: *offset, len: *len, punch: *punch }
+                }
             })
             .collect();
         let res = if pass.is_empty() { Ok(()) } else { self.inner.submit(&mut pass) };
@@ -567,18 +564,15 @@ pub struct FaultSpec {
 pub fn parse_fault_spec(s: &str) -> Result<FaultSpec, String> {
     let mut spec = FaultSpec::default();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| format!("{FAULTS_ENV}: `{item}` is not key=value"))?;
+        let (key, value) = item.split_once('=').ok_or_else(|| format!("{FAULTS_ENV}: `{item}` is not key=value"))?;
         let key = key.trim();
         let value = value.trim();
         match key {
             "sync_error_after" => spec.sync_error_after = Some(parse_after(key, value)?),
             "write_error_after" => spec.write_error_after = Some(parse_after(key, value)?),
             "seed" => {
-                spec.seed = value
-                    .parse()
-                    .map_err(|_| format!("{FAULTS_ENV}: seed: `{value}` is not an unsigned integer"))?
+                spec.seed =
+                    value.parse().map_err(|_| format!("{FAULTS_ENV}: seed: `{value}` is not an unsigned integer"))?
             }
             _ => {
                 return Err(format!(
@@ -591,13 +585,10 @@ pub fn parse_fault_spec(s: &str) -> Result<FaultSpec, String> {
 }
 
 fn parse_after(key: &str, value: &str) -> Result<(u64, i32), String> {
-    let (n, errno) = value
-        .split_once(':')
-        .ok_or_else(|| format!("{FAULTS_ENV}: {key}: `{value}` is not COUNT:ERRNO"))?;
-    let n: u64 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{FAULTS_ENV}: {key}: count `{n}` is not an unsigned integer"))?;
+    let (n, errno) =
+        value.split_once(':').ok_or_else(|| format!("{FAULTS_ENV}: {key}: `{value}` is not COUNT:ERRNO"))?;
+    let n: u64 =
+        n.trim().parse().map_err(|_| format!("{FAULTS_ENV}: {key}: count `{n}` is not an unsigned integer"))?;
     let errno = parse_errno(errno.trim()).ok_or_else(|| format!("{FAULTS_ENV}: {key}: unknown errno `{errno}`"))?;
     Ok((n, errno))
 }
@@ -806,7 +797,10 @@ mod tests {
             assert_eq!(errno(e.write_all_at(&files[0], &b, 0)), Some(libc::EIO));
             assert_eq!(errno(e.sync_data(&files[0])), Some(libc::EIO));
             assert_eq!(e.len(&files[0]).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
-            assert_eq!(e.open(&dir.path().join("f0"), OpenMode::READ).map(|_| ()).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+            assert_eq!(
+                e.open(&dir.path().join("f0"), OpenMode::READ).map(|_| ()).map_err(|e| e.raw_os_error()),
+                Err(Some(libc::EIO))
+            );
             e.clear_faults();
             e.len(&files[0]).expect("len after clear_faults");
             totals.writes_kept += report.writes_kept;
@@ -900,7 +894,10 @@ mod tests {
             match after.len() {
                 1024 => {}
                 1536 => assert_eq!(&after[1024..], &new[..512]),
-                2048 => assert!(after[1536..] == new[512..] && (after[1024..1536] == new[..512] || after[1024..1536].iter().all(|&x| x == 0))),
+                2048 => assert!(
+                    after[1536..] == new[512..]
+                        && (after[1024..1536] == new[..512] || after[1024..1536].iter().all(|&x| x == 0))
+                ),
                 n => panic!("unexpected length {n}"),
             }
             lens.insert(after.len());

@@ -46,11 +46,7 @@ static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
 impl IoFile {
     /// Wraps an already open file.
     pub fn new(file: File, path: impl Into<PathBuf>) -> IoFile {
-        IoFile {
-            file,
-            path: path.into(),
-            id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed),
-        }
+        IoFile { file, path: path.into(), id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed) }
     }
 
     pub fn path(&self) -> &Path {

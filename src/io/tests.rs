@@ -156,21 +156,15 @@ fn batch_larger_than_ring(e: &dyn IoEngine) {
     let dir = tmpdir();
     let f = e.open(&dir.path().join("data"), OpenMode::CREATE_NEW).expect("open");
     let bufs: Vec<Vec<u8>> = (0..N).map(|i| pattern(i as u8, 4096 - (i % 7))).collect();
-    let mut ops: Vec<IoOp<'_>> = bufs
-        .iter()
-        .enumerate()
-        .map(|(i, b)| IoOp::Write { file: &f, offset: i as u64 * 4096, buf: b })
-        .collect();
+    let mut ops: Vec<IoOp<'_>> =
+        bufs.iter().enumerate().map(|(i, b)| IoOp::Write { file: &f, offset: i as u64 * 4096, buf: b }).collect();
     e.submit(&mut ops).expect("1000 writes");
     drop(ops);
     e.sync_data(&f).expect("sync");
 
     let mut out: Vec<Vec<u8>> = bufs.iter().map(|b| vec![0; b.len()]).collect();
-    let mut ops: Vec<IoOp<'_>> = out
-        .iter_mut()
-        .enumerate()
-        .map(|(i, b)| IoOp::Read { file: &f, offset: i as u64 * 4096, buf: b })
-        .collect();
+    let mut ops: Vec<IoOp<'_>> =
+        out.iter_mut().enumerate().map(|(i, b)| IoOp::Read { file: &f, offset: i as u64 * 4096, buf: b }).collect();
     e.submit(&mut ops).expect("1000 reads");
     drop(ops);
     for (i, (w, r)) in bufs.iter().zip(&out).enumerate() {
@@ -255,11 +249,8 @@ fn sync_data_succeeds(e: &dyn IoEngine) {
     let f = e.open(&dir.path().join("data"), OpenMode::CREATE_NEW).expect("open");
     let g = e.open(&dir.path().join("other"), OpenMode::CREATE_NEW).expect("open");
     let a = pattern(1, 8192);
-    e.submit(&mut [
-        IoOp::Write { file: &f, offset: 0, buf: &a },
-        IoOp::Write { file: &g, offset: 0, buf: &a },
-    ])
-    .expect("writes");
+    e.submit(&mut [IoOp::Write { file: &f, offset: 0, buf: &a }, IoOp::Write { file: &g, offset: 0, buf: &a }])
+        .expect("writes");
     e.submit(&mut [IoOp::SyncData { file: &f }, IoOp::SyncData { file: &g }]).expect("syncs");
     e.sync_data(&f).expect("sync again");
     assert_eq!(read(e, &g, 0, 8192), a);
@@ -475,7 +466,9 @@ fn engine_choice_parses_from_the_config_spelling() {
     struct Cfg {
         io_engine: EngineChoice,
     }
-    for (text, want) in [("auto", EngineChoice::Auto), ("io_uring", EngineChoice::IoUring), ("sync", EngineChoice::Sync)] {
+    for (text, want) in
+        [("auto", EngineChoice::Auto), ("io_uring", EngineChoice::IoUring), ("sync", EngineChoice::Sync)]
+    {
         let cfg: Cfg = toml::from_str(&format!("io_engine = \"{text}\"")).expect(text);
         assert_eq!(cfg.io_engine, want);
     }
@@ -518,10 +511,7 @@ fn fallback_child() {
     assert!(std::env::var_os(uring::DISABLE_ENV).is_some(), "must run with {} set", uring::DISABLE_ENV);
     let logs = LogBuf::default();
     let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     tracing::subscriber::with_default(subscriber, || {
         let err = uring::probe().expect_err("probe must fail");
         assert!(err.to_string().contains("io_uring disabled by REPBLOCK_DISABLE_IO_URING"), "{err}");
@@ -586,7 +576,8 @@ fn batches(ops: &[DiffOp], max_batch: &[usize]) -> Vec<Vec<DiffOp>> {
                 (Some((a, b)), Some((c, d))) => a < d && c < b,
                 _ => false,
             };
-            let extends = |o: &DiffOp| matches!(o, DiffOp::Write { offset, len, .. } if offset + *len as u64 > len_at_start);
+            let extends =
+                |o: &DiffOp| matches!(o, DiffOp::Write { offset, len, .. } if offset + *len as u64 > len_at_start);
             (overlap && (mutating(op) || mutating(other)))
                 || (matches!(op, DiffOp::Read { .. }) && extends(other))
                 || (matches!(other, DiffOp::Read { .. }) && extends(op))
@@ -653,10 +644,8 @@ fn differential(base: &Path, ops: &[DiffOp], max_batch: &[usize]) -> Result<(), 
         ("uring-short", Arc::new(UringEngine::with_max_transfer(4097))),
     ];
     let dir = tempfile::tempdir_in(base).expect("temp dir");
-    let files: Vec<IoFile> = engines
-        .iter()
-        .map(|(name, e)| e.open(&dir.path().join(name), OpenMode::CREATE_NEW).expect("open"))
-        .collect();
+    let files: Vec<IoFile> =
+        engines.iter().map(|(name, e)| e.open(&dir.path().join(name), OpenMode::CREATE_NEW).expect("open")).collect();
     let mut file_len = 0u64;
     for batch in batches(ops, max_batch) {
         let (ref_err, ref_reads) = run_diff_batch(&*engines[0].1, &files[0], &batch);
@@ -715,7 +704,15 @@ proptest! {
 // Benchmark (not part of the suite): sync vs io_uring, same run, ratios.
 // Run: cargo test --release --lib io::tests::bench_engines -- --ignored --nocapture
 
-fn bench_workload(e: &dyn IoEngine, dir: &Path, name: &str, rounds: usize, batch: usize, size: usize, sync: bool) -> f64 {
+fn bench_workload(
+    e: &dyn IoEngine,
+    dir: &Path,
+    name: &str,
+    rounds: usize,
+    batch: usize,
+    size: usize,
+    sync: bool,
+) -> f64 {
     use rand::{Rng, SeedableRng};
     const SPAN: u64 = 256 << 20;
     let f = e.open(&dir.join(format!("{name}-{}", e.kind())), OpenMode::CREATE_NEW).expect("open");

@@ -87,10 +87,7 @@ const ABANDON_WAIT: Duration = Duration::from_secs(60);
 pub fn probe() -> io::Result<()> {
     if let Some(v) = std::env::var_os(DISABLE_ENV) {
         if !v.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("io_uring disabled by {DISABLE_ENV}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring disabled by {DISABLE_ENV}")));
         }
     }
     static PROBE: OnceLock<Result<(), (io::ErrorKind, String)>> = OnceLock::new();
@@ -103,9 +100,7 @@ pub fn probe() -> io::Result<()> {
 fn probe_uncached() -> io::Result<()> {
     let mut ring: IoUring = IoUring::new(8).map_err(|e| ctx(e, "cannot create an io_uring"))?;
     let mut p = Probe::new();
-    ring.submitter()
-        .register_probe(&mut p)
-        .map_err(|e| ctx(e, "IORING_REGISTER_PROBE failed"))?;
+    ring.submitter().register_probe(&mut p).map_err(|e| ctx(e, "IORING_REGISTER_PROBE failed"))?;
     for (code, name) in [
         (opcode::Read::CODE, "READ"),
         (opcode::Write::CODE, "WRITE"),
@@ -121,8 +116,7 @@ fn probe_uncached() -> io::Result<()> {
     }
     let nop = opcode::Nop::new().build().user_data(0x4e4f50);
     // SAFETY: a NOP references no memory.
-    unsafe { ring.submission().push(&nop) }
-        .map_err(|_| io::Error::other("io_uring probe: submission queue full"))?;
+    unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("io_uring probe: submission queue full"))?;
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => break,
@@ -130,10 +124,8 @@ fn probe_uncached() -> io::Result<()> {
             Err(e) => return Err(ctx(e, "io_uring_enter failed")),
         }
     }
-    let cqe = ring
-        .completion()
-        .next()
-        .ok_or_else(|| io::Error::other("io_uring probe: NOP submitted but no completion"))?;
+    let cqe =
+        ring.completion().next().ok_or_else(|| io::Error::other("io_uring probe: NOP submitted but no completion"))?;
     if cqe.result() < 0 {
         return Err(ctx(io::Error::from_raw_os_error(-cqe.result()), "io_uring NOP failed"));
     }
@@ -287,31 +279,24 @@ fn build_sqe(op: &mut IoOp<'_>, done: usize, index: usize, max_transfer: usize) 
             let rest = &buf[done..];
             let n = rest.len().min(max_transfer);
             let off = file_offset(*offset, done)?;
-            opcode::Write::new(types::Fd(file.raw_fd()), rest.as_ptr(), n as u32)
-                .offset(off)
-                .build()
+            opcode::Write::new(types::Fd(file.raw_fd()), rest.as_ptr(), n as u32).offset(off).build()
         }
         IoOp::Read { file, offset, buf } => {
             let off = file_offset(*offset, done)?;
             let rest = &mut buf[done..];
             let n = rest.len().min(max_transfer);
-            opcode::Read::new(types::Fd(file.raw_fd()), rest.as_mut_ptr(), n as u32)
-                .offset(off)
-                .build()
+            opcode::Read::new(types::Fd(file.raw_fd()), rest.as_mut_ptr(), n as u32).offset(off).build()
         }
-        IoOp::SyncData { file } => opcode::Fsync::new(types::Fd(file.raw_fd()))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
+        IoOp::SyncData { file } => {
+            opcode::Fsync::new(types::Fd(file.raw_fd())).flags(types::FsyncFlags::DATASYNC).build()
+        }
         IoOp::Zero { file, offset, len, punch } => {
             let mode = if *punch {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
                 libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
             };
-            opcode::Fallocate::new(types::Fd(file.raw_fd()), *len)
-                .offset(*offset)
-                .mode(mode)
-                .build()
+            opcode::Fallocate::new(types::Fd(file.raw_fd()), *len).offset(*offset).mode(mode).build()
         }
     };
     Ok(entry.user_data(index as u64))
@@ -580,11 +565,8 @@ mod tests {
         let f = sync::open_file(&dir.path().join("f"), OpenMode::CREATE_NEW).expect("open");
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let bufs: Vec<&[u8]> = data.chunks(7).collect();
-        let mut ops: Vec<IoOp<'_>> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, b)| IoOp::Write { file: &f, offset: i as u64 * 7, buf: b })
-            .collect();
+        let mut ops: Vec<IoOp<'_>> =
+            bufs.iter().enumerate().map(|(i, b)| IoOp::Write { file: &f, offset: i as u64 * 7, buf: b }).collect();
         ops.push(IoOp::SyncData { file: &f });
         run_on_temporary_ring(&mut ops, 3).expect("batch of 430 ops on a private ring");
         drop(ops);

@@ -193,9 +193,7 @@ impl NbdClient {
         r.read_exact(&mut g).await?;
         let hflags = parse_greeting(&g).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if hflags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol(
-                "Server does not offer fixed newstyle negotiation".into(),
-            ));
+            return Err(ClientError::Protocol("Server does not offer fixed newstyle negotiation".into()));
         }
         let no_zeroes = hflags & NBD_FLAG_NO_ZEROES != 0;
         let cflags = NBD_FLAG_C_FIXED_NEWSTYLE | if no_zeroes { NBD_FLAG_C_NO_ZEROES } else { 0 };
@@ -207,10 +205,7 @@ impl NbdClient {
         let structured = reply == NBD_REP_ACK;
 
         // GO, asking for the block size constraints.
-        let go = InfoRequest {
-            name: export.as_bytes().to_vec(),
-            requests: vec![NBD_INFO_BLOCK_SIZE],
-        };
+        let go = InfoRequest { name: export.as_bytes().to_vec(), requests: vec![NBD_INFO_BLOCK_SIZE] };
         send_option(&mut w, NBD_OPT_GO, &go.encode()).await?;
         let mut export_info = None;
         let mut block_size = None;
@@ -223,23 +218,16 @@ impl NbdClient {
                         export_info = Some((size, u16::from_be_bytes([data[10], data[11]])));
                     }
                     NBD_INFO_BLOCK_SIZE if data.len() == 14 => {
-                        let v = |at: usize| {
-                            u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]])
-                        };
+                        let v = |at: usize| u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
                         block_size = Some((v(2), v(6), v(10)));
                     }
                     NBD_INFO_EXPORT | NBD_INFO_BLOCK_SIZE => {
-                        return Err(ClientError::Protocol(format!(
-                            "Malformed NBD_REP_INFO of {} bytes",
-                            data.len()
-                        )));
+                        return Err(ClientError::Protocol(format!("Malformed NBD_REP_INFO of {} bytes", data.len())));
                     }
                     _ => {} // Unknown information: ignore, as the spec asks.
                 },
                 NBD_REP_INFO => {
-                    return Err(ClientError::Protocol(
-                        "NBD_REP_INFO shorter than 2 bytes".into(),
-                    ));
+                    return Err(ClientError::Protocol("NBD_REP_INFO shorter than 2 bytes".into()));
                 }
                 NBD_REP_ACK => break,
                 NBD_REP_ERR_UNSUP => {
@@ -265,16 +253,12 @@ impl NbdClient {
                     )));
                 }
                 other => {
-                    return Err(ClientError::Protocol(format!(
-                        "Unexpected option reply {other:#x} to NBD_OPT_GO"
-                    )));
+                    return Err(ClientError::Protocol(format!("Unexpected option reply {other:#x} to NBD_OPT_GO")));
                 }
             }
         }
         let Some((size, flags)) = export_info else {
-            return Err(ClientError::Protocol(
-                "NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into(),
-            ));
+            return Err(ClientError::Protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into()));
         };
         debug!(export, size, flags, structured, "NBD client connected");
 
@@ -336,36 +320,11 @@ impl NbdClient {
             if st.closed {
                 return Err(ClientError::Closed);
             }
-            let read = (kind == NBD_CMD_READ).then_some(ReadState {
-                offset,
-                len,
-                whole: None,
-                buf: None,
-                covered: 0,
-            });
-            st.pending.insert(
-                cookie,
-                Pending {
-                    done,
-                    read,
-                    error: None,
-                },
-            );
+            let read = (kind == NBD_CMD_READ).then_some(ReadState { offset, len, whole: None, buf: None, covered: 0 });
+            st.pending.insert(cookie, Pending { done, read, error: None });
         }
-        let header = RequestHeader {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len,
-        }
-        .encode();
-        if self
-            .inner
-            .out
-            .send(Outgoing::Request { header, payload })
-            .is_err()
-        {
+        let header = RequestHeader { flags, kind, cookie, offset, len }.encode();
+        if self.inner.out.send(Outgoing::Request { header, payload }).is_err() {
             lock(&self.inner.state).pending.remove(&cookie);
             return Err(ClientError::Closed);
         }
@@ -380,27 +339,15 @@ impl NbdClient {
 
     /// Writes `data` at `offset`; with `fua`, completes only once durable.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
-        self.write_bytes(offset, Bytes::copy_from_slice(data), fua)
-            .await
+        self.write_bytes(offset, Bytes::copy_from_slice(data), fua).await
     }
 
     /// [`NbdClient::write`] without copying the data.
-    pub async fn write_bytes(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> Result<(), ClientError> {
-        let len = u32::try_from(data.len()).map_err(|_| {
-            ClientError::Protocol(format!(
-                "Write of {} bytes does not fit a request",
-                data.len()
-            ))
-        })?;
+    pub async fn write_bytes(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| ClientError::Protocol(format!("Write of {} bytes does not fit a request", data.len())))?;
         let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-        self.request(NBD_CMD_WRITE, flags, offset, len, Some(data))
-            .await
-            .map(drop)
+        self.request(NBD_CMD_WRITE, flags, offset, len, Some(data)).await.map(drop)
     }
 
     /// Makes every write completed before it durable (on every connection,
@@ -412,24 +359,13 @@ impl NbdClient {
     /// Discards a range (NBD_CMD_TRIM).
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ClientError> {
         let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-        self.request(NBD_CMD_TRIM, flags, offset, len, None)
-            .await
-            .map(drop)
+        self.request(NBD_CMD_TRIM, flags, offset, len, None).await.map(drop)
     }
 
     /// Zeroes a range; `no_hole` asks the server to keep it allocated.
-    pub async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        no_hole: bool,
-        fua: bool,
-    ) -> Result<(), ClientError> {
-        let flags =
-            if fua { NBD_CMD_FLAG_FUA } else { 0 } | if no_hole { NBD_CMD_FLAG_NO_HOLE } else { 0 };
-        self.request(NBD_CMD_WRITE_ZEROES, flags, offset, len, None)
-            .await
-            .map(drop)
+    pub async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> Result<(), ClientError> {
+        let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 } | if no_hole { NBD_CMD_FLAG_NO_HOLE } else { 0 };
+        self.request(NBD_CMD_WRITE_ZEROES, flags, offset, len, None).await.map(drop)
     }
 
     /// Sends NBD_CMD_DISC and waits until the server closed the connection
@@ -438,32 +374,12 @@ impl NbdClient {
         if lock(&self.inner.state).closed {
             return Err(ClientError::Closed);
         }
-        let header = RequestHeader {
-            flags: 0,
-            kind: NBD_CMD_DISC,
-            cookie: 0,
-            offset: 0,
-            len: 0,
-        }
-        .encode();
-        self.inner
-            .out
-            .send(Outgoing::Request {
-                header,
-                payload: None,
-            })
-            .map_err(|_| ClientError::Closed)?;
+        let header = RequestHeader { flags: 0, kind: NBD_CMD_DISC, cookie: 0, offset: 0, len: 0 }.encode();
+        self.inner.out.send(Outgoing::Request { header, payload: None }).map_err(|_| ClientError::Closed)?;
         let _ = self.inner.out.send(Outgoing::Shutdown);
-        let reader = self
-            .inner
-            .reader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let reader = self.inner.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(reader) = reader {
-            reader
-                .await
-                .map_err(|e| ClientError::Io(io::Error::other(e)))?;
+            reader.await.map_err(|e| ClientError::Io(io::Error::other(e)))?;
         }
         Ok(())
     }
@@ -484,13 +400,8 @@ fn rep_name(reply: u32) -> &'static str {
     }
 }
 
-async fn send_option<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    option: u32,
-    data: &[u8],
-) -> Result<(), ClientError> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| ClientError::Protocol("Option data too long".into()))?;
+async fn send_option<W: AsyncWrite + Unpin>(w: &mut W, option: u32, data: &[u8]) -> Result<(), ClientError> {
+    let len = u32::try_from(data.len()).map_err(|_| ClientError::Protocol("Option data too long".into()))?;
     let mut b = OptionHeader { option, len }.encode().to_vec();
     b.extend_from_slice(data);
     w.write_all(&b).await?;
@@ -499,35 +410,22 @@ async fn send_option<W: AsyncWrite + Unpin>(
 }
 
 /// Reads one option reply to `option`: (reply type, data).
-async fn read_option_reply<R: AsyncRead + Unpin>(
-    r: &mut R,
-    option: u32,
-) -> Result<(u32, Vec<u8>), ClientError> {
+async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> Result<(u32, Vec<u8>), ClientError> {
     let mut hb = [0u8; OptionReplyHeader::LEN];
     r.read_exact(&mut hb).await?;
     let h = OptionReplyHeader::parse(&hb).map_err(|e| ClientError::Protocol(e.to_string()))?;
     if h.option != option {
-        return Err(ClientError::Protocol(format!(
-            "Reply to option {} while waiting for {option}",
-            h.option
-        )));
+        return Err(ClientError::Protocol(format!("Reply to option {} while waiting for {option}", h.option)));
     }
     if h.len > MAX_OPTION_DATA {
-        return Err(ClientError::Protocol(format!(
-            "Option reply of {} bytes",
-            h.len
-        )));
+        return Err(ClientError::Protocol(format!("Option reply of {} bytes", h.len)));
     }
     let mut data = vec![0u8; h.len as usize];
     r.read_exact(&mut data).await?;
     Ok((h.reply, data))
 }
 
-async fn writer_loop<W: AsyncWrite + Unpin>(
-    w: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    state: Arc<Mutex<State>>,
-) {
+async fn writer_loop<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Outgoing>, state: Arc<Mutex<State>>) {
     let mut w = BufWriter::with_capacity(256 * 1024, w);
     while let Some(out) = rx.recv().await {
         let res = match out {
@@ -577,11 +475,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(mut r: R, state: Arc<Mutex<State>>, s
 }
 
 /// Reads into `buf` until it holds `want` bytes; `Ok(false)` on EOF.
-async fn fill<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    want: usize,
-) -> Result<bool, ClientError> {
+async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, want: usize) -> Result<bool, ClientError> {
     while buf.len() < want {
         buf.reserve(want - buf.len());
         if r.read_buf(buf).await? == 0 {
@@ -606,9 +500,7 @@ async fn read_reply<R: AsyncRead + Unpin>(
                     return if buf.is_empty() {
                         Ok(false)
                     } else {
-                        Err(ClientError::Protocol(
-                            "Connection closed in the middle of a reply".into(),
-                        ))
+                        Err(ClientError::Protocol("Connection closed in the middle of a reply".into()))
                     };
                 }
             }
@@ -620,9 +512,10 @@ async fn read_reply<R: AsyncRead + Unpin>(
         ReplyHeader::Simple { error, cookie } => {
             let read_len = {
                 let st = lock(state);
-                let p = st.pending.get(&cookie).ok_or_else(|| {
-                    ClientError::Protocol(format!("Reply for unknown cookie {cookie}"))
-                })?;
+                let p = st
+                    .pending
+                    .get(&cookie)
+                    .ok_or_else(|| ClientError::Protocol(format!("Reply for unknown cookie {cookie}")))?;
                 p.read.as_ref().map(|rs| rs.len)
             };
             let result = match (error, read_len) {
@@ -639,16 +532,9 @@ async fn read_reply<R: AsyncRead + Unpin>(
                 let _ = p.done.send(result);
             }
         }
-        ReplyHeader::Chunk {
-            flags,
-            kind,
-            cookie,
-            len,
-        } => {
+        ReplyHeader::Chunk { flags, kind, cookie, len } => {
             if !structured {
-                return Err(ClientError::Protocol(
-                    "Structured reply without negotiation".into(),
-                ));
+                return Err(ClientError::Protocol("Structured reply without negotiation".into()));
             }
             if len > MAX_CHUNK {
                 return Err(ClientError::Protocol(format!("Reply chunk of {len} bytes")));
@@ -658,57 +544,45 @@ async fn read_reply<R: AsyncRead + Unpin>(
             }
             let payload = buf.split_to(len as usize).freeze();
             let mut st = lock(state);
-            let p = st.pending.get_mut(&cookie).ok_or_else(|| {
-                ClientError::Protocol(format!("Reply chunk for unknown cookie {cookie}"))
-            })?;
+            let p = st
+                .pending
+                .get_mut(&cookie)
+                .ok_or_else(|| ClientError::Protocol(format!("Reply chunk for unknown cookie {cookie}")))?;
             match kind {
                 NBD_REPLY_TYPE_NONE => {
                     if len != 0 || flags & NBD_REPLY_FLAG_DONE == 0 {
-                        return Err(ClientError::Protocol(
-                            "Malformed NBD_REPLY_TYPE_NONE chunk".into(),
-                        ));
+                        return Err(ClientError::Protocol("Malformed NBD_REPLY_TYPE_NONE chunk".into()));
                     }
                 }
                 NBD_REPLY_TYPE_OFFSET_DATA | NBD_REPLY_TYPE_OFFSET_HOLE => {
-                    let rs = p.read.as_mut().ok_or_else(|| {
-                        ClientError::Protocol("Content chunk in reply to a non-READ".into())
-                    })?;
+                    let rs = p
+                        .read
+                        .as_mut()
+                        .ok_or_else(|| ClientError::Protocol("Content chunk in reply to a non-READ".into()))?;
                     let (offset, n) = if kind == NBD_REPLY_TYPE_OFFSET_DATA {
                         if len < 9 {
                             return Err(ClientError::Protocol(
                                 "NBD_REPLY_TYPE_OFFSET_DATA shorter than 9 bytes".into(),
                             ));
                         }
-                        (
-                            u64::from_be_bytes(payload[0..8].try_into().unwrap_or_default()),
-                            u64::from(len - 8),
-                        )
+                        (u64::from_be_bytes(payload[0..8].try_into().unwrap_or_default()), u64::from(len - 8))
                     } else {
                         if len != 12 {
-                            return Err(ClientError::Protocol(
-                                "NBD_REPLY_TYPE_OFFSET_HOLE not 12 bytes".into(),
-                            ));
+                            return Err(ClientError::Protocol("NBD_REPLY_TYPE_OFFSET_HOLE not 12 bytes".into()));
                         }
-                        let hole =
-                            u32::from_be_bytes(payload[8..12].try_into().unwrap_or_default());
-                        (
-                            u64::from_be_bytes(payload[0..8].try_into().unwrap_or_default()),
-                            u64::from(hole),
-                        )
+                        let hole = u32::from_be_bytes(payload[8..12].try_into().unwrap_or_default());
+                        (u64::from_be_bytes(payload[0..8].try_into().unwrap_or_default()), u64::from(hole))
                     };
                     let start = offset.checked_sub(rs.offset);
-                    let within =
-                        start.filter(|s| s.checked_add(n).is_some_and(|e| e <= u64::from(rs.len)));
+                    let within = start.filter(|s| s.checked_add(n).is_some_and(|e| e <= u64::from(rs.len)));
                     let Some(start) = within else {
                         return Err(ClientError::Protocol(format!(
                             "Content chunk {offset}+{n} outside the request {}+{}",
                             rs.offset, rs.len
                         )));
                     };
-                    let whole = kind == NBD_REPLY_TYPE_OFFSET_DATA
-                        && rs.covered == 0
-                        && start == 0
-                        && n == u64::from(rs.len);
+                    let whole =
+                        kind == NBD_REPLY_TYPE_OFFSET_DATA && rs.covered == 0 && start == 0 && n == u64::from(rs.len);
                     if whole {
                         rs.whole = Some(payload.slice(8..));
                     } else {
@@ -737,33 +611,23 @@ async fn read_reply<R: AsyncRead + Unpin>(
                     }
                 }
                 k if k & NBD_REPLY_TYPE_ERROR_BIT != 0 => {
-                    let (errno, message) = parse_error_chunk(&payload)
-                        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    let (errno, message) =
+                        parse_error_chunk(&payload).map_err(|e| ClientError::Protocol(e.to_string()))?;
                     debug!(cookie, errno, message = %message, "NBD error chunk");
                     // A zero error value is a server bug; treat it as EINVAL
                     // rather than success.
-                    p.error.get_or_insert(ClientError::Nbd {
-                        errno: if errno == 0 { NBD_EINVAL } else { errno },
-                    });
+                    p.error.get_or_insert(ClientError::Nbd { errno: if errno == 0 { NBD_EINVAL } else { errno } });
                 }
                 other => {
-                    return Err(ClientError::Protocol(format!(
-                        "Unknown reply chunk type {other}"
-                    )));
+                    return Err(ClientError::Protocol(format!("Unknown reply chunk type {other}")));
                 }
             }
             if flags & NBD_REPLY_FLAG_DONE != 0 {
-                let p = st
-                    .pending
-                    .remove(&cookie)
-                    .ok_or_else(|| ClientError::Protocol("Lost request".into()))?;
+                let p = st.pending.remove(&cookie).ok_or_else(|| ClientError::Protocol("Lost request".into()))?;
                 let result = match (p.error, p.read) {
                     (Some(e), _) => Err(e),
                     (None, Some(rs)) if rs.covered != u64::from(rs.len) => {
-                        Err(ClientError::Protocol(format!(
-                            "READ reply covers {} of {} bytes",
-                            rs.covered, rs.len
-                        )))
+                        Err(ClientError::Protocol(format!("READ reply covers {} of {} bytes", rs.covered, rs.len)))
                     }
                     (None, Some(rs)) => Ok(Some(match (rs.whole, rs.buf) {
                         (Some(w), _) => w,

@@ -74,17 +74,11 @@ impl MemoryBackend {
     /// Every later request of kind `op` fails with `err` (until
     /// [`MemoryBackend::clear_failures`]).
     pub fn fail_with(&self, op: Op, err: BlockError) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((op, err));
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).push((op, err));
     }
 
     pub fn clear_failures(&self) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub fn counters(&self) -> &Counters {
@@ -113,10 +107,9 @@ impl MemoryBackend {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(BlockError::Invalid(format!(
-                "range {offset}+{len} beyond the end of a {}-byte device",
-                self.size
-            ))),
+            _ => {
+                Err(BlockError::Invalid(format!("range {offset}+{len} beyond the end of a {}-byte device", self.size)))
+            }
         }
     }
 
@@ -187,8 +180,7 @@ impl BlockBackend for MemoryBackend {
             self.counters.fua.fetch_add(1, Ordering::Relaxed);
         }
         self.prologue(Op::Write).await?;
-        self.check_range(offset, data.len() as u64)
-            .map_err(|e| BlockError::NoSpace(e.to_string()))?;
+        self.check_range(offset, data.len() as u64).map_err(|e| BlockError::NoSpace(e.to_string()))?;
         self.copy_in(offset, data.len(), Some(&data), true);
         Ok(())
     }
@@ -209,13 +201,7 @@ impl BlockBackend for MemoryBackend {
         Ok(())
     }
 
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u32,
-        no_hole: bool,
-        fua: bool,
-    ) -> Result<(), BlockError> {
+    async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> Result<(), BlockError> {
         self.counters.write_zeroes.fetch_add(1, Ordering::Relaxed);
         if fua {
             self.counters.fua.fetch_add(1, Ordering::Relaxed);
@@ -224,8 +210,7 @@ impl BlockBackend for MemoryBackend {
             self.counters.no_hole.fetch_add(1, Ordering::Relaxed);
         }
         self.prologue(Op::WriteZeroes).await?;
-        self.check_range(offset, u64::from(len))
-            .map_err(|e| BlockError::NoSpace(e.to_string()))?;
+        self.check_range(offset, u64::from(len)).map_err(|e| BlockError::NoSpace(e.to_string()))?;
         self.copy_in(offset, len as usize, None, no_hole);
         Ok(())
     }
@@ -241,13 +226,8 @@ mod tests {
         let m = MemoryBackend::new(size);
         let data: Vec<u8> = (0..2 * CHUNK + 10).map(|i| (i % 251) as u8 + 1).collect();
         let off = CHUNK as u64 - 5;
-        m.write(off, Bytes::from(data.clone()), false)
-            .await
-            .unwrap();
-        assert_eq!(
-            &m.read(off, data.len() as u32).await.unwrap()[..],
-            &data[..]
-        );
+        m.write(off, Bytes::from(data.clone()), false).await.unwrap();
+        assert_eq!(&m.read(off, data.len() as u32).await.unwrap()[..], &data[..]);
         assert_eq!(&m.read(0, 10).await.unwrap()[..], &[0u8; 10]);
 
         // Trim the middle chunk entirely (it is freed) and part of the others.
@@ -259,13 +239,7 @@ mod tests {
         assert!(m.chunks[1].read().unwrap().is_none());
 
         m.write_zeroes(0, size as u32, true, true).await.unwrap();
-        assert!(
-            m.read(0, size as u32)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0)
-        );
+        assert!(m.read(0, size as u32).await.unwrap().iter().all(|&b| b == 0));
         assert_eq!(m.counters().fua.load(Ordering::Relaxed), 1);
         assert_eq!(m.counters().no_hole.load(Ordering::Relaxed), 1);
     }
@@ -273,18 +247,9 @@ mod tests {
     #[tokio::test]
     async fn out_of_range_and_injected_errors() {
         let m = MemoryBackend::new(4096);
-        assert!(matches!(
-            m.read(4000, 200).await,
-            Err(BlockError::Invalid(_))
-        ));
-        assert!(matches!(
-            m.write(4000, Bytes::from(vec![1; 200]), false).await,
-            Err(BlockError::NoSpace(_))
-        ));
-        assert!(matches!(
-            m.read(u64::MAX, 2).await,
-            Err(BlockError::Invalid(_))
-        ));
+        assert!(matches!(m.read(4000, 200).await, Err(BlockError::Invalid(_))));
+        assert!(matches!(m.write(4000, Bytes::from(vec![1; 200]), false).await, Err(BlockError::NoSpace(_))));
+        assert!(matches!(m.read(u64::MAX, 2).await, Err(BlockError::Invalid(_))));
         m.fail_with(Op::Flush, BlockError::Io("disk on fire".into()));
         assert!(matches!(m.flush().await, Err(BlockError::Io(_))));
         assert!(m.read(0, 1).await.is_ok());

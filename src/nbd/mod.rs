@@ -55,24 +55,13 @@ impl BlockError {
 pub trait BlockBackend: Send + Sync + 'static {
     /// Export size in bytes.
     fn size(&self) -> u64;
-    fn read(&self, offset: u64, len: u32)
-    -> impl Future<Output = Result<Bytes, BlockError>> + Send;
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, BlockError>> + Send;
     /// Completes per the write semantics (design.md §2); with `fua`, only once
     /// durable.
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// Makes every write completed before it (on any connection) durable.
     fn flush(&self) -> impl Future<Output = Result<(), BlockError>> + Send;
-    fn trim(
-        &self,
-        offset: u64,
-        len: u32,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), BlockError>> + Send;
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = Result<(), BlockError>> + Send;
     /// `no_hole`: the client asked that the range stays allocated.
     fn write_zeroes(
         &self,

@@ -174,11 +174,7 @@ pub enum ProtoError {
     #[error("Bad server magic {found:#018x}")]
     BadServerMagic { found: u64 },
     #[error("Truncated {what}: need {need} bytes, have {have}")]
-    Truncated {
-        what: &'static str,
-        need: usize,
-        have: usize,
-    },
+    Truncated { what: &'static str, need: usize, have: usize },
     #[error("Malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
 }
@@ -198,15 +194,7 @@ fn be_u64(b: &[u8], at: usize) -> u64 {
 }
 
 fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), ProtoError> {
-    if b.len() < need {
-        Err(ProtoError::Truncated {
-            what,
-            need,
-            have: b.len(),
-        })
-    } else {
-        Ok(())
-    }
+    if b.len() < need { Err(ProtoError::Truncated { what, need, have: b.len() }) } else { Ok(()) }
 }
 
 // ---------------------------------------------------------------------------
@@ -259,10 +247,7 @@ impl OptionHeader {
         if magic != IHAVEOPT {
             return Err(ProtoError::BadOptionMagic { found: magic });
         }
-        Ok(OptionHeader {
-            option: be_u32(b, 8),
-            len: be_u32(b, 12),
-        })
+        Ok(OptionHeader { option: be_u32(b, 8), len: be_u32(b, 12) })
     }
 
     pub fn encode(&self) -> [u8; Self::LEN] {
@@ -293,11 +278,7 @@ impl OptionReplyHeader {
         if magic != OPTION_REPLY_MAGIC {
             return Err(ProtoError::BadOptionReplyMagic { found: magic });
         }
-        Ok(OptionReplyHeader {
-            option: be_u32(b, 8),
-            reply: be_u32(b, 12),
-            len: be_u32(b, 16),
-        })
+        Ok(OptionReplyHeader { option: be_u32(b, 8), reply: be_u32(b, 12), len: be_u32(b, 16) })
     }
 }
 
@@ -325,19 +306,13 @@ impl InfoRequest {
     pub fn parse(data: &[u8]) -> Result<InfoRequest, ProtoError> {
         const WHAT: &str = "NBD_OPT_INFO/GO data";
         if data.len() < 6 {
-            return Err(ProtoError::Malformed {
-                what: WHAT,
-                detail: format!("{} bytes, need at least 6", data.len()),
-            });
+            return Err(ProtoError::Malformed { what: WHAT, detail: format!("{} bytes, need at least 6", data.len()) });
         }
         let name_len = be_u32(data, 0) as usize;
         if name_len > data.len() - 6 {
             return Err(ProtoError::Malformed {
                 what: WHAT,
-                detail: format!(
-                    "name length {name_len} exceeds option length {}",
-                    data.len()
-                ),
+                detail: format!("name length {name_len} exceeds option length {}", data.len()),
             });
         }
         if name_len > MAX_STRING_LEN {
@@ -356,10 +331,7 @@ impl InfoRequest {
                 detail: format!("{n} information requests but {} bytes of them", list.len()),
             });
         }
-        let requests = list
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect();
+        let requests = list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
         Ok(InfoRequest { name, requests })
     }
 
@@ -520,13 +492,7 @@ pub fn put_chunk_header(buf: &mut BytesMut, flags: u16, kind: u16, cookie: u64, 
 ///
 /// Format: | chunk header (len = 8 + data_len) | offset u64 | data |
 pub fn put_offset_data_header(buf: &mut BytesMut, cookie: u64, offset: u64, data_len: u32) {
-    put_chunk_header(
-        buf,
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        8 + data_len,
-    );
+    put_chunk_header(buf, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + data_len);
     buf.put_u64(offset);
 }
 
@@ -540,13 +506,7 @@ pub fn put_error_chunk(buf: &mut BytesMut, cookie: u64, error: u32, message: &st
         end -= 1;
     }
     let msg = &message.as_bytes()[..end];
-    put_chunk_header(
-        buf,
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_ERROR,
-        cookie,
-        6 + msg.len() as u32,
-    );
+    put_chunk_header(buf, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
     buf.put_u32(error);
     buf.put_u16(msg.len() as u16);
     buf.put_slice(msg);
@@ -555,16 +515,8 @@ pub fn put_error_chunk(buf: &mut BytesMut, cookie: u64, error: u32, message: &st
 /// A reply header as the client sees it (before any payload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple {
-        error: u32,
-        cookie: u64,
-    },
-    Chunk {
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        len: u32,
-    },
+    Simple { error: u32, cookie: u64 },
+    Chunk { flags: u16, kind: u16, cookie: u64, len: u32 },
 }
 
 impl ReplyHeader {
@@ -579,13 +531,7 @@ impl ReplyHeader {
                 if b.len() < SIMPLE_REPLY_LEN {
                     return Ok(None);
                 }
-                Ok(Some((
-                    ReplyHeader::Simple {
-                        error: be_u32(b, 4),
-                        cookie: be_u64(b, 8),
-                    },
-                    SIMPLE_REPLY_LEN,
-                )))
+                Ok(Some((ReplyHeader::Simple { error: be_u32(b, 4), cookie: be_u64(b, 8) }, SIMPLE_REPLY_LEN)))
             }
             STRUCTURED_REPLY_MAGIC => {
                 if b.len() < STRUCTURED_REPLY_LEN {
@@ -614,16 +560,10 @@ pub fn parse_error_chunk(payload: &[u8]) -> Result<(u32, String), ProtoError> {
     if msg_len > payload.len() - 6 {
         return Err(ProtoError::Malformed {
             what: "error chunk",
-            detail: format!(
-                "message length {msg_len} exceeds chunk length {}",
-                payload.len()
-            ),
+            detail: format!("message length {msg_len} exceeds chunk length {}", payload.len()),
         });
     }
-    Ok((
-        error,
-        String::from_utf8_lossy(&payload[6..6 + msg_len]).into_owned(),
-    ))
+    Ok((error, String::from_utf8_lossy(&payload[6..6 + msg_len]).into_owned()))
 }
 
 /// Name of a command type, for logs.
@@ -666,13 +606,7 @@ mod tests {
 
     #[test]
     fn request_header_layout() {
-        let h = RequestHeader {
-            flags: 0x0102,
-            kind: 0x0304,
-            cookie: 0x0506,
-            offset: 0x0708,
-            len: 0x090a,
-        };
+        let h = RequestHeader { flags: 0x0102, kind: 0x0304, cookie: 0x0506, offset: 0x0708, len: 0x090a };
         let b = h.encode();
         assert_eq!(&b[0..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(&b[4..8], &[0x01, 0x02, 0x03, 0x04]);
@@ -683,59 +617,28 @@ mod tests {
 
     #[test]
     fn bad_request_magic_is_an_error() {
-        let mut b = RequestHeader {
-            flags: 0,
-            kind: 0,
-            cookie: 1,
-            offset: 0,
-            len: 1,
-        }
-        .encode();
+        let mut b = RequestHeader { flags: 0, kind: 0, cookie: 1, offset: 0, len: 1 }.encode();
         b[0] ^= 0xff;
-        assert!(matches!(
-            RequestHeader::parse(&b),
-            Err(ProtoError::BadRequestMagic { .. })
-        ));
-        assert!(matches!(
-            RequestHeader::parse(&b[..27]),
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert!(matches!(RequestHeader::parse(&b), Err(ProtoError::BadRequestMagic { .. })));
+        assert!(matches!(RequestHeader::parse(&b[..27]), Err(ProtoError::Truncated { .. })));
     }
 
     #[test]
     fn info_request_rejects_inconsistent_lengths() {
         // Name length beyond the data.
-        let mut d = InfoRequest {
-            name: b"r0".to_vec(),
-            requests: vec![3],
-        }
-        .encode();
+        let mut d = InfoRequest { name: b"r0".to_vec(), requests: vec![3] }.encode();
         d[3] = 200;
         assert!(InfoRequest::parse(&d).is_err());
         // Count says 2 requests, only one present.
-        let mut d = InfoRequest {
-            name: b"r0".to_vec(),
-            requests: vec![3],
-        }
-        .encode();
+        let mut d = InfoRequest { name: b"r0".to_vec(), requests: vec![3] }.encode();
         d[7] = 2;
         assert!(InfoRequest::parse(&d).is_err());
         // Trailing garbage.
-        let mut d = InfoRequest {
-            name: vec![],
-            requests: vec![],
-        }
-        .encode();
+        let mut d = InfoRequest { name: vec![], requests: vec![] }.encode();
         d.push(0);
         assert!(InfoRequest::parse(&d).is_err());
         assert!(InfoRequest::parse(&[0, 0, 0, 0, 0]).is_err());
-        assert_eq!(
-            InfoRequest::parse(&[0, 0, 0, 0, 0, 0]).unwrap(),
-            InfoRequest {
-                name: vec![],
-                requests: vec![]
-            }
-        );
+        assert_eq!(InfoRequest::parse(&[0, 0, 0, 0, 0, 0]).unwrap(), InfoRequest { name: vec![], requests: vec![] });
     }
 
     #[test]
@@ -749,19 +652,8 @@ mod tests {
         let mut b = BytesMut::new();
         put_error_chunk(&mut b, 7, NBD_EINVAL, "bad");
         let (h, n) = ReplyHeader::parse(&b).unwrap().unwrap();
-        assert_eq!(
-            h,
-            ReplyHeader::Chunk {
-                flags: NBD_REPLY_FLAG_DONE,
-                kind: NBD_REPLY_TYPE_ERROR,
-                cookie: 7,
-                len: 9
-            }
-        );
-        assert_eq!(
-            parse_error_chunk(&b[n..]).unwrap(),
-            (NBD_EINVAL, "bad".to_string())
-        );
+        assert_eq!(h, ReplyHeader::Chunk { flags: NBD_REPLY_FLAG_DONE, kind: NBD_REPLY_TYPE_ERROR, cookie: 7, len: 9 });
+        assert_eq!(parse_error_chunk(&b[n..]).unwrap(), (NBD_EINVAL, "bad".to_string()));
 
         let long = "é".repeat(3000); // 6000 bytes, cut at a char boundary
         let mut b = BytesMut::new();

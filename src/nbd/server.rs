@@ -109,9 +109,7 @@ impl FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<ListenAddr, ListenAddrError> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(ListenAddrError::EmptyUnixPath {
-                    input: s.to_string(),
-                });
+                return Err(ListenAddrError::EmptyUnixPath { input: s.to_string() });
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
@@ -122,29 +120,19 @@ impl FromStr for ListenAddr {
         match s.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
             _ => {
-                return Err(ListenAddrError::Invalid {
-                    input: s.to_string(),
-                });
+                return Err(ListenAddrError::Invalid { input: s.to_string() });
             }
         }
-        let addrs: Vec<SocketAddr> = s
-            .to_socket_addrs()
-            .map_err(|source| ListenAddrError::Resolve {
-                input: s.to_string(),
-                source,
-            })?
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            s.to_socket_addrs().map_err(|source| ListenAddrError::Resolve { input: s.to_string(), source })?.collect();
         // Prefer IPv4, as "localhost" often lists ::1 first and IPv6 may be
         // disabled; server and client parse the same way, so they agree.
-        addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or_else(|| addrs.first())
-            .map(|a| ListenAddr::Tcp(*a))
-            .ok_or_else(|| ListenAddrError::Resolve {
+        addrs.iter().find(|a| a.is_ipv4()).or_else(|| addrs.first()).map(|a| ListenAddr::Tcp(*a)).ok_or_else(|| {
+            ListenAddrError::Resolve {
                 input: s.to_string(),
                 source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-            })
+            }
+        })
     }
 }
 
@@ -178,10 +166,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(export_name: impl Into<String>) -> ServerConfig {
-        ServerConfig {
-            export_name: export_name.into(),
-            ..ServerConfig::default()
-        }
+        ServerConfig { export_name: export_name.into(), ..ServerConfig::default() }
     }
 }
 
@@ -246,10 +231,7 @@ impl NbdHandle {
 
 impl fmt::Debug for NbdHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NbdHandle")
-            .field("local_addr", &self.local)
-            .field("clients", &self.client_count())
-            .finish()
+        f.debug_struct("NbdHandle").field("local_addr", &self.local).field("clients", &self.client_count()).finish()
     }
 }
 
@@ -272,20 +254,13 @@ impl NbdServer {
         cfg: ServerConfig,
     ) -> io::Result<NbdHandle> {
         if cfg.max_connections == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "max_connections must be at least 1",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "max_connections must be at least 1"));
         }
         let (listener, local, listen) = match addr {
             ListenAddr::Tcp(a) => {
                 // tokio's bind() listens with a backlog of 128: a burst of
                 // connects beyond that waits for SYN retransmissions.
-                let socket = if a.is_ipv4() {
-                    TcpSocket::new_v4()?
-                } else {
-                    TcpSocket::new_v6()?
-                };
+                let socket = if a.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
                 socket.set_reuseaddr(true)?;
                 socket.bind(*a)?;
                 let l = socket.listen(LISTEN_BACKLOG)?;
@@ -295,11 +270,7 @@ impl NbdServer {
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
                 let l = UnixListener::bind(path)?;
-                (
-                    Listener::Unix(l, path.clone()),
-                    path.display().to_string(),
-                    ListenAddr::Unix(path.clone()),
-                )
+                (Listener::Unix(l, path.clone()), path.display().to_string(), ListenAddr::Unix(path.clone()))
             }
         };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -318,13 +289,7 @@ impl NbdServer {
             log_accept: RateLimit::new(),
         });
         let task = tokio::spawn(accept_loop(listener, shared));
-        Ok(NbdHandle {
-            local,
-            listen,
-            clients,
-            shutdown_tx,
-            task: Some(task),
-        })
+        Ok(NbdHandle { local, listen, clients, shutdown_tx, task: Some(task) })
     }
 }
 
@@ -382,9 +347,7 @@ struct RateLimit {
 
 impl RateLimit {
     fn new() -> RateLimit {
-        RateLimit {
-            state: Mutex::new((None, 0)),
-        }
+        RateLimit { state: Mutex::new((None, 0)) }
     }
 
     /// `Some(suppressed since the last line)` when a line may be logged now.
@@ -469,10 +432,7 @@ async fn accept_loop<B: BlockBackend>(listener: Listener, shared: Arc<Shared<B>>
         }
     }
     drop(listener);
-    debug!(
-        connections = conns.len(),
-        "NBD server stopping; waiting for connections"
-    );
+    debug!(connections = conns.len(), "NBD server stopping; waiting for connections");
     while let Some(res) = conns.join_next().await {
         if let Err(e) = res {
             warn!(error = %e, "NBD connection task failed");
@@ -505,11 +465,7 @@ async fn accept<B>(listener: &Listener, shared: &Shared<B>) -> io::Result<Accept
             (Stream::Unix(s), format!("unix:{}", path.display()))
         }
     };
-    Ok(Accepted {
-        stream,
-        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
-        peer,
-    })
+    Ok(Accepted { stream, id: shared.next_conn.fetch_add(1, Ordering::Relaxed), peer })
 }
 
 // ---------------------------------------------------------------------------
@@ -647,11 +603,7 @@ fn export_matches(cfg: &ServerConfig, name: &[u8]) -> bool {
 }
 
 /// The fixed newstyle handshake, up to the transmission phase (or abort).
-async fn handshake<B, R, W>(
-    r: &mut R,
-    w: &mut W,
-    shared: &Shared<B>,
-) -> Result<Negotiated, HandshakeError>
+async fn handshake<B, R, W>(r: &mut R, w: &mut W, shared: &Shared<B>) -> Result<Negotiated, HandshakeError>
 where
     B: BlockBackend,
     R: AsyncRead + Unpin,
@@ -659,17 +611,12 @@ where
 {
     let cfg = &shared.cfg;
     let size = shared.backend.size();
-    w.write_all(&encode_greeting(
-        NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES,
-    ))
-    .await?;
+    w.write_all(&encode_greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)).await?;
     let mut cf = [0u8; 4];
     r.read_exact(&mut cf).await?;
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
-        return Err(HandshakeError::Protocol(format!(
-            "Unknown client flags {client_flags:#010x}"
-        )));
+        return Err(HandshakeError::Protocol(format!("Unknown client flags {client_flags:#010x}")));
     }
     let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
@@ -710,12 +657,7 @@ where
             }
             NBD_OPT_LIST => {
                 if !data.is_empty() {
-                    put_option_reply(
-                        &mut out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        b"NBD_OPT_LIST takes no data",
-                    );
+                    put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
                 } else {
                     let server = rep_server(&cfg.export_name, cfg.description.as_deref());
                     put_option_reply(&mut out, opt, NBD_REP_SERVER, &server);
@@ -723,48 +665,23 @@ where
                 }
             }
             NBD_OPT_STARTTLS => {
-                put_option_reply(
-                    &mut out,
-                    opt,
-                    NBD_REP_ERR_UNSUP,
-                    b"TLS is not supported by this server",
-                );
+                put_option_reply(&mut out, opt, NBD_REP_ERR_UNSUP, b"TLS is not supported by this server");
             }
             NBD_OPT_INFO | NBD_OPT_GO => match InfoRequest::parse(&data) {
-                Err(e) => {
-                    put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, e.to_string().as_bytes())
-                }
+                Err(e) => put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, e.to_string().as_bytes()),
                 Ok(req) if !export_matches(cfg, &req.name) => {
                     let msg = format!("Unknown export {:?}", shown_name(&req.name));
                     put_option_reply(&mut out, opt, NBD_REP_ERR_UNKNOWN, msg.as_bytes());
                 }
                 Ok(req) => {
-                    put_option_reply(
-                        &mut out,
-                        opt,
-                        NBD_REP_INFO,
-                        &info_export(size, TRANSMISSION_FLAGS),
-                    );
+                    put_option_reply(&mut out, opt, NBD_REP_INFO, &info_export(size, TRANSMISSION_FLAGS));
                     let bs = info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE);
                     put_option_reply(&mut out, opt, NBD_REP_INFO, &bs);
                     if req.requests.contains(&NBD_INFO_NAME) {
-                        put_option_reply(
-                            &mut out,
-                            opt,
-                            NBD_REP_INFO,
-                            &info_string(NBD_INFO_NAME, &cfg.export_name),
-                        );
+                        put_option_reply(&mut out, opt, NBD_REP_INFO, &info_string(NBD_INFO_NAME, &cfg.export_name));
                     }
-                    if let (true, Some(d)) = (
-                        req.requests.contains(&NBD_INFO_DESCRIPTION),
-                        &cfg.description,
-                    ) {
-                        put_option_reply(
-                            &mut out,
-                            opt,
-                            NBD_REP_INFO,
-                            &info_string(NBD_INFO_DESCRIPTION, d),
-                        );
+                    if let (true, Some(d)) = (req.requests.contains(&NBD_INFO_DESCRIPTION), &cfg.description) {
+                        put_option_reply(&mut out, opt, NBD_REP_INFO, &info_string(NBD_INFO_DESCRIPTION, d));
                     }
                     put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                     if opt == NBD_OPT_GO {
@@ -775,12 +692,7 @@ where
             },
             NBD_OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    put_option_reply(
-                        &mut out,
-                        opt,
-                        NBD_REP_ERR_INVALID,
-                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
                 } else {
                     structured = true;
                     put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
@@ -830,27 +742,11 @@ impl fmt::Display for End {
 /// A request the backend serves.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    Write {
-        offset: u64,
-        len: u32,
-        fua: bool,
-    },
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, len: u32, fua: bool },
     Flush,
-    Trim {
-        offset: u64,
-        len: u32,
-        fua: bool,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u32,
-        no_hole: bool,
-        fua: bool,
-    },
+    Trim { offset: u64, len: u32, fua: bool },
+    WriteZeroes { offset: u64, len: u32, no_hole: bool, fua: bool },
 }
 
 /// What to do with a parsed request header.
@@ -876,40 +772,15 @@ enum Serve {
 
 /// Validates a request against the export size and the advertised features.
 fn classify(h: &RequestHeader, size: u64) -> Decision {
-    let in_range = |len: u32| {
-        h.offset
-            .checked_add(u64::from(len))
-            .is_some_and(|end| end <= size)
-    };
+    let in_range = |len: u32| h.offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
     let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
     let bad_flags = |allowed: u16| -> Option<String> {
         let bad = h.flags & !allowed;
-        (bad != 0).then(|| {
-            format!(
-                "Flags {bad:#06x} are not valid for NBD_CMD_{}",
-                command_name(h.kind)
-            )
-        })
+        (bad != 0).then(|| format!("Flags {bad:#06x} are not valid for NBD_CMD_{}", command_name(h.kind)))
     };
-    let reject = |errno: u32, message: String| {
-        Decision::Serve(Serve::Reject {
-            errno,
-            message,
-            drain: 0,
-        })
-    };
-    let beyond = || {
-        format!(
-            "Range {}+{} is beyond the end of the export ({size} bytes)",
-            h.offset, h.len
-        )
-    };
-    let too_long = || {
-        format!(
-            "Length {} exceeds the maximum block size {MAX_BLOCK_SIZE}",
-            h.len
-        )
-    };
+    let reject = |errno: u32, message: String| Decision::Serve(Serve::Reject { errno, message, drain: 0 });
+    let beyond = || format!("Range {}+{} is beyond the end of the export ({size} bytes)", h.offset, h.len);
+    let too_long = || format!("Length {} exceeds the maximum block size {MAX_BLOCK_SIZE}", h.len);
     match h.kind {
         NBD_CMD_DISC => Decision::Disc,
         NBD_CMD_WRITE => {
@@ -921,24 +792,12 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
             }
             let drain = h.len;
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA) {
-                return Decision::Serve(Serve::Reject {
-                    errno: NBD_EINVAL,
-                    message: m,
-                    drain,
-                });
+                return Decision::Serve(Serve::Reject { errno: NBD_EINVAL, message: m, drain });
             }
             if !in_range(h.len) {
-                return Decision::Serve(Serve::Reject {
-                    errno: NBD_ENOSPC,
-                    message: beyond(),
-                    drain,
-                });
+                return Decision::Serve(Serve::Reject { errno: NBD_ENOSPC, message: beyond(), drain });
             }
-            Decision::Serve(Serve::Run(Op::Write {
-                offset: h.offset,
-                len: h.len,
-                fua,
-            }))
+            Decision::Serve(Serve::Run(Op::Write { offset: h.offset, len: h.len, fua }))
         }
         NBD_CMD_READ => {
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA) {
@@ -950,20 +809,14 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
             if !in_range(h.len) {
                 return reject(NBD_EINVAL, beyond());
             }
-            Decision::Serve(Serve::Run(Op::Read {
-                offset: h.offset,
-                len: h.len,
-            }))
+            Decision::Serve(Serve::Run(Op::Read { offset: h.offset, len: h.len }))
         }
         NBD_CMD_FLUSH => {
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA) {
                 return reject(NBD_EINVAL, m);
             }
             if h.offset != 0 || h.len != 0 {
-                return reject(
-                    NBD_EINVAL,
-                    "NBD_CMD_FLUSH must have zero offset and length".to_string(),
-                );
+                return reject(NBD_EINVAL, "NBD_CMD_FLUSH must have zero offset and length".to_string());
             }
             Decision::Serve(Serve::Run(Op::Flush))
         }
@@ -974,11 +827,7 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
             if !in_range(h.len) {
                 return reject(NBD_EINVAL, beyond());
             }
-            Decision::Serve(Serve::Run(Op::Trim {
-                offset: h.offset,
-                len: h.len,
-                fua,
-            }))
+            Decision::Serve(Serve::Run(Op::Trim { offset: h.offset, len: h.len, fua }))
         }
         NBD_CMD_WRITE_ZEROES => {
             if let Some(m) = bad_flags(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE) {
@@ -992,12 +841,7 @@ fn classify(h: &RequestHeader, size: u64) -> Decision {
                 return reject(NBD_ENOSPC, beyond());
             }
             let no_hole = h.flags & NBD_CMD_FLAG_NO_HOLE != 0;
-            Decision::Serve(Serve::Run(Op::WriteZeroes {
-                offset: h.offset,
-                len: h.len,
-                no_hole,
-                fua,
-            }))
+            Decision::Serve(Serve::Run(Op::WriteZeroes { offset: h.offset, len: h.len, no_hole, fua }))
         }
         other => reject(NBD_EINVAL, format!("Unknown command {other}")),
     }
@@ -1033,13 +877,7 @@ fn build_reply(
             }
             (true, _) if is_read => {
                 // Zero-length read: an OFFSET_DATA chunk must carry a byte.
-                put_chunk_header(
-                    &mut head,
-                    NBD_REPLY_FLAG_DONE,
-                    NBD_REPLY_TYPE_NONE,
-                    cookie,
-                    0,
-                );
+                put_chunk_header(&mut head, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, 0);
             }
             (_, data) => {
                 put_simple_reply(&mut head, 0, cookie);
@@ -1057,11 +895,7 @@ fn build_reply(
     (head, None)
 }
 
-async fn run_op<B: BlockBackend>(
-    backend: &B,
-    op: Op,
-    payload: Option<Bytes>,
-) -> Result<Option<Bytes>, BlockError> {
+async fn run_op<B: BlockBackend>(backend: &B, op: Op, payload: Option<Bytes>) -> Result<Option<Bytes>, BlockError> {
     match op {
         Op::Read { len: 0, .. } => Ok(Some(Bytes::new())),
         Op::Read { offset, len } => {
@@ -1074,24 +908,13 @@ async fn run_op<B: BlockBackend>(
             }
             Ok(Some(data))
         }
-        Op::Write { len: 0, .. } | Op::Trim { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => {
-            Ok(None)
-        }
-        Op::Write { offset, fua, .. } => backend
-            .write(offset, payload.unwrap_or_default(), fua)
-            .await
-            .map(|()| None),
+        Op::Write { len: 0, .. } | Op::Trim { len: 0, .. } | Op::WriteZeroes { len: 0, .. } => Ok(None),
+        Op::Write { offset, fua, .. } => backend.write(offset, payload.unwrap_or_default(), fua).await.map(|()| None),
         Op::Flush => backend.flush().await.map(|()| None),
         Op::Trim { offset, len, fua } => backend.trim(offset, len, fua).await.map(|()| None),
-        Op::WriteZeroes {
-            offset,
-            len,
-            no_hole,
-            fua,
-        } => backend
-            .write_zeroes(offset, len, no_hole, fua)
-            .await
-            .map(|()| None),
+        Op::WriteZeroes { offset, len, no_hole, fua } => {
+            backend.write_zeroes(offset, len, no_hole, fua).await.map(|()| None)
+        }
     }
 }
 
@@ -1105,14 +928,7 @@ fn op_offset(op: &Op) -> u64 {
     }
 }
 
-async fn transmission<B, R, W>(
-    mut r: R,
-    w: W,
-    id: u64,
-    peer: &str,
-    structured: bool,
-    shared: &Arc<Shared<B>>,
-) -> End
+async fn transmission<B, R, W>(mut r: R, w: W, id: u64, peer: &str, structured: bool, shared: &Arc<Shared<B>>) -> End
 where
     B: BlockBackend,
     R: AsyncRead + Unpin + Send + 'static,
@@ -1120,12 +936,7 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_dead = Arc::new(Notify::new());
-    let writer = tokio::spawn(writer_loop(
-        w,
-        rx,
-        shared.shutdown.clone(),
-        writer_dead.clone(),
-    ));
+    let writer = tokio::spawn(writer_loop(w, rx, shared.shutdown.clone(), writer_dead.clone()));
     let end = reader_loop(&mut r, &tx, id, peer, structured, shared, &writer_dead).await;
     // Every in-flight request task holds a sender: the writer ends once the
     // last reply is written.
@@ -1191,9 +1002,7 @@ where
                 Ok(true) => {}
                 Ok(false) if buf.is_empty() => return End::Eof,
                 Ok(false) => {
-                    return End::Protocol(
-                        "Connection closed in the middle of a request header".into(),
-                    );
+                    return End::Protocol("Connection closed in the middle of a request header".into());
                 }
                 Err(end) => return end,
             }
@@ -1220,15 +1029,8 @@ where
         // Back-pressure: wait for room before reading a payload.
         let acquire = async {
             let slot = slots.clone().acquire_owned().await.ok()?;
-            let b = if cost > 0 {
-                Some(bytes.clone().acquire_many_owned(cost).await.ok()?)
-            } else {
-                None
-            };
-            Some(Permits {
-                _slot: slot,
-                _bytes: b,
-            })
+            let b = if cost > 0 { Some(bytes.clone().acquire_many_owned(cost).await.ok()?) } else { None };
+            Some(Permits { _slot: slot, _bytes: b })
         };
         let permits = tokio::select! {
             p = acquire => match p {
@@ -1239,14 +1041,8 @@ where
             _ = writer_dead.notified() => return End::WriterFailed,
         };
         match decision {
-            Serve::Reject {
-                errno,
-                message,
-                drain,
-            } => {
-                if let Err(end) =
-                    skip(r, &mut buf, drain as usize, &mut shutdown, writer_dead).await
-                {
+            Serve::Reject { errno, message, drain } => {
+                if let Err(end) = skip(r, &mut buf, drain as usize, &mut shutdown, writer_dead).await {
                     return end;
                 }
                 if let Some(suppressed) = shared.log_client.allow() {
@@ -1255,21 +1051,9 @@ where
                         offset = h.offset, len = h.len, errno, reason = %message, suppressed, "NBD request rejected"
                     );
                 }
-                let (head, data) = build_reply(
-                    h.cookie,
-                    h.offset,
-                    structured,
-                    h.kind == NBD_CMD_READ,
-                    Err((errno, message)),
-                );
-                if tx
-                    .send(Reply {
-                        head,
-                        data,
-                        _permits: permits,
-                    })
-                    .is_err()
-                {
+                let (head, data) =
+                    build_reply(h.cookie, h.offset, structured, h.kind == NBD_CMD_READ, Err((errno, message)));
+                if tx.send(Reply { head, data, _permits: permits }).is_err() {
                     return End::WriterFailed;
                 }
             }
@@ -1278,9 +1062,7 @@ where
                     match fill(r, &mut buf, len as usize, &mut shutdown, writer_dead).await {
                         Ok(true) => Some(buf.split_to(len as usize).freeze()),
                         Ok(false) => {
-                            return End::Protocol(
-                                "Connection closed in the middle of a WRITE payload".into(),
-                            );
+                            return End::Protocol("Connection closed in the middle of a WRITE payload".into());
                         }
                         Err(end) => return end,
                     }
@@ -1300,20 +1082,11 @@ where
                         }
                         (e.nbd_errno(), e.to_string())
                     });
-                    let (head, data) = build_reply(
-                        h.cookie,
-                        op_offset(&op),
-                        structured,
-                        matches!(op, Op::Read { .. }),
-                        result,
-                    );
+                    let (head, data) =
+                        build_reply(h.cookie, op_offset(&op), structured, matches!(op, Op::Read { .. }), result);
                     // The writer outlives every sender; a send error only
                     // means the connection is being torn down.
-                    let _ = tx.send(Reply {
-                        head,
-                        data,
-                        _permits: permits,
-                    });
+                    let _ = tx.send(Reply { head, data, _permits: permits });
                 });
             }
         }
@@ -1338,9 +1111,7 @@ async fn skip<R: AsyncRead + Unpin>(
         match fill(r, buf, n.min(READ_BUF_SIZE), shutdown, writer_dead).await {
             Ok(true) => {}
             Ok(false) => {
-                return Err(End::Protocol(
-                    "Connection closed in the middle of a WRITE payload".into(),
-                ));
+                return Err(End::Protocol("Connection closed in the middle of a WRITE payload".into()));
             }
             Err(end) => return Err(end),
         }
@@ -1397,13 +1168,7 @@ mod tests {
     use super::*;
 
     fn req(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
-        RequestHeader {
-            flags,
-            kind,
-            cookie: 1,
-            offset,
-            len,
-        }
+        RequestHeader { flags, kind, cookie: 1, offset, len }
     }
 
     fn errno(d: Decision) -> Option<(u32, u32)> {
@@ -1419,14 +1184,8 @@ mod tests {
             "127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
             ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap())
         );
-        assert_eq!(
-            "[::1]:5".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("[::1]:5".parse().unwrap())
-        );
-        assert_eq!(
-            "unix:/run/x.sock".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Unix("/run/x.sock".into())
-        );
+        assert_eq!("[::1]:5".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("[::1]:5".parse().unwrap()));
+        assert_eq!("unix:/run/x.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/run/x.sock".into()));
         match "localhost:10809".parse::<ListenAddr>().unwrap() {
             ListenAddr::Tcp(a) => {
                 assert!(a.ip().is_loopback());
@@ -1434,19 +1193,8 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        for bad in [
-            "",
-            "unix:",
-            "localhost",
-            "host:port",
-            ":80",
-            "1.2.3.4:99999",
-            "/path/only",
-        ] {
-            assert!(
-                bad.parse::<ListenAddr>().is_err(),
-                "{bad:?} should not parse"
-            );
+        for bad in ["", "unix:", "localhost", "host:port", ":80", "1.2.3.4:99999", "/path/only"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?} should not parse");
         }
         let a: ListenAddr = "unix:/tmp/a b".parse().unwrap();
         assert_eq!(a.to_string().parse::<ListenAddr>().unwrap(), a);
@@ -1456,161 +1204,64 @@ mod tests {
     fn classify_follows_the_spec() {
         let size = 1 << 20;
         // Reads and trims beyond the end: EINVAL; writes: ENOSPC, drained.
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_READ, 0, size - 1, 2), size)),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_TRIM, 0, size, 1), size)),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_WRITE, 0, size, 10), size)),
-            Some((NBD_ENOSPC, 10))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_WRITE_ZEROES, 0, size, 1), size)),
-            Some((NBD_ENOSPC, 0))
-        );
+        assert_eq!(errno(classify(&req(NBD_CMD_READ, 0, size - 1, 2), size)), Some((NBD_EINVAL, 0)));
+        assert_eq!(errno(classify(&req(NBD_CMD_TRIM, 0, size, 1), size)), Some((NBD_EINVAL, 0)));
+        assert_eq!(errno(classify(&req(NBD_CMD_WRITE, 0, size, 10), size)), Some((NBD_ENOSPC, 10)));
+        assert_eq!(errno(classify(&req(NBD_CMD_WRITE_ZEROES, 0, size, 1), size)), Some((NBD_ENOSPC, 0)));
         // Offset + length overflowing u64 is out of range, not a panic.
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_READ, 0, u64::MAX, 2), size)),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_WRITE, 0, u64::MAX, 2), size)),
-            Some((NBD_ENOSPC, 2))
-        );
+        assert_eq!(errno(classify(&req(NBD_CMD_READ, 0, u64::MAX, 2), size)), Some((NBD_EINVAL, 0)));
+        assert_eq!(errno(classify(&req(NBD_CMD_WRITE, 0, u64::MAX, 2), size)), Some((NBD_ENOSPC, 2)));
         // Bad flags, even on a write: EINVAL, drained.
+        assert_eq!(errno(classify(&req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 8), size)), Some((NBD_EINVAL, 8)));
+        assert_eq!(errno(classify(&req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 8), size)), Some((NBD_EINVAL, 0)));
+        assert_eq!(errno(classify(&req(NBD_CMD_TRIM, NBD_CMD_FLAG_REQ_ONE, 0, 8), size)), Some((NBD_EINVAL, 0)));
         assert_eq!(
-            errno(classify(
-                &req(NBD_CMD_WRITE, NBD_CMD_FLAG_NO_HOLE, 0, 8),
-                size
-            )),
-            Some((NBD_EINVAL, 8))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 8), size)),
+            errno(classify(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 0, 8), size)),
             Some((NBD_EINVAL, 0))
         );
-        assert_eq!(
-            errno(classify(
-                &req(NBD_CMD_TRIM, NBD_CMD_FLAG_REQ_ONE, 0, 8),
-                size
-            )),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(
-                &req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 0, 8),
-                size
-            )),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_FLUSH, 0x8000, 0, 0), size)),
-            Some((NBD_EINVAL, 0))
-        );
-        assert_eq!(
-            errno(classify(&req(NBD_CMD_FLUSH, 0, 0, 1), size)),
-            Some((NBD_EINVAL, 0))
-        );
+        assert_eq!(errno(classify(&req(NBD_CMD_FLUSH, 0x8000, 0, 0), size)), Some((NBD_EINVAL, 0)));
+        assert_eq!(errno(classify(&req(NBD_CMD_FLUSH, 0, 0, 1), size)), Some((NBD_EINVAL, 0)));
         // Unknown commands.
         for kind in [NBD_CMD_CACHE, NBD_CMD_BLOCK_STATUS, 8, 0xffff] {
-            assert_eq!(
-                errno(classify(&req(kind, 0, 0, 1), size)),
-                Some((NBD_EINVAL, 0))
-            );
+            assert_eq!(errno(classify(&req(kind, 0, 0, 1), size)), Some((NBD_EINVAL, 0)));
         }
         // Oversized: READ → EINVAL, WRITE → close.
-        assert_eq!(
-            errno(classify(
-                &req(NBD_CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1),
-                u64::MAX
-            )),
-            Some((NBD_EINVAL, 0))
-        );
-        assert!(matches!(
-            classify(&req(NBD_CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), u64::MAX),
-            Decision::Close(_)
-        ));
+        assert_eq!(errno(classify(&req(NBD_CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1), u64::MAX)), Some((NBD_EINVAL, 0)));
+        assert!(matches!(classify(&req(NBD_CMD_WRITE, 0, 0, MAX_BLOCK_SIZE + 1), u64::MAX), Decision::Close(_)));
         // No-payload commands are served above the maximum block size.
         for kind in [NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
-            assert!(matches!(
-                classify(&req(kind, 0, 0, u32::MAX), u64::MAX),
-                Decision::Serve(Serve::Run(_))
-            ));
+            assert!(matches!(classify(&req(kind, 0, 0, u32::MAX), u64::MAX), Decision::Serve(Serve::Run(_))));
         }
         // FUA is accepted everywhere; NO_HOLE on WRITE_ZEROES.
-        for kind in [
-            NBD_CMD_READ,
-            NBD_CMD_WRITE,
-            NBD_CMD_TRIM,
-            NBD_CMD_WRITE_ZEROES,
-        ] {
-            assert!(matches!(
-                classify(&req(kind, NBD_CMD_FLAG_FUA, 0, 512), size),
-                Decision::Serve(Serve::Run(_))
-            ));
+        for kind in [NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
+            assert!(matches!(classify(&req(kind, NBD_CMD_FLAG_FUA, 0, 512), size), Decision::Serve(Serve::Run(_))));
         }
         assert!(matches!(
             classify(&req(NBD_CMD_FLUSH, NBD_CMD_FLAG_FUA, 0, 0), size),
             Decision::Serve(Serve::Run(Op::Flush))
         ));
         assert!(matches!(
-            classify(
-                &req(
-                    NBD_CMD_WRITE_ZEROES,
-                    NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA,
-                    0,
-                    512
-                ),
-                size
-            ),
-            Decision::Serve(Serve::Run(Op::WriteZeroes {
-                no_hole: true,
-                fua: true,
-                ..
-            }))
+            classify(&req(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA, 0, 512), size),
+            Decision::Serve(Serve::Run(Op::WriteZeroes { no_hole: true, fua: true, .. }))
         ));
         // Exactly up to the end is fine, zero-length too.
-        assert!(matches!(
-            classify(&req(NBD_CMD_READ, 0, size - 512, 512), size),
-            Decision::Serve(Serve::Run(_))
-        ));
-        assert!(matches!(
-            classify(&req(NBD_CMD_READ, 0, size, 0), size),
-            Decision::Serve(Serve::Run(_))
-        ));
-        assert!(matches!(
-            classify(&req(NBD_CMD_DISC, 0xffff, 5, 5), size),
-            Decision::Disc
-        ));
+        assert!(matches!(classify(&req(NBD_CMD_READ, 0, size - 512, 512), size), Decision::Serve(Serve::Run(_))));
+        assert!(matches!(classify(&req(NBD_CMD_READ, 0, size, 0), size), Decision::Serve(Serve::Run(_))));
+        assert!(matches!(classify(&req(NBD_CMD_DISC, 0xffff, 5, 5), size), Decision::Disc));
     }
 
     #[test]
     fn replies_are_shaped_per_negotiation() {
         let data = Bytes::from_static(b"abc");
         let (h, d) = build_reply(9, 100, false, true, Ok(Some(data.clone())));
-        assert_eq!(
-            ReplyHeader::parse(&h).unwrap().unwrap().0,
-            ReplyHeader::Simple {
-                error: 0,
-                cookie: 9
-            }
-        );
+        assert_eq!(ReplyHeader::parse(&h).unwrap().unwrap().0, ReplyHeader::Simple { error: 0, cookie: 9 });
         assert_eq!(d.as_deref(), Some(&b"abc"[..]));
 
         let (h, d) = build_reply(9, 100, true, true, Ok(Some(data)));
         let (hdr, n) = ReplyHeader::parse(&h).unwrap().unwrap();
         assert_eq!(
             hdr,
-            ReplyHeader::Chunk {
-                flags: NBD_REPLY_FLAG_DONE,
-                kind: NBD_REPLY_TYPE_OFFSET_DATA,
-                cookie: 9,
-                len: 11
-            }
+            ReplyHeader::Chunk { flags: NBD_REPLY_FLAG_DONE, kind: NBD_REPLY_TYPE_OFFSET_DATA, cookie: 9, len: 11 }
         );
         assert_eq!(&h[n..], &100u64.to_be_bytes());
         assert!(d.is_some());
@@ -1618,48 +1269,22 @@ mod tests {
         let (h, d) = build_reply(9, 0, true, true, Ok(Some(Bytes::new())));
         assert_eq!(
             ReplyHeader::parse(&h).unwrap().unwrap().0,
-            ReplyHeader::Chunk {
-                flags: NBD_REPLY_FLAG_DONE,
-                kind: NBD_REPLY_TYPE_NONE,
-                cookie: 9,
-                len: 0
-            }
+            ReplyHeader::Chunk { flags: NBD_REPLY_FLAG_DONE, kind: NBD_REPLY_TYPE_NONE, cookie: 9, len: 0 }
         );
         assert!(d.is_none());
 
         let (h, d) = build_reply(9, 0, true, false, Ok(None));
-        assert_eq!(
-            ReplyHeader::parse(&h).unwrap().unwrap().0,
-            ReplyHeader::Simple {
-                error: 0,
-                cookie: 9
-            }
-        );
+        assert_eq!(ReplyHeader::parse(&h).unwrap().unwrap().0, ReplyHeader::Simple { error: 0, cookie: 9 });
         assert!(d.is_none());
 
         let (h, _) = build_reply(9, 0, false, true, Err((NBD_EIO, "x".into())));
         assert_eq!(h.len(), SIMPLE_REPLY_LEN);
-        assert_eq!(
-            ReplyHeader::parse(&h).unwrap().unwrap().0,
-            ReplyHeader::Simple {
-                error: NBD_EIO,
-                cookie: 9
-            }
-        );
+        assert_eq!(ReplyHeader::parse(&h).unwrap().unwrap().0, ReplyHeader::Simple { error: NBD_EIO, cookie: 9 });
 
         let (h, _) = build_reply(9, 0, true, true, Err((NBD_EIO, "x".into())));
         let (hdr, n) = ReplyHeader::parse(&h).unwrap().unwrap();
-        assert!(matches!(
-            hdr,
-            ReplyHeader::Chunk {
-                kind: NBD_REPLY_TYPE_ERROR,
-                ..
-            }
-        ));
-        assert_eq!(
-            parse_error_chunk(&h[n..]).unwrap(),
-            (NBD_EIO, "x".to_string())
-        );
+        assert!(matches!(hdr, ReplyHeader::Chunk { kind: NBD_REPLY_TYPE_ERROR, .. }));
+        assert_eq!(parse_error_chunk(&h[n..]).unwrap(), (NBD_EIO, "x".to_string()));
     }
 
     #[test]

@@ -19,14 +19,10 @@ pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
         } else if data.is_empty() {
             w.write(head).await?
         } else {
-            w.write_vectored(&[IoSlice::new(head), IoSlice::new(data)])
-                .await?
+            w.write_vectored(&[IoSlice::new(head), IoSlice::new(data)]).await?
         };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "socket accepted no bytes",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
         }
         let from_head = n.min(head.len());
         head = &head[from_head..];
@@ -48,11 +44,7 @@ mod tests {
     }
 
     impl AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<io::Result<usize>> {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
             let n = b.len().min(self.step);
             self.out.extend_from_slice(&b[..n]);
             Poll::Ready(Ok(n))
@@ -86,24 +78,13 @@ mod tests {
     #[tokio::test]
     async fn partial_writes_keep_the_message_whole_and_ordered() {
         for step in [1, 3, 7, 16, 1000] {
-            let mut w = Trickle {
-                out: Vec::new(),
-                step,
-            };
-            write_message(&mut w, b"header", b"and the data")
-                .await
-                .unwrap();
+            let mut w = Trickle { out: Vec::new(), step };
+            write_message(&mut w, b"header", b"and the data").await.unwrap();
             write_message(&mut w, b"", b"x").await.unwrap();
             write_message(&mut w, b"h", b"").await.unwrap();
             assert_eq!(w.out, b"headerand the dataxh");
         }
-        let mut w = Trickle {
-            out: Vec::new(),
-            step: 0,
-        };
-        assert_eq!(
-            write_message(&mut w, b"a", b"b").await.unwrap_err().kind(),
-            io::ErrorKind::WriteZero
-        );
+        let mut w = Trickle { out: Vec::new(), step: 0 };
+        assert_eq!(write_message(&mut w, b"a", b"b").await.unwrap_err().kind(), io::ErrorKind::WriteZero);
     }
 }

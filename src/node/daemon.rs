@@ -49,7 +49,8 @@ pub enum DaemonError {
 /// Chooses the IO engine the config asks for, wrapped by the test-only
 /// fault injector when `REPBLOCK_FAULTS` is set.
 pub fn engine_for(config: &Config) -> Result<Arc<dyn IoEngine>, DaemonError> {
-    let engine = io::select_engine(config.io_engine).map_err(|e| DaemonError::Engine(format!("{}: {e}", config.file.display())))?;
+    let engine = io::select_engine(config.io_engine)
+        .map_err(|e| DaemonError::Engine(format!("{}: {e}", config.file.display())))?;
     io::fault::wrap_from_env(engine).map_err(DaemonError::Engine)
 }
 
@@ -86,7 +87,11 @@ impl Daemon {
         let me = config.node(name)?.clone();
         let socket = ControlSocket::bind(&me.control, &me.name)?;
         if !has_metadata(&me) {
-            return Err(DaemonError::NoMetadata { dir: me.dir.clone(), config: config.file.clone(), node: me.name.clone() });
+            return Err(DaemonError::NoMetadata {
+                dir: me.dir.clone(),
+                config: config.file.clone(),
+                node: me.name.clone(),
+            });
         }
         let engine = engine_for(&config)?;
         let kind = engine.kind();

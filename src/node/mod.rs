@@ -197,7 +197,9 @@ impl Node {
     }
 
     fn repl_or(&self, cmd: &'static str) -> Result<&Arc<Engine>, NodeError> {
-        self.repl.as_ref().ok_or(NodeError::NotAvailable { cmd, why: "this resource has a single node (no peer to replicate to)" })
+        self.repl
+            .as_ref()
+            .ok_or(NodeError::NotAvailable { cmd, why: "this resource has a single node (no peer to replicate to)" })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -430,7 +432,11 @@ impl Node {
                 serving,
                 clients,
             },
-            wal: status::WalStatus { bytes: vs.wal_bytes, checkpoint_lsn: vs.checkpoint_lsn, durable_lsn: vs.durable_lsn },
+            wal: status::WalStatus {
+                bytes: vs.wal_bytes,
+                checkpoint_lsn: vs.checkpoint_lsn,
+                durable_lsn: vs.durable_lsn,
+            },
             failed,
             pid: std::process::id(),
         }
@@ -518,7 +524,9 @@ impl Node {
             .new_current_uuid_clear_bitmap(Duration::from_secs(10))
             .await
             .map_err(|why| NodeError::Refused(format!("new-current-uuid --clear-bitmap: {why}")))?;
-        Ok(serde_json::json!({ "disk": "uptodate", "peer_disk": "uptodate", "generation": format!("{generation:016X}") }))
+        Ok(
+            serde_json::json!({ "disk": "uptodate", "peer_disk": "uptodate", "generation": format!("{generation:016X}") }),
+        )
     }
 
     fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
@@ -552,15 +560,13 @@ impl ControlHandler for Node {
             Request::Status => serde_json::to_value(self.status()).map_err(|e| NodeError::Refused(e.to_string())),
             Request::Promote { force } => self.promote(force).await,
             Request::Demote { force } => self.demote(force).await,
-            Request::WaitSync { timeout_secs } => {
-                match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
-                    Ok(timeout) => self.wait_sync(timeout).await,
-                    Err(_) => Err(NodeError::Refused(format!(
-                        "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
-                        timeout_secs.unwrap_or_default()
-                    ))),
-                }
-            }
+            Request::WaitSync { timeout_secs } => match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
+                Ok(timeout) => self.wait_sync(timeout).await,
+                Err(_) => Err(NodeError::Refused(format!(
+                    "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
+                    timeout_secs.unwrap_or_default()
+                ))),
+            },
             Request::Connect { discard_my_data } => self.connect(discard_my_data),
             Request::Disconnect => self.repl_or("disconnect").map(|r| {
                 r.disconnect();
@@ -568,7 +574,9 @@ impl ControlHandler for Node {
             }),
             Request::ResumeIo => self.repl_or("resume-io").map(|r| serde_json::json!({ "resumed": r.resume_io() })),
             Request::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(clear_bitmap).await,
-            Request::Verify => Err(NodeError::NotAvailable { cmd: "verify", why: "online verify is not implemented yet" }),
+            Request::Verify => {
+                Err(NodeError::NotAvailable { cmd: "verify", why: "online verify is not implemented yet" })
+            }
             Request::Invalidate => {
                 Err(NodeError::NotAvailable { cmd: "invalidate", why: "invalidate is not implemented yet" })
             }

@@ -167,7 +167,14 @@ impl Status {
                 }
             }
         }
-        let _ = writeln!(s, "  node:{} protocol:{} size:{} io-engine:{}", self.node, self.protocol, format_size_approx(self.size), self.io_engine);
+        let _ = writeln!(
+            s,
+            "  node:{} protocol:{} size:{} io-engine:{}",
+            self.node,
+            self.protocol,
+            format_size_approx(self.size),
+            self.io_engine
+        );
         if self.nbd.serving {
             let n = self.nbd.clients;
             let _ = writeln!(s, "  nbd:{} ({n} client{})", self.nbd.uri, if n == 1 { "" } else { "s" });

@@ -266,7 +266,12 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    pub fn new(cfg: EngineConfig, store: Arc<dyn ReplStore>, role: Role, events: broadcast::Sender<Event>) -> Arc<Engine> {
+    pub fn new(
+        cfg: EngineConfig,
+        store: Arc<dyn ReplStore>,
+        role: Role,
+        events: broadcast::Sender<Event>,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             cfg,
             store,
@@ -403,7 +408,8 @@ impl Engine {
         }
         let mut new = meta;
         new.disk = DiskState::UpToDate;
-        new.gen_ids.history = [meta.gen_ids.current, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
+        new.gen_ids.history =
+            [meta.gen_ids.current, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
         new.gen_ids.current = new_gen_id();
         self.store.store_meta(new).map_err(|e| format!("cannot record the new generation: {e}"))?;
         // Renegotiate: the next Hello carries the generation, the idle
@@ -415,11 +421,18 @@ impl Engine {
         loop {
             let v = self.view();
             if v.connection == ConnState::Connected && v.peer_disk == DiskState::UpToDate {
-                tracing::info!(generation = format_args!("{:016X}", new.gen_ids.current), "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
-                self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": "inconsistent", "clear_bitmap": true }));
+                tracing::info!(
+                    generation = format_args!("{:016X}", new.gen_ids.current),
+                    "new-current-uuid --clear-bitmap: both disks uptodate without a sync"
+                );
+                self.emit(
+                    "disk-changed",
+                    serde_json::json!({ "disk": "uptodate", "from": "inconsistent", "clear_bitmap": true }),
+                );
                 return Ok(new.gen_ids.current);
             }
-            let refused = v.last_error.as_deref().is_some_and(|e| e.contains("new-current-uuid --clear-bitmap refused"));
+            let refused =
+                v.last_error.as_deref().is_some_and(|e| e.contains("new-current-uuid --clear-bitmap refused"));
             if refused || Instant::now() >= deadline {
                 self.clear_bitmap_offer.store(false, Ordering::Release);
                 let why = v.last_error.unwrap_or_else(|| "the peer did not confirm in time".into());
@@ -459,7 +472,11 @@ impl Engine {
             self.diverged.store(false, Ordering::Release);
             return Err(EngineError::Volume { what: "cannot record a new generation", source });
         }
-        tracing::info!(old = format_args!("{old:016X}"), new = format_args!("{:016X}", meta.gen_ids.current), "writing without the peer: new generation");
+        tracing::info!(
+            old = format_args!("{old:016X}"),
+            new = format_args!("{:016X}", meta.gen_ids.current),
+            "writing without the peer: new generation"
+        );
         Ok(())
     }
 
@@ -682,11 +699,17 @@ impl Engine {
             let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr)).await {
                 Ok(Ok(stream)) => self.handshake_and_adopt(stream, true, &self.cfg.peer_addr).await,
                 Ok(Err(e)) => {
-                    self.note_failure(format!("cannot connect to {} at {}: {e}", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
+                    self.note_failure(
+                        format!("cannot connect to {} at {}: {e}", self.cfg.peer, self.cfg.peer_addr),
+                        &self.cfg.peer_addr,
+                    );
                     false
                 }
                 Err(_) => {
-                    self.note_failure(format!("cannot connect to {} at {}: timed out", self.cfg.peer, self.cfg.peer_addr), &self.cfg.peer_addr);
+                    self.note_failure(
+                        format!("cannot connect to {} at {}: timed out", self.cfg.peer, self.cfg.peer_addr),
+                        &self.cfg.peer_addr,
+                    );
                     false
                 }
             };
@@ -788,7 +811,9 @@ impl Engine {
         if was_feeding {
             self.store.detach_feed();
             self.store.set_retain_after(None);
-            if self.cfg.on_peer_loss == OnPeerLoss::Suspend && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange)) {
+            if self.cfg.on_peer_loss == OnPeerLoss::Suspend
+                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange))
+            {
                 // Suspend before releasing the waiters, so none slips through.
                 self.set_suspended(true);
             }

@@ -52,7 +52,12 @@ async fn pair(protocol: Protocol, tweak: impl Fn(&mut EngineConfig)) -> Pair {
     pair_with(protocol, tweak, DiskState::UpToDate, Role::Primary).await
 }
 
-async fn pair_with(protocol: Protocol, tweak: impl Fn(&mut EngineConfig), alpha_disk: DiskState, alpha_role: Role) -> Pair {
+async fn pair_with(
+    protocol: Protocol,
+    tweak: impl Fn(&mut EngineConfig),
+    alpha_disk: DiskState,
+    alpha_role: Role,
+) -> Pair {
     let (pa, pb) = (free_port(), free_port());
     let mut ca = cfg("alpha", "beta", pa, pb, protocol);
     let mut cb = cfg("beta", "alpha", pb, pa, protocol);
@@ -77,7 +82,9 @@ async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
 
 fn established(e: &Engine) -> bool {
     let v = e.view();
-    v.connection == ConnState::Connected && v.replication == Some(ReplState::Established) && v.peer_disk == DiskState::UpToDate
+    v.connection == ConnState::Connected
+        && v.replication == Some(ReplState::Established)
+        && v.peer_disk == DiskState::UpToDate
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -126,14 +133,20 @@ async fn protocol_c_waits_for_written_and_durable() {
     in_sync(&p).await;
     p.b.set_apply_delay(Duration::from_millis(300));
     let lsn = p.a.write(0, &pattern(1, 4096), false);
-    assert!(timed_wait(&p, lsn, Durability::Write).await >= Duration::from_millis(250), "C: a write waits for the peer's apply");
+    assert!(
+        timed_wait(&p, lsn, Durability::Write).await >= Duration::from_millis(250),
+        "C: a write waits for the peer's apply"
+    );
     p.b.set_apply_delay(Duration::ZERO);
     p.b.set_flush_delay(Duration::from_millis(300));
     let lsn = p.a.write(4096, &pattern(2, 4096), false);
     let w = timed_wait(&p, lsn, Durability::Write).await;
     assert!(w < Duration::from_millis(250), "C: a plain write does not wait for the peer's fdatasync ({w:?})");
     let upto = p.a.flush_primary();
-    assert!(timed_wait(&p, upto, Durability::Flush).await >= Duration::from_millis(250), "C: a FLUSH waits for the peer's fdatasync");
+    assert!(
+        timed_wait(&p, upto, Durability::Flush).await >= Duration::from_millis(250),
+        "C: a FLUSH waits for the peer's fdatasync"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +232,11 @@ async fn suspended_writes_resume_when_the_peer_is_back_in_sync() {
     let alpha = p.alpha.clone();
     let w = tokio::spawn(async move { alpha.before_write().await });
     p.beta.connect();
-    tokio::time::timeout(Duration::from_secs(5), w).await.expect("released once the peer is back").expect("task").expect("ok");
+    tokio::time::timeout(Duration::from_secs(5), w)
+        .await
+        .expect("released once the peer is back")
+        .expect("task")
+        .expect("ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

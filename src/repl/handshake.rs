@@ -119,11 +119,7 @@ pub struct PeerInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("Handshake with {peer}: nothing within {after:?} while {stage}")]
-    Timeout {
-        peer: String,
-        stage: &'static str,
-        after: Duration,
-    },
+    Timeout { peer: String, stage: &'static str, after: Duration },
     #[error("Handshake with {peer}: IO error while {stage}: {source}")]
     Io {
         peer: String,
@@ -141,25 +137,13 @@ pub enum HandshakeError {
         source: FrameError,
     },
     #[error("Handshake with {peer}: unexpected {got} message while {stage}")]
-    Unexpected {
-        peer: String,
-        stage: &'static str,
-        got: &'static str,
-    },
+    Unexpected { peer: String, stage: &'static str, got: &'static str },
     /// We refused the peer (and told it why).
     #[error("Refused peer {peer} ({reason}): {message}")]
-    Refused {
-        peer: String,
-        reason: RefuseReason,
-        message: String,
-    },
+    Refused { peer: String, reason: RefuseReason, message: String },
     /// The peer refused us.
     #[error("Refused by peer {peer} ({reason}): {message}")]
-    PeerRefused {
-        peer: String,
-        reason: RefuseReason,
-        message: String,
-    },
+    PeerRefused { peer: String, reason: RefuseReason, message: String },
     /// Our own parameters cannot be sent (a bad name, an empty secret).
     #[error("Cannot start a handshake: {0}")]
     Local(String),
@@ -188,16 +172,10 @@ impl Progress {
 
     fn unexpected(&self, m: &Message) -> HandshakeError {
         match m {
-            Message::Refuse { reason, message } => HandshakeError::PeerRefused {
-                peer: self.peer.clone(),
-                reason: *reason,
-                message: message.clone(),
-            },
-            other => HandshakeError::Unexpected {
-                peer: self.peer.clone(),
-                stage: self.stage,
-                got: other.name(),
-            },
+            Message::Refuse { reason, message } => {
+                HandshakeError::PeerRefused { peer: self.peer.clone(), reason: *reason, message: message.clone() }
+            }
+            other => HandshakeError::Unexpected { peer: self.peer.clone(), stage: self.stage, got: other.name() },
         }
     }
 
@@ -251,14 +229,22 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// `Refuse`, shuts the write side and waits up to [`REFUSE_LINGER`] for the
 /// peer to close. The peer's [`handshake`] fails with
 /// [`HandshakeError::PeerRefused`].
-pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, reason: RefuseReason, message: &str) -> io::Result<()> {
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    reason: RefuseReason,
+    message: &str,
+) -> io::Result<()> {
     match tokio::time::timeout(REFUSE_LINGER, refuse_and_linger(stream, reason, message)).await {
         Ok(r) => r,
         Err(_) => Ok(()),
     }
 }
 
-async fn refuse_and_linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, reason: RefuseReason, message: &str) -> io::Result<()> {
+async fn refuse_and_linger<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    reason: RefuseReason,
+    message: &str,
+) -> io::Result<()> {
     let mut buf = BytesMut::new();
     encode(&Message::Refuse { reason, message: message.to_owned() }, &mut buf).map_err(io::Error::other)?;
     stream.write_all(&buf).await?;
@@ -310,7 +296,12 @@ fn auth_mac(secret: &[u8], challenge: &[u8; 32], node: &str, resource: &str) -> 
 }
 
 /// Computes the Auth MAC (public for tests and tools).
-pub fn compute_auth(secret: &[u8], challenge: &[u8; 32], node: &str, resource: &str) -> Result<[u8; 32], HandshakeError> {
+pub fn compute_auth(
+    secret: &[u8],
+    challenge: &[u8; 32],
+    node: &str,
+    resource: &str,
+) -> Result<[u8; 32], HandshakeError> {
     let tag = auth_mac(secret, challenge, node, resource)?.finalize().into_bytes();
     let mut out = [0u8; 32];
     out.copy_from_slice(&tag);
@@ -323,9 +314,7 @@ fn check_local(local: &LocalHello) -> Result<(), HandshakeError> {
     }
     for (field, name) in [("resource", &local.resource), ("node", &local.node), ("peer", &local.peer)] {
         if name.is_empty() || name.len() > MAX_NAME_LEN {
-            return Err(HandshakeError::Local(format!(
-                "{field} name {name:?} must be 1 to {MAX_NAME_LEN} bytes"
-            )));
+            return Err(HandshakeError::Local(format!("{field} name {name:?} must be 1 to {MAX_NAME_LEN} bytes")));
         }
     }
     Ok(())
@@ -366,10 +355,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     p.peer = theirs.node.clone();
     let them = &theirs.node;
 
-    let Some(version) = negotiate_version(
-        (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
-        (theirs.min_version, theirs.max_version),
-    ) else {
+    let Some(version) =
+        negotiate_version((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (theirs.min_version, theirs.max_version))
+    else {
         return Err(p.refuse(
             RefuseReason::IncompatibleVersion,
             format!(
@@ -390,10 +378,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // What the peer must have computed over OUR nonce, verified in constant
     // time.
-    if auth_mac(&local.secret, &nonce, &theirs.node, &theirs.resource)?
-        .verify_slice(&their_mac)
-        .is_err()
-    {
+    if auth_mac(&local.secret, &nonce, &theirs.node, &theirs.resource)?.verify_slice(&their_mac).is_err() {
         return Err(p.refuse(
             RefuseReason::WrongSecret,
             format!("authentication failed: {me} and {them} do not have the same shared secret"),
@@ -403,17 +388,11 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if theirs.resource != local.resource {
         return Err(p.refuse(
             RefuseReason::WrongResource,
-            format!(
-                "resource mismatch ({me} serves {:?}, {them} serves {:?})",
-                local.resource, theirs.resource
-            ),
+            format!("resource mismatch ({me} serves {:?}, {them} serves {:?})", local.resource, theirs.resource),
         ));
     }
     if theirs.node == local.node {
-        return Err(p.refuse(
-            RefuseReason::WrongPeer,
-            format!("both nodes are called {me:?}; node names must differ"),
-        ));
+        return Err(p.refuse(RefuseReason::WrongPeer, format!("both nodes are called {me:?}; node names must differ")));
     }
     if theirs.node != local.peer {
         return Err(p.refuse(
@@ -422,10 +401,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         ));
     }
     if theirs.peer != local.node {
-        return Err(p.refuse(
-            RefuseReason::WrongPeer,
-            format!("{them} expects its peer to be {:?}, not {me:?}", theirs.peer),
-        ));
+        return Err(
+            p.refuse(RefuseReason::WrongPeer, format!("{them} expects its peer to be {:?}, not {me:?}", theirs.peer))
+        );
     }
     if theirs.size != local.size {
         return Err(p.refuse(
@@ -436,10 +414,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if theirs.block_size != local.block_size {
         return Err(p.refuse(
             RefuseReason::BlockSizeMismatch,
-            format!(
-                "block size mismatch ({me} {} bytes, {them} {} bytes)",
-                local.block_size, theirs.block_size
-            ),
+            format!("block size mismatch ({me} {} bytes, {them} {} bytes)", local.block_size, theirs.block_size),
         ));
     }
 
@@ -506,7 +481,12 @@ async fn recv<S: AsyncRead + Unpin>(s: &mut S, p: &Progress) -> Result<Message, 
     }
 }
 
-async fn read_more<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut, n: usize, p: &Progress) -> Result<(), HandshakeError> {
+async fn read_more<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    n: usize,
+    p: &Progress,
+) -> Result<(), HandshakeError> {
     let at = buf.len();
     buf.resize(at + n, 0);
     s.read_exact(&mut buf[at..]).await.map_err(|e| p.io(e))?;

@@ -27,12 +27,7 @@ fn local(node: &str, peer: &str) -> LocalHello {
 async fn pair(
     a: &LocalHello,
     b: &LocalHello,
-) -> (
-    Result<PeerInfo, HandshakeError>,
-    Result<PeerInfo, HandshakeError>,
-    DuplexStream,
-    DuplexStream,
-) {
+) -> (Result<PeerInfo, HandshakeError>, Result<PeerInfo, HandshakeError>, DuplexStream, DuplexStream) {
     let (mut sa, mut sb) = duplex(64 << 10);
     let (ra, rb) = tokio::join!(handshake(&mut sa, a, T), handshake(&mut sb, b, T));
     (ra, rb, sa, sb)
@@ -210,7 +205,8 @@ fn hello_from(node: &str, peer: &str) -> Hello {
 #[tokio::test]
 async fn no_common_version_is_refused_before_authentication() {
     let (mut sa, sb) = duplex(64 << 10);
-    let future = Hello { min_version: PROTOCOL_VERSION + 1, max_version: PROTOCOL_VERSION + 3, ..hello_from("beta", "alpha") };
+    let future =
+        Hello { min_version: PROTOCOL_VERSION + 1, max_version: PROTOCOL_VERSION + 3, ..hello_from("beta", "alpha") };
     let fake = tokio::spawn(fake_peer_with(sb, future));
     let r = handshake(&mut sa, &local("alpha", "beta"), T).await;
     let (reason, message) = refused(&r);
@@ -219,7 +215,13 @@ async fn no_common_version_is_refused_before_authentication() {
     drop(sa);
     let seen = fake.await.expect("fake peer");
     // Our Hello, then the Refuse; no Auth was sent.
-    assert!(matches!(seen.as_slice(), [Message::Hello(_), Message::Refuse { reason: RefuseReason::IncompatibleVersion, .. }]), "{seen:?}");
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [Message::Hello(_), Message::Refuse { reason: RefuseReason::IncompatibleVersion, .. }]
+        ),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -286,7 +288,10 @@ async fn garbage_from_the_peer_is_a_frame_error() {
     sb.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
     let r = handshake(&mut sa, &local("alpha", "beta"), T).await;
     assert!(
-        matches!(&r, Err(HandshakeError::Frame { source: FrameError::BadMagic { .. }, stage: "reading the peer's hello", .. })),
+        matches!(
+            &r,
+            Err(HandshakeError::Frame { source: FrameError::BadMagic { .. }, stage: "reading the peer's hello", .. })
+        ),
         "{r:?}"
     );
 
@@ -359,10 +364,7 @@ fn the_mac_binds_nonce_node_and_resource() {
     assert_ne!(base, compute_auth(b"s", &n1, "beta", "r0").expect("mac"));
     assert_ne!(base, compute_auth(b"s", &n1, "alpha", "r1").expect("mac"));
     // Length prefixes: moving a byte between names changes the MAC.
-    assert_ne!(
-        compute_auth(b"s", &n1, "ab", "c").expect("mac"),
-        compute_auth(b"s", &n1, "a", "bc").expect("mac")
-    );
+    assert_ne!(compute_auth(b"s", &n1, "ab", "c").expect("mac"), compute_auth(b"s", &n1, "a", "bc").expect("mac"));
 }
 
 #[test]

@@ -18,11 +18,11 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, mpsc};
 
@@ -108,12 +108,7 @@ pub struct FrameWriter<W> {
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
-        FrameWriter {
-            inner,
-            buf: BytesMut::with_capacity(64 << 10),
-            chunks: VecDeque::new(),
-            queued: 0,
-        }
+        FrameWriter { inner, buf: BytesMut::with_capacity(64 << 10), chunks: VecDeque::new(), queued: 0 }
     }
 
     /// Encodes `msg` after what is queued; no IO. Fails only for a message
@@ -199,7 +194,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// when the channel is empty. Returns after the last sender is dropped and
 /// everything is written (the stream is then shut down for writing), or at
 /// the first error.
-pub async fn run_writer<W: AsyncWrite + Unpin>(w: FrameWriter<W>, rx: mpsc::Receiver<Message>) -> Result<(), LinkError> {
+pub async fn run_writer<W: AsyncWrite + Unpin>(
+    w: FrameWriter<W>,
+    rx: mpsc::Receiver<Message>,
+) -> Result<(), LinkError> {
     run_writer_counted(w, rx, None).await
 }
 
@@ -353,9 +351,7 @@ mod tests {
         for i in 1..=500u64 {
             tx.send(write(i, 100)).await.expect("queue");
         }
-        tx.send(Message::Goodbye { reason: GoodbyeReason::Shutdown, message: "bye".into() })
-            .await
-            .expect("queue");
+        tx.send(Message::Goodbye { reason: GoodbyeReason::Shutdown, message: "bye".into() }).await.expect("queue");
         drop(tx);
         run_writer(FrameWriter::new(a), rx).await.expect("writer");
         let mut r = FrameReader::new(b);

@@ -30,9 +30,9 @@ pub mod link;
 pub mod proto;
 mod session;
 pub mod store;
-pub mod volume_store;
 #[cfg(test)]
 pub mod testing;
+pub mod volume_store;
 
 pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,

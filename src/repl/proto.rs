@@ -81,13 +81,10 @@ pub enum FrameError {
     BadMagic { found: u32 },
     #[error("Frame of type {msg_type} announces {len} payload bytes, more than the maximum {max}")]
     TooLarge { msg_type: u16, len: u32, max: usize },
-    #[error("Bad frame CRC (type {msg_type}, {len} payload bytes): header says {expected:#010x}, computed {computed:#010x}")]
-    BadCrc {
-        msg_type: u16,
-        len: u32,
-        expected: u32,
-        computed: u32,
-    },
+    #[error(
+        "Bad frame CRC (type {msg_type}, {len} payload bytes): header says {expected:#010x}, computed {computed:#010x}"
+    )]
+    BadCrc { msg_type: u16, len: u32, expected: u32, computed: u32 },
     #[error("Unknown message type {msg_type} ({len} payload bytes)")]
     UnknownType { msg_type: u16, len: u32 },
     #[error("{msg}: unknown frame flags {flags:#06x} (none are defined in protocol version {PROTOCOL_VERSION})")]
@@ -342,13 +339,20 @@ pub enum Message {
     Hello(Box<Hello>),
     // Format (Auth): | mac [32] |
     /// HMAC-SHA256 proving knowledge of the shared secret (see handshake.rs).
-    Auth { mac: [u8; 32] },
+    Auth {
+        mac: [u8; 32],
+    },
     // Format (Welcome): | version u16 |
     /// The sender accepted the peer; `version` is the one both will speak.
-    Welcome { version: u16 },
+    Welcome {
+        version: u16,
+    },
     // Format (Refuse): | reason u16 | message_len u16 | message (UTF-8) |
     /// The sender refuses the connection and closes it.
-    Refuse { reason: RefuseReason, message: String },
+    Refuse {
+        reason: RefuseReason,
+        message: String,
+    },
 
     // --- State -----------------------------------------------------------
     //
@@ -386,7 +390,9 @@ pub enum Message {
     },
     // Format (Barrier): | upto_lsn u64 |
     /// The receiver makes everything up to `upto_lsn` durable and acks it.
-    Barrier { upto_lsn: Lsn },
+    Barrier {
+        upto_lsn: Lsn,
+    },
 
     // --- Acks, secondary -> primary, cumulative ---------------------------
     //
@@ -403,26 +409,45 @@ pub enum Message {
     //
     // Format (SyncStart): | total_bytes u64 | start_lsn u64 |
     /// A full sync begins; the log continues at `start_lsn + 1` after it.
-    SyncStart { total_bytes: u64, start_lsn: Lsn },
+    SyncStart {
+        total_bytes: u64,
+        start_lsn: Lsn,
+    },
     // Format (SyncData): | offset u64 | data (rest of the payload) |
-    SyncData { offset: u64, data: Bytes },
+    SyncData {
+        offset: u64,
+        data: Bytes,
+    },
     // Format (SyncEnd): | bytes u64 |
     /// The full sync is complete; `bytes` were sent.
-    SyncEnd { bytes: u64 },
+    SyncEnd {
+        bytes: u64,
+    },
     // Format (SyncAck): | done_bytes u64 |
     /// Secondary -> primary: sync progress made durable.
-    SyncAck { done_bytes: u64 },
+    SyncAck {
+        done_bytes: u64,
+    },
 
     // --- Heartbeat ---------------------------------------------------------
     //
     // Format (Ping, Pong): | seq u64 | sent_ns u64 |
-    Ping { seq: u64, sent_ns: u64 },
+    Ping {
+        seq: u64,
+        sent_ns: u64,
+    },
     /// Echoes the Ping's fields.
-    Pong { seq: u64, sent_ns: u64 },
+    Pong {
+        seq: u64,
+        sent_ns: u64,
+    },
 
     // Format (Goodbye): | reason u16 | message_len u16 | message (UTF-8) |
     /// Orderly disconnect.
-    Goodbye { reason: GoodbyeReason, message: String },
+    Goodbye {
+        reason: GoodbyeReason,
+        message: String,
+    },
 }
 
 impl Message {
@@ -730,11 +755,7 @@ pub fn check(src: &[u8]) -> Result<Option<(FrameHeader, usize)>, FrameError> {
         crc: u32::from_le_bytes([src[12], src[13], src[14], src[15]]),
     };
     if h.len as usize > MAX_PAYLOAD_LEN {
-        return Err(FrameError::TooLarge {
-            msg_type: h.msg_type,
-            len: h.len,
-            max: MAX_PAYLOAD_LEN,
-        });
+        return Err(FrameError::TooLarge { msg_type: h.msg_type, len: h.len, max: MAX_PAYLOAD_LEN });
     }
     let total = FRAME_HEADER_LEN + h.len as usize;
     if src.len() < total {
@@ -761,12 +782,7 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     };
     let computed = crc32c::crc32c_append(crc32c::crc32c(&src[4..12]), &src[FRAME_HEADER_LEN..total]);
     if computed != h.crc {
-        return Err(FrameError::BadCrc {
-            msg_type: h.msg_type,
-            len: h.len,
-            expected: h.crc,
-            computed,
-        });
+        return Err(FrameError::BadCrc { msg_type: h.msg_type, len: h.len, expected: h.crc, computed });
     }
     let Some(name) = type_name(h.msg_type) else {
         return Err(FrameError::UnknownType { msg_type: h.msg_type, len: h.len });
@@ -962,24 +978,11 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
             let offset = p.u64("offset")?;
             let len = p.u32("len")?;
             let flags = p.op_flags(OP_FLAG_FUA | OP_FLAG_PUNCH)?;
-            Message::Zeroes {
-                lsn,
-                offset,
-                len,
-                punch: flags & OP_FLAG_PUNCH != 0,
-                fua: flags & OP_FLAG_FUA != 0,
-            }
+            Message::Zeroes { lsn, offset, len, punch: flags & OP_FLAG_PUNCH != 0, fua: flags & OP_FLAG_FUA != 0 }
         }
         BARRIER => Message::Barrier { upto_lsn: p.u64("upto_lsn")? },
-        ACK => Message::Ack {
-            received: p.u64("received")?,
-            written: p.u64("written")?,
-            durable: p.u64("durable")?,
-        },
-        SYNC_START => Message::SyncStart {
-            total_bytes: p.u64("total_bytes")?,
-            start_lsn: p.u64("start_lsn")?,
-        },
+        ACK => Message::Ack { received: p.u64("received")?, written: p.u64("written")?, durable: p.u64("durable")? },
+        SYNC_START => Message::SyncStart { total_bytes: p.u64("total_bytes")?, start_lsn: p.u64("start_lsn")? },
         SYNC_DATA => {
             let offset = p.u64("offset")?;
             let data = p.rest();

@@ -77,7 +77,11 @@ fn arb_hello() -> impl Strategy<Value = Message> {
         (arb_name(), arb_name(), arb_name()),
     )
         .prop_map(
-            |((min_version, max_version, flags, size, block_size), (role, disk, current, bitmap, history, nonce), (resource, node, peer))| {
+            |(
+                (min_version, max_version, flags, size, block_size),
+                (role, disk, current, bitmap, history, nonce),
+                (resource, node, peer),
+            )| {
                 Message::Hello(Box::new(Hello {
                     min_version,
                     max_version,
@@ -102,17 +106,31 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<[u8; 32]>().prop_map(|mac| Message::Auth { mac }),
         any::<u16>().prop_map(|version| Message::Welcome { version }),
         (arb_refuse(), ".{0,200}").prop_map(|(reason, message)| Message::Refuse { reason, message }),
-        (arb_role(), arb_disk(), any::<u64>())
-            .prop_map(|(role, disk, out_of_sync_bytes)| Message::State { role, disk, out_of_sync_bytes }),
-        (any::<u64>(), any::<u64>(), any::<bool>(), arb_data())
-            .prop_map(|(lsn, offset, fua, data)| Message::Write { lsn, offset, fua, data }),
-        (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>())
-            .prop_map(|(lsn, offset, len, fua)| Message::Trim { lsn, offset, len, fua }),
+        (arb_role(), arb_disk(), any::<u64>()).prop_map(|(role, disk, out_of_sync_bytes)| Message::State {
+            role,
+            disk,
+            out_of_sync_bytes
+        }),
+        (any::<u64>(), any::<u64>(), any::<bool>(), arb_data()).prop_map(|(lsn, offset, fua, data)| Message::Write {
+            lsn,
+            offset,
+            fua,
+            data
+        }),
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(lsn, offset, len, fua)| Message::Trim {
+            lsn,
+            offset,
+            len,
+            fua
+        }),
         (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>())
             .prop_map(|(lsn, offset, len, punch, fua)| Message::Zeroes { lsn, offset, len, punch, fua }),
         any::<u64>().prop_map(|upto_lsn| Message::Barrier { upto_lsn }),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(received, written, durable)| Message::Ack { received, written, durable }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(received, written, durable)| Message::Ack {
+            received,
+            written,
+            durable
+        }),
         (any::<u64>(), any::<u64>()).prop_map(|(total_bytes, start_lsn)| Message::SyncStart { total_bytes, start_lsn }),
         (any::<u64>(), arb_data()).prop_map(|(offset, data)| Message::SyncData { offset, data }),
         any::<u64>().prop_map(|bytes| Message::SyncEnd { bytes }),
@@ -364,10 +382,7 @@ fn unknown_reason_codes_read_as_other() {
     p.extend_from_slice(&2u16.to_le_bytes());
     p.extend_from_slice(b"hi");
     let mut b = raw_frame(msg_type::REFUSE, 0, &p);
-    assert_eq!(
-        decode(&mut b),
-        Ok(Some(Message::Refuse { reason: RefuseReason::Other, message: "hi".into() }))
-    );
+    assert_eq!(decode(&mut b), Ok(Some(Message::Refuse { reason: RefuseReason::Other, message: "hi".into() })));
 }
 
 #[test]

@@ -96,7 +96,9 @@ pub async fn run(
     };
     let local_role = engine.role();
     if local_role != hello_role {
-        let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
+        let _ = s
+            .tx
+            .try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
         drop(s);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::RoleChange);
@@ -258,7 +260,10 @@ impl Session {
                         tracing::warn!(peer = %peer.node, "new-current-uuid --clear-bitmap from the peer refused: {why}");
                         let _ = self.tx.try_send(Message::Goodbye {
                             reason: GoodbyeReason::Other,
-                            message: format!("new-current-uuid --clear-bitmap refused by {}: {why}", self.engine.cfg.node),
+                            message: format!(
+                                "new-current-uuid --clear-bitmap refused by {}: {why}",
+                                self.engine.cfg.node
+                            ),
                         });
                         return Outcome::Failed(format!("refused the peer's new-current-uuid --clear-bitmap: {why}"));
                     }
@@ -283,9 +288,12 @@ impl Session {
         if peer.disk != DiskState::UpToDate || peer.gen_ids.current == 0 {
             return Err("the peer did not announce an uptodate generation".into());
         }
-        engine.store_disk(DiskState::UpToDate, Some(peer.gen_ids)).map_err(|e| format!("cannot record the disk: {e}"))?;
+        engine
+            .store_disk(DiskState::UpToDate, Some(peer.gen_ids))
+            .map_err(|e| format!("cannot record the disk: {e}"))?;
         tracing::info!(peer = %peer.node, "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
-        let _ = self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
+        let _ =
+            self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
         engine.set_peer(peer.role, DiskState::UpToDate);
         Ok(())
     }
@@ -315,7 +323,8 @@ impl Session {
         engine.feed_attached(base);
         store.set_retain_after(Some(base));
         let meta = engine.meta();
-        let in_sync = peer.disk == DiskState::UpToDate && peer.gen_ids.current == meta.gen_ids.current && peer_lsn == base;
+        let in_sync =
+            peer.disk == DiskState::UpToDate && peer.gen_ids.current == meta.gen_ids.current && peer_lsn == base;
         let size = store.size();
         let mut sync = if in_sync {
             tracing::info!(peer = %peer.node, lsn = base, "peer is up to date: no sync");
@@ -332,7 +341,10 @@ impl Session {
             }
             engine.set_replication(ReplState::SyncSource);
             engine.set_resync(Some(Resync { done_bytes: 0, total_bytes: size, started: Instant::now() }));
-            engine.emit("sync-started", serde_json::json!({ "peer": peer.node, "role": "source", "total_bytes": size, "kind": "full" }));
+            engine.emit(
+                "sync-started",
+                serde_json::json!({ "peer": peer.node, "role": "source", "total_bytes": size, "kind": "full" }),
+            );
             Some(SyncSource { total: size, queued: 0, seen: 0, end_sent: false, done: 0, started: Instant::now() })
         };
         let my_role = Role::Primary;
@@ -436,7 +448,8 @@ impl Session {
         let store = Arc::clone(&engine.store);
         let local = store.local_lsn();
         let mut t = Target { received: local, written: local, durable: local, acked: None, ..Target::default() };
-        let _ = self.tx.try_send(Message::State { role: Role::Secondary, disk: engine.meta().disk, out_of_sync_bytes: 0 });
+        let _ =
+            self.tx.try_send(Message::State { role: Role::Secondary, disk: engine.meta().disk, out_of_sync_bytes: 0 });
         let _ = self.tx.try_send(Message::Ack { received: local, written: local, durable: local });
         t.acked = Some((local, local, local));
         engine.set_replication(ReplState::Established);
@@ -597,7 +610,8 @@ impl Session {
         engine.emit("sync-finished", serde_json::json!({ "peer": peer.node, "role": "target", "bytes": bytes }));
         engine.set_resync(None);
         engine.set_replication(ReplState::Established);
-        let _ = self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
+        let _ =
+            self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
         t.sync_dirty = true;
         self.send_acks(t);
         Ok(())

@@ -72,7 +72,11 @@ impl MemStore {
         g.data[offset..offset + data.len()].copy_from_slice(data);
         g.lsn += 1;
         let lsn = g.lsn;
-        let item = FeedItem::Record { lsn, op: FeedOp::Write { offset: offset as u64, data: Bytes::copy_from_slice(data) }, fua };
+        let item = FeedItem::Record {
+            lsn,
+            op: FeedOp::Write { offset: offset as u64, data: Bytes::copy_from_slice(data) },
+            fua,
+        };
         if let Some(f) = &g.feed {
             let _ = f.send(item);
         }

@@ -69,8 +69,11 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
         }
     }
     if let Err(e) = s.io.sync_data(&s.data) {
-        let reason =
-            s.fail(format!("fdatasync of data {} failed during checkpoint: {e} (errno {})", s.data.path().display(), errno_of(&e)));
+        let reason = s.fail(format!(
+            "fdatasync of data {} failed during checkpoint: {e} (errno {})",
+            s.data.path().display(),
+            errno_of(&e)
+        ));
         return Err(VolumeError::Stopped(reason));
     }
     if sync_wal {

@@ -52,13 +52,22 @@ use super::segment::parking;
 /// commit (WAL written + applied).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
-    Record { lsn: Lsn, op: FeedOp, fua: bool },
+    Record {
+        lsn: Lsn,
+        op: FeedOp,
+        fua: bool,
+    },
     /// A FLUSH completed locally: everything <= upto must become durable on
     /// the peer.
-    Barrier { upto: Lsn },
+    Barrier {
+        upto: Lsn,
+    },
     /// A full-sync block, read from the data file by the log writer itself,
     /// so it is ordered with the writes.
-    SyncData { offset: u64, data: Bytes },
+    SyncData {
+        offset: u64,
+        data: Bytes,
+    },
 }
 
 impl FeedItem {
@@ -219,7 +228,11 @@ impl FeedHub {
         let mut warned = false;
         while q.bytes > ch.max_bytes && !ch.is_closed() && !give_up() {
             if !warned {
-                tracing::debug!(buffered = q.bytes, bound = ch.max_bytes, "replication feed full, writes wait for the peer");
+                tracing::debug!(
+                    buffered = q.bytes,
+                    bound = ch.max_bytes,
+                    "replication feed full, writes wait for the peer"
+                );
                 warned = true;
             }
             q = ch.space.wait_timeout(q, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;

@@ -271,8 +271,7 @@ impl MetaStore {
         let mut both = enc;
         both.resize(2 * SLOT_SIZE, 0);
         io.set_len(&file, META_FILE_SIZE).map_err(|e| VolumeError::io(&path, e))?;
-        io.submit(&mut [IoOp::Write { file: &file, offset: 0, buf: &both }])
-            .map_err(|e| VolumeError::io(&path, e))?;
+        io.submit(&mut [IoOp::Write { file: &file, offset: 0, buf: &both }]).map_err(|e| VolumeError::io(&path, e))?;
         io.sync_data(&file).map_err(|e| VolumeError::io(&path, e))?;
         Ok(MetaStore { file, path, current: sb, slot: 0 })
     }
@@ -424,6 +423,9 @@ mod tests {
         let err = reopen(&io, d.path()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, VolumeError::BadSuperblock { .. }));
-        assert!(msg.contains("meta") && msg.contains("slot 0: CRC mismatch") && msg.contains("slot 1: CRC mismatch"), "{msg}");
+        assert!(
+            msg.contains("meta") && msg.contains("slot 0: CRC mismatch") && msg.contains("slot 1: CRC mismatch"),
+            "{msg}"
+        );
     }
 }

@@ -70,8 +70,8 @@ pub mod writer;
 
 pub use feed::{Feed, FeedItem, FeedOp};
 pub use meta::{DiskState, Superblock};
-pub use replica::MAX_SYNC_CHUNK;
 pub use recovery::{LogEnd, RecoveryReport};
+pub use replica::MAX_SYNC_CHUNK;
 
 use checkpoint::CkptCtl;
 use meta::{FLAG_CLEAN_SHUTDOWN, MAX_NAME_LEN, MetaStore};
@@ -140,7 +140,10 @@ impl VolumeOptions {
         if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || self.wal_segment_size % 4096 != 0 {
             return bad(
                 "wal_segment_size",
-                format!("{} bytes; expected a multiple of 4096, at least {MIN_WAL_SEGMENT_SIZE}", self.wal_segment_size),
+                format!(
+                    "{} bytes; expected a multiple of 4096, at least {MIN_WAL_SEGMENT_SIZE}",
+                    self.wal_segment_size
+                ),
             );
         }
         if self.checkpoint_bytes == 0 {
@@ -195,7 +198,9 @@ pub enum VolumeError {
     InUse { path: PathBuf },
     #[error("Corrupt superblock in {path}: {reason}")]
     BadSuperblock { path: PathBuf, reason: String },
-    #[error("Metadata in {path} does not match the config: {field} is {metadata} in the metadata but {config} in the config")]
+    #[error(
+        "Metadata in {path} does not match the config: {field} is {metadata} in the metadata but {config} in the config"
+    )]
     Mismatch { path: PathBuf, field: &'static str, config: String, metadata: String },
     #[error("Disk {path} is {len} bytes, smaller than the volume size of {size} bytes")]
     DiskTooSmall { path: PathBuf, len: u64, size: u64 },
@@ -203,7 +208,9 @@ pub enum VolumeError {
     Invalid { what: String, reason: String },
     #[error("WAL corrupt in {path} at byte {offset} (LSN {lsn}): {reason}; refusing to start")]
     WalCorrupt { path: PathBuf, offset: u64, lsn: Lsn, reason: String },
-    #[error("Replicated record LSN {got} is out of sequence: the local log expects LSN {expected}; nothing was applied")]
+    #[error(
+        "Replicated record LSN {got} is out of sequence: the local log expects LSN {expected}; nothing was applied"
+    )]
     LsnGap { expected: Lsn, got: Lsn },
 }
 
@@ -315,10 +322,8 @@ impl Shared {
     /// Wakes the checkpointer when enough WAL was written since the last
     /// checkpoint.
     pub(crate) fn maybe_request_checkpoint(&self) {
-        let pending = self
-            .wal_written
-            .load(Ordering::Acquire)
-            .saturating_sub(self.ckpt_wal_written.load(Ordering::Acquire));
+        let pending =
+            self.wal_written.load(Ordering::Acquire).saturating_sub(self.ckpt_wal_written.load(Ordering::Acquire));
         if pending >= self.checkpoint_bytes {
             self.request_checkpoint();
         }
@@ -440,7 +445,11 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         .create(&opts.dir)
         .map_err(|e| VolumeError::io(&opts.dir, e))?;
     let wal_dir = opts.wal_dir();
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&wal_dir)
+        .map_err(|e| VolumeError::io(&wal_dir, e))?;
     // Old segments (force): another volume's log must not linger.
     let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
     for p in listing.segments.values().chain(&listing.spares).chain(&listing.temporary) {
@@ -519,7 +528,11 @@ impl Volume {
         }
         let data = open_data(&*io, &opts, sb.size)?;
         let wal_dir = opts.wal_dir();
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&wal_dir)
+            .map_err(|e| VolumeError::io(&wal_dir, e))?;
         let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
         for p in &listing.temporary {
             io.remove(p).map_err(|e| VolumeError::io(p, e))?;
@@ -620,14 +633,15 @@ impl Volume {
             .spawn(move || w.run())
             .map_err(|e| VolumeError::Invalid { what: "log writer thread".into(), reason: e.to_string() })?;
         let s2 = shared.clone();
-        let checkpointer = match std::thread::Builder::new().name("repblock-ckpt".into()).spawn(move || checkpoint::run(s2)) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = tx.send(Msg::Stop);
-                let _ = writer.join();
-                return Err(VolumeError::Invalid { what: "checkpointer thread".into(), reason: e.to_string() });
-            }
-        };
+        let checkpointer =
+            match std::thread::Builder::new().name("repblock-ckpt".into()).spawn(move || checkpoint::run(s2)) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = tx.send(Msg::Stop);
+                    let _ = writer.join();
+                    return Err(VolumeError::Invalid { what: "checkpointer thread".into(), reason: e.to_string() });
+                }
+            };
         Ok(Arc::new(Volume {
             shared,
             tx,
@@ -670,7 +684,9 @@ impl Volume {
         });
         match task.await {
             Ok(r) => r,
-            Err(e) => Err(VolumeError::Io { path: self.shared.data.path().to_path_buf(), source: std::io::Error::other(e) }),
+            Err(e) => {
+                Err(VolumeError::Io { path: self.shared.data.path().to_path_buf(), source: std::io::Error::other(e) })
+            }
         }
     }
 

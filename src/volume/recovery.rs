@@ -181,7 +181,9 @@ impl<'d> Applier<'d> {
             .iter()
             .map(|op| match op {
                 Apply::Write { offset, buf } => IoOp::Write { file: self.data, offset: *offset, buf },
-                Apply::Zero { offset, len, punch } => IoOp::Zero { file: self.data, offset: *offset, len: *len, punch: *punch },
+                Apply::Zero { offset, len, punch } => {
+                    IoOp::Zero { file: self.data, offset: *offset, len: *len, punch: *punch }
+                }
             })
             .collect();
         self.io.submit(&mut io_ops).map_err(|e| VolumeError::io(self.data.path(), e))
@@ -256,12 +258,13 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
         report.segments_read += 1;
         let header = match reader.header(a.io)? {
             Err(e) => Err(format!("segment header: {e}")),
-            Ok(h) if h.uuid != a.uuid => Err(format!("segment header: volume uuid {:032x}, expected {:032x}", h.uuid, a.uuid)),
+            Ok(h) if h.uuid != a.uuid => {
+                Err(format!("segment header: volume uuid {:032x}, expected {:032x}", h.uuid, a.uuid))
+            }
             Ok(h) if h.seq != seq => Err(format!("segment header: seq {}, expected {seq}", h.seq)),
-            Ok(h) if cursor.is_none() && (h.first_lsn == 0 || h.first_lsn > expect) => Err(format!(
-                "segment header: first LSN {} is past the checkpoint LSN {ckpt} + 1",
-                h.first_lsn
-            )),
+            Ok(h) if cursor.is_none() && (h.first_lsn == 0 || h.first_lsn > expect) => {
+                Err(format!("segment header: first LSN {} is past the checkpoint LSN {ckpt} + 1", h.first_lsn))
+            }
             Ok(h) if cursor.is_some() && h.first_lsn != expect => {
                 Err(format!("segment header: first LSN {}, expected {expect}", h.first_lsn))
             }
@@ -295,7 +298,9 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
                         pending_bytes += rec.payload.len();
                         ops.push(Apply::Write { offset: h.offset, buf: rec.payload.to_vec() });
                     }
-                    RecordKind::Trim => ops.push(Apply::Zero { offset: h.offset, len: u64::from(h.length), punch: true }),
+                    RecordKind::Trim => {
+                        ops.push(Apply::Zero { offset: h.offset, len: u64::from(h.length), punch: true })
+                    }
                     RecordKind::WriteZeroes => ops.push(Apply::Zero {
                         offset: h.offset,
                         len: u64::from(h.length),

@@ -76,7 +76,10 @@ impl Volume {
         let (offset, len) = op.range();
         self.check_range(offset, len)?;
         if lsn == 0 {
-            return Err(VolumeError::Invalid { what: "replicated record LSN".into(), reason: "0; LSNs start at 1".into() });
+            return Err(VolumeError::Invalid {
+                what: "replicated record LSN".into(),
+                reason: "0; LSNs start at 1".into(),
+            });
         }
         if len == 0 {
             return Err(VolumeError::Invalid {
@@ -103,7 +106,12 @@ impl Volume {
     /// this call (order of calls = order of application); the future
     /// resolves when it is written (WAL + data, not synced), or durable if
     /// `fua`.
-    pub fn apply(&self, lsn: Lsn, op: FeedOp, fua: bool) -> impl Future<Output = Result<(), VolumeError>> + Send + 'static {
+    pub fn apply(
+        &self,
+        lsn: Lsn,
+        op: FeedOp,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>> + Send + 'static {
         let queued = self.check_apply(lsn, &op).and_then(|()| {
             let op = match op {
                 FeedOp::Write { offset, data } => Op::Write { offset, data },
@@ -124,7 +132,11 @@ impl Volume {
 
     /// Enqueues full-sync data, written straight to the data file (not
     /// logged, not synced until `finish_sync`), ordered with `apply`.
-    pub fn apply_sync_data(&self, offset: u64, data: Bytes) -> impl Future<Output = Result<(), VolumeError>> + Send + 'static {
+    pub fn apply_sync_data(
+        &self,
+        offset: u64,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), VolumeError>> + Send + 'static {
         let queued = self
             .check_range(offset, data.len() as u64)
             .and_then(|()| {
@@ -151,7 +163,10 @@ impl Volume {
     /// hold (`set_retain_after`, `set_min_retained_lsn`) ends.
     pub async fn rebase_log(&self, last_lsn: Lsn) -> Result<(), VolumeError> {
         if last_lsn == u64::MAX {
-            return Err(VolumeError::Invalid { what: "rebase LSN".into(), reason: format!("{last_lsn} leaves no next LSN") });
+            return Err(VolumeError::Invalid {
+                what: "rebase LSN".into(),
+                reason: format!("{last_lsn} leaves no next LSN"),
+            });
         }
         self.check_open()?;
         let (done, rx) = oneshot::channel();

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::io::sync::SyncEngine;
 use crate::volume::tests::{create, engines, identity, small_opts};
 use crate::volume::*;
-use crate::io::sync::SyncEngine;
 
 const MIB: u64 = 1 << 20;
 
@@ -87,7 +87,9 @@ async fn feed_has_every_record_once_in_order_with_payloads_fua_and_barriers() {
                     v.write(off, data(100 + i, len as usize), fua).await.unwrap()
                 }
                 5 => v.write(rng.random_range(0..size - 300_000), data(100 + i, 300_000), fua).await.unwrap(),
-                6 => v.write(rng.random_range(0..size / 4096 - 64) * 4096, data(100 + i, 200 << 10), fua).await.unwrap(),
+                6 => {
+                    v.write(rng.random_range(0..size / 4096 - 64) * 4096, data(100 + i, 200 << 10), fua).await.unwrap()
+                }
                 7 => v.trim(rng.random_range(0..size - 70_000), rng.random_range(1..70_000), fua).await.unwrap(),
                 8 => {
                     let punch = rng.random_bool(0.5);
@@ -203,7 +205,8 @@ async fn a_full_feed_blocks_the_writer_until_consumed_or_detached() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!blocked.is_finished(), "the writer must wait while the feed is over its bound");
     assert!(matches!(feed.recv().await, Some(FeedItem::Record { lsn: 1, .. })));
-    let lsn = tokio::time::timeout(Duration::from_secs(5), blocked).await.expect("consuming releases").unwrap().unwrap();
+    let lsn =
+        tokio::time::timeout(Duration::from_secs(5), blocked).await.expect("consuming releases").unwrap().unwrap();
     assert_eq!(lsn, 2);
 
     // Fill again, then detach: the writer is released and publishes no more.
@@ -345,7 +348,8 @@ async fn replica_scenario(io: Arc<dyn IoEngine>) {
     a.flush().await.unwrap();
     target.store(a.status().local_lsn, Ordering::Release);
     done.store(true, Ordering::Release);
-    let (synced, barriers) = tokio::time::timeout(Duration::from_secs(60), consumer).await.expect("replica caught up").unwrap();
+    let (synced, barriers) =
+        tokio::time::timeout(Duration::from_secs(60), consumer).await.expect("replica caught up").unwrap();
     assert_eq!(synced, chunks);
     assert!(barriers > 0);
     b.finish_sync().await.unwrap();
@@ -399,7 +403,11 @@ async fn rebase_then_crash_replays_only_after_the_rebase_point() {
         assert_eq!(v.status().local_lsn, 111, "LSNs continue after the rebase point");
         assert_eq!(v.recovery().checkpoint_lsn, 100);
         assert_eq!(v.recovery().replayed, 11, "only the records after the rebase are replayed");
-        assert_eq!(first_diff(&before, &read_all(&v).await), None, "no record before the rebase replayed over the sync data");
+        assert_eq!(
+            first_diff(&before, &read_all(&v).await),
+            None,
+            "no record before the rebase replayed over the sync data"
+        );
         // The log continues with the primary's LSNs.
         v.apply(112, FeedOp::Write { offset: 0, data: data(5, 4096) }, true).await.unwrap();
         v.close().await.unwrap();
@@ -431,14 +439,19 @@ async fn sync_read_is_ordered_with_the_writes_around_it() {
     let items: Vec<_> = std::iter::from_fn(|| feed.try_recv()).collect();
     let mut x_then_zero = x.to_vec();
     x_then_zero.resize(8192, 0);
-    let rec = |lsn, data: &Bytes| FeedItem::Record { lsn, op: FeedOp::Write { offset: 0, data: data.clone() }, fua: false };
+    let rec =
+        |lsn, data: &Bytes| FeedItem::Record { lsn, op: FeedOp::Write { offset: 0, data: data.clone() }, fua: false };
     let brief = |items: &[FeedItem]| -> Vec<String> {
         items
             .iter()
             .map(|i| match i {
-                FeedItem::Record { lsn, op, fua } => format!("record {lsn} {:?} fua={fua} crc={:08x}", op.range(), op_crc(op)),
+                FeedItem::Record { lsn, op, fua } => {
+                    format!("record {lsn} {:?} fua={fua} crc={:08x}", op.range(), op_crc(op))
+                }
                 FeedItem::Barrier { upto } => format!("barrier {upto}"),
-                FeedItem::SyncData { offset, data } => format!("sync {offset}+{} crc={:08x}", data.len(), crc32c::crc32c(data)),
+                FeedItem::SyncData { offset, data } => {
+                    format!("sync {offset}+{} crc={:08x}", data.len(), crc32c::crc32c(data))
+                }
             })
             .collect()
     };
@@ -558,7 +571,10 @@ async fn retention_keeps_segments_and_is_lifted_when_the_wal_fills() {
             }
         })
     };
-    tokio::time::timeout(Duration::from_secs(20), writer).await.expect("writes never stall on the peer's hold").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), writer)
+        .await
+        .expect("writes never stall on the peer's hold")
+        .unwrap();
     assert!(v.retention_lifted());
     v.set_retain_after(Some(5));
     v.finish_sync().await.unwrap();

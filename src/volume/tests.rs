@@ -163,8 +163,9 @@ async fn metadata_errors_name_what_is_wrong() {
     assert!(again.to_string().contains(&opts.meta_path().display().to_string()), "{again}");
     assert!(again.to_string().contains("--force"), "{again}");
 
-    let e = Volume::open(io.clone(), opts.clone(), &Identity { resource: "r1".into(), node: "alpha".into(), size: MIB })
-        .unwrap_err();
+    let e =
+        Volume::open(io.clone(), opts.clone(), &Identity { resource: "r1".into(), node: "alpha".into(), size: MIB })
+            .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("resource is r0 in the metadata but r1 in the config"), "{msg}");
     let e = Volume::open(io.clone(), opts.clone(), &Identity { resource: "r0".into(), node: "beta".into(), size: MIB })
@@ -519,7 +520,10 @@ async fn damaged_durable_record_refuses_to_open_and_torn_tail_is_truncated() {
         if durable {
             let e = r.unwrap_err();
             let msg = e.to_string();
-            assert!(matches!(e, VolumeError::WalCorrupt { lsn, offset, .. } if lsn == victim as u64 && offset == off as u64), "{msg}");
+            assert!(
+                matches!(e, VolumeError::WalCorrupt { lsn, offset, .. } if lsn == victim as u64 && offset == off as u64),
+                "{msg}"
+            );
             assert!(msg.contains(&seg_path.display().to_string()), "{msg}");
             assert!(msg.contains(&format!("at byte {off}")), "{msg}");
             assert!(msg.contains(&format!("LSN {victim}")), "{msg}");
@@ -620,7 +624,8 @@ mod faults {
         fn allows(&self, got: &[u8]) -> Result<(), usize> {
             for s in 0..BS / SECTOR as usize {
                 let r = s * SECTOR as usize..(s + 1) * SECTOR as usize;
-                let ok = self.stable[r.clone()] == got[r.clone()] || self.later.iter().any(|v| v[r.clone()] == got[r.clone()]);
+                let ok = self.stable[r.clone()] == got[r.clone()]
+                    || self.later.iter().any(|v| v[r.clone()] == got[r.clone()]);
                 if !ok {
                     return Err(s);
                 }
@@ -631,8 +636,15 @@ mod faults {
 
     enum Step {
         /// `data` covers `data.len() / BS` blocks from `block`.
-        Write { block: u64, data: Bytes, fua: bool },
-        Trim { block: u64, fua: bool },
+        Write {
+            block: u64,
+            data: Bytes,
+            fua: bool,
+        },
+        Trim {
+            block: u64,
+            fua: bool,
+        },
         Flush,
     }
 
@@ -671,7 +683,8 @@ mod faults {
         };
 
         let zero = vec![0u8; BS];
-        let mut model: Vec<BlockModel> = (0..BLOCKS).map(|_| BlockModel { stable: zero.clone(), later: vec![] }).collect();
+        let mut model: Vec<BlockModel> =
+            (0..BLOCKS).map(|_| BlockModel { stable: zero.clone(), later: vec![] }).collect();
         let mut stopped = false;
         let mut n = 0u64;
         while !stopped && n < 2000 {
@@ -894,7 +907,10 @@ mod faults {
         // Fail-stop: even after the fault is gone, nothing is retried.
         fault.clear_faults();
         for r in [v.write(0, block(3, 10), false).await, v.flush().await, v.trim(0, 10, false).await] {
-            assert!(matches!(&r, Err(VolumeError::Stopped(m)) if m == &msg["Volume stopped taking writes: ".len()..]), "{r:?}");
+            assert!(
+                matches!(&r, Err(VolumeError::Stopped(m)) if m == &msg["Volume stopped taking writes: ".len()..]),
+                "{r:?}"
+            );
         }
         assert_eq!(v.status().failed.as_deref(), Some(&msg["Volume stopped taking writes: ".len()..]));
         // Reads still work.
@@ -976,10 +992,7 @@ async fn large_writes_go_in_place_only_when_no_replayable_record_overlaps() {
     v.trim(2 * MIB, 4096, false).await.unwrap(); // replayable
     v.write(2 * MIB, block(4, big), false).await.unwrap(); // overlaps the trim
     v.write(3 * MIB, block(5, big - 4096), true).await.unwrap(); // too small
-    assert_eq!(
-        record_kinds(&opts, 1),
-        [Write, Write, WriteInPlace, wal::RecordKind::Trim, Write, Write]
-    );
+    assert_eq!(record_kinds(&opts, 1), [Write, Write, WriteInPlace, wal::RecordKind::Trim, Write, Write]);
     drop(v); // crash
 
     let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();

@@ -127,7 +127,10 @@ pub enum DecodeError {
     BadFlags(u16),
     /// `length`/`payload_len` inconsistent with the kind, or pad not zero.
     BadLayout,
-    Crc { stored: u32, computed: u32 },
+    Crc {
+        stored: u32,
+        computed: u32,
+    },
 }
 
 impl fmt::Display for DecodeError {

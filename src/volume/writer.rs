@@ -153,15 +153,28 @@ pub(crate) enum Msg {
     Stop,
     /// Replication: read a data range between batches and publish it in
     /// the feed as `SyncData`.
-    SyncRead { offset: u64, len: u32, feed: u64 },
+    SyncRead {
+        offset: u64,
+        len: u32,
+        feed: u64,
+    },
     /// Replication (secondary): write full-sync data to the data file, not
     /// logged, ordered with the records around it.
-    SyncWrite { offset: u64, data: Bytes, done: oneshot::Sender<Result<(), VolumeError>> },
+    SyncWrite {
+        offset: u64,
+        data: Bytes,
+        done: oneshot::Sender<Result<(), VolumeError>>,
+    },
     /// Replication (secondary): the log continues at `last + 1` (see
     /// `Writer::rebase`).
-    Rebase { last: Lsn, done: oneshot::Sender<Result<(), VolumeError>> },
+    Rebase {
+        last: Lsn,
+        done: oneshot::Sender<Result<(), VolumeError>>,
+    },
     /// A checkpoint in the writer's order (after everything queued before).
-    Checkpoint { done: oneshot::Sender<Result<(), VolumeError>> },
+    Checkpoint {
+        done: oneshot::Sender<Result<(), VolumeError>>,
+    },
 }
 
 impl Msg {
@@ -226,7 +239,12 @@ pub(crate) struct Writer {
 impl Writer {
     /// A writer appending to `current` (just started by `open`, holding
     /// only its header) from LSN `next_lsn`.
-    pub(crate) fn new(shared: Arc<Shared>, rx: Receiver<Msg>, current: (u64, Arc<IoFile>, u64), next_lsn: Lsn) -> Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: Receiver<Msg>,
+        current: (u64, Arc<IoFile>, u64),
+        next_lsn: Lsn,
+    ) -> Writer {
         let (seq, file, len) = current;
         let max_record_payload = shared.max_record_payload;
         Writer {
@@ -391,9 +409,9 @@ impl Writer {
         let seg = segment::activate(&*s.io, &s.wal, seq, first_lsn, s.segment_size)
             .map_err(|e| stop(format!("creating WAL segment {seq} in {} failed: {e}", s.wal_dir.display())))?;
         let header = SegmentHeader { seq, first_lsn, uuid: s.uuid, segment_size: seg.len }.encode();
-        s.io.write_all_at(&seg.file, &header, 0)
-            .and_then(|()| s.io.sync_data(&seg.file))
-            .map_err(|e| stop(format!("writing the header of WAL segment {} failed: {e}", seg.file.path().display())))?;
+        s.io.write_all_at(&seg.file, &header, 0).and_then(|()| s.io.sync_data(&seg.file)).map_err(|e| {
+            stop(format!("writing the header of WAL segment {} failed: {e}", seg.file.path().display()))
+        })?;
         let old_lsn = self.next_lsn - 1;
         self.tail = Tail { seq, file: seg.file.clone(), len: seg.len, pos: SEGMENT_HEADER_SIZE };
         self.unsynced.clear();
@@ -427,12 +445,8 @@ impl Writer {
                 warned = true;
             }
             self.shared.request_checkpoint();
-            files = self
-                .shared
-                .space
-                .wait_timeout(files, Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            files =
+                self.shared.space.wait_timeout(files, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -545,7 +559,9 @@ impl Writer {
             }
             ops.push(match d {
                 DataOp::Write { offset, data: b } => IoOp::Write { file: data, offset: *offset, buf: b },
-                DataOp::Zero { offset, len, punch } => IoOp::Zero { file: data, offset: *offset, len: *len, punch: *punch },
+                DataOp::Zero { offset, len, punch } => {
+                    IoOp::Zero { file: data, offset: *offset, len: *len, punch: *punch }
+                }
             });
         }
         self.submit(&mut ops)?;

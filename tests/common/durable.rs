@@ -75,10 +75,7 @@ impl History {
     /// Writes that completed and are durable by the rule.
     pub fn durable_writes(&self) -> usize {
         let latest = self.flushes.iter().filter(|f| f.completed.is_some()).map(|f| f.issued).max();
-        self.writes
-            .iter()
-            .filter(|w| w.completed.is_some_and(|c| w.fua || latest.is_some_and(|f| f > c)))
-            .count()
+        self.writes.iter().filter(|w| w.completed.is_some_and(|c| w.fua || latest.is_some_and(|f| f > c))).count()
     }
 }
 
@@ -118,8 +115,9 @@ pub async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], base: &[u64], 
             .unwrap_or_else(|e| panic!("{what}: read of the region failed: {e}"));
         for (i, buf) in data.chunks(BLOCK).enumerate() {
             let b = first + i;
-            let id = identify(buf, b)
-                .unwrap_or_else(|| panic!("{what}: block {b} holds bytes that are no write's content (torn or misplaced)"));
+            let id = identify(buf, b).unwrap_or_else(|| {
+                panic!("{what}: block {b} holds bytes that are no write's content (torn or misplaced)")
+            });
             assert!(
                 allowed[b].contains(&id),
                 "{what}: block {b} holds write {id:#x}, expected one of {:x?}: a write that was durable (FUA, or \

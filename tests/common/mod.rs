@@ -59,9 +59,8 @@ pub fn free_port() -> u16 {
 
 /// Panics with an install hint when `tool` is not on PATH.
 pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     assert!(found, "{tool} is required by this test: install the Debian package {package} (scripts/test.sh does)");
 }
 
@@ -84,7 +83,11 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}", read_all(&out), read_all(&err));
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                read_all(&out),
+                read_all(&err)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -184,7 +187,11 @@ impl TestNode {
 
     /// The `nbd` config value.
     pub fn nbd_addr(&self) -> String {
-        if self.opts.unix { format!("unix:{}", self.nbd_socket().display()) } else { format!("127.0.0.1:{}", self.port) }
+        if self.opts.unix {
+            format!("unix:{}", self.nbd_socket().display())
+        } else {
+            format!("127.0.0.1:{}", self.port)
+        }
     }
 
     /// The NBD URI of the export.

@@ -217,14 +217,19 @@ impl Peer {
             if pred(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{}: {what} not reached within {timeout:?}; last status:\n{s:#}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what} not reached within {timeout:?}; last status:\n{s:#}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
 
     /// `repctl wait-sync --timeout SECS`, must succeed.
     pub fn wait_sync(&self, secs: u32) -> Output {
-        let out = self.repctl_timeout(&["wait-sync", "--timeout", &secs.to_string()], Duration::from_secs(u64::from(secs) + 30));
+        let out = self
+            .repctl_timeout(&["wait-sync", "--timeout", &secs.to_string()], Duration::from_secs(u64::from(secs) + 30));
         assert!(
             out.status.success(),
             "repctl --node {} wait-sync --timeout {secs} failed ({}):\nstdout: {}\nstderr: {}\nstatus: {:#}",
@@ -342,7 +347,8 @@ impl Pair {
         let proxies = opts.proxy.then(|| {
             rt.block_on(async {
                 let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
-                let to_alpha = Proxy::start(any, ([127, 0, 0, 1], listen_a).into()).await.expect("start proxy to alpha");
+                let to_alpha =
+                    Proxy::start(any, ([127, 0, 0, 1], listen_a).into()).await.expect("start proxy to alpha");
                 let to_beta = Proxy::start(any, ([127, 0, 0, 1], listen_b).into()).await.expect("start proxy to beta");
                 Proxies { to_alpha, to_beta }
             })

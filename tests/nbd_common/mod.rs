@@ -19,10 +19,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("repblock=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 pub fn config() -> ServerConfig {
@@ -56,28 +53,15 @@ pub struct Raw {
 /// One decoded reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Simple {
-        error: u32,
-        cookie: u64,
-        data: Vec<u8>,
-    },
-    Chunk {
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        payload: Vec<u8>,
-    },
+    Simple { error: u32, cookie: u64, data: Vec<u8> },
+    Chunk { flags: u16, kind: u16, cookie: u64, payload: Vec<u8> },
 }
 
 impl Raw {
     pub async fn connect(h: &NbdHandle) -> Raw {
         match h.listen_addr() {
-            ListenAddr::Tcp(a) => Raw {
-                s: Box::new(TcpStream::connect(a).await.unwrap()),
-            },
-            ListenAddr::Unix(p) => Raw {
-                s: Box::new(UnixStream::connect(p).await.unwrap()),
-            },
+            ListenAddr::Tcp(a) => Raw { s: Box::new(TcpStream::connect(a).await.unwrap()) },
+            ListenAddr::Unix(p) => Raw { s: Box::new(UnixStream::connect(p).await.unwrap()) },
         }
     }
 
@@ -92,10 +76,7 @@ impl Raw {
 
     pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
-        tokio::time::timeout(IO_TIMEOUT, self.s.read_exact(&mut b))
-            .await
-            .expect("read timed out")
-            .unwrap();
+        tokio::time::timeout(IO_TIMEOUT, self.s.read_exact(&mut b)).await.expect("read timed out").unwrap();
         b
     }
 
@@ -103,10 +84,7 @@ impl Raw {
     /// sending anything more.
     pub async fn expect_closed(&mut self) {
         let mut b = [0u8; 1];
-        match tokio::time::timeout(IO_TIMEOUT, self.s.read(&mut b))
-            .await
-            .expect("server did not close")
-        {
+        match tokio::time::timeout(IO_TIMEOUT, self.s.read(&mut b)).await.expect("server did not close") {
             Ok(0) | Err(_) => {}
             Ok(_) => panic!("expected the connection to close, got byte {:#x}", b[0]),
         }
@@ -137,12 +115,7 @@ impl Raw {
     }
 
     pub async fn option(&mut self, option: u32, data: &[u8]) {
-        let mut b = OptionHeader {
-            option,
-            len: data.len() as u32,
-        }
-        .encode()
-        .to_vec();
+        let mut b = OptionHeader { option, len: data.len() as u32 }.encode().to_vec();
         b.extend_from_slice(data);
         self.send(&b).await;
     }
@@ -156,19 +129,12 @@ impl Raw {
 
     /// Full handshake with NBD_OPT_GO; returns (size, transmission flags).
     pub async fn go(&mut self, structured: bool) -> (u64, u16) {
-        self.hello(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
-            .await;
+        self.hello(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).await;
         if structured {
             self.option(NBD_OPT_STRUCTURED_REPLY, &[]).await;
-            assert_eq!(
-                self.option_reply().await,
-                (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, vec![])
-            );
+            assert_eq!(self.option_reply().await, (NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, vec![]));
         }
-        let req = InfoRequest {
-            name: EXPORT.as_bytes().to_vec(),
-            requests: vec![],
-        };
+        let req = InfoRequest { name: EXPORT.as_bytes().to_vec(), requests: vec![] };
         self.option(NBD_OPT_GO, &req.encode()).await;
         let mut export = None;
         loop {
@@ -188,24 +154,8 @@ impl Raw {
         export.expect("NBD_INFO_EXPORT")
     }
 
-    pub async fn request(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) {
-        let mut b = RequestHeader {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len,
-        }
-        .encode()
-        .to_vec();
+    pub async fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = RequestHeader { flags, kind, cookie, offset, len }.encode().to_vec();
         b.extend_from_slice(payload);
         self.send(&b).await;
     }
@@ -223,11 +173,7 @@ impl Raw {
                     (0, Some(n)) => self.read_exact(n as usize).await,
                     _ => vec![],
                 };
-                Reply::Simple {
-                    error,
-                    cookie,
-                    data,
-                }
+                Reply::Simple { error, cookie, data }
             }
             STRUCTURED_REPLY_MAGIC => {
                 let rest = self.read_exact(16).await;
@@ -236,12 +182,7 @@ impl Raw {
                 let cookie = u64::from_be_bytes(rest[4..12].try_into().unwrap());
                 let len = u32::from_be_bytes(rest[12..16].try_into().unwrap());
                 let payload = self.read_exact(len as usize).await;
-                Reply::Chunk {
-                    flags,
-                    kind,
-                    cookie,
-                    payload,
-                }
+                Reply::Chunk { flags, kind, cookie, payload }
             }
             other => panic!("bad reply magic {other:#x}"),
         }
@@ -261,11 +202,7 @@ impl Raw {
 pub async fn wait_clients(h: &NbdHandle, n: usize) {
     let t = std::time::Instant::now();
     while h.client_count() != n {
-        assert!(
-            t.elapsed() < IO_TIMEOUT,
-            "client_count stuck at {}, want {n}",
-            h.client_count()
-        );
+        assert!(t.elapsed() < IO_TIMEOUT, "client_count stuck at {}, want {n}", h.client_count());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
