@@ -558,9 +558,17 @@ impl Config {
                 return Err(invalid(format!("node[{i}].name: {:?} is used by two nodes", n.name)));
             }
         }
-        if two {
+        // Two nodes on one host (their replication addresses share a host,
+        // as in a loopback test pair) cannot share ports or paths. Two nodes
+        // on two hosts usually do: one shared file, the same layout on both.
+        let host = |n: &NodeConfig| {
+            n.replication.as_deref().and_then(parse_host_port).map(|(h, _)| h.to_ascii_lowercase())
+        };
+        if two && host(&nodes[0]) == host(&nodes[1]) {
             let (a, b) = (&nodes[0], &nodes[1]);
-            let clash = if a.nbd == b.nbd {
+            let clash = if a.replication == b.replication {
+                Some(("replication", a.replication.clone().unwrap_or_default()))
+            } else if a.nbd == b.nbd {
                 Some(("nbd", a.nbd.to_string()))
             } else if a.control == b.control {
                 Some(("control", a.control.display().to_string()))
@@ -573,7 +581,7 @@ impl Config {
             };
             if let Some((field, value)) = clash {
                 return Err(invalid(format!(
-                    "node[1].{field}: {value:?} is also node[0].{field}; each node needs its own"
+                    "node[1].{field}: {value:?} is also node[0].{field}; two nodes on one host each need their own"
                 )));
             }
         }
@@ -956,20 +964,33 @@ disk = "/dev/vg0/r0"
     }
 
     #[test]
+    fn two_hosts_may_use_the_same_paths_and_ports() {
+        let same_layout = TWO
+            .replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809")
+            .replace("r0-beta.sock", "r0-alpha.sock")
+            .replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha");
+        let c = load(&same_layout).expect("one file for two hosts with the same layout");
+        assert_eq!(c.node("alpha").expect("alpha").dir, c.node("beta").expect("beta").dir);
+    }
+
+    #[test]
     fn duplicates_are_refused() {
         assert_eq!(
             err(&TWO.replace("\"beta\"", "\"alpha\"")),
             r#"r0.toml: node[1].name: "alpha" is used by two nodes"#
         );
+        // Both nodes on one host: ports and paths must differ.
+        let one_host = TWO.replace("10.0.0.1:7790", "127.0.0.1:7790").replace("10.0.0.2:7790", "127.0.0.1:7791");
         assert!(
-            err(&TWO.replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809"))
+            err(&one_host.replace("unix:/run/repblock/r0-beta.nbd", "127.0.0.1:10809"))
                 .starts_with("r0.toml: node[1].nbd: \"127.0.0.1:10809\" is also node[0].nbd")
         );
-        assert!(err(&TWO.replace("r0-beta.sock", "r0-alpha.sock")).starts_with("r0.toml: node[1].control:"));
+        assert!(err(&one_host.replace("r0-beta.sock", "r0-alpha.sock")).starts_with("r0.toml: node[1].control:"));
         assert!(
-            err(&TWO.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha"))
+            err(&one_host.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha"))
                 .starts_with("r0.toml: node[1].dir:")
         );
+        assert!(err(&one_host.replace("127.0.0.1:7791", "127.0.0.1:7790")).starts_with("r0.toml: node[1].replication:"));
         let three = format!("{TWO}\n[[node]]\nname = \"gamma\"\n");
         assert!(err(&three).starts_with("r0.toml: node: expected one or two [[node]] sections, got 3"));
     }
