@@ -9,178 +9,21 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::durable::{
+    BLOCK, FlushRec, History, REGION_BLOCKS, Workload, WriteRec, acceptable, check_region, content, identify,
+};
 use common::{NodeOpts, TestNode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use repblock::nbd::{ClientError, ListenAddr, NbdClient};
 
-const BLOCK: usize = 4096;
-/// Blocks written: a small region, so blocks are overwritten often.
-const REGION_BLOCKS: usize = 1024;
 const ROUNDS: u32 = 20;
 const QUEUE_DEPTH: usize = 8;
 
-/// Content of write `id` to `block`: the id, the block, then bytes derived
-/// from both (so a torn or misplaced block is detected).
-fn content(id: u64, block: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    buf[..8].copy_from_slice(&id.to_le_bytes());
-    buf[8..16].copy_from_slice(&(block as u64).to_le_bytes());
-    let mut x = id ^ ((block as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
-    for chunk in buf[16..].chunks_mut(8) {
-        // xorshift64
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    buf
-}
-
-/// Which write a block read back holds: `Some(0)` for zeroes, `None` for
-/// anything that is not exactly one write's content.
-fn identify(buf: &[u8], block: usize) -> Option<u64> {
-    if buf.iter().all(|&b| b == 0) {
-        return Some(0);
-    }
-    let id = u64::from_le_bytes(buf[..8].try_into().ok()?);
-    (content(id, block) == buf).then_some(id)
-}
-
-#[derive(Debug, Clone)]
-struct WriteRec {
-    block: usize,
-    id: u64,
-    fua: bool,
-    issued: u64,
-    completed: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct FlushRec {
-    issued: u64,
-    completed: Option<u64>,
-}
-
-#[derive(Default)]
-struct History {
-    writes: Vec<WriteRec>,
-    flushes: Vec<FlushRec>,
-}
-
-/// For every block, the write ids it may hold after the crash.
-fn acceptable(base: &[u64], h: &History) -> Vec<HashSet<u64>> {
-    // Latest flush issue time among completed flushes is all that matters:
-    // a completed write is durable if any completed flush was issued after
-    // it completed.
-    let completed_flush_issues: Vec<u64> =
-        h.flushes.iter().filter(|f| f.completed.is_some()).map(|f| f.issued).collect();
-    let latest_flush_issue = completed_flush_issues.iter().copied().max();
-    let durable = |w: &WriteRec| match w.completed {
-        None => false,
-        Some(c) => w.fua || latest_flush_issue.is_some_and(|f| f > c),
-    };
-    let mut per_block: Vec<Vec<&WriteRec>> = vec![Vec::new(); base.len()];
-    for w in &h.writes {
-        per_block[w.block].push(w);
-    }
-    per_block
-        .iter()
-        .enumerate()
-        .map(|(b, ws)| {
-            // Writes to one block never overlap in flight: issue order is
-            // their order.
-            let mut ws = ws.clone();
-            ws.sort_by_key(|w| w.issued);
-            match ws.iter().rposition(|w| durable(w)) {
-                Some(d) => ws[d..].iter().map(|w| w.id).collect(),
-                None => std::iter::once(base[b]).chain(ws.iter().map(|w| w.id)).collect(),
-            }
-        })
-        .collect()
-}
-
 fn addr(n: &TestNode) -> ListenAddr {
     format!("127.0.0.1:{}", n.port).parse().expect("listen addr")
-}
-
-/// Reads the region and checks it against what may be there; returns the
-/// ids found (the next round's base).
-async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], round: u32, seed: u64) -> Vec<u64> {
-    const CHUNK_BLOCKS: usize = 256;
-    let mut found = Vec::with_capacity(REGION_BLOCKS);
-    for first in (0..REGION_BLOCKS).step_by(CHUNK_BLOCKS) {
-        let data =
-            client.read((first * BLOCK) as u64, (CHUNK_BLOCKS * BLOCK) as u32).await.expect("read after restart");
-        for (i, buf) in data.chunks(BLOCK).enumerate() {
-            let b = first + i;
-            let id = identify(buf, b).unwrap_or_else(|| {
-                panic!(
-                    "seed {seed} round {round}: block {b} holds bytes that are no write's content (torn or misplaced)"
-                )
-            });
-            assert!(
-                allowed[b].contains(&id),
-                "seed {seed} round {round}: block {b} holds write {id:#x}, expected one of {:x?} (a durable write was lost)",
-                allowed[b]
-            );
-            found.push(id);
-        }
-    }
-    found
-}
-
-async fn writer(
-    client: NbdClient,
-    rng: Arc<Mutex<StdRng>>,
-    busy: Arc<Mutex<HashSet<usize>>>,
-    clock: Arc<AtomicU64>,
-    next_id: Arc<AtomicU64>,
-    history: Arc<Mutex<History>>,
-    stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let (is_flush, fua, block) = {
-            let mut rng = rng.lock().expect("rng");
-            let is_flush = rng.random_range(0..12) == 0;
-            let fua = rng.random_range(0..8) == 0;
-            let mut busy = busy.lock().expect("busy");
-            let block = loop {
-                let b = rng.random_range(0..REGION_BLOCKS);
-                if busy.insert(b) {
-                    break b;
-                }
-            };
-            if is_flush {
-                busy.remove(&block);
-            }
-            (is_flush, fua, block)
-        };
-        if is_flush {
-            let issued = clock.fetch_add(1, Ordering::SeqCst);
-            let res = client.flush().await;
-            let completed = res.is_ok().then(|| clock.fetch_add(1, Ordering::SeqCst));
-            history.lock().expect("history").flushes.push(FlushRec { issued, completed });
-            if res.is_err() {
-                return;
-            }
-            continue;
-        }
-        let id = next_id.fetch_add(1, Ordering::SeqCst);
-        let data = content(id, block);
-        let issued = clock.fetch_add(1, Ordering::SeqCst);
-        let res = client.write((block * BLOCK) as u64, &data, fua).await;
-        let completed = res.is_ok().then(|| clock.fetch_add(1, Ordering::SeqCst));
-        history.lock().expect("history").writes.push(WriteRec { block, id, fua, issued, completed });
-        busy.lock().expect("busy").remove(&block);
-        if res.is_err() {
-            return;
-        }
-    }
 }
 
 fn kill_during_writes(engine: &str) {
@@ -190,7 +33,7 @@ fn kill_during_writes(engine: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut n = TestNode::new(engine);
     n.create_md();
-    let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed)));
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut allowed: Vec<HashSet<u64>> = vec![HashSet::from([0]); REGION_BLOCKS];
     let mut total_writes = 0usize;
     let mut total_constrained = 0usize;
@@ -201,54 +44,22 @@ fn kill_during_writes(engine: &str) {
         } else {
             n.promote();
         }
-        let last = round == ROUNDS;
-        let writes = rt.block_on(async {
-            let client = NbdClient::connect(&addr(&n), "r0").await.expect("connect");
-            let base = verify(&client, &allowed, round, seed).await;
-            if last {
-                return (0, 0);
-            }
-            let history = Arc::new(Mutex::new(History::default()));
-            let busy = Arc::new(Mutex::new(HashSet::new()));
-            let clock = Arc::new(AtomicU64::new(1));
-            let next_id = Arc::new(AtomicU64::new((u64::from(round) + 1) << 32));
-            let stop = Arc::new(AtomicBool::new(false));
-            let tasks: Vec<_> = (0..QUEUE_DEPTH)
-                .map(|_| {
-                    tokio::spawn(writer(
-                        client.clone(),
-                        Arc::clone(&rng),
-                        Arc::clone(&busy),
-                        Arc::clone(&clock),
-                        Arc::clone(&next_id),
-                        Arc::clone(&history),
-                        Arc::clone(&stop),
-                    ))
-                })
-                .collect();
-            let delay = rng.lock().expect("rng").random_range(100..900);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+        let what = format!("seed {seed} round {round}");
+        let client = rt.block_on(NbdClient::connect(&addr(&n), "r0")).expect("connect");
+        let base = rt.block_on(check_region(&client, &allowed, &what));
+        if round == ROUNDS {
             n.kill9();
-            stop.store(true, Ordering::Relaxed);
-            for t in tasks {
-                tokio::time::timeout(Duration::from_secs(30), t)
-                    .await
-                    .expect("writer ends once repd is gone")
-                    .expect("writer task");
-            }
-            let h = std::mem::take(&mut *history.lock().expect("history"));
-            let writes = h.writes.len();
-            allowed = acceptable(&base, &h);
-            // Blocks whose pre-round content is no longer acceptable: a
-            // durable write must be found there after the restart.
-            let constrained = allowed.iter().zip(&base).filter(|(a, b)| !a.contains(b)).count();
-            (writes, constrained)
-        });
-        total_writes += writes.0;
-        total_constrained += writes.1;
-        if last {
-            n.kill9();
+            break;
         }
+        let workload = Workload::start(&rt, client, QUEUE_DEPTH, rng.random(), (u64::from(round) + 1) << 32);
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..900)));
+        n.kill9();
+        let h = workload.finish(&rt);
+        total_writes += h.writes.len();
+        allowed = acceptable(&base, &h);
+        // Blocks whose pre-round content is no longer acceptable: a durable
+        // write must be found there after the restart.
+        total_constrained += allowed.iter().zip(&base).filter(|(a, b)| !a.contains(b)).count();
     }
     eprintln!(
         "crash test ({engine}): {ROUNDS} kills, {total_writes} writes, {total_constrained} blocks that had to hold a durable write, seed {seed}"

@@ -1,4 +1,5 @@
-//! A random write workload with a durability model, for failover tests.
+//! A random write workload with a durability model, for the crash and
+//! failover tests.
 //!
 //! Writers (QD tasks on one NBD connection) write 4 KiB blocks of a small
 //! region (so blocks are overwritten often), some with FUA, and issue FLUSHes
@@ -105,9 +106,10 @@ pub fn acceptable(base: &[u64], h: &History) -> Vec<HashSet<u64>> {
 }
 
 /// Reads the region and checks every block against what it may hold;
-/// returns how many blocks had to hold a durable write.
-pub async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], base: &[u64], what: &str) -> usize {
+/// returns the write id found in each block (the next round's base).
+pub async fn check_region(client: &NbdClient, allowed: &[HashSet<u64>], what: &str) -> Vec<u64> {
     const CHUNK_BLOCKS: usize = 256;
+    let mut found = Vec::with_capacity(REGION_BLOCKS);
     for first in (0..REGION_BLOCKS).step_by(CHUNK_BLOCKS) {
         let data = client
             .read((first * BLOCK) as u64, (CHUNK_BLOCKS * BLOCK) as u32)
@@ -124,8 +126,16 @@ pub async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], base: &[u64], 
                  completed before a completed FLUSH) was lost",
                 allowed[b]
             );
+            found.push(id);
         }
     }
+    found
+}
+
+/// [`check_region`], returning how many blocks had to hold a durable write
+/// (blocks whose content before the workload, `base`, is no longer allowed).
+pub async fn verify(client: &NbdClient, allowed: &[HashSet<u64>], base: &[u64], what: &str) -> usize {
+    check_region(client, allowed, what).await;
     allowed.iter().zip(base).filter(|(a, b)| !a.contains(b)).count()
 }
 
