@@ -561,9 +561,8 @@ impl Config {
         // Two nodes on one host (their replication addresses share a host,
         // as in a loopback test pair) cannot share ports or paths. Two nodes
         // on two hosts usually do: one shared file, the same layout on both.
-        let host = |n: &NodeConfig| {
-            n.replication.as_deref().and_then(parse_host_port).map(|(h, _)| h.to_ascii_lowercase())
-        };
+        let host =
+            |n: &NodeConfig| n.replication.as_deref().and_then(parse_host_port).map(|(h, _)| h.to_ascii_lowercase());
         if two && host(&nodes[0]) == host(&nodes[1]) {
             let (a, b) = (&nodes[0], &nodes[1]);
             let clash = if a.replication == b.replication {
@@ -990,7 +989,9 @@ disk = "/dev/vg0/r0"
             err(&one_host.replace("/var/lib/repblock/r0-beta", "/var/lib/repblock/r0-alpha"))
                 .starts_with("r0.toml: node[1].dir:")
         );
-        assert!(err(&one_host.replace("127.0.0.1:7791", "127.0.0.1:7790")).starts_with("r0.toml: node[1].replication:"));
+        assert!(
+            err(&one_host.replace("127.0.0.1:7791", "127.0.0.1:7790")).starts_with("r0.toml: node[1].replication:")
+        );
         let three = format!("{TWO}\n[[node]]\nname = \"gamma\"\n");
         assert!(err(&three).starts_with("r0.toml: node: expected one or two [[node]] sections, got 3"));
     }
