@@ -3,37 +3,42 @@
 use super::DiskState;
 use crate::volume::{self, Volume, VolumeError};
 
-fn from_volume(d: volume::DiskState) -> DiskState {
-    match d {
-        volume::DiskState::Uptodate => DiskState::UpToDate,
-        volume::DiskState::Consistent => DiskState::Consistent,
-        volume::DiskState::Outdated => DiskState::Outdated,
-        volume::DiskState::Inconsistent => DiskState::Inconsistent,
-        volume::DiskState::Diskless => DiskState::Diskless,
-        volume::DiskState::Unknown => DiskState::Unknown,
+/// The superblock's byte and the node's vocabulary name the same states.
+impl From<volume::DiskState> for DiskState {
+    fn from(d: volume::DiskState) -> DiskState {
+        match d {
+            volume::DiskState::Uptodate => DiskState::UpToDate,
+            volume::DiskState::Consistent => DiskState::Consistent,
+            volume::DiskState::Outdated => DiskState::Outdated,
+            volume::DiskState::Inconsistent => DiskState::Inconsistent,
+            volume::DiskState::Diskless => DiskState::Diskless,
+            volume::DiskState::Unknown => DiskState::Unknown,
+        }
     }
 }
 
-fn to_volume(d: DiskState) -> volume::DiskState {
-    match d {
-        DiskState::UpToDate => volume::DiskState::Uptodate,
-        DiskState::Consistent => volume::DiskState::Consistent,
-        DiskState::Outdated => volume::DiskState::Outdated,
-        DiskState::Inconsistent => volume::DiskState::Inconsistent,
-        DiskState::Diskless => volume::DiskState::Diskless,
-        DiskState::Unknown => volume::DiskState::Unknown,
+impl From<DiskState> for volume::DiskState {
+    fn from(d: DiskState) -> volume::DiskState {
+        match d {
+            DiskState::UpToDate => volume::DiskState::Uptodate,
+            DiskState::Consistent => volume::DiskState::Consistent,
+            DiskState::Outdated => volume::DiskState::Outdated,
+            DiskState::Inconsistent => volume::DiskState::Inconsistent,
+            DiskState::Diskless => volume::DiskState::Diskless,
+            DiskState::Unknown => volume::DiskState::Unknown,
+        }
     }
 }
 
 /// The disk state recorded in the superblock.
 pub fn load(volume: &Volume) -> DiskState {
-    from_volume(volume.superblock().disk_state)
+    DiskState::from(volume.superblock().disk_state)
 }
 
 /// Records `state` in the superblock (written and fdatasync'ed before this
 /// returns).
 pub fn store(volume: &Volume, state: DiskState) -> Result<(), VolumeError> {
-    volume.update_superblock(|sb| sb.disk_state = to_volume(state))
+    volume.update_superblock(|sb| sb.disk_state = state.into())
 }
 
 #[cfg(test)]
@@ -50,7 +55,7 @@ mod tests {
             DiskState::Diskless,
             DiskState::Unknown,
         ] {
-            assert_eq!(from_volume(to_volume(d)), d);
+            assert_eq!(DiskState::from(volume::DiskState::from(d)), d);
         }
     }
 }

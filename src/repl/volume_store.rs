@@ -22,28 +22,6 @@ impl FeedSource for VolumeFeed {
     }
 }
 
-fn disk_from(d: volume::DiskState) -> DiskState {
-    match d {
-        volume::DiskState::Uptodate => DiskState::UpToDate,
-        volume::DiskState::Consistent => DiskState::Consistent,
-        volume::DiskState::Outdated => DiskState::Outdated,
-        volume::DiskState::Inconsistent => DiskState::Inconsistent,
-        volume::DiskState::Diskless => DiskState::Diskless,
-        volume::DiskState::Unknown => DiskState::Unknown,
-    }
-}
-
-fn disk_to(d: DiskState) -> volume::DiskState {
-    match d {
-        DiskState::UpToDate => volume::DiskState::Uptodate,
-        DiskState::Consistent => volume::DiskState::Consistent,
-        DiskState::Outdated => volume::DiskState::Outdated,
-        DiskState::Inconsistent => volume::DiskState::Inconsistent,
-        DiskState::Diskless => volume::DiskState::Diskless,
-        DiskState::Unknown => volume::DiskState::Unknown,
-    }
-}
-
 impl ReplStore for VolumeStore {
     fn size(&self) -> u64 {
         self.0.size()
@@ -97,14 +75,14 @@ impl ReplStore for VolumeStore {
     fn meta(&self) -> ReplMeta {
         let sb = self.0.superblock();
         ReplMeta {
-            disk: disk_from(sb.disk_state),
+            disk: DiskState::from(sb.disk_state),
             gen_ids: GenIds { current: sb.gen_current, bitmap: sb.gen_bitmap, history: sb.gen_history },
         }
     }
 
     fn store_meta(&self, meta: ReplMeta) -> Result<(), VolumeError> {
         self.0.update_superblock(|sb| {
-            sb.disk_state = disk_to(meta.disk);
+            sb.disk_state = volume::DiskState::from(meta.disk);
             sb.gen_current = meta.gen_ids.current;
             sb.gen_bitmap = meta.gen_ids.bitmap;
             sb.gen_history = meta.gen_ids.history;
