@@ -410,6 +410,11 @@ fn sync_parent(io: &dyn IoEngine, dir: &Path) {
 /// least `size` bytes. The superblock is written last: a `meta` file means
 /// create-md completed. Refuses when `dir/meta` exists unless `force`
 /// (which also removes old WAL segments; the data is kept).
+/// Creates `dir` (and its parents) with mode 0700 if missing.
+fn create_private_dir(dir: &std::path::Path) -> Result<(), VolumeError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VolumeError::io(dir, e))
+}
+
 pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions) -> Result<(), VolumeError> {
     opts.validate()?;
     validate_names(&create.resource, &create.node)?;
@@ -439,17 +444,9 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(VolumeError::io(&meta_path, e)),
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&opts.dir)
-        .map_err(|e| VolumeError::io(&opts.dir, e))?;
+    create_private_dir(&opts.dir)?;
     let wal_dir = opts.wal_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&wal_dir)
-        .map_err(|e| VolumeError::io(&wal_dir, e))?;
+    create_private_dir(&wal_dir)?;
     // Old segments (force): another volume's log must not linger.
     let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
     for p in listing.segments.values().chain(&listing.spares).chain(&listing.temporary) {
@@ -528,11 +525,7 @@ impl Volume {
         }
         let data = open_data(&*io, &opts, sb.size)?;
         let wal_dir = opts.wal_dir();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&wal_dir)
-            .map_err(|e| VolumeError::io(&wal_dir, e))?;
+        create_private_dir(&wal_dir)?;
         let listing = segment::list_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
         for p in &listing.temporary {
             io.remove(p).map_err(|e| VolumeError::io(p, e))?;
