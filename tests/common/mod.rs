@@ -470,3 +470,4 @@ impl Drop for ChildGuard {
 
 pub mod durable;
 pub mod pair;
+pub mod resync;

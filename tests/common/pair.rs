@@ -549,3 +549,88 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
 }
+
+// ---- Additions for the resync tests (issue 4: replication_resync.rs,
+// replication_splitbrain.rs). Kept in their own impl blocks.
+
+impl Peer {
+    /// SIGTERM and wait (at most 60 s) for the exit status: a clean stop
+    /// (the volume is checkpointed and closed).
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap_or_else(|| panic!("repd {} is not running", self.name));
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet, so it
+        // cannot name another process.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) of repd {} failed", self.name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("repd {} did not stop within 60s of SIGTERM:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until this node sees its peer as not connected.
+    pub fn wait_disconnected(&self, timeout: Duration) -> Value {
+        self.wait_status("peer not connected", timeout, |s| s["connection"] != "connected")
+    }
+}
+
+impl Pair {
+    /// A replicating pair without the initial full sync: both blank nodes
+    /// connect, `new-current-uuid --clear-bitmap` makes both `uptodate` in
+    /// one new generation, alpha is promoted. For large volumes whose
+    /// initial content does not matter (all zeroes on both).
+    pub fn up_blank(opts: PairOpts) -> Pair {
+        let mut pair = Pair::new(opts);
+        pair.start_both();
+        for p in [&pair.alpha, &pair.beta] {
+            p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
+        }
+        pair.alpha.repctl_ok(&["new-current-uuid", "--clear-bitmap"]);
+        for p in [&pair.alpha, &pair.beta] {
+            p.wait_status("uptodate after new-current-uuid", Duration::from_secs(20), |s| s["disk"] == "uptodate");
+        }
+        pair.alpha.repctl_ok(&["promote"]);
+        pair.assert_established();
+        pair
+    }
+
+    /// Partitions the pair: the proxies close every connection and refuse
+    /// new ones; returns once both nodes see the peer gone.
+    pub fn partition(&self) {
+        self.proxies().set_mode(Mode::Refuse);
+        for p in [&self.alpha, &self.beta] {
+            p.wait_disconnected(Duration::from_secs(20));
+        }
+    }
+
+    /// Ends a partition: the proxies pass traffic again.
+    pub fn heal(&self) {
+        self.proxies().set_mode(Mode::Pass);
+    }
+}
+
+impl Pair {
+    /// Both sides connected, established, uptodate, with `primary` (alpha
+    /// or beta) the primary and the other secondary.
+    pub fn assert_established_with_primary(&self, primary: &str) {
+        for me in [&self.alpha, &self.beta] {
+            let s = me.wait_status("connected + established + both uptodate", Duration::from_secs(20), |s| {
+                s["connection"] == "connected"
+                    && s["replication"] == "established"
+                    && s["disk"] == "uptodate"
+                    && s["peer"]["disk"] == "uptodate"
+            });
+            let (role, peer_role) = if me.name == primary { ("primary", "secondary") } else { ("secondary", "primary") };
+            assert_eq!(s["role"], role, "{}: role\n{s:#}", me.name);
+            assert_eq!(s["peer"]["role"], peer_role, "{}: peer role\n{s:#}", me.name);
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Resync after a split (issue 4), black-box: real repd processes, the
+//! in-project proxy on the replication link (bytes counted, partitions,
+//! rate caps), and the data files of both nodes compared byte for byte
+//! after a clean stop.
+//!
+//! - The secondary is killed while the primary writes 8 MiB in scattered
+//!   places of a 1 GiB volume: on its return the link carries less than
+//!   twice the bytes written, and the copies are identical.
+//! - A short outage is caught up from the primary's WAL (`log`), and the
+//!   secondary is never `inconsistent` while it runs; a long one that
+//!   overflows `wal_retain` is resynced from the bitmap (`bitmap`).
+//! - The primary is killed mid-workload (protocol C), the secondary is
+//!   promoted and written; the old primary, restarted, becomes the sync
+//!   target on its own, ends identical, and no acknowledged write is lost.
+//! - Either side SIGKILLed during a resync: it resumes (the remaining bytes
+//!   do not start again from the whole volume) and ends identical.
+//! - `invalidate` on the secondary takes a full copy (repairing a data file
+//!   damaged behind repd's back).
+//!
+//! Seeded: REPBLOCK_RESYNC_SEED=N replays a run (the seed is printed).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::durable::{REGION_BLOCKS, Workload, acceptable, verify};
+use common::pair::{MIB, Pair, PairOpts};
+use common::resync::{
+    Extents, StatusLog, data_file, file_checksums, scattered_writes, seed,
+    stop_and_compare, text, u,
+};
+
+/// Written while the secondary is away (the issue's number).
+const GAP: u64 = 8 * MIB;
+
+/// The last finished sync's kind on a node (`last_sync.kind`).
+fn last_kind(s: &serde_json::Value) -> String {
+    s["last_sync"]["kind"].as_str().unwrap_or("").to_string()
+}
+
+/// Writes `total` bytes scattered over the whole volume through alpha.
+fn write_scattered(pair: &Pair, total: u64, seed: u64) -> Extents {
+    pair.rt.block_on(async {
+        let c = pair.alpha.nbd().await;
+        let ext = scattered_writes(&c, 0, pair.size, total, seed).await;
+        c.disconnect().await.expect("disconnect");
+        ext
+    })
+}
+
+/// Both nodes report nothing out of sync and no running resync.
+fn assert_in_sync(pair: &Pair, what: &str) {
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.wait_status("out_of_sync_bytes 0", Duration::from_secs(10), |s| u(&s["out_of_sync_bytes"]) == 0);
+        assert_eq!(s["disk"], "uptodate", "{what}: {} after the sync\n{s:#}", p.name);
+        assert_eq!(s["split_brain"], false, "{what}: {}\n{s:#}", p.name);
+    }
+}
+
+/// The secondary is SIGKILLed, 8 MiB are written in 4..64 KiB pieces all
+/// over a 1 GiB volume, the secondary comes back: the link carries less
+/// than 2 x 8 MiB (not the volume), and the data files end identical.
+#[test]
+fn secondary_restart_moves_only_the_changed_blocks() {
+    let test = "secondary restart";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied().size("1GiB"));
+    pair.beta.kill9();
+    pair.alpha.wait_disconnected(Duration::from_secs(10));
+    let ext = write_scattered(&pair, GAP, seed);
+    let a = pair.alpha.status();
+    assert!(
+        u(&a["out_of_sync_bytes"]) >= ext.changed(),
+        "{test}: alpha wrote {} bytes of distinct blocks without its peer; out_of_sync_bytes must count them\n{a:#}",
+        ext.changed()
+    );
+
+    let before = pair.proxies().bytes_total();
+    let t = Instant::now();
+    pair.beta.start();
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    let took = t.elapsed();
+    let moved = pair.proxies().bytes_total() - before;
+    let a = pair.alpha.status();
+    let b = pair.beta.status();
+    eprintln!(
+        "{test}: {} bytes written ({} distinct), {moved} bytes on the wire, {took:?} to uptodate; \
+         alpha last_sync {}, beta last_sync {}",
+        ext.written(),
+        ext.changed(),
+        a["last_sync"],
+        b["last_sync"]
+    );
+    assert!(
+        moved < 2 * ext.written(),
+        "{test}: the resync carried {moved} bytes for {} bytes written (limit 2x): more than the changed blocks",
+        ext.written()
+    );
+    for s in [&a, &b] {
+        let kind = last_kind(s);
+        assert!(kind == "log" || kind == "bitmap", "{test}: last_sync.kind must be log or bitmap\n{s:#}");
+        assert!(u(&s["last_sync"]["bytes"]) > 0, "{test}: last_sync.bytes counts what moved\n{s:#}");
+        assert!(
+            u(&s["last_sync"]["bytes"]) < 2 * ext.written(),
+            "{test}: last_sync.bytes is about the changed blocks\n{s:#}"
+        );
+    }
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// A short outage (a partition while alpha writes 8 MiB) is caught up from
+/// alpha's WAL: `resync.kind` / `last_sync.kind` say `log`, and beta, polled
+/// all along, is never `inconsistent` (it stays promotable).
+#[test]
+fn short_outage_is_caught_up_from_the_log_and_the_target_stays_consistent() {
+    let test = "short outage";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied().size("256MiB"));
+    let poll = StatusLog::start(&pair.beta);
+    pair.partition();
+    let ext = write_scattered(&pair, GAP, seed);
+    // Slow the link so that the catch-up lasts a few seconds of polling.
+    pair.proxies().set_rate(Some(4 * MIB));
+    let before = pair.proxies().bytes_total();
+    pair.heal();
+    pair.beta.wait_sync(90);
+    pair.proxies().set_rate(None);
+    pair.assert_established();
+    let moved = pair.proxies().bytes_total() - before;
+    let samples = poll.stop();
+
+    let connected: Vec<_> = samples.iter().filter(|s| s["connection"] == "connected").collect();
+    let catching_up: Vec<_> =
+        connected.iter().filter(|s| s["replication"] != "established" && !s["replication"].is_null()).collect();
+    eprintln!(
+        "{test}: {} status samples, {} connected, {} during the catch-up; {moved} bytes on the wire for {} written",
+        samples.len(),
+        connected.len(),
+        catching_up.len(),
+        ext.written()
+    );
+    for s in &samples {
+        assert_ne!(s["disk"], "inconsistent", "{test}: beta was inconsistent during a log catch-up\n{s:#}");
+    }
+    assert!(!catching_up.is_empty(), "{test}: the catch-up (4 MiB/s for 8 MiB) was never seen in beta's status");
+    for s in &catching_up {
+        assert!(
+            s["disk"] == "consistent" || s["disk"] == "uptodate",
+            "{test}: during a log catch-up the target must be consistent (promotable)\n{s:#}"
+        );
+        if !s["resync"]["kind"].is_null() {
+            assert_eq!(s["resync"]["kind"], "log", "{test}: resync.kind during the catch-up\n{s:#}");
+        }
+    }
+    assert!(
+        catching_up.iter().any(|s| s["resync"]["kind"] == "log"),
+        "{test}: no status sample showed resync.kind = log during the catch-up"
+    );
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.status();
+        assert_eq!(last_kind(&s), "log", "{test}: {} last_sync.kind after a short outage\n{s:#}", p.name);
+    }
+    assert!(moved < 2 * ext.written(), "{test}: {moved} bytes on the wire for {} bytes written", ext.written());
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// A long outage: alpha writes 96 MiB into the WAL (16 MiB of distinct
+/// blocks rewritten six times) with `wal_retain = 64MiB`; the WAL cannot
+/// hold the gap, so the resync is a bitmap resync of the 16 MiB, not a log
+/// replay of 96 MiB.
+#[test]
+fn long_outage_beyond_wal_retain_is_resynced_from_the_bitmap() {
+    let test = "long outage";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(
+        PairOpts::new("C")
+            .proxied()
+            .size("256MiB")
+            .extra("wal_retain = \"64MiB\"")
+            .extra("wal_segment_size = \"16MiB\""),
+    );
+    pair.partition();
+    let ext = write_scattered(&pair, 16 * MIB, seed);
+    pair.rt.block_on(async {
+        let c = pair.alpha.nbd().await;
+        for round in 0..5u8 {
+            // The same extents again, each round other content.
+            for &(off, len) in &ext.writes {
+                let data = vec![0x10 + round; len as usize];
+                c.write(off, &data, false).await.unwrap_or_else(|e| panic!("rewrite at {off}: {e}"));
+            }
+            c.flush().await.expect("flush");
+        }
+        c.disconnect().await.expect("disconnect");
+    });
+    let logged = 6 * ext.written();
+    // Checkpoints (every 2 s) apply the retention bound.
+    let a = pair.alpha.wait_status("WAL within wal_retain", Duration::from_secs(20), |s| {
+        u(&s["wal"]["bytes"]) <= 64 * MIB + 2 * 16 * MIB
+    });
+    eprintln!("{test}: {logged} bytes logged over {} distinct; alpha: wal {:#}", ext.changed(), a["wal"]);
+
+    let before = pair.proxies().bytes_total();
+    pair.heal();
+    pair.beta.wait_sync(90);
+    pair.assert_established();
+    let moved = pair.proxies().bytes_total() - before;
+    eprintln!("{test}: {moved} bytes on the wire; beta last_sync {}", pair.beta.status()["last_sync"]);
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.status();
+        assert_eq!(last_kind(&s), "bitmap", "{test}: {} last_sync.kind after overflowing wal_retain\n{s:#}", p.name);
+    }
+    assert!(
+        moved < 2 * ext.changed() + MIB,
+        "{test}: {moved} bytes on the wire for {} bytes of changed blocks ({logged} logged)",
+        ext.changed()
+    );
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// Protocol C: alpha is SIGKILLed under a random workload (FUA, FLUSH),
+/// beta is promoted and writes elsewhere; alpha, restarted, comes back as
+/// secondary, becomes the sync target on its own (its writes that never
+/// reached beta are rolled back), and ends byte-identical with beta; every
+/// write durable before the kill reads back from beta.
+#[test]
+fn old_primary_returns_as_sync_target() {
+    let test = "old primary returns";
+    let seed = seed(test);
+    let mut pair = Pair::up(PairOpts::new("C"));
+    let client = pair.rt.block_on(pair.alpha.nbd());
+    let work = Workload::start(&pair.rt, client, 8, seed, 1 << 32);
+    std::thread::sleep(Duration::from_millis(800));
+    pair.alpha.kill9();
+    let history = work.finish(&pair.rt);
+    let b = pair.beta.wait_disconnected(Duration::from_secs(10));
+    assert_eq!(b["disk"], "uptodate", "{test}: {b:#}");
+    pair.beta.repctl_ok(&["promote"]);
+
+    // Beta writes after the failover, away from the workload's region.
+    let region_end = (REGION_BLOCKS * common::durable::BLOCK) as u64;
+    let beta_ext = pair.rt.block_on(async {
+        let c = pair.beta.nbd().await;
+        let ext = scattered_writes(&c, 2 * region_end, pair.size, 2 * MIB, seed ^ 1).await;
+        c.disconnect().await.expect("disconnect");
+        ext
+    });
+
+    pair.alpha.start();
+    let a = pair.alpha.status();
+    assert_eq!(a["role"], "secondary", "{test}: a restarted node is secondary\n{a:#}");
+    pair.alpha.wait_sync(60);
+    pair.assert_established_with_primary("beta");
+    let a = pair.alpha.status();
+    eprintln!(
+        "{test}: {} writes ({} durable); beta wrote {} bytes; alpha decision {}, last_sync {}",
+        history.writes.len(),
+        history.durable_writes(),
+        beta_ext.written(),
+        a["decision"],
+        a["last_sync"]
+    );
+    assert!(
+        text(&a["decision"]).contains("target"),
+        "{test}: alpha's decision must make it the sync target\n{a:#}"
+    );
+    assert_ne!(last_kind(&a), "", "{test}: alpha ran a sync (last_sync)\n{a:#}");
+
+    let base = vec![0u64; REGION_BLOCKS];
+    let allowed = acceptable(&base, &history);
+    let constrained = pair.rt.block_on(async {
+        let c = pair.beta.nbd().await;
+        let n = verify(&c, &allowed, &base, &format!("{test}, seed {seed}, read from beta")).await;
+        c.disconnect().await.expect("disconnect");
+        n
+    });
+    assert!(constrained > 0, "{test}: no write was durable before the kill: the test checked nothing");
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// Which node is SIGKILLed during the resync.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    Source,
+    Target,
+}
+
+/// A full sync of 256 MiB (alpha wrote 32 MiB alone, then beta connects
+/// blank) through a 32 MiB/s link; at 60 % one side is SIGKILLed and
+/// restarted. The sync resumes: what remains is well below the volume (a
+/// restart from zero would leave all of it), and the copies end identical.
+fn resync_resumes_after_sigkill(victim: Victim) {
+    let test = format!("resync resumes after SIGKILL of the {victim:?}");
+    let seed = seed(&test);
+    let mut pair = Pair::new(PairOpts::new("C").proxied().size("256MiB"));
+    pair.proxies().set_mode(repblock_netproxy::Mode::Refuse);
+    pair.start_both();
+    pair.alpha.repctl_ok(&["promote", "--force"]);
+    let ext = write_scattered(&pair, 32 * MIB, seed);
+    pair.proxies().set_rate(Some(32 * MIB));
+    pair.heal();
+    let s = pair.beta.wait_status("sync-target", Duration::from_secs(20), |s| s["replication"] == "sync-target");
+    let total = u(&s["resync"]["total_bytes"]);
+    assert!(total >= pair.size, "{test}: the initial sync covers the volume\n{s:#}");
+    let s = pair.beta.wait_status("60% synced", Duration::from_secs(30), |s| {
+        u(&s["resync"]["done_bytes"]) * 10 >= u(&s["resync"]["total_bytes"]) * 6
+            && s["replication"] == "sync-target"
+    });
+    let done_before = u(&s["resync"]["done_bytes"]);
+    match victim {
+        Victim::Target => {
+            pair.beta.kill9();
+            pair.alpha.wait_disconnected(Duration::from_secs(10));
+            pair.beta.start();
+        }
+        Victim::Source => {
+            pair.alpha.kill9();
+            let b = pair.beta.wait_disconnected(Duration::from_secs(10));
+            assert_eq!(b["disk"], "inconsistent", "{test}: an interrupted sync target stays inconsistent\n{b:#}");
+            pair.alpha.start();
+        }
+    }
+    // The resumed sync, still at 32 MiB/s, so that its start is seen.
+    let s = pair.beta.wait_status("the resumed sync", Duration::from_secs(30), |s| {
+        (s["replication"] == "sync-target" && u(&s["resync"]["total_bytes"]) > 0)
+            || (s["replication"] == "established" && s["disk"] == "uptodate")
+    });
+    let remaining = u(&s["resync"]["total_bytes"]).saturating_sub(u(&s["resync"]["done_bytes"]));
+    eprintln!(
+        "{test}: {done_before} of {total} bytes done at the kill; {remaining} remaining after the restart \
+         (kind {}); beta: {}",
+        s["resync"]["kind"], s["replication"]
+    );
+    assert!(
+        remaining < total - done_before / 3,
+        "{test}: after the restart {remaining} bytes remain of {total}, with {done_before} done before the kill: \
+         the sync started over instead of resuming\n{s:#}"
+    );
+    pair.proxies().set_rate(None);
+    pair.beta.wait_sync(60);
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("established, both uptodate", Duration::from_secs(20), |s| {
+            s["replication"] == "established" && s["disk"] == "uptodate" && s["peer"]["disk"] == "uptodate"
+        });
+    }
+    assert!(ext.written() > 0);
+    assert_in_sync(&pair, &test);
+    stop_and_compare(&mut pair, &test);
+}
+
+#[test]
+fn resync_resumes_after_sigkill_of_the_target() {
+    resync_resumes_after_sigkill(Victim::Target);
+}
+
+#[test]
+fn resync_resumes_after_sigkill_of_the_source() {
+    resync_resumes_after_sigkill(Victim::Source);
+}
+
+/// Beta's data file is damaged while beta is stopped (16 blocks
+/// overwritten behind repd's back); beta rejoins without noticing (same
+/// generation, nothing to sync). `repctl invalidate` on beta takes a full
+/// copy from alpha: `last_sync.kind` is `full` and the files end identical.
+#[test]
+fn invalidate_on_the_secondary_takes_a_full_copy() {
+    let test = "invalidate";
+    let seed = seed(test);
+    let mut pair = Pair::up(PairOpts::new("C"));
+    let ext = write_scattered(&pair, GAP, seed);
+    let local = u(&pair.alpha.status()["lsn"]["local"]);
+    pair.beta.wait_status("beta caught up", Duration::from_secs(10), |s| u(&s["lsn"]["local"]) >= local);
+    let st = pair.beta.term();
+    assert!(st.success(), "{test}: beta stops cleanly ({st})");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(data_file(&pair.beta)).expect("open beta's data file");
+        for (i, &(off, _)) in ext.writes.iter().step_by(ext.writes.len() / 16 + 1).enumerate() {
+            f.write_all_at(&[0xee ^ i as u8; 4096], off).expect("damage beta's data file");
+        }
+        f.sync_all().expect("fsync");
+    }
+    assert_ne!(
+        file_checksums(&data_file(&pair.alpha), pair.size, 1 << 20),
+        file_checksums(&data_file(&pair.beta), pair.size, 1 << 20),
+        "{test}: the damage must make the files differ"
+    );
+    pair.beta.start();
+    pair.assert_established();
+    pair.beta.repctl_ok(&["invalidate"]);
+    let s = pair.beta.wait_status("sync-target or done", Duration::from_secs(20), |s| {
+        s["replication"] == "sync-target" || last_kind(s) == "full"
+    });
+    if s["replication"] == "sync-target" {
+        assert_eq!(s["disk"], "inconsistent", "{test}: an invalidated target is inconsistent until done\n{s:#}");
+    }
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    let b = pair.beta.status();
+    assert_eq!(last_kind(&b), "full", "{test}: invalidate runs a full sync\n{b:#}");
+    assert!(u(&b["last_sync"]["bytes"]) >= pair.size, "{test}: a full sync moves the whole volume\n{b:#}");
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
