@@ -206,6 +206,10 @@ fn discard_my_data_on_the_victim_resyncs_only_the_changed_blocks() {
         let s = p.wait_status("in sync", Duration::from_secs(10), |s| u(&s["out_of_sync_bytes"]) == 0);
         assert_eq!(s["split_brain"], false, "{test}: resolved\n{s:#}");
     }
+    let ev = sb.beta_events.wait_for("sync-finished", Duration::from_secs(5), |_| true);
+    assert!(ev["kind"].is_string() && ev["kind"] != "full", "{test}: beta's sync-finished event: {ev}");
+    let ev = sb.beta_events.wait_for("decision", Duration::from_secs(5), |e| text(e).contains("target"));
+    eprintln!("{test}: beta's decision event after --discard-my-data: {ev}");
     assert_holds(&pair, &pair.alpha, &sb.alpha_ext, ALPHA_BYTE, test);
     stop_and_compare(&mut pair, test);
     // The survivor kept none of the victim's writes: beta-only blocks are
