@@ -417,3 +417,51 @@ fn invalidate_on_the_secondary_takes_a_full_copy() {
     assert_in_sync(&pair, test);
     stop_and_compare(&mut pair, test);
 }
+
+/// `repctl connect --dry-run` on a disconnected secondary that missed
+/// writes says it would be the sync target, and changes nothing (still
+/// standalone, nothing synced); the real `connect` then syncs.
+#[test]
+fn connect_dry_run_says_what_a_connect_would_do() {
+    let test = "connect --dry-run";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied());
+    pair.beta.repctl_ok(&["disconnect"]);
+    pair.alpha.wait_disconnected(Duration::from_secs(10));
+    let ext = write_scattered(&pair, MIB, seed);
+    let before = pair.proxies().bytes_total();
+    let out = pair.beta.repctl_ok(&["connect", "--dry-run"]);
+    eprintln!("{test}: beta says: {out}");
+    assert!(out.to_lowercase().contains("target"), "{test}: beta would be the sync target: {out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let b = pair.beta.status();
+    assert_eq!(b["connection"], "standalone", "{test}: a dry run does not connect\n{b:#}");
+    assert_eq!(b["last_sync"]["kind"], serde_json::Value::Null, "{test}: a dry run syncs nothing\n{b:#}");
+    let moved = pair.proxies().bytes_total() - before;
+    assert!(moved < 64 * 1024, "{test}: the dry run moved {moved} bytes: data crossed the link");
+    pair.beta.repctl_ok(&["connect"]);
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    assert!(ext.written() > 0);
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// The bitmap granularity is fixed at create-md: a node whose config later
+/// says otherwise refuses to start, naming the field.
+#[test]
+fn bitmap_granularity_change_is_refused_naming_the_field() {
+    let mut opts = common::NodeOpts::new("sync");
+    opts.extra = "bitmap_granularity = \"4KiB\"".into();
+    let mut n = common::TestNode::with(opts);
+    n.create_md();
+    n.opts.extra = "bitmap_granularity = \"64KiB\"".into();
+    n.write_config();
+    let err = n.try_start().expect_err("repd must refuse a bitmap_granularity other than create-md's");
+    assert!(err.contains("bitmap_granularity"), "the refusal names the field:\n{err}");
+    n.opts.extra = "bitmap_granularity = \"4KiB\"".into();
+    n.write_config();
+    n.start();
+    let s = n.status();
+    assert_eq!(s["bitmap_granularity"], 4096, "status shows the granularity\n{s:#}");
+}

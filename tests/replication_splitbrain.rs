@@ -232,3 +232,103 @@ fn discard_my_data_on_the_victim_resyncs_only_the_changed_blocks() {
     }
     assert!(checked > 0, "{test}: beta wrote no block of its own: the test checked nothing");
 }
+
+/// Opt-in policy `after_sb_0pri = "discard-least-changes"`: both wrote
+/// while partitioned, both are demoted before the heal; the node with fewer
+/// out-of-sync bytes (alpha, 1 MiB against beta's 3 MiB) is resynced from
+/// the other automatically, the decision names the rule, and the copies
+/// end identical, holding beta's writes.
+#[test]
+fn policy_discard_least_changes_resolves_a_split_brain_without_primary() {
+    let test = "after_sb_0pri = discard-least-changes";
+    let seed = seed(test);
+    let mut pair =
+        Pair::up_blank(PairOpts::new("C").proxied().extra("after_sb_0pri = \"discard-least-changes\""));
+    pair.partition();
+    pair.beta.repctl_ok(&["promote"]);
+    let alpha_ext = plan_extents(0, pair.size, MIB, seed);
+    let beta_ext = plan_extents(0, pair.size, 3 * MIB, seed ^ 0xbe7a);
+    pair.rt.block_on(async {
+        for (p, ext, byte) in [(&pair.alpha, &alpha_ext, ALPHA_BYTE), (&pair.beta, &beta_ext, BETA_BYTE)] {
+            let c = p.nbd().await;
+            fill_extents(&c, ext, byte).await;
+            c.disconnect().await.expect("disconnect");
+        }
+    });
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+        p.repctl_ok(&["demote"]);
+    }
+    let before = pair.proxies().bytes_total();
+    pair.heal();
+    pair.alpha.wait_sync(60);
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("established, both uptodate", Duration::from_secs(20), |s| {
+            s["replication"] == "established" && s["disk"] == "uptodate" && s["peer"]["disk"] == "uptodate"
+        });
+    }
+    let moved = pair.proxies().bytes_total() - before;
+    let a = pair.alpha.status();
+    eprintln!("{test}: {moved} bytes on the link; alpha decision {}", a["decision"]);
+    assert!(text(&a["decision"]).contains("target"), "{test}: alpha (fewer changes) is the target\n{a:#}");
+    assert!(text(&a["decision"]).contains("least"), "{test}: the decision names the policy's rule\n{a:#}");
+    let union = alpha_ext.union(&beta_ext);
+    assert!(moved < 2 * union.changed() + MIB, "{test}: {moved} bytes on the link for {} changed", union.changed());
+    stop_and_compare(&mut pair, test);
+    let f = data_file(&pair.alpha);
+    for &(off, len) in &beta_ext.writes {
+        let data = file_read(&f, off, len as usize);
+        assert!(data.iter().all(|&x| x == BETA_BYTE), "{test}: beta's write at {off} is not on alpha after the sync");
+    }
+}
+
+/// Two nodes that were each forced primary before they ever met hold
+/// unrelated data: on connect the decision says so, no data moves, neither
+/// copy is touched.
+#[test]
+fn unrelated_data_is_refused() {
+    let test = "unrelated data";
+    let seed = seed(test);
+    let mut pair = Pair::new(PairOpts::new("C").proxied());
+    pair.proxies().set_mode(repblock_netproxy::Mode::Refuse);
+    pair.start_both();
+    let exts = [plan_extents(0, pair.size, MIB, seed), plan_extents(0, pair.size, MIB, seed ^ 1)];
+    pair.rt.block_on(async {
+        for (p, ext, byte) in [(&pair.alpha, &exts[0], ALPHA_BYTE), (&pair.beta, &exts[1], BETA_BYTE)] {
+            p.repctl_ok(&["promote", "--force"]);
+            let c = p.nbd().await;
+            fill_extents(&c, ext, byte).await;
+            c.disconnect().await.expect("disconnect");
+        }
+    });
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+        p.repctl_ok(&["demote"]);
+    }
+    let before = pair.proxies().bytes_total();
+    pair.heal();
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.wait_status("decision: unrelated", Duration::from_secs(30), |s| {
+            text(&s["decision"]).contains("unrelated")
+        });
+        assert_ne!(s["replication"], "sync-target", "{test}: {}\n{s:#}", p.name);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for p in [&pair.alpha, &pair.beta] {
+        let s = p.status();
+        assert_ne!(s["connection"], "connected", "{test}: {} connected to unrelated data\n{s:#}", p.name);
+        assert_eq!(s["disk"], "uptodate", "{test}: {} keeps its data\n{s:#}", p.name);
+    }
+    let moved = pair.proxies().bytes_total() - before;
+    assert!(moved < HANDSHAKE_BYTES, "{test}: {moved} bytes crossed the link between unrelated nodes");
+    for (p, ext, byte) in [(&pair.alpha, &exts[0], ALPHA_BYTE), (&pair.beta, &exts[1], BETA_BYTE)] {
+        let f = data_file(p);
+        for &(off, len) in &ext.writes {
+            assert!(
+                file_read(&f, off, len as usize).iter().all(|&x| x == byte),
+                "{test}: {}'s own write at {off} was overwritten",
+                p.name
+            );
+        }
+    }
+}
