@@ -36,6 +36,8 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         max_connect_retry: Duration::from_millis(200),
         max_buffer: 64 << 20,
         on_peer_loss: OnPeerLoss::Continue,
+        resync_rate: None,
+        split_brain: Default::default(),
     }
 }
 
@@ -171,7 +173,7 @@ async fn protocol_a_never_waits_for_the_peer() {
     p.beta.disconnect();
     until("alpha connecting", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
     // Even with the peer connected but slow, nothing waits.
-    p.beta.connect();
+    p.beta.connect(false);
     in_sync(&p).await;
     p.b.set_apply_delay(Duration::from_secs(5));
     let lsn = p.a.write(0, &pattern(1, 4096), true);
@@ -200,7 +202,7 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert_eq!(p.a.meta().gen_ids.history[0], gen_before, "once per divergence");
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
-    p.beta.connect();
+    p.beta.connect(false);
     in_sync(&p).await;
     let upto = p.a.flush_primary();
     p.alpha.wait(upto, Durability::Flush).await;
@@ -231,7 +233,7 @@ async fn suspended_writes_resume_when_the_peer_is_back_in_sync() {
     until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
     let alpha = p.alpha.clone();
     let w = tokio::spawn(async move { alpha.before_write().await });
-    p.beta.connect();
+    p.beta.connect(false);
     tokio::time::timeout(Duration::from_secs(5), w)
         .await
         .expect("released once the peer is back")

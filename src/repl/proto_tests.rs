@@ -106,7 +106,7 @@ fn arb_kind() -> impl Strategy<Value = ResyncKind> {
 
 fn arb_sync_info() -> impl Strategy<Value = Message> {
     (
-        (arb_role(), arb_disk(), 12u32..=20, 0u32..4),
+        (arb_role(), arb_disk(), 12u32..=20, 0u32..8),
         (any::<u64>(), any::<u64>(), any::<[u64; 4]>(), any::<u64>()),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
     )
