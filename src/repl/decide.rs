@@ -191,7 +191,8 @@ pub fn decide(l: &SideView, p: &SideView, _policy: &SplitBrainPolicy) -> Verdict
 fn decide_table(l: &SideView, p: &SideView) -> Verdict {
     use Decision::*;
     let (lg, pg) = (l.gen_ids, p.gen_ids);
-    if lg.current == 0 && pg.current == 0 {
+    let both_inconsistent = l.disk == DiskState::Inconsistent && p.disk == DiskState::Inconsistent;
+    if (lg.current == 0 && pg.current == 0) || (both_inconsistent && lg.current != pg.current) {
         return if l.role == Role::Primary || (l.disk == DiskState::UpToDate && p.disk != DiskState::UpToDate) {
             v(Source(SyncKind::Full), "fresh", "both fresh: this side is primary or uptodate")
         } else if p.role == Role::Primary || (p.disk == DiskState::UpToDate && l.disk != DiskState::UpToDate) {

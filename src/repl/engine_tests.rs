@@ -199,7 +199,9 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert_ne!(p.a.meta().gen_ids.current, gen_before, "writing alone starts a new generation");
     assert!(p.alpha.diverged());
     p.alpha.before_write().await.expect("before_write");
-    assert_eq!(p.a.meta().gen_ids.history[0], gen_before, "once per divergence");
+    // Issue 4: the bitmap generation takes the old current (it had none).
+    assert_eq!(p.a.meta().gen_ids.bitmap, gen_before, "once per divergence");
+    assert_eq!(p.a.meta().gen_ids.history[0], 0);
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
     p.beta.connect(false);
@@ -282,7 +284,7 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
     let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
     alpha.start().await.expect("alpha starts");
-    // The fake beta: handshake, initial Ack, then silence (the socket stays open).
+    // The fake beta: handshake, SyncInfo (same generation, nothing to sync), then silence (the socket stays open).
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
     let hello = LocalHello {
         resource: "r0".into(),
@@ -297,7 +299,19 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     };
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
     let mut buf = bytes::BytesMut::new();
-    super::proto::encode(&Message::Ack { received: 0, written: 0, durable: 0 }, &mut buf).expect("encode");
+    let info = super::proto::SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        granularity: a.bitmap_granularity(),
+        flags: 0,
+        gen_ids: GenIds { current: 7, ..GenIds::default() },
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+    };
+    super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.expect("send ack");
     let silent_since = Instant::now();
     until("connected", Duration::from_secs(2), || alpha.view().connection == ConnState::Connected).await;

@@ -167,7 +167,12 @@ pub async fn run(
             standalone(GoodbyeReason::UnrelatedData, why, &mut s)
         }
         Decision::Refuse(why) => {
-            let why = format!("connection refused: {why}");
+            let why = if local_role == Role::Primary && theirs.role == Role::Primary {
+                "both nodes are primary (split brain): going standalone; demote one node, then `repctl connect` on both"
+                    .to_string()
+            } else {
+                format!("connection refused: {why}")
+            };
             tracing::error!(peer = %peer.node, "{why}");
             standalone(GoodbyeReason::Other, why, &mut s)
         }
