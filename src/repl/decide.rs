@@ -322,12 +322,11 @@ pub fn decide(local: &SideView, peer: &SideView, policy: &SplitBrainPolicy) -> V
     if let Outcome::Send { from, .. } = outcome {
         let to = from.other();
         if pair.get(to).role == Role::Primary {
-            let message = format!(
-                "{} is primary but would be the sync target; demote it first (and use --discard-my-data on it \
-                 if its changes are to be thrown away)",
-                to.who()
-            );
-            explanation = format!("{message} [{rule}: {explanation}]");
+            // The reason is the same on both nodes; the explanation says which.
+            let message = "the primary would be the sync target; demote it first (and use --discard-my-data on it \
+                           if its changes are to be thrown away)"
+                .to_string();
+            explanation = format!("{} is primary but would be the sync target [{rule}: {explanation}]", to.who());
             return Verdict { decision: Decision::Refuse(message), rule: rule::PRIMARY_TARGET, explanation };
         }
     }
@@ -420,7 +419,7 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
         let disk = v.get(side).disk;
         if matches!(disk, DiskState::Diskless | DiskState::Unknown) {
             let why = format!("{} has no usable disk ({disk})", side.who());
-            return row(Outcome::Refuse(why.clone()), rule::NO_DISK, why);
+            return row(Outcome::Refuse("a node has no usable disk".into()), rule::NO_DISK, why);
         }
     }
     if l.role == Role::Primary && p.role == Role::Primary {
@@ -666,8 +665,9 @@ fn split_brain(v: &Pair, policy: &SplitBrainPolicy, common: u64, same_base: bool
 
     match (l.discard_my_data, p.discard_my_data) {
         (true, true) => {
-            let why = format!("{what}; both nodes asked to discard their data: run connect without it on one of them");
-            return row(Outcome::Refuse(why.clone()), rule::SB_BOTH_DISCARD, why);
+            let reason = "split brain, and both nodes asked to discard their data: connect one of them without \
+                          --discard-my-data";
+            return row(Outcome::Refuse(reason.into()), rule::SB_BOTH_DISCARD, format!("{what}; {reason}"));
         }
         (true, false) => return resolve(Local, rule::SB_DISCARD_MY_DATA, "--discard-my-data".into()),
         (false, true) => return resolve(Peer, rule::SB_DISCARD_MY_DATA, "--discard-my-data".into()),
@@ -753,3 +753,8 @@ fn split_brain(v: &Pair, policy: &SplitBrainPolicy, common: u64, same_base: bool
         }
     }
 }
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
