@@ -954,7 +954,17 @@ impl Engine {
             return false;
         }
         if theirs.flags & sync_flags::STANDALONE != 0 {
-            self.note_failure(format!("peer {} is standalone (it runs `repctl connect` to rejoin)", self.cfg.peer), addr);
+            // If the peer went standalone over what we would decide too
+            // (split brain, two primaries...), so do we: the session that
+            // told it so may have been a duplicate connection of ours.
+            let verdict = self.verdict(&mine, &theirs);
+            if matches!(verdict.decision, Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_)) {
+                self.record_decision(&verdict, &mine, &theirs);
+                let (_, why) = self.standalone_reason(&verdict, &mine, &theirs);
+                self.go_standalone(&why);
+            } else {
+                self.note_failure(format!("peer {} is standalone (it runs `repctl connect` to rejoin)", self.cfg.peer), addr);
+            }
             return false;
         }
         let Some((id, stop_rx)) = self.adopt(dialled_by_us) else {
@@ -1014,6 +1024,37 @@ impl Engine {
             return Verdict { decision: Decision::Refuse(why.clone()), rule: "granularity", explanation: why };
         }
         super::decide::decide(&side_view(mine), &side_view(theirs), &self.cfg.split_brain)
+    }
+
+    /// Why a decision leaves both nodes standalone, for the Goodbye, the
+    /// log and `status.link_error`.
+    pub(crate) fn standalone_reason(&self, v: &Verdict, mine: &SyncInfo, theirs: &SyncInfo) -> (GoodbyeReason, String) {
+        let size = crate::units::format_size_approx;
+        match &v.decision {
+            Decision::SplitBrain => (
+                GoodbyeReason::SplitBrain,
+                format!(
+                    "split brain: {} ({} has {} out of sync, {} has {}); nothing moves. On the node whose changes are \
+                     to be discarded: `repctl connect --discard-my-data`; on the other: `repctl connect`",
+                    v.explanation,
+                    self.cfg.node,
+                    size(mine.dirty_bytes),
+                    self.cfg.peer,
+                    size(theirs.dirty_bytes)
+                ),
+            ),
+            Decision::Unrelated => (
+                GoodbyeReason::UnrelatedData,
+                format!("unrelated data: {}; going standalone", v.explanation),
+            ),
+            _ if mine.role == Role::Primary && theirs.role == Role::Primary => (
+                GoodbyeReason::SplitBrain,
+                "both nodes are primary (split brain): going standalone; demote one node, then `repctl connect` on both"
+                    .to_string(),
+            ),
+            Decision::Refuse(why) => (GoodbyeReason::Other, format!("connection refused: {why}; going standalone")),
+            _ => (GoodbyeReason::Other, v.explanation.clone()),
+        }
     }
 
     /// Records the decision of a session start: log, event, status.

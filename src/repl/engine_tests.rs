@@ -263,6 +263,7 @@ async fn wrong_secret_is_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_primaries_go_standalone() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("repblock=debug").try_init();
     let p = pair(Protocol::C, |_| {}).await;
     in_sync(&p).await;
     p.beta.set_role(Role::Primary, Duration::ZERO).await;

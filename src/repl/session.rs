@@ -144,37 +144,15 @@ pub async fn run(
     tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %theirs.role, peer_disk = %theirs.disk, "replication connected");
     let verdict = engine.verdict(&mine, &theirs);
     engine.record_decision(&verdict, &mine, &theirs);
-    let standalone = |reason: GoodbyeReason, why: String, s: &mut Session| {
-        let _ = s.tx.try_send(Message::Goodbye { reason, message: why.clone() });
-        engine.go_standalone(&why);
-        Outcome::Failed(why)
-    };
     let outcome = match verdict.decision {
-        Decision::SplitBrain => {
-            let why = format!(
-                "split brain: {} (this node {} out of sync, {} {}); nothing moves. On the node whose changes are to be \
-                 discarded: `repctl connect --discard-my-data`; on the other: `repctl connect`",
-                verdict.explanation,
-                crate::units::format_size_approx(mine.dirty_bytes),
-                peer.node,
-                crate::units::format_size_approx(theirs.dirty_bytes)
-            );
-            standalone(GoodbyeReason::SplitBrain, why, &mut s)
-        }
-        Decision::Unrelated => {
-            let why = format!("unrelated data: {}; going standalone", verdict.explanation);
-            tracing::error!(peer = %peer.node, "{why}");
-            standalone(GoodbyeReason::UnrelatedData, why, &mut s)
-        }
-        Decision::Refuse(why) => {
-            let why = if local_role == Role::Primary && theirs.role == Role::Primary {
-                "both nodes are primary (split brain): going standalone; demote one node, then `repctl connect` on both"
-                    .to_string()
-            } else {
-                format!("connection refused: {why}")
-            };
-            tracing::error!(peer = %peer.node, "{why}");
-            standalone(GoodbyeReason::Other, why, &mut s)
+        Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_) => {
+            let (reason, why) = engine.standalone_reason(&verdict, &mine, &theirs);
+            if !matches!(verdict.decision, Decision::SplitBrain) {
+                tracing::error!(peer = %peer.node, rule = verdict.rule, "{why}");
+            }
+            let _ = s.tx.try_send(Message::Goodbye { reason, message: why.clone() });
+            engine.go_standalone(&why);
+            Outcome::Failed(why)
         }
         Decision::NoSync => match (local_role, theirs.role) {
             (Role::Primary, _) => s.source(&mut io, &theirs, None).await,
