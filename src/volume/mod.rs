@@ -59,6 +59,7 @@ use tokio::sync::oneshot;
 
 use crate::io::{IoEngine, IoFile, OpenMode};
 
+pub mod bitmap;
 pub mod checkpoint;
 pub mod feed;
 pub mod meta;
