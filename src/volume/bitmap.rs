@@ -172,9 +172,10 @@ impl DirtyBitmap {
     /// past the end of the bitmap (bits past the last block included).
     pub fn merge(&mut self, first_word: u64, words: &[u64]) -> Result<u64, String> {
         let n = self.words.len() as u64;
-        let end = first_word.checked_add(words.len() as u64).filter(|&e| e <= n).ok_or_else(|| {
-            format!("words [{first_word}, +{}) are past the bitmap's {n} words", words.len())
-        })?;
+        let end = first_word
+            .checked_add(words.len() as u64)
+            .filter(|&e| e <= n)
+            .ok_or_else(|| format!("words [{first_word}, +{}) are past the bitmap's {n} words", words.len()))?;
         if end == n && end > first_word {
             let tail = self.tail_mask();
             if words[words.len() - 1] & !tail != 0 {

@@ -100,7 +100,11 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
         if let Some(last) = plan.last_lsn {
             let n = t.mark_ring_upto(last);
             if n > 0 {
-                tracing::info!(records = n, upto_lsn = last, "WAL records the peer has not acknowledged are dropped: marked out of sync");
+                tracing::info!(
+                    records = n,
+                    upto_lsn = last,
+                    "WAL records the peer has not acknowledged are dropped: marked out of sync"
+                );
             }
         }
         (t.peer_written, t.base_lsn)

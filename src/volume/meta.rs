@@ -379,7 +379,11 @@ impl MetaStore {
 
     /// Writes encoded bitmap pages (ascending index) in place, coalescing
     /// neighbours, then fdatasyncs the file.
-    pub(crate) fn write_bitmap_pages(&mut self, io: &dyn IoEngine, pages: &[(usize, Vec<u8>)]) -> Result<(), VolumeError> {
+    pub(crate) fn write_bitmap_pages(
+        &mut self,
+        io: &dyn IoEngine,
+        pages: &[(usize, Vec<u8>)],
+    ) -> Result<(), VolumeError> {
         if pages.is_empty() {
             return Ok(());
         }

@@ -62,6 +62,7 @@ use crate::io::{IoEngine, IoFile, OpenMode};
 pub mod bitmap;
 pub mod checkpoint;
 pub mod feed;
+pub mod logread;
 pub mod meta;
 pub mod recovery;
 pub mod replica;
@@ -71,6 +72,7 @@ pub mod wal;
 pub mod writer;
 
 pub use feed::{Feed, FeedItem, FeedOp};
+pub use logread::LogReader;
 pub use meta::{DiskState, Superblock};
 pub use recovery::{LogEnd, RecoveryReport};
 pub use replica::MAX_SYNC_CHUNK;
@@ -216,6 +218,8 @@ pub enum VolumeError {
          (keeps the data, starts a new log and bitmap)"
     )]
     OldFormat { path: PathBuf, version: u32 },
+    #[error("Record LSN {lsn} is not in the WAL: {reason}")]
+    NotInLog { lsn: Lsn, reason: String },
     #[error("Corrupt superblock in {path}: {reason}")]
     BadSuperblock { path: PathBuf, reason: String },
     #[error(
@@ -578,16 +582,19 @@ impl Volume {
         }
 
         // Recovery: replay from the checkpoint into the data file.
-        let report = recovery::recover(&recovery::RecoverArgs {
-            io: &*io,
-            wal_dir: &wal_dir,
-            segments: &listing.segments,
-            data: &data,
-            uuid: sb.uuid,
-            size: sb.size,
-            checkpoint_lsn: sb.checkpoint_lsn,
-            replay_seq: sb.replay_seq,
-        }, &mut recovery::Marks { bitmap: &mut bm, after: sb.peer_written_lsn })?;
+        let report = recovery::recover(
+            &recovery::RecoverArgs {
+                io: &*io,
+                wal_dir: &wal_dir,
+                segments: &listing.segments,
+                data: &data,
+                uuid: sb.uuid,
+                size: sb.size,
+                checkpoint_lsn: sb.checkpoint_lsn,
+                replay_seq: sb.replay_seq,
+            },
+            &mut recovery::Marks { bitmap: &mut bm, after: sb.peer_written_lsn },
+        )?;
         io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
         // The re-marked bits are durable before the old segments go.
         meta.write_bitmap_pages(&*io, &bm.take_dirty_pages(sb.uuid))?;

@@ -97,10 +97,10 @@ pub(crate) struct RecoverArgs<'a> {
 /// crosses window boundaries.
 const WINDOW: usize = if cfg!(test) { 4 << 10 } else { 4 << 20 };
 
-/// Reads a segment file through a window, so that recovery never holds a
-/// whole segment in memory.
-struct SegmentReader {
-    file: IoFile,
+/// Reads a segment file through a window, so that recovery (and the log
+/// reader) never holds a whole segment in memory.
+pub(crate) struct SegmentReader {
+    file: std::sync::Arc<IoFile>,
     len: u64,
     buf: Vec<u8>,
     /// File offset of `buf[0]`.
@@ -108,13 +108,18 @@ struct SegmentReader {
 }
 
 impl SegmentReader {
-    fn open(io: &dyn IoEngine, path: &Path) -> Result<SegmentReader, VolumeError> {
+    pub(crate) fn open(io: &dyn IoEngine, path: &Path) -> Result<SegmentReader, VolumeError> {
         let file = io.open(path, OpenMode::READ).map_err(|e| VolumeError::io(path, e))?;
-        let len = io.len(&file).map_err(|e| VolumeError::io(path, e))?;
+        SegmentReader::from_file(io, std::sync::Arc::new(file))
+    }
+
+    /// A reader of an open segment file (a live segment of the writer).
+    pub(crate) fn from_file(io: &dyn IoEngine, file: std::sync::Arc<IoFile>) -> Result<SegmentReader, VolumeError> {
+        let len = io.len(&file).map_err(|e| VolumeError::io(file.path(), e))?;
         Ok(SegmentReader { file, len, buf: Vec::new(), start: 0 })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.file.path()
     }
 
@@ -135,7 +140,7 @@ impl SegmentReader {
     }
 
     /// Decodes the record at `off` (segment `seq`).
-    fn record(
+    pub(crate) fn record(
         &mut self,
         io: &dyn IoEngine,
         off: u64,
@@ -158,7 +163,7 @@ impl SegmentReader {
     }
 
     /// The segment header, if it decodes.
-    fn header(&mut self, io: &dyn IoEngine) -> Result<Result<SegmentHeader, wal::DecodeError>, VolumeError> {
+    pub(crate) fn header(&mut self, io: &dyn IoEngine) -> Result<Result<SegmentHeader, wal::DecodeError>, VolumeError> {
         Ok(SegmentHeader::decode(self.bytes(io, 0, 64)?))
     }
 }

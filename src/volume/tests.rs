@@ -468,16 +468,19 @@ async fn recovery_at_every_truncation_point() {
         let data = io.open(&data_path, OpenMode::READ_WRITE).unwrap();
         let segments = segment::list_dir(&wal_dir).unwrap().segments;
         let mut marks = bitmap::DirtyBitmap::new(size, 4096).unwrap();
-        let report = recovery::recover(&recovery::RecoverArgs {
-            io: &io,
-            wal_dir: &wal_dir,
-            segments: &segments,
-            data: &data,
-            uuid,
-            size,
-            checkpoint_lsn: 0,
-            replay_seq: 1,
-        }, &mut recovery::Marks { bitmap: &mut marks, after: 0 })
+        let report = recovery::recover(
+            &recovery::RecoverArgs {
+                io: &io,
+                wal_dir: &wal_dir,
+                segments: &segments,
+                data: &data,
+                uuid,
+                size,
+                checkpoint_lsn: 0,
+                replay_seq: 1,
+            },
+            &mut recovery::Marks { bitmap: &mut marks, after: 0 },
+        )
         .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         // A record is complete once its header and payload are (the
         // padding carries nothing).

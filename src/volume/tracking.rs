@@ -143,9 +143,8 @@ pub(crate) fn persist(s: &Shared) -> Result<(), VolumeError> {
     let mut meta = parking::lock(&s.meta);
     let path = meta.path().to_path_buf();
     let n = pages.len();
-    meta.write_bitmap_pages(&*s.io, &pages).map_err(|e| {
-        VolumeError::Stopped(s.fail(format!("bitmap write to {} failed: {e}", path.display())))
-    })?;
+    meta.write_bitmap_pages(&*s.io, &pages)
+        .map_err(|e| VolumeError::Stopped(s.fail(format!("bitmap write to {} failed: {e}", path.display()))))?;
     tracing::debug!(pages = n, path = %path.display(), "bitmap pages persisted");
     Ok(())
 }
@@ -272,6 +271,10 @@ impl Volume {
         self.shared.wal_retain.store(bytes, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+#[path = "tracking_tests.rs"]
+mod volume_tests;
 
 #[cfg(test)]
 mod tests {
