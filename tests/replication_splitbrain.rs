@@ -43,8 +43,9 @@ struct SplitBrain {
 
 /// Partition, promote beta (alpha stays primary), alpha writes 2 MiB and
 /// beta 3 MiB in scattered places (half of alpha's extents among beta's),
-/// heal, and wait until both nodes report the split brain.
-fn split_brain(test: &str) -> SplitBrain {
+/// demote beta unless `two_primaries`, heal, and wait until both nodes
+/// report the split brain.
+fn split_brain(test: &str, two_primaries: bool) -> SplitBrain {
     let seed = seed(test);
     let pair = Pair::up_blank(PairOpts::new("C").proxied().size("256MiB"));
     pair.partition();
@@ -69,6 +70,9 @@ fn split_brain(test: &str) -> SplitBrain {
     });
     for p in [&pair.alpha, &pair.beta] {
         p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+    }
+    if !two_primaries {
+        pair.beta.repctl_ok(&["demote"]);
     }
     let alpha_events = EventLog::start(&pair.alpha);
     let beta_events = EventLog::start(&pair.beta);
@@ -98,14 +102,24 @@ fn assert_holds(pair: &Pair, p: &Peer, ext: &Extents, byte: u8, what: &str) {
     });
 }
 
-/// Both nodes wrote while partitioned: on heal both go standalone with
-/// `split_brain: true`, say so in an event with both sides' out-of-sync
-/// bytes, move no data, keep their own writes and stop dialing; a
-/// `connect --dry-run` reports the split brain and changes nothing.
+/// Both nodes wrote while partitioned, both still primary: on heal both go
+/// standalone with `split_brain: true`, say so in an event with both sides'
+/// out-of-sync bytes, move no data, keep their own writes and stop dialing;
+/// a `connect --dry-run` reports the split brain and changes nothing.
 #[test]
-fn split_brain_is_detected_and_nothing_moves() {
-    let test = "split brain detected";
-    let sb = split_brain(test);
+fn split_brain_of_two_primaries_is_detected_and_nothing_moves() {
+    split_brain_is_detected_and_nothing_moves(true);
+}
+
+/// The same with the victim demoted before the heal (one primary).
+#[test]
+fn split_brain_of_one_primary_is_detected_and_nothing_moves() {
+    split_brain_is_detected_and_nothing_moves(false);
+}
+
+fn split_brain_is_detected_and_nothing_moves(two_primaries: bool) {
+    let test = &format!("split brain detected (two primaries: {two_primaries})");
+    let sb = split_brain(test, two_primaries);
     let pair = &sb.pair;
     // Stays so: no reconnect loop, no data.
     let accepted = pair.proxies().accepted();
@@ -116,7 +130,8 @@ fn split_brain_is_detected_and_nothing_moves() {
         let name = &s["node"];
         assert_eq!(s["connection"], "standalone", "{test}: {name}\n{s:#}");
         assert_eq!(s["split_brain"], true, "{test}: {name}\n{s:#}");
-        assert_eq!(s["role"], "primary", "{test}: {name} keeps its role\n{s:#}");
+        let role = if two_primaries || *name == "alpha" { "primary" } else { "secondary" };
+        assert_eq!(s["role"], role, "{test}: {name} keeps its role\n{s:#}");
         assert!(text(&s["decision"]).contains("split"), "{test}: {name}'s decision names the split brain\n{s:#}");
         assert!(
             u(&s["out_of_sync_bytes"]) >= own.changed(),
@@ -163,6 +178,10 @@ fn split_brain_is_detected_and_nothing_moves() {
         "{test}: {moved} bytes crossed the link after a split brain was detected: data moved"
     );
     assert_holds(pair, &pair.alpha, &sb.alpha_ext, ALPHA_BYTE, test);
+    if !two_primaries {
+        // Only a primary serves NBD: the victim is read through a promote.
+        pair.beta.repctl_ok(&["promote"]);
+    }
     assert_holds(pair, &pair.beta, &sb.beta_ext, BETA_BYTE, test);
 }
 
@@ -173,9 +192,8 @@ fn split_brain_is_detected_and_nothing_moves() {
 #[test]
 fn discard_my_data_on_the_victim_resyncs_only_the_changed_blocks() {
     let test = "split brain recovery";
-    let sb = split_brain(test);
+    let sb = split_brain(test, false);
     let mut pair = sb.pair;
-    pair.beta.repctl_ok(&["demote"]);
     let before = pair.proxies().bytes_total();
     let t = Instant::now();
     pair.beta.repctl_ok(&["connect", "--discard-my-data"]);
