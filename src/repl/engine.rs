@@ -1133,6 +1133,15 @@ impl Engine {
             tracing::error!(peer = %self.cfg.peer, error = %e, "cannot mark the records the peer lacks in the bitmap");
         }
         if was_feeding {
+            // Records the peer never wrote are writes no peer received: a
+            // new generation, before their replies are released (the next
+            // connect must see that this node wrote alone).
+            let acks = *self.acks.borrow();
+            if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
+                if let Err(e) = self.new_generation() {
+                    tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
+                }
+            }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange))
             {
