@@ -287,3 +287,32 @@ async fn retention_bound_marks_records_before_dropping_them() {
     assert_eq!(set_blocks(&v), (0..100).map(|i| i * 2).collect::<Vec<_>>());
     v.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn sync_data_file_makes_resync_data_durable_and_safe_from_replay() {
+    for sync in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        create(&SyncEngine::new(), &small_opts(d.path()), size);
+        let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 5);
+        let v = open(fault.clone(), d.path(), size);
+        // An older record, then resync data over it (a bitmap resync target).
+        v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
+        v.apply_sync_data(0, data(2, 8192)).await.unwrap();
+        if sync {
+            v.sync_data_file().await.unwrap();
+        }
+        fault.power_cut();
+        drop(v);
+        let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+        let got = v.read(0, 8192).await.unwrap();
+        if sync {
+            assert_eq!(got, data(2, 8192), "durable and never overwritten by the older record");
+            assert_eq!(v.recovery().replayed, 0);
+        } else {
+            assert_eq!(got, data(1, 8192), "without it, replay puts the older record back");
+        }
+        v.close().await.unwrap();
+        assert!(matches!(v.sync_data_file().await, Err(VolumeError::Stopped(_))));
+    }
+}
