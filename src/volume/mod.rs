@@ -40,10 +40,20 @@
 //! applies the primary's records with their LSNs (`apply`), full-sync data
 //! (`apply_sync_data`), and rebases its log when a full sync starts.
 //!
+//! Resync (issue 4, [`bitmap`], [`tracking`], [`logread`]): a persistent
+//! dirty bitmap (one bit per `bitmap_granularity` bytes, in `meta` after the
+//! superblock slots), set by the log writer while tracking or from the
+//! unacked ring when the link drops, re-marked by recovery from the WAL
+//! records above the persisted `peer_written_lsn`; WAL retention for log
+//! catch-up bounded by `wal_retain` (records are marked before they are
+//! dropped); `log_reader` reads retained records back.
+//!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
-//! (superblock), [`segment`] (segment files, spares, recycling),
-//! [`recovery`], [`writer`] (log writer thread, group commit),
-//! [`checkpoint`], [`feed`] and [`replica`]. The byte formats are drawn in docs/formats.md.
+//! (superblock), [`bitmap`] (the in-memory bitmap and its page codec),
+//! [`tracking`] (tracking, the unacked ring, persistence), [`segment`]
+//! (segment files, spares, recycling), [`recovery`], [`writer`] (log writer
+//! thread, group commit), [`checkpoint`], [`logread`], [`feed`] and
+//! [`replica`]. The byte formats are drawn in docs/formats.md.
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;

@@ -18,7 +18,7 @@
 //! log ends at `L - 1`.
 //!
 //! Out-of-sync marking: every valid record with LSN above the persisted
-//! `peer_written_lsn` sets its blocks' bits ([`Marks`]), both in the log
+//! `peer_written_lsn` sets its blocks' bits (`Marks`), both in the log
 //! read from `replay_seq` and in the retained segments older than it (kept
 //! for a peer; they are fully synced, read until their first invalid
 //! record). See `tracking.rs` for why this keeps the bitmap crash-safe.
