@@ -607,7 +607,7 @@ impl Volume {
         )?;
         io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
         // The re-marked bits are durable before the old segments go.
-        meta.write_bitmap_pages(&*io, &bm.take_dirty_pages(sb.uuid))?;
+        meta.write_bitmap(&*io, |from| bm.take_dirty_pages(sb.uuid, from, meta::PAGES_PER_IO))?;
         let last = report.last_lsn;
         tracing::info!(
             path = %opts.dir.display(),
