@@ -629,9 +629,13 @@ impl Volume {
         nsb.checkpoint_lsn = last;
         nsb.replay_seq = new_seq;
         nsb.flags &= !FLAG_CLEAN_SHUTDOWN;
-        // Recovery re-marked every record above the peer's written LSN: the
-        // bitmap covers them (and, if the base was higher, those above it).
-        nsb.bitmap_base_lsn = sb.bitmap_base_lsn.max(sb.peer_written_lsn);
+        // Recovery re-marked every local record above the peer's written
+        // LSN; replicated records were written by the peer first. The
+        // bitmap covers every record above the base.
+        let peer_written = sb.peer_written_lsn.max(report.from_peer_lsn);
+        let base_lsn = sb.bitmap_base_lsn.max(peer_written);
+        nsb.peer_written_lsn = peer_written;
+        nsb.bitmap_base_lsn = base_lsn;
         meta.write(&*io, nsb)?;
 
         let mut files = WalFiles {
@@ -683,11 +687,7 @@ impl Volume {
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
             wal_retain: AtomicU64::new(opts.wal_retain),
-            tracker: Mutex::new(tracking::Tracker::new(
-                bm,
-                sb.peer_written_lsn,
-                sb.bitmap_base_lsn.max(sb.peer_written_lsn),
-            )),
+            tracker: Mutex::new(tracking::Tracker::new(bm, peer_written, base_lsn)),
             bitmap_io: Mutex::new(()),
             replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),

@@ -15,7 +15,9 @@
 //!   costs bits, never memory).
 //!
 //! Records a secondary applies from its primary (`Volume::apply`) and
-//! full-sync data are never tracked: they came from the peer.
+//! full-sync data are never tracked: they came from the peer. Such a record
+//! carries `FLAG_FROM_PEER` in the WAL (recovery does not mark it) and
+//! moves the peer's written LSN and the bitmap base up to it.
 //!
 //! **Invariant** (what makes the bitmap survive a crash): every block that
 //! may differ from the peer has its bit set in the *persisted* bitmap, or
@@ -93,6 +95,14 @@ impl Tracker {
             n += 1;
         }
         n
+    }
+
+    /// Records up to `lsn` were applied from the peer (a secondary): the
+    /// peer wrote them, and they are not in the bitmap, so the base moves
+    /// past them too.
+    pub fn from_peer(&mut self, lsn: Lsn) {
+        self.set_peer_written(lsn);
+        self.base_lsn = self.base_lsn.max(lsn);
     }
 
     pub fn set_peer_written(&mut self, lsn: Lsn) {

@@ -316,3 +316,35 @@ async fn sync_data_file_makes_resync_data_durable_and_safe_from_replay() {
         assert!(matches!(v.sync_data_file().await, Err(VolumeError::Stopped(_))));
     }
 }
+
+#[tokio::test]
+async fn replicated_records_are_never_marked_and_move_the_base() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let v = open(io.clone(), d.path(), size);
+    // A secondary: every record comes from the primary.
+    for lsn in 1..=5u64 {
+        v.apply(lsn, FeedOp::Write { offset: lsn * G, data: data(lsn as u8, 4096) }, false).await.unwrap();
+    }
+    v.apply(6, FeedOp::Trim { offset: 0, len: 4096 }, true).await.unwrap();
+    assert_eq!(v.dirty_bytes(), 0);
+    assert_eq!((v.peer_written_lsn(), v.bitmap_base_lsn()), (6, 6));
+    drop(v); // crash: recovery finds them in the WAL, flagged as the peer's
+
+    let v = open(io.clone(), d.path(), size);
+    assert_eq!((v.recovery().marked, v.recovery().from_peer_lsn), (0, 6));
+    assert_eq!(v.dirty_bytes(), 0, "a restarted secondary has nothing out of sync");
+    assert_eq!((v.peer_written_lsn(), v.bitmap_base_lsn()), (6, 6));
+    // Promoted: its own writes are tracked; the bitmap covers LSNs > 6, so
+    // an old primary whose log ends below 6 needs a full sync.
+    v.write(10 * G, data(9, 4096), false).await.unwrap();
+    assert_eq!(set_blocks(&v), vec![10]);
+    assert_eq!(v.bitmap_base_lsn(), 6);
+    drop(v);
+    let v = open(io, d.path(), size);
+    assert_eq!(set_blocks(&v), vec![10], "the local record is re-marked, the replicated ones are not");
+    assert_eq!(v.superblock().peer_written_lsn, 6);
+    v.close().await.unwrap();
+}
