@@ -100,7 +100,7 @@ impl Tracker {
     /// Records up to `lsn` were applied from the peer (a secondary): the
     /// peer wrote them, and they are not in the bitmap, so the base moves
     /// past them too.
-    pub fn from_peer(&mut self, lsn: Lsn) {
+    pub fn applied_from_peer(&mut self, lsn: Lsn) {
         self.set_peer_written(lsn);
         self.base_lsn = self.base_lsn.max(lsn);
     }

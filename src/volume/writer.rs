@@ -570,7 +570,7 @@ impl Writer {
                 t.record(lsn, off, len);
             }
             if let Some(l) = from_peer {
-                t.from_peer(l);
+                t.applied_from_peer(l);
             }
             drop(t);
             self.tracked.clear();
