@@ -782,9 +782,8 @@ impl Config {
             wal_segment_size: self.wal_segment_size,
             checkpoint_bytes: self.checkpoint_bytes,
             checkpoint_interval: self.checkpoint_interval,
-            // Config keys `bitmap_granularity` and `wal_retain`: helper D.
-            bitmap_granularity: crate::volume::DEFAULT_BITMAP_GRANULARITY,
-            wal_retain: crate::volume::DEFAULT_WAL_RETAIN,
+            bitmap_granularity: self.bitmap_granularity,
+            wal_retain: self.wal_retain,
         }
     }
 
@@ -1201,6 +1200,21 @@ disk = "/dev/vg0/r0"
         assert!(
             err(&with_key("bitmap_granularity = true")).starts_with("r0.toml: bitmap_granularity: expected a size")
         );
+    }
+
+    #[test]
+    fn resync_keys_reach_the_volume() {
+        // The defaults here and the volume's are the same numbers.
+        assert_eq!(DEFAULT_BITMAP_GRANULARITY, crate::volume::DEFAULT_BITMAP_GRANULARITY);
+        assert_eq!(DEFAULT_WAL_RETAIN, crate::volume::DEFAULT_WAL_RETAIN);
+        let c = load(&with_key("bitmap_granularity = \"64KiB\"\nwal_retain = \"256MiB\"")).unwrap();
+        let opts = c.volume_options(&c.nodes[0]);
+        assert_eq!((opts.bitmap_granularity, opts.wal_retain), (64 << 10, 256 << 20));
+        // Whatever the config accepts, the volume accepts.
+        for g in [4u32 << 10, 8 << 10, 1 << 20] {
+            let c = load(&with_key(&format!("bitmap_granularity = {g}"))).unwrap();
+            assert!(crate::volume::bitmap::validate_granularity(c.bitmap_granularity).is_ok());
+        }
     }
 
     #[test]
