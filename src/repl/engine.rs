@@ -1133,6 +1133,15 @@ impl Engine {
             tracing::error!(peer = %self.cfg.peer, error = %e, "cannot mark the records the peer lacks in the bitmap");
         }
         if was_feeding {
+            // Records the peer never wrote are writes no peer received: a
+            // new generation, before their replies are released (the next
+            // connect must see that this node wrote alone).
+            let acks = *self.acks.borrow();
+            if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
+                if let Err(e) = self.new_generation() {
+                    tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
+                }
+            }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange))
             {
@@ -1239,6 +1248,13 @@ impl Engine {
             let (at, was) = r.sample;
             let dt = at.elapsed();
             if dt < Duration::from_secs(1) {
+                if r.speed_bytes_per_sec == 0 {
+                    // No full sample yet: the average so far.
+                    let secs = r.started.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        r.speed_bytes_per_sec = (r.done_bytes as f64 / secs) as u64;
+                    }
+                }
                 None
             } else {
                 r.speed_bytes_per_sec = (r.done_bytes.saturating_sub(was) as f64 / dt.as_secs_f64()) as u64;
