@@ -30,6 +30,7 @@ pub mod link;
 pub mod proto;
 mod session;
 pub mod store;
+pub mod verify;
 #[cfg(test)]
 pub mod testing;
 pub mod volume_store;
