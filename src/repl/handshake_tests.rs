@@ -74,8 +74,8 @@ async fn a_frame_right_after_the_welcome_is_not_swallowed() {
         nonce[0] = 1;
         let mut w = BytesMut::new();
         let mine = Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
             flags: 0,
             resource: "r0".into(),
             node: "beta".into(),
@@ -90,7 +90,7 @@ async fn a_frame_right_after_the_welcome_is_not_swallowed() {
         encode(&Message::Hello(Box::new(mine)), &mut w).expect("encode");
         let mac = compute_auth(b"change-me", &h.nonce, "beta", "r0").expect("mac");
         encode(&Message::Auth { mac }, &mut w).expect("encode");
-        encode(&Message::Welcome { version: 1 }, &mut w).expect("encode");
+        encode(&Message::Welcome { version: PROTOCOL_VERSION }, &mut w).expect("encode");
         encode(&Message::Barrier { upto_lsn: 42 }, &mut w).expect("encode");
         let mut s = r.into_inner();
         s.write_all(&w).await.expect("write all at once");
@@ -211,7 +211,7 @@ async fn no_common_version_is_refused_before_authentication() {
     let r = handshake(&mut sa, &local("alpha", "beta"), T).await;
     let (reason, message) = refused(&r);
     assert_eq!(reason, RefuseReason::IncompatibleVersion);
-    assert_eq!(message, "no common protocol version (alpha speaks 1 to 1, beta speaks 2 to 4)");
+    assert_eq!(message, "no common protocol version (alpha speaks 2 to 2, beta speaks 3 to 5)");
     drop(sa);
     let seen = fake.await.expect("fake peer");
     // Our Hello, then the Refuse; no Auth was sent.

@@ -22,9 +22,11 @@ use crate::volume::Lsn;
 // ---------------------------------------------------------------------------
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest protocol version this build still speaks. Version 1 had no
+/// SyncInfo exchange (every reconnect was a full sync); a version-1 peer is
+/// refused with `incompatible-version`.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 // ---------------------------------------------------------------------------
 // Frames.
@@ -60,8 +62,25 @@ pub const OP_FLAG_FUA: u8 = 1 << 0;
 /// Zeroes only: the range may be deallocated (NBD without NO_HOLE).
 pub const OP_FLAG_PUNCH: u8 = 1 << 1;
 
+/// Bits of [`SyncInfo::flags`].
+pub mod sync_flags {
+    /// A probe (`repctl connect --dry-run`): exchange SyncInfo, report the
+    /// decision, say Goodbye; neither side changes anything.
+    pub const DRY_RUN: u32 = 1 << 0;
+    /// The sender's operator asked to discard its data (`repctl connect
+    /// --discard-my-data`, one shot).
+    pub const DISCARD_MY_DATA: u32 = 1 << 1;
+    /// Every flag this version knows.
+    pub const KNOWN: u32 = DRY_RUN | DISCARD_MY_DATA;
+}
+
+/// Most words one [`Message::BitmapChunk`] may carry (so that its payload
+/// stays under [`MAX_PAYLOAD_LEN`]).
+pub const MAX_BITMAP_WORDS: usize = MAX_DATA_LEN / 8;
+
 /// Message type codes (the `type` field of the frame header). Gaps leave
-/// room for related messages in later versions.
+/// room for related messages in later versions; 0x40..=0x4f is reserved
+/// for online verify (src/repl/verify.rs).
 pub mod msg_type {
     pub const HELLO: u16 = 1;
     pub const AUTH: u16 = 2;
@@ -73,20 +92,23 @@ pub mod msg_type {
     pub const ZEROES: u16 = 34;
     pub const BARRIER: u16 = 35;
     pub const ACK: u16 = 48;
-    pub const SYNC_START: u16 = 64;
-    pub const SYNC_DATA: u16 = 65;
-    pub const SYNC_END: u16 = 66;
-    pub const SYNC_ACK: u16 = 67;
     pub const PING: u16 = 80;
     pub const PONG: u16 = 81;
     pub const GOODBYE: u16 = 96;
-    // Online verify (src/repl/verify.rs). 0x40.. is taken by the sync
-    // messages, so verify uses 0x70..=0x7f.
-    pub const VERIFY_REQUEST: u16 = 0x70;
-    pub const VERIFY_START: u16 = 0x71;
-    pub const VERIFY_DIGESTS: u16 = 0x72;
-    pub const VERIFY_RESULT: u16 = 0x73;
-    pub const VERIFY_END: u16 = 0x74;
+    // Resync (version 2; version 1 had SyncStart..SyncAck at 64..67).
+    pub const SYNC_INFO: u16 = 112;
+    pub const BITMAP_CHUNK: u16 = 113;
+    pub const BITMAP_END: u16 = 114;
+    pub const SYNC_START: u16 = 116;
+    pub const SYNC_DATA: u16 = 117;
+    pub const SYNC_END: u16 = 118;
+    pub const SYNC_ACK: u16 = 119;
+    // Online verify (version 2; src/repl/verify.rs), 0x40..=0x4f.
+    pub const VERIFY_REQUEST: u16 = 0x40;
+    pub const VERIFY_START: u16 = 0x41;
+    pub const VERIFY_DIGESTS: u16 = 0x42;
+    pub const VERIFY_RESULT: u16 = 0x43;
+    pub const VERIFY_END: u16 = 0x44;
 }
 
 /// Errors of the frame codec. Any of them ends the connection: the stream
@@ -127,6 +149,93 @@ pub struct GenIds {
     /// Older generations, newest first; 0 for unused slots.
     pub history: [u64; 4],
 }
+
+/// What a resync moves (`SyncStart.kind`). Wire codes: | log 1 | bitmap 2 | full 3 |.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResyncKind {
+    /// Log catch-up: the source's WAL records after the target's LSN, as
+    /// ordinary Write / Trim / Zeroes frames; the target stays consistent.
+    Log,
+    /// The blocks set in the union of both dirty bitmaps.
+    Bitmap,
+    /// Every block (the bitmap with every bit set).
+    Full,
+}
+
+impl ResyncKind {
+    pub fn code(self) -> u8 {
+        match self {
+            ResyncKind::Log => 1,
+            ResyncKind::Bitmap => 2,
+            ResyncKind::Full => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<ResyncKind> {
+        match code {
+            1 => Some(ResyncKind::Log),
+            2 => Some(ResyncKind::Bitmap),
+            3 => Some(ResyncKind::Full),
+            _ => None,
+        }
+    }
+
+    /// `log`, `bitmap` or `full` (status, events).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncKind::Log => "log",
+            ResyncKind::Bitmap => "bitmap",
+            ResyncKind::Full => "full",
+        }
+    }
+}
+
+impl std::fmt::Display for ResyncKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What each side sends first after the handshake: its view of the data
+/// (the inputs of the resync decision, src/repl/decide.rs) plus the bitmap
+/// granularity and the session flags.
+///
+/// Format (SyncInfo, 100 bytes):
+/// | role u8 | disk u8 | reserved u16 = 0 | granularity u32 | flags u32 |
+/// | gen.current u64 | gen.bitmap u64 | gen.history 4 x u64 | gen_created_ms u64 |
+/// | local_lsn u64 | dirty_bytes u64 | bitmap_base_lsn u64 | log_first_lsn u64 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncInfo {
+    pub role: Role,
+    pub disk: DiskState,
+    /// Bytes per dirty-bitmap bit (power of two).
+    pub granularity: u32,
+    /// [`sync_flags`] bits; unknown bits are refused.
+    pub flags: u32,
+    pub gen_ids: GenIds,
+    /// Unix milliseconds when `gen_ids.current` was made.
+    pub gen_created_ms: u64,
+    /// Highest LSN applied locally.
+    pub local_lsn: Lsn,
+    /// Bytes covered by set bits of the sender's bitmap.
+    pub dirty_bytes: u64,
+    /// The bitmap covers every block written by a record with LSN > this.
+    pub bitmap_base_lsn: Lsn,
+    /// Oldest LSN still in the sender's WAL (`local_lsn + 1` if none).
+    pub log_first_lsn: Lsn,
+}
+
+impl SyncInfo {
+    pub fn dry_run(&self) -> bool {
+        self.flags & sync_flags::DRY_RUN != 0
+    }
+
+    pub fn discard_my_data(&self) -> bool {
+        self.flags & sync_flags::DISCARD_MY_DATA != 0
+    }
+}
+
+const SYNC_INFO_LEN: usize = 1 + 1 + 2 + 4 + 4 + 6 * 8 + 5 * 8;
 
 /// Why a handshake was refused. Wire codes are given per variant; an unknown code is
 /// read as [`RefuseReason::Other`] (a newer peer may know more reasons).
@@ -342,6 +451,13 @@ pub struct Hello {
 ///   Welcome / Refuse; State; log stream Write / Trim / Zeroes / Barrier;
 ///   cumulative Ack (received, written, durable); full sync SyncStart /
 ///   SyncData / SyncEnd / SyncAck; Ping / Pong; Goodbye.
+/// - **2** (issue 4, resync): SyncInfo exchanged first after Welcome (the
+///   decision inputs, bitmap granularity, DRY_RUN / DISCARD_MY_DATA flags);
+///   BitmapChunk / BitmapEnd; SyncStart carries `kind` (log, bitmap, full);
+///   SyncAck counts *durable* bytes; resync messages moved to 112..=119
+///   (0x40..=0x4f reserved for verify). Version 1 is no longer spoken.
+///   Online verify: VerifyRequest / VerifyStart / VerifyDigests /
+///   VerifyResult / VerifyEnd at 0x40..=0x44 (src/repl/verify.rs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     // --- Handshake -------------------------------------------------------
@@ -421,11 +537,31 @@ pub enum Message {
         durable: Lsn,
     },
 
-    // --- Full sync, in the same ordered stream as the log ---------------
+    // --- Resync, in the same ordered stream as the log (version 2) ---------
     //
-    // Format (SyncStart): | total_bytes u64 | start_lsn u64 |
-    /// A full sync begins; the log continues at `start_lsn + 1` after it.
+    // Format (SyncInfo): see [`SyncInfo`] (100 bytes).
+    /// Both sides send it first after Welcome; both compute the decision
+    /// from the two views.
+    SyncInfo(Box<SyncInfo>),
+    // Format (BitmapChunk): | first_word u64 | count u32 | words count x u64 |
+    /// Sync target -> source when the decision is Bitmap: a run of the
+    /// target's bitmap words starting at word `first_word` (bit `i` of word
+    /// `w` covers block `64 w + i`); all-zero words are skipped.
+    BitmapChunk {
+        first_word: u64,
+        words: Vec<u64>,
+    },
+    // Format (BitmapEnd): | total_words u64 |
+    /// The target's bitmap has been sent; `total_words` is its length (the
+    /// source checks it against its own).
+    BitmapEnd {
+        total_words: u64,
+    },
+    // Format (SyncStart): | kind u8 | reserved [3] = 0 | total_bytes u64 | start_lsn u64 |
+    /// A resync begins. Bitmap / full: the log continues at `start_lsn + 1`
+    /// after it. Log: the records `start_lsn + 1 ..` follow.
     SyncStart {
+        kind: ResyncKind,
         total_bytes: u64,
         start_lsn: Lsn,
     },
@@ -435,12 +571,13 @@ pub enum Message {
         data: Bytes,
     },
     // Format (SyncEnd): | bytes u64 |
-    /// The full sync is complete; `bytes` were sent.
+    /// The resync is complete; `bytes` were sent.
     SyncEnd {
         bytes: u64,
     },
     // Format (SyncAck): | done_bytes u64 |
-    /// Secondary -> primary: sync progress made durable.
+    /// Target -> source: cumulative resync bytes the target has *durable*
+    /// (data file fdatasync'ed), counted in the order SyncData was sent.
     SyncAck {
         done_bytes: u64,
     },
@@ -530,6 +667,9 @@ impl Message {
             Message::Zeroes { .. } => ZEROES,
             Message::Barrier { .. } => BARRIER,
             Message::Ack { .. } => ACK,
+            Message::SyncInfo(_) => SYNC_INFO,
+            Message::BitmapChunk { .. } => BITMAP_CHUNK,
+            Message::BitmapEnd { .. } => BITMAP_END,
             Message::SyncStart { .. } => SYNC_START,
             Message::SyncData { .. } => SYNC_DATA,
             Message::SyncEnd { .. } => SYNC_END,
@@ -585,7 +725,10 @@ impl Message {
             Message::Zeroes { .. } => 21,
             Message::Barrier { .. } => 8,
             Message::Ack { .. } => 24,
-            Message::SyncStart { .. } => 16,
+            Message::SyncInfo(_) => SYNC_INFO_LEN,
+            Message::BitmapChunk { words, .. } => 12 + 8 * words.len(),
+            Message::BitmapEnd { .. } => 8,
+            Message::SyncStart { .. } => 20,
             Message::SyncData { .. } => 8,
             Message::SyncEnd { .. } => 8,
             Message::SyncAck { .. } => 8,
@@ -668,7 +811,40 @@ impl Message {
                 b.put_u64_le(*written);
                 b.put_u64_le(*durable);
             }
-            Message::SyncStart { total_bytes, start_lsn } => {
+            Message::SyncInfo(i) => {
+                b.put_u8(role_code(i.role));
+                b.put_u8(disk_code(i.disk));
+                b.put_u16_le(0);
+                b.put_u32_le(i.granularity);
+                b.put_u32_le(i.flags);
+                b.put_u64_le(i.gen_ids.current);
+                b.put_u64_le(i.gen_ids.bitmap);
+                for g in i.gen_ids.history {
+                    b.put_u64_le(g);
+                }
+                b.put_u64_le(i.gen_created_ms);
+                b.put_u64_le(i.local_lsn);
+                b.put_u64_le(i.dirty_bytes);
+                b.put_u64_le(i.bitmap_base_lsn);
+                b.put_u64_le(i.log_first_lsn);
+            }
+            Message::BitmapChunk { first_word, words } => {
+                if words.len() > MAX_BITMAP_WORDS {
+                    return Err(FrameError::Unencodable {
+                        msg: "bitmap-chunk",
+                        detail: format!("{} words, more than the maximum {MAX_BITMAP_WORDS}", words.len()),
+                    });
+                }
+                b.put_u64_le(*first_word);
+                b.put_u32_le(words.len() as u32);
+                for w in words {
+                    b.put_u64_le(*w);
+                }
+            }
+            Message::BitmapEnd { total_words } => b.put_u64_le(*total_words),
+            Message::SyncStart { kind, total_bytes, start_lsn } => {
+                b.put_u8(kind.code());
+                b.put_slice(&[0; 3]);
                 b.put_u64_le(*total_bytes);
                 b.put_u64_le(*start_lsn);
             }
@@ -745,6 +921,9 @@ pub fn type_name(t: u16) -> Option<&'static str> {
         ZEROES => "zeroes",
         BARRIER => "barrier",
         ACK => "ack",
+        SYNC_INFO => "sync-info",
+        BITMAP_CHUNK => "bitmap-chunk",
+        BITMAP_END => "bitmap-end",
         SYNC_START => "sync-start",
         SYNC_DATA => "sync-data",
         SYNC_END => "sync-end",
@@ -1103,7 +1282,62 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
         }
         BARRIER => Message::Barrier { upto_lsn: p.u64("upto_lsn")? },
         ACK => Message::Ack { received: p.u64("received")?, written: p.u64("written")?, durable: p.u64("durable")? },
-        SYNC_START => Message::SyncStart { total_bytes: p.u64("total_bytes")?, start_lsn: p.u64("start_lsn")? },
+        SYNC_INFO => {
+            let role = p.role()?;
+            let disk = p.disk()?;
+            p.reserved16()?;
+            let granularity = p.u32("granularity")?;
+            if !granularity.is_power_of_two() {
+                return Err(p.bad(format!("granularity {granularity} is not a power of two")));
+            }
+            let flags = p.u32("flags")?;
+            if flags & !sync_flags::KNOWN != 0 {
+                return Err(p.bad(format!("unknown flags {flags:#010x}")));
+            }
+            let current = p.u64("gen.current")?;
+            let bitmap = p.u64("gen.bitmap")?;
+            let mut history = [0u64; 4];
+            for h in &mut history {
+                *h = p.u64("gen.history")?;
+            }
+            Message::SyncInfo(Box::new(SyncInfo {
+                role,
+                disk,
+                granularity,
+                flags,
+                gen_ids: GenIds { current, bitmap, history },
+                gen_created_ms: p.u64("gen_created_ms")?,
+                local_lsn: p.u64("local_lsn")?,
+                dirty_bytes: p.u64("dirty_bytes")?,
+                bitmap_base_lsn: p.u64("bitmap_base_lsn")?,
+                log_first_lsn: p.u64("log_first_lsn")?,
+            }))
+        }
+        BITMAP_CHUNK => {
+            let first_word = p.u64("first_word")?;
+            let count = p.u32("count")? as usize;
+            if count > MAX_BITMAP_WORDS {
+                return Err(p.bad(format!("{count} words, more than the maximum {MAX_BITMAP_WORDS}")));
+            }
+            if p.b.remaining() != count * 8 {
+                return Err(p.bad(format!("count says {count} words, the payload holds {} bytes", p.b.remaining())));
+            }
+            if first_word.checked_add(count as u64).is_none() {
+                return Err(p.bad(format!("first_word {first_word} + {count} words overflows")));
+            }
+            let words = (0..count).map(|_| p.b.get_u64_le()).collect();
+            Message::BitmapChunk { first_word, words }
+        }
+        BITMAP_END => Message::BitmapEnd { total_words: p.u64("total_words")? },
+        SYNC_START => {
+            let code = p.u8("kind")?;
+            let kind = ResyncKind::from_code(code).ok_or_else(|| p.bad(format!("unknown resync kind {code}")))?;
+            let reserved = p.array::<3>("reserved")?;
+            if reserved != [0; 3] {
+                return Err(p.bad("reserved bytes must be 0".into()));
+            }
+            Message::SyncStart { kind, total_bytes: p.u64("total_bytes")?, start_lsn: p.u64("start_lsn")? }
+        }
         SYNC_DATA => {
             let offset = p.u64("offset")?;
             let data = p.rest();

@@ -100,6 +100,32 @@ fn arb_hello() -> impl Strategy<Value = Message> {
         )
 }
 
+fn arb_kind() -> impl Strategy<Value = ResyncKind> {
+    prop_oneof![Just(ResyncKind::Log), Just(ResyncKind::Bitmap), Just(ResyncKind::Full)]
+}
+
+fn arb_sync_info() -> impl Strategy<Value = Message> {
+    (
+        (arb_role(), arb_disk(), 12u32..=20, 0u32..4),
+        (any::<u64>(), any::<u64>(), any::<[u64; 4]>(), any::<u64>()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(|((role, disk, shift, flags), (current, bitmap, history, gen_created_ms), (a, b, c, d))| {
+            Message::SyncInfo(Box::new(SyncInfo {
+                role,
+                disk,
+                granularity: 1 << shift,
+                flags,
+                gen_ids: GenIds { current, bitmap, history },
+                gen_created_ms,
+                local_lsn: a,
+                dirty_bytes: b,
+                bitmap_base_lsn: c,
+                log_first_lsn: d,
+            }))
+        })
+}
+
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
         arb_hello(),
@@ -131,7 +157,15 @@ fn arb_message() -> impl Strategy<Value = Message> {
             written,
             durable
         }),
-        (any::<u64>(), any::<u64>()).prop_map(|(total_bytes, start_lsn)| Message::SyncStart { total_bytes, start_lsn }),
+        arb_sync_info(),
+        (any::<u64>(), prop::collection::vec(any::<u64>(), 0..40))
+            .prop_map(|(first_word, words)| Message::BitmapChunk { first_word: first_word >> 8, words }),
+        any::<u64>().prop_map(|total_words| Message::BitmapEnd { total_words }),
+        (arb_kind(), any::<u64>(), any::<u64>()).prop_map(|(kind, total_bytes, start_lsn)| Message::SyncStart {
+            kind,
+            total_bytes,
+            start_lsn
+        }),
         (any::<u64>(), arb_data()).prop_map(|(offset, data)| Message::SyncData { offset, data }),
         any::<u64>().prop_map(|bytes| Message::SyncEnd { bytes }),
         any::<u64>().prop_map(|done_bytes| Message::SyncAck { done_bytes }),
@@ -400,5 +434,94 @@ fn every_type_code_has_a_name_and_a_decoder() {
                 other => panic!("type {t}: {other:?}"),
             }
         }
+    }
+}
+
+#[test]
+fn sync_info_layout_is_pinned() {
+    let info = SyncInfo {
+        role: Role::Primary,
+        disk: DiskState::UpToDate,
+        granularity: 4096,
+        flags: sync_flags::DRY_RUN,
+        gen_ids: GenIds { current: 0x11, bitmap: 0x22, history: [0x33, 0, 0, 0] },
+        gen_created_ms: 7,
+        local_lsn: 100,
+        dirty_bytes: 8192,
+        bitmap_base_lsn: 90,
+        log_first_lsn: 50,
+    };
+    let b = enc(&Message::SyncInfo(Box::new(info)));
+    let p = &b[FRAME_HEADER_LEN..];
+    assert_eq!(p.len(), 100);
+    assert_eq!(&p[..4], &[1, 1, 0, 0]);
+    assert_eq!(&p[4..8], &4096u32.to_le_bytes());
+    assert_eq!(&p[8..12], &1u32.to_le_bytes());
+    assert_eq!(&p[12..20], &0x11u64.to_le_bytes());
+    assert_eq!(&p[60..68], &7u64.to_le_bytes());
+    assert_eq!(&p[68..76], &100u64.to_le_bytes());
+    assert_eq!(&p[92..100], &50u64.to_le_bytes());
+    assert!(info.dry_run() && !info.discard_my_data());
+}
+
+#[test]
+fn resync_messages_avoid_the_verify_block() {
+    for t in 0x40..=0x4f {
+        assert_eq!(type_name(t), None, "type {t:#x} is reserved for verify");
+    }
+    assert_eq!(PROTOCOL_VERSION, 2);
+}
+
+#[test]
+fn bad_resync_payloads_are_refused_with_the_field() {
+    // SyncInfo with a granularity that is not a power of two.
+    let mut m = enc(&Message::SyncInfo(Box::new(SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::Consistent,
+        granularity: 4096,
+        flags: 0,
+        gen_ids: GenIds::default(),
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+    })));
+    let mut payload = m.split_off(FRAME_HEADER_LEN).to_vec();
+    payload[4..8].copy_from_slice(&4095u32.to_le_bytes());
+    match decode(&mut raw_frame(msg_type::SYNC_INFO, 0, &payload)) {
+        Err(FrameError::Malformed { msg: "sync-info", detail }) => assert!(detail.contains("granularity"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // Unknown SyncInfo flags.
+    payload[4..8].copy_from_slice(&4096u32.to_le_bytes());
+    payload[8..12].copy_from_slice(&0x100u32.to_le_bytes());
+    match decode(&mut raw_frame(msg_type::SYNC_INFO, 0, &payload)) {
+        Err(FrameError::Malformed { msg: "sync-info", detail }) => assert!(detail.contains("flags"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // BitmapChunk whose count disagrees with its payload.
+    let mut p = Vec::new();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&3u32.to_le_bytes());
+    p.extend_from_slice(&[0xff; 16]);
+    match decode(&mut raw_frame(msg_type::BITMAP_CHUNK, 0, &p)) {
+        Err(FrameError::Malformed { msg: "bitmap-chunk", detail }) => assert!(detail.contains("count"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    // A count over the maximum is refused before allocating.
+    let mut p = Vec::new();
+    p.extend_from_slice(&0u64.to_le_bytes());
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode(&mut raw_frame(msg_type::BITMAP_CHUNK, 0, &p)),
+        Err(FrameError::Malformed { msg: "bitmap-chunk", .. })
+    ));
+    // SyncStart with an unknown kind.
+    let mut p = vec![9, 0, 0, 0];
+    p.extend_from_slice(&[0; 16]);
+    match decode(&mut raw_frame(msg_type::SYNC_START, 0, &p)) {
+        Err(FrameError::Malformed { msg: "sync-start", detail }) => assert!(detail.contains("kind"), "{detail}"),
+        other => panic!("{other:?}"),
     }
 }

@@ -27,7 +27,7 @@ use tokio::time::sleep_until;
 use super::engine::{Engine, ReplState, Resync, StopReason};
 use super::handshake::PeerInfo;
 use super::link::{FrameReader, LinkError, QueuedBytes, run_writer_counted, split_tcp};
-use super::proto::{GoodbyeReason, Message};
+use super::proto::{GoodbyeReason, Message, ResyncKind};
 use super::store::{BoxFut, FeedItem, FeedOp};
 use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
@@ -229,7 +229,7 @@ impl Session {
         if self.engine.take_clear_bitmap_offer() {
             // `new-current-uuid --clear-bitmap`: our Hello carried the new
             // generation; an empty sync tells the peer to take it.
-            let _ = self.tx.try_send(Message::SyncStart { total_bytes: 0, start_lsn: 0 });
+            let _ = self.tx.try_send(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 });
             let _ = self.tx.try_send(Message::SyncEnd { bytes: 0 });
         }
         let mut empty_sync = false;
@@ -253,7 +253,7 @@ impl Session {
                     // The peer was promoted; it reconnects to renegotiate.
                 }
                 Tick::Frame(Message::State { .. }) | Tick::Frame(Message::Ack { .. }) => {}
-                Tick::Frame(Message::SyncStart { total_bytes: 0, start_lsn: 0 }) => empty_sync = true,
+                Tick::Frame(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }) => empty_sync = true,
                 Tick::Frame(Message::SyncEnd { bytes: 0 }) if empty_sync => {
                     empty_sync = false;
                     if let Err(why) = self.take_peer_generation(peer) {
@@ -336,7 +336,7 @@ impl Session {
                 same_generation = peer.gen_ids.current == meta.gen_ids.current,
                 bytes = size, "full sync to the peer starts"
             );
-            if self.tx.send(Message::SyncStart { total_bytes: size, start_lsn: base }).await.is_err() {
+            if self.tx.send(Message::SyncStart { kind: ResyncKind::Full, total_bytes: size, start_lsn: base }).await.is_err() {
                 return Outcome::PeerGone("connection closed".into());
             }
             engine.set_replication(ReplState::SyncSource);
@@ -554,7 +554,7 @@ impl Session {
                 record(lsn, FeedOp::Zeroes { offset, len, punch }, fua, t, pending)
             }
             Message::Barrier { upto_lsn } => t.barrier = t.barrier.max(upto_lsn),
-            Message::SyncStart { total_bytes, start_lsn } => {
+            Message::SyncStart { total_bytes, start_lsn, .. } => {
                 // Nothing is in flight at the start of a session; drain anyway.
                 while let Some((_, f)) = pending.pop_front() {
                     f.await.map_err(|e| Outcome::Failed(format!("applying before the sync: {e}")))?;

@@ -7,6 +7,11 @@
 //! commit), barriers (a completed local FLUSH) and full-sync data (read by the
 //! log writer itself, so ordered with the writes). Secondary side: records
 //! applied with the primary's LSNs, full-sync data, log rebase and sync end.
+//!
+//! Resync (issue 4): the persistent dirty bitmap (one bit per `granularity`
+//! bytes, "this block may differ from the peer's copy"), tracking on/off
+//! with the unacked ring, and a reader over the retained WAL for log
+//! catch-up. See /work/wt/brief/resync-design.md and docs/resync.md.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,6 +39,33 @@ pub trait FeedSource: Send {
 pub struct ReplMeta {
     pub disk: DiskState,
     pub gen_ids: GenIds,
+    /// Unix milliseconds when `gen_ids.current` was made (0: unknown).
+    pub gen_created_ms: u64,
+}
+
+/// A record read back from the retained WAL (log catch-up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub lsn: Lsn,
+    pub op: FeedOp,
+    pub fua: bool,
+}
+
+/// Why a log catch-up cannot be served from the WAL.
+#[derive(Debug, thiserror::Error)]
+pub enum LogReadError {
+    /// A record of the range is not (or no longer, or not with its data) in
+    /// the WAL: fall back to a bitmap or full resync.
+    #[error("LSN {lsn} cannot be read from the WAL: {why}")]
+    NotInLog { lsn: Lsn, why: String },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// Reads retained WAL records in LSN order.
+pub trait LogSource: Send {
+    /// The next record; `None` after the last one of the range.
+    fn next(&mut self) -> BoxFut<'_, Result<Option<LogRecord>, LogReadError>>;
 }
 
 /// The local storage, as the replication engine uses it.
@@ -73,4 +105,42 @@ pub trait ReplStore: Send + Sync + 'static {
     fn meta(&self) -> ReplMeta;
     /// Persists them (durable before this returns).
     fn store_meta(&self, meta: ReplMeta) -> Result<(), VolumeError>;
+
+    // --- Dirty bitmap and tracking (resync) ----------------------------------
+
+    /// Bytes covered by one bit.
+    fn bitmap_granularity(&self) -> u32;
+    /// Bytes covered by set bits.
+    fn dirty_bytes(&self) -> u64;
+    /// Tracking on: every committed write sets its bits. Off: the volume
+    /// remembers the records the peer has not acknowledged as written (the
+    /// unacked ring) instead.
+    fn set_tracking(&self, on: bool);
+    /// The peer has written every record `<= lsn`: prunes the ring; the
+    /// volume persists it (monotone) at checkpoints.
+    fn set_peer_written(&self, lsn: Lsn);
+    /// The link dropped: the bits of every record in the ring are set and
+    /// tracking is on again. Called before waiting writes are released.
+    fn mark_unacked(&self) -> Result<(), VolumeError>;
+    /// Sets every bit (full sync, invalidate).
+    fn mark_all(&self) -> Result<(), VolumeError>;
+    /// Clears the bits fully inside `[offset, offset + len)`.
+    fn clear_range(&self, offset: u64, len: u64);
+    /// The first run of set bits at or after `from`, as `(offset, len)` in
+    /// bytes, `len <= max_len`; `None` when no bit is set past `from`.
+    fn dirty_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)>;
+    /// The whole bitmap as 64-bit words (bit `i` of word `w` = block `64 w + i`).
+    fn bitmap_words(&self) -> Vec<u64>;
+    /// ORs `words` into the bitmap starting at word `first`.
+    fn merge_bitmap_words(&self, first: u64, words: &[u64]);
+    /// Writes the bitmap's changed pages and makes them durable.
+    fn persist_bitmap(&self) -> Result<(), VolumeError>;
+    /// The bitmap covers every block written by a record with LSN > this.
+    fn bitmap_base_lsn(&self) -> Lsn;
+    /// Oldest LSN still in the WAL (`local_lsn + 1` when none).
+    fn log_first_lsn(&self) -> Lsn;
+    /// Reads the retained records `from ..= to`.
+    fn log_reader(&self, from: Lsn, to: Lsn) -> Result<Box<dyn LogSource>, LogReadError>;
+    /// Sync target: makes the resync data written so far durable.
+    fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>>;
 }

@@ -2,6 +2,11 @@
 //! LSN counter, a feed published under the same lock as the writes (so the
 //! feed order is the commit order), and configurable apply / flush delays
 //! to tell `received`, `written` and `durable` apart.
+//!
+//! Resync: a dirty bitmap (plus the copy "on disk" that `persist_bitmap`
+//! writes, for crash tests), tracking and the unacked ring as the volume
+//! does them, a retained log of every record (droppable from the front to
+//! simulate the retention bound), and a count of `sync_data_file` calls.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -10,9 +15,12 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::proto::GenIds;
-use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, ReplMeta, ReplStore};
+use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore};
 use crate::node::DiskState;
 use crate::volume::{Lsn, VolumeError};
+
+/// Bitmap granularity of the in-memory store.
+pub const MEM_GRANULARITY: u64 = 4096;
 
 #[derive(Debug)]
 struct Inner {
@@ -21,6 +29,53 @@ struct Inner {
     feed: Option<mpsc::UnboundedSender<FeedItem>>,
     meta: ReplMeta,
     flushes: u64,
+    bits: Vec<u64>,
+    persisted_bits: Vec<u64>,
+    tracking: bool,
+    /// (lsn, offset, len) of records the peer has not written (tracking off).
+    ring: Vec<(Lsn, u64, u64)>,
+    peer_written: Lsn,
+    base_lsn: Lsn,
+    /// Retained records, oldest first.
+    log: std::collections::VecDeque<LogRecord>,
+    data_syncs: u64,
+    /// Sync data written since the last `sync_data_file` (what a crash loses).
+    unsynced_sync_data: u64,
+}
+
+impl Inner {
+    fn set_bits(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / MEM_GRANULARITY;
+        let last = (offset + len - 1) / MEM_GRANULARITY;
+        for b in first..=last {
+            self.bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// A committed local record: tracked or remembered in the ring, logged.
+    fn committed(&mut self, lsn: Lsn, op: &FeedOp, fua: bool) {
+        let (off, len) = op_range(op);
+        if self.tracking {
+            self.set_bits(off, len);
+        } else {
+            self.ring.push((lsn, off, len));
+        }
+        self.log.push_back(LogRecord { lsn, op: op.clone(), fua });
+    }
+
+    fn bit(&self, b: u64) -> bool {
+        self.bits[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+}
+
+fn op_range(op: &FeedOp) -> (u64, u64) {
+    match op {
+        FeedOp::Write { offset, data } => (*offset, data.len() as u64),
+        FeedOp::Trim { offset, len } | FeedOp::Zeroes { offset, len, .. } => (*offset, u64::from(*len)),
+    }
 }
 
 /// See the module doc.
@@ -41,13 +96,27 @@ impl FeedSource for MemFeed {
 
 impl MemStore {
     pub fn new(size: usize, disk: DiskState, current_gen: u64) -> Arc<MemStore> {
+        let words = (size as u64).div_ceil(MEM_GRANULARITY).div_ceil(64) as usize;
         Arc::new(MemStore {
             inner: Mutex::new(Inner {
                 data: vec![0; size],
                 lsn: 0,
                 feed: None,
-                meta: ReplMeta { disk, gen_ids: GenIds { current: current_gen, ..GenIds::default() } },
+                meta: ReplMeta {
+                    disk,
+                    gen_ids: GenIds { current: current_gen, ..GenIds::default() },
+                    gen_created_ms: 0,
+                },
                 flushes: 0,
+                bits: vec![0; words],
+                persisted_bits: vec![0; words],
+                tracking: true,
+                ring: Vec::new(),
+                peer_written: 0,
+                base_lsn: 0,
+                log: std::collections::VecDeque::new(),
+                data_syncs: 0,
+                unsynced_sync_data: 0,
             }),
             apply_delay: Mutex::new(Duration::ZERO),
             flush_delay: Mutex::new(Duration::ZERO),
@@ -72,11 +141,9 @@ impl MemStore {
         g.data[offset..offset + data.len()].copy_from_slice(data);
         g.lsn += 1;
         let lsn = g.lsn;
-        let item = FeedItem::Record {
-            lsn,
-            op: FeedOp::Write { offset: offset as u64, data: Bytes::copy_from_slice(data) },
-            fua,
-        };
+        let op = FeedOp::Write { offset: offset as u64, data: Bytes::copy_from_slice(data) };
+        g.committed(lsn, &op, fua);
+        let item = FeedItem::Record { lsn, op, fua };
         if let Some(f) = &g.feed {
             let _ = f.send(item);
         }
@@ -98,6 +165,53 @@ impl MemStore {
 
     pub fn flushes(&self) -> u64 {
         self.lock().flushes
+    }
+
+    /// Sets the meta (generations, disk) directly.
+    pub fn set_meta(&self, meta: ReplMeta) {
+        self.lock().meta = meta;
+    }
+
+    pub fn set_lsn(&self, lsn: Lsn) {
+        self.lock().lsn = lsn;
+    }
+
+    /// Whether the bit of the block at `offset` is set (in memory).
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        self.lock().bit(offset / MEM_GRANULARITY)
+    }
+
+    /// The bitmap as last persisted.
+    pub fn persisted_dirty_bytes(&self) -> u64 {
+        self.lock().persisted_bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * MEM_GRANULARITY
+    }
+
+    pub fn mark(&self, offset: u64, len: u64) {
+        self.lock().set_bits(offset, len);
+    }
+
+    pub fn tracking(&self) -> bool {
+        self.lock().tracking
+    }
+
+    pub fn peer_written(&self) -> Lsn {
+        self.lock().peer_written
+    }
+
+    pub fn set_bitmap_base_lsn(&self, lsn: Lsn) {
+        self.lock().base_lsn = lsn;
+    }
+
+    /// Drops retained records `<= lsn` (the retention bound).
+    pub fn drop_log_upto(&self, lsn: Lsn) {
+        let mut g = self.lock();
+        while g.log.front().is_some_and(|r| r.lsn <= lsn) {
+            g.log.pop_front();
+        }
+    }
+
+    pub fn data_syncs(&self) -> u64 {
+        self.lock().data_syncs
     }
 }
 
@@ -160,7 +274,12 @@ impl ReplStore for MemStore {
             if lsn != g.lsn + 1 {
                 Err(VolumeError::Invalid { what: "LSN".into(), reason: format!("expected {}, got {lsn}", g.lsn + 1) })
             } else {
-                apply_op(&mut g.data, &op).map(|()| g.lsn = lsn)
+                let r = apply_op(&mut g.data, &op);
+                if r.is_ok() {
+                    g.lsn = lsn;
+                    g.committed(lsn, &op, fua);
+                }
+                r
             }
         };
         let delay = *self.apply_delay.lock().unwrap_or_else(|p| p.into_inner())
@@ -172,7 +291,9 @@ impl ReplStore for MemStore {
     }
 
     fn apply_sync_data(&self, offset: u64, data: Bytes) -> BoxFut<'static, Result<(), VolumeError>> {
-        let res = apply_op(&mut self.lock().data, &FeedOp::Write { offset, data });
+        let mut g = self.lock();
+        g.unsynced_sync_data += data.len() as u64;
+        let res = apply_op(&mut g.data, &FeedOp::Write { offset, data });
         Box::pin(async move { res })
     }
 
@@ -202,5 +323,135 @@ impl ReplStore for MemStore {
     fn store_meta(&self, meta: ReplMeta) -> Result<(), VolumeError> {
         self.lock().meta = meta;
         Ok(())
+    }
+
+    fn bitmap_granularity(&self) -> u32 {
+        MEM_GRANULARITY as u32
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        let g = self.lock();
+        let blocks: u64 = g.bits.iter().map(|w| u64::from(w.count_ones())).sum();
+        (blocks * MEM_GRANULARITY).min(g.data.len() as u64)
+    }
+
+    fn set_tracking(&self, on: bool) {
+        let mut g = self.lock();
+        if on && !g.tracking {
+            g.base_lsn = g.peer_written;
+        }
+        g.tracking = on;
+    }
+
+    fn set_peer_written(&self, lsn: Lsn) {
+        let mut g = self.lock();
+        g.peer_written = g.peer_written.max(lsn);
+        let pw = g.peer_written;
+        g.ring.retain(|(l, _, _)| *l > pw);
+    }
+
+    fn mark_unacked(&self) -> Result<(), VolumeError> {
+        let mut g = self.lock();
+        for (_, off, len) in std::mem::take(&mut g.ring) {
+            g.set_bits(off, len);
+        }
+        if !g.tracking {
+            g.base_lsn = g.peer_written;
+        }
+        g.tracking = true;
+        g.persisted_bits = g.bits.clone();
+        Ok(())
+    }
+
+    fn mark_all(&self) -> Result<(), VolumeError> {
+        let mut g = self.lock();
+        let size = g.data.len() as u64;
+        g.set_bits(0, size);
+        g.persisted_bits = g.bits.clone();
+        Ok(())
+    }
+
+    fn clear_range(&self, offset: u64, len: u64) {
+        let mut g = self.lock();
+        let size = g.data.len() as u64;
+        let first = offset.div_ceil(MEM_GRANULARITY);
+        // A partial last block is cleared when the range reaches the end.
+        let end = if offset + len >= size { size.div_ceil(MEM_GRANULARITY) } else { (offset + len) / MEM_GRANULARITY };
+        for b in first..end {
+            g.bits[(b / 64) as usize] &= !(1 << (b % 64));
+        }
+    }
+
+    fn dirty_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
+        let g = self.lock();
+        let size = g.data.len() as u64;
+        let blocks = size.div_ceil(MEM_GRANULARITY);
+        let mut b = from / MEM_GRANULARITY;
+        while b < blocks && !g.bit(b) {
+            b += 1;
+        }
+        if b >= blocks {
+            return None;
+        }
+        let start = b * MEM_GRANULARITY;
+        let mut end = b;
+        while end < blocks && g.bit(end) && (end + 1 - b) * MEM_GRANULARITY <= max_len {
+            end += 1;
+        }
+        Some((start, (end * MEM_GRANULARITY).min(size) - start))
+    }
+
+    fn bitmap_words(&self) -> Vec<u64> {
+        self.lock().bits.clone()
+    }
+
+    fn merge_bitmap_words(&self, first: u64, words: &[u64]) {
+        let mut g = self.lock();
+        for (i, w) in words.iter().enumerate() {
+            if let Some(slot) = g.bits.get_mut(first as usize + i) {
+                *slot |= w;
+            }
+        }
+    }
+
+    fn persist_bitmap(&self) -> Result<(), VolumeError> {
+        let mut g = self.lock();
+        g.persisted_bits = g.bits.clone();
+        Ok(())
+    }
+
+    fn bitmap_base_lsn(&self) -> Lsn {
+        self.lock().base_lsn
+    }
+
+    fn log_first_lsn(&self) -> Lsn {
+        let g = self.lock();
+        g.log.front().map_or(g.lsn + 1, |r| r.lsn)
+    }
+
+    fn log_reader(&self, from: Lsn, to: Lsn) -> Result<Box<dyn LogSource>, LogReadError> {
+        let g = self.lock();
+        let first = g.log.front().map_or(g.lsn + 1, |r| r.lsn);
+        if from < first {
+            return Err(LogReadError::NotInLog { lsn: from, why: format!("the WAL starts at {first}") });
+        }
+        let records: Vec<LogRecord> = g.log.iter().filter(|r| r.lsn >= from && r.lsn <= to).cloned().collect();
+        Ok(Box::new(MemLog(records.into_iter())))
+    }
+
+    fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>> {
+        let mut g = self.lock();
+        g.data_syncs += 1;
+        g.unsynced_sync_data = 0;
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct MemLog(std::vec::IntoIter<LogRecord>);
+
+impl LogSource for MemLog {
+    fn next(&mut self) -> BoxFut<'_, Result<Option<LogRecord>, LogReadError>> {
+        let r = self.0.next();
+        Box::pin(async move { Ok(r) })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::proto::GenIds;
-use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, ReplMeta, ReplStore};
+use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogSource, ReplMeta, ReplStore};
 use crate::node::DiskState;
 use crate::volume::{self, Feed, Lsn, Volume, VolumeError};
 
@@ -77,6 +77,7 @@ impl ReplStore for VolumeStore {
         ReplMeta {
             disk: DiskState::from(sb.disk_state),
             gen_ids: GenIds { current: sb.gen_current, bitmap: sb.gen_bitmap, history: sb.gen_history },
+            gen_created_ms: 0,
         }
     }
 
@@ -87,5 +88,61 @@ impl ReplStore for VolumeStore {
             sb.gen_bitmap = meta.gen_ids.bitmap;
             sb.gen_history = meta.gen_ids.history;
         })
+    }
+
+    // INTERIM until the volume's bitmap (branch `bitmap`) is merged: the
+    // volume has no dirty bitmap yet, so every block counts as dirty and
+    // every resync is a full one (the issue-3 behaviour).
+
+    fn bitmap_granularity(&self) -> u32 {
+        crate::config::DEFAULT_BITMAP_GRANULARITY
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn set_tracking(&self, _on: bool) {}
+
+    fn set_peer_written(&self, _lsn: Lsn) {}
+
+    fn mark_unacked(&self) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    fn mark_all(&self) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    fn clear_range(&self, _offset: u64, _len: u64) {}
+
+    fn dirty_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
+        (from < self.0.size()).then(|| (from, max_len.min(self.0.size() - from)))
+    }
+
+    fn bitmap_words(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
+    fn merge_bitmap_words(&self, _first: u64, _words: &[u64]) {}
+
+    fn persist_bitmap(&self) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    fn bitmap_base_lsn(&self) -> Lsn {
+        0
+    }
+
+    fn log_first_lsn(&self) -> Lsn {
+        self.0.status().local_lsn + 1
+    }
+
+    fn log_reader(&self, from: Lsn, _to: Lsn) -> Result<Box<dyn LogSource>, LogReadError> {
+        Err(LogReadError::NotInLog { lsn: from, why: "this volume keeps no WAL for catch-up".into() })
+    }
+
+    fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>> {
+        Box::pin(async { Ok(()) })
     }
 }
