@@ -59,6 +59,10 @@ pub struct Status {
     /// The last replication link failure (refusal, connect error), if any.
     #[serde(default)]
     pub link_error: Option<String>,
+    /// Online verify: `running`, `role`, `done_bytes`, `total_bytes`,
+    /// `out_of_sync_bytes`, `runs_finished`, `last` (src/repl/verify.rs).
+    #[serde(default)]
+    pub verify: crate::repl::verify::VerifyStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +166,27 @@ impl Status {
                 if self.io_suspended {
                     let _ = writeln!(s, "    io:suspended (peer lost; `repctl resume-io` releases writes)");
                 }
+                let v = &self.verify;
+                if v.running && v.total_bytes > 0 {
+                    let pct = 100.0 * v.done_bytes as f64 / v.total_bytes as f64;
+                    let _ = writeln!(
+                        s,
+                        "    verify:{pct:.1}% ({} of {}, {} out of sync, this node is the {})",
+                        format_size_approx(v.done_bytes),
+                        format_size_approx(v.total_bytes),
+                        format_size_approx(v.out_of_sync_bytes),
+                        v.role.as_deref().unwrap_or("?")
+                    );
+                } else if let Some(last) = &v.last {
+                    let how = if last.complete { "done" } else { "aborted" };
+                    let _ = writeln!(
+                        s,
+                        "    last-verify:{how} ({} checked, {} out of sync, {:.1}s)",
+                        format_size_approx(last.checked_bytes),
+                        format_size_approx(last.out_of_sync_bytes),
+                        last.seconds
+                    );
+                }
                 if let Some(e) = &self.link_error {
                     let _ = writeln!(s, "    last-error:{e}");
                 }
@@ -224,6 +249,7 @@ mod tests {
             pid: 1,
             io_suspended: false,
             link_error: None,
+            verify: Default::default(),
         }
     }
 

@@ -211,6 +211,9 @@ pub enum StopReason {
     Replaced,
     /// Our role changed: reconnect to renegotiate.
     RoleChange,
+    /// Online verify found differences, or `invalidate`: reconnect so that
+    /// the resync decision moves the marked blocks.
+    Renegotiate,
     /// The daemon stops.
     Shutdown,
 }
@@ -255,6 +258,8 @@ pub struct Engine {
     shutdown: watch::Sender<bool>,
     /// `new-current-uuid --clear-bitmap` waits for the next idle session.
     clear_bitmap_offer: AtomicBool,
+    /// Online verify: status, the operator's request (src/repl/verify.rs).
+    pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -298,6 +303,7 @@ impl Engine {
             shutdown: watch::Sender::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
             clear_bitmap_offer: AtomicBool::new(false),
+            verify: super::verify::VerifyCell::default(),
         })
     }
 
@@ -591,6 +597,13 @@ impl Engine {
         }
     }
 
+    /// Ends the running session so that the link is renegotiated at once
+    /// (online verify found differences; `invalidate`).
+    pub(crate) fn renegotiate(&self) {
+        self.stop_session(StopReason::Renegotiate);
+        self.kick.notify_waiters();
+    }
+
     fn stop_session(&self, why: StopReason) {
         if let Some(slot) = self.slot().as_ref() {
             slot.stop.send_replace(Some(why));
@@ -812,7 +825,7 @@ impl Engine {
             self.store.detach_feed();
             self.store.set_retain_after(None);
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
-                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange))
+                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
             {
                 // Suspend before releasing the waiters, so none slips through.
                 self.set_suspended(true);

@@ -685,6 +685,18 @@ impl Message {
         }
     }
 
+    /// Whether this is an online-verify message (src/repl/verify.rs).
+    pub fn is_verify(&self) -> bool {
+        matches!(
+            self,
+            Message::VerifyRequest
+                | Message::VerifyStart { .. }
+                | Message::VerifyDigests { .. }
+                | Message::VerifyResult { .. }
+                | Message::VerifyEnd { .. }
+        )
+    }
+
     /// The message's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         type_name(self.msg_type()).unwrap_or("unknown")

@@ -29,6 +29,7 @@ use super::handshake::PeerInfo;
 use super::link::{FrameReader, LinkError, QueuedBytes, run_writer_counted, split_tcp};
 use super::proto::{GoodbyeReason, Message, ResyncKind};
 use super::store::{BoxFut, FeedItem, FeedOp};
+use super::verify::{After, ReadMode, SessionVerify, TargetJob};
 use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
 
@@ -83,7 +84,7 @@ pub async fn run(
     let queued = Arc::new(QueuedBytes::default());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
     engine.set_peer(peer.role, peer.disk);
-    let mut io = Io { reader, stop, role_rx: engine.role_rx() };
+    let mut io = Io { reader, stop, role_rx: engine.role_rx(), verify: SessionVerify::default() };
     let mut s = Session {
         engine: Arc::clone(engine),
         tx,
@@ -125,9 +126,11 @@ pub async fn run(
             StopReason::Disconnect => (GoodbyeReason::Disconnect, "disconnected by the operator"),
             StopReason::Replaced => (GoodbyeReason::Other, "replaced by a newer connection"),
             StopReason::RoleChange => (GoodbyeReason::Other, "role change: reconnecting"),
+            StopReason::Renegotiate => (GoodbyeReason::Other, "renegotiating: blocks marked out of sync"),
         };
         let _ = s.tx.try_send(Message::Goodbye { reason, message: message.into() });
     }
+    io.verify.abort(engine, &describe_end(&outcome));
     drop(s);
     // Let the writer drain (Goodbye included), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
@@ -140,6 +143,8 @@ struct Io {
     reader: Reader,
     stop: watch::Receiver<Option<StopReason>>,
     role_rx: watch::Receiver<Role>,
+    /// Online verify of this session (src/repl/verify.rs).
+    verify: SessionVerify,
 }
 
 impl Io {
@@ -238,9 +243,26 @@ impl Session {
                 return Outcome::Stopped(r);
             }
             self.ping();
+            // Online verify with two secondaries: nothing writes, this node
+            // reads directly (see verify.rs).
+            if let Err(o) = self.verify_source_tick(io, ReadMode::Direct, false, false).await {
+                return o;
+            }
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
+                r = io.verify.next_direct() => match r {
+                    // Our own digests: to the peer.
+                    Ok((offset, data)) => match io.verify.digests_for(offset, &data) {
+                        Some(m) => match self.tx.send(m).await {
+                            Ok(()) => Tick::Ping,
+                            Err(_) => Tick::Out(Outcome::PeerGone("connection closed (writer stopped)".into())),
+                        },
+                        None => Tick::Ping,
+                    },
+                    Err(e) => Tick::Out(Outcome::Failed(format!("verify read: {e}"))),
+                },
+                _ = self.engine.verify.wake.notified() => Tick::Ping,
                 _ = sleep_until(self.next_ping.into()) => Tick::Ping,
                 _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
                 _ = io.stop.changed() => Tick::Ping,
@@ -266,6 +288,24 @@ impl Session {
                             ),
                         });
                         return Outcome::Failed(format!("refused the peer's new-current-uuid --clear-bitmap: {why}"));
+                    }
+                }
+                Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
+                    // Nothing is applied between two secondaries: compare now.
+                    let (job, compare) = match io.verify.target_digests(&self.engine, offset, block, digests) {
+                        Ok(x) => x,
+                        Err(e) => return Outcome::Failed(format!("verify: {e}")),
+                    };
+                    if let Err(e) = compare.await {
+                        return Outcome::Failed(format!("verify read: {e}"));
+                    }
+                    if let Err(o) = self.verify_target_done(io, job).await {
+                        return o;
+                    }
+                }
+                Tick::Frame(m) if m.is_verify() => {
+                    if let Err(o) = self.verify_message(io, m).await {
+                        return o;
                     }
                 }
                 Tick::Frame(m) => return Outcome::Failed(format!("unexpected {} from a secondary peer", m.name())),
@@ -377,9 +417,15 @@ impl Session {
                     s.end_sent = true;
                 }
             }
+            // Online verify (src/repl/verify.rs): reads in the writer's order.
+            let app_waiting = last_record > engine.acks.borrow().written;
+            if let Err(o) = self.verify_source_tick(io, ReadMode::Feed, sync.is_some(), app_waiting).await {
+                return o;
+            }
             let deadline = self.silence_deadline();
             tokio::select! {
                 item = feed.recv(), if pending.is_none() => match item {
+                    Some(FeedItem::VerifyData { offset, data }) => pending = io.verify.digests_for(offset, &data),
                     Some(item) => {
                         if let (FeedItem::SyncData { data, .. }, Some(s)) = (&item, sync.as_mut()) {
                             s.seen += data.len() as u64;
@@ -387,7 +433,7 @@ impl Session {
                         if let FeedItem::Record { lsn, .. } = &item {
                             last_record = *lsn;
                         }
-                        pending = Some(item_to_message(item));
+                        pending = item_to_message(item);
                     }
                     None => {
                         if let Some(f) = store.failed() {
@@ -431,8 +477,14 @@ impl Session {
                             }
                         }
                     }
+                    Tick::Frame(m) if m.is_verify() => {
+                        if let Err(o) = self.verify_message(io, m).await {
+                            return o;
+                        }
+                    }
                     Tick::Frame(m) => return Outcome::Failed(format!("unexpected {} from the secondary", m.name())),
                 },
+                _ = engine.verify.wake.notified() => {}
                 _ = sleep_until(self.next_ping.into()) => {}
                 _ = sleep_until(deadline.into()) => return self.silent(),
                 _ = io.stop.changed() => {}
@@ -476,6 +528,12 @@ impl Session {
                 self.send_acks(&mut t);
                 since_ack = 0;
             }
+            // `repctl verify` here: the primary runs it.
+            if self.engine.verify.take_request() && self.tx.send(Message::VerifyRequest).await.is_err() {
+                return Outcome::PeerGone("connection closed (writer stopped)".into());
+            }
+            // While a verify compare waits in `pending`, no frame is read (see verify.rs).
+            let reading = t.sync_end.is_none() && !io.verify.gate;
             let deadline = self.silence_deadline();
             tokio::select! {
                 biased;
@@ -500,6 +558,11 @@ impl Session {
                             t.sync_done += len;
                             t.sync_dirty = true;
                         }
+                        Pending::Verify(job) => {
+                            if let Err(o) = self.verify_target_done(io, job).await {
+                                return o;
+                            }
+                        }
                     }
                     since_ack += 1;
                 }
@@ -516,9 +579,20 @@ impl Session {
                     t.durable = t.durable.max(upto);
                     since_ack += 1;
                 }
-                r = io.reader.read(), if t.sync_end.is_none() => match self.frame_result(r) {
+                r = io.reader.read(), if reading => match self.frame_result(r) {
                     Tick::Out(o) => return o,
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
+                    Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
+                        match io.verify.target_digests(&engine, offset, block, digests) {
+                            Ok((job, compare)) => pending.push_back((Pending::Verify(job), compare)),
+                            Err(e) => return Outcome::Failed(format!("verify: {e}")),
+                        }
+                    }
+                    Tick::Frame(m) if m.is_verify() => {
+                        if let Err(o) = self.verify_message(io, m).await {
+                            return o;
+                        }
+                    }
                     Tick::Frame(m) => {
                         since_ack += 1;
                         if let Err(o) = self.target_frame(&mut t, &mut pending, m, peer).await {
@@ -527,7 +601,8 @@ impl Session {
                     }
                 },
                 _ = sleep_until(self.next_ping.into()) => {}
-                _ = sleep_until(deadline.into()), if t.sync_end.is_none() => return self.silent(),
+                _ = sleep_until(deadline.into()), if reading => return self.silent(),
+                _ = engine.verify.wake.notified() => {}
                 _ = io.stop.changed() => {}
                 _ = role_changed(&mut io.role_rx, my_role) => return Outcome::Stopped(StopReason::RoleChange),
             }
@@ -617,6 +692,41 @@ impl Session {
         Ok(())
     }
 
+    // --- Online verify hooks (src/repl/verify.rs) -------------------------------
+
+    /// Source: starts a requested verify (not while `syncing`) and queues
+    /// its reads.
+    async fn verify_source_tick(
+        &mut self,
+        io: &mut Io,
+        mode: ReadMode,
+        syncing: bool,
+        app_waiting: bool,
+    ) -> Result<(), Outcome> {
+        if let Some(start) = io.verify.start_if_requested(&self.engine, mode, syncing) {
+            self.tx.send(start).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))?;
+        }
+        io.verify.queue_reads(&self.engine.store, app_waiting).map_err(|e| Outcome::Failed(format!("verify read: {e}")))
+    }
+
+    /// A verify message other than VerifyDigests, on either side.
+    async fn verify_message(&mut self, io: &mut Io, m: Message) -> Result<(), Outcome> {
+        let (reply, after) = io.verify.on_message(&self.engine, m).map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
+        if let Some(r) = reply {
+            self.tx.send(r).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))?;
+        }
+        match after {
+            After::Continue => Ok(()),
+            After::Resync => Err(Outcome::Stopped(StopReason::Renegotiate)),
+        }
+    }
+
+    /// Target: a compare ran; its result goes to the source.
+    async fn verify_target_done(&mut self, io: &mut Io, job: TargetJob) -> Result<(), Outcome> {
+        let result = io.verify.target_done(&self.engine, job);
+        self.tx.send(result).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))
+    }
+
     fn send_acks(&mut self, t: &mut Target) {
         let now = (t.received, t.written.min(t.received), t.durable.min(t.written));
         if t.acked != Some(now) {
@@ -668,6 +778,8 @@ struct Target {
 enum Pending {
     Record { lsn: Lsn, fua: bool },
     Sync { len: u64 },
+    /// An online-verify compare (src/repl/verify.rs).
+    Verify(TargetJob),
 }
 
 /// Resolves once the role differs from `from` (no guard kept across awaits).
@@ -679,8 +791,10 @@ async fn role_changed(rx: &mut watch::Receiver<Role>, from: Role) {
     }
 }
 
-fn item_to_message(item: FeedItem) -> Message {
-    match item {
+/// The frame of a feed item; `None` for verify data, which the session
+/// turns into digests (src/repl/verify.rs).
+fn item_to_message(item: FeedItem) -> Option<Message> {
+    Some(match item {
         FeedItem::Record { lsn, op, fua } => match op {
             FeedOp::Write { offset, data } => Message::Write { lsn, offset, fua, data },
             FeedOp::Trim { offset, len } => Message::Trim { lsn, offset, len, fua },
@@ -688,5 +802,16 @@ fn item_to_message(item: FeedItem) -> Message {
         },
         FeedItem::Barrier { upto } => Message::Barrier { upto_lsn: upto },
         FeedItem::SyncData { offset, data } => Message::SyncData { offset, data },
+        FeedItem::VerifyData { .. } => return None,
+    })
+}
+
+/// Why a session ended, for an aborted verify's report.
+fn describe_end(o: &Outcome) -> String {
+    match o {
+        Outcome::Stopped(r) => format!("the session was stopped ({r:?})"),
+        Outcome::PeerLeft(why) => format!("the peer disconnected: {why}"),
+        Outcome::PeerGone(why) => format!("the peer was lost: {why}"),
+        Outcome::Failed(why) => format!("the session failed: {why}"),
     }
 }

@@ -37,8 +37,8 @@
 //! keeping the digests 1/256 of the data at 4 KiB blocks.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -46,6 +46,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 pub use super::proto::VERIFY_DIGEST_LEN;
+use super::engine::{Engine, ReplState};
+use super::proto::Message;
+use super::store::{BoxFut, ReplStore};
+use crate::node::{ConnState, DiskState, Role};
+use crate::volume::VolumeError;
 
 /// One block's digest.
 pub type Digest = [u8; VERIFY_DIGEST_LEN];
@@ -381,6 +386,371 @@ impl VerifyCell {
         s.runs_finished += 1;
         s.last = Some(report.clone());
         Some(report)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The operator's commands.
+// ---------------------------------------------------------------------------
+
+impl Engine {
+    /// `repctl verify`: asks the running session to verify every block.
+    /// The source is the primary (a secondary forwards the request to it),
+    /// else this node. Refused, saying why, when the pair is not connected
+    /// and in sync or a verify already runs. Returns at once; progress is
+    /// in `status.verify`, the end is the `verify-finished` event.
+    pub fn request_verify(&self) -> Result<serde_json::Value, String> {
+        let v = self.view();
+        if v.connection != ConnState::Connected {
+            let why = v.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+            return Err(format!(
+                "verify: peer {} is not connected (connection {}){why}; verify compares with the peer's copy",
+                self.cfg.peer, v.connection
+            ));
+        }
+        match v.replication {
+            Some(ReplState::Established) => {}
+            Some(r) => {
+                return Err(format!(
+                    "verify: a resync is running (this node is {}); verify once it finished (`repctl wait-sync`)",
+                    r.as_str()
+                ));
+            }
+            None => return Err("verify: the connection is not established yet; retry in a moment".into()),
+        }
+        let s = self.verify.status();
+        if s.running {
+            return Err(format!(
+                "verify: a verify is already running ({} of {} bytes checked, {} out of sync)",
+                s.done_bytes, s.total_bytes, s.out_of_sync_bytes
+            ));
+        }
+        let source = match (self.role(), v.peer_role) {
+            (Role::Secondary, Some(Role::Primary)) => self.cfg.peer.clone(),
+            _ => self.cfg.node.clone(),
+        };
+        tracing::info!(peer = %self.cfg.peer, %source, "online verify requested");
+        self.verify.request();
+        Ok(serde_json::json!({
+            "source": source,
+            "total_bytes": self.store.size(),
+            "block": self.store.bitmap_granularity(),
+            "runs_finished": s.runs_finished,
+        }))
+    }
+
+    /// `repctl invalidate`: this node's data is to be replaced by a full
+    /// copy from the peer. Refused on a primary. Every block is marked out
+    /// of sync (persisted) and then the disk is recorded `inconsistent`
+    /// (that order: a crash in between leaves an uptodate disk with all
+    /// bits set, and a rerun finishes the job, never an inconsistent disk
+    /// whose bits were not set). A connected session is renegotiated at
+    /// once, so the decision makes this node the sync target; otherwise the
+    /// resync runs at the next connect.
+    pub fn invalidate(&self) -> Result<serde_json::Value, String> {
+        if self.role() == Role::Primary {
+            return Err("invalidate: this node is primary: its data is what the peer syncs from; \
+                        demote it first (`repctl demote`), then invalidate"
+                .into());
+        }
+        self.store.mark_all().map_err(|e| format!("invalidate: cannot mark every block out of sync: {e}"))?;
+        self.store.persist_bitmap().map_err(|e| format!("invalidate: cannot persist the bitmap: {e}"))?;
+        self.store_disk(DiskState::Inconsistent, None)
+            .map_err(|e| format!("invalidate: cannot record the disk as inconsistent: {e}"))?;
+        let connected = self.is_connected();
+        let what = if connected {
+            format!("a full resync from {} starts now (reconnecting)", self.cfg.peer)
+        } else {
+            format!("the full resync from {} runs at the next connect", self.cfg.peer)
+        };
+        tracing::warn!(peer = %self.cfg.peer, "invalidated: disk inconsistent, every block out of sync; {what}");
+        self.emit("invalidated", serde_json::json!({ "peer": self.cfg.peer, "connected": connected }));
+        if connected {
+            self.renegotiate();
+        }
+        Ok(serde_json::json!({
+            "disk": DiskState::Inconsistent,
+            "out_of_sync_bytes": self.store.dirty_bytes(),
+            "message": format!("disk inconsistent, every block marked out of sync: {what}"),
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The verify of one replication session.
+// ---------------------------------------------------------------------------
+
+/// How the source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    /// Primary: `queue_verify_read`, the data comes out of the feed in
+    /// stream order.
+    Feed,
+    /// Both secondary (no writes anywhere): plain reads.
+    Direct,
+}
+
+/// The source side of a running verify.
+struct SourceRun {
+    walk: VerifySource,
+    mode: ReadMode,
+    /// Direct mode: reads in flight, oldest first.
+    reads: VecDeque<(u64, BoxFut<'static, Result<Bytes, VolumeError>>)>,
+}
+
+/// The target side of a running verify.
+#[derive(Debug, Clone, Copy)]
+struct TargetRun {
+    total: u64,
+    block: u32,
+}
+
+/// One chunk the target compares once the apply queue reaches it.
+#[derive(Debug)]
+pub(crate) struct TargetJob {
+    offset: u64,
+    len: u32,
+    result: Arc<Mutex<Option<Vec<(u64, u32)>>>>,
+}
+
+/// What a session does next after a verify step.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Carry on.
+    Continue,
+    /// The verify found differences (marked on both nodes): renegotiate
+    /// the connection so that the resync decision moves them.
+    Resync,
+}
+
+/// The verify state of one session: at most one verify runs, with this
+/// node as source or as target.
+#[derive(Default)]
+pub(crate) struct SessionVerify {
+    source: Option<SourceRun>,
+    target: Option<TargetRun>,
+    /// Target: a compare waits in the apply queue. No frame is read until
+    /// it ran, so the target's data is exactly the stream up to the digests.
+    pub(crate) gate: bool,
+}
+
+impl SessionVerify {
+    /// Source: starts the verify the operator asked for (locally or through
+    /// the peer's VerifyRequest), unless one runs or `busy` (a resync runs:
+    /// the request waits for its end). Returns the VerifyStart to send.
+    pub(crate) fn start_if_requested(&mut self, engine: &Engine, mode: ReadMode, busy: bool) -> Option<Message> {
+        if busy || self.source.is_some() || self.target.is_some() || !engine.verify.take_request() {
+            return None;
+        }
+        let total = engine.store.size();
+        let block = engine.store.bitmap_granularity();
+        let walk = match VerifySource::new(total, block) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(peer = %engine.cfg.peer, "verify not started: {e}");
+                return None;
+            }
+        };
+        tracing::info!(peer = %engine.cfg.peer, bytes = total, block, ?mode, "online verify starts (this node is the source)");
+        engine.verify.begin("source", total);
+        self.source = Some(SourceRun { walk, mode, reads: VecDeque::new() });
+        Some(Message::VerifyStart { total_bytes: total, block })
+    }
+
+    /// Source: queues reads while the window allows (one chunk while an
+    /// application write the peer has not written is in the stream).
+    pub(crate) fn queue_reads(&mut self, store: &Arc<dyn ReplStore>, app_waiting: bool) -> Result<(), VolumeError> {
+        let Some(run) = self.source.as_mut() else { return Ok(()) };
+        let window = if app_waiting { VERIFY_CHUNK } else { VERIFY_WINDOW };
+        while let Some((offset, len)) = run.walk.next_read(window) {
+            match run.mode {
+                ReadMode::Feed => store.queue_verify_read(offset, len)?,
+                ReadMode::Direct => run.reads.push_back((offset, store.read_data(offset, len))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Source, direct mode: the oldest read in flight (pending forever
+    /// when there is none, for `select!`).
+    pub(crate) async fn next_direct(&mut self) -> Result<(u64, Bytes), VolumeError> {
+        match self.source.as_mut().and_then(|r| r.reads.front_mut()) {
+            Some((offset, f)) => {
+                let offset = *offset;
+                let data = f.await;
+                if let Some(r) = self.source.as_mut() {
+                    r.reads.pop_front();
+                }
+                data.map(|d| (offset, d))
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Source: the data of a verify read (from the feed or a direct read)
+    /// becomes the VerifyDigests to send; `None` for a read of no running
+    /// verify (an aborted one).
+    pub(crate) fn digests_for(&mut self, offset: u64, data: &Bytes) -> Option<Message> {
+        let run = self.source.as_ref()?;
+        if !run.walk.expects_data(offset, data.len()) {
+            return None;
+        }
+        let block = run.walk.block();
+        Some(Message::VerifyDigests { offset, block, digests: digest_blocks(data, block) })
+    }
+
+    /// A verify message from the peer, on either side. `Ok(Some(m))`: send
+    /// `m`; `Err`: a protocol violation (the session ends).
+    pub(crate) fn on_message(&mut self, engine: &Engine, msg: Message) -> Result<(Option<Message>, After), String> {
+        match msg {
+            Message::VerifyRequest => {
+                tracing::info!(peer = %engine.cfg.peer, "the peer asks for an online verify");
+                engine.verify.request();
+                Ok((None, After::Continue))
+            }
+            Message::VerifyStart { total_bytes, block } => {
+                check_block(block).map_err(|e| e.to_string())?;
+                if total_bytes != engine.store.size() {
+                    return Err(format!(
+                        "verify of {total_bytes} bytes, but this volume has {} bytes",
+                        engine.store.size()
+                    ));
+                }
+                if self.source.is_some() || self.target.is_some() {
+                    return Err("verify-start while a verify is running".into());
+                }
+                tracing::info!(peer = %engine.cfg.peer, bytes = total_bytes, block, "online verify starts (the peer is the source)");
+                engine.verify.begin("target", total_bytes);
+                self.target = Some(TargetRun { total: total_bytes, block });
+                Ok((None, After::Continue))
+            }
+            Message::VerifyResult { offset, len, mismatched } => {
+                let Some(run) = self.source.as_mut() else {
+                    return Err(VerifyError::NotRunning { msg: "verify-result" }.to_string());
+                };
+                let bad = run.walk.on_result(offset, len, &mismatched).map_err(|e| e.to_string())?;
+                if bad > 0 {
+                    for &(o, l) in &mismatched {
+                        engine.store.mark_range(o, u64::from(l));
+                    }
+                    tracing::warn!(peer = %engine.cfg.peer, offset, bytes = bad, runs = mismatched.len(), "verify: blocks differ from the peer's; marked out of sync");
+                }
+                engine.verify.progress(run.walk.done(), run.walk.out_of_sync());
+                if !run.walk.is_done() {
+                    return Ok((None, After::Continue));
+                }
+                let (checked, oos) = (run.walk.done(), run.walk.out_of_sync());
+                self.source = None;
+                let end = Message::VerifyEnd {
+                    checked_bytes: checked,
+                    out_of_sync_bytes: oos,
+                    complete: true,
+                    message: String::new(),
+                };
+                let after = self.finished(engine, true, None);
+                Ok((Some(end), after))
+            }
+            Message::VerifyEnd { checked_bytes, out_of_sync_bytes, complete, message } => {
+                if self.target.take().is_none() {
+                    // The end of a verify this node never saw start (it
+                    // was refused or aborted before): nothing to close.
+                    tracing::info!(peer = %engine.cfg.peer, complete, "verify ended on the peer: {message}");
+                    return Ok((None, After::Continue));
+                }
+                engine.verify.progress(checked_bytes, out_of_sync_bytes);
+                let why = (!message.is_empty()).then_some(message);
+                // The source renegotiates when differences were found.
+                self.finished(engine, complete, why);
+                Ok((None, After::Continue))
+            }
+            other => Err(format!("{} is not a verify message", other.name())),
+        }
+    }
+
+    /// Target: the digests of one chunk. Returns the job and the future to
+    /// queue behind the records received before it (it reads the local
+    /// range and compares); the reader stops until it ran ([`Self::gate`]).
+    pub(crate) fn target_digests(
+        &mut self,
+        engine: &Engine,
+        offset: u64,
+        block: u32,
+        digests: Bytes,
+    ) -> Result<(TargetJob, BoxFut<'static, Result<(), VolumeError>>), String> {
+        let Some(run) = self.target else {
+            return Err(VerifyError::NotRunning { msg: "verify-digests" }.to_string());
+        };
+        if block != run.block {
+            return Err(format!("verify digests of {block}-byte blocks in a verify of {}-byte blocks", run.block));
+        }
+        let count = digests.len() / VERIFY_DIGEST_LEN;
+        let len = digests_len(offset, count, block, run.total).map_err(|e| e.to_string())?;
+        let result = Arc::new(Mutex::new(None));
+        let slot = Arc::clone(&result);
+        let read = engine.store.read_data(offset, len);
+        let fut: BoxFut<'static, Result<(), VolumeError>> = Box::pin(async move {
+            let local = read.await?;
+            let runs = compare(offset, &local, block, &digests);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(runs);
+            Ok(())
+        });
+        self.gate = true;
+        Ok((TargetJob { offset, len, result }, fut))
+    }
+
+    /// Target: the job's compare ran; marks the differing blocks and
+    /// returns the VerifyResult to send.
+    pub(crate) fn target_done(&mut self, engine: &Engine, job: TargetJob) -> Message {
+        self.gate = false;
+        let runs = job.result.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        let bad = run_bytes(&runs);
+        if bad > 0 {
+            for &(o, l) in &runs {
+                engine.store.mark_range(o, u64::from(l));
+            }
+            tracing::warn!(peer = %engine.cfg.peer, offset = job.offset, bytes = bad, runs = runs.len(), "verify: blocks differ from the peer's; marked out of sync");
+        }
+        engine.verify.add(u64::from(job.len), bad);
+        Message::VerifyResult { offset: job.offset, len: job.len, mismatched: runs }
+    }
+
+    /// The session ends: a running verify is aborted (reported as such).
+    pub(crate) fn abort(&mut self, engine: &Engine, why: &str) {
+        if self.source.take().is_some() || self.target.take().is_some() {
+            self.gate = false;
+            self.finished(engine, false, Some(why.to_string()));
+        }
+    }
+
+    /// Records the end, logs it, emits `verify-finished`; differences
+    /// found by a complete verify ask for a resync.
+    fn finished(&mut self, engine: &Engine, complete: bool, message: Option<String>) -> After {
+        let Some(r) = engine.verify.finish(complete, message) else { return After::Continue };
+        if r.out_of_sync_bytes > 0 {
+            if let Err(e) = engine.store.persist_bitmap() {
+                tracing::error!(peer = %engine.cfg.peer, "verify: cannot persist the marked blocks: {e}");
+            }
+        }
+        if complete {
+            tracing::info!(
+                peer = %engine.cfg.peer, checked_bytes = r.checked_bytes, out_of_sync_bytes = r.out_of_sync_bytes,
+                seconds = r.seconds, "online verify finished"
+            );
+        } else {
+            tracing::warn!(
+                peer = %engine.cfg.peer, checked_bytes = r.checked_bytes, out_of_sync_bytes = r.out_of_sync_bytes,
+                "online verify aborted: {}", r.message.as_deref().unwrap_or("")
+            );
+        }
+        engine.emit(
+            "verify-finished",
+            serde_json::json!({
+                "peer": engine.cfg.peer, "checked_bytes": r.checked_bytes,
+                "out_of_sync_bytes": r.out_of_sync_bytes, "seconds": r.seconds,
+                "complete": r.complete, "message": r.message,
+            }),
+        );
+        if complete && r.out_of_sync_bytes > 0 { After::Resync } else { After::Continue }
     }
 }
 

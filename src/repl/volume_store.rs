@@ -134,6 +134,21 @@ impl ReplStore for VolumeStore {
         0
     }
 
+    // --- Online verify ---------------------------------------------------------
+
+    fn queue_verify_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        self.0.queue_verify_read(offset, len)
+    }
+
+    fn read_data(&self, offset: u64, len: u32) -> BoxFut<'static, Result<Bytes, VolumeError>> {
+        let v = std::sync::Arc::clone(&self.0);
+        Box::pin(async move { v.read(offset, len).await })
+    }
+
+    // INTERIM (like the bitmap methods above): every block already counts
+    // as dirty until the volume's bitmap is merged.
+    fn mark_range(&self, _offset: u64, _len: u64) {}
+
     fn log_first_lsn(&self) -> Lsn {
         self.0.status().local_lsn + 1
     }
