@@ -26,6 +26,8 @@ pub mod decide;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod verify_engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;

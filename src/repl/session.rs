@@ -417,8 +417,10 @@ impl Session {
                     s.end_sent = true;
                 }
             }
-            // Online verify (src/repl/verify.rs): reads in the writer's order.
-            let app_waiting = last_record > engine.acks.borrow().written;
+            // Online verify (src/repl/verify.rs): reads in the writer's order;
+            // a write committed but not yet written by the peer (even if
+            // still in the feed) has priority.
+            let app_waiting = store.local_lsn().max(last_record) > engine.acks.borrow().written;
             if let Err(o) = self.verify_source_tick(io, ReadMode::Feed, sync.is_some(), app_waiting).await {
                 return o;
             }

@@ -24,8 +24,8 @@
 //!
 //! Rate: at most [`VERIFY_WINDOW`] bytes of chunks are between "read queued"
 //! and "result received"; while an application write the peer has not yet
-//! written is in the stream, only one chunk is (application IO first, as
-//! for the sync window).
+//! written is in the stream, only one chunk of [`VERIFY_CHUNK_BUSY`] is
+//! (application IO first, as for the sync window).
 //!
 //! Digest: BLAKE3 cut to 128 bits ([`VERIFY_DIGEST_LEN`]). A verify is the
 //! last line of defence against silent corruption, so the check must not be
@@ -57,8 +57,16 @@ pub type Digest = [u8; VERIFY_DIGEST_LEN];
 
 /// Bytes read (and described by one VerifyDigests) at a time.
 pub const VERIFY_CHUNK: u64 = 1 << 20;
-/// Bytes of chunks in flight (read queued, result not yet received).
+/// Bytes of chunks in flight (read queued, result not yet received): what
+/// the verify gets through in [`VERIFY_AHEAD`] at its measured speed,
+/// within [`VERIFY_WINDOW_MIN`]..=[`VERIFY_WINDOW`]. A write that arrives
+/// while the window is full waits behind it, so it is kept short.
 pub const VERIFY_WINDOW: u64 = 8 * VERIFY_CHUNK;
+pub const VERIFY_WINDOW_MIN: u64 = 2 * VERIFY_CHUNK;
+pub const VERIFY_AHEAD: std::time::Duration = std::time::Duration::from_millis(20);
+/// Chunk size while application writes wait: one such chunk at most is in
+/// flight, so a write waits behind a 256 KiB read and hash, not 8 MiB.
+pub const VERIFY_CHUNK_BUSY: u64 = 256 << 10;
 /// Smallest and largest digest block (the bitmap granularity's range, and
 /// 512 for small test volumes).
 pub const MIN_BLOCK: u32 = 512;
@@ -221,13 +229,16 @@ impl VerifySource {
         self.started
     }
 
-    /// The next chunk to read, if fewer than `window` bytes are in flight
-    /// (at least one chunk is always allowed); the caller queues the read.
-    pub fn next_read(&mut self, window: u64) -> Option<(u64, u32)> {
+    /// The next chunk to read, at most `chunk` bytes (rounded up to whole
+    /// blocks), if fewer than `window` bytes are in flight (one chunk is
+    /// always allowed); the caller queues the read.
+    pub fn next_read(&mut self, window: u64, chunk: u64) -> Option<(u64, u32)> {
         if self.next >= self.total || (!self.in_flight.is_empty() && self.in_flight_bytes >= window) {
             return None;
         }
-        let len = (self.total - self.next).min(VERIFY_CHUNK) as u32;
+        let chunk = chunk.clamp(u64::from(self.block), crate::volume::MAX_SYNC_CHUNK as u64);
+        let chunk = chunk.div_ceil(u64::from(self.block)) * u64::from(self.block);
+        let len = (self.total - self.next).min(chunk) as u32;
         let c = (self.next, len);
         self.next += u64::from(len);
         self.in_flight.push_back(c);
@@ -333,6 +344,11 @@ impl VerifyCell {
         self.wake.notify_one();
     }
 
+    /// Whether a request waits for the session.
+    pub(crate) fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
     /// Takes the pending request, if any.
     pub(crate) fn take_request(&self) -> bool {
         self.requested.swap(false, Ordering::AcqRel)
@@ -419,6 +435,9 @@ impl Engine {
             None => return Err("verify: the connection is not established yet; retry in a moment".into()),
         }
         let s = self.verify.status();
+        if self.verify.requested() {
+            return Err("verify: a verify was requested already and starts in a moment".into());
+        }
         if s.running {
             return Err(format!(
                 "verify: a verify is already running ({} of {} bytes checked, {} out of sync)",
@@ -561,8 +580,15 @@ impl SessionVerify {
     /// application write the peer has not written is in the stream).
     pub(crate) fn queue_reads(&mut self, store: &Arc<dyn ReplStore>, app_waiting: bool) -> Result<(), VolumeError> {
         let Some(run) = self.source.as_mut() else { return Ok(()) };
-        let window = if app_waiting { VERIFY_CHUNK } else { VERIFY_WINDOW };
-        while let Some((offset, len)) = run.walk.next_read(window) {
+        let (window, chunk) = if app_waiting {
+            (0, VERIFY_CHUNK_BUSY)
+        } else {
+            let secs = run.walk.started().elapsed().as_secs_f64();
+            let speed = if secs > 0.0 { run.walk.done() as f64 / secs } else { 0.0 };
+            let w = ((speed * VERIFY_AHEAD.as_secs_f64()) as u64).clamp(VERIFY_WINDOW_MIN, VERIFY_WINDOW);
+            (w, VERIFY_CHUNK)
+        };
+        while let Some((offset, len)) = run.walk.next_read(window, chunk) {
             match run.mode {
                 ReadMode::Feed => store.queue_verify_read(offset, len)?,
                 ReadMode::Direct => run.reads.push_back((offset, store.read_data(offset, len))),

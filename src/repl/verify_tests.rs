@@ -85,30 +85,36 @@ fn bad_runs_are_refused() {
 fn the_source_bounds_its_window_and_takes_results_in_order() {
     let total = 3 * VERIFY_CHUNK + 4096;
     let mut v = VerifySource::new(total, 4096).expect("valid block");
-    let a = v.next_read(2 * VERIFY_CHUNK).expect("first chunk");
-    let b = v.next_read(2 * VERIFY_CHUNK).expect("second chunk");
+    let a = v.next_read(2 * VERIFY_CHUNK, VERIFY_CHUNK).expect("first chunk");
+    let b = v.next_read(2 * VERIFY_CHUNK, VERIFY_CHUNK).expect("second chunk");
     assert_eq!(a, (0, VERIFY_CHUNK as u32));
     assert_eq!(b, (VERIFY_CHUNK, VERIFY_CHUNK as u32));
-    assert_eq!(v.next_read(2 * VERIFY_CHUNK), None, "window full");
+    assert_eq!(v.next_read(2 * VERIFY_CHUNK, VERIFY_CHUNK), None, "window full");
     assert!(v.expects_data(b.0, b.1 as usize));
     assert!(!v.expects_data(b.0, 4096), "a stale read of another size is not ours");
     // Out of order: refused.
     assert!(matches!(v.on_result(b.0, b.1, &[]), Err(VerifyError::UnexpectedResult { .. })));
     assert_eq!(v.on_result(a.0, a.1, &[(4096, 8192)]), Ok(8192));
-    let c = v.next_read(2 * VERIFY_CHUNK).expect("room again");
+    let c = v.next_read(2 * VERIFY_CHUNK, VERIFY_CHUNK).expect("room again");
     assert_eq!(c.0, 2 * VERIFY_CHUNK);
     // A window of 0 still lets one chunk through when nothing is in flight.
     assert_eq!(v.on_result(b.0, b.1, &[]), Ok(0));
     assert_eq!(v.on_result(c.0, c.1, &[]), Ok(0));
-    let d = v.next_read(0).expect("one chunk always allowed");
+    let d = v.next_read(0, VERIFY_CHUNK).expect("one chunk always allowed");
     assert_eq!(d, (3 * VERIFY_CHUNK, 4096), "the last chunk is short");
     assert!(!v.is_done());
     assert!(matches!(v.on_result(d.0, d.1, &[(d.0, 8192)]), Err(VerifyError::BadRun { .. })), "run past the chunk");
     assert_eq!(v.on_result(d.0, d.1, &[(d.0, 4096)]), Ok(4096));
     assert!(v.is_done());
-    assert_eq!(v.next_read(u64::MAX), None);
+    assert_eq!(v.next_read(u64::MAX, VERIFY_CHUNK), None);
     assert_eq!((v.done(), v.out_of_sync()), (total, 8192 + 4096));
     assert!(matches!(v.on_result(0, 1, &[]), Err(VerifyError::UnexpectedResult { .. })), "nothing in flight");
+
+    // Chunks are whole blocks, within 1 block ..= 8 MiB.
+    let mut v = VerifySource::new(64 << 20, 4096).expect("valid block");
+    assert_eq!(v.next_read(0, 1000), Some((0, 4096)));
+    assert_eq!(v.next_read(u64::MAX, 5000), Some((4096, 8192)));
+    assert_eq!(v.next_read(u64::MAX, 1 << 40), Some((12288, 8 << 20)));
 }
 
 #[test]
