@@ -7,7 +7,7 @@
 //! request  (one line):  {"cmd":"status"}
 //!                       {"cmd":"promote","force":true}
 //!                       {"cmd":"demote","force":false}
-//!                       {"cmd":"connect","discard_my_data":false}
+//!                       {"cmd":"connect","discard_my_data":false,"dry_run":false}
 //!                       {"cmd":"disconnect"} {"cmd":"verify"} {"cmd":"invalidate"}
 //!                       {"cmd":"wait-sync","timeout_secs":30}
 //!                       {"cmd":"events"}
@@ -81,6 +81,9 @@ pub enum Request {
     Connect {
         #[serde(default)]
         discard_my_data: bool,
+        /// Probe the peer and report what a connect would do; change nothing.
+        #[serde(default)]
+        dry_run: bool,
     },
     Disconnect,
     Verify,
@@ -447,7 +450,7 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"demote"}"#).unwrap();
         assert_eq!(r, Request::Demote { force: false });
         let r: Request = serde_json::from_str(r#"{"cmd":"connect","discard_my_data":true}"#).unwrap();
-        assert_eq!(r, Request::Connect { discard_my_data: true });
+        assert_eq!(r, Request::Connect { discard_my_data: true, dry_run: false });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"promote","forse":true}"#).is_err());
     }

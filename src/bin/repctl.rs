@@ -60,9 +60,15 @@ enum Command {
     },
     /// Start connecting to the peer again (after `disconnect` or a split brain).
     Connect {
-        /// Resolve a split brain by throwing away this node's changes.
+        /// Resolve a split brain by throwing away this node's changes (one shot).
         #[arg(long)]
         discard_my_data: bool,
+        /// Only say what a connect would do (no sync / source / target / split brain ...); change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Drop the link to the peer and stop dialing (standalone).
     Disconnect,
@@ -156,10 +162,32 @@ fn run(cli: Cli) -> Result<()> {
             let dropped = if n > 0 { format!(", disconnected {n} NBD client(s)") } else { String::new() };
             writeln!(stdout, "{}: secondary{was}{dropped}", node.name)?;
         }
-        Command::Connect { discard_my_data } => {
-            let v = connect()?.request(&Request::Connect { discard_my_data })?;
-            let c = v.get("connection").and_then(|c| c.as_str()).unwrap_or("connecting");
-            writeln!(stdout, "{}: {c}", node.name)?;
+        Command::Connect { discard_my_data, dry_run, json } => {
+            let req = Request::Connect { discard_my_data, dry_run };
+            let v = connect()?.request_with(&req, Duration::from_secs(15))?;
+            if dry_run && json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else if dry_run {
+                let d = &v["decision"];
+                let s = |x: &serde_json::Value| x.as_str().unwrap_or("?").to_string();
+                writeln!(stdout, "{}: a connect would do: {} (rule {})", node.name, s(&d["result"]), s(&d["rule"]))?;
+                writeln!(stdout, "  {}", s(&d["explanation"]))?;
+                for (who, view) in [(node.name.as_str(), &v["local"]), (v["peer"].as_str().unwrap_or("peer"), &v["peer_view"])] {
+                    writeln!(
+                        stdout,
+                        "  {who}: role:{} disk:{} lsn:{} out-of-sync:{} generation:{}",
+                        s(&view["role"]),
+                        s(&view["disk"]),
+                        view["local_lsn"],
+                        view["out_of_sync_bytes"],
+                        s(&view["gen_current"])
+                    )?;
+                }
+            } else {
+                let c = v.get("connection").and_then(|c| c.as_str()).unwrap_or("connecting");
+                let discard = if discard_my_data { " (this node's changes will be discarded)" } else { "" };
+                writeln!(stdout, "{}: {c}{discard}", node.name)?;
+            }
         }
         Command::Disconnect => {
             connect()?.request(&Request::Disconnect)?;

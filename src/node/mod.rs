@@ -371,29 +371,22 @@ impl Node {
         };
         let peer = self.config.peer_of(&self.me.name);
         let view = self.repl.as_ref().map(|r| r.view());
-        let (resync, out_of_sync) = match view.as_ref().and_then(|v| v.resync) {
-            Some(r) => {
-                let secs = r.started.elapsed().as_secs_f64();
-                let speed = if secs > 0.0 { (r.done_bytes as f64 / secs) as u64 } else { 0 };
-                let left = r.total_bytes.saturating_sub(r.done_bytes);
-                let eta = (speed > 0).then(|| left / speed);
-                (
-                    status::ResyncStatus {
-                        done_bytes: r.done_bytes,
-                        total_bytes: r.total_bytes,
-                        speed_bytes_per_sec: speed,
-                        eta_seconds: eta,
-                        kind: Some("full".into()),
-                    },
-                    left,
-                )
-            }
-            None => {
-                // A primary running without its peer: the peer needs
-                // everything (full sync) until bitmaps land.
-                let alone = self.repl.as_ref().is_some_and(|r| r.diverged() && !r.view().acks.active);
-                (status::ResyncStatus::default(), if alone { self.config.size } else { 0 })
-            }
+        let resync = match view.as_ref().and_then(|v| v.resync) {
+            Some(r) => status::ResyncStatus {
+                done_bytes: r.done_bytes,
+                total_bytes: r.total_bytes,
+                speed_bytes_per_sec: r.speed_bytes_per_sec,
+                eta_seconds: r.eta_seconds(),
+                kind: Some(r.kind.as_str().into()),
+            },
+            None => status::ResyncStatus::default(),
+        };
+        // What the running resync has left to move, else the bitmap's
+        // dirty bytes (what the peer may lack or have differently).
+        let out_of_sync = match (&self.repl, view.as_ref().and_then(|v| v.resync)) {
+            (_, Some(r)) => r.total_bytes.saturating_sub(r.done_bytes),
+            (Some(repl), None) => repl.dirty_bytes(),
+            (None, None) => 0,
         };
         let acks = view.as_ref().map(|v| v.acks).unwrap_or_default();
         Status {
@@ -423,6 +416,18 @@ impl Node {
             },
             io_suspended: view.as_ref().is_some_and(|v| v.suspended),
             link_error: view.as_ref().and_then(|v| v.last_error.clone()),
+            bitmap_granularity: self.repl.as_ref().map_or(self.config.bitmap_granularity, |r| r.bitmap_granularity()),
+            decision: view.as_ref().and_then(|v| v.decision.as_ref()).map(|d| status::DecisionStatus {
+                result: d.result.clone(),
+                rule: d.rule.clone(),
+                explanation: d.explanation.clone(),
+            }),
+            split_brain: view.as_ref().is_some_and(|v| v.split_brain),
+            last_sync: view.as_ref().and_then(|v| v.last_sync).map(|l| status::LastSyncStatus {
+                kind: l.kind.as_str().into(),
+                bytes: l.bytes,
+                seconds: l.seconds,
+            }),
             verify: self.repl.as_ref().map(|r| r.verify.status()).unwrap_or_default(),
             size: self.config.size,
             block_size: self.config.block_size,
@@ -547,13 +552,13 @@ impl Node {
 
     fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
         let repl = self.repl_or("connect")?;
-        if discard_my_data {
-            return Err(NodeError::NotAvailable {
-                cmd: "connect --discard-my-data",
-                why: "split-brain resolution comes with generation-based resync (issue 4)",
-            });
+        if discard_my_data && self.state().role == Role::Primary {
+            return Err(NodeError::Refused(
+                "connect --discard-my-data: this node is primary; demote it first (a primary is never a sync target)"
+                    .into(),
+            ));
         }
-        repl.connect();
+        repl.connect(discard_my_data);
         Ok(serde_json::json!({ "connection": repl.view().connection }))
     }
 }
@@ -583,7 +588,17 @@ impl ControlHandler for Node {
                     timeout_secs.unwrap_or_default()
                 ))),
             },
-            Request::Connect { discard_my_data } => self.connect(discard_my_data),
+            Request::Connect { discard_my_data, dry_run: true } => {
+                match self.repl_or("connect --dry-run") {
+                    Err(e) => Err(e),
+                    Ok(repl) => repl
+                        .probe(discard_my_data)
+                        .await
+                        .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+                        .map_err(|e| NodeError::Refused(format!("connect --dry-run: {e}"))),
+                }
+            }
+            Request::Connect { discard_my_data, dry_run: false } => self.connect(discard_my_data),
             Request::Disconnect => self.repl_or("disconnect").map(|r| {
                 r.disconnect();
                 serde_json::json!({ "connection": "standalone" })

@@ -59,10 +59,41 @@ pub struct Status {
     /// The last replication link failure (refusal, connect error), if any.
     #[serde(default)]
     pub link_error: Option<String>,
+    /// Bytes per bit of the dirty bitmap.
+    #[serde(default)]
+    pub bitmap_granularity: u32,
+    /// The resync decision of the last connect.
+    #[serde(default)]
+    pub decision: Option<DecisionStatus>,
+    /// The last connect found a split brain (both nodes standalone).
+    #[serde(default)]
+    pub split_brain: bool,
+    /// The last completed resync.
+    #[serde(default)]
+    pub last_sync: Option<LastSyncStatus>,
     /// Online verify: `running`, `role`, `done_bytes`, `total_bytes`,
     /// `out_of_sync_bytes`, `runs_finished`, `last` (src/repl/verify.rs).
     #[serde(default)]
     pub verify: crate::repl::verify::VerifyStatus,
+}
+
+/// `decision` in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionStatus {
+    /// `no-sync`, `source-log`, `source-bitmap`, `source-full`, `target-...`,
+    /// `split-brain`, `unrelated`, `refuse`.
+    pub result: String,
+    pub rule: String,
+    pub explanation: String,
+}
+
+/// `last_sync` in the status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastSyncStatus {
+    /// `log`, `bitmap` or `full`.
+    pub kind: String,
+    pub bytes: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,9 +180,10 @@ impl Status {
                 }
                 if self.resync.total_bytes > 0 {
                     let pct = 100.0 * self.resync.done_bytes as f64 / self.resync.total_bytes as f64;
+                    let kind = self.resync.kind.as_deref().unwrap_or("full");
                     let _ = write!(
                         s,
-                        "    resync:{pct:.1}% ({} of {}",
+                        "    resync:{kind} {pct:.1}% ({} of {}",
                         format_size_approx(self.resync.done_bytes),
                         format_size_approx(self.resync.total_bytes)
                     );
@@ -162,6 +194,18 @@ impl Status {
                         let _ = write!(s, ", eta {eta}s");
                     }
                     let _ = writeln!(s, ")");
+                }
+                if self.split_brain {
+                    let _ = writeln!(
+                        s,
+                        "    SPLIT BRAIN: both nodes wrote; nothing moved. `repctl connect --discard-my-data` on the node to overwrite, `repctl connect` on the other"
+                    );
+                }
+                if let Some(d) = &self.decision {
+                    let _ = writeln!(s, "    decision:{} (rule {}): {}", d.result, d.rule, d.explanation);
+                }
+                if let Some(l) = &self.last_sync {
+                    let _ = writeln!(s, "    last-sync:{} {} in {:.1}s", l.kind, format_size_approx(l.bytes), l.seconds);
                 }
                 if self.io_suspended {
                     let _ = writeln!(s, "    io:suspended (peer lost; `repctl resume-io` releases writes)");
@@ -249,6 +293,10 @@ mod tests {
             pid: 1,
             io_suspended: false,
             link_error: None,
+            bitmap_granularity: 4096,
+            decision: None,
+            split_brain: false,
+            last_sync: None,
             verify: Default::default(),
         }
     }

@@ -30,8 +30,11 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, broadcast, watch};
 
-use super::handshake::{HandshakeError, LocalHello, PeerInfo, handshake, keep_connection};
-use super::proto::GenIds;
+use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
+use super::link::{FrameReader, FrameWriter, split_tcp};
+use super::proto::{GoodbyeReason, Message};
+use super::decide::{Decision, SideView, SplitBrainPolicy, SyncKind, Verdict};
+use super::proto::{GenIds, ResyncKind, SyncInfo, sync_flags};
 use super::store::{ReplMeta, ReplStore};
 use crate::config::{Config, NodeConfig, OnPeerLoss, Protocol};
 use crate::control::Event;
@@ -70,6 +73,10 @@ pub struct EngineConfig {
     pub max_connect_retry: Duration,
     pub max_buffer: usize,
     pub on_peer_loss: OnPeerLoss,
+    /// Resync rate cap in bytes per second (None: adaptive only).
+    pub resync_rate: Option<u64>,
+    /// Automatic split-brain resolution (opt-in).
+    pub split_brain: SplitBrainPolicy,
 }
 
 impl EngineConfig {
@@ -93,6 +100,8 @@ impl EngineConfig {
             max_connect_retry: crate::config::MAX_CONNECT_RETRY,
             max_buffer: usize::try_from(config.max_buffer).unwrap_or(usize::MAX),
             on_peer_loss: config.on_peer_loss,
+            resync_rate: config.resync_rate,
+            split_brain: SplitBrainPolicy { after_sb_0pri: config.after_sb_0pri, after_sb_1pri: config.after_sb_1pri },
         })
     }
 }
@@ -171,12 +180,114 @@ impl ReplState {
     }
 }
 
-/// Full-sync progress.
+/// Resync progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resync {
+    pub kind: ResyncKind,
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub started: Instant,
+    /// Measured over the last second or so.
+    pub speed_bytes_per_sec: u64,
+    /// Where the speed was last sampled: (when, done_bytes).
+    pub sample: (Instant, u64),
+}
+
+impl Resync {
+    pub fn new(kind: ResyncKind, total_bytes: u64) -> Resync {
+        let now = Instant::now();
+        Resync { kind, done_bytes: 0, total_bytes, started: now, speed_bytes_per_sec: 0, sample: (now, 0) }
+    }
+
+    /// Seconds left at the measured speed.
+    pub fn eta_seconds(&self) -> Option<u64> {
+        let left = self.total_bytes.saturating_sub(self.done_bytes);
+        if left == 0 {
+            return Some(0);
+        }
+        (self.speed_bytes_per_sec > 0).then(|| left.div_ceil(self.speed_bytes_per_sec))
+    }
+}
+
+/// The last completed resync (`status.last_sync`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastSync {
+    pub kind: ResyncKind,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The decision of the last connect (`status.decision`, `connect --dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DecisionView {
+    /// `no-sync`, `source-log`, `target-bitmap`, `split-brain`, ...
+    pub result: String,
+    pub rule: String,
+    pub explanation: String,
+}
+
+impl DecisionView {
+    pub fn from_verdict(v: &Verdict) -> DecisionView {
+        DecisionView { result: decision_name(&v.decision), rule: v.rule.to_string(), explanation: v.explanation.clone() }
+    }
+}
+
+/// `no-sync`, `source-full`, `target-bitmap`, `split-brain`, `unrelated`, `refuse`.
+pub fn decision_name(d: &Decision) -> String {
+    match d {
+        Decision::NoSync => "no-sync".into(),
+        Decision::Source(k) => format!("source-{}", resync_kind(*k)),
+        Decision::Target(k) => format!("target-{}", resync_kind(*k)),
+        Decision::SplitBrain => "split-brain".into(),
+        Decision::Unrelated => "unrelated".into(),
+        Decision::Refuse(_) => "refuse".into(),
+    }
+}
+
+/// The wire kind of a decided sync kind.
+pub fn resync_kind(k: SyncKind) -> ResyncKind {
+    match k {
+        SyncKind::Log => ResyncKind::Log,
+        SyncKind::Bitmap => ResyncKind::Bitmap,
+        SyncKind::Full => ResyncKind::Full,
+    }
+}
+
+/// What `repctl connect --dry-run` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeReport {
+    pub peer: String,
+    pub decision: DecisionView,
+    pub local: serde_json::Value,
+    pub peer_view: serde_json::Value,
+}
+
+/// A SyncInfo as JSON (probe reports, logs).
+pub fn sync_info_json(i: &SyncInfo) -> serde_json::Value {
+    serde_json::json!({
+        "role": i.role, "disk": i.disk,
+        "gen_current": format!("{:016X}", i.gen_ids.current),
+        "gen_bitmap": format!("{:016X}", i.gen_ids.bitmap),
+        "gen_history": i.gen_ids.history.iter().map(|g| format!("{g:016X}")).collect::<Vec<_>>(),
+        "local_lsn": i.local_lsn, "out_of_sync_bytes": i.dirty_bytes,
+        "bitmap_base_lsn": i.bitmap_base_lsn, "log_first_lsn": i.log_first_lsn,
+        "granularity": i.granularity, "discard_my_data": i.discard_my_data(),
+    })
+}
+
+/// The decision inputs carried by a SyncInfo.
+pub fn side_view(i: &SyncInfo) -> SideView {
+    SideView {
+        role: i.role,
+        disk: i.disk,
+        gen_ids: i.gen_ids,
+        gen_created_ms: i.gen_created_ms,
+        local_lsn: i.local_lsn,
+        dirty_bytes: i.dirty_bytes,
+        bitmap_base_lsn: i.bitmap_base_lsn,
+        log_first_lsn: i.log_first_lsn,
+        discard_my_data: i.discard_my_data(),
+    }
 }
 
 /// What `status` shows about replication.
@@ -187,6 +298,16 @@ pub struct LinkView {
     pub peer_role: Option<Role>,
     pub peer_disk: DiskState,
     pub resync: Option<Resync>,
+    /// The last completed resync (kept across sessions).
+    pub last_sync: Option<LastSync>,
+    /// The decision of the last session start (kept across sessions).
+    pub decision: Option<DecisionView>,
+    /// The last connect found a split brain (cleared by the next decision
+    /// that is not one).
+    pub split_brain: bool,
+    /// Out-of-sync bytes the peer announced at the session start (its
+    /// bitmap), while connected.
+    pub peer_out_of_sync: Option<u64>,
     pub acks: Acks,
     /// Writes are suspended (on_peer_loss = suspend, peer lost).
     pub suspended: bool,
@@ -258,6 +379,9 @@ pub struct Engine {
     shutdown: watch::Sender<bool>,
     /// `new-current-uuid --clear-bitmap` waits for the next idle session.
     clear_bitmap_offer: AtomicBool,
+    /// `connect --discard-my-data`: one shot, sent in the next session's
+    /// SyncInfo.
+    discard_my_data: AtomicBool,
     /// Online verify: status, the operator's request (src/repl/verify.rs).
     pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
@@ -291,6 +415,10 @@ impl Engine {
                 peer_role: None,
                 peer_disk: DiskState::Unknown,
                 resync: None,
+                last_sync: None,
+                decision: None,
+                split_brain: false,
+                peer_out_of_sync: None,
                 acks: Acks::default(),
                 suspended: false,
                 last_error: None,
@@ -303,6 +431,7 @@ impl Engine {
             shutdown: watch::Sender::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
             clear_bitmap_offer: AtomicBool::new(false),
+            discard_my_data: AtomicBool::new(false),
             verify: super::verify::VerifyCell::default(),
         })
     }
@@ -333,6 +462,15 @@ impl Engine {
 
     pub fn role(&self) -> Role {
         *self.role.borrow()
+    }
+
+    /// Bytes covered by set bits of the local bitmap.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.store.dirty_bytes()
+    }
+
+    pub fn bitmap_granularity(&self) -> u32 {
+        self.store.bitmap_granularity()
     }
 
     pub(crate) fn role_rx(&self) -> watch::Receiver<Role> {
@@ -465,15 +603,23 @@ impl Engine {
         }
     }
 
-    /// Starts a new generation (once per divergence).
+    /// Starts a new generation (once per divergence): if the bitmap has no
+    /// generation yet it takes the current one (the bits count from there),
+    /// else the current one goes into the history; a new random current.
     fn new_generation(&self) -> Result<(), EngineError> {
         if self.diverged.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let mut meta = self.store.meta();
         let old = meta.gen_ids.current;
-        meta.gen_ids.history = [old, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
-        meta.gen_ids.current = new_gen_id();
+        let g = &mut meta.gen_ids;
+        if g.bitmap == 0 {
+            g.bitmap = old;
+        } else {
+            g.history = [old, g.history[0], g.history[1], g.history[2]];
+        }
+        g.current = new_gen_id();
+        meta.gen_created_ms = unix_ms();
         if let Err(source) = self.store.store_meta(meta) {
             self.diverged.store(false, Ordering::Release);
             return Err(EngineError::Volume { what: "cannot record a new generation", source });
@@ -481,6 +627,7 @@ impl Engine {
         tracing::info!(
             old = format_args!("{old:016X}"),
             new = format_args!("{:016X}", meta.gen_ids.current),
+            bitmap = format_args!("{:016X}", meta.gen_ids.bitmap),
             "writing without the peer: new generation"
         );
         Ok(())
@@ -556,8 +703,13 @@ impl Engine {
 
     // --- Connect / disconnect ------------------------------------------------
 
-    /// `repctl connect`.
-    pub fn connect(&self) {
+    /// `repctl connect` (`--discard-my-data`: this node offers to become
+    /// the sync target of a split brain, once).
+    pub fn connect(&self, discard_my_data: bool) {
+        if discard_my_data {
+            tracing::warn!(peer = %self.cfg.peer, "connect --discard-my-data: this node's changes since the split will be overwritten");
+            self.discard_my_data.store(true, Ordering::Release);
+        }
         if !self.want_connect.send_replace(true) {
             self.set_conn(ConnState::Connecting);
             tracing::info!(peer = %self.cfg.peer, "connecting");
@@ -589,6 +741,7 @@ impl Engine {
                 v.peer_role = None;
                 v.peer_disk = DiskState::Unknown;
                 v.resync = None;
+                v.peer_out_of_sync = None;
             }
             changed
         };
@@ -663,12 +816,9 @@ impl Engine {
                 }
             };
             let me = Arc::clone(&self);
+            // Even when standalone: a probe (`connect --dry-run` on the
+            // peer) is answered; a real session is then declined.
             tokio::spawn(async move {
-                let wanted = *me.want_connect.borrow();
-                if !wanted {
-                    tracing::debug!(%from, "standalone: replication connection dropped");
-                    return;
-                }
                 me.handshake_and_adopt(stream, false, &from.to_string()).await;
             });
         }
@@ -754,8 +904,26 @@ impl Engine {
         }
     }
 
-    /// Runs the handshake on a new connection and, if it succeeds, the
-    /// session. Returns whether a session ran.
+    /// This node's SyncInfo: its view of the data for the resync decision.
+    pub(crate) fn sync_info(&self, flags: u32) -> SyncInfo {
+        let meta = self.store.meta();
+        let local_lsn = self.store.local_lsn();
+        SyncInfo {
+            role: self.role(),
+            disk: meta.disk,
+            granularity: self.store.bitmap_granularity(),
+            flags,
+            gen_ids: meta.gen_ids,
+            gen_created_ms: meta.gen_created_ms,
+            local_lsn,
+            dirty_bytes: self.store.dirty_bytes(),
+            bitmap_base_lsn: self.store.bitmap_base_lsn(),
+            log_first_lsn: self.store.log_first_lsn().min(local_lsn + 1),
+        }
+    }
+
+    /// Runs the handshake and the SyncInfo exchange on a new connection and,
+    /// if it becomes the session, the session. Returns whether a session ran.
     async fn handshake_and_adopt(self: &Arc<Self>, mut stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
         let local = self.local_hello();
         let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
@@ -765,18 +933,166 @@ impl Engine {
                 return false;
             }
         };
-        if !*self.want_connect.borrow() {
-            // `disconnect` came while the handshake ran.
-            tracing::debug!(peer = %peer.node, "standalone: authenticated connection dropped");
+        let (mut reader, mut writer) = match split_tcp(stream) {
+            Ok(x) => x,
+            Err(e) => {
+                self.note_failure(format!("socket setup with {} failed: {e}", self.cfg.peer), addr);
+                return false;
+            }
+        };
+        let standalone = !*self.want_connect.borrow();
+        let mut flags = if standalone { sync_flags::STANDALONE } else { 0 };
+        if self.discard_my_data.load(Ordering::Acquire) {
+            flags |= sync_flags::DISCARD_MY_DATA;
+        }
+        let mine = self.sync_info(flags);
+        let theirs = match exchange_sync_info(&mut reader, &mut writer, &mine).await {
+            Ok(t) => t,
+            Err(why) => {
+                self.note_failure(format!("session start with {} failed: {why}", self.cfg.peer), addr);
+                return false;
+            }
+        };
+        if theirs.dry_run() {
+            // The peer probes (`connect --dry-run`): it computes the decision
+            // from our SyncInfo and says Goodbye. Nothing changes here.
+            let verdict = super::decide::decide(&side_view(&theirs), &side_view(&mine), &self.cfg.split_brain);
+            tracing::info!(peer = %peer.node, result = %decision_name(&verdict.decision), rule = verdict.rule, "answered a dry-run probe from the peer");
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async { while let Ok(Some(_)) = reader.read().await {} })
+                .await;
+            return false;
+        }
+        if standalone || !*self.want_connect.borrow() {
+            tracing::debug!(peer = %peer.node, "standalone: authenticated connection declined");
+            return false;
+        }
+        if theirs.flags & sync_flags::STANDALONE != 0 {
+            // If the peer went standalone over what we would decide too
+            // (split brain, two primaries...), so do we: the session that
+            // told it so may have been a duplicate connection of ours.
+            let verdict = self.verdict(&mine, &theirs);
+            if matches!(verdict.decision, Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_)) {
+                self.record_decision(&verdict, &mine, &theirs);
+                let (_, why) = self.standalone_reason(&verdict, &mine, &theirs);
+                self.go_standalone(&why);
+            } else {
+                self.note_failure(format!("peer {} is standalone (it runs `repctl connect` to rejoin)", self.cfg.peer), addr);
+            }
             return false;
         }
         let Some((id, stop_rx)) = self.adopt(dialled_by_us) else {
             tracing::debug!(peer = %peer.node, dialled_by_us, "duplicate replication connection closed");
             return false;
         };
+        if mine.discard_my_data() {
+            // One shot: used by this session's decision.
+            self.discard_my_data.store(false, Ordering::Release);
+        }
         self.view_mut().last_error = None;
-        self.run_session(id, stream, peer, stop_rx, local.role).await;
+        let start = super::session::Start { reader, writer, peer, mine, theirs };
+        self.run_session(id, start, stop_rx, local.role).await;
         true
+    }
+
+    /// `repctl connect --dry-run`: dials the peer, exchanges SyncInfo with
+    /// the DRY_RUN flag, computes the decision a connect would take, says
+    /// Goodbye. Changes nothing on either node (works standalone too).
+    pub async fn probe(&self, discard_my_data: bool) -> Result<ProbeReport, String> {
+        let peer_name = &self.cfg.peer;
+        let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
+            .await
+            .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
+            .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
+        let local = self.local_hello();
+        handshake(&mut stream, &local, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| describe_handshake_error(&e, peer_name))?;
+        let (mut reader, mut writer) = split_tcp(stream).map_err(|e| format!("socket setup failed: {e}"))?;
+        let mut flags = sync_flags::DRY_RUN;
+        if discard_my_data {
+            flags |= sync_flags::DISCARD_MY_DATA;
+        }
+        let mine = self.sync_info(flags);
+        let theirs = exchange_sync_info(&mut reader, &mut writer, &mine).await?;
+        let _ = writer
+            .send(&Message::Goodbye { reason: GoodbyeReason::Other, message: "dry run: nothing changes".into() })
+            .await;
+        let verdict = self.verdict(&mine, &theirs);
+        tracing::info!(peer = %peer_name, result = %decision_name(&verdict.decision), rule = verdict.rule, explanation = %verdict.explanation, "connect --dry-run");
+        Ok(ProbeReport {
+            peer: peer_name.clone(),
+            decision: DecisionView::from_verdict(&verdict),
+            local: sync_info_json(&mine),
+            peer_view: sync_info_json(&theirs),
+        })
+    }
+
+    /// The decision from both SyncInfos (granularity checked first).
+    pub(crate) fn verdict(&self, mine: &SyncInfo, theirs: &SyncInfo) -> Verdict {
+        if mine.granularity != theirs.granularity {
+            let why = format!(
+                "bitmap granularity differs: {} has {} bytes per bit, {} has {}",
+                self.cfg.node, mine.granularity, self.cfg.peer, theirs.granularity
+            );
+            return Verdict { decision: Decision::Refuse(why.clone()), rule: "granularity", explanation: why };
+        }
+        super::decide::decide(&side_view(mine), &side_view(theirs), &self.cfg.split_brain)
+    }
+
+    /// Why a decision leaves both nodes standalone, for the Goodbye, the
+    /// log and `status.link_error`.
+    pub(crate) fn standalone_reason(&self, v: &Verdict, mine: &SyncInfo, theirs: &SyncInfo) -> (GoodbyeReason, String) {
+        let size = crate::units::format_size_approx;
+        match &v.decision {
+            Decision::SplitBrain => (
+                GoodbyeReason::SplitBrain,
+                format!(
+                    "split brain: {} ({} has {} out of sync, {} has {}); nothing moves. On the node whose changes are \
+                     to be discarded: `repctl connect --discard-my-data`; on the other: `repctl connect`",
+                    v.explanation,
+                    self.cfg.node,
+                    size(mine.dirty_bytes),
+                    self.cfg.peer,
+                    size(theirs.dirty_bytes)
+                ),
+            ),
+            Decision::Unrelated => (
+                GoodbyeReason::UnrelatedData,
+                format!("unrelated data: {}; going standalone", v.explanation),
+            ),
+            _ if mine.role == Role::Primary && theirs.role == Role::Primary => (
+                GoodbyeReason::SplitBrain,
+                "both nodes are primary (split brain): going standalone; demote one node, then `repctl connect` on both"
+                    .to_string(),
+            ),
+            Decision::Refuse(why) => (GoodbyeReason::Other, format!("connection refused: {why}; going standalone")),
+            _ => (GoodbyeReason::Other, v.explanation.clone()),
+        }
+    }
+
+    /// Records the decision of a session start: log, event, status.
+    pub(crate) fn record_decision(&self, v: &Verdict, mine: &SyncInfo, theirs: &SyncInfo) {
+        let view = DecisionView::from_verdict(v);
+        let split = matches!(v.decision, Decision::SplitBrain);
+        {
+            let mut lv = self.view_mut();
+            lv.decision = Some(view.clone());
+            lv.split_brain = split;
+            lv.peer_out_of_sync = Some(theirs.dirty_bytes);
+        }
+        if split {
+            tracing::warn!(peer = %self.cfg.peer, rule = v.rule, local_out_of_sync = mine.dirty_bytes, peer_out_of_sync = theirs.dirty_bytes, "split brain: {}", v.explanation);
+            self.emit(
+                "split-brain",
+                serde_json::json!({ "peer": self.cfg.peer, "local_out_of_sync_bytes": mine.dirty_bytes, "peer_out_of_sync_bytes": theirs.dirty_bytes, "rule": v.rule, "explanation": v.explanation }),
+            );
+        } else {
+            tracing::info!(peer = %self.cfg.peer, result = %view.result, rule = v.rule, "resync decision: {}", v.explanation);
+        }
+        self.emit(
+            "decision",
+            serde_json::json!({ "peer": self.cfg.peer, "result": view.result, "rule": view.rule, "explanation": view.explanation }),
+        );
     }
 
     /// Decides whether a freshly authenticated connection becomes the
@@ -801,8 +1117,7 @@ impl Engine {
     async fn run_session(
         self: &Arc<Self>,
         id: u64,
-        stream: TcpStream,
-        peer: PeerInfo,
+        start: super::session::Start,
         stop: watch::Receiver<Option<StopReason>>,
         hello_role: Role,
     ) {
@@ -813,7 +1128,7 @@ impl Engine {
             return;
         }
         self.connected.send_replace(true);
-        let outcome = super::session::run(self, stream, &peer, stop, hello_role).await;
+        let outcome = super::session::run(self, start, stop, hello_role).await;
         self.end_session(id, &outcome);
     }
 
@@ -824,6 +1139,13 @@ impl Engine {
         if was_feeding {
             self.store.detach_feed();
             self.store.set_retain_after(None);
+        }
+        // Every record the peer has not written gets its bit (tracking is
+        // on again after this), before a waiting write is released.
+        if let Err(e) = self.store.mark_unacked() {
+            tracing::error!(peer = %self.cfg.peer, error = %e, "cannot mark the records the peer lacks in the bitmap");
+        }
+        if was_feeding {
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
             {
@@ -911,8 +1233,60 @@ impl Engine {
         }
     }
 
-    pub(crate) fn set_resync(&self, r: Option<Resync>) {
-        self.view_mut().resync = r;
+    /// A resync starts (`sync-started` event, `status.resync`).
+    pub(crate) fn sync_started(&self, kind: ResyncKind, total_bytes: u64, role: &str) {
+        self.view_mut().resync = Some(Resync::new(kind, total_bytes));
+        self.emit(
+            "sync-started",
+            serde_json::json!({ "peer": self.cfg.peer, "role": role, "kind": kind.as_str(), "total_bytes": total_bytes }),
+        );
+    }
+
+    /// Resync progress: `done_bytes` durable on the target. Samples the
+    /// speed and emits `sync-progress` about once a second.
+    pub(crate) fn sync_progress(&self, done_bytes: u64) {
+        let event = {
+            let mut v = self.view_mut();
+            let Some(r) = v.resync.as_mut() else { return };
+            r.done_bytes = done_bytes.min(r.total_bytes.max(done_bytes));
+            let (at, was) = r.sample;
+            let dt = at.elapsed();
+            if dt < Duration::from_secs(1) {
+                None
+            } else {
+                r.speed_bytes_per_sec = (r.done_bytes.saturating_sub(was) as f64 / dt.as_secs_f64()) as u64;
+                r.sample = (Instant::now(), r.done_bytes);
+                Some(*r)
+            }
+        };
+        if let Some(r) = event {
+            self.emit(
+                "sync-progress",
+                serde_json::json!({ "peer": self.cfg.peer, "kind": r.kind.as_str(), "done_bytes": r.done_bytes, "total_bytes": r.total_bytes, "speed_bytes_per_sec": r.speed_bytes_per_sec, "eta_seconds": r.eta_seconds() }),
+            );
+        }
+    }
+
+    /// Progress of a resync whose total is an estimate (log catch-up).
+    pub(crate) fn sync_progress_total(&self, done_bytes: u64, total_bytes: u64) {
+        if let Some(r) = self.view_mut().resync.as_mut() {
+            r.total_bytes = total_bytes.max(done_bytes);
+        }
+        self.sync_progress(done_bytes);
+    }
+
+    /// A resync completed (`sync-finished` event, `status.last_sync`).
+    pub(crate) fn sync_finished(&self, kind: ResyncKind, bytes: u64, role: &str) {
+        let seconds = {
+            let mut v = self.view_mut();
+            let seconds = v.resync.take().map_or(0.0, |r| r.started.elapsed().as_secs_f64());
+            v.last_sync = Some(LastSync { kind, bytes, seconds });
+            seconds
+        };
+        self.emit(
+            "sync-finished",
+            serde_json::json!({ "peer": self.cfg.peer, "role": role, "kind": kind.as_str(), "bytes": bytes, "seconds": seconds }),
+        );
     }
 
     /// Persists the local disk state (and optionally generations).
@@ -933,6 +1307,42 @@ impl Engine {
     pub(crate) fn meta(&self) -> ReplMeta {
         self.store.meta()
     }
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sends our SyncInfo and reads the peer's (the first frame after the
+/// handshake on both sides; pings may come first).
+pub(crate) async fn exchange_sync_info<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    mine: &SyncInfo,
+) -> Result<SyncInfo, String>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    writer.send(&Message::SyncInfo(Box::new(*mine))).await.map_err(|e| format!("sending SyncInfo: {e}"))?;
+    let read = async {
+        loop {
+            match reader.read().await {
+                Ok(Some(Message::SyncInfo(i))) => return Ok(*i),
+                Ok(Some(Message::Ping { .. } | Message::Pong { .. })) => {}
+                Ok(Some(Message::Goodbye { reason, message })) => {
+                    return Err(format!("the peer said goodbye ({reason}: {message})"));
+                }
+                Ok(Some(m)) => return Err(format!("expected the peer's SyncInfo, got {}", m.name())),
+                Ok(None) => return Err("connection closed before the peer's SyncInfo".to_string()),
+                Err(e) => return Err(format!("link error: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| "no SyncInfo from the peer in time".to_string())?
 }
 
 /// A new random generation id (never 0, which means "none").

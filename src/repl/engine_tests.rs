@@ -36,6 +36,8 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         max_connect_retry: Duration::from_millis(200),
         max_buffer: 64 << 20,
         on_peer_loss: OnPeerLoss::Continue,
+        resync_rate: None,
+        split_brain: Default::default(),
     }
 }
 
@@ -171,7 +173,7 @@ async fn protocol_a_never_waits_for_the_peer() {
     p.beta.disconnect();
     until("alpha connecting", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
     // Even with the peer connected but slow, nothing waits.
-    p.beta.connect();
+    p.beta.connect(false);
     in_sync(&p).await;
     p.b.set_apply_delay(Duration::from_secs(5));
     let lsn = p.a.write(0, &pattern(1, 4096), true);
@@ -197,10 +199,12 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert_ne!(p.a.meta().gen_ids.current, gen_before, "writing alone starts a new generation");
     assert!(p.alpha.diverged());
     p.alpha.before_write().await.expect("before_write");
-    assert_eq!(p.a.meta().gen_ids.history[0], gen_before, "once per divergence");
+    // Issue 4: the bitmap generation takes the old current (it had none).
+    assert_eq!(p.a.meta().gen_ids.bitmap, gen_before, "once per divergence");
+    assert_eq!(p.a.meta().gen_ids.history[0], 0);
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
-    p.beta.connect();
+    p.beta.connect(false);
     in_sync(&p).await;
     let upto = p.a.flush_primary();
     p.alpha.wait(upto, Durability::Flush).await;
@@ -231,7 +235,7 @@ async fn suspended_writes_resume_when_the_peer_is_back_in_sync() {
     until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
     let alpha = p.alpha.clone();
     let w = tokio::spawn(async move { alpha.before_write().await });
-    p.beta.connect();
+    p.beta.connect(false);
     tokio::time::timeout(Duration::from_secs(5), w)
         .await
         .expect("released once the peer is back")
@@ -259,6 +263,7 @@ async fn wrong_secret_is_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_primaries_go_standalone() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("repblock=debug").try_init();
     let p = pair(Protocol::C, |_| {}).await;
     in_sync(&p).await;
     p.beta.set_role(Role::Primary, Duration::ZERO).await;
@@ -280,7 +285,7 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
     let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
     alpha.start().await.expect("alpha starts");
-    // The fake beta: handshake, initial Ack, then silence (the socket stays open).
+    // The fake beta: handshake, SyncInfo (same generation, nothing to sync), then silence (the socket stays open).
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
     let hello = LocalHello {
         resource: "r0".into(),
@@ -295,7 +300,19 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     };
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
     let mut buf = bytes::BytesMut::new();
-    super::proto::encode(&Message::Ack { received: 0, written: 0, durable: 0 }, &mut buf).expect("encode");
+    let info = super::proto::SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        granularity: a.bitmap_granularity(),
+        flags: 0,
+        gen_ids: GenIds { current: 7, ..GenIds::default() },
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+    };
+    super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.expect("send ack");
     let silent_since = Instant::now();
     until("connected", Duration::from_secs(2), || alpha.view().connection == ConnState::Connected).await;

@@ -70,8 +70,11 @@ pub mod sync_flags {
     /// The sender's operator asked to discard its data (`repctl connect
     /// --discard-my-data`, one shot).
     pub const DISCARD_MY_DATA: u32 = 1 << 1;
+    /// The sender is standalone (`repctl disconnect`, split brain): it
+    /// answers probes only and closes any other connection.
+    pub const STANDALONE: u32 = 1 << 2;
     /// Every flag this version knows.
-    pub const KNOWN: u32 = DRY_RUN | DISCARD_MY_DATA;
+    pub const KNOWN: u32 = DRY_RUN | DISCARD_MY_DATA | STANDALONE;
 }
 
 /// Most words one [`Message::BitmapChunk`] may carry (so that its payload

@@ -1,43 +1,68 @@
 //! One replication session on an authenticated connection.
 //!
-//! - **source** (we are primary): attaches the volume's feed, decides
-//!   between "established" (the peer has our generation and exactly our log)
-//!   and a full sync, then streams feed items as frames while reading acks.
-//!   Sending and receiving never block each other: a frame waits for room in
-//!   the writer channel inside `select!`, so acks keep being read.
-//! - **target** (the peer is primary): applies records in order through the
+//! Both nodes sent their [`SyncInfo`] right after the handshake (see
+//! [`super::engine`]); the session starts by computing the resync decision
+//! (src/repl/decide.rs) from the two, logging it and recording it for
+//! `status`. Then, by the decision and the roles:
+//!
+//! - **source** (we send: primary, or a secondary with the newer data):
+//!   attaches the volume's feed (tracking off: the volume remembers what the
+//!   peer has not written in its unacked ring), then
+//!   - *no sync*: streams the feed;
+//!   - *log catch-up*: first the WAL records the peer lacks, read back from
+//!     the WAL, as ordinary records, then the feed; the peer stays
+//!     `consistent`. A record that cannot be read from the WAL falls back
+//!     to a bitmap (or full) resync;
+//!   - *bitmap*: ORs the target's bitmap into ours (persisted before the
+//!     start), walks the set bits in offset order through
+//!     `queue_sync_read` (the log writer reads them in its order, so a
+//!     newer application write always follows the sync data of its block in
+//!     the stream), and clears the bits of every chunk the target acked as
+//!     *durable*;
+//!   - *full*: every bit set, then the same walk (so a full sync resumes
+//!     after a restart of either side, like a bitmap resync).
+//!   Sending and receiving never block each other: a frame waits for room
+//!   in the writer channel inside `select!`, so acks keep being read.
+//! - **target** (the peer sends): applies records in order through the
 //!   volume (queued at once, completions awaited in order), acks `received`
 //!   on decode, `written` as applies complete and `durable` after a flush
-//!   (one flush covers every barrier and FUA waiting), all coalesced; never
-//!   blocks on sending (acks are cumulative, a skipped one is sent later).
-//! - **idle** (both secondary): heartbeats only.
+//!   (one flush covers every barrier and FUA waiting), all coalesced; resync
+//!   data is made durable with `sync_data_file` (every ~8 MiB or 100 ms, and
+//!   before the last ack) before it is acknowledged in `SyncAck`.
+//! - **idle** (both secondary, nothing to sync): heartbeats only.
+//! - split brain, unrelated data, refusals: Goodbye, both nodes standalone.
 //!
 //! Every session sends Ping every `ping_interval` and declares the peer lost
 //! after `ping_interval + ping_timeout` without any frame; a role change
 //! ends the session so that the link is renegotiated.
+//!
+//! Extension point: [`Session::extra_frame`] sees every frame the source,
+//! target and idle loops do not handle themselves (online verify hooks in
+//! there).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
-use super::engine::{Engine, ReplState, Resync, StopReason};
+use super::decide::{Decision, SyncKind};
+use super::engine::{Engine, ReplState, StopReason};
 use super::handshake::PeerInfo;
-use super::link::{FrameReader, LinkError, QueuedBytes, run_writer_counted, split_tcp};
-use super::proto::{GoodbyeReason, Message, ResyncKind};
-use super::store::{BoxFut, FeedItem, FeedOp};
+use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_counted};
+use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, ResyncKind, SyncInfo};
+use super::store::{BoxFut, FeedItem, FeedOp, LogReadError, LogSource};
 use super::verify::{After, ReadMode, SessionVerify, TargetJob};
 use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
 
 /// Messages queued for the writer task.
 const WRITER_QUEUE: usize = 64;
-/// Full-sync read size.
+/// Resync read size (the longest run of set bits read at once).
 const SYNC_CHUNK: u64 = 256 << 10;
-/// Full-sync bytes read but not yet acknowledged by the target are bounded:
+/// Resync bytes read but not yet acknowledged by the target are bounded:
 /// an application write made during the sync waits (under B and C) behind
 /// that much sync data. The bound is what the link moves in
 /// [`SYNC_AHEAD`] at the sync's measured speed, within
@@ -50,6 +75,13 @@ const SYNC_AHEAD: Duration = Duration::from_millis(20);
 // write made during a sync waits behind one chunk, not a whole window.
 /// Frames handled before acks are sent even if more are buffered.
 const ACK_EVERY: usize = 256;
+/// The target makes resync data durable (and acks it) after this many
+/// bytes or this long, whichever comes first.
+const SYNC_DURABLE_BYTES: u64 = 8 << 20;
+const SYNC_DURABLE_EVERY: Duration = Duration::from_millis(100);
+/// Bitmap words per BitmapChunk (64 KiB of payload).
+const BITMAP_CHUNK_WORDS: usize = 8192;
+const _: () = assert!(BITMAP_CHUNK_WORDS <= MAX_BITMAP_WORDS);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -66,24 +98,30 @@ pub enum Outcome {
 
 type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 
+/// What the engine hands a new session: the connection after the handshake
+/// and the SyncInfo exchange.
+pub struct Start {
+    pub reader: Reader,
+    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub peer: PeerInfo,
+    pub mine: SyncInfo,
+    pub theirs: SyncInfo,
+}
+
 /// Runs a session to its end.
 /// `hello_role` is the role our Hello announced: if ours changed since, the
 /// peer decided on a stale role and the session is renegotiated at once.
 pub async fn run(
     engine: &Arc<Engine>,
-    stream: TcpStream,
-    peer: &PeerInfo,
+    start: Start,
     stop: watch::Receiver<Option<StopReason>>,
     hello_role: Role,
 ) -> Outcome {
-    let (reader, writer) = match split_tcp(stream) {
-        Ok(x) => x,
-        Err(e) => return Outcome::PeerGone(format!("socket setup failed: {e}")),
-    };
+    let Start { reader, writer, peer, mine, theirs } = start;
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let queued = Arc::new(QueuedBytes::default());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
-    engine.set_peer(peer.role, peer.disk);
+    engine.set_peer(theirs.role, theirs.disk);
     let mut io = Io { reader, stop, role_rx: engine.role_rx(), verify: SessionVerify::default() };
     let mut s = Session {
         engine: Arc::clone(engine),
@@ -96,7 +134,7 @@ pub async fn run(
         started: Instant::now(),
     };
     let local_role = engine.role();
-    if local_role != hello_role {
+    if local_role != hello_role || local_role != mine.role {
         let _ = s
             .tx
             .try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
@@ -104,21 +142,29 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::RoleChange);
     }
-    tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %peer.role, peer_disk = %peer.disk, "replication connected");
-    let outcome = match (local_role, peer.role) {
-        (Role::Primary, Role::Primary) => {
-            let why = "both nodes are primary (split brain): going standalone; demote one node, then `repctl connect` on both";
-            tracing::error!(peer = %peer.node, "{why}");
-            let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::SplitBrain, message: why.into() });
-            engine.go_standalone(why);
-            Outcome::Failed(why.into())
+    tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %theirs.role, peer_disk = %theirs.disk, "replication connected");
+    let verdict = engine.verdict(&mine, &theirs);
+    engine.record_decision(&verdict, &mine, &theirs);
+    let outcome = match verdict.decision {
+        Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_) => {
+            let (reason, why) = engine.standalone_reason(&verdict, &mine, &theirs);
+            if !matches!(verdict.decision, Decision::SplitBrain) {
+                tracing::error!(peer = %peer.node, rule = verdict.rule, "{why}");
+            }
+            let _ = s.tx.try_send(Message::Goodbye { reason, message: why.clone() });
+            engine.go_standalone(&why);
+            Outcome::Failed(why)
         }
-        (Role::Primary, Role::Secondary) => s.source(&mut io, peer).await,
-        (Role::Secondary, Role::Primary) => s.target(&mut io, peer).await,
-        (Role::Secondary, Role::Secondary) => {
-            engine.set_replication(ReplState::Established);
-            s.idle(&mut io, peer).await
-        }
+        Decision::NoSync => match (local_role, theirs.role) {
+            (Role::Primary, _) => s.source(&mut io, &theirs, None).await,
+            (Role::Secondary, Role::Primary) => s.target(&mut io, &theirs, None).await,
+            (Role::Secondary, Role::Secondary) => {
+                engine.set_replication(ReplState::Established);
+                s.idle(&mut io, &peer).await
+            }
+        },
+        Decision::Source(kind) => s.source(&mut io, &theirs, Some(kind)).await,
+        Decision::Target(kind) => s.target(&mut io, &theirs, Some(kind)).await,
     };
     if let Outcome::Stopped(r) = &outcome {
         let (reason, message) = match r {
@@ -174,7 +220,40 @@ enum Tick {
     Ping,
 }
 
+/// Which loop a frame arrived in (for [`Session::extra_frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+    Idle,
+}
+
 impl Session {
+    /// Extension point for messages the resync loops do not know (online
+    /// verify): return `Ok(None)` when the frame was handled, `Ok(Some(m))`
+    /// to hand it back (then it is a protocol error), `Err` to end the
+    /// session.
+    fn extra_frame(&mut self, side: Side, m: Message) -> Result<Option<Message>, Outcome> {
+        let _ = side;
+        Ok(Some(m))
+    }
+
+    fn unexpected(&mut self, side: Side, m: Message) -> Result<(), Outcome> {
+        match self.extra_frame(side, m)? {
+            None => Ok(()),
+            Some(m) => {
+                let from = match side {
+                    Side::Source => "the sync target",
+                    Side::Target => "the sync source",
+                    Side::Idle => "an idle peer",
+                };
+                let why = format!("unexpected {} from {from}", m.name());
+                let _ = self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::ProtocolError, message: why.clone() });
+                Err(Outcome::Failed(why))
+            }
+        }
+    }
+
     fn silence_deadline(&self) -> Instant {
         self.last_rx + self.engine.cfg.ping_interval + self.engine.cfg.ping_timeout
     }
@@ -308,7 +387,11 @@ impl Session {
                         return o;
                     }
                 }
-                Tick::Frame(m) => return Outcome::Failed(format!("unexpected {} from a secondary peer", m.name())),
+                Tick::Frame(m) => {
+                    if let Err(o) = self.unexpected(Side::Idle, m) {
+                        return o;
+                    }
+                }
             }
         }
     }
@@ -338,99 +421,191 @@ impl Session {
         Ok(())
     }
 
-    // --- Source (primary) -------------------------------------------------------
+    // --- Source ---------------------------------------------------------------
 
-    async fn source(&mut self, io: &mut Io, peer: &PeerInfo) -> Outcome {
-        let engine = Arc::clone(&self.engine);
-        // The target starts with an Ack carrying its local LSN.
-        let give_up = Instant::now() + super::engine::HANDSHAKE_TIMEOUT;
-        let peer_lsn = loop {
+    /// Receives the target's bitmap (BitmapChunk... BitmapEnd) and ORs it
+    /// into ours.
+    async fn receive_bitmap(&mut self, io: &mut Io) -> Result<(), Outcome> {
+        let store = Arc::clone(&self.engine.store);
+        let ours = store.bitmap_words().len() as u64;
+        let mut merged = 0u64;
+        loop {
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
+                _ = sleep_until(self.next_ping.into()) => Tick::Ping,
                 _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
-                _ = sleep_until(give_up.into()) => Tick::Out(Outcome::Failed("the secondary did not start its session (no initial Ack)".into())),
             };
+            self.ping();
             match tick {
-                Tick::Out(o) => return o,
-                Tick::Ping | Tick::Frame(Message::State { .. }) => {}
-                Tick::Frame(Message::Ack { received, .. }) => break received,
-                Tick::Frame(m) => return Outcome::Failed(format!("expected the peer's initial Ack, got {}", m.name())),
+                Tick::Out(o) => return Err(o),
+                Tick::Ping | Tick::Frame(Message::State { .. } | Message::Ack { .. }) => {}
+                Tick::Frame(Message::BitmapChunk { first_word, words }) => {
+                    if first_word.saturating_add(words.len() as u64) > ours {
+                        return Err(Outcome::Failed(format!(
+                            "the peer's bitmap chunk at word {first_word} (+{}) exceeds our {ours} words",
+                            words.len()
+                        )));
+                    }
+                    merged += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                    store.merge_bitmap_words(first_word, &words);
+                }
+                Tick::Frame(Message::BitmapEnd { total_words }) => {
+                    if total_words != ours {
+                        return Err(Outcome::Failed(format!(
+                            "the peer's bitmap has {total_words} words, ours {ours} (different size or granularity)"
+                        )));
+                    }
+                    tracing::info!(peer = %self.peer_name, peer_bits = merged, "merged the peer's bitmap");
+                    return Ok(());
+                }
+                Tick::Frame(m) => self.unexpected(Side::Source, m)?,
             }
-        };
+        }
+    }
+
+    async fn source(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<SyncKind>) -> Outcome {
+        match self.source_inner(io, theirs, plan).await {
+            Ok(o) | Err(o) => o,
+        }
+    }
+
+    async fn source_inner(
+        &mut self,
+        io: &mut Io,
+        theirs: &SyncInfo,
+        plan: Option<SyncKind>,
+    ) -> Result<Outcome, Outcome> {
+        let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
+        let peer_lsn = theirs.local_lsn;
+        if plan == Some(SyncKind::Bitmap) {
+            self.receive_bitmap(io).await?;
+        }
+        // Feed first, then tracking off: every record up to `base` was
+        // committed while tracking was on (bits) or is in the feed.
         let (base, mut feed) = store.attach_feed(engine.cfg.max_buffer);
+        store.set_tracking(false);
         engine.feed_attached(base);
-        store.set_retain_after(Some(base));
-        let meta = engine.meta();
-        let in_sync =
-            peer.disk == DiskState::UpToDate && peer.gen_ids.current == meta.gen_ids.current && peer_lsn == base;
-        let size = store.size();
-        let mut sync = if in_sync {
-            tracing::info!(peer = %peer.node, lsn = base, "peer is up to date: no sync");
-            engine.set_replication(ReplState::Established);
-            None
-        } else {
-            tracing::info!(
-                peer = %peer.node, peer_disk = %peer.disk, peer_lsn, local_lsn = base,
-                same_generation = peer.gen_ids.current == meta.gen_ids.current,
-                bytes = size, "full sync to the peer starts"
-            );
-            if self.tx.send(Message::SyncStart { kind: ResyncKind::Full, total_bytes: size, start_lsn: base }).await.is_err() {
-                return Outcome::PeerGone("connection closed".into());
+        let mut catchup: Option<Catchup> = None;
+        let mut walk: Option<Walk> = None;
+        let wants_log = matches!(plan, None | Some(SyncKind::Log)) && peer_lsn < base;
+        if matches!(plan, None) && peer_lsn > base {
+            return Err(Outcome::Failed(format!(
+                "the peer is at LSN {peer_lsn}, ahead of ours ({base}), without a resync decided"
+            )));
+        }
+        if wants_log {
+            store.set_retain_after(Some(peer_lsn));
+            match store.log_reader(peer_lsn + 1, base) {
+                Ok(reader) => {
+                    tracing::info!(peer = %self.peer_name, from = peer_lsn + 1, to = base, "log catch-up starts");
+                    self.send(Message::SyncStart { kind: ResyncKind::Log, total_bytes: 0, start_lsn: peer_lsn }, io)
+                        .await?;
+                    engine.set_replication(ReplState::SyncSource);
+                    engine.sync_started(ResyncKind::Log, 0, "source");
+                    catchup = Some(Catchup {
+                        reader,
+                        next: peer_lsn + 1,
+                        base,
+                        bytes: 0,
+                        end_sent: false,
+                        bits_before: store.bitmap_base_lsn() >= peer_lsn,
+                    });
+                }
+                Err(e) => {
+                    let kind = self.fallback_kind(peer_lsn, &e);
+                    walk = Some(self.start_walk(io, kind, base).await?);
+                }
             }
-            engine.set_replication(ReplState::SyncSource);
-            engine.set_resync(Some(Resync { done_bytes: 0, total_bytes: size, started: Instant::now() }));
-            engine.emit(
-                "sync-started",
-                serde_json::json!({ "peer": peer.node, "role": "source", "total_bytes": size, "kind": "full" }),
-            );
-            Some(SyncSource { total: size, queued: 0, seen: 0, end_sent: false, done: 0, started: Instant::now() })
-        };
-        let my_role = Role::Primary;
+        } else {
+            store.set_retain_after(Some(base));
+            match plan {
+                Some(SyncKind::Full) => {
+                    store.mark_all().map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
+                    walk = Some(self.start_walk(io, ResyncKind::Full, base).await?);
+                }
+                Some(SyncKind::Bitmap) => walk = Some(self.start_walk(io, ResyncKind::Bitmap, base).await?),
+                _ => {
+                    tracing::info!(peer = %self.peer_name, lsn = base, "peer is up to date: no sync");
+                    engine.set_replication(ReplState::Established);
+                }
+            }
+        }
+        let my_role = engine.role();
         let mut pending: Option<Message> = None;
         let mut last_record: Lsn = base;
         let tx = self.tx.clone();
         loop {
             if let Some(r) = io.stop_reason() {
-                return Outcome::Stopped(r);
+                return Ok(Outcome::Stopped(r));
             }
             self.ping();
-            if let Some(s) = sync.as_mut() {
-                let app_waiting = last_record > engine.acks.borrow().written;
-                let secs = s.started.elapsed().as_secs_f64();
-                let speed = if secs > 0.0 { s.done as f64 / secs } else { 0.0 };
-                let window = if app_waiting {
-                    SYNC_CHUNK
-                } else {
-                    ((speed * SYNC_AHEAD.as_secs_f64()) as u64).clamp(SYNC_WINDOW_MIN, SYNC_WINDOW)
-                };
-                while s.queued < s.total && s.queued - s.done < window {
-                    let len = (s.total - s.queued).min(SYNC_CHUNK);
-                    if let Err(e) = store.queue_sync_read(s.queued, len as u32) {
-                        return Outcome::Failed(format!("full sync read at {}: {e}", s.queued));
+            // The log catch-up comes before the feed (its records are older).
+            if pending.is_none()
+                && let Some(c) = catchup.as_mut()
+                && !c.end_sent
+            {
+                match c.reader.next().await {
+                    Ok(Some(rec)) if rec.lsn == c.next && rec.lsn <= c.base => {
+                        c.next += 1;
+                        c.bytes += op_bytes(&rec.op);
+                        engine.sync_progress_total(c.bytes, c.bytes * (c.base - peer_lsn) / (c.next - 1 - peer_lsn));
+                        pending = Some(record_message(rec.lsn, rec.op, rec.fua));
                     }
-                    s.queued += len;
-                }
-                if !s.end_sent && s.seen >= s.total && pending.is_none() {
-                    pending = Some(Message::SyncEnd { bytes: s.total });
-                    s.end_sent = true;
+                    Ok(Some(rec)) => {
+                        let e = LogReadError::NotInLog {
+                            lsn: c.next,
+                            why: format!("the WAL reader returned LSN {} instead", rec.lsn),
+                        };
+                        let kind = self.fallback_kind(peer_lsn, &e);
+                        catchup = None;
+                        walk = Some(self.start_walk(io, kind, base).await?);
+                    }
+                    Ok(None) if c.next > c.base => {
+                        pending = Some(Message::SyncEnd { bytes: c.bytes });
+                        c.end_sent = true;
+                    }
+                    Ok(None) => {
+                        let e = LogReadError::NotInLog { lsn: c.next, why: "the WAL ends before it".into() };
+                        let kind = self.fallback_kind(peer_lsn, &e);
+                        catchup = None;
+                        walk = Some(self.start_walk(io, kind, base).await?);
+                    }
+                    Err(e) => {
+                        if let LogReadError::Volume(v) = &e {
+                            if let Some(f) = store.failed() {
+                                return Err(Outcome::Failed(format!("the local volume stopped: {f} ({v})")));
+                            }
+                        }
+                        let kind = self.fallback_kind(peer_lsn, &e);
+                        catchup = None;
+                        walk = Some(self.start_walk(io, kind, base).await?);
+                    }
                 }
             }
-            // Online verify (src/repl/verify.rs): reads in the writer's order;
-            // a write committed but not yet written by the peer (even if
-            // still in the feed) has priority.
+            let mut rate_wake: Option<Instant> = None;
+            if let Some(w) = walk.as_mut() {
+                let app_waiting = last_record > engine.acks.borrow().written;
+                rate_wake = w.queue_reads(&*store, app_waiting, engine.cfg.resync_rate)?;
+                if w.scan_done && !w.end_sent && w.seen >= w.queued && pending.is_none() {
+                    pending = Some(Message::SyncEnd { bytes: w.queued });
+                    w.end_sent = true;
+                }
+            }
+            // Online verify (src/repl/verify.rs): reads in the writer's order,
+            // not during a resync; a write committed but not yet written by
+            // the peer (even if still in the feed) has priority.
             let app_waiting = store.local_lsn().max(last_record) > engine.acks.borrow().written;
-            if let Err(o) = self.verify_source_tick(io, ReadMode::Feed, sync.is_some(), app_waiting).await {
-                return o;
-            }
+            self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
+            let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
             let deadline = self.silence_deadline();
             tokio::select! {
-                item = feed.recv(), if pending.is_none() => match item {
+                item = feed.recv(), if pending.is_none() && feed_open => match item {
                     Some(FeedItem::VerifyData { offset, data }) => pending = io.verify.digests_for(offset, &data),
                     Some(item) => {
-                        if let (FeedItem::SyncData { data, .. }, Some(s)) = (&item, sync.as_mut()) {
-                            s.seen += data.len() as u64;
+                        if let (FeedItem::SyncData { data, .. }, Some(w)) = (&item, walk.as_mut()) {
+                            w.seen += data.len() as u64;
                         }
                         if let FeedItem::Record { lsn, .. } = &item {
                             last_record = *lsn;
@@ -439,9 +614,9 @@ impl Session {
                     }
                     None => {
                         if let Some(f) = store.failed() {
-                            return Outcome::Failed(format!("the local volume stopped: {f}"));
+                            return Err(Outcome::Failed(format!("the local volume stopped: {f}")));
                         }
-                        return Outcome::Failed("the replication feed was closed".into());
+                        return Err(Outcome::Failed("the replication feed was closed".into()));
                     }
                 },
                 permit = tx.reserve(), if pending.is_some() && self.queued.get() < engine.cfg.max_buffer => match permit {
@@ -451,92 +626,220 @@ impl Session {
                             p.send(m);
                         }
                     }
-                    Err(_) => return Outcome::PeerGone("connection closed (writer stopped)".into()),
+                    Err(_) => return Err(Outcome::PeerGone("connection closed (writer stopped)".into())),
                 },
                 _ = self.queued.drained(), if pending.is_some() && self.queued.get() >= engine.cfg.max_buffer => {}
                 r = io.reader.read() => match self.frame_result(r) {
-                    Tick::Out(o) => return o,
+                    Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
                     Tick::Frame(Message::Ack { received, written, durable }) => {
                         engine.record_ack(received, written, durable);
                         let a = *engine.acks.borrow();
-                        store.set_retain_after(Some(a.durable));
+                        store.set_peer_written(a.written);
+                        if catchup.is_none() {
+                            store.set_retain_after(Some(a.durable));
+                        }
                     }
                     Tick::Frame(Message::SyncAck { done_bytes }) => {
-                        if let Some(s) = sync.as_mut() {
-                            s.done = done_bytes.min(s.total);
-                            if let Some(r) = engine.view_mut().resync.as_mut() {
-                                r.done_bytes = s.done;
+                        if let Some(w) = walk.as_mut() {
+                            w.acked(&*store, done_bytes);
+                            engine.sync_progress(w.done);
+                            if w.end_sent && w.done >= w.queued {
+                                self.walk_finished(w, theirs)?;
+                                walk = None;
                             }
-                            if s.end_sent && s.done >= s.total {
-                                let took = engine.view_mut().resync.map(|r| r.started.elapsed());
-                                tracing::info!(peer = %peer.node, bytes = s.total, took = ?took, "full sync done");
-                                engine.emit("sync-finished", serde_json::json!({ "peer": peer.node, "role": "source", "bytes": s.total }));
-                                engine.set_resync(None);
-                                engine.set_peer(Role::Secondary, DiskState::UpToDate);
-                                engine.set_replication(ReplState::Established);
-                                sync = None;
+                        } else if let Some(c) = catchup.as_ref() {
+                            if c.end_sent && done_bytes >= c.bytes {
+                                self.catchup_finished(c, theirs)?;
+                                catchup = None;
+                                let a = *engine.acks.borrow();
+                                store.set_retain_after(Some(a.durable));
                             }
                         }
                     }
-                    Tick::Frame(m) if m.is_verify() => {
-                        if let Err(o) = self.verify_message(io, m).await {
-                            return o;
-                        }
-                    }
-                    Tick::Frame(m) => return Outcome::Failed(format!("unexpected {} from the secondary", m.name())),
+                    Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,
+                    Tick::Frame(m) => self.unexpected(Side::Source, m)?,
                 },
                 _ = engine.verify.wake.notified() => {}
                 _ = sleep_until(self.next_ping.into()) => {}
-                _ = sleep_until(deadline.into()) => return self.silent(),
+                _ = sleep_until(rate_wake.unwrap_or(deadline).into()), if rate_wake.is_some() => {}
+                _ = sleep_until(deadline.into()) => return Ok(self.silent()),
                 _ = io.stop.changed() => {}
-                _ = role_changed(&mut io.role_rx, my_role) => return Outcome::Stopped(StopReason::RoleChange),
+                _ = role_changed(&mut io.role_rx, my_role) => return Ok(Outcome::Stopped(StopReason::RoleChange)),
             }
         }
     }
 
-    // --- Target (secondary) -----------------------------------------------------
+    /// Sends a message, waiting for room in the writer's queue.
+    async fn send(&mut self, m: Message, io: &mut Io) -> Result<(), Outcome> {
+        let _ = io;
+        self.tx.send(m).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))
+    }
 
-    async fn target(&mut self, io: &mut Io, peer: &PeerInfo) -> Outcome {
+    /// A log catch-up is impossible: bitmap when our bits cover everything
+    /// the peer lacks, else full.
+    fn fallback_kind(&self, peer_lsn: Lsn, e: &LogReadError) -> ResyncKind {
+        let base = self.engine.store.bitmap_base_lsn();
+        let kind = if peer_lsn >= base { ResyncKind::Bitmap } else { ResyncKind::Full };
+        tracing::warn!(peer = %self.peer_name, peer_lsn, bitmap_base_lsn = base, error = %e, "log catch-up impossible: {kind} resync instead");
+        kind
+    }
+
+    /// Starts a bitmap or full walk (the bits are final: merged and, for a
+    /// full sync, all set).
+    async fn start_walk(&mut self, io: &mut Io, kind: ResyncKind, base: Lsn) -> Result<Walk, Outcome> {
+        let engine = Arc::clone(&self.engine);
+        let store = &engine.store;
+        if kind == ResyncKind::Full {
+            store.mark_all().map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
+        }
+        store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap before the resync: {e}")))?;
+        store.set_retain_after(Some(base));
+        let total = store.dirty_bytes();
+        tracing::info!(peer = %self.peer_name, %kind, bytes = total, start_lsn = base, "resync to the peer starts");
+        self.send(Message::SyncStart { kind, total_bytes: total, start_lsn: base }, io).await?;
+        engine.set_replication(ReplState::SyncSource);
+        engine.sync_started(kind, total, "source");
+        Ok(Walk::new(kind))
+    }
+
+    /// The target has every block of the walk durable.
+    fn walk_finished(&mut self, w: &Walk, theirs: &SyncInfo) -> Result<(), Outcome> {
+        self.source_done(w.kind, w.queued, theirs)?;
+        tracing::info!(peer = %self.peer_name, kind = %w.kind, bytes = w.queued, took = ?w.started.elapsed(), "resync done");
+        self.engine.set_replication(ReplState::Established);
+        Ok(())
+    }
+
+    fn catchup_finished(&mut self, c: &Catchup, theirs: &SyncInfo) -> Result<(), Outcome> {
+        let store = &self.engine.store;
+        if c.bits_before {
+            // Every bit came from a record the peer now has durable.
+            store.clear_range(0, store.size());
+        }
+        self.source_done(ResyncKind::Log, c.bytes, theirs)?;
+        tracing::info!(peer = %self.peer_name, records = c.base - theirs.local_lsn, bytes = c.bytes, "log catch-up done");
+        self.engine.set_replication(ReplState::Established);
+        Ok(())
+    }
+
+    /// Source side of a finished resync: generations, bitmap, status.
+    fn source_done(&mut self, kind: ResyncKind, bytes: u64, theirs: &SyncInfo) -> Result<(), Outcome> {
+        let engine = Arc::clone(&self.engine);
+        let store = &engine.store;
+        if store.dirty_bytes() == 0 {
+            let mut meta = store.meta();
+            let g = &mut meta.gen_ids;
+            if g.bitmap != 0 {
+                g.history = [g.bitmap, g.history[0], g.history[1], g.history[2]];
+                g.bitmap = 0;
+                store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the generations: {e}")))?;
+            }
+        }
+        store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap: {e}")))?;
+        let mine = store.meta().disk;
+        let peer_disk = if mine == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Consistent };
+        engine.sync_finished(kind, bytes, "source");
+        engine.set_peer(theirs.role, peer_disk);
+        Ok(())
+    }
+
+    // --- Target -----------------------------------------------------------------
+
+    /// Sends our bitmap to the source (non-zero runs of words).
+    async fn send_bitmap(&mut self, io: &mut Io) -> Result<(), Outcome> {
+        let words = self.engine.store.bitmap_words();
+        let mut i = 0;
+        while i < words.len() {
+            if words[i] == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < words.len() && words[i] != 0 && i - start < BITMAP_CHUNK_WORDS {
+                i += 1;
+            }
+            let chunk = Message::BitmapChunk { first_word: start as u64, words: words[start..i].to_vec() };
+            self.send(chunk, io).await?;
+        }
+        self.send(Message::BitmapEnd { total_words: words.len() as u64 }, io).await
+    }
+
+    async fn target(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<SyncKind>) -> Outcome {
+        match self.target_inner(io, theirs, plan).await {
+            Ok(o) | Err(o) => o,
+        }
+    }
+
+    async fn target_inner(
+        &mut self,
+        io: &mut Io,
+        theirs: &SyncInfo,
+        plan: Option<SyncKind>,
+    ) -> Result<Outcome, Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
+        // What we apply comes from the peer: no bits for it (the ring is
+        // pruned as records are written, see set_peer_written below).
+        store.set_tracking(false);
         let local = store.local_lsn();
         let mut t = Target { received: local, written: local, durable: local, acked: None, ..Target::default() };
         let _ =
-            self.tx.try_send(Message::State { role: Role::Secondary, disk: engine.meta().disk, out_of_sync_bytes: 0 });
+            self.tx.try_send(Message::State { role: engine.role(), disk: engine.meta().disk, out_of_sync_bytes: store.dirty_bytes() });
         let _ = self.tx.try_send(Message::Ack { received: local, written: local, durable: local });
         t.acked = Some((local, local, local));
-        engine.set_replication(ReplState::Established);
-        let my_role = Role::Secondary;
+        if plan == Some(SyncKind::Bitmap) {
+            self.send_bitmap(io).await?;
+        }
+        if plan.is_none() {
+            engine.set_replication(ReplState::Established);
+        }
+        let my_role = engine.role();
         let mut pending: VecDeque<(Pending, BoxFut<'static, Result<(), VolumeError>>)> = VecDeque::new();
         let mut flushing: Option<(Lsn, BoxFut<'_, Result<Lsn, VolumeError>>)> = None;
+        let mut syncing: Option<(u64, BoxFut<'_, Result<(), VolumeError>>)> = None;
         let mut since_ack = 0usize;
+        let mut last_data_sync = Instant::now();
         loop {
             if let Some(r) = io.stop_reason() {
-                return Outcome::Stopped(r);
+                return Ok(Outcome::Stopped(r));
             }
             self.ping();
             // A barrier (or the sync end) needs everything written first.
-            if flushing.is_none() && t.barrier > t.durable && t.written >= t.barrier {
+            let log_end = t.sync_end.is_some() && t.kind == Some(ResyncKind::Log);
+            let want_durable = if log_end { t.written } else { t.barrier };
+            if flushing.is_none() && want_durable > t.durable && t.written >= want_durable {
                 flushing = Some((t.written, store.flush()));
             }
-            if pending.is_empty() && t.sync_end.is_some() && flushing.is_none() {
+            // Resync data becomes durable in batches, and all of it before
+            // the last ack.
+            let ending = t.sync_end.is_some() && pending.is_empty();
+            if syncing.is_none()
+                && t.sync_written > t.sync_durable
+                && (ending
+                    || t.sync_written - t.sync_durable >= SYNC_DURABLE_BYTES
+                    || last_data_sync.elapsed() >= SYNC_DURABLE_EVERY)
+            {
+                syncing = Some((t.sync_written, store.sync_data_file()));
+                last_data_sync = Instant::now();
+            }
+            if ending && flushing.is_none() && syncing.is_none() && t.sync_durable >= t.sync_written {
                 let bytes = t.sync_end.take().unwrap_or(0);
-                if let Err(o) = self.finish_sync(&mut t, peer, bytes).await {
-                    return o;
-                }
+                self.finish_sync(&mut t, theirs, bytes).await?;
             }
             if since_ack >= ACK_EVERY || (since_ack > 0 && io.reader.buffered() == 0) || t.sync_dirty {
                 self.send_acks(&mut t);
                 since_ack = 0;
             }
-            // `repctl verify` here: the primary runs it.
-            if self.engine.verify.take_request() && self.tx.send(Message::VerifyRequest).await.is_err() {
-                return Outcome::PeerGone("connection closed (writer stopped)".into());
+            // `repctl verify` here: the source runs it (src/repl/verify.rs).
+            if engine.verify.take_request() {
+                self.send(Message::VerifyRequest, io).await?;
             }
-            // While a verify compare waits in `pending`, no frame is read (see verify.rs).
+            // While a verify compare waits in `pending`, no frame is read:
+            // the compare sees exactly the stream up to its digests.
             let reading = t.sync_end.is_none() && !io.verify.gate;
             let deadline = self.silence_deadline();
+            let data_sync_due = last_data_sync + SYNC_DURABLE_EVERY;
             tokio::select! {
                 biased;
                 done = async {
@@ -547,24 +850,18 @@ impl Session {
                 } => {
                     let Some((what, _)) = pending.pop_front() else { continue };
                     if let Err(e) = done {
-                        return Outcome::Failed(format!("applying the primary's stream: {e}"));
+                        return Err(Outcome::Failed(format!("applying the peer's stream: {e}")));
                     }
                     match what {
                         Pending::Record { lsn, fua } => {
                             t.written = t.written.max(lsn);
+                            store.set_peer_written(t.written);
                             if fua {
                                 t.durable = t.durable.max(lsn);
                             }
                         }
-                        Pending::Sync { len } => {
-                            t.sync_done += len;
-                            t.sync_dirty = true;
-                        }
-                        Pending::Verify(job) => {
-                            if let Err(o) = self.verify_target_done(io, job).await {
-                                return o;
-                            }
-                        }
+                        Pending::Sync { len } => t.sync_written += len,
+                        Pending::Verify(job) => self.verify_target_done(io, job).await?,
                     }
                     since_ack += 1;
                 }
@@ -576,37 +873,46 @@ impl Session {
                 } => {
                     let upto = flushing.take().map_or(0, |(w, _)| w);
                     if let Err(e) = r {
-                        return Outcome::Failed(format!("flush on the secondary: {e}"));
+                        return Err(Outcome::Failed(format!("flush on the sync target: {e}")));
                     }
                     t.durable = t.durable.max(upto);
                     since_ack += 1;
                 }
+                r = async {
+                    match syncing.as_mut() {
+                        Some((_, f)) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let upto = syncing.take().map_or(0, |(w, _)| w);
+                    if let Err(e) = r {
+                        return Err(Outcome::Failed(format!("syncing the resync data: {e}")));
+                    }
+                    t.sync_durable = t.sync_durable.max(upto);
+                    t.sync_dirty = true;
+                }
                 r = io.reader.read(), if reading => match self.frame_result(r) {
-                    Tick::Out(o) => return o,
+                    Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
                     Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
-                        match io.verify.target_digests(&engine, offset, block, digests) {
-                            Ok((job, compare)) => pending.push_back((Pending::Verify(job), compare)),
-                            Err(e) => return Outcome::Failed(format!("verify: {e}")),
-                        }
+                        let (job, compare) = io
+                            .verify
+                            .target_digests(&engine, offset, block, digests)
+                            .map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
+                        pending.push_back((Pending::Verify(job), compare));
                     }
-                    Tick::Frame(m) if m.is_verify() => {
-                        if let Err(o) = self.verify_message(io, m).await {
-                            return o;
-                        }
-                    }
+                    Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,
                     Tick::Frame(m) => {
                         since_ack += 1;
-                        if let Err(o) = self.target_frame(&mut t, &mut pending, m, peer).await {
-                            return o;
-                        }
+                        self.target_frame(&mut t, &mut pending, m, theirs).await?;
                     }
                 },
+                _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
                 _ = sleep_until(self.next_ping.into()) => {}
-                _ = sleep_until(deadline.into()), if reading => return self.silent(),
+                _ = sleep_until(deadline.into()), if reading => return Ok(self.silent()),
                 _ = engine.verify.wake.notified() => {}
                 _ = io.stop.changed() => {}
-                _ = role_changed(&mut io.role_rx, my_role) => return Outcome::Stopped(StopReason::RoleChange),
+                _ = role_changed(&mut io.role_rx, my_role) => return Ok(Outcome::Stopped(StopReason::RoleChange)),
             }
         }
     }
@@ -616,7 +922,7 @@ impl Session {
         t: &mut Target,
         pending: &mut VecDeque<(Pending, BoxFut<'static, Result<(), VolumeError>>)>,
         m: Message,
-        peer: &PeerInfo,
+        theirs: &SyncInfo,
     ) -> Result<(), Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = &engine.store;
@@ -631,65 +937,139 @@ impl Session {
                 record(lsn, FeedOp::Zeroes { offset, len, punch }, fua, t, pending)
             }
             Message::Barrier { upto_lsn } => t.barrier = t.barrier.max(upto_lsn),
-            Message::SyncStart { total_bytes, start_lsn, .. } => {
-                // Nothing is in flight at the start of a session; drain anyway.
-                while let Some((_, f)) = pending.pop_front() {
-                    f.await.map_err(|e| Outcome::Failed(format!("applying before the sync: {e}")))?;
+            Message::SyncStart { kind: ResyncKind::Log, total_bytes, start_lsn } => {
+                if start_lsn != t.received {
+                    return Err(Outcome::Failed(format!(
+                        "log catch-up from LSN {start_lsn}, but this node is at {}",
+                        t.received
+                    )));
                 }
-                tracing::info!(peer = %peer.node, bytes = total_bytes, start_lsn, "full sync from the peer starts: disk inconsistent until done");
-                engine
-                    .store_disk(DiskState::Inconsistent, None)
+                let meta = engine.meta();
+                if meta.disk == DiskState::UpToDate {
+                    // Promotable throughout, but not the newest data.
+                    engine
+                        .store_disk(DiskState::Consistent, None)
+                        .map_err(|e| Outcome::Failed(format!("cannot record the disk as consistent: {e}")))?;
+                }
+                tracing::info!(peer = %self.peer_name, from = start_lsn + 1, "log catch-up from the peer starts: disk consistent until done");
+                t.kind = Some(ResyncKind::Log);
+                t.sync_total = total_bytes;
+                let _ = self.tx.try_send(Message::State {
+                    role: engine.role(),
+                    disk: engine.meta().disk,
+                    out_of_sync_bytes: 0,
+                });
+                engine.set_replication(ReplState::SyncTarget);
+                engine.sync_started(ResyncKind::Log, total_bytes, "target");
+            }
+            Message::SyncStart { kind, total_bytes, start_lsn } => {
+                // Records before the resync (a log catch-up that fell back)
+                // are applied first.
+                while let Some((_, f)) = pending.pop_front() {
+                    f.await.map_err(|e| Outcome::Failed(format!("applying before the resync: {e}")))?;
+                }
+                tracing::info!(peer = %self.peer_name, %kind, bytes = total_bytes, start_lsn, "resync from the peer starts: disk inconsistent until done");
+                // Inconsistent, in the source's generation: a restart of
+                // either side resumes this resync (the source keeps its bits
+                // until we ack the data durable).
+                let mut meta = engine.meta();
+                let src = theirs.gen_ids.current;
+                let g = &mut meta.gen_ids;
+                if g.current != src {
+                    if g.current != 0 {
+                        g.history = [g.current, g.history[0], g.history[1], g.history[2]];
+                    }
+                    g.current = src;
+                }
+                g.bitmap = 0;
+                meta.gen_created_ms = theirs.gen_created_ms;
+                meta.disk = DiskState::Inconsistent;
+                let from = engine.meta().disk;
+                store
+                    .store_meta(meta)
                     .map_err(|e| Outcome::Failed(format!("cannot record the disk as inconsistent: {e}")))?;
+                if from != DiskState::Inconsistent {
+                    engine.emit("disk-changed", serde_json::json!({ "disk": DiskState::Inconsistent, "from": from }));
+                }
                 store
                     .rebase_log(start_lsn)
                     .await
                     .map_err(|e| Outcome::Failed(format!("cannot rebase the log at {start_lsn}: {e}")))?;
+                store.set_peer_written(start_lsn);
                 t.received = start_lsn;
                 t.written = start_lsn;
                 t.durable = start_lsn;
                 t.barrier = 0;
+                t.kind = Some(kind);
                 t.sync_total = total_bytes;
-                t.sync_done = 0;
+                t.sync_written = 0;
+                t.sync_durable = 0;
                 t.acked = None;
                 self.last_rx = Instant::now();
                 let _ = self.tx.try_send(Message::State {
-                    role: Role::Secondary,
+                    role: engine.role(),
                     disk: DiskState::Inconsistent,
                     out_of_sync_bytes: total_bytes,
                 });
                 engine.set_replication(ReplState::SyncTarget);
-                engine.set_resync(Some(Resync { done_bytes: 0, total_bytes, started: Instant::now() }));
-                engine.emit("sync-started", serde_json::json!({ "peer": peer.node, "role": "target", "total_bytes": total_bytes, "kind": "full" }));
+                engine.sync_started(kind, total_bytes, "target");
             }
             Message::SyncData { offset, data } => {
+                if !matches!(t.kind, Some(ResyncKind::Bitmap | ResyncKind::Full)) {
+                    return self.unexpected(Side::Target, Message::SyncData { offset, data });
+                }
                 let len = data.len() as u64;
                 pending.push_back((Pending::Sync { len }, store.apply_sync_data(offset, data)));
             }
-            Message::SyncEnd { bytes } => t.sync_end = Some(bytes),
-            other => return Err(Outcome::Failed(format!("unexpected {} from the primary", other.name()))),
+            Message::SyncEnd { bytes } if t.kind.is_some() => t.sync_end = Some(bytes),
+            other => self.unexpected(Side::Target, other)?,
         }
         Ok(())
     }
 
-    /// Everything of the sync is applied: sync the data file, record the
-    /// disk as uptodate with the primary's generation, tell the primary.
-    async fn finish_sync(&mut self, t: &mut Target, peer: &PeerInfo, bytes: u64) -> Result<(), Outcome> {
+    /// Everything of the resync is applied and durable: record the disk as
+    /// uptodate (consistent if the source is not uptodate) in the source's
+    /// generation, clear our bits, tell the source.
+    async fn finish_sync(&mut self, t: &mut Target, theirs: &SyncInfo, bytes: u64) -> Result<(), Outcome> {
         let engine = Arc::clone(&self.engine);
-        engine.store.finish_sync().await.map_err(|e| Outcome::Failed(format!("finishing the full sync: {e}")))?;
-        engine
-            .store_disk(DiskState::UpToDate, Some(peer.gen_ids))
-            .map_err(|e| Outcome::Failed(format!("cannot record the disk as uptodate: {e}")))?;
-        // finish_sync made everything applied durable.
+        let store = &engine.store;
+        let kind = t.kind.take().unwrap_or(ResyncKind::Full);
+        if kind != ResyncKind::Log {
+            store.finish_sync().await.map_err(|e| Outcome::Failed(format!("finishing the resync: {e}")))?;
+            // The source's data replaced every block we had marked.
+            store.clear_range(0, store.size());
+            store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap: {e}")))?;
+        }
+        let disk = if theirs.disk == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Consistent };
+        let mut meta = engine.meta();
+        let from = meta.disk;
+        let g = &mut meta.gen_ids;
+        if g.current != theirs.gen_ids.current {
+            if g.current != 0 {
+                g.history = [g.current, g.history[0], g.history[1], g.history[2]];
+            }
+            g.current = theirs.gen_ids.current;
+        }
+        if store.dirty_bytes() == 0 {
+            g.bitmap = 0;
+        }
+        meta.gen_created_ms = theirs.gen_created_ms;
+        meta.disk = disk;
+        store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the disk as {disk}: {e}")))?;
+        if from != disk {
+            engine.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
+        }
+        // finish_sync / the flush made everything applied durable.
         t.durable = t.durable.max(t.written);
-        t.sync_done = bytes.max(t.sync_done);
+        t.sync_durable = bytes.max(t.sync_durable);
+        t.sync_written = t.sync_durable;
         self.last_rx = Instant::now();
-        tracing::info!(peer = %peer.node, bytes, "full sync done: disk uptodate");
-        engine.emit("sync-finished", serde_json::json!({ "peer": peer.node, "role": "target", "bytes": bytes }));
-        engine.set_resync(None);
+        tracing::info!(peer = %self.peer_name, %kind, bytes, "resync done: disk {disk}");
+        engine.sync_finished(kind, bytes, "target");
         engine.set_replication(ReplState::Established);
-        let _ =
-            self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
+        let _ = self.tx.try_send(Message::State { role: engine.role(), disk, out_of_sync_bytes: 0 });
         t.sync_dirty = true;
+        t.sync_total = t.sync_total.max(1);
         self.send_acks(t);
         Ok(())
     }
@@ -706,7 +1086,7 @@ impl Session {
         app_waiting: bool,
     ) -> Result<(), Outcome> {
         if let Some(start) = io.verify.start_if_requested(&self.engine, mode, syncing) {
-            self.tx.send(start).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))?;
+            self.send(start, io).await?;
         }
         io.verify.queue_reads(&self.engine.store, app_waiting).map_err(|e| Outcome::Failed(format!("verify read: {e}")))
     }
@@ -715,7 +1095,7 @@ impl Session {
     async fn verify_message(&mut self, io: &mut Io, m: Message) -> Result<(), Outcome> {
         let (reply, after) = io.verify.on_message(&self.engine, m).map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
         if let Some(r) = reply {
-            self.tx.send(r).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))?;
+            self.send(r, io).await?;
         }
         match after {
             After::Continue => Ok(()),
@@ -726,7 +1106,7 @@ impl Session {
     /// Target: a compare ran; its result goes to the source.
     async fn verify_target_done(&mut self, io: &mut Io, job: TargetJob) -> Result<(), Outcome> {
         let result = io.verify.target_done(&self.engine, job);
-        self.tx.send(result).await.map_err(|_| Outcome::PeerGone("connection closed (writer stopped)".into()))
+        self.send(result, io).await
     }
 
     fn send_acks(&mut self, t: &mut Target) {
@@ -737,29 +1117,120 @@ impl Session {
                 Err(_) => return, // queue full: cumulative, sent later
             }
         }
-        if t.sync_dirty && t.sync_total > 0 {
-            if self.tx.try_send(Message::SyncAck { done_bytes: t.sync_done }).is_ok() {
+        if t.sync_dirty {
+            if self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable }).is_ok() {
                 t.sync_dirty = false;
-                if let Some(r) = self.engine.view_mut().resync.as_mut() {
-                    r.done_bytes = t.sync_done;
-                }
+                self.engine.sync_progress(t.sync_durable);
             }
-        } else {
-            t.sync_dirty = false;
         }
     }
 }
 
-struct SyncSource {
-    total: u64,
+/// A bitmap or full resync on the source: the walk over the set bits.
+struct Walk {
+    kind: ResyncKind,
+    /// Next offset to look for set bits at.
+    cursor: u64,
+    scan_done: bool,
     /// Bytes of sync reads queued.
     queued: u64,
     /// Bytes of sync data seen in the feed.
     seen: u64,
-    end_sent: bool,
-    /// Bytes the peer acknowledged.
+    /// Bytes the target has durable (cumulative, in queue order).
     done: u64,
+    /// Queued chunks not yet durable: (cumulative end, offset, len).
+    chunks: VecDeque<(u64, u64, u64)>,
+    end_sent: bool,
     started: Instant,
+}
+
+impl Walk {
+    fn new(kind: ResyncKind) -> Walk {
+        Walk {
+            kind,
+            cursor: 0,
+            scan_done: false,
+            queued: 0,
+            seen: 0,
+            done: 0,
+            chunks: VecDeque::new(),
+            end_sent: false,
+            started: Instant::now(),
+        }
+    }
+
+    /// Queues sync reads of the next set runs while the window (adaptive,
+    /// smaller while an application write waits) and the rate cap allow.
+    /// Returns when to look again if the rate cap holds the walk back.
+    fn queue_reads(
+        &mut self,
+        store: &dyn super::store::ReplStore,
+        app_waiting: bool,
+        rate: Option<u64>,
+    ) -> Result<Option<Instant>, Outcome> {
+        let secs = self.started.elapsed().as_secs_f64();
+        let speed = if secs > 0.0 { self.done as f64 / secs } else { 0.0 };
+        let window = if app_waiting {
+            SYNC_CHUNK
+        } else {
+            ((speed * SYNC_AHEAD.as_secs_f64()) as u64).clamp(SYNC_WINDOW_MIN, SYNC_WINDOW)
+        };
+        while !self.scan_done && self.queued - self.done < window {
+            if let Some(r) = rate {
+                // Allowed so far: rate x elapsed, plus one chunk to start.
+                let allowed = (r as f64 * self.started.elapsed().as_secs_f64()) as u64 + SYNC_CHUNK;
+                if self.queued >= allowed {
+                    let at = Duration::from_secs_f64((self.queued - SYNC_CHUNK) as f64 / r as f64);
+                    return Ok(Some(self.started + at));
+                }
+            }
+            match store.dirty_run(self.cursor, SYNC_CHUNK) {
+                None => self.scan_done = true,
+                Some((off, len)) => {
+                    let len = len.min(SYNC_CHUNK);
+                    if len == 0 || off < self.cursor {
+                        return Err(Outcome::Failed(format!(
+                            "the bitmap returned an empty or backward run ({off}, {len}) at {}",
+                            self.cursor
+                        )));
+                    }
+                    store
+                        .queue_sync_read(off, len as u32)
+                        .map_err(|e| Outcome::Failed(format!("resync read at {off}: {e}")))?;
+                    self.queued += len;
+                    self.chunks.push_back((self.queued, off, len));
+                    self.cursor = off + len;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The target has `done` bytes durable: clear the bits of every chunk
+    /// wholly inside.
+    fn acked(&mut self, store: &dyn super::store::ReplStore, done: u64) {
+        self.done = self.done.max(done.min(self.queued));
+        while let Some(&(end, off, len)) = self.chunks.front() {
+            if end > self.done {
+                break;
+            }
+            store.clear_range(off, len);
+            self.chunks.pop_front();
+        }
+    }
+}
+
+/// A log catch-up on the source.
+struct Catchup {
+    reader: Box<dyn LogSource>,
+    /// The next LSN to send.
+    next: Lsn,
+    /// The last LSN of the catch-up (the feed starts after it).
+    base: Lsn,
+    bytes: u64,
+    end_sent: bool,
+    /// Every bit we had at the start came from records the catch-up sends.
+    bits_before: bool,
 }
 
 #[derive(Default)]
@@ -770,8 +1241,13 @@ struct Target {
     /// Highest barrier asked for.
     barrier: Lsn,
     acked: Option<(Lsn, Lsn, Lsn)>,
+    /// The resync in progress.
+    kind: Option<ResyncKind>,
     sync_total: u64,
-    sync_done: u64,
+    /// Resync bytes written (not yet durable).
+    sync_written: u64,
+    /// Resync bytes durable (what SyncAck reports).
+    sync_durable: u64,
     sync_dirty: bool,
     /// SyncEnd received: finish once everything before it is applied.
     sync_end: Option<u64>,
@@ -793,15 +1269,26 @@ async fn role_changed(rx: &mut watch::Receiver<Role>, from: Role) {
     }
 }
 
+fn op_bytes(op: &FeedOp) -> u64 {
+    match op {
+        FeedOp::Write { data, .. } => data.len() as u64,
+        FeedOp::Trim { len, .. } | FeedOp::Zeroes { len, .. } => u64::from(*len),
+    }
+}
+
+fn record_message(lsn: Lsn, op: FeedOp, fua: bool) -> Message {
+    match op {
+        FeedOp::Write { offset, data } => Message::Write { lsn, offset, fua, data },
+        FeedOp::Trim { offset, len } => Message::Trim { lsn, offset, len, fua },
+        FeedOp::Zeroes { offset, len, punch } => Message::Zeroes { lsn, offset, len, punch, fua },
+    }
+}
+
 /// The frame of a feed item; `None` for verify data, which the session
 /// turns into digests (src/repl/verify.rs).
 fn item_to_message(item: FeedItem) -> Option<Message> {
     Some(match item {
-        FeedItem::Record { lsn, op, fua } => match op {
-            FeedOp::Write { offset, data } => Message::Write { lsn, offset, fua, data },
-            FeedOp::Trim { offset, len } => Message::Trim { lsn, offset, len, fua },
-            FeedOp::Zeroes { offset, len, punch } => Message::Zeroes { lsn, offset, len, punch, fua },
-        },
+        FeedItem::Record { lsn, op, fua } => record_message(lsn, op, fua),
         FeedItem::Barrier { upto } => Message::Barrier { upto_lsn: upto },
         FeedItem::SyncData { offset, data } => Message::SyncData { offset, data },
         FeedItem::VerifyData { .. } => return None,

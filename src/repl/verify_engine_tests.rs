@@ -38,6 +38,8 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16) -> EngineConfig {
         max_connect_retry: Duration::from_millis(200),
         max_buffer: 64 << 20,
         on_peer_loss: OnPeerLoss::Continue,
+        resync_rate: None,
+        split_brain: Default::default(),
     }
 }
 
@@ -164,8 +166,18 @@ async fn verify_asked_on_the_secondary_finds_corruption_and_marks_both_sides() {
     assert_eq!(target.out_of_sync_bytes, 3 * 4096, "{target:?}");
     assert!(p.a.dirty_bytes() >= a_dirty + 3 * 4096, "the source marked the blocks");
     assert!(p.b.dirty_bytes() >= b_dirty + 3 * 4096, "the target marked the blocks");
-    // Differences renegotiate the link; it comes back.
-    until("reconnected", Duration::from_secs(10), || established(&p.alpha) && established(&p.beta)).await;
+    // Differences renegotiate the link; the bitmap resync moves the marked
+    // blocks from the primary.
+    until("repaired by the resync", Duration::from_secs(20), || {
+        established(&p.alpha) && established(&p.beta) && p.a.data() == p.b.data()
+    })
+    .await;
+    let d = p.alpha.view().decision.expect("a decision was recorded");
+    assert!(d.result.contains("bitmap"), "only the marked blocks move: {d:?}");
+    until("bits cleared", Duration::from_secs(10), || p.a.dirty_bytes() == 0 && p.b.dirty_bytes() == 0).await;
+    let again = p.alpha.request_verify().expect("verify again");
+    assert_eq!(again["source"], "alpha");
+    assert_eq!(verify_report(&p.alpha, 1).await.out_of_sync_bytes, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

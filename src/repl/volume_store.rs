@@ -145,9 +145,9 @@ impl ReplStore for VolumeStore {
         Box::pin(async move { v.read(offset, len).await })
     }
 
-    // INTERIM (like the bitmap methods above): every block already counts
-    // as dirty until the volume's bitmap is merged.
-    fn mark_range(&self, _offset: u64, _len: u64) {}
+    fn mark_range(&self, offset: u64, len: u64) {
+        self.0.mark_range(offset, len);
+    }
 
     fn log_first_lsn(&self) -> Lsn {
         self.0.status().local_lsn + 1

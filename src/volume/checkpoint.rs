@@ -8,13 +8,19 @@
 //! 2. fdatasyncs the data file (every write `<= A` was applied before `A`
 //!    was published), which also makes in-place writes `<= A` durable;
 //!    only now is `A` published as the durable LSN;
-//! 3. writes the superblock: checkpoint LSN `A`, replay from the last
-//!    segment whose first LSN is `<= A + 1`;
-//! 4. recycles the segments entirely below that one (renamed to spares, at
-//!    most `segment::MAX_SPARES` (2) kept, the rest removed), unless a segment
-//!    holds LSNs at or above the minimum retained LSN (the hook a later
-//!    issue uses to keep records a peer still needs), then syncs `wal/`;
-//! 5. forgets the replayable ranges of records `<= A` (they are never
+//! 3. chooses the segments entirely below the new replay segment (the
+//!    last one whose first LSN is `<= A + 1`) to recycle: all of them but
+//!    those holding LSNs at or above the minimum retained LSN (records a
+//!    peer still needs), and a liftable hold keeps at most `wal_retain`
+//!    bytes of them (beyond it the oldest go and the hold is lifted);
+//! 4. moves the unacked-ring entries of the records in those segments into
+//!    the bitmap ("mark before drop", see tracking.rs) and persists the
+//!    dirty bitmap pages (written, then one fdatasync of `meta`);
+//! 5. writes the superblock: checkpoint LSN `A`, the replay segment, the
+//!    peer's written LSN and the bitmap base;
+//! 6. recycles the chosen segments (renamed to spares, at most
+//!    `segment::MAX_SPARES` (2) kept, the rest removed), then syncs `wal/`;
+//! 7. forgets the replayable ranges of records `<= A` (they are never
 //!    replayed again), so later large writes there may go in place.
 //!
 //! The checkpointer thread runs one when `checkpoint_bytes` of WAL were
@@ -86,11 +92,31 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
         .or(segs.first())
         .map(|(seq, _, _)| *seq)
         .unwrap_or(1);
+    // Mark before drop: the records of the segments to recycle that the
+    // peer may lack get their bits, persisted before the superblock.
+    let plan = plan_recycle(s, replay_seq);
+    let (peer_written, base_lsn) = {
+        let mut t = parking::lock(&s.tracker);
+        if let Some(last) = plan.last_lsn {
+            let n = t.mark_ring_upto(last);
+            if n > 0 {
+                tracing::info!(
+                    records = n,
+                    upto_lsn = last,
+                    "WAL records the peer has not acknowledged are dropped: marked out of sync"
+                );
+            }
+        }
+        (t.peer_written, t.base_lsn)
+    };
+    super::tracking::persist(s)?;
     {
         let mut meta = parking::lock(&s.meta);
         let mut sb = meta.current().clone();
         sb.checkpoint_lsn = applied;
         sb.replay_seq = replay_seq;
+        sb.peer_written_lsn = peer_written;
+        sb.bitmap_base_lsn = base_lsn;
         if clean {
             sb.flags |= FLAG_CLEAN_SHUTDOWN;
         } else {
@@ -105,41 +131,70 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
     s.ckpt_wal_written.store(written, Ordering::Release);
     // Records up to `applied` are never replayed again.
     parking::lock(&s.replay_ranges).prune(applied);
-    tracing::debug!(lsn = applied, replay_seq, "checkpoint");
-    recycle(s, replay_seq);
+    tracing::debug!(lsn = applied, replay_seq, peer_written, "checkpoint");
+    parking::lock(&s.wal).replay_seq = replay_seq;
+    recycle(s, plan.count);
     s.space.notify_all();
     Ok(())
 }
 
-/// Retires live segments below `replay_seq` that hold no retained LSN.
-/// A failure here loses nothing (the files stay and are retried), so it is
-/// logged, not fatal.
-fn recycle(s: &Shared, replay_seq: u64) {
+/// The segments a checkpoint recycles: the first `count` live ones, whose
+/// last record is `last_lsn`.
+#[derive(Debug, Default)]
+struct RecyclePlan {
+    count: usize,
+    last_lsn: Option<super::Lsn>,
+}
+
+/// Chooses the live segments below `replay_seq` to recycle: those holding
+/// no retained LSN, and, under a liftable hold (`set_retain_after`), the
+/// oldest held ones beyond `wal_retain` bytes (the hold is then lifted:
+/// the peer can no longer be caught up from the log). Only the
+/// checkpointer (under `ckpt_lock`) removes segments, so the plan stays
+/// valid until [`recycle`] runs it.
+fn plan_recycle(s: &Shared, replay_seq: u64) -> RecyclePlan {
     let mut min_retained = s.min_retained_lsn.load(Ordering::Acquire);
-    let mut files = parking::lock(&s.wal);
-    let mut changed = false;
-    while files.live.len() > 1 && files.live[0].seq < replay_seq {
-        let last_lsn = files.live[1].first_lsn.saturating_sub(1);
+    let files = parking::lock(&s.wal);
+    let retain = s.wal_retain.load(Ordering::Acquire);
+    let mut plan = RecyclePlan::default();
+    let mut i = 0;
+    while i + 1 < files.live.len() && files.live[i].seq < replay_seq {
+        let last_lsn = files.live[i + 1].first_lsn.saturating_sub(1);
         if last_lsn >= min_retained {
-            if files.live_bytes() <= s.wal_limit || !s.retention_liftable.load(Ordering::Acquire) {
+            let held: u64 = files.live.iter().skip(i).filter(|l| l.seq < replay_seq).map(|l| l.len).sum();
+            if held <= retain || !s.retention_liftable.load(Ordering::Acquire) {
                 break;
             }
-            // The peer fell too far behind: keeping its records would stop
-            // local writes. Lift the hold (the peer needs a full sync).
             s.min_retained_lsn.store(u64::MAX, Ordering::Release);
             s.retention_lifted.store(true, Ordering::Release);
             tracing::warn!(
                 retained_from_lsn = min_retained,
-                wal_bytes = files.live_bytes(),
-                limit = s.wal_limit,
-                "WAL full: no longer keeping the records the peer has not made durable; it needs a full sync"
+                retained_bytes = held,
+                wal_retain = retain,
+                "WAL kept for the peer exceeds wal_retain: its records are marked out of sync and dropped; \
+                 the peer can no longer be caught up from the log"
             );
             min_retained = u64::MAX;
         }
+        plan.count = i + 1;
+        plan.last_lsn = Some(last_lsn);
+        i += 1;
+    }
+    plan
+}
+
+/// Retires the first `count` live segments (see [`plan_recycle`]).
+/// A failure here loses nothing (the files stay and are retried), so it is
+/// logged, not fatal.
+fn recycle(s: &Shared, count: usize) {
+    let mut files = parking::lock(&s.wal);
+    let mut changed = false;
+    for _ in 0..count {
         let Some(seg) = files.live.pop_front() else { break };
         let path = seg.file.path().to_path_buf();
         if let Err(e) = segment::retire(&*s.io, &mut files, &path) {
             tracing::warn!(path = %path.display(), error = %e, "could not recycle WAL segment; it is retried at the next open");
+            files.live.push_front(seg);
             break;
         }
         tracing::debug!(seq = seg.seq, path = %path.display(), "WAL segment recycled");
@@ -193,7 +248,11 @@ pub(crate) fn run(s: Arc<Shared>) {
             continue;
         }
         let pending = s.wal_written.load(Ordering::Acquire).saturating_sub(s.ckpt_wal_written.load(Ordering::Acquire));
-        let full = parking::lock(&s.wal).live_bytes() > s.wal_limit;
+        let full = {
+            let w = parking::lock(&s.wal);
+            let total = s.wal_limit.saturating_add(s.wal_retain.load(Ordering::Acquire));
+            w.unchecked_bytes() > s.wal_limit || w.live_bytes() > total
+        };
         let due = pending >= s.checkpoint_bytes || full || (pending > 0 && last.elapsed() >= s.checkpoint_interval);
         if due {
             // A failure already stopped the volume and was logged.

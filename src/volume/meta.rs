@@ -1,25 +1,35 @@
 //! The superblock: the node's metadata, kept in `dir/meta`.
 //!
-//! The file is [`META_FILE_SIZE`] bytes: two 4 KiB superblock slots at
-//! offsets 0 and 4096, then room reserved for the persistent dirty bitmap of
-//! a later issue. An update writes the slot *not* holding the newest valid
-//! copy and fdatasyncs it; a read takes the valid slot with the highest
-//! update counter. A torn superblock write therefore never loses the
-//! previous state.
+//! The file holds two 4 KiB superblock slots at offsets 0 and 4096, then
+//! the persistent dirty bitmap: [`bitmap::pages_for`] 4 KiB pages from
+//! offset 8192 ([`meta_file_size`]). An update writes the slot *not*
+//! holding the newest valid copy and fdatasyncs it; a read takes the valid
+//! slot with the highest update counter. A torn superblock write therefore
+//! never loses the previous state. Bitmap pages are written in place, each
+//! with its own CRC; a torn page reads as all ones (see `tracking.rs`).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Lsn, VolumeError};
+use super::{Lsn, VolumeError, bitmap};
 use crate::io::{IoEngine, IoFile, IoOp};
 
 /// Size of one superblock slot.
 pub const SLOT_SIZE: usize = 4096;
-/// Size of the `meta` file (two slots + reserved bitmap area).
-pub const META_FILE_SIZE: u64 = 1 << 20;
+/// Offset of the first bitmap page in the `meta` file.
+pub const BITMAP_OFFSET: u64 = 2 * SLOT_SIZE as u64;
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBLKMETA");
-pub const SUPERBLOCK_VERSION: u32 = 1;
+/// Format version: 1 (issue 2, no bitmap), 2 (issue 4: bitmap granularity,
+/// bitmap pages after the slots, bitmap_base_lsn, peer_written_lsn,
+/// gen_created_ms). Version 1 is refused (run `create-md --force`).
+pub const SUPERBLOCK_VERSION: u32 = 2;
+
+/// Size of the `meta` file of a volume of `size` bytes at `granularity`:
+/// the two slots and the bitmap pages.
+pub fn meta_file_size(size: u64, granularity: u32) -> u64 {
+    BITMAP_OFFSET + (bitmap::pages_for(size, granularity) * bitmap::PAGE_SIZE) as u64
+}
 /// Longest resource or node name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 
@@ -87,7 +97,7 @@ impl std::fmt::Display for DiskState {
 //
 // | off  | size | field                                             |
 // |    0 |    8 | magic "RBLKMETA"                                  |
-// |    8 |    4 | format version (1)                                |
+// |    8 |    4 | format version (2)                                |
 // |   12 |    4 | flags (bit 0: CLEAN_SHUTDOWN)                     |
 // |   16 |    8 | update counter (the newest valid slot wins)       |
 // |   24 |   16 | volume uuid (random, made by create-md)           |
@@ -105,7 +115,17 @@ impl std::fmt::Display for DiskState {
 // |  121 |   64 | resource name (UTF-8, zero padded)                |
 // |  185 |    1 | node name length (<= 64)                          |
 // |  186 |   64 | node name (UTF-8, zero padded)                    |
-// |  250 | 3842 | reserved (zero)                                   |
+// |  250 |    6 | reserved (zero)                                   |
+// |  256 |    4 | bitmap granularity in bytes (power of two,        |
+// |      |      |   4 KiB..1 MiB, fixed at create-md)               |
+// |  260 |    4 | reserved (zero)                                   |
+// |  264 |    8 | bitmap_base_lsn: the bitmap covers every block    |
+// |      |      |   written by a record with LSN > it               |
+// |  272 |    8 | peer_written_lsn: the peer had written every      |
+// |      |      |   record <= it (recovery re-marks the records     |
+// |      |      |   above it found in the retained WAL)             |
+// |  280 |    8 | gen_created_ms: unix ms when gen_current was made |
+// |  288 | 3804 | reserved (zero)                                   |
 // | 4092 |    4 | crc32c over bytes 0..4092                         |
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Superblock {
@@ -122,6 +142,14 @@ pub struct Superblock {
     pub gen_history: [u64; 4],
     pub resource: String,
     pub node: String,
+    /// Bytes per bitmap bit.
+    pub bitmap_granularity: u32,
+    /// The bitmap covers every block written by a record with LSN > it.
+    pub bitmap_base_lsn: Lsn,
+    /// The peer had written every record <= it (as of the last checkpoint).
+    pub peer_written_lsn: Lsn,
+    /// Unix milliseconds when `gen_current` was made (0: unknown).
+    pub gen_created_ms: u64,
 }
 
 impl Superblock {
@@ -156,6 +184,10 @@ impl Superblock {
         b[121..121 + self.resource.len()].copy_from_slice(self.resource.as_bytes());
         b[185] = self.node.len() as u8;
         b[186..186 + self.node.len()].copy_from_slice(self.node.as_bytes());
+        b[256..260].copy_from_slice(&self.bitmap_granularity.to_le_bytes());
+        b[264..272].copy_from_slice(&self.bitmap_base_lsn.to_le_bytes());
+        b[272..280].copy_from_slice(&self.peer_written_lsn.to_le_bytes());
+        b[280..288].copy_from_slice(&self.gen_created_ms.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SLOT_SIZE - 4]);
         b[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
@@ -183,8 +215,10 @@ impl Superblock {
         }
         let version = u32_at(8);
         if version != SUPERBLOCK_VERSION {
-            return Err(format!("unsupported format version {version} (this build reads {SUPERBLOCK_VERSION})"));
+            return Err(format!("{OLD_VERSION_PREFIX}{version} (this build reads {SUPERBLOCK_VERSION})"));
         }
+        let bitmap_granularity = u32_at(256);
+        bitmap::validate_granularity(bitmap_granularity).map_err(|e| format!("bitmap granularity {e}"))?;
         let disk_state = DiskState::from_u8(b[52]).ok_or_else(|| format!("unknown disk state {}", b[52]))?;
         let name = |off: usize, what: &str| -> Result<String, String> {
             let len = b[off] as usize;
@@ -213,8 +247,20 @@ impl Superblock {
             gen_history,
             resource: name(120, "resource")?,
             node: name(185, "node")?,
+            bitmap_granularity,
+            bitmap_base_lsn: u64_at(264),
+            peer_written_lsn: u64_at(272),
+            gen_created_ms: u64_at(280),
         })
     }
+}
+
+/// How [`Superblock::decode`] reports another format version.
+const OLD_VERSION_PREFIX: &str = "unsupported format version ";
+
+/// The version a slot's decode error names, if it is a version error.
+fn version_of(err: &str) -> Option<u32> {
+    err.strip_prefix(OLD_VERSION_PREFIX)?.split(' ').next()?.parse().ok()
 }
 
 /// The open `meta` file and the newest superblock in it.
@@ -258,22 +304,111 @@ impl MetaStore {
                 (b, 1)
             }
             (Err(ea), Err(eb)) => {
+                if let Some(version) = version_of(&ea).or_else(|| version_of(&eb)) {
+                    return Err(VolumeError::OldFormat { path, version });
+                }
                 return Err(VolumeError::BadSuperblock { path, reason: format!("slot 0: {ea}; slot 1: {eb}") });
             }
         };
         Ok(MetaStore { file, path, current, slot })
     }
 
-    /// Writes a fresh superblock into slot 0 and clears slot 1 (create-md).
+    /// Writes a fresh superblock into slot 0, clears slot 1 and writes an
+    /// empty bitmap (every page with its CRC) (create-md). The bitmap goes
+    /// first: the superblock makes the file valid.
     pub(crate) fn create(io: &dyn IoEngine, file: IoFile, sb: Superblock) -> Result<MetaStore, VolumeError> {
         let path = file.path().to_path_buf();
         let enc = sb.encode().map_err(|reason| VolumeError::Invalid { what: "superblock".into(), reason })?;
         let mut both = enc;
         both.resize(2 * SLOT_SIZE, 0);
-        io.set_len(&file, META_FILE_SIZE).map_err(|e| VolumeError::io(&path, e))?;
-        io.submit(&mut [IoOp::Write { file: &file, offset: 0, buf: &both }]).map_err(|e| VolumeError::io(&path, e))?;
-        io.sync_data(&file).map_err(|e| VolumeError::io(&path, e))?;
-        Ok(MetaStore { file, path, current: sb, slot: 0 })
+        let len = meta_file_size(sb.size, sb.bitmap_granularity);
+        io.set_len(&file, 0).and_then(|()| io.set_len(&file, len)).map_err(|e| VolumeError::io(&path, e))?;
+        let mut empty = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity)
+            .map_err(|reason| VolumeError::Invalid { what: "bitmap_granularity".into(), reason })?;
+        empty.mark_all_pages_dirty();
+        let mut store = MetaStore { file, path, current: sb, slot: 0 };
+        store.write_bitmap_pages(io, &empty.take_dirty_pages(store.current.uuid))?;
+        io.submit(&mut [IoOp::Write { file: &store.file, offset: 0, buf: &both }])
+            .and_then(|()| io.sync_data(&store.file))
+            .map_err(|e| VolumeError::io(&store.path, e))?;
+        Ok(store)
+    }
+
+    /// Reads the bitmap pages into `bm` (which must be empty). A page that
+    /// fails its check reads as all ones and is logged; the file being too
+    /// short for the bitmap is an error.
+    pub(crate) fn read_bitmap(&self, io: &dyn IoEngine, bm: &mut bitmap::DirtyBitmap) -> Result<(), VolumeError> {
+        let want = meta_file_size(bm.size(), bm.granularity());
+        let len = io.len(&self.file).map_err(|e| VolumeError::io(&self.path, e))?;
+        if len < want {
+            return Err(VolumeError::BadSuperblock {
+                path: self.path.clone(),
+                reason: format!("the file is {len} bytes; its bitmap needs {want}"),
+            });
+        }
+        const PAGES_PER_READ: usize = 256;
+        let mut buf = vec![0u8; PAGES_PER_READ * bitmap::PAGE_SIZE];
+        let pages = bm.pages();
+        let mut bad = 0usize;
+        let mut p = 0;
+        while p < pages {
+            let n = (pages - p).min(PAGES_PER_READ);
+            let chunk = &mut buf[..n * bitmap::PAGE_SIZE];
+            let off = BITMAP_OFFSET + (p * bitmap::PAGE_SIZE) as u64;
+            io.read_exact_at(&self.file, chunk, off).map_err(|e| VolumeError::io(&self.path, e))?;
+            for i in 0..n {
+                let page = &chunk[i * bitmap::PAGE_SIZE..(i + 1) * bitmap::PAGE_SIZE];
+                if let Err(reason) = bm.load_page(p + i, page, self.current.uuid) {
+                    bad += 1;
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        page = p + i,
+                        offset = off + (i * bitmap::PAGE_SIZE) as u64,
+                        reason = %reason,
+                        "bitmap page invalid: every block it covers is marked out of sync"
+                    );
+                }
+            }
+            p += n;
+        }
+        if bad > 0 {
+            tracing::warn!(path = %self.path.display(), bad_pages = bad, pages, "bitmap pages were invalid");
+        }
+        Ok(())
+    }
+
+    /// Writes encoded bitmap pages (ascending index) in place, coalescing
+    /// neighbours, then fdatasyncs the file.
+    pub(crate) fn write_bitmap_pages(
+        &mut self,
+        io: &dyn IoEngine,
+        pages: &[(usize, Vec<u8>)],
+    ) -> Result<(), VolumeError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        const MAX_RUN: usize = 256;
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0usize;
+        let mut run_len = 0usize;
+        let flush = |run: &[u8], start: usize| -> Result<(), VolumeError> {
+            let off = BITMAP_OFFSET + (start * bitmap::PAGE_SIZE) as u64;
+            io.write_all_at(&self.file, run, off).map_err(|e| VolumeError::io(&self.path, e))
+        };
+        for (p, bytes) in pages {
+            if run_len > 0 && (*p != run_start + run_len || run_len == MAX_RUN) {
+                flush(&run, run_start)?;
+                run.clear();
+                run_len = 0;
+            }
+            if run_len == 0 {
+                run_start = *p;
+            }
+            run.extend_from_slice(bytes);
+            run_len += 1;
+        }
+        flush(&run, run_start)?;
+        io.sync_data(&self.file).map_err(|e| VolumeError::io(&self.path, e))
     }
 
     pub(crate) fn current(&self) -> &Superblock {
@@ -325,7 +460,59 @@ mod tests {
             gen_history: [1, 2, 3, 4],
             resource: "r0".into(),
             node: "alpha".into(),
+            bitmap_granularity: 8192,
+            bitmap_base_lsn: 11,
+            peer_written_lsn: 15,
+            gen_created_ms: 1_700_000_000_000,
         }
+    }
+
+    #[test]
+    fn version_1_is_refused_with_a_clear_message() {
+        let d = tempfile::tempdir().unwrap();
+        let (io, _st) = store(d.path());
+        let f = io.open(&d.path().join("meta"), OpenMode::READ_WRITE).unwrap();
+        // A version 1 slot: the same layout, version 1, a valid CRC.
+        let mut raw = sample().encode().unwrap();
+        raw[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&raw[..SLOT_SIZE - 4]);
+        raw[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        io.write_all_at(&f, &raw, 0).unwrap();
+        let err = reopen(&io, d.path()).unwrap_err();
+        assert!(matches!(err, VolumeError::OldFormat { version: 1, .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("older repblock") && msg.contains("create-md --force") && msg.contains("meta"), "{msg}");
+    }
+
+    #[test]
+    fn bitmap_pages_persist_and_a_torn_page_reads_as_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let (io, mut st) = store(d.path());
+        let sb = sample();
+        let f = io.open(&d.path().join("meta"), OpenMode::READ_WRITE).unwrap();
+        assert_eq!(io.len(&f).unwrap(), meta_file_size(sb.size, sb.bitmap_granularity));
+        let mut bm = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity).unwrap();
+        st.read_bitmap(&io, &mut bm).unwrap();
+        assert!(bm.is_empty(), "create-md writes an empty bitmap");
+        bm.set_range(0, 1);
+        bm.set_range(sb.size - 1, 1);
+        let pages = bm.take_dirty_pages(sb.uuid);
+        assert_eq!(pages.len(), 2);
+        st.write_bitmap_pages(&io, &pages).unwrap();
+        let back = reopen(&io, d.path()).unwrap();
+        let mut again = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity).unwrap();
+        back.read_bitmap(&io, &mut again).unwrap();
+        assert_eq!(again.words(), bm.words());
+        // Tear page 1 (offset 8192 + 4096): its blocks read as ones.
+        io.write_all_at(&f, &[0xAB; 512], BITMAP_OFFSET + 4096 + 1024).unwrap();
+        let mut torn = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity).unwrap();
+        back.read_bitmap(&io, &mut torn).unwrap();
+        assert_eq!(torn.count(), 2 + bitmap::PAGE_WORDS as u64 * 64);
+        assert!(torn.get(bitmap::PAGE_WORDS as u64 * 64) && torn.get(2 * bitmap::PAGE_WORDS as u64 * 64 - 1));
+        // A file too short for its bitmap is an error, not ones.
+        io.set_len(&f, BITMAP_OFFSET + 4096).unwrap();
+        let err = back.read_bitmap(&io, &mut torn).unwrap_err();
+        assert!(err.to_string().contains("bitmap needs"), "{err}");
     }
 
     #[test]

@@ -59,16 +59,20 @@ use tokio::sync::oneshot;
 
 use crate::io::{IoEngine, IoFile, OpenMode};
 
+pub mod bitmap;
 pub mod checkpoint;
 pub mod feed;
+pub mod logread;
 pub mod meta;
 pub mod recovery;
 pub mod replica;
 pub mod segment;
+pub mod tracking;
 pub mod wal;
 pub mod writer;
 
 pub use feed::{Feed, FeedItem, FeedOp};
+pub use logread::LogReader;
 pub use meta::{DiskState, Superblock};
 pub use recovery::{LogEnd, RecoveryReport};
 pub use replica::MAX_SYNC_CHUNK;
@@ -92,6 +96,9 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 pub const MIN_WAL_SEGMENT_SIZE: u64 = 64 << 10;
 /// Largest payload of one WAL record; bigger writes are split.
 pub const MAX_RECORD_PAYLOAD: usize = 8 << 20;
+/// Default WAL bytes kept for a peer beyond the checkpoint (1 GiB).
+pub const DEFAULT_WAL_RETAIN: u64 = 1 << 30;
+pub use bitmap::DEFAULT_GRANULARITY as DEFAULT_BITMAP_GRANULARITY;
 
 /// Where and how a node keeps its volume.
 #[derive(Debug, Clone)]
@@ -106,6 +113,13 @@ pub struct VolumeOptions {
     pub checkpoint_bytes: u64,
     /// Checkpoint at least this often while writes arrive.
     pub checkpoint_interval: Duration,
+    /// Bytes per dirty-bitmap bit: written by create-md; `open` refuses a
+    /// volume created with another value.
+    pub bitmap_granularity: u32,
+    /// WAL bytes kept beyond the checkpoint for a peer that has not made
+    /// them durable (log catch-up); older records are marked in the bitmap
+    /// and dropped.
+    pub wal_retain: u64,
 }
 
 impl VolumeOptions {
@@ -117,6 +131,8 @@ impl VolumeOptions {
             wal_segment_size: DEFAULT_WAL_SEGMENT_SIZE,
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            bitmap_granularity: DEFAULT_BITMAP_GRANULARITY,
+            wal_retain: DEFAULT_WAL_RETAIN,
         }
     }
 
@@ -152,6 +168,7 @@ impl VolumeOptions {
         if self.checkpoint_interval.is_zero() {
             return bad("checkpoint_interval", "0; expected a positive duration".into());
         }
+        bitmap::validate_granularity(self.bitmap_granularity).or_else(|r| bad("bitmap_granularity", r))?;
         Ok(())
     }
 }
@@ -196,6 +213,13 @@ pub enum VolumeError {
     MetadataExists { path: PathBuf },
     #[error("Metadata {path} is in use by another open volume (is repd already running?)")]
     InUse { path: PathBuf },
+    #[error(
+        "Metadata {path} was created by an older repblock (format version {version}); run create-md --force \
+         (keeps the data, starts a new log and bitmap)"
+    )]
+    OldFormat { path: PathBuf, version: u32 },
+    #[error("Record LSN {lsn} is not in the WAL: {reason}")]
+    NotInLog { lsn: Lsn, reason: String },
     #[error("Corrupt superblock in {path}: {reason}")]
     BadSuperblock { path: PathBuf, reason: String },
     #[error(
@@ -260,6 +284,12 @@ pub(crate) struct Shared {
     pub ckpt_wal_written: AtomicU64,
     /// Segments holding LSNs at or above it are not recycled (`u64::MAX`: none).
     pub min_retained_lsn: AtomicU64,
+    /// Bytes of checkpointed segments a liftable hold may keep.
+    pub wal_retain: AtomicU64,
+    /// The dirty bitmap, the tracking mode and the unacked ring.
+    pub tracker: Mutex<tracking::Tracker>,
+    /// Serialises bitmap persistence.
+    pub bitmap_io: Mutex<()>,
     /// Ranges replay would write (see [`writer::ReplayRanges`]).
     pub replay_ranges: Mutex<writer::ReplayRanges>,
     failed: Mutex<Option<String>>,
@@ -480,6 +510,10 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         gen_history: [0; 4],
         resource: create.resource.clone(),
         node: create.node.clone(),
+        bitmap_granularity: opts.bitmap_granularity,
+        bitmap_base_lsn: 0,
+        peer_written_lsn: 0,
+        gen_created_ms: unix_ms(),
     };
     let file = io.open(&meta_path, OpenMode::CREATE).map_err(|e| VolumeError::io(&meta_path, e))?;
     MetaStore::create(io, file, sb.clone())?;
@@ -491,9 +525,15 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         node = %sb.node,
         size = sb.size,
         uuid = %format!("{:032x}", sb.uuid),
+        bitmap_granularity = sb.bitmap_granularity,
         "metadata created"
     );
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Volume {
@@ -523,6 +563,16 @@ impl Volume {
         if sb.size != expect.size {
             return mismatch("size", expect.size.to_string(), sb.size.to_string());
         }
+        if sb.bitmap_granularity != opts.bitmap_granularity {
+            return mismatch(
+                "bitmap_granularity",
+                opts.bitmap_granularity.to_string(),
+                sb.bitmap_granularity.to_string(),
+            );
+        }
+        let mut bm = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity)
+            .map_err(|reason| VolumeError::BadSuperblock { path: meta_path.clone(), reason })?;
+        meta.read_bitmap(&*io, &mut bm)?;
         let data = open_data(&*io, &opts, sb.size)?;
         let wal_dir = opts.wal_dir();
         create_private_dir(&wal_dir)?;
@@ -532,17 +582,22 @@ impl Volume {
         }
 
         // Recovery: replay from the checkpoint into the data file.
-        let report = recovery::recover(&recovery::RecoverArgs {
-            io: &*io,
-            wal_dir: &wal_dir,
-            segments: &listing.segments,
-            data: &data,
-            uuid: sb.uuid,
-            size: sb.size,
-            checkpoint_lsn: sb.checkpoint_lsn,
-            replay_seq: sb.replay_seq,
-        })?;
+        let report = recovery::recover(
+            &recovery::RecoverArgs {
+                io: &*io,
+                wal_dir: &wal_dir,
+                segments: &listing.segments,
+                data: &data,
+                uuid: sb.uuid,
+                size: sb.size,
+                checkpoint_lsn: sb.checkpoint_lsn,
+                replay_seq: sb.replay_seq,
+            },
+            &mut recovery::Marks { bitmap: &mut bm, after: sb.peer_written_lsn },
+        )?;
         io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
+        // The re-marked bits are durable before the old segments go.
+        meta.write_bitmap_pages(&*io, &bm.take_dirty_pages(sb.uuid))?;
         let last = report.last_lsn;
         tracing::info!(
             path = %opts.dir.display(),
@@ -551,6 +606,8 @@ impl Volume {
             last_lsn = last,
             segments = report.segments_read,
             clean = sb.clean_shutdown(),
+            marked = report.marked,
+            dirty_bytes = bm.dirty_bytes(),
             "volume recovered"
         );
 
@@ -562,9 +619,17 @@ impl Volume {
         nsb.checkpoint_lsn = last;
         nsb.replay_seq = new_seq;
         nsb.flags &= !FLAG_CLEAN_SHUTDOWN;
+        // Recovery re-marked every record above the peer's written LSN: the
+        // bitmap covers them (and, if the base was higher, those above it).
+        nsb.bitmap_base_lsn = sb.bitmap_base_lsn.max(sb.peer_written_lsn);
         meta.write(&*io, nsb)?;
 
-        let mut files = WalFiles { dir: wal_dir.clone(), live: Default::default(), spares: listing.spares.clone() };
+        let mut files = WalFiles {
+            dir: wal_dir.clone(),
+            live: Default::default(),
+            spares: listing.spares.clone(),
+            replay_seq: new_seq,
+        };
         for path in listing.segments.values() {
             segment::retire(&*io, &mut files, path).map_err(|e| VolumeError::io(path, e))?;
         }
@@ -607,6 +672,13 @@ impl Volume {
             wal_written: AtomicU64::new(0),
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
+            wal_retain: AtomicU64::new(opts.wal_retain),
+            tracker: Mutex::new(tracking::Tracker::new(
+                bm,
+                sb.peer_written_lsn,
+                sb.bitmap_base_lsn.max(sb.peer_written_lsn),
+            )),
+            bitmap_io: Mutex::new(()),
             replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
@@ -746,8 +818,9 @@ impl Volume {
 
     /// Durably updates the superblock (written and fdatasync'ed before this
     /// returns). `f` may change the disk state, the generation ids and the
-    /// flags other than CLEAN_SHUTDOWN; the fields the volume owns (names,
-    /// size, uuid, checkpoint, counter) are kept as they are. A failed write
+    /// flags other than CLEAN_SHUTDOWN and `gen_created_ms`; the fields the
+    /// volume owns (names, size, uuid, checkpoint, counter, bitmap
+    /// granularity, bitmap base, peer written LSN) are kept as they are. A failed write
     /// stops the volume (the metadata file's state is unknown).
     pub fn update_superblock(&self, f: impl FnOnce(&mut Superblock)) -> Result<(), VolumeError> {
         let s = &self.shared;
@@ -769,6 +842,9 @@ impl Volume {
         sb.replay_seq = cur.replay_seq;
         sb.resource = cur.resource;
         sb.node = cur.node;
+        sb.bitmap_granularity = cur.bitmap_granularity;
+        sb.bitmap_base_lsn = cur.bitmap_base_lsn;
+        sb.peer_written_lsn = cur.peer_written_lsn;
         sb.flags = (sb.flags & !FLAG_CLEAN_SHUTDOWN) | (cur.flags & FLAG_CLEAN_SHUTDOWN);
         let path = meta.path().to_path_buf();
         meta.write(&*s.io, sb).map_err(|e| {

@@ -16,6 +16,12 @@
 //! cache may persist a later unsynced page and lose an earlier one, so a
 //! valid record after a bad one is not proof of corruption on its own): the
 //! log ends at `L - 1`.
+//!
+//! Out-of-sync marking: every valid record with LSN above the persisted
+//! `peer_written_lsn` sets its blocks' bits ([`Marks`]), both in the log
+//! read from `replay_seq` and in the retained segments older than it (kept
+//! for a peer; they are fully synced, read until their first invalid
+//! record). See `tracking.rs` for why this keeps the bitmap crash-safe.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +49,25 @@ pub struct RecoveryReport {
     pub end: Option<LogEnd>,
     /// Highest segment sequence number present in `wal/`.
     pub max_seq: u64,
+    /// Records whose blocks were marked out of sync (LSN above the
+    /// persisted peer written LSN).
+    pub marked: u64,
+}
+
+/// Where recovery marks the records a peer may not have.
+pub(crate) struct Marks<'a> {
+    pub bitmap: &'a mut super::bitmap::DirtyBitmap,
+    /// Records with a higher LSN are marked.
+    pub after: Lsn,
+}
+
+impl Marks<'_> {
+    fn record(&mut self, h: &wal::RecordHeader, report: &mut RecoveryReport) {
+        if h.lsn > self.after && h.kind != RecordKind::FlushBarrier {
+            self.bitmap.set_range(h.offset, u64::from(h.length));
+            report.marked += 1;
+        }
+    }
 }
 
 /// The first bytes after the end of the recovered log.
@@ -72,10 +97,10 @@ pub(crate) struct RecoverArgs<'a> {
 /// crosses window boundaries.
 const WINDOW: usize = if cfg!(test) { 4 << 10 } else { 4 << 20 };
 
-/// Reads a segment file through a window, so that recovery never holds a
-/// whole segment in memory.
-struct SegmentReader {
-    file: IoFile,
+/// Reads a segment file through a window, so that recovery (and the log
+/// reader) never holds a whole segment in memory.
+pub(crate) struct SegmentReader {
+    file: std::sync::Arc<IoFile>,
     len: u64,
     buf: Vec<u8>,
     /// File offset of `buf[0]`.
@@ -83,13 +108,18 @@ struct SegmentReader {
 }
 
 impl SegmentReader {
-    fn open(io: &dyn IoEngine, path: &Path) -> Result<SegmentReader, VolumeError> {
+    pub(crate) fn open(io: &dyn IoEngine, path: &Path) -> Result<SegmentReader, VolumeError> {
         let file = io.open(path, OpenMode::READ).map_err(|e| VolumeError::io(path, e))?;
-        let len = io.len(&file).map_err(|e| VolumeError::io(path, e))?;
+        SegmentReader::from_file(io, std::sync::Arc::new(file))
+    }
+
+    /// A reader of an open segment file (a live segment of the writer).
+    pub(crate) fn from_file(io: &dyn IoEngine, file: std::sync::Arc<IoFile>) -> Result<SegmentReader, VolumeError> {
+        let len = io.len(&file).map_err(|e| VolumeError::io(file.path(), e))?;
         Ok(SegmentReader { file, len, buf: Vec::new(), start: 0 })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.file.path()
     }
 
@@ -110,7 +140,7 @@ impl SegmentReader {
     }
 
     /// Decodes the record at `off` (segment `seq`).
-    fn record(
+    pub(crate) fn record(
         &mut self,
         io: &dyn IoEngine,
         off: u64,
@@ -133,7 +163,7 @@ impl SegmentReader {
     }
 
     /// The segment header, if it decodes.
-    fn header(&mut self, io: &dyn IoEngine) -> Result<Result<SegmentHeader, wal::DecodeError>, VolumeError> {
+    pub(crate) fn header(&mut self, io: &dyn IoEngine) -> Result<Result<SegmentHeader, wal::DecodeError>, VolumeError> {
         Ok(SegmentHeader::decode(self.bytes(io, 0, 64)?))
     }
 }
@@ -227,7 +257,7 @@ fn scan_for_witness(
 
 /// Replays the log into the data file. Refuses (with an error naming the
 /// file and offset) when a durable record is damaged.
-pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError> {
+pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<RecoveryReport, VolumeError> {
     let ckpt = a.checkpoint_lsn;
     let applier = Applier { io: a.io, data: a.data };
     let mut report = RecoveryReport {
@@ -236,6 +266,7 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
         max_seq: a.segments.keys().next_back().copied().unwrap_or(0),
         ..Default::default()
     };
+    mark_retained(a, marks, &mut report)?;
     // Expected LSN of the next record; known once the first header is read.
     let mut cursor: Option<Lsn> = None;
     let mut seq = a.replay_seq;
@@ -292,6 +323,7 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
             }
             check_range(&rec, a.size, path, pos)?;
             let (h, encoded_len) = (rec.header, rec.encoded_len());
+            marks.record(&h, &mut report);
             if lsn > ckpt {
                 match h.kind {
                     RecordKind::Write => {
@@ -339,6 +371,42 @@ pub(crate) fn recover(a: &RecoverArgs<'_>) -> Result<RecoveryReport, VolumeError
         break;
     }
     Ok(report)
+}
+
+/// Marks the records above `marks.after` in the segments older than
+/// `replay_seq` (kept for a peer). They were synced by the checkpoint that
+/// passed them; each is read from its header to its first invalid record.
+/// A segment that is not of this volume or whose header is bad is skipped
+/// (logged): it holds nothing recovery can trust.
+fn mark_retained(a: &RecoverArgs<'_>, marks: &mut Marks<'_>, report: &mut RecoveryReport) -> Result<(), VolumeError> {
+    for (&seq, path) in a.segments.range(..a.replay_seq) {
+        let mut r = SegmentReader::open(a.io, path)?;
+        let header = match r.header(a.io)? {
+            Ok(h) if h.uuid == a.uuid && h.seq == seq => h,
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), seq, "retained WAL segment of another volume or seq, skipped");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), seq, error = %e, "retained WAL segment header invalid, skipped");
+                continue;
+            }
+        };
+        let (mut pos, mut lsn) = (SEGMENT_HEADER_SIZE, header.first_lsn);
+        while let Ok(rec) = r.record(a.io, pos, a.uuid, seq)? {
+            if rec.header.lsn != lsn {
+                break;
+            }
+            let h = rec.header;
+            pos += rec.encoded_len() as u64;
+            let in_volume = u64::from(h.length).checked_add(h.offset).is_some_and(|e| e <= a.size);
+            if in_volume {
+                marks.record(&h, report);
+            }
+            lsn += 1;
+        }
+    }
+    Ok(())
 }
 
 fn check_range(rec: &Record<'_>, size: u64, path: &Path, offset: u64) -> Result<(), VolumeError> {

@@ -28,7 +28,7 @@ fn closed() -> VolumeError {
 
 impl Volume {
     /// Refuses when the volume failed or is closed.
-    fn check_open(&self) -> Result<(), VolumeError> {
+    pub(crate) fn check_open(&self) -> Result<(), VolumeError> {
         if let Some(r) = self.shared.failure() {
             return Err(VolumeError::Stopped(r));
         }

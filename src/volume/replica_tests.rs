@@ -551,12 +551,13 @@ async fn finish_sync_then_crash_never_replays_an_older_record_over_sync_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_keeps_segments_and_is_lifted_when_the_wal_fills() {
+async fn retention_keeps_segments_and_is_lifted_beyond_wal_retain() {
     let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
     let d = tempfile::tempdir().unwrap();
     let mut opts = small_opts(d.path());
     opts.wal_segment_size = 64 << 10;
     opts.checkpoint_bytes = 64 << 10; // WAL limit: 256 KiB
+    opts.wal_retain = 128 << 10;
     let size = 4 * MIB;
     create(&*io, &opts, size);
     let v = Volume::open(io.clone(), opts, &identity(size)).unwrap();
@@ -570,7 +571,8 @@ async fn retention_keeps_segments_and_is_lifted_when_the_wal_fills() {
     assert!(v.status().wal_bytes >= 128 << 10, "held segments stay: {:?}", v.status());
     assert!(!v.retention_lifted());
 
-    // A peer far behind: the WAL fills, the hold is lifted, writes go on.
+    // A peer far behind: the kept WAL exceeds wal_retain, the hold is
+    // lifted, writes go on.
     let writer = {
         let v = v.clone();
         tokio::spawn(async move {

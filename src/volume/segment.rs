@@ -38,11 +38,19 @@ pub(crate) struct WalFiles {
     /// Ordered by `seq`; the last one is the writer's current segment.
     pub live: VecDeque<LiveSegment>,
     pub spares: Vec<PathBuf>,
+    /// The superblock's replay segment: the live segments below it are
+    /// checkpointed and kept only for a peer.
+    pub replay_seq: u64,
 }
 
 impl WalFiles {
     pub fn live_bytes(&self) -> u64 {
         self.live.iter().map(|s| s.len).sum()
+    }
+
+    /// Bytes of the segments not yet checkpointed (`seq >= replay_seq`).
+    pub fn unchecked_bytes(&self) -> u64 {
+        self.live.iter().filter(|s| s.seq >= self.replay_seq).map(|s| s.len).sum()
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) fn small_opts(dir: &Path) -> VolumeOptions {
         wal_segment_size: 256 << 10,
         checkpoint_bytes: 64 * MIB,
         checkpoint_interval: Duration::from_secs(3600),
+        bitmap_granularity: DEFAULT_BITMAP_GRANULARITY,
+        wal_retain: DEFAULT_WAL_RETAIN,
     }
 }
 
@@ -465,22 +467,33 @@ async fn recovery_at_every_truncation_point() {
         std::fs::write(&data_path, vec![0u8; size as usize]).unwrap();
         let data = io.open(&data_path, OpenMode::READ_WRITE).unwrap();
         let segments = segment::list_dir(&wal_dir).unwrap().segments;
-        let report = recovery::recover(&recovery::RecoverArgs {
-            io: &io,
-            wal_dir: &wal_dir,
-            segments: &segments,
-            data: &data,
-            uuid,
-            size,
-            checkpoint_lsn: 0,
-            replay_seq: 1,
-        })
+        let mut marks = bitmap::DirtyBitmap::new(size, 4096).unwrap();
+        let report = recovery::recover(
+            &recovery::RecoverArgs {
+                io: &io,
+                wal_dir: &wal_dir,
+                segments: &segments,
+                data: &data,
+                uuid,
+                size,
+                checkpoint_lsn: 0,
+                replay_seq: 1,
+            },
+            &mut recovery::Marks { bitmap: &mut marks, after: 0 },
+        )
         .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         // A record is complete once its header and payload are (the
         // padding carries nothing).
         let complete = positions.iter().filter(|(p, _)| p + wal::RECORD_HEADER_SIZE + 100 <= cut).count();
         assert_eq!(report.last_lsn, complete as u64, "cut at {cut}");
         assert_eq!(report.replayed, complete as u64, "cut at {cut}");
+        assert_eq!(report.marked, complete as u64, "cut at {cut}: every recovered record is marked");
+        let mut want = bitmap::DirtyBitmap::new(size, 4096).unwrap();
+        for (p, _) in &positions[..complete] {
+            let h = wal::decode_record(&full[*p..], uuid, 1).unwrap().header;
+            want.set_range(h.offset, u64::from(h.length));
+        }
+        assert_eq!(marks.words(), want.words(), "cut at {cut}");
         let content = std::fs::read(&data_path).unwrap();
         for (i, p) in payloads.iter().enumerate() {
             let got = &content[i * 4096..i * 4096 + p.len()];
@@ -1135,6 +1148,7 @@ async fn retained_lsn_holds_segments_and_back_pressure_waits() {
     let mut opts = small_opts(d.path());
     opts.wal_segment_size = 64 << 10;
     opts.checkpoint_bytes = 64 << 10; // WAL limit: max(4 x 64 KiB, 3 segments) = 256 KiB
+    opts.wal_retain = 0; // the writer waits at the limit itself
     let io = engine();
     let size = 4 * MIB;
     create(&*io, &opts, size);

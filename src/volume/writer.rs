@@ -236,6 +236,9 @@ pub(crate) struct Writer {
     chunk_offset: u64,
     /// Feed items of the batch being committed (published after it).
     feed_items: Vec<FeedItem>,
+    /// Local records of the batch for out-of-sync tracking:
+    /// `(lsn, offset, len)` (reused, no allocation per batch).
+    tracked: Vec<(Lsn, u64, u64)>,
 }
 
 impl Writer {
@@ -262,6 +265,7 @@ impl Writer {
             chunk_start: 0,
             chunk_offset: SEGMENT_HEADER_SIZE,
             feed_items: Vec::new(),
+            tracked: Vec::new(),
         }
     }
 
@@ -429,6 +433,7 @@ impl Writer {
         *parking::lock(&s.replay_ranges) = ReplayRanges::default();
         s.min_retained_lsn.store(u64::MAX, Ordering::Release);
         s.retention_liftable.store(false, Ordering::Release);
+        parking::lock(&s.tracker).rebase(last);
         s.applied_lsn.store(last, Ordering::Release);
         s.durable_lsn.store(last, Ordering::Release);
         s.feed.reset_lsn(last);
@@ -438,13 +443,19 @@ impl Writer {
         Ok(())
     }
 
-    /// Back-pressure: while the WAL holds more than the limit, wait for the
-    /// checkpointer to recycle segments.
+    /// Back-pressure: while the WAL holds more than the limit (not yet
+    /// checkpointed: `wal_limit`; in all: `wal_limit + wal_retain`), wait
+    /// for the checkpointer to recycle segments.
     fn wait_for_space(&self) {
-        let limit = self.shared.wal_limit;
+        let s = &self.shared;
+        let limit = s.wal_limit;
+        let total_limit = limit.saturating_add(s.wal_retain.load(Ordering::Acquire));
         let mut files = parking::lock(&self.shared.wal);
         let mut warned = false;
-        while files.live_bytes() > limit && !self.shared.stopping() && self.shared.failure().is_none() {
+        while (files.unchecked_bytes() > limit || files.live_bytes() > total_limit)
+            && !self.shared.stopping()
+            && self.shared.failure().is_none()
+        {
             if !warned {
                 // Once per stall: only a checkpoint (or a lifted retention)
                 // ends it.
@@ -464,6 +475,7 @@ impl Writer {
     fn commit(&mut self, batch: &[Request]) -> Result<Vec<Result<Lsn, VolumeError>>, String> {
         self.buf.clear();
         self.chunks.clear();
+        self.tracked.clear();
         self.chunk_start = 0;
         self.chunk_offset = self.tail.pos;
         let durable = self.shared.durable_lsn.load(Ordering::Acquire);
@@ -507,6 +519,9 @@ impl Writer {
                         } else {
                             self.append(RecordKind::Write, 0, off, n as u32, &piece, durable)?
                         };
+                        if r.lsn.is_none() {
+                            self.tracked.push((last, off, n as u64));
+                        }
                         let fua = r.fua && done + n == data.len();
                         self.feed_items.push(FeedItem::Record {
                             lsn: last,
@@ -525,6 +540,9 @@ impl Writer {
                 }
                 Op::Trim { offset, len } => {
                     let lsn = self.append(RecordKind::Trim, 0, *offset, *len, &[], durable)?;
+                    if r.lsn.is_none() {
+                        self.tracked.push((lsn, *offset, u64::from(*len)));
+                    }
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: true });
                     replay.insert(*offset, offset + u64::from(*len), lsn);
                     let op = FeedOp::Trim { offset: *offset, len: *len };
@@ -534,6 +552,9 @@ impl Writer {
                 Op::Zeroes { offset, len, punch } => {
                     let flags = if *punch { FLAG_MAY_PUNCH } else { 0 };
                     let lsn = self.append(RecordKind::WriteZeroes, flags, *offset, *len, &[], durable)?;
+                    if r.lsn.is_none() {
+                        self.tracked.push((lsn, *offset, u64::from(*len)));
+                    }
                     data_ops.push(DataOp::Zero { offset: *offset, len: u64::from(*len), punch: *punch });
                     replay.insert(*offset, offset + u64::from(*len), lsn);
                     let op = FeedOp::Zeroes { offset: *offset, len: *len, punch: *punch };
@@ -544,6 +565,16 @@ impl Writer {
             lsns.push(lsn);
         }
         drop(replay);
+        // Bits (or ring entries) exist before the LSNs are published as
+        // applied: a checkpoint that sees LSN `A` persists their bits.
+        if !self.tracked.is_empty() {
+            let mut t = parking::lock(&shared.tracker);
+            for &(lsn, off, len) in &self.tracked {
+                t.record(lsn, off, len);
+            }
+            drop(t);
+            self.tracked.clear();
+        }
         self.finish_chunk();
         let last = self.next_lsn - 1;
 

@@ -1,0 +1,289 @@
+//! Volume-level tests of out-of-sync tracking: local writes set bits, the
+//! unacked ring, persistence at checkpoints and close, recovery re-marking
+//! after a crash (drop without close, power cut), torn bitmap pages,
+//! granularity mismatch, and mark-before-drop under the retention bound.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::io::fault::FaultEngine;
+use crate::io::sync::SyncEngine;
+use crate::volume::tests::{create, identity, small_opts};
+use crate::volume::*;
+
+const MIB: u64 = 1 << 20;
+const G: u64 = 4096;
+
+fn data(seed: u8, len: usize) -> Bytes {
+    Bytes::from(vec![seed; len])
+}
+
+fn open(io: Arc<dyn IoEngine>, dir: &Path, size: u64) -> Arc<Volume> {
+    Volume::open(io, small_opts(dir), &identity(size)).expect("open")
+}
+
+/// The block indexes whose bits are set.
+fn set_blocks(v: &Volume) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, w) in v.bitmap_words().iter().enumerate() {
+        for b in 0..64 {
+            if w & (1 << b) != 0 {
+                out.push(i as u64 * 64 + b);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn tracking_marks_every_kind_of_local_write_and_persists_at_close() {
+    let d = tempfile::tempdir().unwrap();
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let size = 16 * MIB;
+    create(&*io, &small_opts(d.path()), size);
+    let v = open(io.clone(), d.path(), size);
+    assert!(v.tracking(), "tracking is on at open");
+    assert_eq!((v.dirty_bytes(), v.bitmap_granularity()), (0, 4096));
+    v.write(100, data(1, 10), false).await.unwrap(); // block 0
+    v.trim(MIB, 8192, false).await.unwrap(); // blocks 256, 257
+    v.write_zeroes(2 * MIB + 1, 4096, false, false).await.unwrap(); // 512, 513
+    v.write(4 * MIB, data(2, 256 << 10), false).await.unwrap(); // in place: 1024..1088
+    let mut want = vec![0, 256, 257, 512, 513];
+    want.extend(1024..1088);
+    assert_eq!(set_blocks(&v), want);
+    assert_eq!(v.dirty_bytes(), want.len() as u64 * G);
+    assert_eq!(v.dirty_runs(0, MIB), Some((0, G)));
+    assert_eq!(v.dirty_runs(G, MIB), Some((MIB, 2 * G)));
+    assert_eq!(v.dirty_runs(4 * MIB, 64 << 10), Some((4 * MIB, 64 << 10)));
+    v.close().await.unwrap();
+    drop(v);
+
+    let v = open(io.clone(), d.path(), size);
+    // Recovery re-marks the records of the replay segment (their bits are
+    // set already): nothing changes.
+    assert_eq!(set_blocks(&v), want, "persisted at close");
+    // Clearing is persisted too (at the next checkpoint or close).
+    v.clear_range(0, 4 * MIB);
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(io, d.path(), size);
+    assert_eq!(set_blocks(&v), (1024..1088).collect::<Vec<_>>());
+    v.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ring_keeps_unacked_records_until_the_peer_acks_or_the_link_drops() {
+    let d = tempfile::tempdir().unwrap();
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let size = 8 * MIB;
+    create(&*io, &small_opts(d.path()), size);
+    let v = open(io, d.path(), size);
+    v.set_tracking(false);
+    let mut lsns = Vec::new();
+    for i in 0..6u64 {
+        lsns.push(v.write(i * G * 10, data(i as u8, 4096), false).await.unwrap());
+    }
+    assert_eq!(v.dirty_bytes(), 0, "a connected peer receives them: no bits");
+    assert_eq!(v.unacked_records(), 6);
+    v.set_peer_written(lsns[2]);
+    assert_eq!(v.unacked_records(), 3);
+    v.set_peer_written(lsns[0]);
+    assert_eq!((v.unacked_records(), v.peer_written_lsn()), (3, lsns[2]), "monotone");
+    v.mark_unacked().unwrap();
+    assert!(v.tracking());
+    assert_eq!(set_blocks(&v), vec![30, 40, 50], "only what the peer had not written");
+    assert_eq!(v.bitmap_base_lsn(), lsns[2]);
+    // Tracking again: new writes set bits directly.
+    v.write(G, data(9, 1), false).await.unwrap();
+    assert_eq!(set_blocks(&v), vec![1, 30, 40, 50]);
+    // Records applied from the peer are never tracked.
+    v.clear_range(0, size);
+    let next = v.status().local_lsn + 1;
+    v.apply(next, FeedOp::Write { offset: 0, data: data(3, 4096) }, false).await.unwrap();
+    assert_eq!(v.dirty_bytes(), 0);
+    // Whole-volume operations.
+    v.mark_all().unwrap();
+    assert_eq!(v.dirty_bytes(), size);
+    let words = v.bitmap_words();
+    v.clear_range(0, size);
+    v.merge_bitmap_words(1, &words[1..2]).unwrap();
+    assert_eq!(v.dirty_bytes(), 64 * G);
+    assert!(v.merge_bitmap_words(words.len() as u64, &[1]).is_err());
+    v.mark_range(size - 1, 1);
+    assert_eq!(v.dirty_runs(64 * 2 * G, MIB), Some((size - G, G)));
+    v.close().await.unwrap();
+}
+
+/// Writes with the link up (ring mode), a checkpoint that persists the
+/// peer's written LSN, more writes, then a crash: recovery re-marks exactly
+/// the records above the persisted peer written LSN.
+async fn crash_then_recovery_remarks(power_cut: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 11);
+    let v = open(fault.clone(), d.path(), size);
+    v.set_tracking(false);
+    let mut lsns = Vec::new();
+    for i in 0..8u64 {
+        // FUA: durable in the WAL, so a power cut keeps them too.
+        lsns.push(v.write(i * G, data(i as u8 + 1, 4096), true).await.unwrap());
+    }
+    v.set_peer_written(lsns[2]);
+    v.finish_sync().await.unwrap(); // a checkpoint: peer_written = lsns[2] persisted
+    assert_eq!(v.superblock().peer_written_lsn, lsns[2]);
+    v.set_peer_written(lsns[5]); // not persisted before the crash
+    v.write(20 * G, data(50, 4096), true).await.unwrap();
+    assert_eq!(v.dirty_bytes(), 0);
+    if power_cut {
+        fault.power_cut();
+    }
+    drop(v);
+
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert!(v.tracking());
+    assert_eq!(set_blocks(&v), vec![3, 4, 5, 6, 7, 20], "records above the persisted peer written LSN");
+    assert_eq!(v.recovery().marked, 6);
+    assert_eq!(v.bitmap_base_lsn(), lsns[2]);
+    for i in 0..8u64 {
+        assert_eq!(v.read(i * G, 4096).await.unwrap(), data(i as u8 + 1, 4096));
+    }
+    v.close().await.unwrap();
+    drop(v);
+    // The re-marked bits were persisted: a second open finds them without
+    // the WAL (the old segments are gone).
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert_eq!(v.recovery().marked, 0);
+    assert_eq!(set_blocks(&v), vec![3, 4, 5, 6, 7, 20]);
+    v.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn crash_without_close_remarks_records_past_peer_written() {
+    crash_then_recovery_remarks(false).await;
+}
+
+#[tokio::test]
+async fn power_cut_remarks_records_past_peer_written() {
+    crash_then_recovery_remarks(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_marks_records_in_retained_segments_older_than_the_replay_start() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 64 << 10;
+    create(&SyncEngine::new(), &opts, size);
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    v.set_tracking(false);
+    v.set_retain_after(Some(0)); // the peer made nothing durable
+    let mut lsns = Vec::new();
+    for i in 0..40u64 {
+        lsns.push(v.write(i * G, data(i as u8, 8192), false).await.unwrap());
+    }
+    v.set_peer_written(lsns[9]);
+    v.finish_sync().await.unwrap();
+    let segs = std::fs::read_dir(opts.wal_dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().chars().next().unwrap().is_ascii_digit());
+    assert!(segs.count() >= 4, "the hold keeps the old segments");
+    assert!(v.superblock().replay_seq > 2);
+    drop(v); // crash: records 11..=40 are only in the WAL, most before replay_seq
+
+    let v = Volume::open(io, opts, &identity(size)).unwrap();
+    assert_eq!(v.recovery().marked, 30);
+    // Each 8 KiB write touches blocks i and i + 1.
+    assert_eq!(set_blocks(&v), (10..41).collect::<Vec<_>>());
+    v.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn torn_bitmap_page_reads_as_all_ones_and_is_rewritten() {
+    let d = tempfile::tempdir().unwrap();
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let size = 8 * MIB + 4096; // 1025 blocks of 8 KiB: one page, the last block short
+    let mut opts = small_opts(d.path());
+    opts.bitmap_granularity = 8192;
+    create(&*io, &opts, size);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    v.write(0, data(1, 4096), false).await.unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    let meta = io.open(&opts.meta_path(), crate::io::OpenMode::READ_WRITE).unwrap();
+    io.write_all_at(&meta, &[0x5a; 100], meta::BITMAP_OFFSET + 8).unwrap();
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.dirty_bytes(), size, "every block the page covers may differ");
+    v.close().await.unwrap();
+    drop(v);
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.dirty_bytes(), size, "rewritten with a valid CRC, still all ones");
+    v.close().await.unwrap();
+    drop(v);
+    // Another granularity in the config than at create-md is refused.
+    opts.bitmap_granularity = 4096;
+    let err = Volume::open(io, opts, &identity(size)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, VolumeError::Mismatch { field: "bitmap_granularity", .. }), "{err:?}");
+    assert!(msg.contains("8192") && msg.contains("4096"), "{msg}");
+}
+
+#[tokio::test]
+async fn create_md_takes_the_granularity_and_sizes_the_meta_file() {
+    let d = tempfile::tempdir().unwrap();
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let size = 1 << 30;
+    let mut opts = small_opts(d.path());
+    opts.bitmap_granularity = 64 << 10;
+    create(&*io, &opts, size);
+    let len = std::fs::metadata(opts.meta_path()).unwrap().len();
+    assert_eq!(len, meta::meta_file_size(size, 64 << 10));
+    assert_eq!(len, 8192 + 4096, "16384 bits fit one page");
+    let v = Volume::open(io, opts.clone(), &identity(size)).unwrap();
+    assert_eq!(v.bitmap_granularity(), 64 << 10);
+    assert!(v.superblock().gen_created_ms > 1_600_000_000_000);
+    v.write(100 << 10, data(1, 1), false).await.unwrap();
+    assert_eq!(v.dirty_runs(0, u64::MAX), Some((64 << 10, 64 << 10)));
+    v.close().await.unwrap();
+    opts.bitmap_granularity = 3000;
+    let err = create_md(
+        &SyncEngine::new(),
+        &opts,
+        &CreateOptions { resource: "r0".into(), node: "alpha".into(), size, block_size: 4096, force: true },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bitmap_granularity"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_bound_marks_records_before_dropping_them() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let mut opts = small_opts(d.path());
+    opts.wal_segment_size = 64 << 10;
+    opts.wal_retain = 128 << 10;
+    create(&SyncEngine::new(), &opts, size);
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    v.set_tracking(false); // a peer is connected, acks nothing
+    v.set_retain_after(Some(0));
+    for i in 0..100u64 {
+        v.write(i * 2 * G, data(i as u8, 4096), false).await.unwrap();
+    }
+    v.finish_sync().await.unwrap();
+    assert!(v.retention_lifted(), "100 records of 4 KiB exceed 128 KiB");
+    let first = v.log_first_lsn();
+    assert!(first > 1, "the oldest records were dropped (log starts at {first})");
+    // Every dropped record has its bit, before anything else happened.
+    let marked = set_blocks(&v);
+    assert_eq!(marked, (0..first - 1).map(|i| i * 2).collect::<Vec<_>>());
+    assert_eq!(v.unacked_records() as u64, 100 - (first - 1));
+    drop(v); // crash: the dropped records' bits must come from the persisted bitmap
+
+    let v = Volume::open(io, opts, &identity(size)).unwrap();
+    assert_eq!(set_blocks(&v), (0..100).map(|i| i * 2).collect::<Vec<_>>());
+    v.close().await.unwrap();
+}
