@@ -17,6 +17,20 @@ use serde_json::Value;
 const CHUNK: u32 = 64 * 1024;
 const T: Duration = Duration::from_secs(120);
 
+/// A replicating pair: alpha promoted (--force) before beta starts, then
+/// the initial full sync.
+fn up() -> Pair {
+    let mut pair = Pair::new(PairOpts::new("C"));
+    pair.alpha.create_md();
+    pair.beta.create_md();
+    pair.alpha.start();
+    pair.alpha.repctl_ok(&["promote", "--force"]);
+    pair.beta.start();
+    pair.beta.wait_sync(90);
+    pair.assert_established();
+    pair
+}
+
 /// `repctl verify --wait --json` on `node`: the report of the verify.
 fn verify_wait(pair: &Pair, node: &str) -> Value {
     let peer = if node == "alpha" { &pair.alpha } else { &pair.beta };
@@ -27,7 +41,7 @@ fn verify_wait(pair: &Pair, node: &str) -> Value {
 #[test]
 fn verify_under_fio_finds_nothing_on_a_healthy_pair() {
     require_tool("fio", "fio");
-    let pair = Pair::up(PairOpts::new("C"));
+    let pair = up();
     let uri = pair.alpha.uri();
     let dir = pair.dir.path().to_path_buf();
     let fio = std::thread::spawn(move || {
@@ -80,7 +94,7 @@ fn verify_under_fio_finds_nothing_on_a_healthy_pair() {
 #[test]
 fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() {
     require_tool("nbdcopy", "libnbd-bin");
-    let pair = Pair::up(PairOpts::new("C"));
+    let pair = up();
     let img = random_file(pair.dir.path(), "fill.img", pair.size as usize, 0xC0FFEE);
     run_ok(Command::new("nbdcopy").arg(&img).arg(pair.alpha.uri()), T);
     std::fs::remove_file(&img).expect("remove image");
