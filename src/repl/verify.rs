@@ -524,12 +524,16 @@ struct TargetRun {
     block: u32,
 }
 
+/// Mismatched ranges `(offset, len)` of one chunk.
+pub type Runs = Vec<(u64, u32)>;
+
 /// One chunk the target compares once the apply queue reaches it.
 #[derive(Debug)]
 pub(crate) struct TargetJob {
     offset: u64,
     len: u32,
-    result: Arc<Mutex<Option<Vec<(u64, u32)>>>>,
+    /// Filled by the compare future.
+    result: Arc<Mutex<Option<Runs>>>,
 }
 
 /// What a session does next after a verify step.
