@@ -103,6 +103,10 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     });
     let clean = verify_wait(&pair, "alpha");
     assert_eq!(clean["out_of_sync_bytes"], 0, "{clean}");
+    let human = pair.beta.repctl_ok(&["status"]);
+    assert!(human.contains("last-verify:done"), "the human status shows the last verify:\n{human}");
+    let refused = pair.alpha.repctl_refused(&["invalidate"]);
+    assert!(refused.contains("demote"), "invalidate on the primary says what to do: {refused}");
 
     // Corrupt beta's data file behind repd's back: 3 scattered 4 KiB blocks
     // (one of them two blocks wide).
