@@ -780,9 +780,8 @@ impl Config {
             wal_segment_size: self.wal_segment_size,
             checkpoint_bytes: self.checkpoint_bytes,
             checkpoint_interval: self.checkpoint_interval,
-            // Config keys `bitmap_granularity` and `wal_retain`: helper D.
-            bitmap_granularity: crate::volume::DEFAULT_BITMAP_GRANULARITY,
-            wal_retain: crate::volume::DEFAULT_WAL_RETAIN,
+            bitmap_granularity: self.bitmap_granularity,
+            wal_retain: self.wal_retain,
         }
     }
 

@@ -1252,6 +1252,13 @@ impl Engine {
             let (at, was) = r.sample;
             let dt = at.elapsed();
             if dt < Duration::from_secs(1) {
+                if r.speed_bytes_per_sec == 0 {
+                    // No full sample yet: the average so far.
+                    let secs = r.started.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        r.speed_bytes_per_sec = (r.done_bytes as f64 / secs) as u64;
+                    }
+                }
                 None
             } else {
                 r.speed_bytes_per_sec = (r.done_bytes.saturating_sub(was) as f64 / dt.as_secs_f64()) as u64;

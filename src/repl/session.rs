@@ -145,7 +145,16 @@ pub async fn run(
     tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %theirs.role, peer_disk = %theirs.disk, "replication connected");
     let verdict = engine.verdict(&mine, &theirs);
     engine.record_decision(&verdict, &mine, &theirs);
+    // `new-current-uuid --clear-bitmap` on this node: both secondary, our
+    // Hello and SyncInfo carry the new generation; an empty resync (idle
+    // below) tells the peer to take it.
+    let clear_bitmap =
+        local_role == Role::Secondary && theirs.role == Role::Secondary && engine.take_clear_bitmap_offer();
     let outcome = match verdict.decision {
+        _ if clear_bitmap => {
+            engine.set_replication(ReplState::Established);
+            s.idle(&mut io, &peer, true).await
+        }
         Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_) => {
             let (reason, why) = engine.standalone_reason(&verdict, &mine, &theirs);
             if !matches!(verdict.decision, Decision::SplitBrain) {
@@ -160,7 +169,7 @@ pub async fn run(
             (Role::Secondary, Role::Primary) => s.target(&mut io, &theirs, None).await,
             (Role::Secondary, Role::Secondary) => {
                 engine.set_replication(ReplState::Established);
-                s.idle(&mut io, &peer).await
+                s.idle(&mut io, &peer, false).await
             }
         },
         Decision::Source(kind) => s.source(&mut io, &theirs, Some(kind)).await,
@@ -308,9 +317,9 @@ impl Session {
 
     // --- Idle -----------------------------------------------------------------
 
-    async fn idle(&mut self, io: &mut Io, peer: &PeerInfo) -> Outcome {
+    async fn idle(&mut self, io: &mut Io, peer: &PeerInfo, clear_bitmap: bool) -> Outcome {
         let my_role = *io.role_rx.borrow();
-        if self.engine.take_clear_bitmap_offer() {
+        if clear_bitmap {
             // `new-current-uuid --clear-bitmap`: our Hello carried the new
             // generation; an empty sync tells the peer to take it.
             let _ = self.tx.try_send(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 });
@@ -962,6 +971,21 @@ impl Session {
                 engine.set_replication(ReplState::SyncTarget);
                 engine.sync_started(ResyncKind::Log, total_bytes, "target");
             }
+            Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }
+                if theirs.role == Role::Secondary && !self.clear_bitmap_acceptable(t) =>
+            {
+                // An empty full sync from a secondary is the peer's
+                // `new-current-uuid --clear-bitmap`: only for a blank volume.
+                let why = format!(
+                    "new-current-uuid --clear-bitmap refused by {}: this volume is not blank (disk {}, local LSN {})",
+                    engine.cfg.node,
+                    engine.meta().disk,
+                    t.received
+                );
+                tracing::warn!(peer = %self.peer_name, "{why}");
+                let _ = self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: why.clone() });
+                return Err(Outcome::Failed(why));
+            }
             Message::SyncStart { kind, total_bytes, start_lsn } => {
                 // Records before the resync (a log catch-up that fell back)
                 // are applied first.
@@ -1025,6 +1049,12 @@ impl Session {
             other => self.unexpected(Side::Target, other)?,
         }
         Ok(())
+    }
+
+    /// Whether this node may take the peer's generation without data
+    /// (`new-current-uuid --clear-bitmap`): never written, inconsistent.
+    fn clear_bitmap_acceptable(&self, t: &Target) -> bool {
+        t.received == 0 && self.engine.meta().disk == DiskState::Inconsistent
     }
 
     /// Everything of the resync is applied and durable: record the disk as

@@ -1,12 +1,13 @@
 //! [`ReplStore`] over the real [`Volume`]: its replication API
 //! (src/volume/feed.rs) and the superblock's disk state and generations.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::proto::GenIds;
-use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogSource, ReplMeta, ReplStore};
+use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore};
 use crate::node::DiskState;
 use crate::volume::{self, Feed, Lsn, Volume, VolumeError};
 
@@ -77,7 +78,7 @@ impl ReplStore for VolumeStore {
         ReplMeta {
             disk: DiskState::from(sb.disk_state),
             gen_ids: GenIds { current: sb.gen_current, bitmap: sb.gen_bitmap, history: sb.gen_history },
-            gen_created_ms: 0,
+            gen_created_ms: sb.gen_created_ms,
         }
     }
 
@@ -87,51 +88,59 @@ impl ReplStore for VolumeStore {
             sb.gen_current = meta.gen_ids.current;
             sb.gen_bitmap = meta.gen_ids.bitmap;
             sb.gen_history = meta.gen_ids.history;
+            sb.gen_created_ms = meta.gen_created_ms;
         })
     }
 
-    // INTERIM until the volume's bitmap (branch `bitmap`) is merged: the
-    // volume has no dirty bitmap yet, so every block counts as dirty and
-    // every resync is a full one (the issue-3 behaviour).
-
     fn bitmap_granularity(&self) -> u32 {
-        crate::config::DEFAULT_BITMAP_GRANULARITY
+        self.0.bitmap_granularity()
     }
 
     fn dirty_bytes(&self) -> u64 {
-        self.0.size()
+        self.0.dirty_bytes()
     }
 
-    fn set_tracking(&self, _on: bool) {}
+    fn set_tracking(&self, on: bool) {
+        self.0.set_tracking(on);
+    }
 
-    fn set_peer_written(&self, _lsn: Lsn) {}
+    fn set_peer_written(&self, lsn: Lsn) {
+        self.0.set_peer_written(lsn);
+    }
 
     fn mark_unacked(&self) -> Result<(), VolumeError> {
-        Ok(())
+        self.0.mark_unacked()
     }
 
     fn mark_all(&self) -> Result<(), VolumeError> {
-        Ok(())
+        self.0.mark_all()
     }
 
-    fn clear_range(&self, _offset: u64, _len: u64) {}
+    fn clear_range(&self, offset: u64, len: u64) {
+        self.0.clear_range(offset, len);
+    }
 
     fn dirty_run(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
-        (from < self.0.size()).then(|| (from, max_len.min(self.0.size() - from)))
+        self.0.dirty_runs(from, max_len)
     }
 
     fn bitmap_words(&self) -> Vec<u64> {
-        Vec::new()
+        self.0.bitmap_words()
     }
 
-    fn merge_bitmap_words(&self, _first: u64, _words: &[u64]) {}
+    fn merge_bitmap_words(&self, first: u64, words: &[u64]) {
+        if let Err(e) = self.0.merge_bitmap_words(first, words) {
+            // The session checked the range against our bitmap's length.
+            tracing::warn!(first, words = words.len(), error = %e, "peer bitmap words ignored");
+        }
+    }
 
     fn persist_bitmap(&self) -> Result<(), VolumeError> {
-        Ok(())
+        self.0.persist_bitmap()
     }
 
     fn bitmap_base_lsn(&self) -> Lsn {
-        0
+        self.0.bitmap_base_lsn()
     }
 
     // --- Online verify ---------------------------------------------------------
@@ -150,14 +159,59 @@ impl ReplStore for VolumeStore {
     }
 
     fn log_first_lsn(&self) -> Lsn {
-        self.0.status().local_lsn + 1
+        self.0.log_first_lsn()
     }
 
-    fn log_reader(&self, from: Lsn, _to: Lsn) -> Result<Box<dyn LogSource>, LogReadError> {
-        Err(LogReadError::NotInLog { lsn: from, why: "this volume keeps no WAL for catch-up".into() })
+    fn log_reader(&self, from: Lsn, to: Lsn) -> Result<Box<dyn LogSource>, LogReadError> {
+        let reader = self.0.log_reader(from, to).map_err(log_error)?;
+        Ok(Box::new(VolumeLog { reader: Some(reader), buffered: VecDeque::new() }))
     }
 
     fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>> {
-        Box::pin(async { Ok(()) })
+        // A checkpoint syncs the data file (the volume's sync-only call
+        // replaces this once it exists).
+        Box::pin(self.0.finish_sync())
+    }
+}
+
+fn log_error(e: VolumeError) -> LogReadError {
+    match e {
+        VolumeError::NotInLog { lsn, reason } => LogReadError::NotInLog { lsn, why: reason },
+        other => LogReadError::Volume(other),
+    }
+}
+
+/// Records read from the WAL in batches on a blocking thread.
+struct VolumeLog {
+    /// `None` while a batch is being read (or after an error).
+    reader: Option<volume::LogReader>,
+    buffered: VecDeque<LogRecord>,
+}
+
+/// Records per blocking read (and about this much write payload).
+const LOG_BATCH_RECORDS: usize = 256;
+const LOG_BATCH_BYTES: usize = 4 << 20;
+
+impl LogSource for VolumeLog {
+    fn next(&mut self) -> BoxFut<'_, Result<Option<LogRecord>, LogReadError>> {
+        Box::pin(async move {
+            if let Some(r) = self.buffered.pop_front() {
+                return Ok(Some(r));
+            }
+            let Some(mut reader) = self.reader.take() else { return Ok(None) };
+            let (reader, batch) = tokio::task::spawn_blocking(move || {
+                let batch = reader.next_batch(LOG_BATCH_RECORDS, LOG_BATCH_BYTES);
+                (reader, batch)
+            })
+            .await
+            .map_err(|e| LogReadError::NotInLog { lsn: 0, why: format!("the WAL reader task failed: {e}") })?;
+            let batch = batch.map_err(log_error)?;
+            if batch.is_empty() {
+                return Ok(None);
+            }
+            self.reader = Some(reader);
+            self.buffered.extend(batch.into_iter().map(|(lsn, op, fua)| LogRecord { lsn, op, fua }));
+            Ok(self.buffered.pop_front())
+        })
     }
 }
