@@ -126,9 +126,13 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     let a = pair.alpha.status();
     assert_eq!(a["verify"]["last"]["out_of_sync_bytes"].as_u64(), Some(4 * 4096), "{a:#}");
 
-    // The link is renegotiated and the resync moves the marked blocks.
+    // The link is renegotiated and a bitmap resync moves the marked blocks
+    // (and nothing else).
     pair.beta.wait_sync(90);
     pair.assert_established();
+    let b = pair.beta.wait_status("the resync recorded", Duration::from_secs(10), |s| s["last_sync"].is_object());
+    assert_eq!(b["last_sync"]["kind"], "bitmap", "{b:#}");
+    assert!(b["last_sync"]["bytes"].as_u64().is_some_and(|n| n >= 4 * 4096 && n <= MIB), "{b:#}");
     let again = verify_wait(&pair, "alpha");
     assert_eq!(again["out_of_sync_bytes"], 0, "the resync repaired the blocks: {again}");
     // And independently of verify: beta's data file holds alpha's data.

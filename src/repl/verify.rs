@@ -562,7 +562,7 @@ impl SessionVerify {
     /// the peer's VerifyRequest), unless one runs or `busy` (a resync runs:
     /// the request waits for its end). Returns the VerifyStart to send.
     pub(crate) fn start_if_requested(&mut self, engine: &Engine, mode: ReadMode, busy: bool) -> Option<Message> {
-        if busy || self.source.is_some() || self.target.is_some() || !engine.verify.take_request() {
+        if busy || self.source.is_some() || self.target.is_some() || !engine.verify.requested() {
             return None;
         }
         let total = engine.store.size();
@@ -570,12 +570,16 @@ impl SessionVerify {
         let walk = match VerifySource::new(total, block) {
             Ok(w) => w,
             Err(e) => {
+                engine.verify.take_request();
                 tracing::error!(peer = %engine.cfg.peer, "verify not started: {e}");
                 return None;
             }
         };
         tracing::info!(peer = %engine.cfg.peer, bytes = total, block, ?mode, "online verify starts (this node is the source)");
+        // Running before the request is taken: a second request in between
+        // is refused, not queued.
         engine.verify.begin("source", total);
+        engine.verify.take_request();
         self.source = Some(SourceRun { walk, mode, reads: VecDeque::new() });
         Some(Message::VerifyStart { total_bytes: total, block })
     }
