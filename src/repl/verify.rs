@@ -638,8 +638,14 @@ impl SessionVerify {
     pub(crate) fn on_message(&mut self, engine: &Engine, msg: Message) -> Result<(Option<Message>, After), String> {
         match msg {
             Message::VerifyRequest => {
-                tracing::info!(peer = %engine.cfg.peer, "the peer asks for an online verify");
-                engine.verify.request();
+                if self.source.is_some() || self.target.is_some() {
+                    // A repeated ask (the peer forwarded twice before our
+                    // VerifyStart reached it): the running verify answers it.
+                    tracing::info!(peer = %engine.cfg.peer, "the peer asks for an online verify: one is running");
+                } else {
+                    tracing::info!(peer = %engine.cfg.peer, "the peer asks for an online verify");
+                    engine.verify.request();
+                }
                 Ok((None, After::Continue))
             }
             Message::VerifyStart { total_bytes, block } => {
