@@ -185,7 +185,7 @@ pub async fn run(
         };
         let _ = s.tx.try_send(Message::Goodbye { reason, message: message.into() });
     }
-    io.verify.abort(engine, &describe_end(&outcome));
+    io.verify.end(engine, &outcome);
     drop(s);
     // Let the writer drain (Goodbye included), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
@@ -1325,12 +1325,3 @@ fn item_to_message(item: FeedItem) -> Option<Message> {
     })
 }
 
-/// Why a session ended, for an aborted verify's report.
-fn describe_end(o: &Outcome) -> String {
-    match o {
-        Outcome::Stopped(r) => format!("the session was stopped ({r:?})"),
-        Outcome::PeerLeft(why) => format!("the peer disconnected: {why}"),
-        Outcome::PeerGone(why) => format!("the peer was lost: {why}"),
-        Outcome::Failed(why) => format!("the session failed: {why}"),
-    }
-}

@@ -46,7 +46,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 pub use super::proto::VERIFY_DIGEST_LEN;
-use super::engine::{Engine, ReplState};
+use super::engine::{Engine, ReplState, StopReason};
+use super::session::Outcome;
 use super::proto::Message;
 use super::store::{BoxFut, ReplStore};
 use crate::node::{ConnState, DiskState, Role};
@@ -755,10 +756,18 @@ impl SessionVerify {
     }
 
     /// The session ends: a running verify is aborted (reported as such).
-    pub(crate) fn abort(&mut self, engine: &Engine, why: &str) {
+    /// A request not picked up yet is dropped too, unless the link is
+    /// renegotiated at once (role change, renegotiation): then the next
+    /// session runs it.
+    pub(crate) fn end(&mut self, engine: &Engine, outcome: &Outcome) {
+        if !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
+            && engine.verify.take_request()
+        {
+            tracing::info!(peer = %engine.cfg.peer, "verify request dropped: the session ended before it started");
+        }
         if self.source.take().is_some() || self.target.take().is_some() {
             self.gate = false;
-            self.finished(engine, false, Some(why.to_string()));
+            self.finished(engine, false, Some(describe_end(outcome)));
         }
     }
 
@@ -791,6 +800,16 @@ impl SessionVerify {
             }),
         );
         if complete && r.out_of_sync_bytes > 0 { After::Resync } else { After::Continue }
+    }
+}
+
+/// Why a session ended, for an aborted verify's report.
+fn describe_end(o: &Outcome) -> String {
+    match o {
+        Outcome::Stopped(r) => format!("the session was stopped ({r:?})"),
+        Outcome::PeerLeft(why) => format!("the peer disconnected: {why}"),
+        Outcome::PeerGone(why) => format!("the peer was lost: {why}"),
+        Outcome::Failed(why) => format!("the session failed: {why}"),
     }
 }
 
