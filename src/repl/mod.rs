@@ -26,11 +26,14 @@ pub mod decide;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod verify_engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
 mod session;
 pub mod store;
+pub mod verify;
 #[cfg(test)]
 pub mod testing;
 pub mod volume_store;
