@@ -466,3 +466,109 @@ fn bitmap_granularity_change_is_refused_naming_the_field() {
     let s = n.status();
     assert_eq!(s["bitmap_granularity"], 4096, "status shows the granularity\n{s:#}");
 }
+
+/// How the gap of [`writes_during_the_sync_win`] is written.
+#[derive(Debug, Clone, Copy)]
+enum Gap {
+    /// 4..64 KiB writes: their data is in the WAL, a log catch-up.
+    Small,
+    /// 256 KiB writes, which go to the data file in place (the WAL holds
+    /// no data for them): the log cannot replay them, a bitmap resync.
+    InPlace,
+}
+
+/// Alpha writes 8 MiB during a partition; the heal starts the sync through
+/// a 4 MiB/s link, and while it runs alpha rewrites the same extents (new
+/// content) and writes new places: the newest content wins on beta (files
+/// identical after a clean stop), and the kind is `log` for small writes,
+/// `bitmap` for in-place ones.
+fn writes_during_the_sync_win(gap: Gap) {
+    use rand::{RngCore, SeedableRng};
+    let test = format!("writes during the sync ({gap:?} gap)");
+    let seed = seed(&test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied().size("256MiB"));
+    pair.partition();
+    let ext = match gap {
+        Gap::Small => write_scattered(&pair, GAP, seed),
+        Gap::InPlace => pair.rt.block_on(async {
+            let c = pair.alpha.nbd().await;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut ext = Extents::default();
+            let piece = 256 * 1024u64;
+            for _ in 0..GAP / piece {
+                let off = (rng.next_u64() % (pair.size / piece)) * piece;
+                let mut data = vec![0u8; piece as usize];
+                rng.fill_bytes(&mut data);
+                c.write(off, &data, false).await.expect("in-place write");
+                ext.writes.push((off, piece));
+                ext.blocks.extend((off / 4096)..(off + piece) / 4096);
+            }
+            c.flush().await.expect("flush");
+            c.disconnect().await.expect("disconnect");
+            ext
+        }),
+    };
+    pair.proxies().set_rate(Some(4 * MIB));
+    pair.heal();
+    pair.beta.wait_status("the sync runs", Duration::from_secs(30), |s| {
+        s["connection"] == "connected" && s["replication"] != "established" && !s["replication"].is_null()
+    });
+    // Back to front, so that some rewrites land before the sync reaches
+    // their blocks and some after; all issued at once while the sync runs
+    // (under C their replies may wait for the catch-up ahead of them in the
+    // stream), then 1 MiB elsewhere.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x00de_ad00);
+    let rewrites: Vec<(u64, Vec<u8>)> = ext
+        .writes
+        .iter()
+        .rev()
+        .step_by(2)
+        .map(|&(off, len)| {
+            let mut data = vec![0u8; len as usize];
+            rng.fill_bytes(&mut data);
+            (off, data)
+        })
+        .collect();
+    let client = pair.rt.block_on(pair.alpha.nbd());
+    let b = pair.beta.status();
+    assert!(b["replication"] != "established", "{test}: the sync ended before the rewrites: nothing overlaps\n{b:#}");
+    let t = Instant::now();
+    pair.rt.block_on(async {
+        let tasks: Vec<_> = rewrites
+            .into_iter()
+            .map(|(off, data)| {
+                let c = client.clone();
+                tokio::spawn(async move { c.write(off, &data, false).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("rewrite during the sync");
+        }
+        scattered_writes(&client, 0, pair.size, MIB, seed ^ 0x0e_e000).await;
+    });
+    eprintln!("{test}: the rewrites issued during the sync completed in {:?}", t.elapsed());
+    let still_syncing = pair.beta.status()["replication"] != "established";
+    pair.rt.block_on(client.disconnect()).expect("disconnect");
+    pair.proxies().set_rate(None);
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    let b = pair.beta.status();
+    eprintln!("{test}: beta last_sync {} (the sync was still running after the writes: {still_syncing})", b["last_sync"]);
+    let want = match gap {
+        Gap::Small => "log",
+        Gap::InPlace => "bitmap",
+    };
+    assert_in_sync(&pair, &test);
+    stop_and_compare(&mut pair, &test);
+    assert_eq!(last_kind(&b), want, "{test}: last_sync.kind\n{b:#}");
+}
+
+#[test]
+fn writes_during_a_log_catch_up_win() {
+    writes_during_the_sync_win(Gap::Small);
+}
+
+#[test]
+fn writes_during_a_bitmap_resync_win() {
+    writes_during_the_sync_win(Gap::InPlace);
+}
