@@ -119,6 +119,7 @@ fn short_outage_is_caught_up_from_the_log_and_the_target_stays_consistent() {
     let seed = seed(test);
     let mut pair = Pair::up_blank(PairOpts::new("C").proxied().size("256MiB"));
     let poll = StatusLog::start(&pair.beta);
+    let poll_alpha = StatusLog::start(&pair.alpha);
     pair.partition();
     let ext = write_scattered(&pair, GAP, seed);
     // Slow the link so that the catch-up lasts a few seconds of polling.
@@ -130,6 +131,7 @@ fn short_outage_is_caught_up_from_the_log_and_the_target_stays_consistent() {
     pair.assert_established();
     let moved = pair.proxies().bytes_total() - before;
     let samples = poll.stop();
+    let alpha_samples = poll_alpha.stop();
 
     let connected: Vec<_> = samples.iter().filter(|s| s["connection"] == "connected").collect();
     let catching_up: Vec<_> =
@@ -162,6 +164,16 @@ fn short_outage_is_caught_up_from_the_log_and_the_target_stays_consistent() {
         let s = p.status();
         assert_eq!(last_kind(&s), "log", "{test}: {} last_sync.kind after a short outage\n{s:#}", p.name);
     }
+    // Progress (done of total) is visible on one side at least while the
+    // catch-up runs.
+    let progress = |s: &&serde_json::Value| {
+        s["resync"]["kind"] == "log"
+            && u(&s["resync"]["done_bytes"]) > 0
+            && u(&s["resync"]["done_bytes"]) < u(&s["resync"]["total_bytes"])
+    };
+    let (pa, pb) = (alpha_samples.iter().filter(progress).count(), samples.iter().filter(progress).count());
+    eprintln!("{test}: samples with catch-up progress: alpha {pa}, beta {pb}");
+    assert!(pa + pb > 0, "{test}: neither node showed the catch-up's progress (0 < done_bytes < total_bytes)");
     assert!(moved < 2 * ext.written(), "{test}: {moved} bytes on the wire for {} bytes written", ext.written());
     assert_in_sync(&pair, test);
     stop_and_compare(&mut pair, test);
@@ -571,4 +583,45 @@ fn writes_during_a_log_catch_up_win() {
 #[test]
 fn writes_during_a_bitmap_resync_win() {
     writes_during_the_sync_win(Gap::InPlace);
+}
+
+/// A log catch-up is cut short by the primary's death: the secondary,
+/// `consistent` (a prefix of the primary's log), is promoted without
+/// `--force`, and every block of the workload's region holds a whole write
+/// that was made to it (or its old zeroes), never torn or foreign bytes.
+#[test]
+fn a_log_catch_up_cut_by_the_primary_death_leaves_a_promotable_secondary() {
+    let test = "catch-up cut by the primary's death";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied());
+    pair.partition();
+    let client = pair.rt.block_on(pair.alpha.nbd());
+    let work = Workload::start(&pair.rt, client, 8, seed, 1 << 32);
+    std::thread::sleep(Duration::from_millis(1500));
+    let history = work.finish(&pair.rt);
+    let completed = history.writes.iter().filter(|w| w.completed.is_some()).count();
+    pair.proxies().set_rate(Some(MIB));
+    pair.heal();
+    let at_start = pair.beta.wait_status("the catch-up runs", Duration::from_secs(30), |s| {
+        s["replication"] != "established" && !s["replication"].is_null() && s["resync"]["kind"] == "log"
+    });
+    // A second of it (1 MiB of the log), then the primary dies.
+    std::thread::sleep(Duration::from_secs(1));
+    pair.alpha.kill9();
+    let b = pair.beta.wait_disconnected(Duration::from_secs(10));
+    eprintln!(
+        "{test}: {completed} writes completed alone; beta at the catch-up's start: {}; at the kill: {}",
+        at_start["resync"], b["resync"]
+    );
+    assert_eq!(b["disk"], "consistent", "{test}: an interrupted log catch-up leaves the target consistent\n{b:#}");
+    pair.beta.repctl_ok(&["promote"]);
+    let mut allowed = vec![std::collections::HashSet::from([0u64]); REGION_BLOCKS];
+    for w in &history.writes {
+        allowed[w.block].insert(w.id);
+    }
+    pair.rt.block_on(async {
+        let c = pair.beta.nbd().await;
+        common::durable::check_region(&c, &allowed, &format!("{test}, seed {seed}, read from beta")).await;
+        c.disconnect().await.expect("disconnect");
+    });
 }
