@@ -242,9 +242,22 @@ fn long_outage_beyond_wal_retain_is_resynced_from_the_bitmap() {
 /// write durable before the kill reads back from beta.
 #[test]
 fn old_primary_returns_as_sync_target() {
-    let test = "old primary returns";
+    old_primary_returns("C");
+}
+
+/// The same under protocol A: many of alpha's writes never reached beta
+/// (A acknowledges before sending), so more is rolled back on alpha; the
+/// copies still end identical (A promises no durability across a
+/// failover, so the workload's durability is not checked).
+#[test]
+fn old_primary_returns_as_sync_target_protocol_a() {
+    old_primary_returns("A");
+}
+
+fn old_primary_returns(protocol: &str) {
+    let test = &format!("old primary returns (protocol {protocol})");
     let seed = seed(test);
-    let mut pair = Pair::up_blank(PairOpts::new("C"));
+    let mut pair = Pair::up_blank(PairOpts::new(protocol));
     let client = pair.rt.block_on(pair.alpha.nbd());
     let work = Workload::start(&pair.rt, client, 8, seed, 1 << 32);
     std::thread::sleep(Duration::from_millis(800));
@@ -284,15 +297,17 @@ fn old_primary_returns_as_sync_target() {
     // No sync ran before (up_blank): this one is the return's.
     assert_ne!(last_kind(&a), "", "{test}: alpha ran a sync as target (last_sync)\n{a:#}");
 
-    let base = vec![0u64; REGION_BLOCKS];
-    let allowed = acceptable(&base, &history);
-    let constrained = pair.rt.block_on(async {
-        let c = pair.beta.nbd().await;
-        let n = verify(&c, &allowed, &base, &format!("{test}, seed {seed}, read from beta")).await;
-        c.disconnect().await.expect("disconnect");
-        n
-    });
-    assert!(constrained > 0, "{test}: no write was durable before the kill: the test checked nothing");
+    if protocol == "C" {
+        let base = vec![0u64; REGION_BLOCKS];
+        let allowed = acceptable(&base, &history);
+        let constrained = pair.rt.block_on(async {
+            let c = pair.beta.nbd().await;
+            let n = verify(&c, &allowed, &base, &format!("{test}, seed {seed}, read from beta")).await;
+            c.disconnect().await.expect("disconnect");
+            n
+        });
+        assert!(constrained > 0, "{test}: no write was durable before the kill: the test checked nothing");
+    }
     assert_in_sync(&pair, test);
     stop_and_compare(&mut pair, test);
 }
