@@ -1036,7 +1036,26 @@ impl Engine {
             );
             return Verdict { decision: Decision::Refuse(why.clone()), rule: "granularity", explanation: why };
         }
-        super::decide::decide(&side_view(mine), &side_view(theirs), &self.cfg.split_brain)
+        let (l, p) = (side_view(mine), side_view(theirs));
+        let v = super::decide::decide(&l, &p, &self.cfg.split_brain);
+        if l.role == Role::Primary && p.role == Role::Primary {
+            // Two primaries are refused whatever happened; when both also
+            // wrote since their last common generation, say it is a split
+            // brain (status, event), as it would be once one demotes.
+            let as_secondaries = super::decide::decide(
+                &SideView { role: Role::Secondary, discard_my_data: false, ..l },
+                &SideView { role: Role::Secondary, discard_my_data: false, ..p },
+                &SplitBrainPolicy::default(),
+            );
+            if as_secondaries.decision == Decision::SplitBrain {
+                return Verdict {
+                    decision: Decision::SplitBrain,
+                    rule: as_secondaries.rule,
+                    explanation: format!("both nodes are primary, and {}", as_secondaries.explanation),
+                };
+            }
+        }
+        v
     }
 
     /// Why a decision leaves both nodes standalone, for the Goodbye, the
