@@ -585,6 +585,11 @@ impl SessionVerify {
         Some(Message::VerifyStart { total_bytes: total, block })
     }
 
+    /// This node is the source of a running verify.
+    pub(crate) fn is_source(&self) -> bool {
+        self.source.is_some()
+    }
+
     /// Source: queues reads while the window allows (one chunk while an
     /// application write the peer has not written is in the stream).
     pub(crate) fn queue_reads(&mut self, store: &Arc<dyn ReplStore>, app_waiting: bool) -> Result<(), VolumeError> {
