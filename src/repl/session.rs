@@ -613,7 +613,8 @@ impl Session {
             // Online verify (src/repl/verify.rs): reads in the writer's order,
             // not during a resync; a write committed but not yet written by
             // the peer (even if still in the feed) has priority.
-            let app_waiting = store.local_lsn().max(last_record) > engine.acks.borrow().written;
+            let app_waiting = io.verify.is_source()
+                && store.local_lsn().max(last_record) > engine.acks.borrow().written;
             self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
             let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
             // The walk waits for the writer: wake up when it sent something.

@@ -65,9 +65,11 @@ pub const VERIFY_CHUNK: u64 = 1 << 20;
 pub const VERIFY_WINDOW: u64 = 8 * VERIFY_CHUNK;
 pub const VERIFY_WINDOW_MIN: u64 = 2 * VERIFY_CHUNK;
 pub const VERIFY_AHEAD: std::time::Duration = std::time::Duration::from_millis(20);
-/// Chunk size while application writes wait: one such chunk at most is in
-/// flight, so a write waits behind a 256 KiB read and hash, not 8 MiB.
-pub const VERIFY_CHUNK_BUSY: u64 = 256 << 10;
+/// Chunk size while application writes wait (and for [`VERIFY_BUSY_HOLD`]
+/// after the last one): one such chunk at most is in flight, so a write
+/// waits behind a 128 KiB read and hash, not a window of 1 MiB chunks.
+pub const VERIFY_CHUNK_BUSY: u64 = 128 << 10;
+pub const VERIFY_BUSY_HOLD: std::time::Duration = std::time::Duration::from_millis(200);
 /// Smallest and largest digest block (the bitmap granularity's range, and
 /// 512 for small test volumes).
 pub const MIN_BLOCK: u32 = 512;
@@ -514,6 +516,8 @@ pub(crate) enum ReadMode {
 struct SourceRun {
     walk: VerifySource,
     mode: ReadMode,
+    /// When an application write was last seen waiting for the peer.
+    last_busy: Option<Instant>,
     /// Direct mode: reads in flight, oldest first.
     reads: VecDeque<(u64, BoxFut<'static, Result<Bytes, VolumeError>>)>,
 }
@@ -581,15 +585,27 @@ impl SessionVerify {
         // is refused, not queued.
         engine.verify.begin("source", total);
         engine.verify.take_request();
-        self.source = Some(SourceRun { walk, mode, reads: VecDeque::new() });
+        self.source = Some(SourceRun { walk, mode, last_busy: None, reads: VecDeque::new() });
         Some(Message::VerifyStart { total_bytes: total, block })
+    }
+
+    /// This node is the source of a running verify.
+    pub(crate) fn is_source(&self) -> bool {
+        self.source.is_some()
     }
 
     /// Source: queues reads while the window allows (one chunk while an
     /// application write the peer has not written is in the stream).
     pub(crate) fn queue_reads(&mut self, store: &Arc<dyn ReplStore>, app_waiting: bool) -> Result<(), VolumeError> {
         let Some(run) = self.source.as_mut() else { return Ok(()) };
-        let (window, chunk) = if app_waiting {
+        if app_waiting {
+            run.last_busy = Some(Instant::now());
+        }
+        // Writes come one after the other (QD1): between two of them none
+        // waits, but the next one would find a full window ahead of it. So
+        // the verify stays in its busy mode for a while after the last one.
+        let busy = run.last_busy.is_some_and(|t| t.elapsed() < VERIFY_BUSY_HOLD);
+        let (window, chunk) = if busy {
             (0, VERIFY_CHUNK_BUSY)
         } else {
             let secs = run.walk.started().elapsed().as_secs_f64();
