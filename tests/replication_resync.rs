@@ -97,6 +97,7 @@ fn secondary_restart_moves_only_the_changed_blocks() {
         "{test}: the resync carried {moved} bytes for {} bytes written (limit 2x): more than the changed blocks",
         ext.written()
     );
+    let before_loop = b["last_sync"].clone();
     for s in [&a, &b] {
         let kind = last_kind(s);
         assert!(kind == "log" || kind == "bitmap", "{test}: last_sync.kind must be log or bitmap\n{s:#}");
@@ -107,6 +108,14 @@ fn secondary_restart_moves_only_the_changed_blocks() {
         );
     }
     assert_in_sync(&pair, test);
+    // And it stays so: no further connection, no second sync (DRBD's
+    // "resync loops" complaint).
+    let accepted = pair.proxies().accepted();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(pair.proxies().accepted(), accepted, "{test}: the pair reconnected after the sync");
+    let b = pair.beta.status();
+    assert_eq!(b["last_sync"], before_loop, "{test}: another sync ran after the first\n{b:#}");
+    assert_eq!(b["replication"], "established", "{test}: {b:#}");
     stop_and_compare(&mut pair, test);
 }
 

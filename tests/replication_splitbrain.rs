@@ -349,3 +349,37 @@ fn unrelated_data_is_refused() {
         }
     }
 }
+
+/// Opt-in policy `after_sb_1pri = "discard-secondary"`: both wrote while
+/// partitioned, beta is demoted before the heal; beta (the secondary) is
+/// resynced from alpha automatically, the decision names the rule, alpha
+/// keeps its data and the copies end identical.
+#[test]
+fn policy_discard_secondary_resolves_a_split_brain_with_one_primary() {
+    let test = "after_sb_1pri = discard-secondary";
+    let seed = seed(test);
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied().extra("after_sb_1pri = \"discard-secondary\""));
+    pair.partition();
+    pair.beta.repctl_ok(&["promote"]);
+    let alpha_ext = plan_extents(0, pair.size, MIB, seed);
+    let beta_ext = plan_extents(0, pair.size, 2 * MIB, seed ^ 0xbe7a);
+    pair.rt.block_on(async {
+        for (p, ext, byte) in [(&pair.alpha, &alpha_ext, ALPHA_BYTE), (&pair.beta, &beta_ext, BETA_BYTE)] {
+            let c = p.nbd().await;
+            fill_extents(&c, ext, byte).await;
+            c.disconnect().await.expect("disconnect");
+        }
+    });
+    pair.beta.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+    pair.beta.repctl_ok(&["demote"]);
+    pair.heal();
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    let b = pair.beta.status();
+    eprintln!("{test}: beta decision {}", b["decision"]);
+    assert!(text(&b["decision"]).contains("target"), "{test}: beta (the secondary) is the target\n{b:#}");
+    assert!(text(&b["decision"]).contains("discard-secondary"), "{test}: the decision names the rule\n{b:#}");
+    assert_eq!(b["split_brain"], false, "{test}: resolved by the policy\n{b:#}");
+    assert_holds(&pair, &pair.alpha, &alpha_ext, ALPHA_BYTE, test);
+    stop_and_compare(&mut pair, test);
+}
