@@ -649,3 +649,87 @@ fn a_log_catch_up_cut_by_the_primary_death_leaves_a_promotable_secondary() {
         c.disconnect().await.expect("disconnect");
     });
 }
+
+/// `bitmap_granularity = "64KiB"`: a bitmap resync (forced by
+/// overflowing `wal_retain`) moves whole 64 KiB grains: at least the
+/// changed 4 KiB blocks, at most the grains they touch; the status shows
+/// the granularity; the copies end identical.
+#[test]
+fn bitmap_resync_at_64k_granularity_moves_whole_grains() {
+    let test = "64 KiB granularity";
+    let seed = seed(test);
+    const GRAIN64: u64 = 64 * 1024;
+    let mut pair = Pair::up_blank(
+        PairOpts::new("C")
+            .proxied()
+            .size("256MiB")
+            .extra("bitmap_granularity = \"64KiB\"")
+            .extra("wal_retain = \"64MiB\"")
+            .extra("wal_segment_size = \"16MiB\""),
+    );
+    let a = pair.alpha.status();
+    assert_eq!(u(&a["bitmap_granularity"]), GRAIN64, "{test}: status shows the granularity\n{a:#}");
+    pair.partition();
+    let ext = write_scattered(&pair, 4 * MIB, seed);
+    pair.rt.block_on(async {
+        let c = pair.alpha.nbd().await;
+        for round in 0..24u8 {
+            for &(off, len) in &ext.writes {
+                c.write(off, &vec![0x20 + round; len as usize], false).await.unwrap_or_else(|e| panic!("rewrite: {e}"));
+            }
+        }
+        c.flush().await.expect("flush");
+        c.disconnect().await.expect("disconnect");
+    });
+    let grains: std::collections::BTreeSet<u64> = ext.blocks.iter().map(|b| b * 4096 / GRAIN64).collect();
+    let grain_bytes = grains.len() as u64 * GRAIN64;
+    pair.alpha.wait_status("WAL within wal_retain", Duration::from_secs(20), |s| u(&s["wal"]["bytes"]) <= 128 * MIB);
+    pair.heal();
+    pair.beta.wait_sync(60);
+    pair.assert_established();
+    let b = pair.beta.status();
+    eprintln!(
+        "{test}: {} bytes of 4 KiB blocks changed in {} grains ({grain_bytes} bytes); beta last_sync {}",
+        ext.changed(),
+        grains.len(),
+        b["last_sync"]
+    );
+    assert_eq!(last_kind(&b), "bitmap", "{test}: {b:#}");
+    let moved = u(&b["last_sync"]["bytes"]);
+    assert!(
+        moved >= ext.changed() && moved <= grain_bytes,
+        "{test}: a 64 KiB-grain resync moves between the changed blocks ({}) and their grains ({grain_bytes}): {moved}",
+        ext.changed()
+    );
+    assert_in_sync(&pair, test);
+    stop_and_compare(&mut pair, test);
+}
+
+/// `resync_rate = "8MiB/s"` caps a 32 MiB full sync: it takes about 4 s,
+/// not the fraction of a second loopback allows; the speed is reported
+/// while it runs, and the average of `last_sync` is within the cap.
+#[test]
+fn resync_rate_caps_the_sync() {
+    let test = "resync_rate";
+    let mut pair = Pair::new(PairOpts::new("C").size("32MiB").extra("resync_rate = \"8MiB/s\""));
+    pair.start_both();
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
+    }
+    let t = Instant::now();
+    pair.alpha.repctl_ok(&["promote", "--force"]);
+    let poll = StatusLog::start(&pair.beta);
+    pair.beta.wait_sync(60);
+    let took = t.elapsed();
+    let samples = poll.stop();
+    let max_speed = samples.iter().map(|s| u(&s["resync"]["speed_bytes_per_sec"])).max().unwrap_or(0);
+    let b = pair.beta.status();
+    eprintln!("{test}: 32 MiB full sync at an 8 MiB/s cap took {took:?}; highest reported speed {max_speed} B/s; {}", b["last_sync"]);
+    assert_eq!(last_kind(&b), "full", "{test}: {b:#}");
+    assert!(took >= Duration::from_millis(3200), "{test}: 32 MiB at 8 MiB/s took only {took:?}: the cap is not applied");
+    assert!(max_speed > 0, "{test}: no status sample reported the sync's speed");
+    let avg = u(&b["last_sync"]["bytes"]) as f64 / b["last_sync"]["seconds"].as_f64().unwrap_or(f64::NAN);
+    assert!(avg <= 8.8 * MIB as f64, "{test}: average {avg:.0} B/s above the 8 MiB/s cap\n{b:#}");
+    pair.assert_established();
+    stop_and_compare(&mut pair, test);
+}
