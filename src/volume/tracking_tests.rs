@@ -437,3 +437,23 @@ async fn power_cut_after_random_link_history_never_loses_a_mark() {
         v.close().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn sync_data_file_without_new_records_only_syncs_the_data() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 3);
+    let v = open(fault.clone(), d.path(), size);
+    v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
+    v.sync_data_file().await.unwrap(); // a checkpoint at LSN 1
+    let counter = v.superblock().counter;
+    v.apply_sync_data(0, data(2, 8192)).await.unwrap();
+    v.sync_data_file().await.unwrap();
+    assert_eq!(v.superblock().counter, counter, "no superblock write without a new record");
+    fault.power_cut();
+    drop(v);
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert_eq!(v.read(0, 8192).await.unwrap(), data(2, 8192), "the sync data is durable");
+    v.close().await.unwrap();
+}
