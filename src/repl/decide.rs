@@ -312,7 +312,8 @@ pub mod rule {
 ///    (`inconsistent`).
 /// 3. Same current generation: same LSN and no marked blocks → no sync
 ///    (`in-sync`); else the node with the higher LSN (then: more marked
-///    bytes, primary, better disk) sends (`same-generation`).
+///    bytes, primary, better disk) sends (`same-generation`); if nothing
+///    tells them apart, refused (the marked blocks may differ).
 /// 4. One node's bitmap generation is the other's current: it wrote since
 ///    the other's generation and sends (`newer-generation`).
 /// 5. Both bitmap generations equal: **split brain**.
@@ -517,15 +518,23 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
             std::cmp::Ordering::Greater => Local,
             std::cmp::Ordering::Less => Peer,
             std::cmp::Ordering::Equal => {
-                // Same lineage, same LSN, same marked bytes: the same records.
+                // Same records, but blocks marked on both sides (online
+                // verify marks both nodes): they may differ, and nothing
+                // says which copy is right. Claiming "in sync" would leave
+                // them different.
                 let why = format!(
-                    "same generation {} and LSN {} on both nodes, both with {} bytes marked: the same records, \
-                     nothing to send",
+                    "same generation {} and LSN {} on both nodes, both with {} bytes marked as possibly \
+                     different, and nothing tells which copy is right: promote the node whose data is to be \
+                     kept (or run invalidate on the other)",
                     G(l.gen_ids.current),
                     l.local_lsn,
                     l.dirty_bytes
                 );
-                return row(Outcome::NoSync, rule::IN_SYNC, why);
+                return row(
+                    Outcome::Refuse("marked blocks on both nodes and no node to prefer".into()),
+                    rule::SAME_GENERATION,
+                    why,
+                );
             }
         };
         let (kind, how) = sync_kind(v.get(from), v.get(from.other()));

@@ -210,10 +210,13 @@ fn row3_ties_go_to_the_primary_then_the_better_disk() {
 }
 
 #[test]
-fn row3_identical_views_with_marks_send_nothing() {
+fn row3_identical_views_with_marks_are_refused() {
+    // Verify marked the same blocks on both nodes: they may differ and
+    // nothing says which copy is right.
     let marked = SideView { dirty_bytes: 4096, ..view() };
-    let v = expect(&marked, &marked, Decision::NoSync, rule::IN_SYNC);
-    assert!(v.explanation.contains("the same records"), "{}", v.explanation);
+    expect_refused(&marked, &marked, rule::SAME_GENERATION, "promote the node whose data is to be kept");
+    // A primary settles it.
+    expect(&primary(marked), &marked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
