@@ -251,6 +251,21 @@ pub struct Verdict {
     pub explanation: String,
 }
 
+impl Verdict {
+    /// The `decision` object of `status --json` and of the `decision` event:
+    /// `{"result": "target", "kind": "bitmap", "rule": "newer-generation",
+    /// "explanation": "…"}` (`kind` is null when no data moves; a refusal's
+    /// reason is in the explanation).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "result": self.decision.as_str(),
+            "kind": self.decision.kind(),
+            "rule": self.rule,
+            "explanation": self.explanation,
+        })
+    }
+}
+
 /// The rule names a [`Verdict`] can carry (documented in docs/resync.md).
 /// Both nodes always report the same rule.
 pub mod rule {

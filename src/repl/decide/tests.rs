@@ -474,6 +474,16 @@ fn decision_names_and_mirror() {
     assert_eq!(Decision::Refuse("x".into()).as_str(), "refused");
     assert_eq!(Decision::Source(SyncKind::Bitmap).kind(), Some(SyncKind::Bitmap));
     assert_eq!(serde_json::to_value(SyncKind::Bitmap).ok(), Some(serde_json::json!("bitmap")));
+    let v = decide(&view(), &ahead(), &DEFAULT);
+    assert_eq!(
+        v.to_json(),
+        serde_json::json!({
+            "result": "target", "kind": "log", "rule": "newer-generation", "explanation": v.explanation
+        })
+    );
+    let v = decide(&primary(view()), &primary(view()), &DEFAULT);
+    assert_eq!(v.to_json()["kind"], serde_json::Value::Null);
+    assert_eq!(v.to_json()["result"], "refused");
 }
 
 // --- Mirror property over random views ------------------------------------------------------
