@@ -326,8 +326,8 @@ pub mod rule {
 ///    the interrupted resync resumes from the bitmap (`resume`), else full
 ///    (`inconsistent`).
 /// 3. Same current generation: same LSN and no marked blocks → no sync
-///    (`in-sync`); else the node with the higher LSN (then: more marked
-///    bytes, primary, better disk) sends (`same-generation`); if nothing
+///    (`in-sync`); else the node with the higher LSN (then: the primary,
+///    more marked bytes, better disk) sends (`same-generation`); if nothing
 ///    tells them apart, refused (the marked blocks may differ).
 /// 4. One node's bitmap generation is the other's current: it wrote since
 ///    the other's generation and sends (`newer-generation`).
@@ -528,7 +528,10 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
             let why = format!("same generation {} and LSN {}, nothing marked", G(l.gen_ids.current), l.local_lsn);
             return row(Outcome::NoSync, rule::IN_SYNC, why);
         }
-        let key = |s: &SideView| (s.local_lsn, s.dirty_bytes, s.role == Role::Primary, disk_rank(s.disk));
+        // Same LSN: the primary first (it is never the target; the union of
+        // the bitmaps covers the other's marks, e.g. a secondary's records
+        // re-marked by recovery after a crash), then the marks.
+        let key = |s: &SideView| (s.local_lsn, s.role == Role::Primary, s.dirty_bytes, disk_rank(s.disk));
         let from = match key(l).cmp(&key(p)) {
             std::cmp::Ordering::Greater => Local,
             std::cmp::Ordering::Less => Peer,

@@ -472,9 +472,18 @@ impl World {
         let Some(f) = from else { return };
         let j = peer_written.unwrap_or(0);
         let unacked: Vec<(Rec, bool)> = link.pending.into_iter().collect();
-        // The receiver: tracking from what it has.
+        // The receiver: tracking from what it has. Killed, its recovery may
+        // re-mark the last records it received (its persisted peer-written
+        // LSN lags): harmless extra marks of records the sender has.
         let r = 1 - f;
         self.n[r].base = self.n[r].lsn;
+        if crashed == Some(r) {
+            let lag = acked as u64 + 1;
+            let receiver = &mut self.n[r];
+            let from = receiver.lsn.saturating_sub(lag);
+            let marks: Vec<usize> = receiver.log.iter().filter(|rec| rec.lsn > from).map(|rec| rec.block).collect();
+            receiver.bits.extend(marks);
+        }
         let sender = &mut self.n[f];
         if crashed == Some(f) {
             // Recovery marks every WAL record after the persisted

@@ -210,6 +210,14 @@ fn row3_ties_go_to_the_primary_then_the_better_disk() {
 }
 
 #[test]
+fn row3_same_lsn_the_primary_sends_even_to_a_node_with_marks() {
+    // A secondary restarted after a crash re-marks records it got from the
+    // primary: it must not become the source of (hence refuse) the primary.
+    let remarked = SideView { dirty_bytes: 8192, ..view() };
+    expect(&primary(view()), &remarked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+}
+
+#[test]
 fn row3_identical_views_with_marks_are_refused() {
     // Verify marked the same blocks on both nodes: they may differ and
     // nothing says which copy is right.
