@@ -209,16 +209,21 @@ impl Decision {
         }
     }
 
-    /// Short name for status and events: `no-sync`, `source`, `target`,
-    /// `split-brain`, `unrelated`, `refused`.
+    /// Short name for status, events and `connect --dry-run`: `no-sync`,
+    /// `source-log`, `source-bitmap`, `source-full`, `target-log`,
+    /// `target-bitmap`, `target-full`, `split-brain`, `unrelated`, `refuse`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Decision::NoSync => "no-sync",
-            Decision::Source(_) => "source",
-            Decision::Target(_) => "target",
+            Decision::Source(SyncKind::Log) => "source-log",
+            Decision::Source(SyncKind::Bitmap) => "source-bitmap",
+            Decision::Source(SyncKind::Full) => "source-full",
+            Decision::Target(SyncKind::Log) => "target-log",
+            Decision::Target(SyncKind::Bitmap) => "target-bitmap",
+            Decision::Target(SyncKind::Full) => "target-full",
             Decision::SplitBrain => "split-brain",
             Decision::Unrelated => "unrelated",
-            Decision::Refuse(_) => "refused",
+            Decision::Refuse(_) => "refuse",
         }
     }
 
@@ -253,13 +258,11 @@ pub struct Verdict {
 
 impl Verdict {
     /// The `decision` object of `status --json` and of the `decision` event:
-    /// `{"result": "target", "kind": "bitmap", "rule": "newer-generation",
-    /// "explanation": "…"}` (`kind` is null when no data moves; a refusal's
-    /// reason is in the explanation).
+    /// `{"result": "target-bitmap", "rule": "newer-generation",
+    /// "explanation": "…"}` (a refusal's reason is in the explanation).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "result": self.decision.as_str(),
-            "kind": self.decision.kind(),
             "rule": self.rule,
             "explanation": self.explanation,
         })

@@ -479,19 +479,20 @@ fn decision_names_and_mirror() {
     assert_eq!(Decision::Source(SyncKind::Log).mirrored(), Decision::Target(SyncKind::Log));
     assert_eq!(Decision::SplitBrain.mirrored(), Decision::SplitBrain);
     assert_eq!(Decision::Target(SyncKind::Full).to_string(), "target (full resync)");
-    assert_eq!(Decision::Refuse("x".into()).as_str(), "refused");
+    assert_eq!(Decision::Refuse("x".into()).as_str(), "refuse");
+    assert_eq!(Decision::Source(SyncKind::Log).as_str(), "source-log");
+    assert_eq!(Decision::Target(SyncKind::Full).as_str(), "target-full");
     assert_eq!(Decision::Source(SyncKind::Bitmap).kind(), Some(SyncKind::Bitmap));
     assert_eq!(serde_json::to_value(SyncKind::Bitmap).ok(), Some(serde_json::json!("bitmap")));
     let v = decide(&view(), &ahead(), &DEFAULT);
     assert_eq!(
         v.to_json(),
         serde_json::json!({
-            "result": "target", "kind": "log", "rule": "newer-generation", "explanation": v.explanation
+            "result": "target-log", "rule": "newer-generation", "explanation": v.explanation
         })
     );
     let v = decide(&primary(view()), &primary(view()), &DEFAULT);
-    assert_eq!(v.to_json()["kind"], serde_json::Value::Null);
-    assert_eq!(v.to_json()["result"], "refused");
+    assert_eq!(v.to_json()["result"], "refuse");
 }
 
 // --- Mirror property over random views ------------------------------------------------------
