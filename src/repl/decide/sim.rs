@@ -179,6 +179,11 @@ enum Op {
     CorruptAndVerify {
         block: usize,
     },
+    /// `repctl invalidate`: this node's data is thrown away and taken from
+    /// the peer (every bit set, disk inconsistent; refused on a primary).
+    Invalidate {
+        node: usize,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -282,7 +287,23 @@ impl World {
                 self.corrupt_and_verify(block);
                 Ok(())
             }
+            Op::Invalidate { node } => self.invalidate(node),
         }
+    }
+
+    fn invalidate(&mut self, i: usize) -> Result<(), String> {
+        // Refused on a primary, and unless the peer is connected with an
+        // uptodate disk (else this copy may be the only usable one).
+        if self.n[i].role == Role::Primary || self.link.is_none() || self.n[1 - i].disk != DiskState::UpToDate {
+            return Ok(());
+        }
+        self.break_link(None, usize::MAX, usize::MAX);
+        let node = &mut self.n[i];
+        node.bits = (0..BLOCKS).collect();
+        node.disk = DiskState::Inconsistent;
+        // The operator discarded this copy: it holds nothing any more.
+        node.applied.clear();
+        self.connect()
     }
 
     fn corrupt_and_verify(&mut self, block: usize) {
@@ -664,6 +685,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => node.clone().prop_map(|node| Op::DiscardMyData { node }),
         1 => (node, 0..4u64).prop_map(|(node, keep)| Op::Recycle { node, keep }),
         1 => (0..BLOCKS).prop_map(|block| Op::CorruptAndVerify { block }),
+        1 => (0..2usize).prop_map(|node| Op::Invalidate { node }),
     ]
 }
 
