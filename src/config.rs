@@ -29,6 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::io::EngineChoice;
+use crate::repl::decide::{AfterSb0Pri, AfterSb1Pri, SplitBrainPolicy};
 use crate::units;
 
 /// Longest accepted resource or node name.
@@ -57,6 +58,16 @@ pub const DEFAULT_MAX_BUFFER: u64 = 64 << 20;
 pub const DEFAULT_MAX_CLIENTS: u32 = 256;
 /// Largest accepted `max_clients`.
 pub const MAX_MAX_CLIENTS: u32 = 65536;
+/// Default `bitmap_granularity` (bytes covered by one bit of the dirty bitmap).
+pub const DEFAULT_BITMAP_GRANULARITY: u32 = 4 << 10;
+/// Smallest accepted `bitmap_granularity`.
+pub const MIN_BITMAP_GRANULARITY: u32 = 4 << 10;
+/// Largest accepted `bitmap_granularity`.
+pub const MAX_BITMAP_GRANULARITY: u32 = 1 << 20;
+/// Default `wal_retain` (WAL kept for log catch-up of a lagging peer).
+pub const DEFAULT_WAL_RETAIN: u64 = 1 << 30;
+/// Smallest accepted `wal_retain`.
+pub const MIN_WAL_RETAIN: u64 = 64 << 20;
 
 /// `on_peer_loss`: what a primary does with writes while its peer is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +213,18 @@ pub struct Config {
     pub connect_retry: Duration,
     /// Bytes of replication feed buffered for the peer before writes wait.
     pub max_buffer: u64,
+    /// Bytes covered by one bit of the dirty bitmap: a power of two in
+    /// 4KiB..=1MiB, 4KiB by default. Fixed at create-md.
+    pub bitmap_granularity: u32,
+    /// WAL bytes kept for a lagging peer's log catch-up (1GiB by default,
+    /// at least 64MiB). Beyond it the peer gets a bitmap resync instead.
+    pub wal_retain: u64,
+    /// Resync rate cap in bytes per second; `None` = unlimited (the default).
+    pub resync_rate: Option<u64>,
+    /// Split-brain policy with no primary at connect (`disconnect` by default).
+    pub after_sb_0pri: AfterSb0Pri,
+    /// Split-brain policy with one primary at connect (`disconnect` by default).
+    pub after_sb_1pri: AfterSb1Pri,
     /// The nodes (one or two).
     pub nodes: Vec<NodeConfig>,
 }
@@ -227,6 +250,11 @@ struct RawConfig {
     on_peer_loss: Option<toml::Value>,
     connect_retry: Option<toml::Value>,
     max_buffer: Option<toml::Value>,
+    bitmap_granularity: Option<toml::Value>,
+    wal_retain: Option<toml::Value>,
+    resync_rate: Option<toml::Value>,
+    after_sb_0pri: Option<toml::Value>,
+    after_sb_1pri: Option<toml::Value>,
     node: Option<Vec<RawNode>>,
 }
 
@@ -290,6 +318,27 @@ impl Checker<'_> {
         }
     }
 
+    /// A rate in bytes per second: `"100MiB/s"` (or `"100MiB"`), or an
+    /// integer number of bytes per second. Zero is refused (a resync that
+    /// never moves would never end; say "unlimited" or a real rate).
+    fn rate(&self, field: &str, v: &toml::Value) -> Result<u64, ConfigError> {
+        let expected = "expected a rate such as \"100MiB/s\" or \"unlimited\"";
+        let bytes = match v {
+            toml::Value::String(s) => {
+                let size = s.strip_suffix("/s").unwrap_or(s);
+                units::parse_size(size).map_err(|_| self.err(field, format!("{expected}, got {s:?}")))?
+            }
+            toml::Value::Integer(i) => {
+                u64::try_from(*i).map_err(|_| self.err(field, format!("{expected}, got {i}")))?
+            }
+            other => return Err(self.err(field, format!("{expected}, got {}", describe(other)))),
+        };
+        if bytes == 0 {
+            return Err(self.err(field, format!("{expected}, got 0 (a resync would never finish)")));
+        }
+        Ok(bytes)
+    }
+
     fn duration(&self, field: &str, v: &toml::Value) -> Result<Duration, ConfigError> {
         match v {
             toml::Value::String(s) => units::parse_duration(s).map_err(|e| self.err(field, e.to_string())),
@@ -345,6 +394,16 @@ pub fn parse_host_port(s: &str) -> Option<(&str, u16)> {
             && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
     };
     host_ok.then_some((host, port))
+}
+
+/// `"a", "b" or "c"` for an error message.
+fn one_of(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 fn describe(v: &toml::Value) -> String {
@@ -621,6 +680,54 @@ impl Config {
                 s
             }
         };
+        let bitmap_granularity = match &raw.bitmap_granularity {
+            None => DEFAULT_BITMAP_GRANULARITY,
+            Some(v) => {
+                let g = c.size("bitmap_granularity", v)?;
+                if !g.is_power_of_two()
+                    || !(u64::from(MIN_BITMAP_GRANULARITY)..=u64::from(MAX_BITMAP_GRANULARITY)).contains(&g)
+                {
+                    return Err(c.err(
+                        "bitmap_granularity",
+                        format!("expected a power of two from 4KiB to 1MiB, got {}", units::format_size(g)),
+                    ));
+                }
+                g as u32
+            }
+        };
+        let wal_retain = match &raw.wal_retain {
+            None => DEFAULT_WAL_RETAIN,
+            Some(v) => {
+                let s = c.size("wal_retain", v)?;
+                if s < MIN_WAL_RETAIN {
+                    return Err(c.err("wal_retain", format!("expected at least 64MiB, got {}", units::format_size(s))));
+                }
+                s
+            }
+        };
+        let resync_rate = match &raw.resync_rate {
+            None => None,
+            Some(toml::Value::String(s)) if s == "unlimited" => None,
+            Some(v) => Some(c.rate("resync_rate", v)?),
+        };
+        let after_sb_0pri = match &raw.after_sb_0pri {
+            None => AfterSb0Pri::default(),
+            Some(v) => {
+                let expected = one_of(&AfterSb0Pri::NAMES);
+                let s = c.string("after_sb_0pri", v, &expected)?;
+                AfterSb0Pri::parse(&s)
+                    .ok_or_else(|| c.err("after_sb_0pri", format!("expected {expected}, got {s:?}")))?
+            }
+        };
+        let after_sb_1pri = match &raw.after_sb_1pri {
+            None => AfterSb1Pri::default(),
+            Some(v) => {
+                let expected = one_of(&AfterSb1Pri::NAMES);
+                let s = c.string("after_sb_1pri", v, &expected)?;
+                AfterSb1Pri::parse(&s)
+                    .ok_or_else(|| c.err("after_sb_1pri", format!("expected {expected}, got {s:?}")))?
+            }
+        };
 
         Ok(Config {
             file: path.to_path_buf(),
@@ -639,8 +746,18 @@ impl Config {
             on_peer_loss,
             connect_retry,
             max_buffer,
+            bitmap_granularity,
+            wal_retain,
+            resync_rate,
+            after_sb_0pri,
+            after_sb_1pri,
             nodes,
         })
+    }
+
+    /// The automatic split-brain policies (`after_sb_0pri`, `after_sb_1pri`).
+    pub fn split_brain_policy(&self) -> SplitBrainPolicy {
+        SplitBrainPolicy { after_sb_0pri: self.after_sb_0pri, after_sb_1pri: self.after_sb_1pri }
     }
 
     /// The section of node `name`, or an error listing the nodes present.
@@ -665,9 +782,8 @@ impl Config {
             wal_segment_size: self.wal_segment_size,
             checkpoint_bytes: self.checkpoint_bytes,
             checkpoint_interval: self.checkpoint_interval,
-            // Config keys `bitmap_granularity` and `wal_retain`: helper D.
-            bitmap_granularity: crate::volume::DEFAULT_BITMAP_GRANULARITY,
-            wal_retain: crate::volume::DEFAULT_WAL_RETAIN,
+            bitmap_granularity: self.bitmap_granularity,
+            wal_retain: self.wal_retain,
         }
     }
 
@@ -1048,5 +1164,117 @@ disk = "/dev/vg0/r0"
         );
         assert_eq!(err(&with("ping_timeout = \"0s\"")), "r0.toml: ping_timeout: expected a non-zero duration, got 0s");
         assert!(err(&with("max_buffer = \"4KiB\"")).starts_with("r0.toml: max_buffer: expected at least 1MiB"));
+    }
+
+    #[test]
+    fn resync_keys_have_defaults() {
+        let c = load(ONE).unwrap();
+        assert_eq!(c.bitmap_granularity, 4096);
+        assert_eq!(c.wal_retain, 1 << 30);
+        assert_eq!(c.resync_rate, None);
+        assert_eq!(c.after_sb_0pri, AfterSb0Pri::Disconnect);
+        assert_eq!(c.after_sb_1pri, AfterSb1Pri::Disconnect);
+        assert_eq!(c.split_brain_policy(), SplitBrainPolicy::default());
+    }
+
+    fn with_key(line: &str) -> String {
+        ONE.replacen("size = \"64MiB\"", &format!("size = \"64MiB\"\n{line}"), 1)
+    }
+
+    #[test]
+    fn bitmap_granularity_is_a_power_of_two_from_4k_to_1m() {
+        for (text, want) in [("\"4KiB\"", 4096), ("\"64KiB\"", 65536), ("\"1MiB\"", 1 << 20), ("8192", 8192)] {
+            let c = load(&with_key(&format!("bitmap_granularity = {text}"))).unwrap();
+            assert_eq!(c.bitmap_granularity, want, "{text}");
+        }
+        for (text, got) in [("\"2KiB\"", "2KiB"), ("\"2MiB\"", "2MiB"), ("\"12KiB\"", "12KiB"), ("0", "0B")] {
+            assert_eq!(
+                err(&with_key(&format!("bitmap_granularity = {text}"))),
+                format!("r0.toml: bitmap_granularity: expected a power of two from 4KiB to 1MiB, got {got}")
+            );
+        }
+        assert_eq!(
+            err(&with_key("bitmap_granularity = \"big\"")),
+            r#"r0.toml: bitmap_granularity: "big" is not a size (examples: "512MiB", "1GiB")"#
+        );
+        assert!(
+            err(&with_key("bitmap_granularity = true")).starts_with("r0.toml: bitmap_granularity: expected a size")
+        );
+    }
+
+    #[test]
+    fn resync_keys_reach_the_volume() {
+        // The defaults here and the volume's are the same numbers.
+        assert_eq!(DEFAULT_BITMAP_GRANULARITY, crate::volume::DEFAULT_BITMAP_GRANULARITY);
+        assert_eq!(DEFAULT_WAL_RETAIN, crate::volume::DEFAULT_WAL_RETAIN);
+        let c = load(&with_key("bitmap_granularity = \"64KiB\"\nwal_retain = \"256MiB\"")).unwrap();
+        let opts = c.volume_options(&c.nodes[0]);
+        assert_eq!((opts.bitmap_granularity, opts.wal_retain), (64 << 10, 256 << 20));
+        // Whatever the config accepts, the volume accepts.
+        for g in [4u32 << 10, 8 << 10, 1 << 20] {
+            let c = load(&with_key(&format!("bitmap_granularity = {g}"))).unwrap();
+            assert!(crate::volume::bitmap::validate_granularity(c.bitmap_granularity).is_ok());
+        }
+    }
+
+    #[test]
+    fn wal_retain_is_at_least_64m() {
+        assert_eq!(load(&with_key("wal_retain = \"64MiB\"")).unwrap().wal_retain, 64 << 20);
+        assert_eq!(load(&with_key("wal_retain = \"10GiB\"")).unwrap().wal_retain, 10 << 30);
+        assert_eq!(err(&with_key("wal_retain = \"63MiB\"")), "r0.toml: wal_retain: expected at least 64MiB, got 63MiB");
+        assert!(
+            err(&with_key("wal_retain = -1")).starts_with("r0.toml: wal_retain: expected a size, got the negative")
+        );
+        assert!(err(&with_key("wal_retain = \"1 GiB\"")).starts_with("r0.toml: wal_retain: \"1 GiB\" is not a size"));
+    }
+
+    #[test]
+    fn resync_rate_is_a_rate_or_unlimited() {
+        assert_eq!(load(&with_key("resync_rate = \"unlimited\"")).unwrap().resync_rate, None);
+        assert_eq!(load(&with_key("resync_rate = \"100MiB/s\"")).unwrap().resync_rate, Some(100 << 20));
+        assert_eq!(load(&with_key("resync_rate = \"20M\"")).unwrap().resync_rate, Some(20 << 20));
+        assert_eq!(load(&with_key("resync_rate = 1048576")).unwrap().resync_rate, Some(1 << 20));
+        let expected = r#"r0.toml: resync_rate: expected a rate such as "100MiB/s" or "unlimited""#;
+        assert_eq!(err(&with_key("resync_rate = \"fast\"")), format!("{expected}, got \"fast\""));
+        assert_eq!(err(&with_key("resync_rate = \"10MiB/h\"")), format!("{expected}, got \"10MiB/h\""));
+        assert_eq!(err(&with_key("resync_rate = \"Unlimited\"")), format!("{expected}, got \"Unlimited\""));
+        assert_eq!(err(&with_key("resync_rate = -5")), format!("{expected}, got -5"));
+        assert_eq!(err(&with_key("resync_rate = 1.5")), format!("{expected}, got the number 1.5"));
+        assert_eq!(err(&with_key("resync_rate = \"0/s\"")), format!("{expected}, got 0 (a resync would never finish)"));
+    }
+
+    #[test]
+    fn split_brain_policies_are_named_values() {
+        for name in AfterSb0Pri::NAMES {
+            let c = load(&with_key(&format!("after_sb_0pri = \"{name}\""))).unwrap();
+            assert_eq!(c.after_sb_0pri.as_str(), name);
+            assert_eq!(c.split_brain_policy().after_sb_0pri, c.after_sb_0pri);
+        }
+        for name in AfterSb1Pri::NAMES {
+            let c = load(&with_key(&format!("after_sb_1pri = \"{name}\""))).unwrap();
+            assert_eq!(c.after_sb_1pri.as_str(), name);
+            assert_eq!(c.split_brain_policy().after_sb_1pri, c.after_sb_1pri);
+        }
+        let c = load(&with_key("after_sb_0pri = \"discard-least-changes\"\nafter_sb_1pri = \"discard-secondary\""))
+            .unwrap();
+        assert_eq!(
+            c.split_brain_policy(),
+            SplitBrainPolicy {
+                after_sb_0pri: AfterSb0Pri::DiscardLeastChanges,
+                after_sb_1pri: AfterSb1Pri::DiscardSecondary
+            }
+        );
+        assert_eq!(
+            err(&with_key("after_sb_0pri = \"discard-secondary\"")),
+            r#"r0.toml: after_sb_0pri: expected "disconnect", "discard-younger-primary", "discard-least-changes" or "discard-zero-changes", got "discard-secondary""#
+        );
+        assert_eq!(
+            err(&with_key("after_sb_1pri = \"discard-least-changes\"")),
+            r#"r0.toml: after_sb_1pri: expected "disconnect", "discard-secondary" or "discard-zero-changes", got "discard-least-changes""#
+        );
+        assert_eq!(
+            err(&with_key("after_sb_1pri = 1")),
+            r#"r0.toml: after_sb_1pri: expected "disconnect", "discard-secondary" or "discard-zero-changes", got the number 1"#
+        );
     }
 }

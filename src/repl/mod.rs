@@ -22,6 +22,7 @@
 //!
 //! The full byte-level description is docs/replication-protocol.md.
 
+pub mod decide;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
