@@ -65,10 +65,13 @@ pub enum Kind {
     /// repd with no peer.
     Standalone,
     /// repd pair, protocol A.
+    #[serde(rename = "A")]
     A,
     /// repd pair, protocol B.
+    #[serde(rename = "B")]
     B,
     /// repd pair, protocol C.
+    #[serde(rename = "C")]
     C,
     QemuNbd,
     Nbdkit,
