@@ -8,7 +8,8 @@
 //! - `p50-vs-rtt-<workload>.svg` / `p99-vs-rtt-<workload>.svg`: latency of each protocol
 //!   against the RTT, with the floor (RTT + the local file's p50) and the
 //!   unreplicated targets as references, for qd1-write and qd1-write-flush;
-//! - `throughput.svg`: IOPS of every target per workload, at the lowest RTT;
+//! - `throughput.svg`: IOPS of every server per workload, at the lowest RTT
+//!   (the local file is left out: it is in the table);
 //! - `results.md`: the table `repbench run` printed.
 
 use std::path::{Path, PathBuf};
@@ -244,6 +245,9 @@ fn throughput_chart(path: &Path, run: &Run) -> Result<(), String> {
             .cells
             .iter()
             .filter(|c| c.workload == *wl && c.rtt_ms.is_none_or(|r| (r - lowest).abs() < 1e-9))
+            // The local file (page cache) would dwarf every server's bar;
+            // it is in the table.
+            .filter(|c| c.kind != Kind::File)
             .collect();
         if cells.is_empty() {
             continue;

@@ -5,7 +5,7 @@
 //! - `A`, `B`, `C`: a `repd` pair (`alpha` primary, `beta` secondary) under
 //!   that protocol, with the in-project delay proxy on the replication link;
 //!   the RTT of a cell is set on the proxies before it runs;
-//! - `qemu-nbd` and `nbdkit` (file plugin) serving a plain preallocated file;
+//! - `qemu-nbd` and `nbdkit` (file plugin) serving a plain file (written in full first);
 //! - `file`: the local file itself, driven with pwrite/pread/fdatasync.
 //!
 //! Replication topology (both nodes dial, one connection survives; each
@@ -245,21 +245,19 @@ impl Deployment {
     }
 }
 
-/// Creates `path` of `size` bytes, allocated (fallocate), so that no target
-/// pays for block allocation during the measurement.
+/// Creates `path` of `size` bytes, every block written (zeros) and synced,
+/// so that no target pays for block allocation or for converting unwritten
+/// extents during the measurement (a `fallocate`d file would: on ext4 the
+/// first write to each block makes `fdatasync` commit the journal).
 pub fn preallocated_file(path: &Path, size: u64) -> Result<(), TargetError> {
-    let f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
-    let len = libc::off_t::try_from(size).map_err(|_| TargetError::Io {
-        what: format!("size {size} of {}", path.display()),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is owned by `f`, open for writing, for the
-    // whole call; fallocate takes no pointers.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
-    if rc != 0 {
-        // A file system without fallocate: a plain sized file still works.
-        f.set_len(size).map_err(io_err(format!("sizing {}", path.display())))?;
+    use std::io::Write;
+    let mut f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(io_err(format!("writing {}", path.display())))?;
+        left -= n as u64;
     }
     f.sync_all().map_err(io_err(format!("syncing {}", path.display())))?;
     Ok(())
@@ -292,7 +290,7 @@ impl Launcher<'_> {
                     file: Some(path),
                     processes: Vec::new(),
                     proxies: Vec::new(),
-                    notes: "pwrite/pread/fdatasync on a preallocated file, page cache on".into(),
+                    notes: "pwrite/pread/fdatasync on a written (allocated) file, page cache on".into(),
                 })
             }
         }
@@ -505,7 +503,7 @@ impl Launcher<'_> {
                         file: None,
                         processes: vec![("server".into(), p)],
                         proxies: Vec::new(),
-                        notes: format!("qemu-nbd -f raw --cache=none --aio={aio}, preallocated file"),
+                        notes: format!("qemu-nbd -f raw --cache=none --aio={aio}, written (allocated) file"),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -530,7 +528,7 @@ impl Launcher<'_> {
             file: None,
             processes: vec![("server".into(), p)],
             proxies: Vec::new(),
-            notes: "nbdkit file plugin (page cache, fdatasync on FLUSH), preallocated file".into(),
+            notes: "nbdkit file plugin (page cache, fdatasync on FLUSH), written (allocated) file".into(),
         })
     }
 }
