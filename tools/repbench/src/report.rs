@@ -6,11 +6,13 @@
 //!   (unreplicated targets in every chart), for qd1-write-flush and
 //!   qd32-randwrite;
 //! - `p50-vs-rtt-<workload>.svg` / `p99-vs-rtt-<workload>.svg`: latency of each protocol
-//!   against the RTT, with the floor (RTT + the local file's p50) and the
-//!   unreplicated targets as references, for qd1-write and qd1-write-flush;
+//!   against the RTT, with the floor (RTT + the local file's p50), RTT + the
+//!   standalone repd's latency, and the unreplicated targets as references,
+//!   for qd1-write and qd1-write-flush;
 //! - `throughput.svg`: IOPS of every server per workload, at the lowest RTT
 //!   (the local file is left out: it is in the table);
-//! - `results.md`: the table `repbench run` printed.
+//! - `results.md`: the table `repbench run` printed;
+//! - `run.json`: the run itself, so that the directory is self-contained.
 
 use std::path::{Path, PathBuf};
 
@@ -54,10 +56,16 @@ pub fn load(path: &Path) -> Result<Run, ReportError> {
     Ok(run)
 }
 
-/// Writes `results.md` and every chart into `out`; returns the files written.
+/// Writes `run.json` (a copy of the run), `results.md` and every chart into
+/// `out`; returns the files written.
 pub fn write_all(run: &Run, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
     std::fs::create_dir_all(out).map_err(|e| ReportError::Write { path: out.into(), detail: e.to_string() })?;
     let mut files = Vec::new();
+    let json = out.join("run.json");
+    let text = serde_json::to_string_pretty(run)
+        .map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
+    std::fs::write(&json, text).map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
+    files.push(json);
     let md = out.join("results.md");
     std::fs::write(&md, run.markdown()).map_err(|e| ReportError::Write { path: md.clone(), detail: e.to_string() })?;
     files.push(md);
@@ -194,6 +202,14 @@ fn vs_rtt_chart(path: &Path, run: &Run, wl: &str, metric: &str, pick: fn(&Cell) 
             vec![(0.0, base), (max_rtt, max_rtt * 1000.0 + base)],
         ));
     }
+    if let Some(c) = run.cell(wl, Kind::Standalone, None) {
+        let base = pick(c);
+        lines.push((
+            format!("RTT + standalone repblock {metric} ({base:.0} µs)"),
+            color(Kind::Standalone, None, &[]),
+            vec![(0.0, base), (max_rtt, max_rtt * 1000.0 + base)],
+        ));
+    }
     for k in [Kind::Standalone, Kind::QemuNbd] {
         if let Some(c) = run.cell(wl, k, None) {
             let v = pick(c);
@@ -212,7 +228,7 @@ fn vs_rtt_chart(path: &Path, run: &Run, wl: &str, metric: &str, pick: fn(&Cell) 
         .map_err(err)?;
     chart.configure_mesh().x_desc("replication RTT (ms)").y_desc(format!("{metric} (µs)")).draw().map_err(err)?;
     for (name, col, pts) in lines {
-        let dashed = name.starts_with("floor") || name.contains("no replication");
+        let dashed = name.starts_with("floor") || name.starts_with("RTT +") || name.contains("no replication");
         let style = col.stroke_width(if dashed { 1 } else { 2 });
         chart
             .draw_series(LineSeries::new(pts.clone(), style))
