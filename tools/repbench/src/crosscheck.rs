@@ -180,7 +180,7 @@ pub fn crosscheck(o: &CrossOptions) -> Result<CrossResult, CrossError> {
         "--output-format=json".into(),
     ]);
     let mut res = CrossResult {
-        target: crate::results::label(o.kind, o.kind.replicated().then(|| o.rtt.as_secs_f64() * 1000.0)),
+        target: crate::results::label(o.kind, o.kind.replicated().then_some(o.rtt.as_secs_f64() * 1000.0)),
         workload: o.workload.name.clone(),
         fio_args: args.clone(),
         ..Default::default()

@@ -178,10 +178,13 @@ fn cdf_chart(path: &Path, title: &str, cells: &[&Cell]) -> Result<(), String> {
     root.present().map_err(err)
 }
 
+/// A labelled, colored polyline of a chart.
+type Line = (String, RGBColor, Vec<(f64, f64)>);
+
 fn vs_rtt_chart(path: &Path, run: &Run, wl: &str, metric: &str, pick: fn(&Cell) -> f64) -> Result<(), String> {
     let rtts = &run.config.rtts_ms;
     let max_rtt = rtts.iter().copied().fold(0.0, f64::max).max(0.1);
-    let mut lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = Vec::new();
+    let mut lines: Vec<Line> = Vec::new();
     for k in [Kind::A, Kind::B, Kind::C] {
         let mut pts: Vec<(f64, f64)> = run
             .cells

@@ -129,8 +129,22 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
     let mut deployments: Vec<Deployment> = Vec::new();
     for k in kinds {
         let pb = spinner(format!("starting {}", k.name()));
-        deployments.push(launcher.start(k)?);
+        match launcher.start(k) {
+            Ok(d) => deployments.push(d),
+            // A peer that does not start (an old qemu-nbd, a missing nbdkit
+            // plugin) is left out, and the results say why; repblock's own
+            // targets must start.
+            Err(e) if matches!(k, Kind::QemuNbd | Kind::Nbdkit) => {
+                warn!(target = k.name(), error = %e, "peer left out");
+                eprintln!("repbench: {} left out: {e}", k.name());
+                skipped.push(format!("{}: {e}", k.name()));
+            }
+            Err(e) => return Err(e.into()),
+        }
         pb.finish_and_clear();
+    }
+    if deployments.is_empty() {
+        return Err(RunError::Empty("no target started".into()));
     }
 
     // Prefill the region once when a workload reads, so that reads hit
