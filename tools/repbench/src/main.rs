@@ -79,6 +79,11 @@ enum Cmd {
         /// Extra top-level line(s) for every repd config, e.g. 'io_engine = "sync"'.
         #[arg(long, default_value = "")]
         repd_config: String,
+        /// Existing NBD exports to measure as well, NAME=URI
+        /// (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH), comma-separated.
+        /// They are written to: never point this at data you keep.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
         /// Directory for the JSON results.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -161,6 +166,7 @@ fn real_main() -> anyhow::Result<()> {
             queue_depth,
             connections,
             repd_config,
+            nodes,
             out,
             no_progress,
             timing,
@@ -202,6 +208,7 @@ fn real_main() -> anyhow::Result<()> {
                 seed: plan.seed,
                 repd: timing.repd.clone(),
                 repd_extra: repd_config,
+                nodes,
                 work_parent: timing.work_dir.clone(),
                 out,
                 progress: !no_progress,

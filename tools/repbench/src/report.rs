@@ -129,6 +129,7 @@ fn color(kind: Kind, rtt_ms: Option<f64>, rtts: &[f64]) -> RGBColor {
         Kind::QemuNbd => RGBColor(0x94, 0x67, 0xbd),
         Kind::Nbdkit => RGBColor(0xff, 0x7f, 0x0e),
         Kind::File => RGBColor(0x8c, 0x56, 0x4b),
+        Kind::External => RGBColor(0x17, 0xbe, 0xcf),
     };
     // Higher RTTs of one protocol: lighter shades.
     let idx = rtt_ms.and_then(|r| rtts.iter().position(|x| (x - r).abs() < 1e-9)).unwrap_or(0);

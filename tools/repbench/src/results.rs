@@ -175,6 +175,8 @@ impl Cell {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TargetInfo {
     pub kind: Kind,
+    /// `repblock`, `C`, `qemu-nbd`, or an external node's name.
+    pub label: String,
     pub notes: String,
 }
 
@@ -194,6 +196,9 @@ pub struct RunConfig {
     pub prefilled: bool,
     pub repd: String,
     pub repd_extra_config: String,
+    /// Existing nodes measured (`NAME=URI`).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// A whole run.

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub seed: u64,
     pub repd: Option<PathBuf>,
     pub repd_extra: String,
+    /// Existing nodes (`NAME=URI`), measured as they are.
+    pub nodes: Vec<String>,
     /// Directory the temporary work directory is made in.
     pub work_parent: PathBuf,
     pub out: PathBuf,
@@ -117,7 +119,7 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
             kinds.push(k);
         }
     }
-    if kinds.is_empty() || opts.workloads.is_empty() {
+    if (kinds.is_empty() && opts.nodes.is_empty()) || opts.workloads.is_empty() {
         return Err(RunError::Empty("no target or no workload".into()));
     }
     let spinner = |msg: String| {
@@ -142,6 +144,9 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
             Err(e) => return Err(e.into()),
         }
         pb.finish_and_clear();
+    }
+    for spec in &opts.nodes {
+        deployments.push(crate::targets::external(spec)?);
     }
     if deployments.is_empty() {
         return Err(RunError::Empty("no target started".into()));
@@ -197,11 +202,11 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
         let mut wl_cells: Vec<Cell> = columns
             .iter()
             .map(|c| {
-                let kind = deployments[c.target].kind;
-                let r = c.rtt.map(rtt_ms);
+                let d = &deployments[c.target];
+                let (kind, r) = (d.kind, c.rtt.map(rtt_ms));
                 Cell {
                     workload: wl.name.clone(),
-                    target: results::label(kind, r),
+                    target: d.label.clone().unwrap_or_else(|| results::label(kind, r)),
                     kind,
                     rtt_ms: r,
                     rounds: Vec::new(),
@@ -271,6 +276,7 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
         prefilled: prefill,
         repd: tools.as_ref().map(|t| t.repd.display().to_string()).unwrap_or_default(),
         repd_extra_config: opts.repd_extra.clone(),
+        nodes: opts.nodes.clone(),
     };
     let run = Run {
         format_version: results::FORMAT_VERSION,
@@ -280,7 +286,14 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
         git_commit: sysinfo::git_commit(),
         machine,
         config,
-        targets: deployments.iter().map(|d| TargetInfo { kind: d.kind, notes: d.notes.clone() }).collect(),
+        targets: deployments
+            .iter()
+            .map(|d| TargetInfo {
+                kind: d.kind,
+                label: d.label.clone().unwrap_or_else(|| d.kind.name().to_string()),
+                notes: d.notes.clone(),
+            })
+            .collect(),
         skipped,
         cells,
     };

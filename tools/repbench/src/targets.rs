@@ -51,6 +51,8 @@ pub enum TargetError {
     Exited { name: String, status: String, log: PathBuf, tail: String },
     #[error("Starting the replication proxy: {0}")]
     Proxy(#[source] std::io::Error),
+    #[error("Invalid node {uri:?}: {why}")]
+    Uri { uri: String, why: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TargetError {
@@ -77,6 +79,8 @@ pub enum Kind {
     Nbdkit,
     /// The local file (pwrite/pread/fdatasync).
     File,
+    /// An NBD export repbench did not start (`--nodes NAME=URI`).
+    External,
 }
 
 impl Kind {
@@ -89,6 +93,7 @@ impl Kind {
             Kind::QemuNbd => "qemu-nbd",
             Kind::Nbdkit => "nbdkit",
             Kind::File => "file",
+            Kind::External => "external",
         }
     }
 
@@ -216,6 +221,8 @@ pub struct Measured {
 /// One started target.
 pub struct Deployment {
     pub kind: Kind,
+    /// The name of an external node (its cells' target label).
+    pub label: Option<String>,
     /// Where the NBD export is (none for the local file).
     pub nbd: Option<ListenAddr>,
     pub export: String,
@@ -279,11 +286,16 @@ impl Launcher<'_> {
             Kind::Standalone => self.standalone(),
             Kind::A | Kind::B | Kind::C => self.pair(kind),
             Kind::QemuNbd => self.qemu_nbd(),
+            Kind::External => Err(TargetError::Uri {
+                uri: String::new(),
+                why: "an external node is given by --nodes NAME=URI".into(),
+            }),
             Kind::Nbdkit => self.nbdkit(),
             Kind::File => {
                 let path = self.dir.join("local.img");
                 preallocated_file(&path, self.size)?;
                 Ok(Deployment {
+                    label: None,
                     kind,
                     nbd: None,
                     export: String::new(),
@@ -372,6 +384,7 @@ impl Launcher<'_> {
         self.repctl(&config, "alpha", &["promote", "--force"])?;
         let engine = status(&control, "alpha").ok().and_then(|s| s["io_engine"].as_str().map(String::from));
         Ok(Deployment {
+            label: None,
             kind: Kind::Standalone,
             nbd: Some(ListenAddr::Tcp(([127, 0, 0, 1], nbd).into())),
             export: "r0".into(),
@@ -442,6 +455,7 @@ impl Launcher<'_> {
             });
         }
         Ok(Deployment {
+            label: None,
             kind,
             nbd: Some(ListenAddr::Tcp(([127, 0, 0, 1], nbd_a).into())),
             export: "r0".into(),
@@ -497,6 +511,7 @@ impl Launcher<'_> {
             match self.wait_nbd(&mut p, port, "r0") {
                 Ok(()) => {
                     return Ok(Deployment {
+                        label: None,
                         kind: Kind::QemuNbd,
                         nbd: Some(ListenAddr::Tcp(([127, 0, 0, 1], port).into())),
                         export: "r0".into(),
@@ -522,6 +537,7 @@ impl Launcher<'_> {
         let mut p = Process::spawn("nbdkit", &mut cmd, self.dir.join("nbdkit.log"))?;
         self.wait_nbd(&mut p, port, "")?;
         Ok(Deployment {
+            label: None,
             kind: Kind::Nbdkit,
             nbd: Some(ListenAddr::Tcp(([127, 0, 0, 1], port).into())),
             export: String::new(),
@@ -545,4 +561,70 @@ pub fn status(control: &Path, node: &str) -> Result<serde_json::Value, TargetErr
         status: "error".into(),
         output: e.to_string(),
     })
+}
+
+/// An existing node given as `NAME=URI` (`--nodes`): `nbd://HOST[:PORT]/EXPORT`
+/// (port 10809 by default) or `nbd+unix:///EXPORT?socket=PATH`. Nothing is
+/// started or stopped, and no process is measured.
+pub fn external(spec: &str) -> Result<Deployment, TargetError> {
+    let bad = |why: &str| TargetError::Uri { uri: spec.to_string(), why: why.to_string() };
+    let (name, uri) = spec.split_once('=').ok_or_else(|| bad("expected NAME=URI"))?;
+    if name.is_empty() || name.contains(['|', ' ']) {
+        return Err(bad("the name must be non-empty, without spaces or '|'"));
+    }
+    let (nbd, export) = if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+        let (path_part, query) = rest.split_once('?').ok_or_else(|| bad("nbd+unix:// needs ?socket=PATH"))?;
+        let export = path_part.strip_prefix('/').unwrap_or(path_part);
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| bad("nbd+unix:// needs ?socket=PATH"))?;
+        (ListenAddr::Unix(PathBuf::from(socket)), export.to_string())
+    } else if let Some(rest) = uri.strip_prefix("nbd://") {
+        let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+        // "[v6]:port", "[v6]", "host:port", "host".
+        let has_port = if hostport.starts_with('[') { hostport.contains("]:") } else { hostport.contains(':') };
+        let hostport = if has_port { hostport.to_string() } else { format!("{hostport}:10809") };
+        use std::net::ToSocketAddrs;
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("cannot resolve {hostport}: {e}")))?
+            .next()
+            .ok_or_else(|| bad(&format!("{hostport} resolves to no address")))?;
+        (ListenAddr::Tcp(addr), export.to_string())
+    } else {
+        return Err(bad("expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"));
+    };
+    Ok(Deployment {
+        kind: Kind::External,
+        label: Some(name.to_string()),
+        nbd: Some(nbd),
+        export,
+        file: None,
+        processes: Vec::new(),
+        proxies: Vec::new(),
+        notes: format!("existing node {uri}, not started by repbench"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_node_uris() {
+        let d = external("prod=nbd://127.0.0.1:10810/r0").expect("tcp");
+        assert_eq!((d.label.as_deref(), d.export.as_str()), (Some("prod"), "r0"));
+        assert_eq!(d.nbd.as_ref().map(ToString::to_string).as_deref(), Some("127.0.0.1:10810"));
+        let d = external("x=nbd://127.0.0.1").expect("default port");
+        assert_eq!(d.nbd.as_ref().map(ToString::to_string).as_deref(), Some("127.0.0.1:10809"));
+        assert_eq!(d.export, "");
+        let d = external("u=nbd+unix:///r0?socket=/run/r0.nbd").expect("unix");
+        assert_eq!(d.nbd.as_ref().map(ToString::to_string).as_deref(), Some("unix:/run/r0.nbd"));
+        assert_eq!(d.export, "r0");
+        for bad in ["nbd://127.0.0.1/r0", "y=http://host/", "u=nbd+unix:///r0", "=nbd://127.0.0.1/"] {
+            assert!(matches!(external(bad), Err(TargetError::Uri { .. })), "{bad} must be refused");
+        }
+    }
 }
