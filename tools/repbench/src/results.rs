@@ -176,6 +176,7 @@ impl Cell {
 pub struct TargetInfo {
     pub kind: Kind,
     /// `repblock`, `C`, `qemu-nbd`, or an external node's name.
+    #[serde(default)]
     pub label: String,
     pub notes: String,
 }
