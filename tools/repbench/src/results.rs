@@ -466,6 +466,99 @@ mod tests {
         assert!((c.last().expect("points")[1] - 1000.0).abs() < 1.0);
     }
 
+    fn cell(workload: &str, kind: Kind, rtt_ms: Option<f64>, iops: f64, p50_us: f64) -> Cell {
+        let mut c = Cell {
+            workload: workload.into(),
+            target: label(kind, rtt_ms),
+            kind,
+            rtt_ms,
+            rounds: vec![Round {
+                round: 0,
+                summary: Summary { ops: 10, iops, p50_us, ..Summary::default() },
+                procs: vec![ProcUsage { role: "primary".into(), cpu_s: 0.5, peak_rss_kib: 2048 }],
+            }],
+            median: Summary::default(),
+            cpu_s: Vec::new(),
+            peak_rss_kib: Vec::new(),
+            cdf: Vec::new(),
+        };
+        c.aggregate();
+        c
+    }
+
+    fn run(cells: Vec<Cell>) -> Run {
+        Run {
+            format_version: FORMAT_VERSION,
+            started: "2026-01-01T00:00:00Z".into(),
+            finished: "2026-01-01T00:05:00Z".into(),
+            args: Vec::new(),
+            git_commit: "abc".into(),
+            machine: Machine::default(),
+            config: RunConfig {
+                workloads: ["qd1-write", "qd1-write-flush", "qd32-randwrite"]
+                    .iter()
+                    .filter_map(|n| crate::workload::builtin(n))
+                    .collect(),
+                rtts_ms: vec![0.0, 1.0, 5.0],
+                protocols: vec!["A".into(), "C".into()],
+                peers: vec![],
+                warmup_s: 0.2,
+                duration_s: 1.0,
+                ops: None,
+                rounds: 1,
+                region_bytes: 1 << 28,
+                seed: 1,
+                prefilled: false,
+                repd: String::new(),
+                repd_extra_config: String::new(),
+                nodes: Vec::new(),
+            },
+            targets: Vec::new(),
+            skipped: Vec::new(),
+            cells,
+        }
+    }
+
+    #[test]
+    fn checks_are_the_issue_targets_as_ratios() {
+        let w = "qd1-write-flush";
+        let r = run(vec![
+            cell(w, Kind::QemuNbd, None, 1000.0, 100.0),
+            cell(w, Kind::File, None, 5000.0, 200.0),
+            cell(w, Kind::C, Some(0.0), 850.0, 300.0),
+            cell(w, Kind::C, Some(1.0), 400.0, 1440.0),
+            cell(w, Kind::C, Some(5.0), 100.0, 7000.0),
+            cell("qd32-randwrite", Kind::C, Some(0.0), 7000.0, 1.0),
+            cell("qd32-randwrite", Kind::QemuNbd, None, 10000.0, 1.0),
+            cell("qd1-write", Kind::A, Some(0.0), 1.0, 100.0),
+            cell("qd1-write", Kind::A, Some(5.0), 1.0, 110.0),
+        ]);
+        let c = r.checks();
+        let v: Vec<(Option<f64>, Option<bool>)> =
+            c.iter().map(|c| (c.value.map(|v| (v * 1000.0).round() / 1000.0), c.met)).collect();
+        assert_eq!(
+            v,
+            [
+                (Some(0.85), Some(true)),   // 850 / 1000 IOPS
+                (Some(0.7), Some(false)),   // 7000 / 10000 IOPS
+                (Some(1.2), Some(true)),    // 1440 / (1000 + 200)
+                (Some(1.346), Some(false)), // 7000 / (5000 + 200)
+                (Some(1.1), Some(true)),    // A: 110 / 100
+            ]
+        );
+        let md = r.markdown();
+        assert!(md.contains("| C@1ms | 400 |"), "{md}");
+        assert!(md.contains("1.20×"), "p50 vs floor column:\n{md}");
+        assert!(md.contains("| P 0.50 | P 2 |"), "CPU and RSS columns:\n{md}");
+    }
+
+    #[test]
+    fn checks_without_the_cells_say_what_is_missing() {
+        let c = run(Vec::new()).checks();
+        assert_eq!(c.len(), 5);
+        assert!(c.iter().all(|c| c.value.is_none() && c.met.is_none() && c.detail.contains("not measured")));
+    }
+
     #[test]
     fn labels() {
         assert_eq!(label(Kind::C, Some(1.0)), "C@1ms");
