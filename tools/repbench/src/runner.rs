@@ -5,6 +5,7 @@
 //! the median over its rounds.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +37,15 @@ pub enum RunError {
     },
     #[error("Nothing to run: {0}")]
     Empty(String),
+    #[error("Interrupted (Ctrl-C): the servers are stopped and the work directory removed; no results written")]
+    Interrupted,
+}
+
+/// Set by Ctrl-C; the run stops at the next cell boundary.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> Result<(), RunError> {
+    if INTERRUPTED.load(Ordering::Relaxed) { Err(RunError::Interrupted) } else { Ok(()) }
 }
 
 /// What `repbench run` was asked.
@@ -91,6 +101,12 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
+    rt.spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("repbench: interrupted, stopping after the current cell");
+            INTERRUPTED.store(true, Ordering::Relaxed);
+        }
+    });
 
     let needs_repd = !opts.protocols.is_empty() || opts.peers.contains(&Kind::Standalone);
     let tools = if needs_repd { Some(Tools::locate(opts.repd.as_deref())?) } else { None };
@@ -130,6 +146,7 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
     };
     let mut deployments: Vec<Deployment> = Vec::new();
     for k in kinds {
+        interrupted()?;
         let pb = spinner(format!("starting {}", k.name()));
         match launcher.start(k) {
             Ok(d) => deployments.push(d),
@@ -168,6 +185,7 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
             seed: opts.seed,
         };
         for d in &deployments {
+            interrupted()?;
             let pb = spinner(format!("prefilling {}", d.kind.name()));
             d.set_rtt(Duration::ZERO);
             measure(&rt, d, &fill, &plan).map_err(|source| RunError::Load {
@@ -222,6 +240,7 @@ pub fn run(opts: &RunOptions) -> Result<(Run, PathBuf), RunError> {
             let order: Vec<usize> =
                 if round % 2 == 0 { (0..columns.len()).collect() } else { (0..columns.len()).rev().collect() };
             for ci in order {
+                interrupted()?;
                 let col = &columns[ci];
                 let d = &mut deployments[col.target];
                 pb.set_message(format!("{} on {}", wl.name, wl_cells[ci].target));
