@@ -31,6 +31,8 @@ pub enum CrossError {
     Target(#[from] TargetError),
     #[error("repbench's run failed")]
     Load(#[from] crate::loadgen::LoadError),
+    #[error("fio's nbd engine cannot send FUA writes: cross-check a flush or plain workload")]
+    Fua,
     #[error("fio failed: {0}")]
     Fio(String),
     #[error("{what}: {source}")]
@@ -140,6 +142,9 @@ pub struct CrossOptions<'a> {
 }
 
 pub fn crosscheck(o: &CrossOptions) -> Result<CrossResult, CrossError> {
+    if o.workload.flush == FlushMode::Fua {
+        return Err(CrossError::Fua);
+    }
     if !on_path("fio") {
         return Err(CrossError::NoFio);
     }

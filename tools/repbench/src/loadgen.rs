@@ -306,7 +306,8 @@ pub async fn run_nbd(addr: &ListenAddr, export: &str, wl: &Workload, plan: &Plan
                             })?;
                         }
                         Op::Write(offset) => {
-                            client.write_bytes(offset, data.clone(), false).await.map_err(|source| LoadError::Nbd {
+                            let fua = wl.flush == FlushMode::Fua;
+                            client.write_bytes(offset, data.clone(), fua).await.map_err(|source| LoadError::Nbd {
                                 op: "WRITE",
                                 offset,
                                 len,
@@ -389,7 +390,7 @@ pub fn run_file(path: &std::path::Path, wl: &Workload, plan: &Plan) -> Result<Me
                             }
                             Op::Write(offset) => {
                                 file.write_all_at(&data, offset).map_err(|e| fail("pwrite", offset, e))?;
-                                if wl.flush == FlushMode::AfterEachWrite {
+                                if wl.flush.durable() {
                                     file.sync_data().map_err(|e| fail("fdatasync", 0, e))?;
                                 }
                             }

@@ -73,6 +73,10 @@ enum Cmd {
         /// Requests in flight per connection, overriding each workload's.
         #[arg(long)]
         queue_depth: Option<usize>,
+        /// What follows each write, overriding each workload's: none,
+        /// flush (a FLUSH after every write) or fua (every write with FUA).
+        #[arg(long)]
+        flush: Option<String>,
         /// NBD connections per cell, overriding each workload's (1).
         #[arg(long)]
         connections: Option<usize>,
@@ -164,6 +168,7 @@ fn real_main() -> anyhow::Result<()> {
             workloads,
             rounds,
             queue_depth,
+            flush,
             connections,
             repd_config,
             nodes,
@@ -173,13 +178,14 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let plan = plan(&timing, quick)?;
             let mut workloads = workload::parse_list(&workloads).map_err(anyhow::Error::msg).context("--workloads")?;
+            let flush = flush
+                .as_deref()
+                .map(workload::FlushMode::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("--flush")?;
             for w in &mut workloads {
-                if let Some(q) = queue_depth {
-                    w.queue_depth = q.max(1);
-                }
-                if let Some(c) = connections {
-                    w.connections = c.max(1);
-                }
+                w.override_with(flush, queue_depth, connections);
             }
             let rtts = list(&rtt).into_iter().map(dur).collect::<anyhow::Result<Vec<_>>>()?;
             let protocols = list(&protocols)

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::loadgen::Measurement;
 use crate::sysinfo::Machine;
 use crate::targets::Kind;
-use crate::workload::{FlushMode, Workload};
+use crate::workload::Workload;
 
 /// Version of the JSON layout.
 pub const FORMAT_VERSION: u32 = 1;
@@ -364,9 +364,7 @@ impl Run {
                 };
                 // The floor is defined for a durable write: RTT + the
                 // local file's write + fdatasync.
-                let floor = (wl.flush == FlushMode::AfterEachWrite)
-                    .then(|| self.floor_us(&wl.name, x.rtt_ms_or_zero()))
-                    .flatten();
+                let floor = wl.flush.durable().then(|| self.floor_us(&wl.name, x.rtt_ms_or_zero())).flatten();
                 let vs_floor = match floor {
                     Some(f) if f > 0.0 && x.kind != Kind::File => format!("{:.2}×", md.p50_us / f),
                     _ => "—".into(),

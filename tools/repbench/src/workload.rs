@@ -26,6 +26,26 @@ pub enum FlushMode {
     /// A FLUSH after every write; the operation (and its latency) is the
     /// write + flush pair.
     AfterEachWrite,
+    /// Every write carries NBD_CMD_FLAG_FUA (durable when it completes);
+    /// on the local file, `fdatasync` after each `pwrite`.
+    Fua,
+}
+
+impl FlushMode {
+    /// Whether a write completes only once durable.
+    pub fn durable(self) -> bool {
+        self != FlushMode::None
+    }
+
+    /// Parses `none`, `after-each-write` (or `flush`) and `fua`.
+    pub fn parse(s: &str) -> Result<FlushMode, String> {
+        match s.trim() {
+            "none" => Ok(FlushMode::None),
+            "after-each-write" | "flush" => Ok(FlushMode::AfterEachWrite),
+            "fua" => Ok(FlushMode::Fua),
+            other => Err(format!("{other:?} is not none, flush (after-each-write) or fua")),
+        }
+    }
 }
 
 /// One workload.
@@ -111,6 +131,36 @@ impl Workload {
         self.read_percent > 0
     }
 
+    /// Applies the command line's overrides. A changed workload is renamed
+    /// (`qd1-write+fua`, `qd32-randwrite+qd8`, `…+c4`) so that it is never
+    /// taken for the named workload (the judged targets use the names).
+    pub fn override_with(&mut self, flush: Option<FlushMode>, queue_depth: Option<usize>, connections: Option<usize>) {
+        let mut tags = Vec::new();
+        if let Some(f) = flush.filter(|f| *f != self.flush) {
+            self.flush = f;
+            tags.push(match f {
+                FlushMode::None => "noflush".to_string(),
+                FlushMode::AfterEachWrite => "flush".into(),
+                FlushMode::Fua => "fua".into(),
+            });
+        }
+        if let Some(q) = queue_depth.map(|q| q.max(1)).filter(|q| *q != self.queue_depth) {
+            self.queue_depth = q;
+            tags.push(format!("qd{q}"));
+        }
+        if let Some(c) = connections.map(|c| c.max(1)).filter(|c| *c != self.connections) {
+            self.connections = c;
+            tags.push(format!("c{c}"));
+        }
+        if !tags.is_empty() {
+            self.name = format!("{}+{}", self.name, tags.join("+"));
+            self.description = format!(
+                "{} [overridden: flush {:?}, QD {}, {} connection(s)]",
+                self.description, self.flush, self.queue_depth, self.connections
+            );
+        }
+    }
+
     /// Requests in flight in total.
     pub fn total_depth(&self) -> usize {
         self.queue_depth * self.connections
@@ -130,6 +180,20 @@ mod tests {
         }
         assert_eq!(builtin("qd1-write-flush").map(|w| w.flush), Some(FlushMode::AfterEachWrite));
         assert_eq!(builtin("seq1m-write").map(|w| (w.block_size, w.queue_depth)), Some((MIB, 8)));
+    }
+
+    #[test]
+    fn overrides_rename_the_workload() {
+        let mut w = builtin("qd1-write").expect("wl");
+        w.override_with(Some(FlushMode::None), Some(1), None);
+        assert_eq!(w.name, "qd1-write", "no change, no rename");
+        w.override_with(Some(FlushMode::Fua), Some(4), Some(2));
+        assert_eq!(w.name, "qd1-write+fua+qd4+c2");
+        assert_eq!((w.flush, w.queue_depth, w.connections), (FlushMode::Fua, 4, 2));
+        assert!(w.description.contains("overridden"));
+        assert_eq!(FlushMode::parse("flush"), Ok(FlushMode::AfterEachWrite));
+        assert!(FlushMode::parse("always").is_err());
+        assert!(FlushMode::Fua.durable() && !FlushMode::None.durable());
     }
 
     #[test]
