@@ -61,8 +61,9 @@ pub fn load(path: &Path) -> Result<Run, ReportError> {
 pub fn write_all(run: &Run, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
     std::fs::create_dir_all(out).map_err(|e| ReportError::Write { path: out.into(), detail: e.to_string() })?;
     let mut files = Vec::new();
+    // Compact: the CDFs make a pretty-printed run tens of thousands of lines.
     let json = out.join("run.json");
-    let text = serde_json::to_string_pretty(run)
+    let text = serde_json::to_string(run)
         .map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
     std::fs::write(&json, text).map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
     files.push(json);
