@@ -63,8 +63,8 @@ pub fn write_all(run: &Run, out: &Path) -> Result<Vec<PathBuf>, ReportError> {
     let mut files = Vec::new();
     // Compact: the CDFs make a pretty-printed run tens of thousands of lines.
     let json = out.join("run.json");
-    let text = serde_json::to_string(run)
-        .map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
+    let text =
+        serde_json::to_string(run).map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
     std::fs::write(&json, text).map_err(|e| ReportError::Write { path: json.clone(), detail: e.to_string() })?;
     files.push(json);
     let md = out.join("results.md");
