@@ -313,6 +313,67 @@ impl Run {
         out
     }
 
+    /// One line per workload with its headline number (p50 for QD1, IOPS
+    /// for QD32 and mixed, MB/s for sequential) for every target, the RTTs
+    /// of a protocol side by side: the table docs/benchmarks.md quotes.
+    pub fn overview(&self) -> String {
+        let rtts = &self.config.rtts_ms;
+        let mut columns: Vec<(String, Kind)> = Vec::new();
+        for k in [Kind::Standalone, Kind::QemuNbd, Kind::Nbdkit, Kind::File, Kind::External, Kind::A, Kind::B, Kind::C]
+        {
+            for c in self.cells.iter().filter(|c| c.kind == k) {
+                let name = if k.replicated() {
+                    format!("{} @ {} ms", k.name(), rtts.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" / "))
+                } else {
+                    c.target.clone()
+                };
+                if !columns.iter().any(|(n, _)| *n == name) {
+                    columns.push((name, k));
+                }
+            }
+        }
+        if columns.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from("### Overview (medians)\n\n| workload |");
+        for (name, _) in &columns {
+            let _ = write!(s, " {name} |");
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---:|".repeat(columns.len()));
+        s.push('\n');
+        for wl in &self.config.workloads {
+            let (what, value): (&str, fn(&Summary) -> f64) = if wl.pattern == crate::workload::Pattern::Sequential {
+                ("MB/s", |m| m.mb_per_s)
+            } else if wl.total_depth() == 1 {
+                ("p50 µs", |m| m.p50_us)
+            } else {
+                ("IOPS", |m| m.iops)
+            };
+            let _ = write!(s, "| {} {what} |", wl.name);
+            for (name, k) in &columns {
+                let cells: Vec<&Cell> = self
+                    .cells
+                    .iter()
+                    .filter(|c| c.workload == wl.name && c.kind == *k && (k.replicated() || c.target == *name))
+                    .collect();
+                let mut v: Vec<String> = Vec::new();
+                if k.replicated() {
+                    for r in rtts {
+                        let c = cells.iter().find(|c| c.rtt_ms.is_some_and(|x| (x - r).abs() < 1e-9));
+                        v.push(c.map(|c| format!("{:.0}", value(&c.median))).unwrap_or_else(|| "—".into()));
+                    }
+                } else {
+                    v.extend(cells.first().map(|c| format!("{:.0}", value(&c.median))));
+                }
+                let _ = write!(s, " {} |", if v.is_empty() { "—".to_string() } else { v.join(" / ") });
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+        s
+    }
+
     /// The results as markdown: one table per workload, then the checks.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
@@ -338,6 +399,7 @@ impl Run {
             c.region_bytes >> 20,
             c.seed
         );
+        s.push_str(&self.overview());
         for wl in &c.workloads {
             let cells: Vec<&Cell> = self.cells.iter().filter(|x| x.workload == wl.name).collect();
             if cells.is_empty() {
@@ -546,6 +608,11 @@ mod tests {
         );
         let md = r.markdown();
         assert!(md.contains("| C@1ms | 400 |"), "{md}");
+        assert!(
+            md.contains("| qd1-write-flush p50 µs | 100 | 200 | — / — / — | 300 / 1440 / 7000 |"),
+            "overview:\n{md}"
+        );
+        assert!(md.contains("| qd32-randwrite IOPS | 10000 | — | — / — / — | 7000 / — / — |"), "overview:\n{md}");
         assert!(md.contains("1.20×"), "p50 vs floor column:\n{md}");
         assert!(md.contains("| P 0.50 | P 2 |"), "CPU and RSS columns:\n{md}");
     }
