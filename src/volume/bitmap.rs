@@ -207,7 +207,9 @@ impl DirtyBitmap {
         let start = self.find(from >> self.shift, true)?;
         let max_bits = (max_len >> self.shift).max(1);
         let limit = start.saturating_add(max_bits).min(self.nbits);
-        let stop = self.find(start, false).map_or(limit, |z| z.min(limit));
+        // The search for the run's end stops at `limit`: walking a dense
+        // bitmap in chunks stays linear.
+        let stop = self.find_before(start, false, limit).unwrap_or(limit);
         let offset = start << self.shift;
         let len = ((stop - start) << self.shift).min(self.size - offset);
         Some((offset, len))
@@ -215,7 +217,13 @@ impl DirtyBitmap {
 
     /// The first bit `>= from` whose value is `value`.
     fn find(&self, from: u64, value: bool) -> Option<u64> {
-        if from >= self.nbits {
+        self.find_before(from, value, self.nbits)
+    }
+
+    /// The first bit in `from..limit` whose value is `value`.
+    fn find_before(&self, from: u64, value: bool, limit: u64) -> Option<u64> {
+        let limit = limit.min(self.nbits);
+        if from >= limit {
             return None;
         }
         let mut wi = (from / 64) as usize;
@@ -224,10 +232,10 @@ impl DirtyBitmap {
         loop {
             if w != 0 {
                 let bit = wi as u64 * 64 + u64::from(w.trailing_zeros());
-                return (bit < self.nbits).then_some(bit);
+                return (bit < limit).then_some(bit);
             }
             wi += 1;
-            if wi >= self.words.len() {
+            if wi as u64 * 64 >= limit {
                 return None;
             }
             w = self.words[wi] ^ flip;
