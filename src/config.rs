@@ -328,7 +328,9 @@ impl Checker<'_> {
                 let size = s.strip_suffix("/s").unwrap_or(s);
                 units::parse_size(size).map_err(|_| self.err(field, format!("{expected}, got {s:?}")))?
             }
-            toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| self.err(field, format!("{expected}, got {i}")))?,
+            toml::Value::Integer(i) => {
+                u64::try_from(*i).map_err(|_| self.err(field, format!("{expected}, got {i}")))?
+            }
             other => return Err(self.err(field, format!("{expected}, got {}", describe(other)))),
         };
         if bytes == 0 {
@@ -1195,18 +1197,34 @@ disk = "/dev/vg0/r0"
             err(&with_key("bitmap_granularity = \"big\"")),
             r#"r0.toml: bitmap_granularity: "big" is not a size (examples: "512MiB", "1GiB")"#
         );
-        assert!(err(&with_key("bitmap_granularity = true")).starts_with("r0.toml: bitmap_granularity: expected a size"));
+        assert!(
+            err(&with_key("bitmap_granularity = true")).starts_with("r0.toml: bitmap_granularity: expected a size")
+        );
+    }
+
+    #[test]
+    fn resync_keys_reach_the_volume() {
+        // The defaults here and the volume's are the same numbers.
+        assert_eq!(DEFAULT_BITMAP_GRANULARITY, crate::volume::DEFAULT_BITMAP_GRANULARITY);
+        assert_eq!(DEFAULT_WAL_RETAIN, crate::volume::DEFAULT_WAL_RETAIN);
+        let c = load(&with_key("bitmap_granularity = \"64KiB\"\nwal_retain = \"256MiB\"")).unwrap();
+        let opts = c.volume_options(&c.nodes[0]);
+        assert_eq!((opts.bitmap_granularity, opts.wal_retain), (64 << 10, 256 << 20));
+        // Whatever the config accepts, the volume accepts.
+        for g in [4u32 << 10, 8 << 10, 1 << 20] {
+            let c = load(&with_key(&format!("bitmap_granularity = {g}"))).unwrap();
+            assert!(crate::volume::bitmap::validate_granularity(c.bitmap_granularity).is_ok());
+        }
     }
 
     #[test]
     fn wal_retain_is_at_least_64m() {
         assert_eq!(load(&with_key("wal_retain = \"64MiB\"")).unwrap().wal_retain, 64 << 20);
         assert_eq!(load(&with_key("wal_retain = \"10GiB\"")).unwrap().wal_retain, 10 << 30);
-        assert_eq!(
-            err(&with_key("wal_retain = \"63MiB\"")),
-            "r0.toml: wal_retain: expected at least 64MiB, got 63MiB"
+        assert_eq!(err(&with_key("wal_retain = \"63MiB\"")), "r0.toml: wal_retain: expected at least 64MiB, got 63MiB");
+        assert!(
+            err(&with_key("wal_retain = -1")).starts_with("r0.toml: wal_retain: expected a size, got the negative")
         );
-        assert!(err(&with_key("wal_retain = -1")).starts_with("r0.toml: wal_retain: expected a size, got the negative"));
         assert!(err(&with_key("wal_retain = \"1 GiB\"")).starts_with("r0.toml: wal_retain: \"1 GiB\" is not a size"));
     }
 
@@ -1222,10 +1240,7 @@ disk = "/dev/vg0/r0"
         assert_eq!(err(&with_key("resync_rate = \"Unlimited\"")), format!("{expected}, got \"Unlimited\""));
         assert_eq!(err(&with_key("resync_rate = -5")), format!("{expected}, got -5"));
         assert_eq!(err(&with_key("resync_rate = 1.5")), format!("{expected}, got the number 1.5"));
-        assert_eq!(
-            err(&with_key("resync_rate = \"0/s\"")),
-            format!("{expected}, got 0 (a resync would never finish)")
-        );
+        assert_eq!(err(&with_key("resync_rate = \"0/s\"")), format!("{expected}, got 0 (a resync would never finish)"));
     }
 
     #[test]

@@ -135,7 +135,7 @@ pub struct SideView {
 }
 
 /// How the target is brought up to date.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncKind {
     /// Replay the source's WAL records past the target's last LSN, in order;

@@ -1036,7 +1036,26 @@ impl Engine {
             );
             return Verdict { decision: Decision::Refuse(why.clone()), rule: "granularity", explanation: why };
         }
-        super::decide::decide(&side_view(mine), &side_view(theirs), &self.cfg.split_brain)
+        let (l, p) = (side_view(mine), side_view(theirs));
+        let v = super::decide::decide(&l, &p, &self.cfg.split_brain);
+        if l.role == Role::Primary && p.role == Role::Primary {
+            // Two primaries are refused whatever happened; when both also
+            // wrote since their last common generation, say it is a split
+            // brain (status, event), as it would be once one demotes.
+            let as_secondaries = super::decide::decide(
+                &SideView { role: Role::Secondary, discard_my_data: false, ..l },
+                &SideView { role: Role::Secondary, discard_my_data: false, ..p },
+                &SplitBrainPolicy::default(),
+            );
+            if as_secondaries.decision == Decision::SplitBrain {
+                return Verdict {
+                    decision: Decision::SplitBrain,
+                    rule: as_secondaries.rule,
+                    explanation: format!("both nodes are primary, and {}", as_secondaries.explanation),
+                };
+            }
+        }
+        v
     }
 
     /// Why a decision leaves both nodes standalone, for the Goodbye, the
@@ -1146,6 +1165,15 @@ impl Engine {
             tracing::error!(peer = %self.cfg.peer, error = %e, "cannot mark the records the peer lacks in the bitmap");
         }
         if was_feeding {
+            // Records the peer never wrote are writes no peer received: a
+            // new generation, before their replies are released (the next
+            // connect must see that this node wrote alone).
+            let acks = *self.acks.borrow();
+            if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
+                if let Err(e) = self.new_generation() {
+                    tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
+                }
+            }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
             {

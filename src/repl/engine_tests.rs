@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::engine::{Durability, Engine, EngineConfig, ReplState};
+use super::engine::{Durability, Engine, EngineConfig, LastSync, ReplState};
+use super::proto::ResyncKind;
 use super::store::ReplStore;
 use super::testing::MemStore;
 use crate::config::{OnPeerLoss, Protocol};
@@ -192,16 +193,16 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert!(!waiter.is_finished(), "the write waits for the slow peer");
     p.beta.disconnect();
     tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("released at peer loss").expect("waiter task");
-    // Writes while alone start a new generation; reconnect resyncs fully.
-    let gen_before = p.a.meta().gen_ids.current;
-    assert!(!p.alpha.diverged());
-    p.alpha.before_write().await.expect("before_write");
-    assert_ne!(p.a.meta().gen_ids.current, gen_before, "writing alone starts a new generation");
+    // The write the peer never wrote started a new generation at the peer
+    // loss, before its reply was released (issue 4; issue 3 waited for the
+    // next write): the old current became the bitmap generation.
     assert!(p.alpha.diverged());
+    let meta = p.a.meta();
+    assert_eq!(meta.gen_ids.bitmap, 7, "{meta:?}");
+    assert_ne!(meta.gen_ids.current, 7);
+    assert!(p.a.is_dirty(0), "the unacked write is marked");
     p.alpha.before_write().await.expect("before_write");
-    // Issue 4: the bitmap generation takes the old current (it had none).
-    assert_eq!(p.a.meta().gen_ids.bitmap, gen_before, "once per divergence");
-    assert_eq!(p.a.meta().gen_ids.history[0], 0);
+    assert_eq!(p.a.meta(), meta, "once per divergence");
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
     p.beta.connect(false);
@@ -358,4 +359,181 @@ async fn clear_bitmap_skips_the_initial_sync_of_blank_volumes_only() {
     p.a.write(0, &pattern(1, 4096), false);
     let why = p.alpha.new_current_uuid_clear_bitmap(Duration::from_secs(1)).await.expect_err("refused");
     assert!(why.contains("secondary"), "{why}");
+}
+
+// --- Resync (issue 4) -----------------------------------------------------------
+
+/// In sync, then beta disconnects and alpha writes `blocks` scattered 4 KiB
+/// blocks alone (a new generation, tracked in the bitmap). Returns the
+/// offsets written.
+async fn diverge_alone(p: &Pair, blocks: usize) -> Vec<usize> {
+    in_sync(p).await;
+    p.beta.disconnect();
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    p.alpha.before_write().await.expect("new generation");
+    let offsets: Vec<usize> = (0..blocks).map(|i| (i * 37 % 256) * 16384).collect();
+    for (i, off) in offsets.iter().enumerate() {
+        p.a.write(*off, &pattern(50 + i as u8, 4096), false);
+    }
+    offsets
+}
+
+/// Waits for a resync to complete on `e` after `before` (the `last_sync`
+/// seen before it started).
+async fn next_sync(e: &Engine, before: Option<LastSync>, timeout: Duration) -> LastSync {
+    until("the resync to finish", timeout, || e.view().last_sync != before).await;
+    e.view().last_sync.expect("last sync")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_resync_moves_the_marked_blocks_and_clears_bits_only_once_durable() {
+    let p = pair(Protocol::C, |_| {}).await;
+    let offsets = diverge_alone(&p, 12).await;
+    assert_eq!(p.a.dirty_bytes(), 12 * 4096, "the bitmap holds exactly the blocks written alone");
+    // The WAL no longer has them: a bitmap resync, not a log catch-up.
+    p.a.drop_log_upto(p.a.local_lsn());
+    p.b.set_data_sync_delay(Duration::from_millis(700));
+    let (before, syncs) = (p.alpha.view().last_sync, p.b.data_syncs());
+    p.beta.connect(false);
+    // The data arrives on beta well before it is durable there.
+    let (a, b) = (p.a.clone(), p.b.clone());
+    let off = offsets[11];
+    until("beta has the last block's data", Duration::from_secs(5), move || {
+        b.data()[off..off + 4096] == a.data()[off..off + 4096]
+    })
+    .await;
+    assert!(p.a.is_dirty(off as u64), "a bit is cleared only once the target has the block durable");
+    assert_eq!(p.b.data_syncs(), syncs, "no data-file sync completed yet");
+    let last = next_sync(&p.alpha, before, Duration::from_secs(10)).await;
+    assert_eq!(last.kind, ResyncKind::Bitmap);
+    assert_eq!(last.bytes, 12 * 4096, "only the marked blocks moved");
+    assert_eq!(p.a.dirty_bytes(), 0);
+    assert!(p.b.data_syncs() > syncs);
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the bitmap resync");
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current);
+    assert_eq!(p.b.meta().disk, DiskState::UpToDate);
+    assert_eq!(p.a.meta().gen_ids.bitmap, 0, "source: bitmap generation retired once the bitmap is empty");
+    let d = p.alpha.view().decision.expect("decision recorded");
+    assert_eq!(d.result, "source-bitmap", "{d:?}");
+    assert_eq!(p.beta.view().decision.expect("decision").result, "target-bitmap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_catch_up_replays_the_wal_and_keeps_the_target_promotable() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 8).await;
+    let (before_a, before_b) = (p.alpha.view().last_sync, p.beta.view().last_sync);
+    p.beta.connect(false);
+    assert_eq!(next_sync(&p.alpha, before_a, Duration::from_secs(10)).await.kind, ResyncKind::Log);
+    assert_eq!(next_sync(&p.beta, before_b, Duration::from_secs(10)).await.kind, ResyncKind::Log);
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the log catch-up");
+    assert_eq!(p.b.local_lsn(), p.a.local_lsn(), "the target has the same records with the same LSNs");
+    assert_eq!(p.b.meta().disk, DiskState::UpToDate);
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current);
+    assert_eq!(p.a.dirty_bytes(), 0, "every mark came from a record the peer now has");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_missing_from_the_wal_falls_back_to_a_bitmap_resync() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 8).await;
+    // One record of the range is not readable (in place): the reader stops there.
+    let lsn = p.a.local_lsn();
+    p.a.forget_log_record(lsn - 3);
+    let before = p.alpha.view().last_sync;
+    p.beta.connect(false);
+    let last = next_sync(&p.alpha, before, Duration::from_secs(10)).await;
+    assert_eq!(p.alpha.view().decision.expect("decision").result, "source-log", "decided on the log first");
+    assert_eq!(last.kind, ResyncKind::Bitmap, "fell back to the bitmap");
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the fallback");
+    assert_eq!(p.a.dirty_bytes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_target_resumes_the_resync_where_it_stopped() {
+    // 4 MiB at 1 MiB/s: about four seconds of full sync.
+    let p = pair(Protocol::C, |c| c.resync_rate = Some(1 << 20)).await;
+    until("full sync under way", Duration::from_secs(5), || {
+        p.alpha.view().resync.is_some_and(|r| r.done_bytes >= 1 << 20)
+    })
+    .await;
+    p.beta.shutdown().await;
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    let left = p.a.dirty_bytes();
+    assert!(left > 0 && left < SIZE as u64, "acked chunks were cleared, the rest kept ({left} bytes marked)");
+    assert_eq!(p.b.meta().disk, DiskState::Inconsistent);
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current, "the target is in the source's generation");
+    // beta comes back with the same store.
+    let cb = p.beta.config().clone();
+    let beta = Engine::new(cb, p.b.clone(), Role::Secondary, broadcast::channel(64).0);
+    // The old engine's listener task may still hold the port for a moment.
+    let start = Instant::now();
+    while let Err(e) = beta.start().await {
+        assert!(start.elapsed() < Duration::from_secs(3), "beta restarts: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = next_sync(&p.alpha, None, Duration::from_secs(15)).await;
+    assert_eq!(last.kind, ResyncKind::Bitmap, "a resume, not a new full sync");
+    assert!(last.bytes <= left, "only what was left moved ({} > {left})", last.bytes);
+    until("established", Duration::from_secs(5), || established(&p.alpha)).await;
+    assert!(p.b.data() == p.a.data());
+    assert_eq!(p.b.meta().disk, DiskState::UpToDate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_moves_nothing_until_discard_my_data() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.alpha.disconnect();
+    p.beta.disconnect();
+    until("sessions ended", Duration::from_secs(5), || !p.alpha.is_connected() && !p.beta.is_connected()).await;
+    // Both become primary and write on their own.
+    p.beta.set_role(Role::Primary, Duration::ZERO).await;
+    p.alpha.before_write().await.expect("alpha new generation");
+    p.beta.before_write().await.expect("beta new generation");
+    p.a.write(0, &pattern(1, 4096), false);
+    p.b.write(65536, &pattern(2, 8192), false);
+    p.beta.set_role(Role::Secondary, Duration::ZERO).await;
+    let (a_before, b_before) = (p.a.data(), p.b.data());
+    p.alpha.connect(false);
+    p.beta.connect(false);
+    until("split brain on both", Duration::from_secs(5), || p.alpha.view().split_brain && p.beta.view().split_brain)
+        .await;
+    until("both standalone", Duration::from_secs(5), || {
+        p.alpha.view().connection == ConnState::Standalone && p.beta.view().connection == ConnState::Standalone
+    })
+    .await;
+    assert!(p.a.data() == a_before && p.b.data() == b_before, "nothing moved");
+    assert_eq!(p.alpha.view().decision.expect("decision").result, "split-brain");
+    // The operator discards beta's changes.
+    let before = p.beta.view().last_sync;
+    p.beta.connect(true);
+    p.alpha.connect(false);
+    let last = next_sync(&p.beta, before, Duration::from_secs(10)).await;
+    until("established", Duration::from_secs(5), || established(&p.alpha)).await;
+    assert!(p.b.data() == p.a.data(), "beta ends identical to alpha");
+    assert!(!p.beta.view().split_brain);
+    assert_eq!(last.kind, ResyncKind::Bitmap, "only the changed blocks");
+    assert_eq!(last.bytes, 3 * 4096, "alpha's block and beta's two blocks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_the_decision_and_changes_nothing() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 3).await;
+    p.a.drop_log_upto(p.a.local_lsn());
+    let (ma, mb) = (p.a.meta(), p.b.meta());
+    let (la, lb) = (p.alpha.view().last_sync, p.beta.view().last_sync);
+    // beta is standalone (disconnected) and still answers the probe.
+    let report = p.alpha.probe(false).await.expect("probe");
+    assert_eq!(report.decision.result, "source-bitmap", "{report:?}");
+    assert_eq!(report.peer_view["role"], "secondary");
+    let report = p.beta.probe(false).await.expect("probe from beta");
+    assert_eq!(report.decision.result, "target-bitmap");
+    assert_eq!((p.a.meta(), p.b.meta()), (ma, mb), "a probe changes nothing");
+    assert_eq!(p.beta.view().connection, ConnState::Standalone);
+    assert!(p.alpha.view().last_sync == la && p.beta.view().last_sync == lb, "no resync ran");
 }

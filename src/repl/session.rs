@@ -62,23 +62,31 @@ use crate::volume::{Lsn, VolumeError};
 const WRITER_QUEUE: usize = 64;
 /// Resync read size (the longest run of set bits read at once).
 const SYNC_CHUNK: u64 = 256 << 10;
-/// Resync bytes read but not yet acknowledged by the target are bounded:
-/// an application write made during the sync waits (under B and C) behind
-/// that much sync data. The bound is what the link moves in
-/// [`SYNC_AHEAD`] at the sync's measured speed, within
-/// [`SYNC_WINDOW_MIN`]..=[`SYNC_WINDOW`].
+/// Resync bytes not yet on the socket (read by the log writer, or waiting
+/// in the writer's queue) are bounded: an application write made during the
+/// resync waits (under B and C) behind that much resync data. The bound is
+/// what the link moves in [`SYNC_AHEAD`] at the resync's measured speed,
+/// within [`SYNC_WINDOW_MIN`]..=[`SYNC_WINDOW`].
 const SYNC_WINDOW: u64 = 8 << 20;
 const SYNC_WINDOW_MIN: u64 = 2 * SYNC_CHUNK;
 const SYNC_AHEAD: Duration = Duration::from_millis(20);
 // Application writes have priority: while one the peer has not written yet
-// is in the stream, at most one chunk of sync data is outstanding, so a
-// write made during a sync waits behind one chunk, not a whole window.
+// is in the stream, at most one chunk of resync data is unsent, so a write
+// made during a resync waits behind one chunk, not a whole window.
+/// Resync bytes sent but not yet *durable* on the target (it syncs its data
+/// file about every [`SYNC_DURABLE_EVERY`]) are bounded separately and
+/// generously: they are past the socket and delay no application write;
+/// the bound keeps the bits a crash would resend, and the ack delay (a
+/// checkpoint on the target), from throttling the link.
+const SYNC_DURABLE_WINDOW: u64 = 64 << 20;
 /// Frames handled before acks are sent even if more are buffered.
 const ACK_EVERY: usize = 256;
 /// The target makes resync data durable (and acks it) after this many
 /// bytes or this long, whichever comes first.
 const SYNC_DURABLE_BYTES: u64 = 8 << 20;
 const SYNC_DURABLE_EVERY: Duration = Duration::from_millis(100);
+/// The source persists the bits it cleared this often during a resync.
+const BITMAP_PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// Bitmap words per BitmapChunk (64 KiB of payload).
 const BITMAP_CHUNK_WORDS: usize = 8192;
 const _: () = assert!(BITMAP_CHUNK_WORDS <= MAX_BITMAP_WORDS);
@@ -596,7 +604,7 @@ impl Session {
             let mut rate_wake: Option<Instant> = None;
             if let Some(w) = walk.as_mut() {
                 let app_waiting = last_record > engine.acks.borrow().written;
-                rate_wake = w.queue_reads(&*store, app_waiting, engine.cfg.resync_rate)?;
+                rate_wake = w.queue_reads(&*store, app_waiting, self.queued.get() as u64, engine.cfg.resync_rate)?;
                 if w.scan_done && !w.end_sent && w.seen >= w.queued && pending.is_none() {
                     pending = Some(Message::SyncEnd { bytes: w.queued });
                     w.end_sent = true;
@@ -609,6 +617,11 @@ impl Session {
                 && store.local_lsn().max(last_record) > engine.acks.borrow().written;
             self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
             let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
+            // The walk waits for the writer: wake up when it sent something.
+            let walk_waits_writer = pending.is_none()
+                && rate_wake.is_none()
+                && walk.as_ref().is_some_and(|w| w.held_by_unsent())
+                && self.queued.get() > 0;
             let deadline = self.silence_deadline();
             tokio::select! {
                 item = feed.recv(), if pending.is_none() && feed_open => match item {
@@ -638,7 +651,7 @@ impl Session {
                     }
                     Err(_) => return Err(Outcome::PeerGone("connection closed (writer stopped)".into())),
                 },
-                _ = self.queued.drained(), if pending.is_some() && self.queued.get() >= engine.cfg.max_buffer => {}
+                _ = self.queued.drained(), if (pending.is_some() && self.queued.get() >= engine.cfg.max_buffer) || walk_waits_writer => {}
                 r = io.reader.read() => match self.frame_result(r) {
                     Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
@@ -654,6 +667,16 @@ impl Session {
                         if let Some(w) = walk.as_mut() {
                             w.acked(&*store, done_bytes);
                             engine.sync_progress(w.done);
+                            // Cleared bits reach the disk about once a second, so
+                            // a restarted source resumes close to where it was
+                            // (checkpoints also persist them, but only while
+                            // writes arrive).
+                            if w.persisted_at.elapsed() >= BITMAP_PERSIST_EVERY {
+                                w.persisted_at = Instant::now();
+                                store.persist_bitmap().map_err(|e| {
+                                    Outcome::Failed(format!("cannot persist the bitmap during the resync: {e}"))
+                                })?;
+                            }
                             if w.end_sent && w.done >= w.queued {
                                 self.walk_finished(w, theirs)?;
                                 walk = None;
@@ -1174,6 +1197,8 @@ struct Walk {
     chunks: VecDeque<(u64, u64, u64)>,
     end_sent: bool,
     started: Instant,
+    /// When the bitmap was last persisted.
+    persisted_at: Instant,
 }
 
 impl Walk {
@@ -1188,16 +1213,20 @@ impl Walk {
             chunks: VecDeque::new(),
             end_sent: false,
             started: Instant::now(),
+            persisted_at: Instant::now(),
         }
     }
 
-    /// Queues sync reads of the next set runs while the window (adaptive,
-    /// smaller while an application write waits) and the rate cap allow.
-    /// Returns when to look again if the rate cap holds the walk back.
+    /// Queues sync reads of the next set runs while the unsent window
+    /// (adaptive, one chunk while an application write waits), the durable
+    /// window and the rate cap allow. `unsent` is the data waiting in the
+    /// writer's queue. Returns when to look again if the rate cap holds the
+    /// walk back.
     fn queue_reads(
         &mut self,
         store: &dyn super::store::ReplStore,
         app_waiting: bool,
+        unsent: u64,
         rate: Option<u64>,
     ) -> Result<Option<Instant>, Outcome> {
         let secs = self.started.elapsed().as_secs_f64();
@@ -1207,7 +1236,10 @@ impl Walk {
         } else {
             ((speed * SYNC_AHEAD.as_secs_f64()) as u64).clamp(SYNC_WINDOW_MIN, SYNC_WINDOW)
         };
-        while !self.scan_done && self.queued - self.done < window {
+        while !self.scan_done
+            && (self.queued - self.seen) + unsent < window
+            && self.queued - self.done < SYNC_DURABLE_WINDOW
+        {
             if let Some(r) = rate {
                 // Allowed so far: rate x elapsed, plus one chunk to start.
                 let allowed = (r as f64 * self.started.elapsed().as_secs_f64()) as u64 + SYNC_CHUNK;
@@ -1236,6 +1268,11 @@ impl Walk {
             }
         }
         Ok(None)
+    }
+
+    /// Whether the walk waits for the writer to send what it has.
+    fn held_by_unsent(&self) -> bool {
+        !self.scan_done && self.queued - self.done < SYNC_DURABLE_WINDOW
     }
 
     /// The target has `done` bytes durable: clear the bits of every chunk

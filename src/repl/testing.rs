@@ -39,8 +39,6 @@ struct Inner {
     /// Retained records, oldest first.
     log: std::collections::VecDeque<LogRecord>,
     data_syncs: u64,
-    /// Sync data written since the last `sync_data_file` (what a crash loses).
-    unsynced_sync_data: u64,
 }
 
 impl Inner {
@@ -84,6 +82,8 @@ pub struct MemStore {
     inner: Mutex<Inner>,
     pub apply_delay: Mutex<Duration>,
     pub flush_delay: Mutex<Duration>,
+    /// How long `sync_data_file` takes.
+    pub data_sync_delay: Mutex<Duration>,
 }
 
 struct MemFeed(mpsc::UnboundedReceiver<FeedItem>);
@@ -116,10 +116,10 @@ impl MemStore {
                 base_lsn: 0,
                 log: std::collections::VecDeque::new(),
                 data_syncs: 0,
-                unsynced_sync_data: 0,
             }),
             apply_delay: Mutex::new(Duration::ZERO),
             flush_delay: Mutex::new(Duration::ZERO),
+            data_sync_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -213,6 +213,16 @@ impl MemStore {
     pub fn data_syncs(&self) -> u64 {
         self.lock().data_syncs
     }
+
+    pub fn set_data_sync_delay(&self, d: Duration) {
+        *self.data_sync_delay.lock().unwrap_or_else(|p| p.into_inner()) = d;
+    }
+
+    /// Removes one retained record (as if it had been written in place:
+    /// its data is not in the WAL).
+    pub fn forget_log_record(&self, lsn: Lsn) {
+        self.lock().log.retain(|r| r.lsn != lsn);
+    }
 }
 
 fn apply_op(data: &mut [u8], op: &FeedOp) -> Result<(), VolumeError> {
@@ -291,9 +301,7 @@ impl ReplStore for MemStore {
     }
 
     fn apply_sync_data(&self, offset: u64, data: Bytes) -> BoxFut<'static, Result<(), VolumeError>> {
-        let mut g = self.lock();
-        g.unsynced_sync_data += data.len() as u64;
-        let res = apply_op(&mut g.data, &FeedOp::Write { offset, data });
+        let res = apply_op(&mut self.lock().data, &FeedOp::Write { offset, data });
         Box::pin(async move { res })
     }
 
@@ -440,10 +448,13 @@ impl ReplStore for MemStore {
     }
 
     fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>> {
-        let mut g = self.lock();
-        g.data_syncs += 1;
-        g.unsynced_sync_data = 0;
-        Box::pin(async { Ok(()) })
+        let delay = *self.data_sync_delay.lock().unwrap_or_else(|p| p.into_inner());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            let mut g = self.lock();
+            g.data_syncs += 1;
+            Ok(())
+        })
     }
 
     // --- Online verify (src/repl/verify.rs) ---------------------------------

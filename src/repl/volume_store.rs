@@ -168,9 +168,7 @@ impl ReplStore for VolumeStore {
     }
 
     fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>> {
-        // A checkpoint syncs the data file (the volume's sync-only call
-        // replaces this once it exists).
-        Box::pin(self.0.finish_sync())
+        Box::pin(self.0.sync_data_file())
     }
 }
 

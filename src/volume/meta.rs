@@ -17,6 +17,8 @@ use crate::io::{IoEngine, IoFile, IoOp};
 
 /// Size of one superblock slot.
 pub const SLOT_SIZE: usize = 4096;
+/// Bitmap pages written per batch (4 MiB).
+pub(crate) const PAGES_PER_IO: usize = 1024;
 /// Offset of the first bitmap page in the `meta` file.
 pub const BITMAP_OFFSET: u64 = 2 * SLOT_SIZE as u64;
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBLKMETA");
@@ -327,7 +329,8 @@ impl MetaStore {
             .map_err(|reason| VolumeError::Invalid { what: "bitmap_granularity".into(), reason })?;
         empty.mark_all_pages_dirty();
         let mut store = MetaStore { file, path, current: sb, slot: 0 };
-        store.write_bitmap_pages(io, &empty.take_dirty_pages(store.current.uuid))?;
+        let uuid = store.current.uuid;
+        store.write_bitmap(io, |from| empty.take_dirty_pages(uuid, from, PAGES_PER_IO))?;
         io.submit(&mut [IoOp::Write { file: &store.file, offset: 0, buf: &both }])
             .and_then(|()| io.sync_data(&store.file))
             .map_err(|e| VolumeError::io(&store.path, e))?;
@@ -377,8 +380,36 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Writes the batches of encoded pages `take(from_page)` returns until
+    /// it returns none, then fdatasyncs the file (if anything was written).
+    /// Memory: one batch at a time.
+    pub(crate) fn write_bitmap(
+        &mut self,
+        io: &dyn IoEngine,
+        mut take: impl FnMut(usize) -> Vec<(usize, Vec<u8>)>,
+    ) -> Result<usize, VolumeError> {
+        let mut n = 0;
+        let mut from = 0;
+        loop {
+            let pages = take(from);
+            let Some(last) = pages.last() else { break };
+            from = last.0 + 1;
+            n += pages.len();
+            self.write_bitmap_pages(io, &pages)?;
+        }
+        if n > 0 {
+            self.sync(io)?;
+        }
+        Ok(n)
+    }
+
+    /// fdatasyncs the file.
+    pub(crate) fn sync(&self, io: &dyn IoEngine) -> Result<(), VolumeError> {
+        io.sync_data(&self.file).map_err(|e| VolumeError::io(&self.path, e))
+    }
+
     /// Writes encoded bitmap pages (ascending index) in place, coalescing
-    /// neighbours, then fdatasyncs the file.
+    /// neighbours; not synced.
     pub(crate) fn write_bitmap_pages(
         &mut self,
         io: &dyn IoEngine,
@@ -407,8 +438,7 @@ impl MetaStore {
             run.extend_from_slice(bytes);
             run_len += 1;
         }
-        flush(&run, run_start)?;
-        io.sync_data(&self.file).map_err(|e| VolumeError::io(&self.path, e))
+        flush(&run, run_start)
     }
 
     pub(crate) fn current(&self) -> &Superblock {
@@ -496,9 +526,10 @@ mod tests {
         assert!(bm.is_empty(), "create-md writes an empty bitmap");
         bm.set_range(0, 1);
         bm.set_range(sb.size - 1, 1);
-        let pages = bm.take_dirty_pages(sb.uuid);
+        let pages = bm.take_dirty_pages(sb.uuid, 0, usize::MAX);
         assert_eq!(pages.len(), 2);
         st.write_bitmap_pages(&io, &pages).unwrap();
+        st.sync(&io).unwrap();
         let back = reopen(&io, d.path()).unwrap();
         let mut again = bitmap::DirtyBitmap::new(sb.size, sb.bitmap_granularity).unwrap();
         back.read_bitmap(&io, &mut again).unwrap();

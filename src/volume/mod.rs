@@ -40,10 +40,20 @@
 //! applies the primary's records with their LSNs (`apply`), full-sync data
 //! (`apply_sync_data`), and rebases its log when a full sync starts.
 //!
+//! Resync (issue 4, [`bitmap`], [`tracking`], [`logread`]): a persistent
+//! dirty bitmap (one bit per `bitmap_granularity` bytes, in `meta` after the
+//! superblock slots), set by the log writer while tracking or from the
+//! unacked ring when the link drops, re-marked by recovery from the WAL
+//! records above the persisted `peer_written_lsn`; WAL retention for log
+//! catch-up bounded by `wal_retain` (records are marked before they are
+//! dropped); `log_reader` reads retained records back.
+//!
 //! Modules: [`wal`] (record and segment header codec), [`meta`]
-//! (superblock), [`segment`] (segment files, spares, recycling),
-//! [`recovery`], [`writer`] (log writer thread, group commit),
-//! [`checkpoint`], [`feed`] and [`replica`]. The byte formats are drawn in docs/formats.md.
+//! (superblock), [`bitmap`] (the in-memory bitmap and its page codec),
+//! [`tracking`] (tracking, the unacked ring, persistence), [`segment`]
+//! (segment files, spares, recycling), [`recovery`], [`writer`] (log writer
+//! thread, group commit), [`checkpoint`], [`logread`], [`feed`] and
+//! [`replica`]. The byte formats are drawn in docs/formats.md.
 
 use std::fmt;
 use std::os::unix::fs::DirBuilderExt;
@@ -597,7 +607,7 @@ impl Volume {
         )?;
         io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
         // The re-marked bits are durable before the old segments go.
-        meta.write_bitmap_pages(&*io, &bm.take_dirty_pages(sb.uuid))?;
+        meta.write_bitmap(&*io, |from| bm.take_dirty_pages(sb.uuid, from, meta::PAGES_PER_IO))?;
         let last = report.last_lsn;
         tracing::info!(
             path = %opts.dir.display(),
@@ -619,9 +629,13 @@ impl Volume {
         nsb.checkpoint_lsn = last;
         nsb.replay_seq = new_seq;
         nsb.flags &= !FLAG_CLEAN_SHUTDOWN;
-        // Recovery re-marked every record above the peer's written LSN: the
-        // bitmap covers them (and, if the base was higher, those above it).
-        nsb.bitmap_base_lsn = sb.bitmap_base_lsn.max(sb.peer_written_lsn);
+        // Recovery re-marked every local record above the peer's written
+        // LSN; replicated records were written by the peer first. The
+        // bitmap covers every record above the base.
+        let peer_written = sb.peer_written_lsn.max(report.from_peer_lsn);
+        let base_lsn = sb.bitmap_base_lsn.max(peer_written);
+        nsb.peer_written_lsn = peer_written;
+        nsb.bitmap_base_lsn = base_lsn;
         meta.write(&*io, nsb)?;
 
         let mut files = WalFiles {
@@ -673,11 +687,7 @@ impl Volume {
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
             wal_retain: AtomicU64::new(opts.wal_retain),
-            tracker: Mutex::new(tracking::Tracker::new(
-                bm,
-                sb.peer_written_lsn,
-                sb.bitmap_base_lsn.max(sb.peer_written_lsn),
-            )),
+            tracker: Mutex::new(tracking::Tracker::new(bm, peer_written, base_lsn)),
             bitmap_io: Mutex::new(()),
             replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),

@@ -17,8 +17,9 @@
 //! valid record after a bad one is not proof of corruption on its own): the
 //! log ends at `L - 1`.
 //!
-//! Out-of-sync marking: every valid record with LSN above the persisted
-//! `peer_written_lsn` sets its blocks' bits ([`Marks`]), both in the log
+//! Out-of-sync marking: every valid local record (not applied from the
+//! peer: `FLAG_FROM_PEER`) with LSN above the persisted
+//! `peer_written_lsn` sets its blocks' bits (`Marks`), both in the log
 //! read from `replay_seq` and in the retained segments older than it (kept
 //! for a peer; they are fully synced, read until their first invalid
 //! record). See `tracking.rs` for why this keeps the bitmap crash-safe.
@@ -49,9 +50,12 @@ pub struct RecoveryReport {
     pub end: Option<LogEnd>,
     /// Highest segment sequence number present in `wal/`.
     pub max_seq: u64,
-    /// Records whose blocks were marked out of sync (LSN above the
-    /// persisted peer written LSN).
+    /// Records whose blocks were marked out of sync (local records with an
+    /// LSN above the persisted peer written LSN).
     pub marked: u64,
+    /// Highest LSN of a replicated record (applied from the peer) found:
+    /// the peer has written every record up to it.
+    pub from_peer_lsn: Lsn,
 }
 
 /// Where recovery marks the records a peer may not have.
@@ -63,6 +67,10 @@ pub(crate) struct Marks<'a> {
 
 impl Marks<'_> {
     fn record(&mut self, h: &wal::RecordHeader, report: &mut RecoveryReport) {
+        if h.flags & wal::FLAG_FROM_PEER != 0 {
+            report.from_peer_lsn = report.from_peer_lsn.max(h.lsn);
+            return;
+        }
         if h.lsn > self.after && h.kind != RecordKind::FlushBarrier {
             self.bitmap.set_range(h.offset, u64::from(h.length));
             report.marked += 1;

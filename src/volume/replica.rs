@@ -230,6 +230,28 @@ impl Volume {
     pub fn retention_lifted(&self) -> bool {
         self.shared.retention_lifted.load(Ordering::Acquire)
     }
+
+    /// Resync target: makes the resync data written so far durable and
+    /// safe from replay. Covers every `apply_sync_data` whose future
+    /// resolved before this call: runs a checkpoint (WAL and data file
+    /// fdatasynced, then the superblock), so recovery after a crash never
+    /// replays a record older than that data over it (only newer records
+    /// are replayed). The resync target calls it before acknowledging sync
+    /// bytes as durable; the source then clears their bits.
+    pub async fn sync_data_file(&self) -> Result<(), VolumeError> {
+        self.check_open()?;
+        let shared = self.shared.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _serial = super::segment::parking::lock(&shared.ckpt_lock);
+            // `close` sets `stopping` before its final checkpoint, which must
+            // stay the last one (it marks the superblock clean).
+            if shared.stopping() {
+                return Err(closed());
+            }
+            super::checkpoint::checkpoint_locked(&shared, false)
+        });
+        task.await.unwrap_or_else(|e| Err(VolumeError::Stopped(format!("data file sync task failed: {e}"))))
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@
 //!   costs bits, never memory).
 //!
 //! Records a secondary applies from its primary (`Volume::apply`) and
-//! full-sync data are never tracked: they came from the peer.
+//! full-sync data are never tracked: they came from the peer. Such a record
+//! carries `FLAG_FROM_PEER` in the WAL (recovery does not mark it) and
+//! moves the peer's written LSN and the bitmap base up to it.
 //!
 //! **Invariant** (what makes the bitmap survive a crash): every block that
 //! may differ from the peer has its bit set in the *persisted* bitmap, or
@@ -95,6 +97,14 @@ impl Tracker {
         n
     }
 
+    /// Records up to `lsn` were applied from the peer (a secondary): the
+    /// peer wrote them, and they are not in the bitmap, so the base moves
+    /// past them too.
+    pub fn applied_from_peer(&mut self, lsn: Lsn) {
+        self.set_peer_written(lsn);
+        self.base_lsn = self.base_lsn.max(lsn);
+    }
+
     pub fn set_peer_written(&mut self, lsn: Lsn) {
         self.peer_written = self.peer_written.max(lsn);
         while self.ring.front().is_some_and(|e| e.lsn <= self.peer_written) {
@@ -133,19 +143,22 @@ pub(crate) fn persist(s: &Shared) -> Result<(), VolumeError> {
     if let Some(r) = s.failure() {
         return Err(VolumeError::Stopped(r));
     }
-    let pages = {
-        let mut t = parking::lock(&s.tracker);
-        if !t.bitmap.has_dirty_pages() {
-            return Ok(());
-        }
-        t.bitmap.take_dirty_pages(s.uuid)
-    };
-    let mut meta = parking::lock(&s.meta);
-    let path = meta.path().to_path_buf();
-    let n = pages.len();
-    meta.write_bitmap_pages(&*s.io, &pages)
-        .map_err(|e| VolumeError::Stopped(s.fail(format!("bitmap write to {} failed: {e}", path.display()))))?;
-    tracing::debug!(pages = n, path = %path.display(), "bitmap pages persisted");
+    let path = parking::lock(&s.meta).path().to_path_buf();
+    let stop = |e: VolumeError| VolumeError::Stopped(s.fail(format!("bitmap write to {} failed: {e}", path.display())));
+    // Batches: the tracker's lock is held only to encode one (the writer
+    // takes it once per batch of records), the meta lock only to write it.
+    let (mut n, mut from) = (0, 0);
+    loop {
+        let pages = parking::lock(&s.tracker).bitmap.take_dirty_pages(s.uuid, from, super::meta::PAGES_PER_IO);
+        let Some(last) = pages.last() else { break };
+        from = last.0 + 1;
+        n += pages.len();
+        parking::lock(&s.meta).write_bitmap_pages(&*s.io, &pages).map_err(stop)?;
+    }
+    if n > 0 {
+        parking::lock(&s.meta).sync(&*s.io).map_err(stop)?;
+        tracing::debug!(pages = n, path = %path.display(), "bitmap pages persisted");
+    }
     Ok(())
 }
 

@@ -287,3 +287,64 @@ async fn retention_bound_marks_records_before_dropping_them() {
     assert_eq!(set_blocks(&v), (0..100).map(|i| i * 2).collect::<Vec<_>>());
     v.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn sync_data_file_makes_resync_data_durable_and_safe_from_replay() {
+    for sync in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        create(&SyncEngine::new(), &small_opts(d.path()), size);
+        let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 5);
+        let v = open(fault.clone(), d.path(), size);
+        // An older record, then resync data over it (a bitmap resync target).
+        v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
+        v.apply_sync_data(0, data(2, 8192)).await.unwrap();
+        if sync {
+            v.sync_data_file().await.unwrap();
+        }
+        fault.power_cut();
+        drop(v);
+        let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+        let got = v.read(0, 8192).await.unwrap();
+        if sync {
+            assert_eq!(got, data(2, 8192), "durable and never overwritten by the older record");
+            assert_eq!(v.recovery().replayed, 0);
+        } else {
+            assert_eq!(got, data(1, 8192), "without it, replay puts the older record back");
+        }
+        v.close().await.unwrap();
+        assert!(matches!(v.sync_data_file().await, Err(VolumeError::Stopped(_))));
+    }
+}
+
+#[tokio::test]
+async fn replicated_records_are_never_marked_and_move_the_base() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let v = open(io.clone(), d.path(), size);
+    // A secondary: every record comes from the primary.
+    for lsn in 1..=5u64 {
+        v.apply(lsn, FeedOp::Write { offset: lsn * G, data: data(lsn as u8, 4096) }, false).await.unwrap();
+    }
+    v.apply(6, FeedOp::Trim { offset: 0, len: 4096 }, true).await.unwrap();
+    assert_eq!(v.dirty_bytes(), 0);
+    assert_eq!((v.peer_written_lsn(), v.bitmap_base_lsn()), (6, 6));
+    drop(v); // crash: recovery finds them in the WAL, flagged as the peer's
+
+    let v = open(io.clone(), d.path(), size);
+    assert_eq!((v.recovery().marked, v.recovery().from_peer_lsn), (0, 6));
+    assert_eq!(v.dirty_bytes(), 0, "a restarted secondary has nothing out of sync");
+    assert_eq!((v.peer_written_lsn(), v.bitmap_base_lsn()), (6, 6));
+    // Promoted: its own writes are tracked; the bitmap covers LSNs > 6, so
+    // an old primary whose log ends below 6 needs a full sync.
+    v.write(10 * G, data(9, 4096), false).await.unwrap();
+    assert_eq!(set_blocks(&v), vec![10]);
+    assert_eq!(v.bitmap_base_lsn(), 6);
+    drop(v);
+    let v = open(io, d.path(), size);
+    assert_eq!(set_blocks(&v), vec![10], "the local record is re-marked, the replicated ones are not");
+    assert_eq!(v.superblock().peer_written_lsn, 6);
+    v.close().await.unwrap();
+}

@@ -31,6 +31,10 @@ pub const RECORD_VERSION: u8 = 1;
 
 /// WriteZeroes flag: the range may be deallocated (punched).
 pub const FLAG_MAY_PUNCH: u16 = 1;
+/// Flag of any record but a barrier: a replicated record, applied with the
+/// peer's LSN (`Volume::apply`). Recovery does not mark it out of sync: the
+/// peer wrote it first.
+pub const FLAG_FROM_PEER: u16 = 2;
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +80,7 @@ impl RecordKind {
 // |   0 |    4 | magic "RBWR"|
 // |   4 |    1 | version (1) |
 // |   5 |    1 | kind        |
-// |   6 |    2 | flags       |
+// |   6 |    2 | flags       |  bit 0 MAY_PUNCH (WriteZeroes), bit 1 FROM_PEER (not barriers)
 // |   8 |    8 | lsn         |
 // |  16 |    8 | offset      |
 // |  24 |    4 | length      |
@@ -224,7 +228,11 @@ pub fn decode_record(buf: &[u8], uuid: u128, seq: u64) -> Result<Record<'_>, Dec
     }
     let kind = RecordKind::from_u8(h[5]).ok_or(DecodeError::BadKind(h[5]))?;
     let flags = u16_at(h, 6);
-    let allowed = if kind == RecordKind::WriteZeroes { FLAG_MAY_PUNCH } else { 0 };
+    let allowed = match kind {
+        RecordKind::WriteZeroes => FLAG_MAY_PUNCH | FLAG_FROM_PEER,
+        RecordKind::FlushBarrier => 0,
+        _ => FLAG_FROM_PEER,
+    };
     if flags & !allowed != 0 {
         return Err(DecodeError::BadFlags(flags));
     }
@@ -363,18 +371,19 @@ mod tests {
     fn record_strategy() -> impl Strategy<Value = (RecordHeader, Vec<u8>)> {
         (
             kind_strategy(),
-            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..600),
         )
-            .prop_map(|(kind, punch, lsn, offset, length, durable_lsn, payload)| {
+            .prop_map(|(kind, (punch, peer), lsn, offset, length, durable_lsn, payload)| {
+                let peer = if peer { FLAG_FROM_PEER } else { 0 };
                 let (length, payload, flags) = match kind {
-                    RecordKind::Write => (payload.len() as u32, payload, 0),
-                    RecordKind::Trim | RecordKind::WriteInPlace => (length, Vec::new(), 0),
-                    RecordKind::WriteZeroes => (length, Vec::new(), if punch { FLAG_MAY_PUNCH } else { 0 }),
+                    RecordKind::Write => (payload.len() as u32, payload, peer),
+                    RecordKind::Trim | RecordKind::WriteInPlace => (length, Vec::new(), peer),
+                    RecordKind::WriteZeroes => (length, Vec::new(), peer | if punch { FLAG_MAY_PUNCH } else { 0 }),
                     RecordKind::FlushBarrier => (0, Vec::new(), 0),
                 };
                 (RecordHeader { kind, flags, lsn, offset, length, durable_lsn }, payload)

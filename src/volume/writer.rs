@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::feed::{FeedItem, FeedOp};
 use super::segment::{self, LiveSegment, parking};
-use super::wal::{self, FLAG_MAY_PUNCH, RecordHeader, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
+use super::wal::{self, FLAG_FROM_PEER, FLAG_MAY_PUNCH, RecordHeader, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
 use super::{Lsn, Shared, VolumeError};
 use crate::io::{IoFile, IoOp};
 
@@ -497,6 +497,9 @@ impl Writer {
                 }
             }
             need_sync |= r.fua;
+            // A replicated record: marked in the WAL, never tracked, and
+            // the peer has written it (it sent it).
+            let peer = if r.lsn.is_some() { FLAG_FROM_PEER } else { 0 };
             let lsn = match &r.op {
                 Op::Flush => {
                     need_sync = true;
@@ -515,9 +518,9 @@ impl Writer {
                         let off = offset + done as u64;
                         let piece = data.slice(done..done + n);
                         last = if in_place {
-                            self.append(RecordKind::WriteInPlace, 0, off, n as u32, &[], durable)?
+                            self.append(RecordKind::WriteInPlace, peer, off, n as u32, &[], durable)?
                         } else {
-                            self.append(RecordKind::Write, 0, off, n as u32, &piece, durable)?
+                            self.append(RecordKind::Write, peer, off, n as u32, &piece, durable)?
                         };
                         if r.lsn.is_none() {
                             self.tracked.push((last, off, n as u64));
@@ -539,7 +542,7 @@ impl Writer {
                     last
                 }
                 Op::Trim { offset, len } => {
-                    let lsn = self.append(RecordKind::Trim, 0, *offset, *len, &[], durable)?;
+                    let lsn = self.append(RecordKind::Trim, peer, *offset, *len, &[], durable)?;
                     if r.lsn.is_none() {
                         self.tracked.push((lsn, *offset, u64::from(*len)));
                     }
@@ -550,7 +553,7 @@ impl Writer {
                     lsn
                 }
                 Op::Zeroes { offset, len, punch } => {
-                    let flags = if *punch { FLAG_MAY_PUNCH } else { 0 };
+                    let flags = peer | if *punch { FLAG_MAY_PUNCH } else { 0 };
                     let lsn = self.append(RecordKind::WriteZeroes, flags, *offset, *len, &[], durable)?;
                     if r.lsn.is_none() {
                         self.tracked.push((lsn, *offset, u64::from(*len)));
@@ -567,10 +570,14 @@ impl Writer {
         drop(replay);
         // Bits (or ring entries) exist before the LSNs are published as
         // applied: a checkpoint that sees LSN `A` persists their bits.
-        if !self.tracked.is_empty() {
+        let from_peer = batch.iter().zip(&lsns).filter(|(r, _)| r.lsn.is_some()).map(|(_, &l)| l).max();
+        if !self.tracked.is_empty() || from_peer.is_some_and(|l| l > 0) {
             let mut t = parking::lock(&shared.tracker);
             for &(lsn, off, len) in &self.tracked {
                 t.record(lsn, off, len);
+            }
+            if let Some(l) = from_peer {
+                t.applied_from_peer(l);
             }
             drop(t);
             self.tracked.clear();
