@@ -700,6 +700,7 @@ impl Session {
                     Tick::Frame(m) => self.unexpected(Side::Source, m)?,
                 },
                 _ = engine.verify.wake.notified() => {}
+                _ = sleep_until(io.verify.next_wake().unwrap_or(deadline).into()), if io.verify.next_wake().is_some() => {}
                 _ = sleep_until(self.next_ping.into()) => {}
                 _ = sleep_until(rate_wake.unwrap_or(deadline).into()), if rate_wake.is_some() => {}
                 _ = sleep_until(deadline.into()) => return Ok(self.silent()),

@@ -70,6 +70,8 @@ pub const VERIFY_AHEAD: std::time::Duration = std::time::Duration::from_millis(2
 /// waits behind a 128 KiB read and hash, not a window of 1 MiB chunks.
 pub const VERIFY_CHUNK_BUSY: u64 = 128 << 10;
 pub const VERIFY_BUSY_HOLD: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest pause between two busy-mode chunks.
+pub const VERIFY_BUSY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 /// Smallest and largest digest block (the bitmap granularity's range, and
 /// 512 for small test volumes).
 pub const MIN_BLOCK: u32 = 512;
@@ -518,6 +520,11 @@ struct SourceRun {
     mode: ReadMode,
     /// When an application write was last seen waiting for the peer.
     last_busy: Option<Instant>,
+    /// Busy mode: when the chunk in flight was queued, and when the next
+    /// one may be (after a pause as long as the last chunk took, so that
+    /// the stream carries no verify work half of the time).
+    chunk_queued: Option<Instant>,
+    resume_at: Option<Instant>,
     /// Direct mode: reads in flight, oldest first.
     reads: VecDeque<(u64, BoxFut<'static, Result<Bytes, VolumeError>>)>,
 }
@@ -585,8 +592,21 @@ impl SessionVerify {
         // is refused, not queued.
         engine.verify.begin("source", total);
         engine.verify.take_request();
-        self.source = Some(SourceRun { walk, mode, last_busy: None, reads: VecDeque::new() });
+        self.source = Some(SourceRun {
+            walk,
+            mode,
+            last_busy: None,
+            chunk_queued: None,
+            resume_at: None,
+            reads: VecDeque::new(),
+        });
         Some(Message::VerifyStart { total_bytes: total, block })
+    }
+
+    /// Busy mode: when the next chunk may be queued (the session wakes up
+    /// then).
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        self.source.as_ref().and_then(|r| r.resume_at).filter(|t| *t > Instant::now())
     }
 
     /// This node is the source of a running verify.
@@ -605,6 +625,9 @@ impl SessionVerify {
         // waits, but the next one would find a full window ahead of it. So
         // the verify stays in its busy mode for a while after the last one.
         let busy = run.last_busy.is_some_and(|t| t.elapsed() < VERIFY_BUSY_HOLD);
+        if busy && run.resume_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
         let (window, chunk) = if busy {
             (0, VERIFY_CHUNK_BUSY)
         } else {
@@ -614,6 +637,7 @@ impl SessionVerify {
             (w, VERIFY_CHUNK)
         };
         while let Some((offset, len)) = run.walk.next_read(window, chunk) {
+            run.chunk_queued = busy.then(Instant::now);
             match run.mode {
                 ReadMode::Feed => store.queue_verify_read(offset, len)?,
                 ReadMode::Direct => run.reads.push_back((offset, store.read_data(offset, len))),
@@ -686,6 +710,10 @@ impl SessionVerify {
                     return Err(VerifyError::NotRunning { msg: "verify-result" }.to_string());
                 };
                 let bad = run.walk.on_result(offset, len, &mismatched).map_err(|e| e.to_string())?;
+                if let Some(t) = run.chunk_queued.take() {
+                    let now = Instant::now();
+                    run.resume_at = Some(now + (now - t).min(VERIFY_BUSY_PAUSE_MAX));
+                }
                 if bad > 0 {
                     for &(o, l) in &mismatched {
                         engine.store.mark_range(o, u64::from(l));
