@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use common::durable::{REGION_BLOCKS, Workload, acceptable, verify};
 use common::pair::{MIB, Pair, PairOpts};
 use common::resync::{
-    Extents, StatusLog, data_file, file_checksums, scattered_writes, seed,
-    stop_and_compare, text, u,
+    Extents, StatusLog, assert_verify_clean, data_file, file_checksums, scattered_writes, seed, stop_and_compare, text,
+    u,
 };
 
 /// Written while the secondary is away (the number).
@@ -220,9 +220,9 @@ fn long_outage_beyond_wal_retain_is_resynced_from_the_bitmap() {
     let logged = 12 * ext.written();
     // Checkpoints (every 2 s) apply the retention bound: the WAL keeps
     // about wal_retain (+ a segment or two), not the 192 MiB written.
-    let a = pair.alpha.wait_status("WAL within wal_retain", Duration::from_secs(20), |s| {
-        u(&s["wal"]["bytes"]) <= 128 * MIB
-    });
+    let a = pair
+        .alpha
+        .wait_status("WAL within wal_retain", Duration::from_secs(20), |s| u(&s["wal"]["bytes"]) <= 128 * MIB);
     eprintln!("{test}: {logged} bytes logged over {} distinct; alpha: wal {:#}", ext.changed(), a["wal"]);
 
     let before = pair.proxies().bytes_total();
@@ -299,10 +299,7 @@ fn old_primary_returns(protocol: &str) {
         a["decision"],
         a["last_sync"]
     );
-    assert!(
-        text(&a["decision"]).contains("target"),
-        "{test}: alpha's decision must make it the sync target\n{a:#}"
-    );
+    assert!(text(&a["decision"]).contains("target"), "{test}: alpha's decision must make it the sync target\n{a:#}");
     // No sync ran before (up_blank): this one is the return's.
     assert_ne!(last_kind(&a), "", "{test}: alpha ran a sync as target (last_sync)\n{a:#}");
 
@@ -318,6 +315,7 @@ fn old_primary_returns(protocol: &str) {
         assert!(constrained > 0, "{test}: no write was durable before the kill: the test checked nothing");
     }
     assert_in_sync(&pair, test);
+    assert_verify_clean(&pair.beta, test);
     stop_and_compare(&mut pair, test);
 }
 
@@ -589,7 +587,10 @@ fn writes_during_the_sync_win(gap: Gap) {
     pair.beta.wait_sync(60);
     pair.assert_established();
     let b = pair.beta.status();
-    eprintln!("{test}: beta last_sync {} (the sync was still running after the writes: {still_syncing})", b["last_sync"]);
+    eprintln!(
+        "{test}: beta last_sync {} (the sync was still running after the writes: {still_syncing})",
+        b["last_sync"]
+    );
     let want = match gap {
         Gap::Small => "log",
         Gap::InPlace => "bitmap",
@@ -724,9 +725,15 @@ fn resync_rate_caps_the_sync() {
     let samples = poll.stop();
     let max_speed = samples.iter().map(|s| u(&s["resync"]["speed_bytes_per_sec"])).max().unwrap_or(0);
     let b = pair.beta.status();
-    eprintln!("{test}: 32 MiB full sync at an 8 MiB/s cap took {took:?}; highest reported speed {max_speed} B/s; {}", b["last_sync"]);
+    eprintln!(
+        "{test}: 32 MiB full sync at an 8 MiB/s cap took {took:?}; highest reported speed {max_speed} B/s; {}",
+        b["last_sync"]
+    );
     assert_eq!(last_kind(&b), "full", "{test}: {b:#}");
-    assert!(took >= Duration::from_millis(3200), "{test}: 32 MiB at 8 MiB/s took only {took:?}: the cap is not applied");
+    assert!(
+        took >= Duration::from_millis(3200),
+        "{test}: 32 MiB at 8 MiB/s took only {took:?}: the cap is not applied"
+    );
     assert!(max_speed > 0, "{test}: no status sample reported the sync's speed");
     let avg = u(&b["last_sync"]["bytes"]) as f64 / b["last_sync"]["seconds"].as_f64().unwrap_or(f64::NAN);
     assert!(avg <= 8.8 * MIB as f64, "{test}: average {avg:.0} B/s above the 8 MiB/s cap\n{b:#}");

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::pair::{MIB, Pair, PairOpts, Peer};
 use common::resync::{
-    EventLog, Extents, GRAIN, data_file, file_read, fill_extents, plan_extents, seed, stop_and_compare, text, u,
+    EventLog, Extents, GRAIN, assert_verify_clean, data_file, file_read, fill_extents, plan_extents, seed,
+    stop_and_compare, text, u,
 };
 
 /// What alpha and beta write while partitioned.
@@ -53,12 +54,7 @@ fn split_brain(test: &str, two_primaries: bool) -> SplitBrain {
     let alpha_ext = plan_extents(0, pair.size, 2 * MIB, seed);
     let shared = Extents {
         writes: alpha_ext.writes.iter().step_by(2).copied().collect(),
-        blocks: alpha_ext
-            .writes
-            .iter()
-            .step_by(2)
-            .flat_map(|&(off, len)| (off / GRAIN)..(off + len) / GRAIN)
-            .collect(),
+        blocks: alpha_ext.writes.iter().step_by(2).flat_map(|&(off, len)| (off / GRAIN)..(off + len) / GRAIN).collect(),
     };
     let beta_ext = plan_extents(0, pair.size, 3 * MIB, seed ^ 0xbe7a).union(&shared);
     pair.rt.block_on(async {
@@ -144,9 +140,10 @@ fn split_brain_is_detected_and_nothing_moves(two_primaries: bool) {
         "{test}: the nodes keep redialing after a split brain ({} new connections in 2 s)",
         pair.proxies().accepted() - accepted
     );
-    for (events, name, own, theirs) in
-        [(&sb.alpha_events, "alpha", &sb.alpha_ext, &sb.beta_ext), (&sb.beta_events, "beta", &sb.beta_ext, &sb.alpha_ext)]
-    {
+    for (events, name, own, theirs) in [
+        (&sb.alpha_events, "alpha", &sb.alpha_ext, &sb.beta_ext),
+        (&sb.beta_events, "beta", &sb.beta_ext, &sb.alpha_ext),
+    ] {
         let ev = events.wait_for("split-brain", Duration::from_secs(5), |_| true);
         assert!(
             u(&ev["local_out_of_sync_bytes"]) >= own.changed() && u(&ev["peer_out_of_sync_bytes"]) >= theirs.changed(),
@@ -223,6 +220,7 @@ fn discard_my_data_on_the_victim_resyncs_only_the_changed_blocks() {
         let s = p.wait_status("in sync", Duration::from_secs(10), |s| u(&s["out_of_sync_bytes"]) == 0);
         assert_eq!(s["split_brain"], false, "{test}: resolved\n{s:#}");
     }
+    assert_verify_clean(&pair.alpha, test);
     let ev = sb.beta_events.wait_for("sync-finished", Duration::from_secs(5), |_| true);
     assert!(ev["kind"].is_string() && ev["kind"] != "full", "{test}: beta's sync-finished event: {ev}");
     let ev = sb.beta_events.wait_for("decision", Duration::from_secs(5), |e| text(e).contains("target"));
@@ -259,8 +257,7 @@ fn discard_my_data_on_the_victim_resyncs_only_the_changed_blocks() {
 fn policy_discard_least_changes_resolves_a_split_brain_without_primary() {
     let test = "after_sb_0pri = discard-least-changes";
     let seed = seed(test);
-    let mut pair =
-        Pair::up_blank(PairOpts::new("C").proxied().extra("after_sb_0pri = \"discard-least-changes\""));
+    let mut pair = Pair::up_blank(PairOpts::new("C").proxied().extra("after_sb_0pri = \"discard-least-changes\""));
     pair.partition();
     pair.beta.repctl_ok(&["promote"]);
     let alpha_ext = plan_extents(0, pair.size, MIB, seed);

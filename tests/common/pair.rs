@@ -34,7 +34,7 @@ use repblock::nbd::{ListenAddr, NbdClient};
 use repblock_netproxy::{Mode, Proxy, ProxyHandle};
 use serde_json::Value;
 
-use super::{REPCTL, REPD, free_port, run_timeout};
+use super::{REPCTL, REPD, free_ports, run_timeout};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -342,8 +342,9 @@ impl Pair {
         let dir = tempfile::Builder::new().prefix("repblock-pair-").tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let size = repblock::units::parse_size(&opts.size).unwrap_or_else(|e| panic!("size {:?}: {e}", opts.size));
-        let listen_a = free_port();
-        let listen_b = free_port();
+        // Distinct at once: one port chosen twice made a node refuse the
+        // config (two nodes with one nbd address) now and then.
+        let [listen_a, listen_b, nbd_a, nbd_b] = free_ports::<4>();
         let proxies = opts.proxy.then(|| {
             rt.block_on(async {
                 let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -358,18 +359,18 @@ impl Pair {
             None => (listen_a, listen_b),
         };
         let config = dir.path().join("r0.toml");
-        let peer = |name: &'static str, listen: u16, adv: u16| Peer {
+        let peer = |name: &'static str, listen: u16, adv: u16, nbd_port: u16| Peer {
             name,
             config: config.clone(),
             root: dir.path().to_path_buf(),
-            nbd_port: free_port(),
+            nbd_port,
             repl_listen_port: listen,
             repl_advertised_port: adv,
             child: None,
             logs: Vec::new(),
         };
-        let alpha = peer("alpha", listen_a, adv_a);
-        let beta = peer("beta", listen_b, adv_b);
+        let alpha = peer("alpha", listen_a, adv_a, nbd_a);
+        let beta = peer("beta", listen_b, adv_b, nbd_b);
         let pair = Pair { alpha, beta, proxies, size, opts, rt, dir };
         let top = pair.default_top();
         std::fs::write(&config, pair.config_text(&top)).expect("write config");
@@ -628,7 +629,8 @@ impl Pair {
                     && s["disk"] == "uptodate"
                     && s["peer"]["disk"] == "uptodate"
             });
-            let (role, peer_role) = if me.name == primary { ("primary", "secondary") } else { ("secondary", "primary") };
+            let (role, peer_role) =
+                if me.name == primary { ("primary", "secondary") } else { ("secondary", "primary") };
             assert_eq!(s["role"], role, "{}: role\n{s:#}", me.name);
             assert_eq!(s["peer"]["role"], peer_role, "{}: peer role\n{s:#}", me.name);
         }

@@ -47,10 +47,8 @@ pub fn text(v: &Value) -> String {
 /// A seed from `REPBLOCK_RESYNC_SEED` or a random one, printed so that a
 /// failing run can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("REPBLOCK_RESYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
+    let seed =
+        std::env::var("REPBLOCK_RESYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
     eprintln!("{test}: seed {seed} (REPBLOCK_RESYNC_SEED={seed} replays it)");
     seed
 }
@@ -335,4 +333,13 @@ pub fn wire_settled(pair: &Pair, window: Duration, max_bytes: u64, timeout: Dura
         last = now;
         assert!(Instant::now() < deadline, "the replication link still carries data after {timeout:?}");
     }
+}
+
+/// `repctl verify --wait --json` on `p`; asserts the verify completed and
+/// found nothing out of sync (the copies are identical, checked online).
+pub fn assert_verify_clean(p: &Peer, what: &str) {
+    let out = p.repctl_ok(&["verify", "--wait", "--json"]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("verify --json printed {out:?}: {e}"));
+    assert_eq!(v["complete"], true, "{what}: the verify on {} did not complete: {v}", p.name);
+    assert_eq!(u(&v["out_of_sync_bytes"]), 0, "{what}: online verify on {} found differences: {v}", p.name);
 }
