@@ -324,6 +324,8 @@ fn old_primary_returns(protocol: &str) {
 enum Victim {
     Source,
     Target,
+    /// Both at once (a power cut of a rack, as far as SIGKILL goes).
+    Both,
 }
 
 /// A full sync of 64 MiB (alpha wrote 8 MiB alone, then beta connects
@@ -332,7 +334,7 @@ enum Victim {
 /// remains is well below the volume (a restart from zero would leave all
 /// of it), and the copies end identical.
 fn resync_resumes_after_sigkill(victim: Victim) {
-    let test = format!("resync resumes after SIGKILL of the {victim:?}");
+    let test = format!("resync resumes after SIGKILL ({victim:?})");
     let seed = seed(&test);
     let mut pair = Pair::new(PairOpts::new("C").proxied());
     pair.proxies().set_mode(repblock_netproxy::Mode::Refuse);
@@ -363,6 +365,14 @@ fn resync_resumes_after_sigkill(victim: Victim) {
                 msg.to_lowercase().contains("inconsistent"),
                 "{test}: promote of an inconsistent target is refused, saying why: {msg}"
             );
+            pair.alpha.start();
+        }
+        Victim::Both => {
+            pair.alpha.kill9();
+            pair.beta.kill9();
+            pair.beta.start();
+            let b = pair.beta.status();
+            assert_eq!(b["disk"], "inconsistent", "{test}: an interrupted sync target stays inconsistent\n{b:#}");
             pair.alpha.start();
         }
     }
@@ -402,6 +412,11 @@ fn resync_resumes_after_sigkill_of_the_target() {
 #[test]
 fn resync_resumes_after_sigkill_of_the_source() {
     resync_resumes_after_sigkill(Victim::Source);
+}
+
+#[test]
+fn resync_resumes_after_sigkill_of_both() {
+    resync_resumes_after_sigkill(Victim::Both);
 }
 
 /// Beta's data file is damaged while beta is stopped (16 blocks
