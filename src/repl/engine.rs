@@ -238,14 +238,7 @@ impl DecisionView {
 
 /// `no-sync`, `source-full`, `target-bitmap`, `split-brain`, `unrelated`, `refuse`.
 pub fn decision_name(d: &Decision) -> String {
-    match d {
-        Decision::NoSync => "no-sync".into(),
-        Decision::Source(k) => format!("source-{}", resync_kind(*k)),
-        Decision::Target(k) => format!("target-{}", resync_kind(*k)),
-        Decision::SplitBrain => "split-brain".into(),
-        Decision::Unrelated => "unrelated".into(),
-        Decision::Refuse(_) => "refuse".into(),
-    }
+    d.as_str().to_string()
 }
 
 /// The wire kind of a decided sync kind.
