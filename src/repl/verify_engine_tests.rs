@@ -55,7 +55,11 @@ struct Pair {
 async fn pair(alpha_role: Role, beta_same: bool) -> Pair {
     let (pa, pb) = (free_port(), free_port());
     let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
-    let b = if beta_same { MemStore::new(SIZE, DiskState::UpToDate, 7) } else { MemStore::new(SIZE, DiskState::Inconsistent, 0) };
+    let b = if beta_same {
+        MemStore::new(SIZE, DiskState::UpToDate, 7)
+    } else {
+        MemStore::new(SIZE, DiskState::Inconsistent, 0)
+    };
     let alpha = Engine::new(cfg("alpha", "beta", pa, pb), a.clone(), alpha_role, broadcast::channel(256).0);
     let beta = Engine::new(cfg("beta", "alpha", pb, pa), b.clone(), Role::Secondary, broadcast::channel(256).0);
     alpha.start().await.expect("alpha starts");
