@@ -132,7 +132,7 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     pair.assert_established();
     let b = pair.beta.wait_status("the resync recorded", Duration::from_secs(10), |s| s["last_sync"].is_object());
     assert_eq!(b["last_sync"]["kind"], "bitmap", "{b:#}");
-    assert!(b["last_sync"]["bytes"].as_u64().is_some_and(|n| n >= 4 * 4096 && n <= MIB), "{b:#}");
+    assert!(b["last_sync"]["bytes"].as_u64().is_some_and(|n| (4 * 4096..=MIB).contains(&n)), "{b:#}");
     let again = verify_wait(&pair, "alpha");
     assert_eq!(again["out_of_sync_bytes"], 0, "the resync repaired the blocks: {again}");
     // And independently of verify: beta's data file holds alpha's data.

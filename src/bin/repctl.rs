@@ -212,7 +212,8 @@ fn run(cli: Cli) -> Result<()> {
                     writeln!(stdout, "{v}")?;
                 } else {
                     let source = v.get("source").and_then(|s| s.as_str()).unwrap_or("?");
-                    writeln!(stdout, "{}: verify started (source {source}); `repctl status` shows progress", node.name)?;
+                    let name = &node.name;
+                    writeln!(stdout, "{name}: verify started (source {source}); `repctl status` shows progress")?;
                 }
             } else {
                 let before = v.get("runs_finished").and_then(|n| n.as_u64()).unwrap_or(0);

@@ -26,16 +26,16 @@ pub mod decide;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
-#[cfg(test)]
-mod verify_engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
 mod session;
 pub mod store;
-pub mod verify;
 #[cfg(test)]
 pub mod testing;
+pub mod verify;
+#[cfg(test)]
+mod verify_engine_tests;
 pub mod volume_store;
 
 pub use handshake::{

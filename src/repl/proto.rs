@@ -1391,7 +1391,8 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
             let count = p.u32("count")? as usize;
             let bytes = count.checked_mul(VERIFY_DIGEST_LEN).filter(|n| *n <= MAX_VERIFY_DIGEST_BYTES);
             let Some(bytes) = bytes else {
-                return Err(p.bad(format!("{count} digests, more than {}", MAX_VERIFY_DIGEST_BYTES / VERIFY_DIGEST_LEN)));
+                let max = MAX_VERIFY_DIGEST_BYTES / VERIFY_DIGEST_LEN;
+                return Err(p.bad(format!("{count} digests, more than {max}")));
             };
             p.need("digests", bytes)?;
             let digests = p.b.split_to(bytes);

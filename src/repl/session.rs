@@ -619,8 +619,8 @@ impl Session {
             // Online verify (src/repl/verify.rs): reads in the writer's order,
             // not during a resync; a write committed but not yet written by
             // the peer (even if still in the feed) has priority.
-            let app_waiting = io.verify.is_source()
-                && store.local_lsn().max(last_record) > engine.acks.borrow().written;
+            let app_waiting =
+                io.verify.is_source() && store.local_lsn().max(last_record) > engine.acks.borrow().written;
             self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
             let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
             // The walk waits for the writer: wake up when it sent something.
@@ -1159,7 +1159,8 @@ impl Session {
 
     /// A verify message other than VerifyDigests, on either side.
     async fn verify_message(&mut self, io: &mut Io, m: Message) -> Result<(), Outcome> {
-        let (reply, after) = io.verify.on_message(&self.engine, m).map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
+        let (reply, after) =
+            io.verify.on_message(&self.engine, m).map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
         if let Some(r) = reply {
             self.send(r, io).await?;
         }
@@ -1331,10 +1332,10 @@ struct Target {
     sync_end: Option<u64>,
 }
 
+// `Verify`: an online-verify compare (src/repl/verify.rs).
 enum Pending {
     Record { lsn: Lsn, fua: bool },
     Sync { len: u64 },
-    /// An online-verify compare (src/repl/verify.rs).
     Verify(TargetJob),
 }
 
@@ -1372,4 +1373,3 @@ fn item_to_message(item: FeedItem) -> Option<Message> {
         FeedItem::VerifyData { .. } => return None,
     })
 }
-

@@ -45,10 +45,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use super::proto::VERIFY_DIGEST_LEN;
 use super::engine::{Engine, ReplState, StopReason};
-use super::session::Outcome;
 use super::proto::Message;
+pub use super::proto::VERIFY_DIGEST_LEN;
+use super::session::Outcome;
 use super::store::{BoxFut, ReplStore};
 use crate::node::{ConnState, DiskState, Role};
 use crate::volume::VolumeError;

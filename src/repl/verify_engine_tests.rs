@@ -55,7 +55,11 @@ struct Pair {
 async fn pair(alpha_role: Role, beta_same: bool) -> Pair {
     let (pa, pb) = (free_port(), free_port());
     let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
-    let b = if beta_same { MemStore::new(SIZE, DiskState::UpToDate, 7) } else { MemStore::new(SIZE, DiskState::Inconsistent, 0) };
+    let b = if beta_same {
+        MemStore::new(SIZE, DiskState::UpToDate, 7)
+    } else {
+        MemStore::new(SIZE, DiskState::Inconsistent, 0)
+    };
     let alpha = Engine::new(cfg("alpha", "beta", pa, pb), a.clone(), alpha_role, broadcast::channel(256).0);
     let beta = Engine::new(cfg("beta", "alpha", pb, pa), b.clone(), Role::Secondary, broadcast::channel(256).0);
     alpha.start().await.expect("alpha starts");
@@ -230,4 +234,75 @@ async fn invalidate_on_the_secondary_takes_a_full_copy() {
     })
     .await;
     assert!(p.a.data() == p.b.data(), "the invalidated copy was not replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cut_by_a_disconnect_is_reported_aborted_and_can_run_again() {
+    let p = pair(Role::Primary, false).await;
+    until("in sync", Duration::from_secs(10), || established(&p.alpha) && established(&p.beta)).await;
+    // Slow the target's applies so that the verify (behind a write) is
+    // still running when the link goes.
+    p.b.set_apply_delay(Duration::from_millis(300));
+    p.a.write(0, &pattern(3, 4096), false);
+    p.alpha.request_verify().expect("verify starts");
+    until("verify running on both", Duration::from_secs(5), || {
+        p.alpha.verify.status().running && p.beta.verify.status().running
+    })
+    .await;
+    p.beta.disconnect();
+    for e in [&p.alpha, &p.beta] {
+        let r = verify_report(e, 0).await;
+        assert!(!r.complete, "{r:?}");
+        assert!(r.checked_bytes < SIZE as u64, "{r:?}");
+        assert!(r.message.as_deref().is_some_and(|m| !m.is_empty()), "an aborted verify says why: {r:?}");
+    }
+    p.b.set_apply_delay(Duration::ZERO);
+    p.beta.connect(false);
+    until("in sync again", Duration::from_secs(10), || established(&p.alpha) && established(&p.beta)).await;
+    p.beta.request_verify().expect("a new verify after the abort");
+    let r = verify_report(&p.alpha, 1).await;
+    assert!(r.complete && r.out_of_sync_bytes == 0, "{r:?}");
+}
+
+/// Protocol violations by the peer end the session (an `Err`), and mark
+/// nothing.
+#[tokio::test]
+async fn verify_protocol_violations_are_errors_not_marks() {
+    use super::proto::Message;
+    use super::verify::{ReadMode, SessionVerify, digest_blocks};
+    let store = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let e = Engine::new(cfg("alpha", "beta", 1, 2), store.clone(), Role::Primary, broadcast::channel(16).0);
+    let mut v = SessionVerify::default();
+    // Nothing running: results, digests and a request for nothing.
+    let r = Message::VerifyResult { offset: 0, len: 4096, mismatched: vec![(0, 4096)] };
+    assert!(v.on_message(&e, r).is_err(), "a result without a verify");
+    assert!(v.target_digests(&e, 0, 4096, digest_blocks(&[0; 4096], 4096)).is_err(), "digests without a verify");
+    assert!(v.on_message(&e, Message::VerifyStart { total_bytes: 1, block: 4096 }).is_err(), "wrong size");
+    assert!(v.on_message(&e, Message::VerifyStart { total_bytes: SIZE as u64, block: 1000 }).is_err(), "bad block");
+    // A verify as target: digests of another block size, or past the end.
+    v.on_message(&e, Message::VerifyStart { total_bytes: SIZE as u64, block: 4096 }).expect("starts");
+    assert!(v.target_digests(&e, 0, 8192, digest_blocks(&[0; 8192], 8192)).is_err(), "block size changed");
+    let past = (SIZE - 4096) as u64;
+    assert!(v.target_digests(&e, past, 4096, digest_blocks(&[0; 8192], 4096)).is_err(), "past the end");
+    assert!(
+        v.on_message(&e, Message::VerifyStart { total_bytes: SIZE as u64, block: 4096 }).is_err(),
+        "a second start"
+    );
+    // A good chunk: compared, nothing differs (the store is zeroes).
+    let (job, compare) = v.target_digests(&e, 0, 4096, digest_blocks(&[0; 8192], 4096)).expect("valid digests");
+    assert!(v.gate, "the reader waits for the compare");
+    compare.await.expect("compare");
+    let m = v.target_done(&e, job);
+    assert_eq!(m, Message::VerifyResult { offset: 0, len: 8192, mismatched: vec![] });
+    assert!(!v.gate);
+    assert_eq!(store.dirty_bytes(), 0, "nothing marked");
+    // As source: verify data that no chunk asked for is dropped.
+    let mut s = SessionVerify::default();
+    e.verify.request();
+    assert!(s.start_if_requested(&e, ReadMode::Feed, true).is_none(), "not during a resync");
+    let start = s.start_if_requested(&e, ReadMode::Feed, false).expect("starts once the resync is over");
+    assert!(matches!(start, Message::VerifyStart { .. }));
+    assert!(s.digests_for(12345, &bytes::Bytes::from(vec![0u8; 4096])).is_none(), "a stale read");
+    let wrong = Message::VerifyResult { offset: 4096, len: 4096, mismatched: vec![] };
+    assert!(s.on_message(&e, wrong).is_err(), "a result for a chunk never read");
 }

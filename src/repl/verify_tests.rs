@@ -70,12 +70,12 @@ fn bad_runs_are_refused() {
     let ok = [(100u64, 10u32), (120, 5)];
     check_runs(100, 100, &ok).expect("valid");
     for bad in [
-        vec![(90u64, 20u32)],          // starts before the chunk
-        vec![(150, 60)],               // ends after it
-        vec![(120, 5), (100, 10)],     // not ascending
-        vec![(100, 10), (105, 10)],    // overlapping
-        vec![(100, 0)],                // empty
-        vec![(u64::MAX - 1, 10)],      // overflows
+        vec![(90u64, 20u32)],       // starts before the chunk
+        vec![(150, 60)],            // ends after it
+        vec![(120, 5), (100, 10)],  // not ascending
+        vec![(100, 10), (105, 10)], // overlapping
+        vec![(100, 0)],             // empty
+        vec![(u64::MAX - 1, 10)],   // overflows
     ] {
         assert!(check_runs(100, 100, &bad).is_err(), "{bad:?} accepted");
     }
