@@ -72,11 +72,6 @@ impl Extents {
         self.blocks.len() as u64 * GRAIN
     }
 
-    /// Blocks of `self` not in `other`.
-    pub fn blocks_not_in(&self, other: &Extents) -> usize {
-        self.blocks.difference(&other.blocks).count()
-    }
-
     pub fn union(&self, other: &Extents) -> Extents {
         let mut writes = self.writes.clone();
         writes.extend_from_slice(&other.writes);
@@ -315,23 +310,6 @@ impl EventLog {
 
     pub fn dump(&self) -> String {
         self.all().iter().map(|e| format!("{e}\n")).collect()
-    }
-}
-
-/// Waits until the proxies carry fewer than `max_bytes` per `window` (the
-/// link still carries pings): the handshake and any sync are over. Returns
-/// the byte count then.
-pub fn wire_settled(pair: &Pair, window: Duration, max_bytes: u64, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    let mut last = pair.proxies().bytes_total();
-    loop {
-        std::thread::sleep(window);
-        let now = pair.proxies().bytes_total();
-        if now - last < max_bytes {
-            return now;
-        }
-        last = now;
-        assert!(Instant::now() < deadline, "the replication link still carries data after {timeout:?}");
     }
 }
 
