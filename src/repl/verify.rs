@@ -539,6 +539,9 @@ struct TargetRun {
 /// Mismatched ranges `(offset, len)` of one chunk.
 pub type Runs = Vec<(u64, u32)>;
 
+/// The target's read-and-compare of one chunk, queued with the applies.
+pub(crate) type CompareFut = BoxFut<'static, Result<(), VolumeError>>;
+
 /// One chunk the target compares once the apply queue reaches it.
 #[derive(Debug)]
 pub(crate) struct TargetJob {
@@ -790,7 +793,7 @@ impl SessionVerify {
         offset: u64,
         block: u32,
         digests: Bytes,
-    ) -> Result<Option<(TargetJob, BoxFut<'static, Result<(), VolumeError>>)>, String> {
+    ) -> Result<Option<(TargetJob, CompareFut)>, String> {
         if self.peer_yielding {
             return Ok(None);
         }
@@ -805,7 +808,7 @@ impl SessionVerify {
         let result = Arc::new(Mutex::new(None));
         let slot = Arc::clone(&result);
         let read = engine.store.read_data(offset, len);
-        let fut: BoxFut<'static, Result<(), VolumeError>> = Box::pin(async move {
+        let fut: CompareFut = Box::pin(async move {
             let local = read.await?;
             let runs = compare(offset, &local, block, &digests);
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(runs);
