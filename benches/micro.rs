@@ -19,7 +19,7 @@
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use repblock::nbd::proto::RequestHeader;
 use repblock::volume::bitmap::DirtyBitmap;
 use repblock::volume::wal::{RecordHeader, RecordKind, decode_record, encode_record, encoded_len};
@@ -169,16 +169,19 @@ fn bitmap(c: &mut Criterion) {
     // 8 MiB of scattered 4 KiB writes on 1 GiB (the bitmap-resync test).
     let writes = scattered(2048);
     group.throughput(Throughput::Elements(writes.len() as u64));
+    let empty = new_bitmap();
     group.bench_function("set_range_4k_x2048", |b| {
-        let mut bm = new_bitmap();
-        b.iter(|| {
-            bm.clear_all();
-            let mut added = 0;
-            for &off in &writes {
-                added += bm.set_range(black_box(off), 4096);
-            }
-            black_box(added)
-        })
+        b.iter_batched_ref(
+            || empty.clone(),
+            |bm| {
+                let mut added = 0;
+                for &off in &writes {
+                    added += bm.set_range(black_box(off), 4096);
+                }
+                black_box(added)
+            },
+            BatchSize::SmallInput,
+        )
     });
 
     let mut sparse = new_bitmap();
@@ -194,14 +197,14 @@ fn bitmap(c: &mut Criterion) {
     let words: Vec<u64> = sparse.words().to_vec();
     group.throughput(Throughput::Bytes(words.len() as u64 * 8));
     group.bench_function("merge_peer_words_1GiB", |b| {
-        let mut bm = new_bitmap();
-        b.iter(|| {
-            bm.clear_all();
-            match bm.merge(0, black_box(&words)) {
+        b.iter_batched_ref(
+            || empty.clone(),
+            |bm| match bm.merge(0, black_box(&words)) {
                 Ok(n) => black_box(n),
                 Err(e) => panic!("merge: {e}"),
-            }
-        })
+            },
+            BatchSize::SmallInput,
+        )
     });
     group.finish();
 }

@@ -16,6 +16,10 @@
 #   seq-1m-qd8        1 MiB sequential write, QD8
 # Each workload runs `rounds` times per server, alternating the servers so all
 # share the machine's drift; the median round is reported.
+#
+# The project's benchmark suite is repbench (docs/benchmarks.md: protocols
+# A/B/C at several RTTs, qemu-nbd, nbdkit, the local file, charts); this
+# script stays as an independent measurement with another client (fio).
 set -euo pipefail
 
 runtime=10
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --engine) engine=$2; shift 2 ;;
     --targets) targets=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done

@@ -172,7 +172,9 @@ fn run(cli: Cli) -> Result<()> {
                 let s = |x: &serde_json::Value| x.as_str().unwrap_or("?").to_string();
                 writeln!(stdout, "{}: a connect would do: {} (rule {})", node.name, s(&d["result"]), s(&d["rule"]))?;
                 writeln!(stdout, "  {}", s(&d["explanation"]))?;
-                for (who, view) in [(node.name.as_str(), &v["local"]), (v["peer"].as_str().unwrap_or("peer"), &v["peer_view"])] {
+                for (who, view) in
+                    [(node.name.as_str(), &v["local"]), (v["peer"].as_str().unwrap_or("peer"), &v["peer_view"])]
+                {
                     writeln!(
                         stdout,
                         "  {who}: role:{} disk:{} lsn:{} out-of-sync:{} generation:{}",

@@ -597,16 +597,14 @@ impl ControlHandler for Node {
                     timeout_secs.unwrap_or_default()
                 ))),
             },
-            Request::Connect { discard_my_data, dry_run: true } => {
-                match self.repl_or("connect --dry-run") {
-                    Err(e) => Err(e),
-                    Ok(repl) => repl
-                        .probe(discard_my_data)
-                        .await
-                        .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
-                        .map_err(|e| NodeError::Refused(format!("connect --dry-run: {e}"))),
-                }
-            }
+            Request::Connect { discard_my_data, dry_run: true } => match self.repl_or("connect --dry-run") {
+                Err(e) => Err(e),
+                Ok(repl) => repl
+                    .probe(discard_my_data)
+                    .await
+                    .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+                    .map_err(|e| NodeError::Refused(format!("connect --dry-run: {e}"))),
+            },
             Request::Connect { discard_my_data, dry_run: false } => self.connect(discard_my_data),
             Request::Disconnect => self.repl_or("disconnect").map(|r| {
                 r.disconnect();

@@ -205,7 +205,8 @@ impl Status {
                     let _ = writeln!(s, "    decision:{} (rule {}): {}", d.result, d.rule, d.explanation);
                 }
                 if let Some(l) = &self.last_sync {
-                    let _ = writeln!(s, "    last-sync:{} {} in {:.1}s", l.kind, format_size_approx(l.bytes), l.seconds);
+                    let _ =
+                        writeln!(s, "    last-sync:{} {} in {:.1}s", l.kind, format_size_approx(l.bytes), l.seconds);
                 }
                 if self.io_suspended {
                     let _ = writeln!(s, "    io:suspended (peer lost; `repctl resume-io` releases writes)");

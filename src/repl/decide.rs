@@ -1,5 +1,22 @@
 //! The resync decision (design.md §4, docs/resync.md): given what each node
 //! says about itself at connect, who sends what to whom.
+//!
+//! [`decide`] is a pure function of the two [`SideView`]s and the
+//! [`SplitBrainPolicy`]. Both nodes send their view (the SyncInfo message)
+//! right after the handshake and both call `decide(mine, theirs, policy)`;
+//! the verdicts mirror each other (`Source(k)` here is `Target(k)` there)
+//! and name the same [`rule`], so the two nodes never need a second round
+//! to agree. The engine logs the verdict (info; warn for a split brain),
+//! shows it in `status` (`decision`: result, rule, explanation) and emits a
+//! `decision` event; `repctl connect --dry-run` prints it and stops there.
+//!
+//! Tested by one unit test per table row and per policy, a mirror property
+//! over random views (`decide/tests.rs`), and a property test over random
+//! two-node histories with a model of generations, bitmaps and
+//! acknowledgements (`decide/sim.rs`): a node holding acknowledged writes
+//! the other lacks is never made the target, except by `--discard-my-data`
+//! or an opt-in policy, and every chosen kind of resync ends with identical
+//! copies.
 
 use std::fmt;
 
@@ -192,16 +209,21 @@ impl Decision {
         }
     }
 
-    /// Short name for status and events: `no-sync`, `source`, `target`,
-    /// `split-brain`, `unrelated`, `refused`.
+    /// Short name for status, events and `connect --dry-run`: `no-sync`,
+    /// `source-log`, `source-bitmap`, `source-full`, `target-log`,
+    /// `target-bitmap`, `target-full`, `split-brain`, `unrelated`, `refuse`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Decision::NoSync => "no-sync",
-            Decision::Source(_) => "source",
-            Decision::Target(_) => "target",
+            Decision::Source(SyncKind::Log) => "source-log",
+            Decision::Source(SyncKind::Bitmap) => "source-bitmap",
+            Decision::Source(SyncKind::Full) => "source-full",
+            Decision::Target(SyncKind::Log) => "target-log",
+            Decision::Target(SyncKind::Bitmap) => "target-bitmap",
+            Decision::Target(SyncKind::Full) => "target-full",
             Decision::SplitBrain => "split-brain",
             Decision::Unrelated => "unrelated",
-            Decision::Refuse(_) => "refused",
+            Decision::Refuse(_) => "refuse",
         }
     }
 
@@ -232,6 +254,19 @@ pub struct Verdict {
     pub decision: Decision,
     pub rule: &'static str,
     pub explanation: String,
+}
+
+impl Verdict {
+    /// The `decision` object of `status --json` and of the `decision` event:
+    /// `{"result": "target-bitmap", "rule": "newer-generation",
+    /// "explanation": "…"}` (a refusal's reason is in the explanation).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "result": self.decision.as_str(),
+            "rule": self.rule,
+            "explanation": self.explanation,
+        })
+    }
 }
 
 /// The rule names a [`Verdict`] can carry (documented in docs/resync.md).
@@ -294,8 +329,9 @@ pub mod rule {
 ///    the interrupted resync resumes from the bitmap (`resume`), else full
 ///    (`inconsistent`).
 /// 3. Same current generation: same LSN and no marked blocks → no sync
-///    (`in-sync`); else the node with the higher LSN (then: more marked
-///    bytes, primary, better disk) sends (`same-generation`).
+///    (`in-sync`); else the node with the higher LSN (then: the primary,
+///    more marked bytes, better disk) sends (`same-generation`); if nothing
+///    tells them apart, refused (the marked blocks may differ).
 /// 4. One node's bitmap generation is the other's current: it wrote since
 ///    the other's generation and sends (`newer-generation`).
 /// 5. Both bitmap generations equal: **split brain**.
@@ -503,15 +539,23 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
             std::cmp::Ordering::Greater => Local,
             std::cmp::Ordering::Less => Peer,
             std::cmp::Ordering::Equal => {
-                // Same lineage, same LSN, same marked bytes: the same records.
+                // Same records, but blocks marked on both sides (online
+                // verify marks both nodes): they may differ, and nothing
+                // says which copy is right. Claiming "in sync" would leave
+                // them different.
                 let why = format!(
-                    "same generation {} and LSN {} on both nodes, both with {} bytes marked: the same records, \
-                     nothing to send",
+                    "same generation {} and LSN {} on both nodes, both with {} bytes marked as possibly \
+                     different, and nothing tells which copy is right: promote the node whose data is to be \
+                     kept (or run invalidate on the other)",
                     G(l.gen_ids.current),
                     l.local_lsn,
                     l.dirty_bytes
                 );
-                return row(Outcome::NoSync, rule::IN_SYNC, why);
+                return row(
+                    Outcome::Refuse("marked blocks on both nodes and no node to prefer".into()),
+                    rule::SAME_GENERATION,
+                    why,
+                );
             }
         };
         let (kind, how) = sync_kind(v.get(from), v.get(from.other()));
@@ -626,10 +670,12 @@ fn sync_kind(s: &SideView, t: &SideView) -> (SyncKind, String) {
         && s.log_first_lsn <= t.local_lsn.saturating_add(1)
         && (s.local_lsn > t.local_lsn || (s.local_lsn == t.local_lsn && s.dirty_bytes == 0));
     if log_ok {
-        return (
-            SyncKind::Log,
-            format!("log catch-up of LSN {}..={} (the target stays consistent)", t.local_lsn + 1, s.local_lsn),
-        );
+        let what = if s.local_lsn > t.local_lsn {
+            format!("log catch-up of LSN {}..={}", t.local_lsn.saturating_add(1), s.local_lsn)
+        } else {
+            format!("log catch-up with nothing to replay (both at LSN {})", s.local_lsn)
+        };
+        return (SyncKind::Log, format!("{what} (the target stays consistent)"));
     }
     let why = if t.dirty_bytes != 0 {
         format!("the target has {} bytes marked of its own: bitmap resync", t.dirty_bytes)
@@ -639,7 +685,10 @@ fn sync_kind(s: &SideView, t: &SideView) -> (SyncKind, String) {
             s.log_first_lsn, t.local_lsn
         )
     } else {
-        "bitmap resync".to_string()
+        format!(
+            "the target's log reaches LSN {} and the source ({}) has {} bytes marked: bitmap resync",
+            t.local_lsn, s.local_lsn, s.dirty_bytes
+        )
     };
     (SyncKind::Bitmap, why)
 }

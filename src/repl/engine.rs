@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, broadcast, watch};
 
+use super::decide::{Decision, SideView, SplitBrainPolicy, SyncKind, Verdict};
 use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
 use super::link::{FrameReader, FrameWriter, split_tcp};
-use super::proto::{GoodbyeReason, Message};
-use super::decide::{Decision, SideView, SplitBrainPolicy, SyncKind, Verdict};
 use super::proto::{GenIds, ResyncKind, SyncInfo, sync_flags};
+use super::proto::{GoodbyeReason, Message};
 use super::store::{ReplMeta, ReplStore};
 use crate::config::{Config, NodeConfig, OnPeerLoss, Protocol};
 use crate::control::Event;
@@ -228,20 +228,17 @@ pub struct DecisionView {
 
 impl DecisionView {
     pub fn from_verdict(v: &Verdict) -> DecisionView {
-        DecisionView { result: decision_name(&v.decision), rule: v.rule.to_string(), explanation: v.explanation.clone() }
+        DecisionView {
+            result: decision_name(&v.decision),
+            rule: v.rule.to_string(),
+            explanation: v.explanation.clone(),
+        }
     }
 }
 
 /// `no-sync`, `source-full`, `target-bitmap`, `split-brain`, `unrelated`, `refuse`.
 pub fn decision_name(d: &Decision) -> String {
-    match d {
-        Decision::NoSync => "no-sync".into(),
-        Decision::Source(k) => format!("source-{}", resync_kind(*k)),
-        Decision::Target(k) => format!("target-{}", resync_kind(*k)),
-        Decision::SplitBrain => "split-brain".into(),
-        Decision::Unrelated => "unrelated".into(),
-        Decision::Refuse(_) => "refuse".into(),
-    }
+    d.as_str().to_string()
 }
 
 /// The wire kind of a decided sync kind.
@@ -958,8 +955,8 @@ impl Engine {
             // from our SyncInfo and says Goodbye. Nothing changes here.
             let verdict = super::decide::decide(&side_view(&theirs), &side_view(&mine), &self.cfg.split_brain);
             tracing::info!(peer = %peer.node, result = %decision_name(&verdict.decision), rule = verdict.rule, "answered a dry-run probe from the peer");
-            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async { while let Ok(Some(_)) = reader.read().await {} })
-                .await;
+            let _ =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, async { while let Ok(Some(_)) = reader.read().await {} }).await;
             return false;
         }
         if standalone || !*self.want_connect.borrow() {
@@ -976,7 +973,10 @@ impl Engine {
                 let (_, why) = self.standalone_reason(&verdict, &mine, &theirs);
                 self.go_standalone(&why);
             } else {
-                self.note_failure(format!("peer {} is standalone (it runs `repctl connect` to rejoin)", self.cfg.peer), addr);
+                self.note_failure(
+                    format!("peer {} is standalone (it runs `repctl connect` to rejoin)", self.cfg.peer),
+                    addr,
+                );
             }
             return false;
         }
@@ -1004,9 +1004,7 @@ impl Engine {
             .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
             .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
         let local = self.local_hello();
-        handshake(&mut stream, &local, HANDSHAKE_TIMEOUT)
-            .await
-            .map_err(|e| describe_handshake_error(&e, peer_name))?;
+        handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map_err(|e| describe_handshake_error(&e, peer_name))?;
         let (mut reader, mut writer) = split_tcp(stream).map_err(|e| format!("socket setup failed: {e}"))?;
         let mut flags = sync_flags::DRY_RUN;
         if discard_my_data {

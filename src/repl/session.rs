@@ -21,6 +21,7 @@
 //!     *durable*;
 //!   - *full*: every bit set, then the same walk (so a full sync resumes
 //!     after a restart of either side, like a bitmap resync).
+//!
 //!   Sending and receiving never block each other: a frame waits for room
 //!   in the writer channel inside `select!`, so acks keep being read.
 //! - **target** (the peer sends): applies records in order through the
@@ -265,7 +266,8 @@ impl Session {
                     Side::Idle => "an idle peer",
                 };
                 let why = format!("unexpected {} from {from}", m.name());
-                let _ = self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::ProtocolError, message: why.clone() });
+                let _ =
+                    self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::ProtocolError, message: why.clone() });
                 Err(Outcome::Failed(why))
             }
         }
@@ -371,7 +373,9 @@ impl Session {
                     // The peer was promoted; it reconnects to renegotiate.
                 }
                 Tick::Frame(Message::State { .. }) | Tick::Frame(Message::Ack { .. }) => {}
-                Tick::Frame(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }) => empty_sync = true,
+                Tick::Frame(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }) => {
+                    empty_sync = true
+                }
                 Tick::Frame(Message::SyncEnd { bytes: 0 }) if empty_sync => {
                     empty_sync = false;
                     if let Err(why) = self.take_peer_generation(peer) {
@@ -508,7 +512,7 @@ impl Session {
         let mut catchup: Option<Catchup> = None;
         let mut walk: Option<Walk> = None;
         let wants_log = matches!(plan, None | Some(SyncKind::Log)) && peer_lsn < base;
-        if matches!(plan, None) && peer_lsn > base {
+        if plan.is_none() && peer_lsn > base {
             return Err(Outcome::Failed(format!(
                 "the peer is at LSN {peer_lsn}, ahead of ours ({base}), without a resync decided"
             )));
@@ -540,7 +544,9 @@ impl Session {
             store.set_retain_after(Some(base));
             match plan {
                 Some(SyncKind::Full) => {
-                    store.mark_all().map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
+                    store
+                        .mark_all()
+                        .map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
                     walk = Some(self.start_walk(io, ResyncKind::Full, base).await?);
                 }
                 Some(SyncKind::Bitmap) => walk = Some(self.start_walk(io, ResyncKind::Bitmap, base).await?),
@@ -728,7 +734,9 @@ impl Session {
         if kind == ResyncKind::Full {
             store.mark_all().map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
         }
-        store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap before the resync: {e}")))?;
+        store
+            .persist_bitmap()
+            .map_err(|e| Outcome::Failed(format!("cannot persist the bitmap before the resync: {e}")))?;
         store.set_retain_after(Some(base));
         let total = store.dirty_bytes();
         tracing::info!(peer = %self.peer_name, %kind, bytes = total, start_lsn = base, "resync to the peer starts");
@@ -819,8 +827,11 @@ impl Session {
         store.set_tracking(false);
         let local = store.local_lsn();
         let mut t = Target { received: local, written: local, durable: local, acked: None, ..Target::default() };
-        let _ =
-            self.tx.try_send(Message::State { role: engine.role(), disk: engine.meta().disk, out_of_sync_bytes: store.dirty_bytes() });
+        let _ = self.tx.try_send(Message::State {
+            role: engine.role(),
+            disk: engine.meta().disk,
+            out_of_sync_bytes: store.dirty_bytes(),
+        });
         let _ = self.tx.try_send(Message::Ack { received: local, written: local, durable: local });
         t.acked = Some((local, local, local));
         if plan == Some(SyncKind::Bitmap) {
@@ -1176,11 +1187,9 @@ impl Session {
                 Err(_) => return, // queue full: cumulative, sent later
             }
         }
-        if t.sync_dirty {
-            if self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable }).is_ok() {
-                t.sync_dirty = false;
-                self.engine.sync_progress(t.sync_durable);
-            }
+        if t.sync_dirty && self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable }).is_ok() {
+            t.sync_dirty = false;
+            self.engine.sync_progress(t.sync_durable);
         }
     }
 }

@@ -236,7 +236,8 @@ impl Volume {
     /// resolved before this call: runs a checkpoint (WAL and data file
     /// fdatasynced, then the superblock), so recovery after a crash never
     /// replays a record older than that data over it (only newer records
-    /// are replayed). The resync target calls it before acknowledging sync
+    /// are replayed). Without a record since the last checkpoint it only
+    /// fdatasyncs the data file. The resync target calls it before acknowledging sync
     /// bytes as durable; the source then clears their bits.
     pub async fn sync_data_file(&self) -> Result<(), VolumeError> {
         self.check_open()?;
@@ -247,6 +248,21 @@ impl Volume {
             // stay the last one (it marks the superblock clean).
             if shared.stopping() {
                 return Err(closed());
+            }
+            // No record since the last checkpoint: nothing can be replayed
+            // over the data, an fdatasync of the data file is enough.
+            let applied = shared.applied_lsn.load(Ordering::Acquire);
+            if applied == shared.checkpoint_lsn.load(Ordering::Acquire) {
+                if let Some(r) = shared.failure() {
+                    return Err(VolumeError::Stopped(r));
+                }
+                return shared.io.sync_data(&shared.data).map_err(|e| {
+                    VolumeError::Stopped(shared.fail(format!(
+                        "fdatasync of data {} failed: {e} (errno {})",
+                        shared.data.path().display(),
+                        crate::io::errno_of(&e)
+                    )))
+                });
             }
             super::checkpoint::checkpoint_locked(&shared, false)
         });

@@ -191,10 +191,13 @@ impl Volume {
     }
 
     /// The peer has written every record <= `lsn` (monotone: a lower value
-    /// is ignored). Prunes the unacked ring; persisted at checkpoints and at
-    /// close.
+    /// is ignored; clamped to the local LSN, the peer cannot have more).
+    /// Prunes the unacked ring; persisted at checkpoints and at close.
     pub fn set_peer_written(&self, lsn: Lsn) {
-        parking::lock(&self.shared.tracker).set_peer_written(lsn);
+        let mut t = parking::lock(&self.shared.tracker);
+        // Read under the lock: the writer publishes LSNs after recording them.
+        let local = self.shared.applied_lsn.load(Ordering::Acquire);
+        t.set_peer_written(lsn.min(local));
     }
 
     /// The peer's written LSN as this node knows it.

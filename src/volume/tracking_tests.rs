@@ -348,3 +348,112 @@ async fn replicated_records_are_never_marked_and_move_the_base() {
     assert_eq!(v.superblock().peer_written_lsn, 6);
     v.close().await.unwrap();
 }
+
+/// Random workloads with the link going up and down (tracking off/on,
+/// acknowledgements, link loss), checkpoints, a small retention bound that
+/// drops held segments, then a power cut. After recovery, every block
+/// written by a durable local record the "peer" had not acknowledged as
+/// written must be marked: the bitmap's crash-safety invariant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_after_random_link_history_never_loses_a_mark() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    for seed in 0..12u64 {
+        let d = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        let mut opts = small_opts(d.path());
+        opts.wal_segment_size = 64 << 10;
+        opts.wal_retain = [0, 64 << 10, 256 << 10][seed as usize % 3];
+        create(&SyncEngine::new(), &opts, size);
+        let fault = FaultEngine::new(Arc::new(SyncEngine::new()), seed);
+        let v = Volume::open(fault.clone(), opts.clone(), &identity(size)).unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        // (lsn, offset, len) of every local record.
+        let mut records: Vec<(u64, u64, u64)> = Vec::new();
+        let mut acked = 0u64;
+        for _ in 0..300 {
+            match rng.random_range(0..100) {
+                0..70 => {
+                    let off = rng.random_range(0..size / 512) * 512;
+                    let len = rng.random_range(1..=16u64).min((size - off) / 512) * 512;
+                    let fua = rng.random_bool(0.3);
+                    let lsn = if rng.random_bool(0.8) {
+                        v.write(off, data(7, len as usize), fua).await.unwrap()
+                    } else {
+                        v.trim(off, len as u32, fua).await.unwrap()
+                    };
+                    records.push((lsn, off, len));
+                }
+                70..78 if v.tracking() => {
+                    // Link up: the peer has everything so far (a resync
+                    // ended), records go to the ring.
+                    let local = v.status().local_lsn;
+                    v.set_peer_written(local);
+                    acked = acked.max(local);
+                    v.set_retain_after(Some(acked));
+                    v.set_tracking(false);
+                }
+                78..88 if !v.tracking() => {
+                    let local = v.status().local_lsn;
+                    let upto = rng.random_range(acked..=local);
+                    v.set_peer_written(upto);
+                    acked = upto;
+                    v.set_retain_after(Some(upto));
+                }
+                88..92 if !v.tracking() => {
+                    v.mark_unacked().unwrap();
+                    v.set_retain_after(None);
+                }
+                92..97 => v.finish_sync().await.unwrap(),
+                _ => {}
+            }
+        }
+        // End with the link up and a peer that acknowledges nothing more:
+        // the checkpoint drops held segments (beyond wal_retain) whose
+        // records only the ring knew about.
+        if v.tracking() {
+            let local = v.status().local_lsn;
+            v.set_peer_written(local);
+            acked = acked.max(local);
+            v.set_retain_after(Some(acked));
+            v.set_tracking(false);
+        }
+        for i in 0..40u64 {
+            let off = (i * 37 % 1000) * G;
+            records.push((v.write(off, data(8, 8192), false).await.unwrap(), off, 8192));
+        }
+        v.finish_sync().await.unwrap();
+        let durable = v.flush().await.unwrap();
+        fault.power_cut();
+        drop(v);
+        let v = Volume::open(Arc::new(SyncEngine::new()), opts, &identity(size)).unwrap();
+        let words = v.bitmap_words();
+        let bit = |b: u64| words[(b / 64) as usize] & (1 << (b % 64)) != 0;
+        for &(lsn, off, len) in records.iter().filter(|r| r.0 > acked && r.0 <= durable) {
+            for b in off / G..=(off + len - 1) / G {
+                assert!(bit(b), "seed {seed}: block {b} of record LSN {lsn} (acked {acked}) is not marked");
+            }
+        }
+        v.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sync_data_file_without_new_records_only_syncs_the_data() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 3);
+    let v = open(fault.clone(), d.path(), size);
+    v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
+    v.sync_data_file().await.unwrap(); // a checkpoint at LSN 1
+    let counter = v.superblock().counter;
+    v.apply_sync_data(0, data(2, 8192)).await.unwrap();
+    v.sync_data_file().await.unwrap();
+    assert_eq!(v.superblock().counter, counter, "no superblock write without a new record");
+    fault.power_cut();
+    drop(v);
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert_eq!(v.read(0, 8192).await.unwrap(), data(2, 8192), "the sync data is durable");
+    v.close().await.unwrap();
+}

@@ -174,6 +174,16 @@ enum Op {
         node: usize,
         keep: u64,
     },
+    /// A block of the receiving node's data file is corrupted behind repd's
+    /// back, and an online verify finds it and marks it.
+    CorruptAndVerify {
+        block: usize,
+    },
+    /// `repctl invalidate`: this node's data is thrown away and taken from
+    /// the peer (every bit set, disk inconsistent; refused on a primary).
+    Invalidate {
+        node: usize,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -200,6 +210,11 @@ struct World {
     /// generation, I did not" and makes this node the target: acknowledged
     /// writes silently lost (see `released_writes_need_a_new_generation`).
     gen_on_release: bool,
+    /// Online verify marks a difference on both nodes (not only on the one
+    /// that sends): then a later log catch-up is never chosen while it is
+    /// unsent (the target has marks), and a source clearing its whole bitmap
+    /// after a catch-up cannot drop it. See `verify_marks_both_nodes`.
+    verify_marks_both: bool,
     trace: Vec<String>,
     stats: Stats,
 }
@@ -215,6 +230,7 @@ impl World {
             clock: 1,
             policy,
             gen_on_release,
+            verify_marks_both: true,
             trace: Vec::new(),
             stats: Stats::default(),
         }
@@ -267,6 +283,42 @@ impl World {
                 self.recycle(node, keep);
                 Ok(())
             }
+            Op::CorruptAndVerify { block } => {
+                self.corrupt_and_verify(block);
+                Ok(())
+            }
+            Op::Invalidate { node } => self.invalidate(node),
+        }
+    }
+
+    fn invalidate(&mut self, i: usize) -> Result<(), String> {
+        // Refused on a primary, and unless the peer is connected with an
+        // uptodate disk (else this copy may be the only usable one).
+        if self.n[i].role == Role::Primary || self.link.is_none() || self.n[1 - i].disk != DiskState::UpToDate {
+            return Ok(());
+        }
+        self.break_link(None, usize::MAX, usize::MAX);
+        let node = &mut self.n[i];
+        node.bits = (0..BLOCKS).collect();
+        node.disk = DiskState::Inconsistent;
+        // The operator discarded this copy: it holds nothing any more.
+        node.applied.clear();
+        self.connect()
+    }
+
+    fn corrupt_and_verify(&mut self, block: usize) {
+        // Verify runs on an established connection, no resync running.
+        let Some(link) = &self.link else { return };
+        if link.resync.is_some() || !link.pending.is_empty() {
+            return;
+        }
+        let victim = link.from.map_or(1, |f| 1 - f);
+        let garbage = self.next_id;
+        self.next_id += 1;
+        self.n[victim].data[block] = garbage;
+        self.n[1 - victim].bits.insert(block);
+        if self.verify_marks_both {
+            self.n[victim].bits.insert(block);
         }
     }
 
@@ -441,9 +493,18 @@ impl World {
         let Some(f) = from else { return };
         let j = peer_written.unwrap_or(0);
         let unacked: Vec<(Rec, bool)> = link.pending.into_iter().collect();
-        // The receiver: tracking from what it has.
+        // The receiver: tracking from what it has. Killed, its recovery may
+        // re-mark the last records it received (its persisted peer-written
+        // LSN lags): harmless extra marks of records the sender has.
         let r = 1 - f;
         self.n[r].base = self.n[r].lsn;
+        if crashed == Some(r) {
+            let lag = acked as u64 + 1;
+            let receiver = &mut self.n[r];
+            let from = receiver.lsn.saturating_sub(lag);
+            let marks: Vec<usize> = receiver.log.iter().filter(|rec| rec.lsn > from).map(|rec| rec.block).collect();
+            receiver.bits.extend(marks);
+        }
         let sender = &mut self.n[f];
         if crashed == Some(f) {
             // Recovery marks every WAL record after the persisted
@@ -623,6 +684,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Connect),
         1 => node.clone().prop_map(|node| Op::DiscardMyData { node }),
         1 => (node, 0..4u64).prop_map(|(node, keep)| Op::Recycle { node, keep }),
+        1 => (0..BLOCKS).prop_map(|block| Op::CorruptAndVerify { block }),
+        1 => (0..2usize).prop_map(|node| Op::Invalidate { node }),
     ]
 }
 
@@ -641,7 +704,10 @@ fn history() -> impl Strategy<Value = (SplitBrainPolicy, Vec<Op>)> {
 }
 
 fn run(policy: SplitBrainPolicy, ops: &[Op], gen_on_release: bool) -> (World, Result<(), String>) {
-    let mut w = World::new(policy, gen_on_release);
+    run_with(World::new(policy, gen_on_release), ops)
+}
+
+fn run_with(mut w: World, ops: &[Op]) -> (World, Result<(), String>) {
     // Start the way an operator does: one node's data is the truth, declared
     // before or after the two blank nodes first meet.
     let promote = Op::Promote { node: 0, force: true };
@@ -729,4 +795,30 @@ fn released_writes_need_a_new_generation() {
     let (w, with) = run(SplitBrainPolicy::default(), &ops, true);
     assert!(with.is_ok(), "{with:?}");
     assert!(w.trace.iter().any(|t| t.contains("[split-brain]")), "{:#?}", w.trace);
+}
+
+/// Why verify marks both nodes: marked only on the sending node, the
+/// difference it found looks like an ordinary record's mark; after the next
+/// link loss and a few writes the nodes choose a log catch-up (the target has
+/// no marks), which replays records and clears the source's bitmap: the
+/// corrupted block is never resent.
+#[test]
+fn verify_marks_both_nodes() {
+    let ops = [
+        Op::Step { n: BLOCKS }, // the initial full sync ends
+        Op::CorruptAndVerify { block: 4 },
+        Op::LinkLoss { received: 0, acked: 0 },
+        Op::Write { node: 0, block: 1 },
+        Op::Connect,
+        Op::Step { n: 3 },
+    ];
+    let mut one_side = World::new(SplitBrainPolicy::default(), true);
+    one_side.verify_marks_both = false;
+    let (_, result) = run_with(one_side, &ops);
+    let e = result.expect_err("marked on the source only, the difference is never resent");
+    assert!(e.contains("log resync from node 0 ended with different data"), "{e}");
+    let (w, result) = run(SplitBrainPolicy::default(), &ops, true);
+    assert!(result.is_ok(), "{result:?}");
+    assert!(w.trace.iter().any(|t| t.contains("(bitmap resync)")), "{:#?}", w.trace);
+    assert_eq!(w.n[0].data, w.n[1].data);
 }

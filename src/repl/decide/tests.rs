@@ -210,10 +210,21 @@ fn row3_ties_go_to_the_primary_then_the_better_disk() {
 }
 
 #[test]
-fn row3_identical_views_with_marks_send_nothing() {
+fn row3_same_lsn_the_primary_sends_even_to_a_node_with_marks() {
+    // A secondary restarted after a crash re-marks records it got from the
+    // primary: it must not become the source of (hence refuse) the primary.
+    let remarked = SideView { dirty_bytes: 8192, ..view() };
+    expect(&primary(view()), &remarked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+}
+
+#[test]
+fn row3_identical_views_with_marks_are_refused() {
+    // Verify marked the same blocks on both nodes: they may differ and
+    // nothing says which copy is right.
     let marked = SideView { dirty_bytes: 4096, ..view() };
-    let v = expect(&marked, &marked, Decision::NoSync, rule::IN_SYNC);
-    assert!(v.explanation.contains("the same records"), "{}", v.explanation);
+    expect_refused(&marked, &marked, rule::SAME_GENERATION, "promote the node whose data is to be kept");
+    // A primary settles it.
+    expect(&primary(marked), &marked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
@@ -468,9 +479,20 @@ fn decision_names_and_mirror() {
     assert_eq!(Decision::Source(SyncKind::Log).mirrored(), Decision::Target(SyncKind::Log));
     assert_eq!(Decision::SplitBrain.mirrored(), Decision::SplitBrain);
     assert_eq!(Decision::Target(SyncKind::Full).to_string(), "target (full resync)");
-    assert_eq!(Decision::Refuse("x".into()).as_str(), "refused");
+    assert_eq!(Decision::Refuse("x".into()).as_str(), "refuse");
+    assert_eq!(Decision::Source(SyncKind::Log).as_str(), "source-log");
+    assert_eq!(Decision::Target(SyncKind::Full).as_str(), "target-full");
     assert_eq!(Decision::Source(SyncKind::Bitmap).kind(), Some(SyncKind::Bitmap));
     assert_eq!(serde_json::to_value(SyncKind::Bitmap).ok(), Some(serde_json::json!("bitmap")));
+    let v = decide(&view(), &ahead(), &DEFAULT);
+    assert_eq!(
+        v.to_json(),
+        serde_json::json!({
+            "result": "target-log", "rule": "newer-generation", "explanation": v.explanation
+        })
+    );
+    let v = decide(&primary(view()), &primary(view()), &DEFAULT);
+    assert_eq!(v.to_json()["result"], "refuse");
 }
 
 // --- Mirror property over random views ------------------------------------------------------

@@ -1,0 +1,257 @@
+//! `repbench`: repblock's benchmark suite (see docs/benchmarks.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use repbench::crosscheck::{CrossOptions, crosscheck};
+use repbench::loadgen::Plan;
+use repbench::runner::{RunOptions, run};
+use repbench::targets::Kind;
+use repbench::workload;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "repbench",
+    version,
+    about = "Benchmark repblock's replication protocols against qemu-nbd, nbdkit and the local file"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Timing {
+    /// Measured time per cell and round (e.g. 1s, 500ms).
+    #[arg(long)]
+    duration: Option<String>,
+    /// Unmeasured time before each cell's window.
+    #[arg(long)]
+    warmup: Option<String>,
+    /// Measure this many operations per cell and round instead of a duration.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Offsets fall in the first SIZE bytes; also the size of every volume and file.
+    #[arg(long)]
+    region: Option<String>,
+    /// Seed of the offset generators.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The repd binary (repctl must be beside it). Default: next to repbench.
+    #[arg(long)]
+    repd: Option<PathBuf>,
+    /// Where the temporary work directory (volumes, files, logs) is made.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the matrix and write results/<timestamp>.json.
+    Run {
+        /// Short smoke mode: 300 ms per cell, 1 round, 16 MiB region.
+        #[arg(long)]
+        quick: bool,
+        /// Replication RTTs (comma-separated), e.g. 0,1ms,5ms.
+        #[arg(long, default_value = "0,1ms,5ms")]
+        rtt: String,
+        /// Replication protocols to measure (A,B,C; "none" for none).
+        #[arg(long, default_value = "A,B,C")]
+        protocols: String,
+        /// Unreplicated targets: repblock (standalone), qemu-nbd, nbdkit, file ("none" for none).
+        #[arg(long, default_value = "repblock,qemu-nbd,nbdkit,file")]
+        peers: String,
+        /// Workloads (comma-separated) or "all".
+        #[arg(long, default_value = "all")]
+        workloads: String,
+        /// Rounds per cell (targets alternate within each round).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Requests in flight per connection, overriding each workload's.
+        #[arg(long)]
+        queue_depth: Option<usize>,
+        /// What follows each write, overriding each workload's: none,
+        /// flush (a FLUSH after every write) or fua (every write with FUA).
+        #[arg(long)]
+        flush: Option<String>,
+        /// NBD connections per cell, overriding each workload's (1).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Extra top-level line(s) for every repd config, e.g. 'io_engine = "sync"'.
+        #[arg(long, default_value = "")]
+        repd_config: String,
+        /// Existing NBD exports to measure as well, NAME=URI
+        /// (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH), comma-separated.
+        /// They are written to: never point this at data you keep.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Directory for the JSON results.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Markdown table and SVG charts of a run.
+    Report {
+        /// A results/<timestamp>.json file.
+        run: PathBuf,
+        /// Write results.md and the charts here (default: print the table only).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Compare the load generator with fio's nbd engine on one export.
+    Crosscheck {
+        /// Target: repblock, A, B, C, qemu-nbd or nbdkit.
+        #[arg(long, default_value = "C")]
+        target: String,
+        #[arg(long, default_value = "qd32-randwrite")]
+        workload: String,
+        /// Replication RTT of a replicated target.
+        #[arg(long, default_value = "0")]
+        rtt: String,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[command(flatten)]
+        timing: Timing,
+    },
+}
+
+fn dur(s: &str) -> anyhow::Result<Duration> {
+    repblock::units::parse_duration(s)
+        .with_context(|| format!("--duration/--warmup/--rtt: {s:?} is not a duration (examples: 0, 500us, 1ms, 2s)"))
+}
+
+fn plan(t: &Timing, quick: bool) -> anyhow::Result<Plan> {
+    let (d, w, r) = if quick { ("300ms", "100ms", "16MiB") } else { ("1s", "200ms", "256MiB") };
+    let region = repblock::units::parse_size(t.region.as_deref().unwrap_or(r)).context("--region")?;
+    if region < 1 << 20 || region % (1 << 20) != 0 {
+        bail!("--region must be a non-zero multiple of 1 MiB (got {region} bytes)");
+    }
+    if t.ops == Some(0) {
+        bail!("--ops must be at least 1");
+    }
+    let duration = dur(t.duration.as_deref().unwrap_or(d))?;
+    if duration.is_zero() && t.ops.is_none() {
+        bail!("--duration must be more than 0");
+    }
+    Ok(Plan { warmup: dur(t.warmup.as_deref().unwrap_or(w))?, duration, ops: t.ops, region, seed: t.seed })
+}
+
+fn list(s: &str) -> Vec<&str> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty() && *x != "none").collect()
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("repbench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            quick,
+            rtt,
+            protocols,
+            peers,
+            workloads,
+            rounds,
+            queue_depth,
+            flush,
+            connections,
+            repd_config,
+            nodes,
+            out,
+            no_progress,
+            timing,
+        } => {
+            let plan = plan(&timing, quick)?;
+            let mut workloads = workload::parse_list(&workloads).map_err(anyhow::Error::msg).context("--workloads")?;
+            let flush = flush
+                .as_deref()
+                .map(workload::FlushMode::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("--flush")?;
+            for w in &mut workloads {
+                w.override_with(flush, queue_depth, connections);
+            }
+            let rtts = list(&rtt).into_iter().map(dur).collect::<anyhow::Result<Vec<_>>>()?;
+            let protocols = list(&protocols)
+                .into_iter()
+                .map(|p| Kind::protocol(p).with_context(|| format!("--protocols: {p:?} is not A, B or C")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if !protocols.is_empty() && rtts.is_empty() {
+                bail!("--rtt: give at least one RTT for the replicated targets");
+            }
+            let peers = list(&peers)
+                .into_iter()
+                .map(|p| {
+                    Kind::peer(p).with_context(|| format!("--peers: {p:?} is not repblock, qemu-nbd, nbdkit or file"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = RunOptions {
+                workloads,
+                rtts,
+                protocols,
+                peers,
+                warmup: plan.warmup,
+                duration: plan.duration,
+                ops: plan.ops,
+                rounds: rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
+                region: plan.region,
+                seed: plan.seed,
+                repd: timing.repd.clone(),
+                repd_extra: repd_config,
+                nodes,
+                work_parent: timing.work_dir.clone(),
+                out,
+                progress: !no_progress,
+                args: std::env::args().collect(),
+            };
+            let (run, path) = run(&opts)?;
+            println!("{}", run.markdown());
+            println!("results: {}", path.display());
+        }
+        Cmd::Report { run, out } => {
+            let r = repbench::report::load(&run)?;
+            match out {
+                Some(dir) => {
+                    for f in repbench::report::write_all(&r, &dir)? {
+                        println!("{}", f.display());
+                    }
+                }
+                None => println!("{}", r.markdown()),
+            }
+        }
+        Cmd::Crosscheck { target, workload: wl, rtt, rounds, timing } => {
+            let plan = plan(&timing, false)?;
+            let kind = Kind::protocol(&target)
+                .or_else(|| Kind::peer(&target).filter(|k| *k != Kind::File))
+                .with_context(|| format!("--target: {target:?} is not repblock, A, B, C, qemu-nbd or nbdkit"))?;
+            let workload = workload::builtin(&wl).with_context(|| format!("--workload: unknown workload {wl:?}"))?;
+            let res = crosscheck(&CrossOptions {
+                kind,
+                rtt: dur(&rtt)?,
+                workload,
+                plan,
+                rounds: rounds.max(1),
+                repd: timing.repd.as_deref(),
+                work_parent: &timing.work_dir,
+            })?;
+            println!("{}", res.report());
+        }
+    }
+    Ok(())
+}
