@@ -24,8 +24,14 @@
 //!
 //! Rate: at most [`VERIFY_WINDOW`] bytes of chunks are between "read queued"
 //! and "result received"; while an application write the peer has not yet
-//! written is in the stream, only one chunk of [`VERIFY_CHUNK_BUSY`] is
-//! (application IO first, as for the sync window).
+//! written is in the stream, and for [`VERIFY_BUSY_HOLD`] after, only one
+//! chunk of [`VERIFY_CHUNK_BUSY`] is, followed by a pause as long as it
+//! took (application IO first; measured in docs/verify.md).
+//!
+//! With two secondaries nothing writes: the source reads directly
+//! (`ReadMode::Direct`) and the target compares at once. Differences:
+//! both nodes mark them (`mark_range`), and the source renegotiates the
+//! connection so that the resync decision moves them (docs/verify.md).
 //!
 //! Digest: BLAKE3 cut to 128 bits ([`VERIFY_DIGEST_LEN`]). A verify is the
 //! last line of defence against silent corruption, so the check must not be
