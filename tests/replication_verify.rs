@@ -32,10 +32,24 @@ fn up() -> Pair {
 }
 
 /// `repctl verify --wait --json` on `node`: the report of the verify.
+///
+/// Right after a connect the engine may replace the session by the peer's
+/// duplicate connection, which aborts a running verify (exit 1, "replaced"):
+/// then it is run again, up to 3 times.
 fn verify_wait(pair: &Pair, node: &str) -> Value {
     let peer = if node == "alpha" { &pair.alpha } else { &pair.beta };
-    let out = peer.repctl_ok(&["verify", "--wait", "--json"]);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("verify --json printed {out:?}: {e}"))
+    for _ in 0..3 {
+        let out = peer.repctl(&["verify", "--wait", "--json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && stderr.contains("replaced") {
+            pair.assert_established();
+            continue;
+        }
+        assert!(out.status.success(), "verify --wait on {node} failed:\n{stdout}\n{stderr}");
+        return serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("verify --json printed {stdout:?}: {e}"));
+    }
+    panic!("verify on {node} was aborted by connection replacements 3 times");
 }
 
 #[test]
@@ -85,7 +99,8 @@ fn verify_under_fio_finds_nothing_on_a_healthy_pair() {
     for p in [&pair.alpha, &pair.beta] {
         let s = p.status();
         assert_eq!(s["verify"]["running"], false, "{s:#}");
-        assert_eq!(s["verify"]["runs_finished"], 2, "{}: both verifies ended here too\n{s:#}", p.name);
+        let runs = s["verify"]["runs_finished"].as_u64().unwrap_or(0);
+        assert!(runs >= 2, "{}: both verifies ended here too\n{s:#}", p.name);
         assert_eq!(s["verify"]["last"]["out_of_sync_bytes"], 0, "{s:#}");
     }
     pair.assert_established();

@@ -393,7 +393,8 @@ impl Session {
                 Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
                     // Nothing is applied between two secondaries: compare now.
                     let (job, compare) = match io.verify.target_digests(&self.engine, offset, block, digests) {
-                        Ok(x) => x,
+                        Ok(Some(x)) => x,
+                        Ok(None) => continue,
                         Err(e) => return Outcome::Failed(format!("verify: {e}")),
                     };
                     if let Err(e) = compare.await {
@@ -940,11 +941,13 @@ impl Session {
                     Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
                     Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
-                        let (job, compare) = io
+                        let job = io
                             .verify
                             .target_digests(&engine, offset, block, digests)
                             .map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
-                        pending.push_back((Pending::Verify(job), compare));
+                        if let Some((job, compare)) = job {
+                            pending.push_back((Pending::Verify(job), compare));
+                        }
                     }
                     Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,
                     Tick::Frame(m) => {

@@ -24,8 +24,14 @@
 //!
 //! Rate: at most [`VERIFY_WINDOW`] bytes of chunks are between "read queued"
 //! and "result received"; while an application write the peer has not yet
-//! written is in the stream, only one chunk of [`VERIFY_CHUNK_BUSY`] is
-//! (application IO first, as for the sync window).
+//! written is in the stream, and for [`VERIFY_BUSY_HOLD`] after, only one
+//! chunk of [`VERIFY_CHUNK_BUSY`] is, followed by a pause as long as it
+//! took (application IO first; measured in docs/verify.md).
+//!
+//! With two secondaries nothing writes: the source reads directly
+//! (`ReadMode::Direct`) and the target compares at once. Differences:
+//! both nodes mark them (`mark_range`), and the source renegotiates the
+//! connection so that the resync decision moves them (docs/verify.md).
 //!
 //! Digest: BLAKE3 cut to 128 bits ([`VERIFY_DIGEST_LEN`]). A verify is the
 //! last line of defence against silent corruption, so the check must not be
@@ -539,6 +545,9 @@ struct TargetRun {
 /// Mismatched ranges `(offset, len)` of one chunk.
 pub type Runs = Vec<(u64, u32)>;
 
+/// The target's read-and-compare of one chunk, queued with the applies.
+pub(crate) type CompareFut = BoxFut<'static, Result<(), VolumeError>>;
+
 /// One chunk the target compares once the apply queue reaches it.
 #[derive(Debug)]
 pub(crate) struct TargetJob {
@@ -567,6 +576,9 @@ pub(crate) struct SessionVerify {
     /// Target: a compare waits in the apply queue. No frame is read until
     /// it ran, so the target's data is exactly the stream up to the digests.
     pub(crate) gate: bool,
+    /// Source: the peer started a verify at the same time and yields; its
+    /// digests sent before it learned are dropped until its VerifyEnd.
+    peer_yielding: bool,
 }
 
 impl SessionVerify {
@@ -697,13 +709,32 @@ impl SessionVerify {
                         engine.store.size()
                     ));
                 }
-                if self.source.is_some() || self.target.is_some() {
+                if self.target.is_some() || self.peer_yielding {
                     return Err("verify-start while a verify is running".into());
+                }
+                let mut reply = None;
+                if self.source.is_some() {
+                    // Two secondaries started a verify each at the same
+                    // moment: the node that wins the connection rule keeps
+                    // its own; the other yields and becomes its target.
+                    if super::handshake::connection_winner(&engine.cfg.node, &engine.cfg.peer) == engine.cfg.node {
+                        tracing::info!(peer = %engine.cfg.peer, "both nodes started a verify: ours runs, the peer's yields");
+                        self.peer_yielding = true;
+                        return Ok((None, After::Continue));
+                    }
+                    tracing::info!(peer = %engine.cfg.peer, "both nodes started a verify: the peer's runs, ours yields");
+                    self.source = None;
+                    reply = Some(Message::VerifyEnd {
+                        checked_bytes: 0,
+                        out_of_sync_bytes: 0,
+                        complete: false,
+                        message: format!("yielded to the verify started by {} at the same time", engine.cfg.peer),
+                    });
                 }
                 tracing::info!(peer = %engine.cfg.peer, bytes = total_bytes, block, "online verify starts (the peer is the source)");
                 engine.verify.begin("target", total_bytes);
                 self.target = Some(TargetRun { total: total_bytes, block });
-                Ok((None, After::Continue))
+                Ok((reply, After::Continue))
             }
             Message::VerifyResult { offset, len, mismatched } => {
                 let Some(run) = self.source.as_mut() else {
@@ -736,6 +767,12 @@ impl SessionVerify {
                 Ok((Some(end), after))
             }
             Message::VerifyEnd { checked_bytes, out_of_sync_bytes, complete, message } => {
+                if self.peer_yielding {
+                    // The peer gave up the verify it started at the same
+                    // time as ours (see VerifyStart).
+                    self.peer_yielding = false;
+                    return Ok((None, After::Continue));
+                }
                 if self.target.take().is_none() {
                     // The end of a verify this node never saw start (it
                     // was refused or aborted before): nothing to close.
@@ -755,13 +792,17 @@ impl SessionVerify {
     /// Target: the digests of one chunk. Returns the job and the future to
     /// queue behind the records received before it (it reads the local
     /// range and compares); the reader stops until it ran ([`Self::gate`]).
+    /// `None`: digests of a verify the peer gave up (dropped).
     pub(crate) fn target_digests(
         &mut self,
         engine: &Engine,
         offset: u64,
         block: u32,
         digests: Bytes,
-    ) -> Result<(TargetJob, BoxFut<'static, Result<(), VolumeError>>), String> {
+    ) -> Result<Option<(TargetJob, CompareFut)>, String> {
+        if self.peer_yielding {
+            return Ok(None);
+        }
         let Some(run) = self.target else {
             return Err(VerifyError::NotRunning { msg: "verify-digests" }.to_string());
         };
@@ -773,14 +814,14 @@ impl SessionVerify {
         let result = Arc::new(Mutex::new(None));
         let slot = Arc::clone(&result);
         let read = engine.store.read_data(offset, len);
-        let fut: BoxFut<'static, Result<(), VolumeError>> = Box::pin(async move {
+        let fut: CompareFut = Box::pin(async move {
             let local = read.await?;
             let runs = compare(offset, &local, block, &digests);
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(runs);
             Ok(())
         });
         self.gate = true;
-        Ok((TargetJob { offset, len, result }, fut))
+        Ok(Some((TargetJob { offset, len, result }, fut)))
     }
 
     /// Target: the job's compare ran; marks the differing blocks and
@@ -801,10 +842,10 @@ impl SessionVerify {
 
     /// The session ends: a running verify is aborted (reported as such).
     /// A request not picked up yet is dropped too, unless the link is
-    /// renegotiated at once (role change, renegotiation): then the next
-    /// session runs it.
+    /// renegotiated at once (role change, renegotiation, a newer duplicate
+    /// connection): then the next session runs it.
     pub(crate) fn end(&mut self, engine: &Engine, outcome: &Outcome) {
-        if !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
+        if !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate | StopReason::Replaced))
             && engine.verify.take_request()
         {
             tracing::info!(peer = %engine.cfg.peer, "verify request dropped: the session ended before it started");
@@ -850,7 +891,13 @@ impl SessionVerify {
 /// Why a session ended, for an aborted verify's report.
 fn describe_end(o: &Outcome) -> String {
     match o {
-        Outcome::Stopped(r) => format!("the session was stopped ({r:?})"),
+        Outcome::Stopped(r) => match r {
+            StopReason::Disconnect => "disconnected by the operator".into(),
+            StopReason::Replaced => "the connection was replaced by a newer one".into(),
+            StopReason::RoleChange => "a role change renegotiated the connection".into(),
+            StopReason::Renegotiate => "the connection was renegotiated".into(),
+            StopReason::Shutdown => "the node is shutting down".into(),
+        },
         Outcome::PeerLeft(why) => format!("the peer disconnected: {why}"),
         Outcome::PeerGone(why) => format!("the peer was lost: {why}"),
         Outcome::Failed(why) => format!("the session failed: {why}"),
