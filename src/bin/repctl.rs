@@ -80,9 +80,18 @@ enum Command {
         #[arg(long)]
         clear_bitmap: bool,
     },
-    /// Compare every block with the peer (needs replication).
-    Verify,
-    /// Mark the whole local disk out of sync (needs replication).
+    /// Compare every block with the peer by checksums, online; differing blocks are marked
+    /// out of sync and resynced (the primary is the reference).
+    Verify {
+        /// Wait for the end and print the result (progress on stderr).
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Throw away this node's data: mark every block out of sync and take a full copy from the
+    /// peer (refused on a primary).
     Invalidate,
     /// Wait until connected, established, and both disks uptodate (progress on stderr).
     WaitSync {
@@ -196,11 +205,42 @@ fn run(cli: Cli) -> Result<()> {
             let was = v.get("resumed") == Some(&serde_json::Value::Bool(true));
             writeln!(stdout, "{}: {}", node.name, if was { "IO resumed" } else { "IO was not suspended" })?;
         }
-        Command::Verify => {
-            connect()?.request(&Request::Verify)?;
+        Command::Verify { wait, json } => {
+            let v = connect()?.request(&Request::Verify)?;
+            if !wait {
+                if json {
+                    writeln!(stdout, "{v}")?;
+                } else {
+                    let source = v.get("source").and_then(|s| s.as_str()).unwrap_or("?");
+                    let name = &node.name;
+                    writeln!(stdout, "{name}: verify started (source {source}); `repctl status` shows progress")?;
+                }
+            } else {
+                let before = v.get("runs_finished").and_then(|n| n.as_u64()).unwrap_or(0);
+                let last = wait_verify(&connect, before)?;
+                if json {
+                    writeln!(stdout, "{}", serde_json::to_string(&last)?)?;
+                } else {
+                    writeln!(
+                        stdout,
+                        "{}: verify {}: {} bytes checked, {} bytes out of sync, {:.1}s{}",
+                        node.name,
+                        if last.complete { "done" } else { "aborted" },
+                        last.checked_bytes,
+                        last.out_of_sync_bytes,
+                        last.seconds,
+                        last.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+                    )?;
+                }
+                if !last.complete {
+                    anyhow::bail!("verify aborted: {}", last.message.as_deref().unwrap_or("no reason given"));
+                }
+            }
         }
         Command::Invalidate => {
-            connect()?.request(&Request::Invalidate)?;
+            let v = connect()?.request(&Request::Invalidate)?;
+            let m = v.get("message").and_then(|m| m.as_str()).unwrap_or("disk inconsistent");
+            writeln!(stdout, "{}: {m}", node.name)?;
         }
         Command::WaitSync { timeout: wait } => {
             if let Some(t) = wait {
@@ -231,6 +271,41 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `verify --wait`: polls `status` until a verify ended after the request
+/// (`verify.runs_finished` grew past `before`), printing progress on
+/// stderr; returns the report of that verify.
+fn wait_verify(
+    connect: &dyn Fn() -> Result<ControlClient, repblock::control::ControlError>,
+    before: u64,
+) -> Result<repblock::repl::verify::VerifyReport> {
+    let mut last_print = std::time::Instant::now();
+    loop {
+        let v = connect()?.request(&Request::Status)?;
+        let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
+        let vs = &s.verify;
+        if vs.runs_finished > before && !vs.running {
+            if let Some(last) = vs.last.clone() {
+                return Ok(last);
+            }
+        }
+        if s.connection.to_string() != "connected" {
+            anyhow::bail!("verify: the connection to the peer is {} and no verify result came", s.connection);
+        }
+        if vs.running && last_print.elapsed() >= Duration::from_secs(2) && vs.total_bytes > 0 {
+            eprintln!(
+                "{}: verify {:.1}% ({} of {} bytes, {} out of sync)",
+                s.node,
+                100.0 * vs.done_bytes as f64 / vs.total_bytes as f64,
+                vs.done_bytes,
+                vs.total_bytes,
+                vs.out_of_sync_bytes
+            );
+            last_print = std::time::Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `wait-sync` on a two-node resource: polls `status` until connected,

@@ -437,6 +437,7 @@ impl Node {
                 bytes: l.bytes,
                 seconds: l.seconds,
             }),
+            verify: self.repl.as_ref().map(|r| r.verify.status()).unwrap_or_default(),
             size: self.config.size,
             block_size: self.config.block_size,
             io_engine: self.engine.to_string(),
@@ -543,6 +544,21 @@ impl Node {
         )
     }
 
+    /// `repctl invalidate` (src/repl/verify.rs): under the role lock, so
+    /// that a promote cannot slip in between the check and the marking.
+    async fn invalidate(&self) -> Result<serde_json::Value, NodeError> {
+        let repl = self.repl_or("invalidate")?;
+        let _t = self.transition.lock().await;
+        if self.role() == Role::Primary {
+            return Err(NodeError::Refused(
+                "invalidate: this node is primary: its data is what the peer syncs from; demote it first \
+                 (`repctl demote`), then invalidate"
+                    .into(),
+            ));
+        }
+        repl.invalidate().map_err(NodeError::Refused)
+    }
+
     fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
         let repl = self.repl_or("connect")?;
         if discard_my_data && self.state().role == Role::Primary {
@@ -596,12 +612,8 @@ impl ControlHandler for Node {
             }),
             Request::ResumeIo => self.repl_or("resume-io").map(|r| serde_json::json!({ "resumed": r.resume_io() })),
             Request::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(clear_bitmap).await,
-            Request::Verify => {
-                Err(NodeError::NotAvailable { cmd: "verify", why: "online verify is not implemented yet" })
-            }
-            Request::Invalidate => {
-                Err(NodeError::NotAvailable { cmd: "invalidate", why: "invalidate is not implemented yet" })
-            }
+            Request::Verify => self.repl_or("verify").and_then(|r| r.request_verify().map_err(NodeError::Refused)),
+            Request::Invalidate => self.invalidate().await,
             Request::Events => Err(NodeError::Refused("events: handled by the control server".into())),
         };
         res.map_err(|e| e.to_string())

@@ -71,6 +71,10 @@ pub struct Status {
     /// The last completed resync.
     #[serde(default)]
     pub last_sync: Option<LastSyncStatus>,
+    /// Online verify: `running`, `role`, `done_bytes`, `total_bytes`,
+    /// `out_of_sync_bytes`, `runs_finished`, `last` (src/repl/verify.rs).
+    #[serde(default)]
+    pub verify: crate::repl::verify::VerifyStatus,
 }
 
 /// `decision` in the status.
@@ -207,6 +211,27 @@ impl Status {
                 if self.io_suspended {
                     let _ = writeln!(s, "    io:suspended (peer lost; `repctl resume-io` releases writes)");
                 }
+                let v = &self.verify;
+                if v.running && v.total_bytes > 0 {
+                    let pct = 100.0 * v.done_bytes as f64 / v.total_bytes as f64;
+                    let _ = writeln!(
+                        s,
+                        "    verify:{pct:.1}% ({} of {}, {} out of sync, this node is the {})",
+                        format_size_approx(v.done_bytes),
+                        format_size_approx(v.total_bytes),
+                        format_size_approx(v.out_of_sync_bytes),
+                        v.role.as_deref().unwrap_or("?")
+                    );
+                } else if let Some(last) = &v.last {
+                    let how = if last.complete { "done" } else { "aborted" };
+                    let _ = writeln!(
+                        s,
+                        "    last-verify:{how} ({} checked, {} out of sync, {:.1}s)",
+                        format_size_approx(last.checked_bytes),
+                        format_size_approx(last.out_of_sync_bytes),
+                        last.seconds
+                    );
+                }
                 if let Some(e) = &self.link_error {
                     let _ = writeln!(s, "    last-error:{e}");
                 }
@@ -273,6 +298,7 @@ mod tests {
             decision: None,
             split_brain: false,
             last_sync: None,
+            verify: Default::default(),
         }
     }
 

@@ -329,6 +329,9 @@ pub enum StopReason {
     Replaced,
     /// Our role changed: reconnect to renegotiate.
     RoleChange,
+    /// Online verify found differences, or `invalidate`: reconnect so that
+    /// the resync decision moves the marked blocks.
+    Renegotiate,
     /// The daemon stops.
     Shutdown,
 }
@@ -376,6 +379,8 @@ pub struct Engine {
     /// `connect --discard-my-data`: one shot, sent in the next session's
     /// SyncInfo.
     discard_my_data: AtomicBool,
+    /// Online verify: status, the operator's request (src/repl/verify.rs).
+    pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -424,6 +429,7 @@ impl Engine {
             logged: Mutex::new(std::collections::HashMap::new()),
             clear_bitmap_offer: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
+            verify: super::verify::VerifyCell::default(),
         })
     }
 
@@ -739,6 +745,13 @@ impl Engine {
         if changed {
             self.emit("connection-changed", serde_json::json!({ "connection": c, "peer": self.cfg.peer }));
         }
+    }
+
+    /// Ends the running session so that the link is renegotiated at once
+    /// (online verify found differences; `invalidate`).
+    pub(crate) fn renegotiate(&self) {
+        self.stop_session(StopReason::Renegotiate);
+        self.kick.notify_waiters();
     }
 
     fn stop_session(&self, why: StopReason) {
@@ -1160,7 +1173,7 @@ impl Engine {
                 }
             }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
-                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange))
+                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
             {
                 // Suspend before releasing the waiters, so none slips through.
                 self.set_suspended(true);

@@ -33,6 +33,9 @@ mod session;
 pub mod store;
 #[cfg(test)]
 pub mod testing;
+pub mod verify;
+#[cfg(test)]
+mod verify_engine_tests;
 pub mod volume_store;
 
 pub use handshake::{

@@ -48,6 +48,15 @@ pub const MAX_NAME_LEN: usize = 255;
 /// a character boundary when encoded.
 pub const MAX_MESSAGE_LEN: usize = 1024;
 
+/// Bytes of one verify digest (BLAKE3 output cut to 128 bits).
+pub const VERIFY_DIGEST_LEN: usize = 16;
+/// Most digest bytes in one VerifyDigests (an 8 MiB chunk of 512-byte
+/// blocks).
+pub const MAX_VERIFY_DIGEST_BYTES: usize = (8 << 20) / 512 * VERIFY_DIGEST_LEN;
+/// Most mismatched runs in one VerifyResult (every other block of such a
+/// chunk).
+pub const MAX_VERIFY_RUNS: usize = (8 << 20) / 512 / 2 + 1;
+
 /// Bits of the per-message `flags` byte of Write, Trim and Zeroes.
 pub const OP_FLAG_FUA: u8 = 1 << 0;
 /// Zeroes only: the range may be deallocated (NBD without NO_HOLE).
@@ -97,6 +106,12 @@ pub mod msg_type {
     pub const SYNC_DATA: u16 = 117;
     pub const SYNC_END: u16 = 118;
     pub const SYNC_ACK: u16 = 119;
+    // Online verify (version 2; src/repl/verify.rs), 0x40..=0x4f.
+    pub const VERIFY_REQUEST: u16 = 0x40;
+    pub const VERIFY_START: u16 = 0x41;
+    pub const VERIFY_DIGESTS: u16 = 0x42;
+    pub const VERIFY_RESULT: u16 = 0x43;
+    pub const VERIFY_END: u16 = 0x44;
 }
 
 /// Errors of the frame codec. Any of them ends the connection: the stream
@@ -444,6 +459,8 @@ pub struct Hello {
 ///   BitmapChunk / BitmapEnd; SyncStart carries `kind` (log, bitmap, full);
 ///   SyncAck counts *durable* bytes; resync messages moved to 112..=119
 ///   (0x40..=0x4f reserved for verify). Version 1 is no longer spoken.
+///   Online verify: VerifyRequest / VerifyStart / VerifyDigests /
+///   VerifyResult / VerifyEnd at 0x40..=0x44 (src/repl/verify.rs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     // --- Handshake -------------------------------------------------------
@@ -587,6 +604,55 @@ pub enum Message {
         reason: GoodbyeReason,
         message: String,
     },
+
+    // --- Online verify (src/repl/verify.rs, docs/verify.md) ---------------
+    //
+    // The verify source is the primary (or, with two secondaries, the node
+    // the operator asked); its digests travel in the ordered stream, after
+    // every record committed before the read they describe.
+    //
+    // Format (VerifyRequest): | reserved u32 = 0 |
+    /// Secondary -> primary: the operator ran `verify` on the secondary; the
+    /// primary runs it (its data and its stream order are the reference).
+    VerifyRequest,
+    // Format (VerifyStart): | total_bytes u64 | block u32 | reserved u32 = 0 |
+    /// Source -> target: a verify of `[0, total_bytes)` starts, with one
+    /// digest per `block` bytes.
+    VerifyStart {
+        total_bytes: u64,
+        block: u32,
+    },
+    // Format (VerifyDigests): | offset u64 | block u32 | count u32 |
+    //                         | digests: count x 16 bytes (BLAKE3, first 16 bytes) |
+    /// Source -> target: the digests of `[offset, offset + len)` read in
+    /// stream order, one per `block` bytes (the last one may cover less, at
+    /// the end of the volume). `len` is not sent: the target compares
+    /// `min(count * block, size - offset)` bytes.
+    VerifyDigests {
+        offset: u64,
+        block: u32,
+        digests: Bytes,
+    },
+    // Format (VerifyResult): | offset u64 | len u32 | count u32 |
+    //                        | runs: count x (offset u64 | len u32) |
+    /// Target -> source: the chunk `[offset, offset + len)` was compared;
+    /// `mismatched` lists the differing ranges (ascending, inside the chunk,
+    /// whole blocks).
+    VerifyResult {
+        offset: u64,
+        len: u32,
+        mismatched: Vec<(u64, u32)>,
+    },
+    // Format (VerifyEnd): | checked_bytes u64 | out_of_sync_bytes u64 |
+    //                     | status u16 | message_len u16 | message (UTF-8) |
+    /// Source -> target (or to the secondary that asked): the verify ended;
+    /// status 0 = complete, 1 = aborted or refused (the message says why).
+    VerifyEnd {
+        checked_bytes: u64,
+        out_of_sync_bytes: u64,
+        complete: bool,
+        message: String,
+    },
 }
 
 impl Message {
@@ -614,7 +680,24 @@ impl Message {
             Message::Ping { .. } => PING,
             Message::Pong { .. } => PONG,
             Message::Goodbye { .. } => GOODBYE,
+            Message::VerifyRequest => VERIFY_REQUEST,
+            Message::VerifyStart { .. } => VERIFY_START,
+            Message::VerifyDigests { .. } => VERIFY_DIGESTS,
+            Message::VerifyResult { .. } => VERIFY_RESULT,
+            Message::VerifyEnd { .. } => VERIFY_END,
         }
+    }
+
+    /// Whether this is an online-verify message (src/repl/verify.rs).
+    pub fn is_verify(&self) -> bool {
+        matches!(
+            self,
+            Message::VerifyRequest
+                | Message::VerifyStart { .. }
+                | Message::VerifyDigests { .. }
+                | Message::VerifyResult { .. }
+                | Message::VerifyEnd { .. }
+        )
     }
 
     /// The message's name, for logs and errors.
@@ -665,6 +748,11 @@ impl Message {
             Message::SyncEnd { .. } => 8,
             Message::SyncAck { .. } => 8,
             Message::Ping { .. } | Message::Pong { .. } => 16,
+            Message::VerifyRequest => 4,
+            Message::VerifyStart { .. } => 16,
+            Message::VerifyDigests { digests, .. } => 16 + digests.len(),
+            Message::VerifyResult { mismatched, .. } => 16 + 12 * mismatched.len(),
+            Message::VerifyEnd { message, .. } => 20 + cut(message).len(),
         }
     }
 
@@ -785,6 +873,47 @@ impl Message {
                 b.put_u64_le(*seq);
                 b.put_u64_le(*sent_ns);
             }
+            Message::VerifyRequest => b.put_u32_le(0),
+            Message::VerifyStart { total_bytes, block } => {
+                b.put_u64_le(*total_bytes);
+                b.put_u32_le(*block);
+                b.put_u32_le(0);
+            }
+            Message::VerifyDigests { offset, block, digests } => {
+                if digests.len() % VERIFY_DIGEST_LEN != 0 || digests.len() > MAX_VERIFY_DIGEST_BYTES {
+                    return Err(FrameError::Unencodable {
+                        msg: "verify-digests",
+                        detail: format!(
+                            "{} digest bytes; expected a multiple of {VERIFY_DIGEST_LEN} up to {MAX_VERIFY_DIGEST_BYTES}",
+                            digests.len()
+                        ),
+                    });
+                }
+                b.put_u64_le(*offset);
+                b.put_u32_le(*block);
+                b.put_u32_le((digests.len() / VERIFY_DIGEST_LEN) as u32);
+                b.put_slice(digests);
+            }
+            Message::VerifyResult { offset, len, mismatched } => {
+                if mismatched.len() > MAX_VERIFY_RUNS {
+                    return Err(FrameError::Unencodable {
+                        msg: "verify-result",
+                        detail: format!("{} mismatched runs, more than {MAX_VERIFY_RUNS}", mismatched.len()),
+                    });
+                }
+                b.put_u64_le(*offset);
+                b.put_u32_le(*len);
+                b.put_u32_le(mismatched.len() as u32);
+                for (o, l) in mismatched {
+                    b.put_u64_le(*o);
+                    b.put_u32_le(*l);
+                }
+            }
+            Message::VerifyEnd { checked_bytes, out_of_sync_bytes, complete, message } => {
+                b.put_u64_le(*checked_bytes);
+                b.put_u64_le(*out_of_sync_bytes);
+                put_text(b, if *complete { 0 } else { 1 }, message);
+            }
         }
         Ok(())
     }
@@ -817,6 +946,11 @@ pub fn type_name(t: u16) -> Option<&'static str> {
         PING => "ping",
         PONG => "pong",
         GOODBYE => "goodbye",
+        VERIFY_REQUEST => "verify-request",
+        VERIFY_START => "verify-start",
+        VERIFY_DIGESTS => "verify-digests",
+        VERIFY_RESULT => "verify-result",
+        VERIFY_END => "verify-end",
         _ => return None,
     })
 }
@@ -1234,6 +1368,58 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
         GOODBYE => {
             let reason = GoodbyeReason::from_code(p.u16("reason")?);
             Message::Goodbye { reason, message: p.text()? }
+        }
+        VERIFY_REQUEST => {
+            let r = p.u32("reserved")?;
+            if r != 0 {
+                return Err(p.bad(format!("reserved field is {r:#010x}, must be 0")));
+            }
+            Message::VerifyRequest
+        }
+        VERIFY_START => {
+            let total_bytes = p.u64("total_bytes")?;
+            let block = p.u32("block")?;
+            let r = p.u32("reserved")?;
+            if r != 0 {
+                return Err(p.bad(format!("reserved field is {r:#010x}, must be 0")));
+            }
+            Message::VerifyStart { total_bytes, block }
+        }
+        VERIFY_DIGESTS => {
+            let offset = p.u64("offset")?;
+            let block = p.u32("block")?;
+            let count = p.u32("count")? as usize;
+            let bytes = count.checked_mul(VERIFY_DIGEST_LEN).filter(|n| *n <= MAX_VERIFY_DIGEST_BYTES);
+            let Some(bytes) = bytes else {
+                let max = MAX_VERIFY_DIGEST_BYTES / VERIFY_DIGEST_LEN;
+                return Err(p.bad(format!("{count} digests, more than {max}")));
+            };
+            p.need("digests", bytes)?;
+            let digests = p.b.split_to(bytes);
+            Message::VerifyDigests { offset, block, digests }
+        }
+        VERIFY_RESULT => {
+            let offset = p.u64("offset")?;
+            let len = p.u32("len")?;
+            let count = p.u32("count")? as usize;
+            if count > MAX_VERIFY_RUNS {
+                return Err(p.bad(format!("{count} mismatched runs, more than {MAX_VERIFY_RUNS}")));
+            }
+            p.need("runs", count * 12)?;
+            let mut mismatched = Vec::with_capacity(count);
+            for _ in 0..count {
+                mismatched.push((p.u64("run offset")?, p.u32("run len")?));
+            }
+            Message::VerifyResult { offset, len, mismatched }
+        }
+        VERIFY_END => {
+            let checked_bytes = p.u64("checked_bytes")?;
+            let out_of_sync_bytes = p.u64("out_of_sync_bytes")?;
+            let status = p.u16("status")?;
+            if status > 1 {
+                return Err(p.bad(format!("unknown status {status}")));
+            }
+            Message::VerifyEnd { checked_bytes, out_of_sync_bytes, complete: status == 0, message: p.text()? }
         }
         _ => {
             // type_name() accepted the code, so this is a missing arm.

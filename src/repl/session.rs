@@ -55,6 +55,7 @@ use super::handshake::PeerInfo;
 use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_counted};
 use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, ResyncKind, SyncInfo};
 use super::store::{BoxFut, FeedItem, FeedOp, LogReadError, LogSource};
+use super::verify::{After, ReadMode, SessionVerify, TargetJob};
 use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
 
@@ -130,7 +131,7 @@ pub async fn run(
     let queued = Arc::new(QueuedBytes::default());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
     engine.set_peer(theirs.role, theirs.disk);
-    let mut io = Io { reader, stop, role_rx: engine.role_rx() };
+    let mut io = Io { reader, stop, role_rx: engine.role_rx(), verify: SessionVerify::default() };
     let mut s = Session {
         engine: Arc::clone(engine),
         tx,
@@ -189,9 +190,11 @@ pub async fn run(
             StopReason::Disconnect => (GoodbyeReason::Disconnect, "disconnected by the operator"),
             StopReason::Replaced => (GoodbyeReason::Other, "replaced by a newer connection"),
             StopReason::RoleChange => (GoodbyeReason::Other, "role change: reconnecting"),
+            StopReason::Renegotiate => (GoodbyeReason::Other, "renegotiating: blocks marked out of sync"),
         };
         let _ = s.tx.try_send(Message::Goodbye { reason, message: message.into() });
     }
+    io.verify.end(engine, &outcome);
     drop(s);
     // Let the writer drain (Goodbye included), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
@@ -204,6 +207,8 @@ struct Io {
     reader: Reader,
     stop: watch::Receiver<Option<StopReason>>,
     role_rx: watch::Receiver<Role>,
+    /// Online verify of this session (src/repl/verify.rs).
+    verify: SessionVerify,
 }
 
 impl Io {
@@ -336,9 +341,26 @@ impl Session {
                 return Outcome::Stopped(r);
             }
             self.ping();
+            // Online verify with two secondaries: nothing writes, this node
+            // reads directly (see verify.rs).
+            if let Err(o) = self.verify_source_tick(io, ReadMode::Direct, false, false).await {
+                return o;
+            }
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
+                r = io.verify.next_direct() => match r {
+                    // Our own digests: to the peer.
+                    Ok((offset, data)) => match io.verify.digests_for(offset, &data) {
+                        Some(m) => match self.tx.send(m).await {
+                            Ok(()) => Tick::Ping,
+                            Err(_) => Tick::Out(Outcome::PeerGone("connection closed (writer stopped)".into())),
+                        },
+                        None => Tick::Ping,
+                    },
+                    Err(e) => Tick::Out(Outcome::Failed(format!("verify read: {e}"))),
+                },
+                _ = self.engine.verify.wake.notified() => Tick::Ping,
                 _ = sleep_until(self.next_ping.into()) => Tick::Ping,
                 _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
                 _ = io.stop.changed() => Tick::Ping,
@@ -366,6 +388,25 @@ impl Session {
                             ),
                         });
                         return Outcome::Failed(format!("refused the peer's new-current-uuid --clear-bitmap: {why}"));
+                    }
+                }
+                Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
+                    // Nothing is applied between two secondaries: compare now.
+                    let (job, compare) = match io.verify.target_digests(&self.engine, offset, block, digests) {
+                        Ok(Some(x)) => x,
+                        Ok(None) => continue,
+                        Err(e) => return Outcome::Failed(format!("verify: {e}")),
+                    };
+                    if let Err(e) = compare.await {
+                        return Outcome::Failed(format!("verify read: {e}"));
+                    }
+                    if let Err(o) = self.verify_target_done(io, job).await {
+                        return o;
+                    }
+                }
+                Tick::Frame(m) if m.is_verify() => {
+                    if let Err(o) = self.verify_message(io, m).await {
+                        return o;
                     }
                 }
                 Tick::Frame(m) => {
@@ -576,6 +617,12 @@ impl Session {
                     w.end_sent = true;
                 }
             }
+            // Online verify (src/repl/verify.rs): reads in the writer's order,
+            // not during a resync; a write committed but not yet written by
+            // the peer (even if still in the feed) has priority.
+            let app_waiting =
+                io.verify.is_source() && store.local_lsn().max(last_record) > engine.acks.borrow().written;
+            self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
             let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
             // The walk waits for the writer: wake up when it sent something.
             let walk_waits_writer = pending.is_none()
@@ -585,6 +632,7 @@ impl Session {
             let deadline = self.silence_deadline();
             tokio::select! {
                 item = feed.recv(), if pending.is_none() && feed_open => match item {
+                    Some(FeedItem::VerifyData { offset, data }) => pending = io.verify.digests_for(offset, &data),
                     Some(item) => {
                         if let (FeedItem::SyncData { data, .. }, Some(w)) = (&item, walk.as_mut()) {
                             w.seen += data.len() as u64;
@@ -592,7 +640,7 @@ impl Session {
                         if let FeedItem::Record { lsn, .. } = &item {
                             last_record = *lsn;
                         }
-                        pending = Some(item_to_message(item));
+                        pending = item_to_message(item);
                     }
                     None => {
                         if let Some(f) = store.failed() {
@@ -649,8 +697,11 @@ impl Session {
                             }
                         }
                     }
+                    Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,
                     Tick::Frame(m) => self.unexpected(Side::Source, m)?,
                 },
+                _ = engine.verify.wake.notified() => {}
+                _ = sleep_until(io.verify.next_wake().unwrap_or(deadline).into()), if io.verify.next_wake().is_some() => {}
                 _ = sleep_until(self.next_ping.into()) => {}
                 _ = sleep_until(rate_wake.unwrap_or(deadline).into()), if rate_wake.is_some() => {}
                 _ = sleep_until(deadline.into()) => return Ok(self.silent()),
@@ -826,6 +877,13 @@ impl Session {
                 self.send_acks(&mut t);
                 since_ack = 0;
             }
+            // `repctl verify` here: the source runs it (src/repl/verify.rs).
+            if engine.verify.take_request() {
+                self.send(Message::VerifyRequest, io).await?;
+            }
+            // While a verify compare waits in `pending`, no frame is read:
+            // the compare sees exactly the stream up to its digests.
+            let reading = t.sync_end.is_none() && !io.verify.gate;
             let deadline = self.silence_deadline();
             let data_sync_due = last_data_sync + SYNC_DURABLE_EVERY;
             tokio::select! {
@@ -849,6 +907,7 @@ impl Session {
                             }
                         }
                         Pending::Sync { len } => t.sync_written += len,
+                        Pending::Verify(job) => self.verify_target_done(io, job).await?,
                     }
                     since_ack += 1;
                 }
@@ -878,9 +937,19 @@ impl Session {
                     t.sync_durable = t.sync_durable.max(upto);
                     t.sync_dirty = true;
                 }
-                r = io.reader.read(), if t.sync_end.is_none() => match self.frame_result(r) {
+                r = io.reader.read(), if reading => match self.frame_result(r) {
                     Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
+                    Tick::Frame(Message::VerifyDigests { offset, block, digests }) => {
+                        let job = io
+                            .verify
+                            .target_digests(&engine, offset, block, digests)
+                            .map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
+                        if let Some((job, compare)) = job {
+                            pending.push_back((Pending::Verify(job), compare));
+                        }
+                    }
+                    Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,
                     Tick::Frame(m) => {
                         since_ack += 1;
                         self.target_frame(&mut t, &mut pending, m, theirs).await?;
@@ -888,7 +957,8 @@ impl Session {
                 },
                 _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
                 _ = sleep_until(self.next_ping.into()) => {}
-                _ = sleep_until(deadline.into()), if t.sync_end.is_none() => return Ok(self.silent()),
+                _ = sleep_until(deadline.into()), if reading => return Ok(self.silent()),
+                _ = engine.verify.wake.notified() => {}
                 _ = io.stop.changed() => {}
                 _ = role_changed(&mut io.role_rx, my_role) => return Ok(Outcome::Stopped(StopReason::RoleChange)),
             }
@@ -1073,6 +1143,42 @@ impl Session {
         Ok(())
     }
 
+    // --- Online verify hooks (src/repl/verify.rs) -------------------------------
+
+    /// Source: starts a requested verify (not while `syncing`) and queues
+    /// its reads.
+    async fn verify_source_tick(
+        &mut self,
+        io: &mut Io,
+        mode: ReadMode,
+        syncing: bool,
+        app_waiting: bool,
+    ) -> Result<(), Outcome> {
+        if let Some(start) = io.verify.start_if_requested(&self.engine, mode, syncing) {
+            self.send(start, io).await?;
+        }
+        io.verify.queue_reads(&self.engine.store, app_waiting).map_err(|e| Outcome::Failed(format!("verify read: {e}")))
+    }
+
+    /// A verify message other than VerifyDigests, on either side.
+    async fn verify_message(&mut self, io: &mut Io, m: Message) -> Result<(), Outcome> {
+        let (reply, after) =
+            io.verify.on_message(&self.engine, m).map_err(|e| Outcome::Failed(format!("verify: {e}")))?;
+        if let Some(r) = reply {
+            self.send(r, io).await?;
+        }
+        match after {
+            After::Continue => Ok(()),
+            After::Resync => Err(Outcome::Stopped(StopReason::Renegotiate)),
+        }
+    }
+
+    /// Target: a compare ran; its result goes to the source.
+    async fn verify_target_done(&mut self, io: &mut Io, job: TargetJob) -> Result<(), Outcome> {
+        let result = io.verify.target_done(&self.engine, job);
+        self.send(result, io).await
+    }
+
     fn send_acks(&mut self, t: &mut Target) {
         let now = (t.received, t.written.min(t.received), t.durable.min(t.written));
         if t.acked != Some(now) {
@@ -1229,9 +1335,11 @@ struct Target {
     sync_end: Option<u64>,
 }
 
+// `Verify`: an online-verify compare (src/repl/verify.rs).
 enum Pending {
     Record { lsn: Lsn, fua: bool },
     Sync { len: u64 },
+    Verify(TargetJob),
 }
 
 /// Resolves once the role differs from `from` (no guard kept across awaits).
@@ -1258,10 +1366,13 @@ fn record_message(lsn: Lsn, op: FeedOp, fua: bool) -> Message {
     }
 }
 
-fn item_to_message(item: FeedItem) -> Message {
-    match item {
+/// The frame of a feed item; `None` for verify data, which the session
+/// turns into digests (src/repl/verify.rs).
+fn item_to_message(item: FeedItem) -> Option<Message> {
+    Some(match item {
         FeedItem::Record { lsn, op, fua } => record_message(lsn, op, fua),
         FeedItem::Barrier { upto } => Message::Barrier { upto_lsn: upto },
         FeedItem::SyncData { offset, data } => Message::SyncData { offset, data },
-    }
+        FeedItem::VerifyData { .. } => return None,
+    })
 }

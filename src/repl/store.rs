@@ -143,4 +143,18 @@ pub trait ReplStore: Send + Sync + 'static {
     fn log_reader(&self, from: Lsn, to: Lsn) -> Result<Box<dyn LogSource>, LogReadError>;
     /// Sync target: makes the resync data written so far durable.
     fn sync_data_file(&self) -> BoxFut<'_, Result<(), VolumeError>>;
+
+    // --- Online verify (src/repl/verify.rs) -----------------------------------
+
+    /// Primary: enqueues a verify read of `[offset, offset + len)` in the
+    /// log writer's order; the data appears in the feed as
+    /// [`FeedItem::VerifyData`] (nothing happens without a feed).
+    fn queue_verify_read(&self, offset: u64, len: u32) -> Result<(), VolumeError>;
+    /// Reads `[offset, offset + len)` as the data file holds it when the
+    /// future first runs (the verify target runs it once every earlier
+    /// record is written and before any later one is queued).
+    fn read_data(&self, offset: u64, len: u32) -> BoxFut<'static, Result<Bytes, VolumeError>>;
+    /// Sets the bits of every block touching `[offset, offset + len)` (verify
+    /// found it different from the peer's copy).
+    fn mark_range(&self, offset: u64, len: u64);
 }

@@ -456,6 +456,43 @@ impl ReplStore for MemStore {
             Ok(())
         })
     }
+
+    // --- Online verify (src/repl/verify.rs) ---------------------------------
+
+    fn queue_verify_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        let g = self.lock();
+        let (o, l) = (offset as usize, len as usize);
+        if o + l > g.data.len() {
+            return Err(VolumeError::OutOfRange { offset, len: len.into(), size: g.data.len() as u64 });
+        }
+        if let Some(f) = &g.feed {
+            let _ = f.send(FeedItem::VerifyData { offset, data: Bytes::copy_from_slice(&g.data[o..o + l]) });
+        }
+        Ok(())
+    }
+
+    fn read_data(&self, offset: u64, len: u32) -> BoxFut<'static, Result<Bytes, VolumeError>> {
+        let g = self.lock();
+        let (o, l) = (offset as usize, len as usize);
+        let r = if o + l > g.data.len() {
+            Err(VolumeError::OutOfRange { offset, len: len.into(), size: g.data.len() as u64 })
+        } else {
+            Ok(Bytes::copy_from_slice(&g.data[o..o + l]))
+        };
+        Box::pin(async move { r })
+    }
+
+    fn mark_range(&self, offset: u64, len: u64) {
+        self.lock().set_bits(offset, len);
+    }
+}
+
+impl MemStore {
+    /// Changes bytes behind the engine's back (no LSN, no feed, no bit): a
+    /// corruption for online verify to find.
+    pub fn corrupt(&self, offset: usize, bytes: &[u8]) {
+        self.lock().data[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
 }
 
 struct MemLog(std::vec::IntoIter<LogRecord>);

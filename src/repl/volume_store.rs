@@ -143,6 +143,21 @@ impl ReplStore for VolumeStore {
         self.0.bitmap_base_lsn()
     }
 
+    // --- Online verify ---------------------------------------------------------
+
+    fn queue_verify_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        self.0.queue_verify_read(offset, len)
+    }
+
+    fn read_data(&self, offset: u64, len: u32) -> BoxFut<'static, Result<Bytes, VolumeError>> {
+        let v = std::sync::Arc::clone(&self.0);
+        Box::pin(async move { v.read(offset, len).await })
+    }
+
+    fn mark_range(&self, offset: u64, len: u64) {
+        self.0.mark_range(offset, len);
+    }
+
     fn log_first_lsn(&self) -> Lsn {
         self.0.log_first_lsn()
     }

@@ -26,6 +26,7 @@
 //! - `SyncData`: a full-sync read done by the log writer between batches:
 //!   every record committed before the read precedes it, every later one
 //!   follows.
+//! - `VerifyData`: the same for an online-verify read (`queue_verify_read`).
 //!
 //! Back-pressure: the bound counts payload bytes (write data, sync data).
 //! The writer checks it before each batch and each sync read, so the feed
@@ -68,13 +69,21 @@ pub enum FeedItem {
         offset: u64,
         data: Bytes,
     },
+    /// An online-verify read, done by the log writer like `SyncData` (so
+    /// it describes the data at its place in the stream).
+    VerifyData {
+        offset: u64,
+        data: Bytes,
+    },
 }
 
 impl FeedItem {
     /// Payload bytes the item holds (what the bound counts).
     pub fn payload_len(&self) -> usize {
         match self {
-            FeedItem::Record { op: FeedOp::Write { data, .. }, .. } | FeedItem::SyncData { data, .. } => data.len(),
+            FeedItem::Record { op: FeedOp::Write { data, .. }, .. }
+            | FeedItem::SyncData { data, .. }
+            | FeedItem::VerifyData { data, .. } => data.len(),
             _ => 0,
         }
     }

@@ -68,7 +68,23 @@ impl Volume {
         }
         self.check_open()?;
         let Some(feed) = self.shared.feed.attached() else { return Ok(()) };
-        self.tx.send(Msg::SyncRead { offset, len, feed }).map_err(|_| closed())
+        self.tx.send(Msg::SyncRead { offset, len, feed, verify: false }).map_err(|_| closed())
+    }
+
+    /// Enqueues an online-verify read of `[offset, offset+len)` (`len <=
+    /// 8 MiB`), exactly like [`Volume::queue_sync_read`] but published as
+    /// `FeedItem::VerifyData`.
+    pub fn queue_verify_read(&self, offset: u64, len: u32) -> Result<(), VolumeError> {
+        self.check_range(offset, u64::from(len))?;
+        if len == 0 || len > MAX_SYNC_CHUNK {
+            return Err(VolumeError::Invalid {
+                what: "verify read length".into(),
+                reason: format!("{len} bytes; expected 1 to {MAX_SYNC_CHUNK}"),
+            });
+        }
+        self.check_open()?;
+        let Some(feed) = self.shared.feed.attached() else { return Ok(()) };
+        self.tx.send(Msg::SyncRead { offset, len, feed, verify: true }).map_err(|_| closed())
     }
 
     /// Checks a replicated record before it is queued.

@@ -130,7 +130,7 @@ async fn feed_has_every_record_once_in_order_with_payloads_fua_and_barriers() {
                     assert_eq!(upto, next - 1, "a barrier covers every record before it");
                     barriers.push(upto);
                 }
-                FeedItem::SyncData { .. } => panic!("no sync read was queued"),
+                FeedItem::SyncData { .. } | FeedItem::VerifyData { .. } => panic!("no sync or verify read was queued"),
             }
         }
         assert_eq!(next - 1, last, "the feed holds every record up to local_lsn");
@@ -270,6 +270,7 @@ async fn replicate(
                 pending.push_back(Box::pin(dst.apply_sync_data(offset, data)));
                 synced += 1;
             }
+            FeedItem::VerifyData { .. } => panic!("no verify read was queued"),
         }
         if pending.len() > 64 {
             if let Some(f) = pending.pop_front() {
@@ -435,6 +436,9 @@ async fn sync_read_is_ordered_with_the_writes_around_it() {
     v.queue_sync_read(0, 8192).unwrap();
     v.write(0, y.clone(), false).await.unwrap();
     v.queue_sync_read(0, 4096).unwrap();
+    v.queue_verify_read(0, 4096).unwrap();
+    assert!(v.queue_verify_read(MIB - 4096, 8192).is_err(), "a verify read past the end is refused");
+    assert!(v.queue_verify_read(0, 0).is_err(), "an empty verify read is refused");
     v.flush().await.unwrap();
     let items: Vec<_> = std::iter::from_fn(|| feed.try_recv()).collect();
     let mut x_then_zero = x.to_vec();
@@ -452,6 +456,9 @@ async fn sync_read_is_ordered_with_the_writes_around_it() {
                 FeedItem::SyncData { offset, data } => {
                     format!("sync {offset}+{} crc={:08x}", data.len(), crc32c::crc32c(data))
                 }
+                FeedItem::VerifyData { offset, data } => {
+                    format!("verify {offset}+{} crc={:08x}", data.len(), crc32c::crc32c(data))
+                }
             })
             .collect()
     };
@@ -468,9 +475,10 @@ async fn sync_read_is_ordered_with_the_writes_around_it() {
             FeedItem::SyncData { offset: 0, data: Bytes::from(x_then_zero) },
             rec(2, &y),
             FeedItem::SyncData { offset: 0, data: y.clone() },
+            FeedItem::VerifyData { offset: 0, data: y.clone() },
             FeedItem::Barrier { upto: 2 },
         ]),
-        "a sync read sees every earlier write and precedes every later one"
+        "a sync (or verify) read sees every earlier write and precedes every later one"
     );
     v.close().await.unwrap();
 }

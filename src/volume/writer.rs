@@ -157,6 +157,8 @@ pub(crate) enum Msg {
         offset: u64,
         len: u32,
         feed: u64,
+        /// Published as `VerifyData` (online verify) instead.
+        verify: bool,
     },
     /// Replication (secondary): write full-sync data to the data file, not
     /// logged, ordered with the records around it.
@@ -347,7 +349,7 @@ impl Writer {
     fn special(&mut self, msg: Msg) {
         match msg {
             Msg::Req(_) | Msg::Stop => {}
-            Msg::SyncRead { offset, len, feed } => {
+            Msg::SyncRead { offset, len, feed, verify } => {
                 // Only for the feed it was queued for (not a later one).
                 self.wait_for_feed_room();
                 if self.shared.failure().is_some() || self.shared.feed.attached() != Some(feed) {
@@ -364,7 +366,12 @@ impl Writer {
                     return;
                 }
                 self.feed_items.clear();
-                self.feed_items.push(FeedItem::SyncData { offset, data: Bytes::from(buf) });
+                let data = Bytes::from(buf);
+                self.feed_items.push(if verify {
+                    FeedItem::VerifyData { offset, data }
+                } else {
+                    FeedItem::SyncData { offset, data }
+                });
                 self.shared.feed.publish(&mut self.feed_items, self.next_lsn - 1, Some(feed));
             }
             Msg::SyncWrite { offset, data, done } => {
