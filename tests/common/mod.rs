@@ -57,6 +57,14 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `N` distinct TCP ports nobody listens on right now (all bound at once,
+/// so that two calls in a row cannot return the same port).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
+}
+
 /// Panics with an install hint when `tool` is not on PATH.
 pub fn require_tool(tool: &str, package: &str) {
     let found =
@@ -470,3 +478,4 @@ impl Drop for ChildGuard {
 
 pub mod durable;
 pub mod pair;
+pub mod resync;

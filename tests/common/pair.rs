@@ -34,7 +34,7 @@ use repblock::nbd::{ListenAddr, NbdClient};
 use repblock_netproxy::{Mode, Proxy, ProxyHandle};
 use serde_json::Value;
 
-use super::{REPCTL, REPD, free_port, run_timeout};
+use super::{REPCTL, REPD, free_ports, run_timeout};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -342,8 +342,9 @@ impl Pair {
         let dir = tempfile::Builder::new().prefix("repblock-pair-").tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let size = repblock::units::parse_size(&opts.size).unwrap_or_else(|e| panic!("size {:?}: {e}", opts.size));
-        let listen_a = free_port();
-        let listen_b = free_port();
+        // Distinct at once: one port chosen twice made a node refuse the
+        // config (two nodes with one nbd address) now and then.
+        let [listen_a, listen_b, nbd_a, nbd_b] = free_ports::<4>();
         let proxies = opts.proxy.then(|| {
             rt.block_on(async {
                 let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -358,18 +359,18 @@ impl Pair {
             None => (listen_a, listen_b),
         };
         let config = dir.path().join("r0.toml");
-        let peer = |name: &'static str, listen: u16, adv: u16| Peer {
+        let peer = |name: &'static str, listen: u16, adv: u16, nbd_port: u16| Peer {
             name,
             config: config.clone(),
             root: dir.path().to_path_buf(),
-            nbd_port: free_port(),
+            nbd_port,
             repl_listen_port: listen,
             repl_advertised_port: adv,
             child: None,
             logs: Vec::new(),
         };
-        let alpha = peer("alpha", listen_a, adv_a);
-        let beta = peer("beta", listen_b, adv_b);
+        let alpha = peer("alpha", listen_a, adv_a, nbd_a);
+        let beta = peer("beta", listen_b, adv_b, nbd_b);
         let pair = Pair { alpha, beta, proxies, size, opts, rt, dir };
         let top = pair.default_top();
         std::fs::write(&config, pair.config_text(&top)).expect("write config");
@@ -548,4 +549,90 @@ pub fn ms_since(t: Instant) -> f64 {
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
+}
+
+// ---- Additions for the resync tests (issue 4: replication_resync.rs,
+// replication_splitbrain.rs). Kept in their own impl blocks.
+
+impl Peer {
+    /// SIGTERM and wait (at most 60 s) for the exit status: a clean stop
+    /// (the volume is checkpointed and closed).
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap_or_else(|| panic!("repd {} is not running", self.name));
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet, so it
+        // cannot name another process.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) of repd {} failed", self.name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("repd {} did not stop within 60s of SIGTERM:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until this node sees its peer as not connected.
+    pub fn wait_disconnected(&self, timeout: Duration) -> Value {
+        self.wait_status("peer not connected", timeout, |s| s["connection"] != "connected")
+    }
+}
+
+impl Pair {
+    /// A replicating pair without the initial full sync: both blank nodes
+    /// connect, `new-current-uuid --clear-bitmap` makes both `uptodate` in
+    /// one new generation, alpha is promoted. For large volumes whose
+    /// initial content does not matter (all zeroes on both).
+    pub fn up_blank(opts: PairOpts) -> Pair {
+        let mut pair = Pair::new(opts);
+        pair.start_both();
+        for p in [&pair.alpha, &pair.beta] {
+            p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
+        }
+        pair.alpha.repctl_ok(&["new-current-uuid", "--clear-bitmap"]);
+        for p in [&pair.alpha, &pair.beta] {
+            p.wait_status("uptodate after new-current-uuid", Duration::from_secs(20), |s| s["disk"] == "uptodate");
+        }
+        pair.alpha.repctl_ok(&["promote"]);
+        pair.assert_established();
+        pair
+    }
+
+    /// Partitions the pair: the proxies close every connection and refuse
+    /// new ones; returns once both nodes see the peer gone.
+    pub fn partition(&self) {
+        self.proxies().set_mode(Mode::Refuse);
+        for p in [&self.alpha, &self.beta] {
+            p.wait_disconnected(Duration::from_secs(20));
+        }
+    }
+
+    /// Ends a partition: the proxies pass traffic again.
+    pub fn heal(&self) {
+        self.proxies().set_mode(Mode::Pass);
+    }
+}
+
+impl Pair {
+    /// Both sides connected, established, uptodate, with `primary` (alpha
+    /// or beta) the primary and the other secondary.
+    pub fn assert_established_with_primary(&self, primary: &str) {
+        for me in [&self.alpha, &self.beta] {
+            let s = me.wait_status("connected + established + both uptodate", Duration::from_secs(20), |s| {
+                s["connection"] == "connected"
+                    && s["replication"] == "established"
+                    && s["disk"] == "uptodate"
+                    && s["peer"]["disk"] == "uptodate"
+            });
+            let (role, peer_role) =
+                if me.name == primary { ("primary", "secondary") } else { ("secondary", "primary") };
+            assert_eq!(s["role"], role, "{}: role\n{s:#}", me.name);
+            assert_eq!(s["peer"]["role"], peer_role, "{}: peer role\n{s:#}", me.name);
+        }
+    }
 }
