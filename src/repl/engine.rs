@@ -1340,6 +1340,12 @@ impl Engine {
     pub(crate) fn meta(&self) -> ReplMeta {
         self.store.meta()
     }
+
+    /// This node (the sync target) took the peer's generation: a later write
+    /// without the peer must start a generation of its own again.
+    pub(crate) fn took_peer_generation(&self) {
+        self.diverged.store(false, Ordering::Release);
+    }
 }
 
 /// Unix time in milliseconds.

@@ -518,6 +518,21 @@ async fn split_brain_moves_nothing_until_discard_my_data() {
     assert!(!p.beta.view().split_brain);
     assert_eq!(last.kind, ResyncKind::Bitmap, "only the changed blocks");
     assert_eq!(last.bytes, 3 * 4096, "alpha's block and beta's two blocks");
+    // beta took alpha's generation: if it is promoted alone later, its
+    // writes must start a generation of their own (else they would be
+    // written under alpha's and rolled back by alpha at the next connect).
+    assert!(!p.beta.diverged(), "the sync target took the source's generation");
+    let taken = p.b.meta().gen_ids.current;
+    assert_eq!(taken, p.a.meta().gen_ids.current);
+    p.alpha.disconnect();
+    p.beta.disconnect();
+    until("sessions ended", Duration::from_secs(5), || !p.alpha.is_connected() && !p.beta.is_connected()).await;
+    p.alpha.set_role(Role::Secondary, Duration::ZERO).await;
+    p.beta.set_role(Role::Primary, Duration::ZERO).await;
+    p.beta.before_write().await.expect("beta new generation");
+    let g = p.b.meta().gen_ids;
+    assert_ne!(g.current, taken, "beta writes under a generation of its own");
+    assert_eq!(g.bitmap, taken);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -436,6 +436,7 @@ impl Session {
         engine
             .store_disk(DiskState::UpToDate, Some(peer.gen_ids))
             .map_err(|e| format!("cannot record the disk: {e}"))?;
+        engine.took_peer_generation();
         tracing::info!(peer = %peer.node, "new-current-uuid --clear-bitmap: both disks uptodate without a sync");
         let _ =
             self.tx.try_send(Message::State { role: Role::Secondary, disk: DiskState::UpToDate, out_of_sync_bytes: 0 });
@@ -1051,6 +1052,7 @@ impl Session {
                 store
                     .store_meta(meta)
                     .map_err(|e| Outcome::Failed(format!("cannot record the disk as inconsistent: {e}")))?;
+                engine.took_peer_generation();
                 if from != DiskState::Inconsistent {
                     engine.emit("disk-changed", serde_json::json!({ "disk": DiskState::Inconsistent, "from": from }));
                 }
@@ -1125,6 +1127,7 @@ impl Session {
         meta.gen_created_ms = theirs.gen_created_ms;
         meta.disk = disk;
         store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the disk as {disk}: {e}")))?;
+        engine.took_peer_generation();
         if from != disk {
             engine.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
         }
