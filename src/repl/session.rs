@@ -740,6 +740,9 @@ impl Session {
             .map_err(|e| Outcome::Failed(format!("cannot persist the bitmap before the resync: {e}")))?;
         store.set_retain_after(Some(base));
         let total = store.dirty_bytes();
+        // A bitmap with every block set (an invalidated target, a full sync
+        // resumed from its start) moves the whole volume: say so.
+        let kind = if kind == ResyncKind::Bitmap && total >= store.size() { ResyncKind::Full } else { kind };
         tracing::info!(peer = %self.peer_name, %kind, bytes = total, start_lsn = base, "resync to the peer starts");
         self.send(Message::SyncStart { kind, total_bytes: total, start_lsn: base }, io).await?;
         engine.set_replication(ReplState::SyncSource);
