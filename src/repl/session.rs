@@ -56,6 +56,7 @@ use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_c
 use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, ResyncKind, SyncInfo};
 use super::store::{BoxFut, FeedItem, FeedOp, LogReadError, LogSource};
 use super::verify::{After, ReadMode, SessionVerify, TargetJob};
+use crate::config::Protocol;
 use crate::node::{DiskState, Role};
 use crate::volume::{Lsn, VolumeError};
 
@@ -857,7 +858,14 @@ impl Session {
             self.ping();
             // A barrier (or the sync end) needs everything written first.
             let log_end = t.sync_end.is_some() && t.kind == Some(ResyncKind::Log);
-            let want_durable = if log_end { t.written } else { t.barrier };
+            // Under protocol C, when the stream pauses (every record applied,
+            // nothing more buffered: a QD1 commit's write), the target makes
+            // what it wrote durable at once, so the primary's FLUSH usually
+            // finds the peer's durable ack already there and a commit costs
+            // one round trip, not two. A busy stream keeps flushing on
+            // barriers only (group commit).
+            let eager = engine.cfg.protocol == Protocol::C && pending.is_empty() && io.reader.buffered() == 0;
+            let want_durable = if log_end || eager { t.written } else { t.barrier };
             if flushing.is_none() && want_durable > t.durable && t.written >= want_durable {
                 flushing = Some((t.written, store.flush()));
             }
