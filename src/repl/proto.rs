@@ -578,11 +578,14 @@ pub enum Message {
     SyncEnd {
         bytes: u64,
     },
-    // Format (SyncAck): | done_bytes u64 |
+    // Format (SyncAck): | done_bytes u64 | written_bytes u64 |
     /// Target -> source: cumulative resync bytes the target has *durable*
-    /// (data file fdatasync'ed), counted in the order SyncData was sent.
+    /// (data file fdatasync'ed) and *written* (applied), both counted in the
+    /// order SyncData was sent. The source bounds the resync data in flight
+    /// ahead of application writes with `written_bytes`.
     SyncAck {
         done_bytes: u64,
+        written_bytes: u64,
     },
 
     // --- Heartbeat ---------------------------------------------------------
@@ -746,7 +749,7 @@ impl Message {
             Message::SyncStart { .. } => 20,
             Message::SyncData { .. } => 8,
             Message::SyncEnd { .. } => 8,
-            Message::SyncAck { .. } => 8,
+            Message::SyncAck { .. } => 16,
             Message::Ping { .. } | Message::Pong { .. } => 16,
             Message::VerifyRequest => 4,
             Message::VerifyStart { .. } => 16,
@@ -868,7 +871,10 @@ impl Message {
                 b.put_u64_le(*offset);
             }
             Message::SyncEnd { bytes } => b.put_u64_le(*bytes),
-            Message::SyncAck { done_bytes } => b.put_u64_le(*done_bytes),
+            Message::SyncAck { done_bytes, written_bytes } => {
+                b.put_u64_le(*done_bytes);
+                b.put_u64_le(*written_bytes);
+            }
             Message::Ping { seq, sent_ns } | Message::Pong { seq, sent_ns } => {
                 b.put_u64_le(*seq);
                 b.put_u64_le(*sent_ns);
@@ -1362,7 +1368,7 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
             Message::SyncData { offset, data }
         }
         SYNC_END => Message::SyncEnd { bytes: p.u64("bytes")? },
-        SYNC_ACK => Message::SyncAck { done_bytes: p.u64("done_bytes")? },
+        SYNC_ACK => Message::SyncAck { done_bytes: p.u64("done_bytes")?, written_bytes: p.u64("written_bytes")? },
         PING => Message::Ping { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
         PONG => Message::Pong { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
         GOODBYE => {

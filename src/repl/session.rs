@@ -81,6 +81,13 @@ const SYNC_AHEAD: Duration = Duration::from_millis(20);
 /// the bound keeps the bits a crash would resend, and the ack delay (a
 /// checkpoint on the target), from throttling the link.
 const SYNC_DURABLE_WINDOW: u64 = 64 << 20;
+/// Resync data sent but not yet applied by the target (it is ahead of any
+/// application write in the stream), when no application write waited
+/// recently.
+const SYNC_FLIGHT: u64 = 16 << 20;
+/// How long after an application write waited for the peer the resync keeps
+/// to one chunk in flight.
+const APP_HOLD: Duration = Duration::from_millis(200);
 /// Frames handled before acks are sent even if more are buffered.
 const ACK_EVERY: usize = 256;
 /// The target makes resync data durable (and acks it) after this many
@@ -672,8 +679,9 @@ impl Session {
                             store.set_retain_after(Some(a.durable));
                         }
                     }
-                    Tick::Frame(Message::SyncAck { done_bytes }) => {
+                    Tick::Frame(Message::SyncAck { done_bytes, written_bytes }) => {
                         if let Some(w) = walk.as_mut() {
+                            w.applied = w.applied.max(written_bytes.min(w.queued));
                             w.acked(&*store, done_bytes);
                             engine.sync_progress(w.done);
                             // Cleared bits reach the disk about once a second, so
@@ -918,7 +926,10 @@ impl Session {
                                 t.durable = t.durable.max(lsn);
                             }
                         }
-                        Pending::Sync { len } => t.sync_written += len,
+                        Pending::Sync { len } => {
+                            t.sync_written += len;
+                            t.sync_dirty = true;
+                        }
                         Pending::Verify(job) => self.verify_target_done(io, job).await?,
                     }
                     since_ack += 1;
@@ -1201,7 +1212,9 @@ impl Session {
                 Err(_) => return, // queue full: cumulative, sent later
             }
         }
-        if t.sync_dirty && self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable }).is_ok() {
+        if t.sync_dirty
+            && self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable, written_bytes: t.sync_written }).is_ok()
+        {
             t.sync_dirty = false;
             self.engine.sync_progress(t.sync_durable);
         }
@@ -1220,6 +1233,10 @@ struct Walk {
     seen: u64,
     /// Bytes the target has durable (cumulative, in queue order).
     done: u64,
+    /// Bytes the target has written (applied; cumulative, in queue order).
+    applied: u64,
+    /// When an application write last waited for the peer.
+    app_waited_at: Option<Instant>,
     /// Queued chunks not yet durable: (cumulative end, offset, len).
     chunks: VecDeque<(u64, u64, u64)>,
     end_sent: bool,
@@ -1237,6 +1254,8 @@ impl Walk {
             queued: 0,
             seen: 0,
             done: 0,
+            applied: 0,
+            app_waited_at: None,
             chunks: VecDeque::new(),
             end_sent: false,
             started: Instant::now(),
@@ -1258,13 +1277,24 @@ impl Walk {
     ) -> Result<Option<Instant>, Outcome> {
         let secs = self.started.elapsed().as_secs_f64();
         let speed = if secs > 0.0 { self.done as f64 / secs } else { 0.0 };
-        let window = if app_waiting {
+        if app_waiting {
+            self.app_waited_at = Some(Instant::now());
+        }
+        // Application writes keep priority: while one waits for the peer,
+        // and for APP_HOLD after (a QD1 writer waits again at once), at most
+        // one chunk of resync data is in flight ahead of it (queued, sent,
+        // or not yet applied by the target), so it waits behind one chunk,
+        // not behind what the socket buffers and the target's queue hold.
+        let app_active = self.app_waited_at.is_some_and(|t| t.elapsed() < APP_HOLD);
+        let window = if app_active {
             SYNC_CHUNK
         } else {
             ((speed * SYNC_AHEAD.as_secs_f64()) as u64).clamp(SYNC_WINDOW_MIN, SYNC_WINDOW)
         };
+        let in_flight_limit = if app_active { SYNC_CHUNK } else { SYNC_FLIGHT };
         while !self.scan_done
             && (self.queued - self.seen) + unsent < window
+            && self.queued - self.applied.max(self.done) < in_flight_limit
             && self.queued - self.done < SYNC_DURABLE_WINDOW
         {
             if let Some(r) = rate {
