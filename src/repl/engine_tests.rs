@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::engine::{Durability, Engine, EngineConfig, LastSync, ReplState};
+use super::engine::{Durability, Engine, EngineConfig, LastSync};
 use super::proto::ResyncKind;
 use super::store::ReplStore;
-use super::testing::MemStore;
+use super::testing::{MemStore, established, pattern, until};
 use crate::config::{OnPeerLoss, Protocol};
 use crate::node::{ConnState, DiskState, Role};
 
@@ -73,25 +73,6 @@ async fn pair_with(
     alpha.start().await.expect("alpha starts");
     beta.start().await.expect("beta starts");
     Pair { alpha, beta, a, b }
-}
-
-async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn established(e: &Engine) -> bool {
-    let v = e.view();
-    v.connection == ConnState::Connected
-        && v.replication == Some(ReplState::Established)
-        && v.peer_disk == DiskState::UpToDate
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 async fn in_sync(p: &Pair) {

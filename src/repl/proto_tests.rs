@@ -168,7 +168,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         (any::<u64>(), arb_data()).prop_map(|(offset, data)| Message::SyncData { offset, data }),
         any::<u64>().prop_map(|bytes| Message::SyncEnd { bytes }),
-        (any::<u64>(), any::<u64>()).prop_map(|(done_bytes, written_bytes)| Message::SyncAck { done_bytes, written_bytes }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(done_bytes, written_bytes)| Message::SyncAck { done_bytes, written_bytes }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns)| Message::Ping { seq, sent_ns }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns)| Message::Pong { seq, sent_ns }),
         (arb_goodbye(), ".{0,200}").prop_map(|(reason, message)| Message::Goodbye { reason, message }),

@@ -503,3 +503,27 @@ impl LogSource for MemLog {
         Box::pin(async move { Ok(r) })
     }
 }
+
+// --- Helpers shared by the engine tests -------------------------------------
+
+/// Polls `f` every 5 ms until it holds; panics after `timeout`, naming `what`.
+pub async fn until(what: &str, timeout: std::time::Duration, f: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Connected, established, with an uptodate peer.
+pub fn established(e: &super::engine::Engine) -> bool {
+    let v = e.view();
+    v.connection == crate::node::ConnState::Connected
+        && v.replication == Some(super::engine::ReplState::Established)
+        && v.peer_disk == DiskState::UpToDate
+}
+
+/// A recognisable block of `len` bytes for `seed`.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}

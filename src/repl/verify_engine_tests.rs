@@ -10,10 +10,10 @@ use tokio::sync::broadcast;
 
 use super::engine::{Durability, Engine, EngineConfig, ReplState};
 use super::store::ReplStore;
-use super::testing::MemStore;
+use super::testing::{MemStore, established, pattern, until};
 use super::verify::VerifyReport;
 use crate::config::{OnPeerLoss, Protocol};
-use crate::node::{ConnState, DiskState, Role};
+use crate::node::{DiskState, Role};
 
 const SIZE: usize = 8 << 20;
 
@@ -65,25 +65,6 @@ async fn pair(alpha_role: Role, beta_same: bool) -> Pair {
     alpha.start().await.expect("alpha starts");
     beta.start().await.expect("beta starts");
     Pair { alpha, beta, a, b }
-}
-
-async fn until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn established(e: &Engine) -> bool {
-    let v = e.view();
-    v.connection == ConnState::Connected
-        && v.replication == Some(ReplState::Established)
-        && v.peer_disk == DiskState::UpToDate
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 /// Waits for the verify after `before` finished runs to end on `e`.
