@@ -342,23 +342,8 @@ impl TestNode {
 
     /// SIGTERM and wait (at most 60 s) for the exit status.
     pub fn term(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("repd running");
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so
-        // it cannot name another process.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("repd did not stop within 60s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().expect("repd running");
+        term_child(child, "repd", || self.log())
     }
 
     /// Starts repd again (after kill9 or term) and promotes it (no force:
@@ -479,3 +464,24 @@ impl Drop for ChildGuard {
 pub mod durable;
 pub mod pair;
 pub mod resync;
+
+/// Sends SIGTERM to a repd we spawned and waits (at most 60 s) for its exit
+/// status; past that it is killed and the test fails with `log()`.
+pub fn term_child(mut child: Child, what: &str, log: impl Fn() -> String) -> ExitStatus {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet, so it
+    // cannot name another process.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM) of {what} failed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not stop within 60s of SIGTERM:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -558,23 +558,8 @@ impl Peer {
     /// SIGTERM and wait (at most 60 s) for the exit status: a clean stop
     /// (the volume is checkpointed and closed).
     pub fn term(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap_or_else(|| panic!("repd {} is not running", self.name));
-        // SAFETY: kill(2) on a pid we spawned and have not reaped yet, so it
-        // cannot name another process.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) of repd {} failed", self.name);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("repd {} did not stop within 60s of SIGTERM:\n{}", self.name, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().unwrap_or_else(|| panic!("repd {} is not running", self.name));
+        super::term_child(child, &format!("repd {}", self.name), || self.log())
     }
 
     /// Waits until this node sees its peer as not connected.
