@@ -441,6 +441,12 @@ impl Engine {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The engine's events from now on (tests; the daemon hands the sender in).
+    #[cfg(test)]
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
     pub(crate) fn emit(&self, event: &str, fields: serde_json::Value) {
         let _ = self.events.send(Event::now(event, fields));
     }

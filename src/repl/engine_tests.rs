@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::engine::{Durability, Engine, EngineConfig, LastSync};
+use super::engine::{Durability, Engine, EngineConfig, LastSync, ReplState};
 use super::proto::ResyncKind;
 use super::store::ReplStore;
 use super::testing::{MemStore, established, pattern, until};
@@ -414,6 +414,106 @@ async fn log_catch_up_replays_the_wal_and_keeps_the_target_promotable() {
     assert_eq!(p.b.meta().disk, DiskState::UpToDate);
     assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current);
     assert_eq!(p.a.dirty_bytes(), 0, "every mark came from a record the peer now has");
+}
+
+/// The link dropped before beta's `written` acks of its last records reached
+/// alpha: alpha marked those records too, and its bitmap base is below
+/// beta's LSN. The log catch-up from beta's LSN still leaves nothing marked
+/// (CI saw `out_of_sync_bytes` stay up after such a catch-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_catch_up_clears_the_marks_of_records_whose_acks_were_lost() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.a.write(0, &pattern(3, 4096), false);
+    let acked_lost = p.a.write(65536, &pattern(4, 4096), false);
+    until("beta has both records", Duration::from_secs(5), || p.b.local_lsn() == acked_lost).await;
+    p.beta.disconnect();
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    p.alpha.before_write().await.expect("new generation");
+    // As if the acks of the two records had been lost with the link.
+    p.a.set_bitmap_base_lsn(acked_lost - 2);
+    p.a.mark(0, 4096);
+    p.a.mark(65536, 4096);
+    for i in 0..6 {
+        p.a.write(131072 + i * 16384, &pattern(60 + i as u8, 4096), false);
+    }
+    assert_eq!(p.a.dirty_bytes(), 8 * 4096);
+    let before = p.alpha.view().last_sync;
+    p.beta.connect(false);
+    let last = next_sync(&p.alpha, before, Duration::from_secs(10)).await;
+    assert_eq!(last.kind, ResyncKind::Log, "beta has every record up to its LSN: a log catch-up");
+    assert_eq!(last.bytes, 6 * 4096, "only the records beta lacked were replayed");
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the log catch-up");
+    assert_eq!(p.a.dirty_bytes(), 0, "marks of records beta had before the catch-up stayed set");
+}
+
+/// A mark no record explains (online verify found the block different)
+/// is not covered by replaying records: the source resyncs from the bitmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_no_record_explains_turn_a_log_catch_up_into_a_bitmap_resync() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 4).await;
+    // A block beta holds wrongly, found by a verify whose mark beta lost.
+    let bad = 3 * 1024 * 1024;
+    p.b.corrupt(bad, &[0xEE; 4096]);
+    ReplStore::mark_range(&*p.a, bad as u64, 4096);
+    let before = p.alpha.view().last_sync;
+    p.beta.connect(false);
+    let last = next_sync(&p.alpha, before, Duration::from_secs(10)).await;
+    assert_eq!(
+        p.alpha.view().decision.expect("decision").result,
+        "source-log",
+        "the SyncInfo views allow a log catch-up"
+    );
+    assert_eq!(last.kind, ResyncKind::Bitmap, "the foreign mark makes it a bitmap resync");
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data(), "the block marked by verify was not repaired");
+    assert_eq!(p.a.dirty_bytes(), 0);
+    assert!(!p.a.has_foreign_marks(), "an empty bitmap holds no foreign marks");
+}
+
+/// A source whose loop is stuck past the silence deadline (a bitmap
+/// persist blocking in a slow fsync, during a resync) keeps the link: its
+/// heartbeat runs on a task of its own and the blocking call does not hold
+/// the runtime worker, so the peer keeps hearing from it; and the peer's
+/// frames waiting unread when it comes back are not silence. CI saw a
+/// resync's peer "lost" under load before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_stalled_past_the_ping_deadline_does_not_call_the_peer_lost() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 8).await;
+    p.a.drop_log_upto(p.a.local_lsn());
+    // The resync lasts a few seconds (beta's data syncs are slow), so that
+    // alpha persists its bitmap during it (once a second) and at its end.
+    p.b.set_data_sync_delay(Duration::from_millis(1500));
+    let before = p.alpha.view().last_sync;
+    p.beta.connect(false);
+    until("alpha is the sync source", Duration::from_secs(10), || {
+        p.alpha.view().replication == Some(ReplState::SyncSource)
+    })
+    .await;
+    let mut events = p.alpha.subscribe();
+    let mut beta_events = p.beta.subscribe();
+    // From here, every bitmap persist blocks for longer than
+    // ping_interval + ping_timeout (300 ms).
+    *p.a.persist_delay.lock().unwrap() = Duration::from_millis(500);
+    let last = next_sync(&p.alpha, before, Duration::from_secs(20)).await;
+    assert_eq!(last.kind, ResyncKind::Bitmap);
+    assert!(p.a.persists_delayed() >= 2, "alpha stalled during and at the end of the resync");
+    *p.a.persist_delay.lock().unwrap() = Duration::ZERO;
+    in_sync(&p).await;
+    assert!(p.b.data() == p.a.data());
+    for (who, rx) in [("alpha", &mut events), ("beta", &mut beta_events)] {
+        while let Ok(e) = rx.try_recv() {
+            assert!(
+                e.event != "peer-lost",
+                "{who}: a stalled loop is not a silent peer: {} {:?}",
+                e.event,
+                e.fields
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

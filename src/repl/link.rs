@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use tokio::sync::{Notify, mpsc};
 
-use super::proto::{FrameError, Message, decode, encode, encode_head};
+use super::proto::{FrameError, Message, check, decode, encode, encode_head};
 
 /// Data at least this large is written from the caller's buffer.
 pub const ZERO_COPY_MIN: usize = 64 << 10;
@@ -91,6 +92,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     pub fn into_inner(self) -> R {
         self.inner
+    }
+}
+
+impl FrameReader<OwnedReadHalf> {
+    /// Whether the next `read` has something to work on without waiting:
+    /// a whole frame buffered, or bytes (or the end of the stream, or an
+    /// error) waiting in the socket. Asks the kernel (`MSG_PEEK`), not the
+    /// runtime's readiness, which a loop busy past its deadline has not
+    /// seen updated yet. A silence check asks this before declaring the
+    /// peer lost: a loop held up in a slow fsync may have the peer's frames
+    /// waiting unread.
+    pub fn has_input(&self) -> bool {
+        if !matches!(check(&self.buf), Ok(None)) {
+            return true;
+        }
+        let fd = self.inner.as_ref().as_raw_fd();
+        let mut byte = 0u8;
+        // SAFETY: `fd` is the socket `self.inner` owns for the whole call;
+        // the one-byte buffer is valid for writes; MSG_PEEK leaves the
+        // stream as it is and MSG_DONTWAIT never blocks.
+        let n = unsafe { libc::recv(fd, (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        // > 0: bytes; 0: the end of the stream; < 0: nothing yet, or an
+        // error the next read reports.
+        n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
     }
 }
 
@@ -315,6 +340,37 @@ mod tests {
         assert_eq!(n, 5);
         writer.await.expect("writer task").expect("writer");
         assert_eq!(queued.get(), 0, "every data byte is released once written");
+    }
+
+    /// `has_input` never waits, sees frames that arrived while nobody read
+    /// (before the runtime noticed), keeps them for `read`, and sees the
+    /// end of the stream.
+    #[tokio::test]
+    async fn has_input_sees_waiting_frames_without_consuming_them() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+        let (b, _) = l.accept().await.expect("accept");
+        let (mut r, _bw) = split_tcp(b).expect("split");
+        let (_ar, mut w) = split_tcp(a).expect("split");
+        assert!(!r.has_input(), "nothing sent yet");
+        w.send(&Message::Ping { seq: 7, sent_ns: 1 }).await.expect("send");
+        w.send(&Message::Ping { seq: 8, sent_ns: 2 }).await.expect("send");
+        let t = std::time::Instant::now();
+        while !r.has_input() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "the pings never showed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(matches!(r.read().await.expect("read"), Some(Message::Ping { seq: 7, .. })));
+        assert!(r.has_input(), "the second ping, whole in the buffer or in the socket");
+        assert!(matches!(r.read().await.expect("read"), Some(Message::Ping { seq: 8, .. })));
+        assert!(!r.has_input(), "everything read");
+        drop((w, _ar));
+        let t = std::time::Instant::now();
+        while !r.has_input() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "the end of the stream never showed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(r.read().await.expect("read").is_none());
     }
 
     #[tokio::test]

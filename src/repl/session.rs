@@ -33,7 +33,8 @@
 //! - **idle** (both secondary, nothing to sync): heartbeats only.
 //! - split brain, unrelated data, refusals: Goodbye, both nodes standalone.
 //!
-//! Every session sends Ping every `ping_interval` and declares the peer lost
+//! Every session sends Ping every `ping_interval` (from a task of its own, so a
+//! loop held up in a slow fsync still pings) and declares the peer lost
 //! after `ping_interval + ping_timeout` without any frame; a role change
 //! ends the session so that the link is renegotiated.
 //!
@@ -138,24 +139,18 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let queued = Arc::new(QueuedBytes::default());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval)));
     engine.set_peer(theirs.role, theirs.disk);
     let mut io = Io { reader, stop, role_rx: engine.role_rx(), verify: SessionVerify::default() };
-    let mut s = Session {
-        engine: Arc::clone(engine),
-        tx,
-        queued,
-        last_rx: Instant::now(),
-        next_ping: Instant::now(),
-        ping_seq: 0,
-        peer_name: peer.node.clone(),
-        started: Instant::now(),
-    };
+    let mut s =
+        Session { engine: Arc::clone(engine), tx, queued, last_rx: Instant::now(), peer_name: peer.node.clone() };
     let local_role = engine.role();
     if local_role != hello_role || local_role != mine.role {
         let _ = s
             .tx
             .try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
         drop(s);
+        drop(heartbeat);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::RoleChange);
     }
@@ -204,9 +199,37 @@ pub async fn run(
     }
     io.verify.end(engine, &outcome);
     drop(s);
+    drop(heartbeat);
     // Let the writer drain (Goodbye included), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
     outcome
+}
+
+/// Pings the peer every `interval` from a task of its own, so that a
+/// session loop held up in a slow fsync (a bitmap persist, a superblock
+/// write) never looks silent to the peer. A full writer queue skips a
+/// ping: frames are flowing then. Pongs are answered by the session loop.
+async fn heartbeat(tx: mpsc::Sender<Message>, interval: Duration) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for seq in 1u64.. {
+        tick.tick().await;
+        let sent_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Message::Ping { seq, sent_ns }) {
+            return;
+        }
+    }
+}
+
+/// Aborts the task when dropped (the heartbeat holds a sender: the writer
+/// drains and ends only once it is gone).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The receiving side of a session, kept apart from [`Session`] so that
@@ -233,10 +256,7 @@ struct Session {
     /// so the feed fills and back-pressure reaches the log writer.
     queued: Arc<QueuedBytes>,
     last_rx: Instant,
-    next_ping: Instant,
-    ping_seq: u64,
     peer_name: String,
-    started: Instant,
 }
 
 /// What the common part of the loop saw.
@@ -285,18 +305,6 @@ impl Session {
         self.last_rx + self.engine.cfg.ping_interval + self.engine.cfg.ping_timeout
     }
 
-    /// Sends a ping if due (never blocks: a full queue means frames are
-    /// flowing anyway).
-    fn ping(&mut self) {
-        let now = Instant::now();
-        if now >= self.next_ping {
-            self.ping_seq += 1;
-            let sent_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let _ = self.tx.try_send(Message::Ping { seq: self.ping_seq, sent_ns });
-            self.next_ping = now + self.engine.cfg.ping_interval;
-        }
-    }
-
     fn frame_result(&mut self, r: Result<Option<Message>, LinkError>) -> Tick {
         match r {
             Ok(Some(m)) => {
@@ -319,6 +327,19 @@ impl Session {
             }
             Ok(None) => Tick::Out(Outcome::PeerGone("connection closed by the peer".into())),
             Err(e) => Tick::Out(Outcome::PeerGone(format!("link error: {e}"))),
+        }
+    }
+
+    /// The silence deadline passed: the peer is lost unless its frames are
+    /// waiting unread (this loop was busy elsewhere, e.g. in a slow fsync,
+    /// and `select!` picked the deadline first). Then the silence ends now.
+    fn silence_or_input(&mut self, reader: &Reader) -> Option<Outcome> {
+        if reader.has_input() {
+            tracing::debug!(peer = %self.peer_name, late = ?self.last_rx.elapsed(), "silence deadline passed with the peer's frames unread");
+            self.last_rx = Instant::now();
+            None
+        } else {
+            Some(self.silent())
         }
     }
 
@@ -348,7 +369,6 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Outcome::Stopped(r);
             }
-            self.ping();
             // Online verify with two secondaries: nothing writes, this node
             // reads directly (see verify.rs).
             if let Err(o) = self.verify_source_tick(io, ReadMode::Direct, false, false).await {
@@ -369,8 +389,7 @@ impl Session {
                     Err(e) => Tick::Out(Outcome::Failed(format!("verify read: {e}"))),
                 },
                 _ = self.engine.verify.wake.notified() => Tick::Ping,
-                _ = sleep_until(self.next_ping.into()) => Tick::Ping,
-                _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
+                _ = sleep_until(deadline.into()) => self.silence_or_input(&io.reader).map_or(Tick::Ping, Tick::Out),
                 _ = io.stop.changed() => Tick::Ping,
                 _ = role_changed(&mut io.role_rx, my_role) => Tick::Out(Outcome::Stopped(StopReason::RoleChange)),
             };
@@ -464,10 +483,8 @@ impl Session {
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
-                _ = sleep_until(self.next_ping.into()) => Tick::Ping,
-                _ = sleep_until(deadline.into()) => Tick::Out(self.silent()),
+                _ = sleep_until(deadline.into()) => self.silence_or_input(&io.reader).map_or(Tick::Ping, Tick::Out),
             };
-            self.ping();
             match tick {
                 Tick::Out(o) => return Err(o),
                 Tick::Ping | Tick::Frame(Message::State { .. } | Message::Ack { .. }) => {}
@@ -528,7 +545,17 @@ impl Session {
         }
         if wants_log {
             store.set_retain_after(Some(peer_lsn));
-            match store.log_reader(peer_lsn + 1, base) {
+            // Marks no record explains (a verify difference, a merged
+            // bitmap) would survive a replay of the records: resync them.
+            let reader = if store.has_foreign_marks() {
+                Err(LogReadError::NotInLog {
+                    lsn: peer_lsn + 1,
+                    why: "the bitmap holds marks that no record explains (verify, a merged bitmap, a full sync)".into(),
+                })
+            } else {
+                store.log_reader(peer_lsn + 1, base)
+            };
+            match reader {
                 Ok(reader) => {
                     tracing::info!(peer = %self.peer_name, from = peer_lsn + 1, to = base, "log catch-up starts");
                     self.send(Message::SyncStart { kind: ResyncKind::Log, total_bytes: 0, start_lsn: peer_lsn }, io)
@@ -541,7 +568,7 @@ impl Session {
                         base,
                         bytes: 0,
                         end_sent: false,
-                        bits_before: store.bitmap_base_lsn() >= peer_lsn,
+                        marks_at_start: store.mark_count(),
                     });
                 }
                 Err(e) => {
@@ -573,7 +600,6 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Ok(Outcome::Stopped(r));
             }
-            self.ping();
             // The log catch-up comes before the feed (its records are older).
             if pending.is_none()
                 && let Some(c) = catchup.as_mut()
@@ -712,9 +738,10 @@ impl Session {
                 },
                 _ = engine.verify.wake.notified() => {}
                 _ = sleep_until(io.verify.next_wake().unwrap_or(deadline).into()), if io.verify.next_wake().is_some() => {}
-                _ = sleep_until(self.next_ping.into()) => {}
                 _ = sleep_until(rate_wake.unwrap_or(deadline).into()), if rate_wake.is_some() => {}
-                _ = sleep_until(deadline.into()) => return Ok(self.silent()),
+                _ = sleep_until(deadline.into()) => if let Some(o) = self.silence_or_input(&io.reader) {
+                    return Ok(o);
+                },
                 _ = io.stop.changed() => {}
                 _ = role_changed(&mut io.role_rx, my_role) => return Ok(Outcome::Stopped(StopReason::RoleChange)),
             }
@@ -769,9 +796,20 @@ impl Session {
 
     fn catchup_finished(&mut self, c: &Catchup, theirs: &SyncInfo) -> Result<(), Outcome> {
         let store = &self.engine.store;
-        if c.bits_before {
-            // Every bit came from a record the peer now has durable.
+        // Every bit came from a record of this lineage with LSN <= `base`
+        // (tracked, or marked when a link dropped): the peer had every
+        // record <= its LSN and now has the rest durable. A bit set since
+        // the start other than by tracking (a ring spill) may be a record
+        // after `base` still in flight: keep them all then, for a bitmap
+        // resync at the next connect.
+        if store.mark_count() == c.marks_at_start {
             store.clear_range(0, store.size());
+        } else if store.dirty_bytes() > 0 {
+            tracing::warn!(
+                peer = %self.peer_name,
+                dirty_bytes = store.dirty_bytes(),
+                "blocks were marked while the log catch-up ran: they stay marked for a bitmap resync at the next connect"
+            );
         }
         self.source_done(ResyncKind::Log, c.bytes, theirs)?;
         tracing::info!(peer = %self.peer_name, records = c.base - theirs.local_lsn, bytes = c.bytes, "log catch-up done");
@@ -863,7 +901,6 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Ok(Outcome::Stopped(r));
             }
-            self.ping();
             // A barrier (or the sync end) needs everything written first.
             let log_end = t.sync_end.is_some() && t.kind == Some(ResyncKind::Log);
             // Under protocol C, when the stream pauses (every record applied,
@@ -979,8 +1016,9 @@ impl Session {
                     }
                 },
                 _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
-                _ = sleep_until(self.next_ping.into()) => {}
-                _ = sleep_until(deadline.into()), if reading => return Ok(self.silent()),
+                _ = sleep_until(deadline.into()), if reading => if let Some(o) = self.silence_or_input(&io.reader) {
+                    return Ok(o);
+                },
                 _ = engine.verify.wake.notified() => {}
                 _ = io.stop.changed() => {}
                 _ = role_changed(&mut io.role_rx, my_role) => return Ok(Outcome::Stopped(StopReason::RoleChange)),
@@ -1355,8 +1393,8 @@ struct Catchup {
     base: Lsn,
     bytes: u64,
     end_sent: bool,
-    /// Every bit we had at the start came from records the catch-up sends.
-    bits_before: bool,
+    /// `mark_count` when it started (see `catchup_finished`).
+    marks_at_start: u64,
 }
 
 #[derive(Default)]

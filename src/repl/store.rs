@@ -25,6 +25,20 @@ use crate::volume::{Lsn, VolumeError};
 /// A boxed, sendable future (the trait is used as `dyn`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Runs a synchronous store call that waits for the disk (a bitmap persist,
+/// a superblock write: an fdatasync each) from a session loop without
+/// stalling the runtime worker it runs on: on the multi-threaded runtime
+/// the worker's other tasks (the link writer, the heartbeat) move to
+/// another thread meanwhile (`block_in_place`). Elsewhere it just runs.
+/// Without it, an fsync slower than `ping_interval + ping_timeout` made the
+/// peer see silence and drop the link.
+pub fn blocking_io<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 pub use crate::volume::{FeedItem, FeedOp};
 
 /// The receiving end of the feed.
@@ -137,6 +151,13 @@ pub trait ReplStore: Send + Sync + 'static {
     fn persist_bitmap(&self) -> Result<(), VolumeError>;
     /// The bitmap covers every block written by a record with LSN > this.
     fn bitmap_base_lsn(&self) -> Lsn;
+    /// The bitmap may hold bits that no record of this node's log explains
+    /// (a peer's bitmap merged, a verify difference, a full sync,
+    /// invalidate): a log catch-up cannot stand in for a bitmap resync.
+    fn has_foreign_marks(&self) -> bool;
+    /// Grows whenever a bit is set other than by a tracked record (a ring
+    /// spill, a foreign mark).
+    fn mark_count(&self) -> u64;
     /// Oldest LSN still in the WAL (`local_lsn + 1` when none).
     fn log_first_lsn(&self) -> Lsn;
     /// Reads the retained records `from ..= to`.

@@ -36,6 +36,10 @@ struct Inner {
     ring: Vec<(Lsn, u64, u64)>,
     peer_written: Lsn,
     base_lsn: Lsn,
+    /// Bits no record explains (merged, verify, full sync); see ReplStore.
+    foreign: bool,
+    /// Bits set other than by a tracked record.
+    marks: u64,
     /// Retained records, oldest first.
     log: std::collections::VecDeque<LogRecord>,
     data_syncs: u64,
@@ -84,6 +88,10 @@ pub struct MemStore {
     pub flush_delay: Mutex<Duration>,
     /// How long `sync_data_file` takes.
     pub data_sync_delay: Mutex<Duration>,
+    /// How long `persist_bitmap` blocks its caller (a slow fsync on the
+    /// session's own thread).
+    pub persist_delay: Mutex<Duration>,
+    persists_delayed: std::sync::atomic::AtomicU64,
 }
 
 struct MemFeed(mpsc::UnboundedReceiver<FeedItem>);
@@ -114,17 +122,26 @@ impl MemStore {
                 ring: Vec::new(),
                 peer_written: 0,
                 base_lsn: 0,
+                foreign: false,
+                marks: 0,
                 log: std::collections::VecDeque::new(),
                 data_syncs: 0,
             }),
             apply_delay: Mutex::new(Duration::ZERO),
             flush_delay: Mutex::new(Duration::ZERO),
             data_sync_delay: Mutex::new(Duration::ZERO),
+            persist_delay: Mutex::new(Duration::ZERO),
+            persists_delayed: Default::default(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many `persist_bitmap` calls blocked for `persist_delay`.
+    pub fn persists_delayed(&self) -> u64 {
+        self.persists_delayed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_apply_delay(&self, d: Duration) {
@@ -362,6 +379,7 @@ impl ReplStore for MemStore {
         let mut g = self.lock();
         for (_, off, len) in std::mem::take(&mut g.ring) {
             g.set_bits(off, len);
+            g.marks += 1;
         }
         if !g.tracking {
             g.base_lsn = g.peer_written;
@@ -375,6 +393,8 @@ impl ReplStore for MemStore {
         let mut g = self.lock();
         let size = g.data.len() as u64;
         g.set_bits(0, size);
+        g.foreign = true;
+        g.marks += 1;
         g.persisted_bits = g.bits.clone();
         Ok(())
     }
@@ -387,6 +407,9 @@ impl ReplStore for MemStore {
         let end = if offset + len >= size { size.div_ceil(MEM_GRANULARITY) } else { (offset + len) / MEM_GRANULARITY };
         for b in first..end {
             g.bits[(b / 64) as usize] &= !(1 << (b % 64));
+        }
+        if g.bits.iter().all(|w| *w == 0) {
+            g.foreign = false;
         }
     }
 
@@ -420,9 +443,18 @@ impl ReplStore for MemStore {
                 *slot |= w;
             }
         }
+        if words.iter().any(|w| *w != 0) {
+            g.foreign = true;
+            g.marks += 1;
+        }
     }
 
     fn persist_bitmap(&self) -> Result<(), VolumeError> {
+        let d = *self.persist_delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !d.is_zero() {
+            super::store::blocking_io(|| std::thread::sleep(d));
+            self.persists_delayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut g = self.lock();
         g.persisted_bits = g.bits.clone();
         Ok(())
@@ -430,6 +462,14 @@ impl ReplStore for MemStore {
 
     fn bitmap_base_lsn(&self) -> Lsn {
         self.lock().base_lsn
+    }
+
+    fn has_foreign_marks(&self) -> bool {
+        self.lock().foreign
+    }
+
+    fn mark_count(&self) -> u64 {
+        self.lock().marks
     }
 
     fn log_first_lsn(&self) -> Lsn {
@@ -483,7 +523,10 @@ impl ReplStore for MemStore {
     }
 
     fn mark_range(&self, offset: u64, len: u64) {
-        self.lock().set_bits(offset, len);
+        let mut g = self.lock();
+        g.set_bits(offset, len);
+        g.foreign = true;
+        g.marks += 1;
     }
 }
 

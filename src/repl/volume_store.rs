@@ -7,7 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::proto::GenIds;
-use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore};
+use super::store::{
+    BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore, blocking_io,
+};
 use crate::node::DiskState;
 use crate::volume::{self, Feed, Lsn, Volume, VolumeError};
 
@@ -83,12 +85,14 @@ impl ReplStore for VolumeStore {
     }
 
     fn store_meta(&self, meta: ReplMeta) -> Result<(), VolumeError> {
-        self.0.update_superblock(|sb| {
-            sb.disk_state = volume::DiskState::from(meta.disk);
-            sb.gen_current = meta.gen_ids.current;
-            sb.gen_bitmap = meta.gen_ids.bitmap;
-            sb.gen_history = meta.gen_ids.history;
-            sb.gen_created_ms = meta.gen_created_ms;
+        blocking_io(|| {
+            self.0.update_superblock(|sb| {
+                sb.disk_state = volume::DiskState::from(meta.disk);
+                sb.gen_current = meta.gen_ids.current;
+                sb.gen_bitmap = meta.gen_ids.bitmap;
+                sb.gen_history = meta.gen_ids.history;
+                sb.gen_created_ms = meta.gen_created_ms;
+            })
         })
     }
 
@@ -113,7 +117,7 @@ impl ReplStore for VolumeStore {
     }
 
     fn mark_all(&self) -> Result<(), VolumeError> {
-        self.0.mark_all()
+        blocking_io(|| self.0.mark_all())
     }
 
     fn clear_range(&self, offset: u64, len: u64) {
@@ -136,11 +140,19 @@ impl ReplStore for VolumeStore {
     }
 
     fn persist_bitmap(&self) -> Result<(), VolumeError> {
-        self.0.persist_bitmap()
+        blocking_io(|| self.0.persist_bitmap())
     }
 
     fn bitmap_base_lsn(&self) -> Lsn {
         self.0.bitmap_base_lsn()
+    }
+
+    fn has_foreign_marks(&self) -> bool {
+        self.0.has_foreign_marks()
+    }
+
+    fn mark_count(&self) -> u64 {
+        self.0.mark_count()
     }
 
     // --- Online verify ---------------------------------------------------------

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::meta::FLAG_CLEAN_SHUTDOWN;
+use super::meta::{FLAG_CLEAN_SHUTDOWN, FLAG_FOREIGN_MARKS};
 use super::segment::{self, parking};
 use super::{Shared, VolumeError};
 use crate::io::{IoOp, errno_of};
@@ -95,7 +95,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
     // Mark before drop: the records of the segments to recycle that the
     // peer may lack get their bits, persisted before the superblock.
     let plan = plan_recycle(s, replay_seq);
-    let (peer_written, base_lsn) = {
+    let (peer_written, base_lsn, foreign) = {
         let mut t = parking::lock(&s.tracker);
         if let Some(last) = plan.last_lsn {
             let n = t.mark_ring_upto(last);
@@ -107,7 +107,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
                 );
             }
         }
-        (t.peer_written, t.base_lsn)
+        (t.peer_written, t.base_lsn, t.foreign)
     };
     super::tracking::persist(s)?;
     {
@@ -117,6 +117,11 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
         sb.replay_seq = replay_seq;
         sb.peer_written_lsn = peer_written;
         sb.bitmap_base_lsn = base_lsn;
+        if foreign {
+            sb.flags |= FLAG_FOREIGN_MARKS;
+        } else {
+            sb.flags &= !FLAG_FOREIGN_MARKS;
+        }
         if clean {
             sb.flags |= FLAG_CLEAN_SHUTDOWN;
         } else {

@@ -37,6 +37,10 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// Superblock flag: the volume was closed cleanly (cleared while open).
 pub const FLAG_CLEAN_SHUTDOWN: u32 = 1;
+/// Superblock flag: the dirty bitmap may hold bits that no record of this
+/// node's WAL explains (a peer's bitmap merged, a verify difference, a full
+/// sync or invalidate), so a log catch-up cannot replace a bitmap resync.
+pub const FLAG_FOREIGN_MARKS: u32 = 2;
 
 /// Disk state (design.md §1 vocabulary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +104,7 @@ impl std::fmt::Display for DiskState {
 // | off  | size | field                                             |
 // |    0 |    8 | magic "RBLKMETA"                                  |
 // |    8 |    4 | format version (2)                                |
-// |   12 |    4 | flags (bit 0: CLEAN_SHUTDOWN)                     |
+// |   12 |    4 | flags (bit 0: CLEAN_SHUTDOWN, 1: FOREIGN_MARKS)   |
 // |   16 |    8 | update counter (the newest valid slot wins)       |
 // |   24 |   16 | volume uuid (random, made by create-md)           |
 // |   40 |    8 | size in bytes                                     |

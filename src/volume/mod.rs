@@ -687,7 +687,11 @@ impl Volume {
             ckpt_wal_written: AtomicU64::new(0),
             min_retained_lsn: AtomicU64::new(u64::MAX),
             wal_retain: AtomicU64::new(opts.wal_retain),
-            tracker: Mutex::new(tracking::Tracker::new(bm, peer_written, base_lsn)),
+            tracker: Mutex::new({
+                let mut t = tracking::Tracker::new(bm, peer_written, base_lsn);
+                t.foreign = sb.flags & meta::FLAG_FOREIGN_MARKS != 0 && t.bitmap.dirty_bytes() > 0;
+                t
+            }),
             bitmap_io: Mutex::new(()),
             replay_ranges: Mutex::new(writer::ReplayRanges::default()),
             failed: Mutex::new(None),

@@ -42,6 +42,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use super::bitmap::DirtyBitmap;
+use super::meta::FLAG_FOREIGN_MARKS;
 use super::segment::parking;
 use super::{Lsn, Shared, Volume, VolumeError};
 
@@ -64,11 +65,36 @@ pub(crate) struct Tracker {
     ring: VecDeque<Unacked>,
     pub peer_written: Lsn,
     pub base_lsn: Lsn,
+    /// The bitmap may hold bits that no record of this node's log explains
+    /// (a peer's bitmap merged, a verify difference, a full sync or
+    /// invalidate): a log catch-up cannot stand in for them. Cleared when
+    /// the bitmap empties; persisted as the superblock's `FOREIGN_MARKS`.
+    pub foreign: bool,
+    /// Counts the bits set other than by a tracked record (ring spills,
+    /// foreign marks): a log catch-up clears the bitmap at its end only if
+    /// nothing was set this way while it ran.
+    pub marks: u64,
 }
 
 impl Tracker {
     pub fn new(bitmap: DirtyBitmap, peer_written: Lsn, base_lsn: Lsn) -> Tracker {
-        Tracker { bitmap, tracking: true, ring: VecDeque::new(), peer_written, base_lsn }
+        Tracker { bitmap, tracking: true, ring: VecDeque::new(), peer_written, base_lsn, foreign: false, marks: 0 }
+    }
+
+    /// Bits that no record of this node's log explains (see `foreign`).
+    pub fn mark_foreign(&mut self, offset: u64, len: u64) {
+        self.bitmap.set_range(offset, len);
+        self.foreign = true;
+        self.marks += 1;
+    }
+
+    /// Clears the bits fully inside the range; an empty bitmap holds no
+    /// foreign bits any more.
+    pub fn clear_range(&mut self, offset: u64, len: u64) {
+        self.bitmap.clear_range(offset, len);
+        if self.foreign && self.bitmap.dirty_bytes() == 0 {
+            self.foreign = false;
+        }
     }
 
     /// A committed local record (the writer, in LSN order).
@@ -80,6 +106,7 @@ impl Tracker {
         if self.ring.len() >= MAX_RING {
             if let Some(old) = self.ring.pop_front() {
                 self.bitmap.set_range(old.offset, old.len);
+                self.marks += 1;
             }
         }
         self.ring.push_back(Unacked { lsn, offset, len });
@@ -94,6 +121,7 @@ impl Tracker {
             self.bitmap.set_range(e.offset, e.len);
             n += 1;
         }
+        self.marks += n as u64;
         n
     }
 
@@ -159,6 +187,17 @@ pub(crate) fn persist(s: &Shared) -> Result<(), VolumeError> {
         parking::lock(&s.meta).sync(&*s.io).map_err(stop)?;
         tracing::debug!(pages = n, path = %path.display(), "bitmap pages persisted");
     }
+    // Foreign bits on disk are flagged on disk (cleared only by a checkpoint,
+    // once the bitmap is empty): a crash must not make them look as if the
+    // WAL explained them.
+    if parking::lock(&s.tracker).foreign {
+        let mut meta = parking::lock(&s.meta);
+        if meta.current().flags & FLAG_FOREIGN_MARKS == 0 {
+            let mut sb = meta.current().clone();
+            sb.flags |= FLAG_FOREIGN_MARKS;
+            meta.write(&*s.io, sb).map_err(stop)?;
+        }
+    }
     Ok(())
 }
 
@@ -220,21 +259,41 @@ impl Volume {
     /// Sets every bit (full sync, invalidate) and persists the bitmap
     /// (blocks on IO: call it from a blocking context).
     pub fn mark_all(&self) -> Result<(), VolumeError> {
-        parking::lock(&self.shared.tracker).bitmap.set_all();
+        {
+            let mut t = parking::lock(&self.shared.tracker);
+            t.bitmap.set_all();
+            t.foreign = true;
+            t.marks += 1;
+        }
         self.persist_bitmap()
     }
 
     /// Sets the bits of every block `[offset, offset+len)` touches (verify
     /// found a difference). Persisted at the next checkpoint.
     pub fn mark_range(&self, offset: u64, len: u64) {
-        parking::lock(&self.shared.tracker).bitmap.set_range(offset, len);
+        parking::lock(&self.shared.tracker).mark_foreign(offset, len);
+    }
+
+    /// Whether the bitmap may hold bits that no record of this node's log
+    /// explains (a peer's bitmap merged, a verify difference, a full sync,
+    /// invalidate). A log catch-up replays records only, so the source
+    /// resyncs from the bitmap instead while this holds.
+    pub fn has_foreign_marks(&self) -> bool {
+        parking::lock(&self.shared.tracker).foreign
+    }
+
+    /// Grows whenever a bit is set other than by a tracked record (a ring
+    /// spill, a foreign mark): equal before and after means no such bit
+    /// was set in between.
+    pub fn mark_count(&self) -> u64 {
+        parking::lock(&self.shared.tracker).marks
     }
 
     /// Clears the bits of the blocks `[offset, offset+len)` covers entirely
     /// (the range is in sync with the peer and durable on both sides).
     /// Persisted at the next checkpoint; until then a crash keeps them set.
     pub fn clear_range(&self, offset: u64, len: u64) {
-        parking::lock(&self.shared.tracker).bitmap.clear_range(offset, len);
+        parking::lock(&self.shared.tracker).clear_range(offset, len);
     }
 
     /// The next run of set bits at or after the block holding `from`, at
@@ -251,11 +310,15 @@ impl Volume {
     /// ORs the peer's bits into the bitmap from word `first`. Refuses
     /// words past the bitmap. Call `persist_bitmap` before relying on them.
     pub fn merge_bitmap_words(&self, first: u64, words: &[u64]) -> Result<(), VolumeError> {
-        parking::lock(&self.shared.tracker)
-            .bitmap
-            .merge(first, words)
-            .map(|_| ())
-            .map_err(|reason| VolumeError::Invalid { what: "peer bitmap".into(), reason })
+        let mut t = parking::lock(&self.shared.tracker);
+        t.bitmap.merge(first, words).map_err(|reason| VolumeError::Invalid { what: "peer bitmap".into(), reason })?;
+        // Even bits this node had set already: the peer's copy of such a
+        // block differs in ways no record of ours may cover.
+        if words.iter().any(|w| *w != 0) {
+            t.foreign = true;
+            t.marks += 1;
+        }
+        Ok(())
     }
 
     /// Writes the changed bitmap pages and fdatasyncs them (blocks on IO).

@@ -457,3 +457,40 @@ async fn sync_data_file_without_new_records_only_syncs_the_data() {
     assert_eq!(v.read(0, 8192).await.unwrap(), data(2, 8192), "the sync data is durable");
     v.close().await.unwrap();
 }
+
+/// Marks no record explains (verify, a merged bitmap, a full sync) are
+/// flagged in the superblock as soon as the bits are on disk, survive a
+/// power cut, and the flag goes once the bitmap is empty.
+#[tokio::test]
+async fn foreign_marks_are_flagged_on_disk_until_the_bitmap_empties() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 12);
+    let v = open(fault.clone(), d.path(), size);
+    v.write(0, data(1, 4096), true).await.unwrap();
+    let n = v.mark_count();
+    assert!(!v.has_foreign_marks(), "a tracked write is explained by its record");
+    assert_eq!(v.mark_count(), n, "a tracked write is not counted");
+    v.mark_range(5 * G, G);
+    assert!(v.has_foreign_marks());
+    assert!(v.mark_count() > n);
+    v.persist_bitmap().unwrap();
+    assert_ne!(v.superblock().flags & meta::FLAG_FOREIGN_MARKS, 0, "flagged with the bits, not at the next checkpoint");
+    fault.power_cut();
+    drop(v);
+
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert!(v.has_foreign_marks(), "the flag survives a power cut");
+    assert_eq!(set_blocks(&v), vec![0, 5]);
+    v.clear_range(0, G);
+    assert!(v.has_foreign_marks(), "a bit is still set");
+    v.clear_range(5 * G, G);
+    assert!(!v.has_foreign_marks(), "an empty bitmap holds no foreign marks");
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(Arc::new(SyncEngine::new()), d.path(), size);
+    assert_eq!(v.superblock().flags & meta::FLAG_FOREIGN_MARKS, 0, "cleared on disk by the checkpoint at close");
+    assert!(!v.has_foreign_marks());
+    v.close().await.unwrap();
+}
