@@ -142,8 +142,14 @@ pub async fn run(
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval)));
     engine.set_peer(theirs.role, theirs.disk);
     let mut io = Io { reader, stop, role_rx: engine.role_rx(), verify: SessionVerify::default() };
-    let mut s =
-        Session { engine: Arc::clone(engine), tx, queued, last_rx: Instant::now(), peer_name: peer.node.clone() };
+    let mut s = Session {
+        engine: Arc::clone(engine),
+        tx,
+        queued,
+        last_rx: Instant::now(),
+        next_tick: Instant::now(),
+        peer_name: peer.node.clone(),
+    };
     let local_role = engine.role();
     if local_role != hello_role || local_role != mine.role {
         let _ = s
@@ -256,6 +262,10 @@ struct Session {
     /// so the feed fills and back-pressure reaches the log writer.
     queued: Arc<QueuedBytes>,
     last_rx: Instant,
+    /// The loops re-check their conditions at least this often (every
+    /// `ping_interval`), as they did when they sent the pings themselves:
+    /// a safety net under any wake-up a branch might miss.
+    next_tick: Instant,
     peer_name: String,
 }
 
@@ -303,6 +313,14 @@ impl Session {
 
     fn silence_deadline(&self) -> Instant {
         self.last_rx + self.engine.cfg.ping_interval + self.engine.cfg.ping_timeout
+    }
+
+    /// Moves the next periodic wake-up on once it has passed.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + self.engine.cfg.ping_interval;
+        }
     }
 
     fn frame_result(&mut self, r: Result<Option<Message>, LinkError>) -> Tick {
@@ -369,6 +387,7 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Outcome::Stopped(r);
             }
+            self.tick();
             // Online verify with two secondaries: nothing writes, this node
             // reads directly (see verify.rs).
             if let Err(o) = self.verify_source_tick(io, ReadMode::Direct, false, false).await {
@@ -389,6 +408,7 @@ impl Session {
                     Err(e) => Tick::Out(Outcome::Failed(format!("verify read: {e}"))),
                 },
                 _ = self.engine.verify.wake.notified() => Tick::Ping,
+                _ = sleep_until(self.next_tick.into()) => Tick::Ping,
                 _ = sleep_until(deadline.into()) => self.silence_or_input(&io.reader).map_or(Tick::Ping, Tick::Out),
                 _ = io.stop.changed() => Tick::Ping,
                 _ = role_changed(&mut io.role_rx, my_role) => Tick::Out(Outcome::Stopped(StopReason::RoleChange)),
@@ -483,8 +503,10 @@ impl Session {
             let deadline = self.silence_deadline();
             let tick = tokio::select! {
                 r = io.reader.read() => self.frame_result(r),
+                _ = sleep_until(self.next_tick.into()) => Tick::Ping,
                 _ = sleep_until(deadline.into()) => self.silence_or_input(&io.reader).map_or(Tick::Ping, Tick::Out),
             };
+            self.tick();
             match tick {
                 Tick::Out(o) => return Err(o),
                 Tick::Ping | Tick::Frame(Message::State { .. } | Message::Ack { .. }) => {}
@@ -600,6 +622,7 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Ok(Outcome::Stopped(r));
             }
+            self.tick();
             // The log catch-up comes before the feed (its records are older).
             if pending.is_none()
                 && let Some(c) = catchup.as_mut()
@@ -738,6 +761,7 @@ impl Session {
                 },
                 _ = engine.verify.wake.notified() => {}
                 _ = sleep_until(io.verify.next_wake().unwrap_or(deadline).into()), if io.verify.next_wake().is_some() => {}
+                _ = sleep_until(self.next_tick.into()) => {}
                 _ = sleep_until(rate_wake.unwrap_or(deadline).into()), if rate_wake.is_some() => {}
                 _ = sleep_until(deadline.into()) => if let Some(o) = self.silence_or_input(&io.reader) {
                     return Ok(o);
@@ -901,6 +925,7 @@ impl Session {
             if let Some(r) = io.stop_reason() {
                 return Ok(Outcome::Stopped(r));
             }
+            self.tick();
             // A barrier (or the sync end) needs everything written first.
             let log_end = t.sync_end.is_some() && t.kind == Some(ResyncKind::Log);
             // Under protocol C, when the stream pauses (every record applied,
@@ -930,8 +955,11 @@ impl Session {
                 let bytes = t.sync_end.take().unwrap_or(0);
                 self.finish_sync(&mut t, theirs, bytes).await?;
             }
-            if since_ack >= ACK_EVERY || (since_ack > 0 && io.reader.buffered() == 0) || t.sync_dirty {
-                self.send_acks(&mut t);
+            // A full writer queue keeps `since_ack`: the next wake-up (at
+            // the latest the periodic tick) retries.
+            if (since_ack >= ACK_EVERY || (since_ack > 0 && io.reader.buffered() == 0) || t.sync_dirty)
+                && self.send_acks(&mut t)
+            {
                 since_ack = 0;
             }
             // `repctl verify` here: the source runs it (src/repl/verify.rs).
@@ -1016,6 +1044,7 @@ impl Session {
                     }
                 },
                 _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
+                _ = sleep_until(self.next_tick.into()) => {}
                 _ = sleep_until(deadline.into()), if reading => if let Some(o) = self.silence_or_input(&io.reader) {
                     return Ok(o);
                 },
@@ -1202,7 +1231,8 @@ impl Session {
         let _ = self.tx.try_send(Message::State { role: engine.role(), disk, out_of_sync_bytes: 0 });
         t.sync_dirty = true;
         t.sync_total = t.sync_total.max(1);
-        self.send_acks(t);
+        // A full writer queue leaves `sync_dirty` set: the loop retries.
+        let _ = self.send_acks(t);
         Ok(())
     }
 
@@ -1242,20 +1272,27 @@ impl Session {
         self.send(result, io).await
     }
 
-    fn send_acks(&mut self, t: &mut Target) {
+    /// Sends what changed since the last acks; false when the writer's
+    /// queue was full and something is still to send (the caller retries:
+    /// acks are cumulative, but one that is never retried leaves the
+    /// primary waiting on a stream that has ended).
+    fn send_acks(&mut self, t: &mut Target) -> bool {
         let now = (t.received, t.written.min(t.received), t.durable.min(t.written));
         if t.acked != Some(now) {
             match self.tx.try_send(Message::Ack { received: now.0, written: now.1, durable: now.2 }) {
                 Ok(()) => t.acked = Some(now),
-                Err(_) => return, // queue full: cumulative, sent later
+                Err(_) => return false,
             }
         }
-        if t.sync_dirty
-            && self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable, written_bytes: t.sync_written }).is_ok()
-        {
+        if t.sync_dirty {
+            if self.tx.try_send(Message::SyncAck { done_bytes: t.sync_durable, written_bytes: t.sync_written }).is_err()
+            {
+                return false;
+            }
             t.sync_dirty = false;
             self.engine.sync_progress(t.sync_durable);
         }
+        true
     }
 }
 
