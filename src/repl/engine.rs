@@ -372,6 +372,9 @@ pub struct Engine {
     diverged: AtomicBool,
     /// Redial now (role change).
     kick: Notify,
+    /// Sessions that ended in `Outcome::Failed` (a protocol error, a
+    /// refusal): for tests that a flow ends no session by mistake.
+    failed_sessions: AtomicU64,
     events: broadcast::Sender<Event>,
     shutdown: watch::Sender<bool>,
     /// `new-current-uuid --clear-bitmap` waits for the next idle session.
@@ -424,6 +427,7 @@ impl Engine {
             next_session: AtomicU64::new(1),
             diverged: AtomicBool::new(false),
             kick: Notify::new(),
+            failed_sessions: AtomicU64::new(0),
             events,
             shutdown: watch::Sender::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
@@ -439,6 +443,12 @@ impl Engine {
 
     fn slot(&self) -> MutexGuard<'_, Option<SessionSlot>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many sessions ended failed (see `failed_sessions`).
+    #[cfg(test)]
+    pub(crate) fn failed_sessions(&self) -> u64 {
+        self.failed_sessions.load(Ordering::Relaxed)
     }
 
     /// The engine's events from now on (tests; the daemon hands the sender in).
@@ -1206,6 +1216,7 @@ impl Engine {
                 self.emit("peer-lost", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
             }
             Outcome::Failed(why) => {
+                self.failed_sessions.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(peer = %self.cfg.peer, "replication session failed: {why}");
                 self.view_mut().last_error = Some(why.clone());
             }

@@ -420,6 +420,11 @@ impl Session {
                     // The peer was promoted; it reconnects to renegotiate.
                 }
                 Tick::Frame(Message::State { .. }) | Tick::Frame(Message::Ack { .. }) => {}
+                // Our `--clear-bitmap` offer: a blank peer whose decision saw
+                // our new generation takes the empty sync as its target and
+                // acknowledges it. Nothing to answer (the next session finds
+                // both in the same generation).
+                Tick::Frame(Message::SyncAck { .. }) if clear_bitmap => {}
                 Tick::Frame(Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }) => {
                     empty_sync = true
                 }
