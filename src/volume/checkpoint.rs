@@ -95,7 +95,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
     // Mark before drop: the records of the segments to recycle that the
     // peer may lack get their bits, persisted before the superblock.
     let plan = plan_recycle(s, replay_seq);
-    let (peer_written, base_lsn, foreign) = {
+    let (peer_written, base_lsn) = {
         let mut t = parking::lock(&s.tracker);
         if let Some(last) = plan.last_lsn {
             let n = t.mark_ring_upto(last);
@@ -107,9 +107,12 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
                 );
             }
         }
-        (t.peer_written, t.base_lsn, t.foreign)
+        (t.peer_written, t.base_lsn)
     };
     super::tracking::persist(s)?;
+    // Read after the pages are on disk: a foreign mark made meanwhile must
+    // not lose the flag that `persist` may just have written.
+    let foreign = parking::lock(&s.tracker).foreign;
     {
         let mut meta = parking::lock(&s.meta);
         let mut sb = meta.current().clone();

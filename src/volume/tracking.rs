@@ -84,6 +84,11 @@ impl Tracker {
     /// Bits that no record of this node's log explains (see `foreign`).
     pub fn mark_foreign(&mut self, offset: u64, len: u64) {
         self.bitmap.set_range(offset, len);
+        self.noted_foreign();
+    }
+
+    /// Foreign bits were just set (see `foreign` and `marks`).
+    fn noted_foreign(&mut self) {
         self.foreign = true;
         self.marks += 1;
     }
@@ -262,8 +267,7 @@ impl Volume {
         {
             let mut t = parking::lock(&self.shared.tracker);
             t.bitmap.set_all();
-            t.foreign = true;
-            t.marks += 1;
+            t.noted_foreign();
         }
         self.persist_bitmap()
     }
@@ -315,8 +319,7 @@ impl Volume {
         // Even bits this node had set already: the peer's copy of such a
         // block differs in ways no record of ours may cover.
         if words.iter().any(|w| *w != 0) {
-            t.foreign = true;
-            t.marks += 1;
+            t.noted_foreign();
         }
         Ok(())
     }
