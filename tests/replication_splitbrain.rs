@@ -57,16 +57,7 @@ fn split_brain(test: &str, two_primaries: bool) -> SplitBrain {
         blocks: alpha_ext.writes.iter().step_by(2).flat_map(|&(off, len)| (off / GRAIN)..(off + len) / GRAIN).collect(),
     };
     let beta_ext = plan_extents(0, pair.size, 3 * MIB, seed ^ 0xbe7a).union(&shared);
-    pair.rt.block_on(async {
-        for (p, ext, byte) in [(&pair.alpha, &alpha_ext, ALPHA_BYTE), (&pair.beta, &beta_ext, BETA_BYTE)] {
-            let c = p.nbd().await;
-            fill_extents(&c, ext, byte).await;
-            c.disconnect().await.expect("disconnect");
-        }
-    });
-    for p in [&pair.alpha, &pair.beta] {
-        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
-    }
+    fill_both(&pair, &alpha_ext, &beta_ext);
     if !two_primaries {
         pair.beta.repctl_ok(&["demote"]);
     }
@@ -80,6 +71,21 @@ fn split_brain(test: &str, two_primaries: bool) -> SplitBrain {
         });
     }
     SplitBrain { pair, alpha_ext, beta_ext, alpha_events, beta_events, at_heal }
+}
+
+/// Alpha writes `alpha_ext` (ALPHA_BYTE) and beta `beta_ext` (BETA_BYTE)
+/// over NBD, both primary; returns once neither has a client left.
+fn fill_both(pair: &Pair, alpha_ext: &Extents, beta_ext: &Extents) {
+    pair.rt.block_on(async {
+        for (p, ext, byte) in [(&pair.alpha, alpha_ext, ALPHA_BYTE), (&pair.beta, beta_ext, BETA_BYTE)] {
+            let c = p.nbd().await;
+            fill_extents(&c, ext, byte).await;
+            c.disconnect().await.expect("disconnect");
+        }
+    });
+    for p in [&pair.alpha, &pair.beta] {
+        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+    }
 }
 
 /// Every block of `ext` in `p`'s volume (read over NBD) holds `byte`.
@@ -262,15 +268,8 @@ fn policy_discard_least_changes_resolves_a_split_brain_without_primary() {
     pair.beta.repctl_ok(&["promote"]);
     let alpha_ext = plan_extents(0, pair.size, MIB, seed);
     let beta_ext = plan_extents(0, pair.size, 3 * MIB, seed ^ 0xbe7a);
-    pair.rt.block_on(async {
-        for (p, ext, byte) in [(&pair.alpha, &alpha_ext, ALPHA_BYTE), (&pair.beta, &beta_ext, BETA_BYTE)] {
-            let c = p.nbd().await;
-            fill_extents(&c, ext, byte).await;
-            c.disconnect().await.expect("disconnect");
-        }
-    });
+    fill_both(&pair, &alpha_ext, &beta_ext);
     for p in [&pair.alpha, &pair.beta] {
-        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
         p.repctl_ok(&["demote"]);
     }
     let before = pair.proxies().bytes_total();
@@ -307,16 +306,11 @@ fn unrelated_data_is_refused() {
     pair.proxies().set_mode(repblock_netproxy::Mode::Refuse);
     pair.start_both();
     let exts = [plan_extents(0, pair.size, MIB, seed), plan_extents(0, pair.size, MIB, seed ^ 1)];
-    pair.rt.block_on(async {
-        for (p, ext, byte) in [(&pair.alpha, &exts[0], ALPHA_BYTE), (&pair.beta, &exts[1], BETA_BYTE)] {
-            p.repctl_ok(&["promote", "--force"]);
-            let c = p.nbd().await;
-            fill_extents(&c, ext, byte).await;
-            c.disconnect().await.expect("disconnect");
-        }
-    });
     for p in [&pair.alpha, &pair.beta] {
-        p.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+        p.repctl_ok(&["promote", "--force"]);
+    }
+    fill_both(&pair, &exts[0], &exts[1]);
+    for p in [&pair.alpha, &pair.beta] {
         p.repctl_ok(&["demote"]);
     }
     let before = pair.proxies().bytes_total();
@@ -360,14 +354,7 @@ fn policy_discard_secondary_resolves_a_split_brain_with_one_primary() {
     pair.beta.repctl_ok(&["promote"]);
     let alpha_ext = plan_extents(0, pair.size, MIB, seed);
     let beta_ext = plan_extents(0, pair.size, 2 * MIB, seed ^ 0xbe7a);
-    pair.rt.block_on(async {
-        for (p, ext, byte) in [(&pair.alpha, &alpha_ext, ALPHA_BYTE), (&pair.beta, &beta_ext, BETA_BYTE)] {
-            let c = p.nbd().await;
-            fill_extents(&c, ext, byte).await;
-            c.disconnect().await.expect("disconnect");
-        }
-    });
-    pair.beta.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+    fill_both(&pair, &alpha_ext, &beta_ext);
     pair.beta.repctl_ok(&["demote"]);
     pair.heal();
     pair.beta.wait_sync(60);
