@@ -52,33 +52,33 @@ fn verify_wait(pair: &Pair, node: &str) -> Value {
     panic!("verify on {node} was aborted by connection replacements 3 times");
 }
 
+/// fio's nbd engine writing random 4k-64k blocks to alpha at QD8 for
+/// `runtime_s` seconds (an fsync every 64 writes); join for its output.
+fn spawn_fio(pair: &Pair, name: &str, size: &str, runtime_s: u32) -> std::thread::JoinHandle<std::process::Output> {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={}", pair.alpha.uri()),
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=8",
+        &format!("--size={size}"),
+        "--time_based",
+        &format!("--runtime={runtime_s}"),
+        "--fsync=64",
+        "--randrepeat=0",
+        "--output-format=json",
+    ])
+    .current_dir(pair.dir.path());
+    std::thread::spawn(move || run_ok(&mut cmd, T))
+}
+
 #[test]
 fn verify_under_fio_finds_nothing_on_a_healthy_pair() {
     require_tool("fio", "fio");
     let pair = up();
-    let uri = pair.alpha.uri();
-    let dir = pair.dir.path().to_path_buf();
-    let fio = std::thread::spawn(move || {
-        run_ok(
-            Command::new("fio")
-                .args([
-                    "--name=verify-load",
-                    "--ioengine=nbd",
-                    &format!("--uri={uri}"),
-                    "--rw=randwrite",
-                    "--bsrange=4k-64k",
-                    "--iodepth=8",
-                    "--size=48m",
-                    "--time_based",
-                    "--runtime=8",
-                    "--fsync=64",
-                    "--randrepeat=0",
-                    "--output-format=json",
-                ])
-                .current_dir(dir),
-            T,
-        )
-    });
+    let fio = spawn_fio(&pair, "verify-load", "48m", 8);
     // Let the workload start, then verify twice while it runs.
     pair.alpha.wait_status("fio attached", Duration::from_secs(20), |s| s["nbd"]["clients"] != 0);
     let lsn_before = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
@@ -193,29 +193,7 @@ fn verify_under_fio_finds_exactly_the_corrupted_blocks_t() {
         }
         f.sync_all().expect("fsync");
     }
-    let uri = pair.alpha.uri();
-    let dir = pair.dir.path().to_path_buf();
-    let fio = std::thread::spawn(move || {
-        run_ok(
-            Command::new("fio")
-                .args([
-                    "--name=verify-load-t",
-                    "--ioengine=nbd",
-                    &format!("--uri={uri}"),
-                    "--rw=randwrite",
-                    "--bsrange=4k-64k",
-                    "--iodepth=8",
-                    "--size=32m",
-                    "--time_based",
-                    "--runtime=6",
-                    "--fsync=64",
-                    "--randrepeat=0",
-                    "--output-format=json",
-                ])
-                .current_dir(dir),
-            T,
-        )
-    });
+    let fio = spawn_fio(&pair, "verify-load-t", "32m", 6);
     pair.alpha.wait_status("fio attached", Duration::from_secs(20), |s| s["nbd"]["clients"] != 0);
     let lsn_before = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
     let report = verify_wait(&pair, "alpha");
