@@ -24,6 +24,16 @@ fn open(io: Arc<dyn IoEngine>, dir: &Path, size: u64) -> Arc<Volume> {
     Volume::open(io, small_opts(dir), &identity(size)).expect("open")
 }
 
+/// A new volume of `size` in a temporary directory, opened through a
+/// fault-injecting engine (seeded) for power cuts.
+fn fresh_with_faults(size: u64, seed: u64) -> (tempfile::TempDir, Arc<FaultEngine>, Arc<Volume>) {
+    let d = tempfile::tempdir().unwrap();
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), seed);
+    let v = open(fault.clone(), d.path(), size);
+    (d, fault, v)
+}
+
 /// The block indexes whose bits are set.
 fn set_blocks(v: &Volume) -> Vec<u64> {
     let mut out = Vec::new();
@@ -120,11 +130,8 @@ async fn ring_keeps_unacked_records_until_the_peer_acks_or_the_link_drops() {
 /// peer's written LSN, more writes, then a crash: recovery re-marks exactly
 /// the records above the persisted peer written LSN.
 async fn crash_then_recovery_remarks(power_cut: bool) {
-    let d = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
-    create(&SyncEngine::new(), &small_opts(d.path()), size);
-    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 11);
-    let v = open(fault.clone(), d.path(), size);
+    let (d, fault, v) = fresh_with_faults(size, 11);
     v.set_tracking(false);
     let mut lsns = Vec::new();
     for i in 0..8u64 {
@@ -291,11 +298,8 @@ async fn retention_bound_marks_records_before_dropping_them() {
 #[tokio::test]
 async fn sync_data_file_makes_resync_data_durable_and_safe_from_replay() {
     for sync in [false, true] {
-        let d = tempfile::tempdir().unwrap();
         let size = 4 * MIB;
-        create(&SyncEngine::new(), &small_opts(d.path()), size);
-        let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 5);
-        let v = open(fault.clone(), d.path(), size);
+        let (d, fault, v) = fresh_with_faults(size, 5);
         // An older record, then resync data over it (a bitmap resync target).
         v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
         v.apply_sync_data(0, data(2, 8192)).await.unwrap();
@@ -440,11 +444,8 @@ async fn power_cut_after_random_link_history_never_loses_a_mark() {
 
 #[tokio::test]
 async fn sync_data_file_without_new_records_only_syncs_the_data() {
-    let d = tempfile::tempdir().unwrap();
     let size = 4 * MIB;
-    create(&SyncEngine::new(), &small_opts(d.path()), size);
-    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 3);
-    let v = open(fault.clone(), d.path(), size);
+    let (d, fault, v) = fresh_with_faults(size, 3);
     v.apply(1, FeedOp::Write { offset: 0, data: data(1, 8192) }, true).await.unwrap();
     v.sync_data_file().await.unwrap(); // a checkpoint at LSN 1
     let counter = v.superblock().counter;
@@ -463,11 +464,8 @@ async fn sync_data_file_without_new_records_only_syncs_the_data() {
 /// power cut, and the flag goes once the bitmap is empty.
 #[tokio::test]
 async fn foreign_marks_are_flagged_on_disk_until_the_bitmap_empties() {
-    let d = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
-    create(&SyncEngine::new(), &small_opts(d.path()), size);
-    let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 12);
-    let v = open(fault.clone(), d.path(), size);
+    let (d, fault, v) = fresh_with_faults(size, 12);
     v.write(0, data(1, 4096), true).await.unwrap();
     let n = v.mark_count();
     assert!(!v.has_foreign_marks(), "a tracked write is explained by its record");
