@@ -723,10 +723,14 @@ impl Engine {
             tracing::warn!(peer = %self.cfg.peer, "connect --discard-my-data: this node's changes since the split will be overwritten");
             self.discard_my_data.store(true, Ordering::Release);
         }
-        if !self.want_connect.send_replace(true) {
+        // `connecting` before the wish is published: a session started by
+        // it may go standalone at once (split brain), and its state must
+        // be the last word, not this one.
+        if !*self.want_connect.borrow() {
             self.set_conn(ConnState::Connecting);
             tracing::info!(peer = %self.cfg.peer, "connecting");
         }
+        self.want_connect.send_replace(true);
         self.kick.notify_waiters();
     }
 
