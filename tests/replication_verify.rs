@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::pair::{MIB, Pair, PairOpts, assert_same_checksums, checksums};
 use common::{random_file, require_tool, run_ok};
-use serde_json::Value;
 
 const CHUNK: u32 = 64 * 1024;
 const T: Duration = Duration::from_secs(120);
@@ -29,27 +28,6 @@ fn up() -> Pair {
     pair.beta.wait_sync(90);
     pair.assert_established();
     pair
-}
-
-/// `repctl verify --wait --json` on `node`: the report of the verify.
-///
-/// Right after a connect the engine may replace the session by the peer's
-/// duplicate connection, which aborts a running verify (exit 1, "replaced"):
-/// then it is run again, up to 3 times.
-fn verify_wait(pair: &Pair, node: &str) -> Value {
-    let peer = if node == "alpha" { &pair.alpha } else { &pair.beta };
-    for _ in 0..3 {
-        let out = peer.repctl(&["verify", "--wait", "--json"]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && stderr.contains("replaced") {
-            pair.assert_established();
-            continue;
-        }
-        assert!(out.status.success(), "verify --wait on {node} failed:\n{stdout}\n{stderr}");
-        return serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("verify --json printed {stdout:?}: {e}"));
-    }
-    panic!("verify on {node} was aborted by connection replacements 3 times");
 }
 
 /// fio's nbd engine writing random 4k-64k blocks to alpha at QD8 for
@@ -84,7 +62,7 @@ fn verify_under_fio_finds_nothing_on_a_healthy_pair() {
     let lsn_before = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
     let mut reports = Vec::new();
     for node in ["alpha", "beta"] {
-        reports.push(verify_wait(&pair, node));
+        reports.push(pair.verify_wait(node));
     }
     let lsn_after = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
     let out = fio.join().expect("fio thread");
@@ -116,7 +94,7 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     pair.beta.wait_status("beta caught up", Duration::from_secs(30), |s| {
         s["lsn"]["local"] == pair.alpha.status()["lsn"]["local"]
     });
-    let clean = verify_wait(&pair, "alpha");
+    let clean = pair.verify_wait("alpha");
     assert_eq!(clean["out_of_sync_bytes"], 0, "{clean}");
     let human = pair.beta.repctl_ok(&["status"]);
     assert!(human.contains("last-verify:done"), "the human status shows the last verify:\n{human}");
@@ -135,7 +113,7 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     drop(f);
 
     // Asked on the secondary: the primary runs it.
-    let found = verify_wait(&pair, "beta");
+    let found = pair.verify_wait("beta");
     assert_eq!(found["complete"], true, "{found}");
     assert_eq!(found["out_of_sync_bytes"].as_u64(), Some(4 * 4096), "two + one + one blocks differ: {found}");
     let a = pair.alpha.status();
@@ -148,7 +126,7 @@ fn verify_finds_blocks_corrupted_on_the_secondary_and_the_resync_repairs_them() 
     let b = pair.beta.wait_status("the resync recorded", Duration::from_secs(10), |s| s["last_sync"].is_object());
     assert_eq!(b["last_sync"]["kind"], "bitmap", "{b:#}");
     assert!(b["last_sync"]["bytes"].as_u64().is_some_and(|n| (4 * 4096..=MIB).contains(&n)), "{b:#}");
-    let again = verify_wait(&pair, "alpha");
+    let again = pair.verify_wait("alpha");
     assert_eq!(again["out_of_sync_bytes"], 0, "the resync repaired the blocks: {again}");
     // And independently of verify: beta's data file holds alpha's data.
     let a_sums = pair.rt.block_on(async {
@@ -196,7 +174,7 @@ fn verify_under_fio_finds_exactly_the_corrupted_blocks_t() {
     let fio = spawn_fio(&pair, "verify-load-t", "32m", 6);
     pair.alpha.wait_status("fio attached", Duration::from_secs(20), |s| s["nbd"]["clients"] != 0);
     let lsn_before = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
-    let report = verify_wait(&pair, "alpha");
+    let report = pair.verify_wait("alpha");
     let lsn_after = pair.alpha.status()["lsn"]["local"].as_u64().unwrap_or(0);
     let out = fio.join().expect("fio thread");
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"error\" : 0"), "fio failed");

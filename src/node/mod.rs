@@ -259,39 +259,27 @@ impl Node {
                     repl.config().peer
                 )));
             }
-            let v = repl.view();
-            let log_catch_up = v.resync.is_some_and(|r| r.kind == crate::repl::proto::ResyncKind::Log);
-            if v.replication == Some(ReplState::SyncTarget) && !log_catch_up && !force {
-                return Err(NodeError::Refused(
-                    "cannot promote: a resync from the peer is running and the disk is inconsistent until it ends; \
-                     --force makes this half-synced data the truth"
-                        .into(),
-                ));
+            // Checked and changed atomically with the session's decision.
+            let promoted = repl.promote(force).map_err(NodeError::Refused)?;
+            if promoted.new_generation {
+                tracing::info!(node = %self.me.name, "promoted without the peer: a new generation; the peer resyncs from this node when it is back");
             }
-        }
-        let disk = self.disk();
-        if disk != DiskState::UpToDate {
-            // Consistent: a log catch-up was running (or was interrupted):
-            // the disk holds a prefix of the old primary's log, like an
-            // uptodate secondary whose primary vanished: promotable.
-            if !force && disk != DiskState::Consistent {
-                return Err(NodeError::Refused(refuse_promote_message(disk)));
-            }
-            if force {
+            repl.settle_role(promoted.was_connected, ROLE_SETTLE).await;
+        } else {
+            let disk = self.disk();
+            if disk != DiskState::UpToDate {
+                if !force {
+                    return Err(NodeError::Refused(refuse_promote_message(disk)));
+                }
                 tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
-            } else {
-                tracing::warn!(node = %self.me.name, from = %disk, "promote of a consistent disk (log catch-up not finished): it has the old primary's log up to its local LSN; this node's data becomes the truth");
+                // A durable superblock write: off the async workers.
+                let volume = Arc::clone(&self.volume);
+                tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
+                    .await
+                    .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
+                    .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
+                self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
             }
-            // A durable superblock write: off the async workers.
-            let volume = Arc::clone(&self.volume);
-            tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
-                .await
-                .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
-                .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
-            self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
-        }
-        if let Some(repl) = &self.repl {
-            repl.set_role(Role::Primary, ROLE_SETTLE).await;
         }
         let backend = Arc::new(VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone()));
         let cfg = export::ExportConfig {

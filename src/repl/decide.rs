@@ -359,8 +359,15 @@ pub fn decide(local: &SideView, peer: &SideView, policy: &SplitBrainPolicy) -> V
         let to = from.other();
         if pair.get(to).role == Role::Primary {
             // The reason is the same on both nodes; the explanation says which.
-            let message = "the primary would be the sync target; demote it first (and use --discard-my-data on it \
-                           if its changes are to be thrown away)"
+            // Every way out named here keeps what the operator chooses to
+            // keep, and says what the other choice throws away (issue 14:
+            // "demote it first" alone made a crashed node's unacknowledged
+            // writes overwrite what the new primary had served).
+            let message = "the primary would be the sync target: the other node holds data it lacks; nothing \
+                           moves. To keep the other node's data, stop this primary's clients, `repctl demote` it \
+                           and `repctl connect` both nodes (writes made on this primary since are discarded); to \
+                           keep this primary's data, run `repctl invalidate` on the other node and `repctl \
+                           connect` both (the other node's newer writes are discarded)"
                 .to_string();
             explanation = format!("{} is primary but would be the sync target [{rule}: {explanation}]", to.who());
             return Verdict { decision: Decision::Refuse(message), rule: rule::PRIMARY_TARGET, explanation };
@@ -559,13 +566,30 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
             }
         };
         let (kind, how) = sync_kind(v.get(from), v.get(from.other()));
-        let why = format!(
-            "same generation {}; {} is further (LSN {} vs {}): {how}",
-            G(l.gen_ids.current),
-            from.who(),
-            v.get(from).local_lsn,
-            v.get(from.other()).local_lsn
-        );
+        let (s, t) = (v.get(from), v.get(from.other()));
+        let why = if s.local_lsn != t.local_lsn {
+            format!(
+                "same generation {}; {} is further (LSN {} vs {}): {how}",
+                G(l.gen_ids.current),
+                from.who(),
+                s.local_lsn,
+                t.local_lsn
+            )
+        } else {
+            let tie = if s.role != t.role {
+                "it is primary".to_string()
+            } else if s.dirty_bytes != t.dirty_bytes {
+                format!("it has more bytes marked ({} vs {})", s.dirty_bytes, t.dirty_bytes)
+            } else {
+                format!("its disk is {}, the other's {}", s.disk, t.disk)
+            };
+            format!(
+                "same generation {} and LSN {}; {} sends: {tie}: {how}",
+                G(l.gen_ids.current),
+                s.local_lsn,
+                from.who()
+            )
+        };
         return row(Outcome::Send { from, kind }, rule::SAME_GENERATION, why);
     }
 

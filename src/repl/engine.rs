@@ -386,7 +386,66 @@ pub struct Engine {
     pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
+    /// The running session's claim on the node's state, taken under this
+    /// lock together with every role and generation change (see
+    /// [`SessionClaim`]).
+    claim: Mutex<Option<SessionClaim>>,
+    /// A session claimed the feed (we are its source) but has not attached
+    /// it yet: writes wait, so that they reach the peer through the feed
+    /// rather than start a generation the session did not announce.
+    feed_pending: watch::Sender<bool>,
 }
+
+/// What the running session decided, recorded once it checked, under the
+/// engine's claim lock, that the SyncInfo it announced is still true.
+///
+/// Role changes (promote), generation changes (writing without the peer)
+/// and the target's switch to `inconsistent` take the same lock, so a
+/// decision and a promote are never both acted on: whichever comes second
+/// sees the first (issue 14: a promote racing a bitmap-target decision made
+/// a primary with an inconsistent disk; a generation started between the
+/// SyncInfo exchange and the session start left the pair in different
+/// generations after a resync that said "in sync").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionClaim {
+    pub decision: Decision,
+    pub rule: &'static str,
+}
+
+/// What [`Engine::promote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promoted {
+    /// The disk state before the promote.
+    pub from: DiskState,
+    /// A session was up: it is renegotiated (see [`Engine::settle_role`]).
+    pub was_connected: bool,
+    /// No session streamed to the peer: a new generation was started.
+    pub new_generation: bool,
+}
+
+/// Why a disk may not be promoted without `--force`, and what to do.
+/// `session`: a session with the peer is up (its resync may be running).
+pub fn refuse_promote_message(disk: DiskState, session: bool, peer: &str) -> String {
+    let why = match disk {
+        DiskState::Inconsistent if session => {
+            format!("a resync from peer {peer} is running; the disk is complete only when it ends (`repctl wait-sync`)")
+        }
+        DiskState::Inconsistent => format!(
+            "it was never initialised, or a resync from peer {peer} was interrupted; `repctl connect` lets \
+             the resync finish (`repctl wait-sync`)"
+        ),
+        DiskState::Outdated => "a newer copy of the data exists on the peer".into(),
+        DiskState::Consistent => "it is crash-consistent but may miss the peer's latest writes".into(),
+        DiskState::Diskless => "there is no local disk".into(),
+        DiskState::Unknown => "its state is not known".into(),
+        DiskState::UpToDate => String::new(),
+    };
+    format!("cannot promote: disk is {disk}: {why}; --force makes this node's data the truth")
+}
+
+/// Why a session's SyncInfo no longer describes this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stale(pub String);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -434,6 +493,8 @@ impl Engine {
             clear_bitmap_offer: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             verify: super::verify::VerifyCell::default(),
+            claim: Mutex::new(None),
+            feed_pending: watch::Sender::new(false),
         })
     }
 
@@ -443,6 +504,10 @@ impl Engine {
 
     fn slot(&self) -> MutexGuard<'_, Option<SessionSlot>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claim(&self) -> MutexGuard<'_, Option<SessionClaim>> {
+        self.claim.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many sessions ended failed (see `failed_sessions`).
@@ -511,13 +576,22 @@ impl Engine {
     /// peer. A primary without a peer receiving its feed starts a new
     /// generation at its first write ([`Engine::before_write`]).
     pub async fn set_role(&self, role: Role, settle: Duration) {
-        let old = self.role.send_replace(role);
+        let old = {
+            let _claim = self.claim();
+            self.role.send_replace(role)
+        };
         if old == role {
             return;
         }
         let was_connected = self.is_connected();
         self.stop_session(StopReason::RoleChange);
         self.kick.notify_waiters();
+        self.settle_role(was_connected, settle).await;
+    }
+
+    /// After a role change: waits (up to `settle`) for the renegotiated
+    /// session when a connection is wanted and one was up.
+    pub async fn settle_role(&self, was_connected: bool, settle: Duration) {
         if was_connected && *self.want_connect.borrow() {
             let wait = async {
                 let mut c = self.connected.subscribe();
@@ -619,7 +693,14 @@ impl Engine {
     /// Starts a new generation (once per divergence): if the bitmap has no
     /// generation yet it takes the current one (the bits count from there),
     /// else the current one goes into the history; a new random current.
-    fn new_generation(&self) -> Result<(), EngineError> {
+    /// Under the claim lock: a session that announced the old generation
+    /// and has not claimed yet sees the change and renegotiates.
+    fn new_generation(&self, why: &'static str) -> Result<(), EngineError> {
+        let _claim = self.claim();
+        self.new_generation_locked(why)
+    }
+
+    fn new_generation_locked(&self, why: &'static str) -> Result<(), EngineError> {
         if self.diverged.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -641,7 +722,7 @@ impl Engine {
             old = format_args!("{old:016X}"),
             new = format_args!("{:016X}", meta.gen_ids.current),
             bitmap = format_args!("{:016X}", meta.gen_ids.bitmap),
-            "writing without the peer: new generation"
+            "{why}: new generation"
         );
         Ok(())
     }
@@ -655,8 +736,16 @@ impl Engine {
         let mut rx = self.suspended.subscribe();
         // The sender lives as long as self.
         let _ = rx.wait_for(|s| !*s).await;
-        if !self.acks.borrow().active {
-            self.new_generation()?;
+        if self.acks.borrow().active {
+            return Ok(());
+        }
+        // A session that claimed the feed attaches it within a round trip
+        // (the target's bitmap): the write goes through it.
+        let mut pending = self.feed_pending.subscribe();
+        let _ = pending.wait_for(|p| !*p).await;
+        let _claim = self.claim();
+        if !self.acks.borrow().active && !*self.feed_pending.borrow() {
+            self.new_generation_locked("writing without the peer")?;
         }
         Ok(())
     }
@@ -1188,7 +1277,7 @@ impl Engine {
             // connect must see that this node wrote alone).
             let acks = *self.acks.borrow();
             if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
-                if let Err(e) = self.new_generation() {
+                if let Err(e) = self.new_generation("records the peer never wrote") {
                     tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
                 }
             }
@@ -1200,6 +1289,10 @@ impl Engine {
             }
             self.acks.send_modify(|a| a.active = false);
         }
+        // The session's claim ends with it (after `active` is off, so that
+        // a write released here starts the generation it must).
+        *self.claim() = None;
+        self.feed_pending.send_replace(false);
         {
             let mut slot = self.slot();
             if slot.as_ref().is_some_and(|s| s.id == id) {
@@ -1230,10 +1323,123 @@ impl Engine {
 
     // --- Called by sessions ----------------------------------------------------
 
+    /// The session commits to its decision: under the claim lock, checks
+    /// that what our SyncInfo announced (role, disk, generation ids) is
+    /// still true, and records the decision. A stale SyncInfo (a promote,
+    /// or a generation started by the session this one replaced, came in
+    /// between) means the peer decided on a view that is no longer ours:
+    /// the caller renegotiates. A source claims the feed: writes wait for
+    /// it instead of starting a generation the peer does not know.
+    pub(crate) fn claim_session(&self, mine: &SyncInfo, verdict: &Verdict) -> Result<(), Stale> {
+        let mut claim = self.claim();
+        let meta = self.store.meta();
+        let role = self.role();
+        if role != mine.role {
+            return Err(Stale(format!("our role changed to {role} since the session start")));
+        }
+        if meta.disk != mine.disk {
+            return Err(Stale(format!("our disk changed from {} to {} since the session start", mine.disk, meta.disk)));
+        }
+        if meta.gen_ids != mine.gen_ids {
+            return Err(Stale(format!(
+                "our generation changed from {:016X} to {:016X} since the session start",
+                mine.gen_ids.current, meta.gen_ids.current
+            )));
+        }
+        let feeds = match verdict.decision {
+            Decision::Source(_) => true,
+            Decision::NoSync => role == Role::Primary,
+            _ => false,
+        };
+        if feeds {
+            self.feed_pending.send_replace(true);
+        }
+        *claim = Some(SessionClaim { decision: verdict.decision.clone(), rule: verdict.rule });
+        Ok(())
+    }
+
+    /// The target's resync finished: the session's decision no longer
+    /// stands in the way of a promote.
+    pub(crate) fn claim_resync_done(&self) {
+        if let Some(c) = self.claim().as_mut() {
+            c.decision = Decision::NoSync;
+        }
+    }
+
+    /// The sync target records its disk `inconsistent` for a bitmap or full
+    /// resync (`change` stores it), only while it is still secondary:
+    /// a primary never serves an inconsistent disk.
+    pub(crate) fn target_goes_inconsistent(
+        &self,
+        change: impl FnOnce() -> Result<(), VolumeError>,
+    ) -> Result<(), String> {
+        let _claim = self.claim();
+        if self.role() != Role::Secondary {
+            return Err("this node was promoted: it does not become a sync target".into());
+        }
+        change().map_err(|e| format!("cannot record the disk as inconsistent: {e}"))
+    }
+
+    /// `repctl promote` on a node with a peer: decided atomically with the
+    /// session's decision (under the claim lock). Refused while a bitmap or
+    /// full resync from the peer is decided or running, or while the disk is
+    /// not usable, unless `force`; records the disk `uptodate`; sets the
+    /// role; and, when no session streams to the peer, starts a new
+    /// generation at once (not at the first write): the peer that comes
+    /// back with the old generation then knows this node is newer and
+    /// becomes its sync target (issue 14).
+    pub fn promote(&self, force: bool) -> Result<Promoted, String> {
+        let claim = self.claim();
+        if self.role() == Role::Primary {
+            return Ok(Promoted { from: self.store.meta().disk, was_connected: false, new_generation: false });
+        }
+        let meta = self.store.meta();
+        let disk = meta.disk;
+        if let Some(SessionClaim { decision: Decision::Target(kind), rule }) = claim.as_ref()
+            && *kind != SyncKind::Log
+            && !force
+        {
+            return Err(format!(
+                "cannot promote: a {kind} resync from peer {} was decided (rule {rule}); this disk is \
+                 inconsistent until it ends (`repctl wait-sync`); --force makes this node's partial data the \
+                 truth and discards the peer's newer writes",
+                self.cfg.peer
+            ));
+        }
+        if !force && !matches!(disk, DiskState::UpToDate | DiskState::Consistent) {
+            return Err(refuse_promote_message(disk, claim.is_some(), &self.cfg.peer));
+        }
+        if disk != DiskState::UpToDate {
+            if force {
+                tracing::warn!(node = %self.cfg.node, from = %disk, "promote --force: this node's data becomes the truth");
+            } else {
+                tracing::warn!(node = %self.cfg.node, from = %disk, "promote of a consistent disk (log catch-up not finished): it has the old primary's log up to its local LSN; this node's data becomes the truth");
+            }
+            let mut new = meta;
+            new.disk = DiskState::UpToDate;
+            // A durable superblock write: let the worker's other tasks run.
+            tokio::task::block_in_place(|| self.store.store_meta(new))
+                .map_err(|e| format!("cannot record the disk as uptodate: {e}"))?;
+            self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
+        }
+        self.role.send_replace(Role::Primary);
+        let was_connected = self.is_connected();
+        self.stop_session(StopReason::RoleChange);
+        let new_generation = !was_connected && !self.acks.borrow().active;
+        if new_generation {
+            tokio::task::block_in_place(|| self.new_generation_locked("promoted without the peer"))
+                .map_err(|e| format!("promoted, but {e}"))?;
+        }
+        drop(claim);
+        self.kick.notify_waiters();
+        Ok(Promoted { from: disk, was_connected, new_generation })
+    }
+
     /// The peer now receives the feed (or stopped): no new generation needed.
     pub(crate) fn feed_attached(&self, base: Lsn) {
         self.diverged.store(false, Ordering::Release);
         self.acks.send_replace(Acks { active: true, base, received: base, written: base, durable: base });
+        self.feed_pending.send_replace(false);
     }
 
     /// Records the peer's cumulative acks (never moving backwards).
@@ -1366,6 +1572,39 @@ impl Engine {
     /// without the peer must start a generation of its own again.
     pub(crate) fn took_peer_generation(&self) {
         self.diverged.store(false, Ordering::Release);
+    }
+}
+
+/// Where [`test_hold`] can pause a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HoldPoint {
+    /// After the decision is computed, before the session claims it.
+    Decision,
+    /// On the sync target, after SyncStart, before the disk goes inconsistent.
+    SyncStart,
+}
+
+/// Test hook, **debug builds only** (a release `repd` never reads it):
+/// `REPBLOCK_TEST_HOLD=decision:MS` or `sync-start:MS` pauses every session
+/// at that point, so that the integration tests of issue 14 can land a
+/// promote or a write in a window that is otherwise a fraction of a
+/// millisecond wide.
+pub(crate) async fn test_hold(point: HoldPoint) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Ok(spec) = std::env::var("REPBLOCK_TEST_HOLD") else { return };
+    let Some((name, ms)) = spec.split_once(':') else { return };
+    let at = match name {
+        "decision" => HoldPoint::Decision,
+        "sync-start" => HoldPoint::SyncStart,
+        _ => return,
+    };
+    let Ok(ms) = ms.parse::<u64>() else { return };
+    if at == point {
+        tracing::warn!(point = name, ms, "test hook: holding the session");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tracing::warn!(point = name, "test hook: session released");
     }
 }
 

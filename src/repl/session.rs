@@ -162,6 +162,18 @@ pub async fn run(
     }
     tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %theirs.role, peer_disk = %theirs.disk, "replication connected");
     let verdict = engine.verdict(&mine, &theirs);
+    super::engine::test_hold(super::engine::HoldPoint::Decision).await;
+    // Our SyncInfo must still be true when we act on the decision (the
+    // peer decided on it too): else renegotiate at once.
+    if let Err(stale) = engine.claim_session(&mine, &verdict) {
+        tracing::info!(peer = %peer.node, "renegotiating: {}", stale.0);
+        let message = format!("renegotiating: {}", stale.0);
+        let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
+        drop(s);
+        drop(heartbeat);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+        return Outcome::Stopped(StopReason::Renegotiate);
+    }
     engine.record_decision(&verdict, &mine, &theirs);
     // `new-current-uuid --clear-bitmap` on this node: both secondary, our
     // Hello and SyncInfo carry the new generation; an empty resync (idle
@@ -1126,6 +1138,7 @@ impl Session {
                 while let Some((_, f)) = pending.pop_front() {
                     f.await.map_err(|e| Outcome::Failed(format!("applying before the resync: {e}")))?;
                 }
+                super::engine::test_hold(super::engine::HoldPoint::SyncStart).await;
                 tracing::info!(peer = %self.peer_name, %kind, bytes = total_bytes, start_lsn, "resync from the peer starts: disk inconsistent until done");
                 // Inconsistent, in the source's generation: a restart of
                 // either side resumes this resync (the source keeps its bits
@@ -1143,9 +1156,8 @@ impl Session {
                 meta.gen_created_ms = theirs.gen_created_ms;
                 meta.disk = DiskState::Inconsistent;
                 let from = engine.meta().disk;
-                store
-                    .store_meta(meta)
-                    .map_err(|e| Outcome::Failed(format!("cannot record the disk as inconsistent: {e}")))?;
+                // Not if a promote came first (it ends this session).
+                engine.target_goes_inconsistent(|| store.store_meta(meta)).map_err(Outcome::Failed)?;
                 engine.took_peer_generation();
                 if from != DiskState::Inconsistent {
                     engine.emit("disk-changed", serde_json::json!({ "disk": DiskState::Inconsistent, "from": from }));
@@ -1222,6 +1234,7 @@ impl Session {
         meta.disk = disk;
         store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the disk as {disk}: {e}")))?;
         engine.took_peer_generation();
+        engine.claim_resync_done();
         if from != disk {
             engine.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
         }

@@ -158,6 +158,11 @@ impl Peer {
     /// Spawns repd (stderr to a fresh log file) and waits until its control
     /// socket answers; panics with the log if it exits first.
     pub fn start(&mut self) {
+        self.start_env(&[]);
+    }
+
+    /// [`Peer::start`] with extra environment variables (test hooks).
+    pub fn start_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "repd {} already running", self.name);
         let log = self.root.join(format!("repd-{}-{}.log", self.name, self.logs.len()));
         let file = File::create(&log).expect("create log");
@@ -165,6 +170,8 @@ impl Peer {
         cmd.arg("--config").arg(&self.config).arg("--node").arg(self.name);
         cmd.env("RUST_LOG", "info");
         cmd.env_remove("REPBLOCK_FAULTS");
+        cmd.env_remove("REPBLOCK_TEST_HOLD");
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
         self.child = Some(cmd.spawn().expect("spawn repd"));
         self.logs.push(log);
@@ -467,6 +474,28 @@ impl Pair {
             assert_eq!(s["peer"]["name"], peer.name, "{}: peer name\n{s:#}", me.name);
             assert_eq!(s["peer"]["role"], peer_role, "{}: peer role\n{s:#}", me.name);
         }
+    }
+
+    /// `repctl verify --wait --json` on `node`: the report of the verify.
+    ///
+    /// Right after a connect the engine may replace the session by the peer's
+    /// duplicate connection, which aborts a running verify (exit 1, "replaced"):
+    /// then it is run again, up to 3 times.
+    pub fn verify_wait(&self, node: &str) -> Value {
+        let peer = if node == "alpha" { &self.alpha } else { &self.beta };
+        for _ in 0..3 {
+            let out = peer.repctl(&["verify", "--wait", "--json"]);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && stderr.contains("replaced") {
+                self.assert_established();
+                continue;
+            }
+            assert!(out.status.success(), "verify --wait on {node} failed:\n{stdout}\n{stderr}");
+            return serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("verify --json printed {stdout:?}: {e}"));
+        }
+        panic!("verify on {node} was aborted by connection replacements 3 times");
     }
 
     /// Every log of both nodes.

@@ -124,6 +124,9 @@ struct Resync {
     source: usize,
     /// Log catch-up: the last replayed LSN.
     log_end: Lsn,
+    /// The source's current generation as its SyncInfo announced it: the
+    /// target takes this one (as the engine takes it from the SyncInfo).
+    source_gen: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +169,19 @@ enum Op {
         acked: usize,
     },
     Connect,
+    /// A connect during which, after both SyncInfos were exchanged and
+    /// before the session acts on the decision, `node` is promoted (issue
+    /// 14, defect 1) ...
+    PromoteDuringConnect {
+        node: usize,
+    },
+    /// ... or writes `block` without the peer, starting a generation the
+    /// SyncInfo did not announce (defect 3; in the field, the session a
+    /// duplicate connection replaced released its unacknowledged writes).
+    WriteDuringConnect {
+        node: usize,
+        block: usize,
+    },
     DiscardMyData {
         node: usize,
     },
@@ -215,6 +231,20 @@ struct World {
     /// unsent (the target has marks), and a source clearing its whole bitmap
     /// after a catch-up cannot drop it. See `verify_marks_both_nodes`.
     verify_marks_both: bool,
+    /// Promote without the peer starts a new generation at once (issue 14,
+    /// defect 2). Without it (the code before the fix: the generation came
+    /// with the first write), a failover whose old primary comes back
+    /// before the new one writes is refused as `primary-target`.
+    promote_rotates: bool,
+    /// The session checks, under the claim lock, that its SyncInfo is still
+    /// true before it acts on the decision, and renegotiates if not (issue
+    /// 14, defects 1 and 3). Without it, a promote or a write landing
+    /// between the SyncInfo exchange and the session start is decided on a
+    /// stale view.
+    claims_checked: bool,
+    /// Nodes promoted (plainly, without the peer) since the last connect:
+    /// that connect must not refuse the failover.
+    failover: [bool; 2],
     trace: Vec<String>,
     stats: Stats,
 }
@@ -231,6 +261,9 @@ impl World {
             policy,
             gen_on_release,
             verify_marks_both: true,
+            promote_rotates: true,
+            claims_checked: true,
+            failover: [false; 2],
             trace: Vec::new(),
             stats: Stats::default(),
         }
@@ -275,6 +308,8 @@ impl World {
                 Ok(())
             }
             Op::Connect => self.connect(),
+            Op::PromoteDuringConnect { node } => self.connect_racing(node, |w| w.promote(node, false)),
+            Op::WriteDuringConnect { node, block } => self.connect_racing(node, |w| w.write(node, block)),
             Op::DiscardMyData { node } => {
                 self.n[node].discard = true;
                 Ok(())
@@ -365,9 +400,10 @@ impl World {
             self.break_link(None, usize::MAX, usize::MAX);
             self.connect()
         } else {
-            if !self.n[i].diverged {
+            if self.promote_rotates && !self.n[i].diverged {
                 self.new_generation(i);
             }
+            self.failover[i] = !force;
             Ok(())
         }
     }
@@ -418,7 +454,7 @@ impl World {
                     return self.finish_resync();
                 }
             }
-            Some(Resync { kind: SyncKind::Log, source, log_end }) => {
+            Some(Resync { kind: SyncKind::Log, source, log_end, .. }) => {
                 for _ in 0..n {
                     self.deliver_one(true);
                 }
@@ -451,7 +487,14 @@ impl World {
             ));
         }
         *self.stats.finished.entry(r.kind).or_default() += 1;
-        let source_gen = self.n[s].gen_ids.current;
+        let source_gen = r.source_gen;
+        if source_gen != self.n[s].gen_ids.current {
+            return self.fail(format!(
+                "{} resync from node {s} ends with the target in generation {source_gen:X}, the source in {:X}: \
+                 \"in sync\" but the next connect disagrees",
+                r.kind, self.n[s].gen_ids.current
+            ));
+        }
         let target = &mut self.n[t];
         if target.gen_ids.current != source_gen {
             let old = target.gen_ids.current;
@@ -550,6 +593,35 @@ impl World {
             return Ok(());
         }
         let (a, b) = (self.n[0].view(), self.n[1].view());
+        self.decide_and_start(a, b)
+    }
+
+    /// A connect with `race` landing on `node` after the SyncInfo exchange:
+    /// with `claims_checked` the session sees its view is stale and
+    /// renegotiates (a fresh connect), else it acts on the stale views.
+    fn connect_racing(
+        &mut self,
+        node: usize,
+        race: impl FnOnce(&mut World) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let _ = node;
+        let (a, b) = (self.n[0].view(), self.n[1].view());
+        race(self)?;
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let fresh = (self.n[0].view(), self.n[1].view());
+        if self.claims_checked && fresh != (a, b) {
+            self.trace.push("  -> stale SyncInfo: renegotiated".into());
+            return self.connect();
+        }
+        self.decide_and_start(a, b)
+    }
+
+    fn decide_and_start(&mut self, a: SideView, b: SideView) -> Result<(), String> {
         let v = decide(&a, &b, &self.policy);
         let m = decide(&b, &a, &self.policy);
         if m.decision != v.decision.mirrored() || m.rule != v.rule {
@@ -560,6 +632,15 @@ impl World {
         // The flag is one-shot.
         self.n[0].discard = false;
         self.n[1].discard = false;
+        let failover = std::mem::take(&mut self.failover);
+        let same_generation = v.explanation.contains(&format!("[{}:", rule::SAME_GENERATION));
+        if v.rule == rule::PRIMARY_TARGET
+            && same_generation
+            && (0..2).any(|i| failover[i] && self.n[i].role == Role::Primary)
+        {
+            return self
+                .fail(format!("a plain failover is refused when the old primary comes back: {}", v.explanation));
+        }
         let primary = (0..2).find(|&i| self.n[i].role == Role::Primary);
         match v.decision {
             Decision::NoSync => {
@@ -574,8 +655,8 @@ impl World {
                 self.attach(primary, None);
                 Ok(())
             }
-            Decision::Source(kind) => self.start_resync(0, kind, v.rule),
-            Decision::Target(kind) => self.start_resync(1, kind, v.rule),
+            Decision::Source(kind) => self.start_resync(0, kind, v.rule, a.gen_ids.current),
+            Decision::Target(kind) => self.start_resync(1, kind, v.rule, b.gen_ids.current),
             Decision::SplitBrain | Decision::Unrelated | Decision::Refuse(_) => Ok(()),
         }
     }
@@ -587,7 +668,7 @@ impl World {
         self.link = Some(Link { from, pending: VecDeque::new(), resync });
     }
 
-    fn start_resync(&mut self, s: usize, kind: SyncKind, rule: &'static str) -> Result<(), String> {
+    fn start_resync(&mut self, s: usize, kind: SyncKind, rule: &'static str, source_gen: u64) -> Result<(), String> {
         let t = 1 - s;
         let exempt = matches!(
             rule,
@@ -625,7 +706,7 @@ impl World {
                     self.n[s].log.iter().filter(|r| r.lsn > self.n[t].lsn).map(|r| (*r, false)).collect();
                 self.n[t].disk = DiskState::Consistent;
                 let log_end = self.n[s].lsn;
-                self.attach(Some(s), Some(Resync { kind, source: s, log_end }));
+                self.attach(Some(s), Some(Resync { kind, source: s, log_end, source_gen }));
                 if let Some(link) = &mut self.link {
                     link.pending = replay;
                 }
@@ -649,10 +730,10 @@ impl World {
                 let source = self.n[s].clone();
                 let target = &mut self.n[t];
                 target.disk = DiskState::Inconsistent;
-                if target.gen_ids.current != source.gen_ids.current {
+                if target.gen_ids.current != source_gen {
                     let old = target.gen_ids.current;
                     target.push_history(old);
-                    target.gen_ids.current = source.gen_ids.current;
+                    target.gen_ids.current = source_gen;
                 }
                 target.gen_ids.bitmap = 0;
                 // Its generation is the source's now: a later write without
@@ -663,7 +744,7 @@ impl World {
                 target.lsn = source.lsn;
                 target.log_first = source.lsn + 1;
                 target.applied = source.applied.clone();
-                self.attach(Some(s), Some(Resync { kind, source: s, log_end: 0 }));
+                self.attach(Some(s), Some(Resync { kind, source: s, log_end: 0, source_gen }));
             }
         }
         Ok(())
@@ -682,6 +763,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..3usize, 0..3usize).prop_map(|(received, acked)| Op::LinkLoss { received, acked }),
         1 => (node.clone(), 0..3usize, 0..3usize).prop_map(|(node, received, acked)| Op::Crash { node, received, acked }),
         4 => Just(Op::Connect),
+        1 => node.clone().prop_map(|node| Op::PromoteDuringConnect { node }),
+        1 => (node.clone(), 0..BLOCKS).prop_map(|(node, block)| Op::WriteDuringConnect { node, block }),
         1 => node.clone().prop_map(|node| Op::DiscardMyData { node }),
         1 => (node, 0..4u64).prop_map(|(node, keep)| Op::Recycle { node, keep }),
         1 => (0..BLOCKS).prop_map(|block| Op::CorruptAndVerify { block }),
@@ -821,4 +904,112 @@ fn verify_marks_both_nodes() {
     assert!(result.is_ok(), "{result:?}");
     assert!(w.trace.iter().any(|t| t.contains("(bitmap resync)")), "{:#?}", w.trace);
     assert_eq!(w.n[0].data, w.n[1].data);
+}
+
+/// Issue 14, defect 2: the primary dies with records the secondary never
+/// received, the secondary is promoted and the old primary comes back before
+/// the new one writes. With the generation started at the first write (the
+/// code before the fix), the old primary is "further in the same
+/// generation" and the failover is refused; promote starting the generation
+/// makes the old primary the target, and its unacknowledged records are
+/// rolled back.
+#[test]
+fn a_failover_before_the_first_write_needs_the_generation_at_promote() {
+    let ops = [
+        Op::Step { n: BLOCKS }, // the initial full sync ends
+        Op::Write { node: 0, block: 1 },
+        Op::Step { n: 1 },
+        Op::Write { node: 0, block: 2 },
+        Op::Write { node: 0, block: 3 },
+        Op::Crash { node: 0, received: 0, acked: 0 }, // node 0 is ahead
+        Op::Promote { node: 1, force: false },
+        Op::Connect,
+    ];
+    let mut old = World::new(SplitBrainPolicy::default(), true);
+    old.promote_rotates = false;
+    let (_, result) = run_with(old, &ops);
+    let e = result.expect_err("without the generation at promote the failover is refused");
+    assert!(e.contains("plain failover is refused"), "{e}");
+    let (w, result) = run(SplitBrainPolicy::default(), &ops, true);
+    assert!(result.is_ok(), "{result:?}");
+    assert!(w.trace.iter().any(|t| t.contains("[newer-generation]")), "{:#?}", w.trace);
+    let (w, result) = run_with(w, &[Op::Step { n: BLOCKS }, Op::Step { n: BLOCKS }]);
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(w.n[0].data, w.n[1].data);
+}
+
+/// Issue 14, defect 1: a promote landing between the decision (this node is
+/// the target) and the session start. Acting on the stale decision makes a
+/// primary the sync target; the claim check renegotiates instead.
+#[test]
+fn a_promote_racing_the_decision_is_renegotiated() {
+    let ops = [
+        Op::Step { n: BLOCKS },
+        Op::Write { node: 0, block: 1 },
+        Op::Step { n: 1 },
+        Op::Write { node: 0, block: 2 },
+        Op::Crash { node: 0, received: 0, acked: 0 },
+        Op::Promote { node: 1, force: false },
+        Op::Write { node: 1, block: 4 },
+        Op::Demote { node: 1 },
+        // Node 0 comes back and is the target of node 1; a promote on node 0
+        // lands in the middle.
+        Op::PromoteDuringConnect { node: 0 },
+    ];
+    let mut old = World::new(SplitBrainPolicy::default(), true);
+    old.claims_checked = false;
+    let (_, result) = run_with(old, &ops);
+    let e = result.expect_err("acting on the stale decision");
+    assert!(e.contains("primary node 0 made the target"), "{e}");
+    let (w, result) = run(SplitBrainPolicy::default(), &ops, true);
+    assert!(result.is_ok(), "{result:?}");
+    assert!(w.trace.iter().any(|t| t.contains("stale SyncInfo: renegotiated")), "{:#?}", w.trace);
+}
+
+/// Issue 14, defect 3: a write without the peer (a new generation) between
+/// the SyncInfo exchange and the session start. Acting on the stale views
+/// claims "no sync" while the data differ; the claim check renegotiates and
+/// the write reaches the peer.
+#[test]
+fn a_generation_started_during_the_session_start_is_renegotiated() {
+    let ops = [
+        Op::Step { n: BLOCKS },
+        Op::Write { node: 0, block: 1 },
+        Op::Step { n: 1 },
+        Op::LinkLoss { received: 0, acked: 0 },
+        Op::WriteDuringConnect { node: 0, block: 5 },
+        Op::Step { n: 2 },
+    ];
+    let mut old = World::new(SplitBrainPolicy::default(), true);
+    old.claims_checked = false;
+    let (_, result) = run_with(old, &ops);
+    let e = result.expect_err("acting on the stale views");
+    assert!(e.contains("no sync between different data"), "{e}");
+    let (w, result) = run(SplitBrainPolicy::default(), &ops, true);
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(w.n[0].data, w.n[1].data);
+    assert_eq!(w.n[0].gen_ids.current, w.n[1].gen_ids.current, "one generation after the resync");
+}
+
+/// Issue 14: both nodes SIGKILLed (the secondary first, the primary with
+/// records in flight), both restarted, and the old primary promoted: the
+/// old secondary becomes its target, and nothing acknowledged is lost.
+#[test]
+fn a_double_crash_and_restart_resyncs_from_the_promoted_node() {
+    let ops = [
+        Op::Step { n: BLOCKS },
+        Op::Write { node: 0, block: 1 },
+        Op::Step { n: 1 },
+        Op::Write { node: 0, block: 2 },
+        Op::Write { node: 0, block: 3 },
+        Op::Crash { node: 1, received: 1, acked: 0 },
+        Op::Crash { node: 0, received: 0, acked: 0 },
+        Op::PromoteDuringConnect { node: 0 },
+        Op::Step { n: BLOCKS },
+        Op::Step { n: BLOCKS },
+    ];
+    let (w, result) = run(SplitBrainPolicy::default(), &ops, true);
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(w.n[0].role, Role::Primary);
+    assert_eq!(w.n[0].data, w.n[1].data, "{:#?}", w.trace);
 }

@@ -319,7 +319,7 @@ fn row5_discard_my_data_makes_that_node_the_bitmap_target() {
 fn row5_discard_my_data_on_a_primary_or_on_both_is_refused() {
     let (me, peer) = split();
     let victim = SideView { discard_my_data: true, ..primary(me) };
-    expect_refused(&victim, &peer, rule::PRIMARY_TARGET, "demote it first");
+    expect_refused(&victim, &peer, rule::PRIMARY_TARGET, "`repctl demote` it");
     let other = SideView { discard_my_data: true, ..peer };
     expect_refused(&SideView { discard_my_data: true, ..me }, &other, rule::SB_BOTH_DISCARD, "both nodes asked");
 }
