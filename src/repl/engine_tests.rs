@@ -305,6 +305,86 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     drop(sock);
 }
 
+/// Issue 14: a peer that stays alive (it pings) but never acknowledges the
+/// records it was sent (a record lost between the two logs) used to hang C
+/// writes until a later record exposed the gap. The source ends the session
+/// after `ack_stall` (10 x (interval + timeout): 3 s here), which releases
+/// the waiting write and redials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_peer_never_acknowledges_end_the_session() {
+    use super::handshake::{LocalHello, handshake};
+    use super::proto::{GenIds, Message};
+    let fake_port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
+    let ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);
+    let stall = super::session::ack_stall(&ca);
+    let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
+    alpha.start().await.expect("alpha starts");
+    let (mut sock, _) = listener.accept().await.expect("alpha dials");
+    let hello = LocalHello {
+        resource: "r0".into(),
+        node: "beta".into(),
+        peer: "alpha".into(),
+        size: SIZE as u64,
+        block_size: 4096,
+        gen_ids: GenIds { current: 7, ..GenIds::default() },
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        secret: b"s3cret".to_vec(),
+    };
+    handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
+    let info = super::proto::SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        granularity: a.bitmap_granularity(),
+        flags: 0,
+        gen_ids: GenIds { current: 7, ..GenIds::default() },
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+    };
+    let mut buf = bytes::BytesMut::new();
+    super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
+    // The fake beta pings every 50 ms (alive) and reads everything, but
+    // never acknowledges a record.
+    let fake = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        sock.write_all(&buf).await.expect("send SyncInfo");
+        let (mut r, mut w) = sock.into_split();
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 1 << 16];
+            while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        for seq in 0u64.. {
+            let mut ping = bytes::BytesMut::new();
+            super::proto::encode(&Message::Ping { seq, sent_ns: 0 }, &mut ping).expect("encode ping");
+            if w.write_all(&ping).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    until("connected", Duration::from_secs(3), || established(&alpha)).await;
+    let lsn = a.write(0, &pattern(3, 4096), false);
+    let sent_at = Instant::now();
+    let waiter = {
+        let alpha = alpha.clone();
+        tokio::spawn(async move { alpha.wait(lsn, Durability::Write).await })
+    };
+    tokio::time::sleep(stall / 2).await;
+    assert!(!waiter.is_finished(), "the C write waits for the peer's ack");
+    assert_eq!(alpha.view().connection, ConnState::Connected, "alive peer: not lost by silence");
+    tokio::time::timeout(stall * 3, waiter).await.expect("released once the stall is detected").expect("waiter");
+    let took = sent_at.elapsed();
+    eprintln!("unacknowledged record detected after {took:?} (limit {stall:?})");
+    assert!(took >= stall, "not before the limit ({took:?} < {stall:?})");
+    assert!(a.is_dirty(0), "the unacknowledged write is marked for the next resync");
+    fake.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_swap_while_connected_needs_no_sync() {
     let p = pair(Protocol::C, |_| {}).await;

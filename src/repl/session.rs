@@ -223,6 +223,55 @@ pub async fn run(
     outcome
 }
 
+/// How long the peer may leave records this node sent unacknowledged (no
+/// progress of its `received` ack) while it is otherwise alive, before the
+/// session is ended and renegotiated: ten times the silence timeout
+/// (15 s with the defaults). A record lost between the two logs (issue 14:
+/// a gap left `peer_written` stuck and C writes hung for minutes, until a
+/// later record exposed it) then ends in a reconnect and a catch-up, not a
+/// hang; a peer merely slow to read (back-pressure) reconnects harmlessly.
+pub(crate) fn ack_stall(cfg: &super::engine::EngineConfig) -> Duration {
+    (cfg.ping_interval + cfg.ping_timeout) * 10
+}
+
+/// Watches the peer's `received` ack against what the source put on the
+/// socket (see [`ack_stall`]).
+struct AckWatch {
+    /// The last record handed to the writer.
+    sent: Lsn,
+    /// The peer's `received` when it last moved, and when.
+    seen: Lsn,
+    since: Instant,
+    limit: Duration,
+}
+
+impl AckWatch {
+    fn new(base: Lsn, limit: Duration) -> AckWatch {
+        AckWatch { sent: base, seen: base, since: Instant::now(), limit }
+    }
+
+    fn sent(&mut self, lsn: Lsn) {
+        self.sent = self.sent.max(lsn);
+    }
+
+    /// `unsent`: bytes still queued for the writer (not yet on the socket).
+    fn check(&mut self, received: Lsn, unsent: usize) -> Option<Outcome> {
+        if received != self.seen || received >= self.sent || unsent > 0 {
+            self.seen = received;
+            self.since = Instant::now();
+            return None;
+        }
+        let waited = self.since.elapsed();
+        (waited >= self.limit).then(|| {
+            Outcome::PeerGone(format!(
+                "the peer has acknowledged LSN {received} but not the records up to {} sent {waited:.1?} ago \
+                 (limit {:?}): reconnecting to catch up",
+                self.sent, self.limit
+            ))
+        })
+    }
+}
+
 /// Pings the peer every `interval` from a task of its own, so that a
 /// session loop held up in a slow fsync (a bitmap persist, a superblock
 /// write) never looks silent to the peer. A full writer queue skips a
@@ -633,13 +682,18 @@ impl Session {
         }
         let my_role = engine.role();
         let mut pending: Option<Message> = None;
+        let mut pending_lsn: Option<Lsn> = None;
         let mut last_record: Lsn = base;
+        let mut acks_watch = AckWatch::new(base, ack_stall(&engine.cfg));
         let tx = self.tx.clone();
         loop {
             if let Some(r) = io.stop_reason() {
                 return Ok(Outcome::Stopped(r));
             }
             self.tick();
+            if let Some(o) = acks_watch.check(engine.acks.borrow().received, self.queued.get()) {
+                return Ok(o);
+            }
             // The log catch-up comes before the feed (its records are older).
             if pending.is_none()
                 && let Some(c) = catchup.as_mut()
@@ -714,6 +768,7 @@ impl Session {
                         }
                         if let FeedItem::Record { lsn, .. } = &item {
                             last_record = *lsn;
+                            pending_lsn = Some(*lsn);
                         }
                         pending = item_to_message(item);
                     }
@@ -729,6 +784,9 @@ impl Session {
                         if let Some(m) = pending.take() {
                             self.queued.add(m.data().map_or(0, |d| d.len()));
                             p.send(m);
+                            if let Some(lsn) = pending_lsn.take() {
+                                acks_watch.sent(lsn);
+                            }
                         }
                     }
                     Err(_) => return Err(Outcome::PeerGone("connection closed (writer stopped)".into())),

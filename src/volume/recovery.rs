@@ -66,14 +66,32 @@ pub(crate) struct Marks<'a> {
 }
 
 impl Marks<'_> {
-    fn record(&mut self, h: &wal::RecordHeader, report: &mut RecoveryReport) {
+    /// Notes a record; local ones past `after` are candidates, marked by
+    /// [`Marks::finish`] once the whole log was read.
+    fn record(&mut self, h: &wal::RecordHeader, report: &mut RecoveryReport, local: &mut Vec<(Lsn, u64, u32)>) {
         if h.flags & wal::FLAG_FROM_PEER != 0 {
             report.from_peer_lsn = report.from_peer_lsn.max(h.lsn);
             return;
         }
         if h.lsn > self.after && h.kind != RecordKind::FlushBarrier {
-            self.bitmap.set_range(h.offset, u64::from(h.length));
-            report.marked += 1;
+            local.push((h.lsn, h.offset, h.length));
+        }
+    }
+
+    /// Marks the local records the peer may lack: those past `after` and
+    /// past the last record received *from* the peer. A node receives the
+    /// peer's record `n` only when its own log up to `n - 1` is a prefix of
+    /// the peer's (a live stream or a log catch-up starts at its LSN; a
+    /// bitmap resync rebases its log first and merged its bits into the
+    /// source's), so its own older records are the peer's too (issue 14: a
+    /// crashed secondary that had once been primary re-marked its whole
+    /// WAL footprint and resynced up to 63 MB of 64 for nothing).
+    fn finish(&mut self, report: &mut RecoveryReport, local: Vec<(Lsn, u64, u32)>) {
+        for (lsn, offset, length) in local {
+            if lsn > report.from_peer_lsn {
+                self.bitmap.set_range(offset, u64::from(length));
+                report.marked += 1;
+            }
         }
     }
 }
@@ -274,7 +292,8 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
         max_seq: a.segments.keys().next_back().copied().unwrap_or(0),
         ..Default::default()
     };
-    mark_retained(a, marks, &mut report)?;
+    let mut local = Vec::new();
+    mark_retained(a, marks, &mut report, &mut local)?;
     // Expected LSN of the next record; known once the first header is read.
     let mut cursor: Option<Lsn> = None;
     let mut seq = a.replay_seq;
@@ -331,7 +350,7 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
             }
             check_range(&rec, a.size, path, pos)?;
             let (h, encoded_len) = (rec.header, rec.encoded_len());
-            marks.record(&h, &mut report);
+            marks.record(&h, &mut report, &mut local);
             if lsn > ckpt {
                 match h.kind {
                     RecordKind::Write => {
@@ -378,6 +397,7 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
         end_of_log(a, &mut report, lsn, path, pos, seq, Some((&mut reader, pos + 8)), &bad_reason)?;
         break;
     }
+    marks.finish(&mut report, local);
     Ok(report)
 }
 
@@ -386,7 +406,12 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
 /// passed them; each is read from its header to its first invalid record.
 /// A segment that is not of this volume or whose header is bad is skipped
 /// (logged): it holds nothing recovery can trust.
-fn mark_retained(a: &RecoverArgs<'_>, marks: &mut Marks<'_>, report: &mut RecoveryReport) -> Result<(), VolumeError> {
+fn mark_retained(
+    a: &RecoverArgs<'_>,
+    marks: &mut Marks<'_>,
+    report: &mut RecoveryReport,
+    local: &mut Vec<(Lsn, u64, u32)>,
+) -> Result<(), VolumeError> {
     for (&seq, path) in a.segments.range(..a.replay_seq) {
         let mut r = SegmentReader::open(a.io, path)?;
         let header = match r.header(a.io)? {
@@ -409,7 +434,7 @@ fn mark_retained(a: &RecoverArgs<'_>, marks: &mut Marks<'_>, report: &mut Recove
             pos += rec.encoded_len() as u64;
             let in_volume = u64::from(h.length).checked_add(h.offset).is_some_and(|e| e <= a.size);
             if in_volume {
-                marks.record(&h, report);
+                marks.record(&h, report, local);
             }
             lsn += 1;
         }

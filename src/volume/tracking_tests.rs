@@ -321,6 +321,35 @@ async fn sync_data_file_makes_resync_data_durable_and_safe_from_replay() {
     }
 }
 
+/// Issue 14: a node that wrote as primary and then received the peer's
+/// records (a switchover) does not re-mark its own older records after a
+/// crash: the peer had them when it streamed its later ones. Its own
+/// records after the peer's are still marked.
+#[tokio::test]
+async fn own_records_older_than_the_peers_are_not_re_marked_after_a_crash() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    create(&SyncEngine::new(), &small_opts(d.path()), size);
+    let io: Arc<dyn IoEngine> = Arc::new(SyncEngine::new());
+    let v = open(io.clone(), d.path(), size);
+    for lsn in 1..=3u64 {
+        v.write(lsn * G, data(lsn as u8, 4096), false).await.unwrap();
+    }
+    for lsn in 4..=6u64 {
+        v.apply(lsn, FeedOp::Write { offset: lsn * G, data: data(lsn as u8, 4096) }, false).await.unwrap();
+    }
+    drop(v); // crash
+    let v = open(io.clone(), d.path(), size);
+    assert_eq!((v.recovery().marked, v.recovery().from_peer_lsn), (0, 6), "{:?}", v.recovery());
+    assert_eq!(set_blocks(&v), Vec::<u64>::new(), "nothing the peer lacks");
+    // Promoted again, it writes: that record is after the peer's and is marked.
+    v.write(9 * G, data(9, 4096), false).await.unwrap();
+    drop(v);
+    let v = open(io, d.path(), size);
+    assert_eq!(v.recovery().marked, 1, "{:?}", v.recovery());
+    assert_eq!(set_blocks(&v), vec![9]);
+}
+
 #[tokio::test]
 async fn replicated_records_are_never_marked_and_move_the_base() {
     let d = tempfile::tempdir().unwrap();
