@@ -176,6 +176,8 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     /// Optional block device (or file) holding the data.
     pub disk: Option<PathBuf>,
+    /// Optional `host:port` serving Prometheus metrics (`GET /metrics`).
+    pub metrics: Option<String>,
 }
 
 /// A validated resource configuration.
@@ -268,6 +270,7 @@ struct RawNode {
     control: Option<toml::Value>,
     dir: Option<toml::Value>,
     disk: Option<toml::Value>,
+    metrics: Option<toml::Value>,
 }
 
 /// Field checker bound to one file (keeps messages uniform).
@@ -605,7 +608,11 @@ impl Config {
                 Some(v) => Some(c.path(&f("disk"), v)?),
                 None => None,
             };
-            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk });
+            let metrics = match &n.metrics {
+                Some(v) => Some(c.host_port(&f("metrics"), v)?),
+                None => None,
+            };
+            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics });
         }
         if two && secret.is_none() {
             return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
@@ -634,6 +641,8 @@ impl Config {
                 Some(("dir", a.dir.display().to_string()))
             } else if a.disk.is_some() && a.disk == b.disk {
                 Some(("disk", a.disk.as_ref().map(|d| d.display().to_string()).unwrap_or_default()))
+            } else if a.metrics.is_some() && a.metrics == b.metrics {
+                Some(("metrics", a.metrics.clone().unwrap_or_default()))
             } else {
                 None
             };
@@ -1141,6 +1150,27 @@ disk = "/dev/vg0/r0"
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/demo/control.sock"));
         assert_eq!(c.nodes[0].dir, PathBuf::from("/tmp/demo/data"));
+    }
+
+    #[test]
+    fn metrics_address_is_optional_and_checked() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.node("alpha").unwrap().metrics, None);
+        let with = TWO.replacen(
+            "dir = \"/var/lib/repblock/r0-alpha\"",
+            "dir = \"/var/lib/repblock/r0-alpha\"\nmetrics = \"127.0.0.1:9942\"",
+            1,
+        );
+        let c = load(&with).unwrap();
+        assert_eq!(c.node("alpha").unwrap().metrics.as_deref(), Some("127.0.0.1:9942"));
+        assert_eq!(c.node("beta").unwrap().metrics, None);
+        let bad = TWO.replacen(
+            "dir = \"/var/lib/repblock/r0-alpha\"",
+            "dir = \"/var/lib/repblock/r0-alpha\"\nmetrics = \"9942\"",
+            1,
+        );
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("node[0].metrics") && e.contains("host:port"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`repl`]: the replication link: wire protocol (frames, messages,
 //!   versions), framed async reader/writer, and the authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
+//! - [`stats`]: cheap operation counters behind `status` statistics and
+//!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.
 
 pub mod config;
@@ -22,5 +24,6 @@ pub mod io;
 pub mod nbd;
 pub mod node;
 pub mod repl;
+pub mod stats;
 pub mod units;
 pub mod volume;

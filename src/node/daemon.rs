@@ -44,6 +44,8 @@ pub enum DaemonError {
     Node(#[from] NodeError),
     #[error("{0}")]
     Task(String),
+    #[error(transparent)]
+    Metrics(#[from] super::metrics::MetricsError),
 }
 
 /// Chooses the IO engine the config asks for, wrapped by the test-only
@@ -78,6 +80,8 @@ pub struct Daemon {
     stop: watch::Sender<bool>,
     control: JoinHandle<()>,
     watcher: JoinHandle<()>,
+    /// The `/metrics` server, if configured.
+    metrics: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -86,6 +90,10 @@ impl Daemon {
     pub async fn start(config: Config, name: &str) -> Result<Daemon, DaemonError> {
         let me = config.node(name)?.clone();
         let socket = ControlSocket::bind(&me.control, &me.name)?;
+        let metrics_listener = match &me.metrics {
+            Some(addr) => Some(super::metrics::bind(addr).await?),
+            None => None,
+        };
         if !has_metadata(&me) {
             return Err(DaemonError::NoMetadata {
                 dir: me.dir.clone(),
@@ -108,6 +116,7 @@ impl Daemon {
             return Err(e.into());
         }
         let (stop, stop_rx) = watch::channel(false);
+        let stop_rx_metrics = stop_rx.clone();
         let control = tokio::spawn(socket.serve(Arc::clone(&node), stop_rx.clone()));
         let watcher = {
             let node = Arc::clone(&node);
@@ -121,8 +130,14 @@ impl Daemon {
                 }
             })
         };
+        let metrics = metrics_listener.map(|l| {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "metrics: serving GET /metrics");
+            }
+            tokio::spawn(super::metrics::serve(l, Arc::downgrade(&node), stop_rx_metrics))
+        });
         tracing::info!(control = %node.me.control.display(), "control socket ready");
-        Ok(Daemon { node, stop, control, watcher })
+        Ok(Daemon { node, stop, control, watcher, metrics })
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -141,6 +156,9 @@ impl Daemon {
         let _ = self.stop.send(true);
         let _ = self.control.await;
         let _ = self.watcher.await;
+        if let Some(m) = self.metrics {
+            let _ = m.await;
+        }
         res.map_err(DaemonError::from)
     }
 }

@@ -44,6 +44,7 @@ pub mod backend;
 pub mod daemon;
 mod disk;
 mod export;
+pub mod metrics;
 pub mod status;
 
 pub use backend::VolumeBackend;
@@ -141,6 +142,8 @@ pub struct Node {
     events: broadcast::Sender<Event>,
     /// The replication engine (two-node resources).
     repl: Option<Arc<Engine>>,
+    /// NBD request counters (status statistics, /metrics).
+    io_stats: Arc<crate::stats::IoStats>,
 }
 
 impl Node {
@@ -175,6 +178,7 @@ impl Node {
             transition: tokio::sync::Mutex::new(()),
             events,
             repl,
+            io_stats: Arc::default(),
         })
     }
 
@@ -293,7 +297,10 @@ impl Node {
         if let Some(repl) = &self.repl {
             repl.set_role(Role::Primary, ROLE_SETTLE).await;
         }
-        let backend = Arc::new(VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone()));
+        let backend = Arc::new(
+            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone())
+                .with_stats(Arc::clone(&self.io_stats)),
+        );
         let cfg = export::ExportConfig {
             export_name: self.config.name.clone(),
             description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
@@ -452,6 +459,7 @@ impl Node {
                 checkpoint_lsn: vs.checkpoint_lsn,
                 durable_lsn: vs.durable_lsn,
             },
+            statistics: self.statistics(&vs),
             failed,
             pid: std::process::id(),
         }

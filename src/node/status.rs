@@ -75,6 +75,10 @@ pub struct Status {
     /// `out_of_sync_bytes`, `runs_finished`, `last` (src/repl/verify.rs).
     #[serde(default)]
     pub verify: crate::repl::verify::VerifyStatus,
+    /// Counters and gauges like `drbdsetup status --statistics` (bytes,
+    /// requests, pending, buffer fill, WAL syncs; src/stats.rs).
+    #[serde(default)]
+    pub statistics: crate::stats::Statistics,
 }
 
 /// `decision` in the status.
@@ -299,6 +303,7 @@ mod tests {
             split_brain: false,
             last_sync: None,
             verify: Default::default(),
+            statistics: Default::default(),
         }
     }
 

@@ -386,6 +386,8 @@ pub struct Engine {
     pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Bytes on the link, writer queue, peer address (statistics).
+    pub(crate) link_stats: crate::stats::LinkStats,
 }
 
 impl std::fmt::Debug for Engine {
@@ -434,7 +436,13 @@ impl Engine {
             clear_bitmap_offer: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             verify: super::verify::VerifyCell::default(),
+            link_stats: crate::stats::LinkStats::default(),
         })
+    }
+
+    /// Link statistics (bytes, writer queue, peer address).
+    pub fn link_stats(&self) -> &crate::stats::LinkStats {
+        &self.link_stats
     }
 
     pub(crate) fn view_mut(&self) -> MutexGuard<'_, LinkView> {
@@ -957,6 +965,8 @@ impl Engine {
                 return false;
             }
         };
+        reader.count_into(self.link_stats.received_counter());
+        writer.count_into(self.link_stats.sent_counter());
         let standalone = !*self.want_connect.borrow();
         let mut flags = if standalone { sync_flags::STANDALONE } else { 0 };
         if self.discard_my_data.load(Ordering::Acquire) {
@@ -1172,6 +1182,7 @@ impl Engine {
     /// Bookkeeping after a session ended.
     fn end_session(&self, id: u64, outcome: &super::session::Outcome) {
         use super::session::Outcome;
+        self.link_stats.session_down();
         let was_feeding = self.acks.borrow().active;
         if was_feeding {
             self.store.detach_feed();
