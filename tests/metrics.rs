@@ -254,6 +254,9 @@ fn scrape_matches_status_and_passes_promtool() {
         assert_eq!(st["replication_buffer_bytes"], 64 * MIB, "{node}: default max_buffer");
         assert_eq!(st["pending_requests"], 0, "{node}: nothing in flight");
         assert_eq!(st["unacked_requests"], 0, "{node}: nothing in flight");
+        let human = p.repctl_ok(&["status", "--statistics"]);
+        assert!(human.contains(&format!("  {peer} sent:")), "{node}: {human}");
+        assert!(human.contains(" address:127.0.0.1:"), "{node}: {human}");
     }
 
     let a = parse(&scrape(&pair.alpha));
@@ -358,22 +361,26 @@ fn prometheus_scrapes_repd_and_answers_a_query() {
     // Written bytes as repd counts them, then as Prometheus scraped them.
     let start = Instant::now();
     let want = status_json(&pair.alpha)["statistics"]["written_bytes"].as_f64().expect("written");
-    let result = loop {
+    // Wait until Prometheus scraped both targets successfully.
+    let sample = |r: &Value| r["data"]["result"][0]["value"][1].as_str().map(str::to_string);
+    loop {
         if let Some(exited) = prom.child().try_wait().expect("try_wait") {
             panic!("prometheus exited with {exited}:\n{}", prom_log());
         }
-        let r = query("repblock_role{node=\"alpha\",role=\"primary\"}");
-        if let Some(v) = r.as_ref().and_then(|r| r["data"]["result"].as_array().filter(|a| !a.is_empty()).cloned()) {
-            break v;
+        if query("count(up{job=\"repd\"} == 1)").as_ref().and_then(sample).as_deref() == Some("2") {
+            break;
         }
+        let targets = try_http(web, "GET", "/api/v1/targets").map(|r| r.2).unwrap_or_default();
         assert!(
             start.elapsed() < Duration::from_secs(90),
-            "prometheus had no repblock_role after 90s:\n{}",
+            "prometheus did not scrape both repd up within 90s:\n{targets}\n{}",
             prom_log()
         );
         std::thread::sleep(Duration::from_millis(250));
-    };
-    eprintln!("prometheus answered repblock_role {:.1}s after start", start.elapsed().as_secs_f64());
+    }
+    let result = query("repblock_role{node=\"alpha\",role=\"primary\"}").expect("query");
+    let result = result["data"]["result"].as_array().cloned().expect("result");
+    eprintln!("prometheus had both targets up {:.1}s after start", start.elapsed().as_secs_f64());
     assert_eq!(result.len(), 1, "{result:#?}");
     assert_eq!(result[0]["metric"]["resource"], "r0");
     assert_eq!(result[0]["metric"]["job"], "repd");
@@ -381,9 +388,7 @@ fn prometheus_scrapes_repd_and_answers_a_query() {
     let written = query("repblock_written_bytes_total{node=\"alpha\"}").expect("query");
     let got: f64 = written["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse().ok()).expect("value");
     assert_eq!(got, want, "Prometheus scraped what status says (nobody writes)");
-    // Both targets up, and the peer link seen from both sides.
-    let up = query("sum(up{job=\"repd\"})").expect("query");
-    assert_eq!(up["data"]["result"][0]["value"][1], "2", "{up:#}");
+    // The peer link seen from both sides.
     let connected = query("sum(repblock_peer_connected)").expect("query");
     assert_eq!(connected["data"]["result"][0]["value"][1], "2", "{connected:#}");
     // The alert rules loaded and none fires on a healthy pair.

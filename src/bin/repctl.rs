@@ -42,9 +42,12 @@ enum Command {
     },
     /// Role, disk, connection, peer, out-of-sync bytes, resync progress.
     Status {
-        /// One JSON object (the public contract, design.md §6).
+        /// One JSON object (the public contract, design.md §6; it always has `statistics`).
         #[arg(long)]
         json: bool,
+        /// Also show counters: bytes and requests, pending/unacked, link bytes, buffer fill, WAL syncs.
+        #[arg(long)]
+        statistics: bool,
     },
     /// Become primary and export the volume over NBD.
     Promote {
@@ -100,7 +103,14 @@ enum Command {
         timeout: Option<f64>,
     },
     /// Stream state changes, one JSON object per line.
-    Events,
+    Events {
+        /// Also emit a `statistics` event (status `statistics` and LSNs) every --interval.
+        #[arg(long)]
+        statistics: bool,
+        /// Seconds between `statistics` events.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0, requires = "statistics")]
+        interval: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -140,13 +150,16 @@ fn run(cli: Cli) -> Result<()> {
                 node.dir.display()
             )?;
         }
-        Command::Status { json } => {
+        Command::Status { json, statistics } => {
             let v = connect()?.request(&Request::Status)?;
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
                 let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
                 write!(stdout, "{}", s.human())?;
+                if statistics {
+                    write!(stdout, "{}", s.human_statistics())?;
+                }
             }
         }
         Command::Promote { force } => {
@@ -255,9 +268,37 @@ fn run(cli: Cli) -> Result<()> {
             }
             writeln!(stdout, "{}: in sync", node.name)?;
         }
-        Command::Events => {
+        Command::Events { statistics, interval } => {
+            let every = Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|t| *t >= Duration::from_millis(10))
+                .with_context(|| format!("--interval: expected at least 0.01 seconds, got {interval}"))?;
+            drop(stdout);
+            let out = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+            let client = connect()?;
+            if statistics {
+                // A second connection polls `status`; its lines interleave
+                // with the stream's under the stdout lock.
+                let out = std::sync::Arc::clone(&out);
+                let mut poll = connect()?;
+                std::thread::spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        let Ok(v) = poll.request(&Request::Status) else { break };
+                        let line = statistics_event(&v);
+                        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                        if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
             let mut out_err = None;
-            connect()?.events(|v| match writeln!(stdout, "{v}").and_then(|()| stdout.flush()) {
+            let write_line = |v: &serde_json::Value| {
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(o, "{v}").and_then(|()| o.flush())
+            };
+            client.events(|v| match write_line(&v) {
                 Ok(()) => true,
                 Err(e) => {
                     // A closed pipe (`repctl events | head`) ends the stream.
@@ -271,6 +312,22 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `statistics` event of `events --statistics`: the status'
+/// `statistics` object and LSNs, stamped now.
+fn statistics_event(status: &serde_json::Value) -> serde_json::Value {
+    let mut fields = serde_json::Map::new();
+    if let Some(serde_json::Value::Object(st)) = status.get("statistics") {
+        fields.extend(st.clone());
+    }
+    for key in ["lsn", "out_of_sync_bytes"] {
+        if let Some(v) = status.get(key) {
+            fields.insert(key.to_string(), v.clone());
+        }
+    }
+    serde_json::to_value(repblock::control::Event::now("statistics", serde_json::Value::Object(fields)))
+        .unwrap_or_default()
 }
 
 /// `verify --wait`: polls `status` until a verify ended after the request
