@@ -18,6 +18,7 @@ need mkfs.ext4 e2fsprogs
 need e2fsck e2fsprogs
 need fusermount3 fuse3
 need losetup util-linux
+need systemd-analyze systemd
 need mount mount
 install_needed
 # promtool and prometheus for tests/metrics.rs (which finds them on PATH or

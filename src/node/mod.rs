@@ -46,6 +46,7 @@ mod disk;
 mod export;
 pub mod metrics;
 pub mod status;
+pub mod systemd;
 
 pub use backend::VolumeBackend;
 pub use status::Status;

@@ -259,6 +259,8 @@ impl TestNode {
         let mut cmd = Command::new(REPD);
         cmd.arg("--config").arg(&self.config).arg("--node").arg("alpha");
         cmd.env("RUST_LOG", "info");
+        // Logs go to a file: keep the timestamps for debugging.
+        cmd.env("REPBLOCK_LOG_TIMESTAMPS", "1");
         cmd.env_remove("REPBLOCK_FAULTS");
         cmd.env_remove("REPBLOCK_DISABLE_IO_URING");
         for (k, v) in &self.opts.env {

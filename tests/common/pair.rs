@@ -174,6 +174,7 @@ impl Peer {
         let mut cmd = Command::new(REPD);
         cmd.arg("--config").arg(&self.config).arg("--node").arg(self.name);
         cmd.env("RUST_LOG", "info");
+        cmd.env("REPBLOCK_LOG_TIMESTAMPS", "1");
         cmd.env_remove("REPBLOCK_FAULTS");
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
         self.child = Some(cmd.spawn().expect("spawn repd"));
