@@ -78,7 +78,7 @@ fn repd_notifies_ready_status_watchdog_and_stopping() {
 
     // SIGTERM: STOPPING=1, then a clean exit.
     let child = node.child.take().expect("running");
-    let code = common::term_child(child, "repd", || String::new());
+    let code = common::term_child(child, "repd", String::new);
     assert!(code.success(), "repd exit {code}:\n{}", node.log());
     let got = receive(&sock, Duration::from_secs(5), |m| m.contains("STOPPING=1"));
     assert!(got.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")), "{got:?}");

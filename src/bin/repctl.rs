@@ -4,7 +4,7 @@
 //! Exit codes: 0 success; 1 refused or failed, with the reason on stderr;
 //! 2 usage error.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -115,13 +115,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    repblock::node::systemd::init_logging("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -298,7 +292,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 writeln!(o, "{v}").and_then(|()| o.flush())
             };
-            client.events(|v| match write_line(&v) {
+            client.events(|v| match write_line(v) {
                 Ok(()) => true,
                 Err(e) => {
                     // A closed pipe (`repctl events | head`) ends the stream.
