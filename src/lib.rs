@@ -7,6 +7,7 @@
 //!   (superblock), crash recovery, group commit and checkpoints.
 //! - [`nbd`]: the NBD front end (protocol codec, server) and a small async
 //!   client used by tests and benchmarks.
+//! - [`clidoc`]: man pages and shell completions of the binaries.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
 //! - [`node`]: the node state machine (role, disk state, NBD export while
 //!   primary).
@@ -17,6 +18,7 @@
 //!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.
 
+pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;

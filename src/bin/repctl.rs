@@ -1,8 +1,9 @@
 //! repctl: talks to a node's control socket (and runs the offline
 //! `create-md`).
 //!
-//! Exit codes: 0 success; 1 refused or failed, with the reason on stderr;
-//! 2 usage error.
+//! Exit codes (docs/cli.md): 0 success; 1 refused or failed, with the
+//! reason on stderr; 2 usage error; 3 repd cannot be reached (not running,
+//! control socket error, no answer within --timeout).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::Config;
 use repblock::control::{ControlClient, DEFAULT_CLIENT_TIMEOUT, Request};
 use repblock::node::Status;
@@ -18,13 +19,14 @@ use repblock::node::daemon;
 
 #[derive(Debug, Parser)]
 #[command(name = "repctl", version, about = "Control one node of a repblock resource")]
+#[command(after_help = EXIT_CODES)]
 struct Cli {
-    /// Resource configuration file (TOML).
+    /// Resource configuration file (TOML). Required, except for `man` and `completions`.
     #[arg(long, value_name = "FILE")]
-    config: PathBuf,
-    /// The node to talk to (a [[node]] section of the config).
+    config: Option<PathBuf>,
+    /// The node to talk to (a [[node]] section of the config). Required, except for `man` and `completions`.
     #[arg(long, value_name = "NAME")]
-    node: String,
+    node: Option<String>,
     /// How long to wait for repd to answer, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_CLIENT_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -102,6 +104,17 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<f64>,
     },
+    /// Write man pages: repctl(8) to stdout, or with --dir repctl.8 and one page per subcommand
+    /// into DIR (`repd man` writes repd's).
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script of repctl for SHELL (`repd completions` prints repd's).
+    Completions {
+        #[arg(value_enum)]
+        shell: repblock::clidoc::Shell,
+    },
     /// Stream state changes, one JSON object per line.
     Events {
         /// Also emit a `statistics` event (status `statistics` and LSNs) every --interval.
@@ -113,21 +126,63 @@ enum Command {
     },
 }
 
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 refused or failed (reason on stderr); 2 usage error; \
+3 repd cannot be reached (not running, control socket error, no answer within --timeout).";
+
+/// Exit code 3: repd cannot be reached.
+const EXIT_UNREACHABLE: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     repblock::node::systemd::init_logging("warn");
-    match run(cli) {
+    match cli.command {
+        Command::Man { dir } => return man(dir.as_deref()),
+        Command::Completions { shell } => {
+            repblock::clidoc::completions(&mut Cli::command(), shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    let (Some(config), Some(node)) = (cli.config.clone(), cli.node.clone()) else {
+        Cli::command()
+            .error(clap::error::ErrorKind::MissingRequiredArgument, "--config FILE and --node NAME are required")
+            .exit()
+    };
+    match run(cli, config, node) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("repctl: {}", repblock::errors::render_chain(e.as_ref()));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// 3 when the error is that repd cannot be reached, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use repblock::control::ControlError;
+    let unreachable = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ControlError>(),
+            Some(ControlError::NotRunning { .. } | ControlError::Io { .. } | ControlError::Timeout { .. })
+        )
+    });
+    if unreachable { EXIT_UNREACHABLE } else { 1 }
+}
+
+/// `repctl man [--dir DIR]`.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    match repblock::clidoc::man_command(Cli::command(), dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("repctl: man: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let config = Config::load(&cli.config)?;
-    let node = config.node(&cli.node)?.clone();
+fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
+    let config = Config::load(&config_path)?;
+    let node = config.node(&node_name)?.clone();
     let timeout = Duration::try_from_secs_f64(cli.timeout)
         .ok()
         .filter(|t| !t.is_zero())
@@ -135,6 +190,8 @@ fn run(cli: Cli) -> Result<()> {
     let connect = || ControlClient::connect(&node.control, &node.name, timeout);
     let mut stdout = std::io::stdout().lock();
     match cli.command {
+        // Answered in main without a config.
+        Command::Man { .. } | Command::Completions { .. } => {}
         Command::CreateMd { force } => {
             daemon::create_md(&config, &node, force)?;
             writeln!(

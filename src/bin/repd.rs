@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::{self, Config, NbdAddress};
 use repblock::node::DiskState;
 use repblock::node::daemon::{self, Daemon};
@@ -52,6 +52,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
     },
+    /// Write man pages: repd(8) to stdout, or with --dir repd.8 and repd-demo.8 into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script of repd for SHELL.
+    Completions {
+        #[arg(value_enum)]
+        shell: repblock::clidoc::Shell,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -60,6 +70,22 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Man { dir }) => {
+            return match repblock::clidoc::man_command(Cli::command(), dir.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("repd: man: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Completions { shell }) => {
+            repblock::clidoc::completions(&mut Cli::command(), *shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     repblock::node::systemd::init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -71,6 +97,7 @@ fn main() -> ExitCode {
     let res = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { dir, size, nbd }) => demo(&dir, size, &nbd).await,
+            Some(Command::Man { .. } | Command::Completions { .. }) => Ok(()),
             None => {
                 // clap enforces both without a subcommand.
                 let (Some(config), Some(node)) = (cli.config, cli.node) else {
