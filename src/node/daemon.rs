@@ -82,6 +82,8 @@ pub struct Daemon {
     watcher: JoinHandle<()>,
     /// The `/metrics` server, if configured.
     metrics: Option<JoinHandle<()>>,
+    /// The `[handlers]` runner, if any handler is configured.
+    handlers: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -136,8 +138,9 @@ impl Daemon {
             }
             tokio::spawn(super::metrics::serve(l, Arc::downgrade(&node), stop_rx_metrics))
         });
+        let handlers = super::handlers::any(&node.config.handlers).then(|| super::handlers::spawn(&node));
         tracing::info!(control = %node.me.control.display(), "control socket ready");
-        Ok(Daemon { node, stop, control, watcher, metrics })
+        Ok(Daemon { node, stop, control, watcher, metrics, handlers })
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -158,6 +161,14 @@ impl Daemon {
         let _ = self.watcher.await;
         if let Some(m) = self.metrics {
             let _ = m.await;
+        }
+        if let Some(mut h) = self.handlers {
+            // The runner ends at the `stopping` event, after the handlers
+            // of the events before it (each bounded by the timeout).
+            let bound = self.node.config.handlers.timeout + Duration::from_secs(1);
+            if tokio::time::timeout(bound, &mut h).await.is_err() {
+                h.abort();
+            }
         }
         res.map_err(DaemonError::from)
     }

@@ -44,6 +44,7 @@ pub mod backend;
 pub mod daemon;
 mod disk;
 mod export;
+pub mod handlers;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
