@@ -19,6 +19,8 @@ need e2fsck e2fsprogs
 need fusermount3 fuse3
 need losetup util-linux
 need systemd-analyze systemd
+need ocf-tester resource-agents
+need xmllint libxml2-utils
 need mount mount
 install_needed
 # promtool and prometheus for tests/metrics.rs (which finds them on PATH or
