@@ -8,6 +8,36 @@ use std::path::{Path, PathBuf};
 
 pub use clap_complete::Shell;
 
+/// The `man` and `completions` subcommands both binaries have (flattened
+/// into their subcommand enums).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DocCommand {
+    /// Write man pages: this command's page to stdout, or with --dir its
+    /// page and one per subcommand into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script for SHELL.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+impl DocCommand {
+    /// Runs it for the binary whose clap definition is `cmd`.
+    pub fn run(&self, mut cmd: clap::Command) -> io::Result<()> {
+        match self {
+            DocCommand::Man { dir } => man_command(cmd, dir.as_deref()),
+            DocCommand::Completions { shell } => {
+                completions(&mut cmd, *shell, &mut io::stdout());
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The man page of `cmd` in `section` (roff).
 pub fn man_page(cmd: clap::Command, section: &'static str) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();

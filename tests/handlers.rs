@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pair::{Pair, PairOpts};
-use common::{ChildGuard, NodeOpts, REPCTL, TestNode};
+use common::{NodeOpts, TestNode};
 use serde_json::Value;
 
 /// A handler script appending one line per call to DIR/calls-NODE.log and
@@ -85,26 +82,7 @@ fn exit_codes_and_timeouts_are_reported_in_events() {
     let mut node = TestNode::with(opts);
     node.create_md();
     node.start();
-    let mut events = ChildGuard(Some(
-        Command::new(REPCTL)
-            .arg("--config")
-            .arg(&node.config)
-            .args(["--node", "alpha", "events"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("repctl events"),
-    ));
-    let (tx, rx) = mpsc::channel();
-    let out = events.child().stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (_events, rx) = common::spawn_events(&node.config, "alpha", &[]);
     let next_finished = |what: &str| -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, REPCTL, TestNode, random_file, require_tool, run_ok};
+use common::{TestNode, random_file, require_tool, run_ok};
 use serde_json::Value;
 
 #[test]
@@ -37,34 +36,14 @@ fn status_and_events_show_the_counters() {
     assert!(!plain.contains("local: read:"), "statistics only with --statistics: {plain}");
 
     // events --statistics: the stream's state event, then statistics events.
-    let mut child = ChildGuard(Some(
-        Command::new(REPCTL)
-            .arg("--config")
-            .arg(&node.config)
-            .args(["--node", "alpha", "events", "--statistics", "--interval", "0.2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn repctl events"),
-    ));
-    let stdout = child.child().stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (_events, rx) = common::spawn_events(&node.config, "alpha", &["--statistics", "--interval", "0.2"]);
     let start = Instant::now();
     let mut state = false;
     let mut stats = Vec::new();
     while stats.len() < 3 {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("no event line after {:?} ({e})", start.elapsed()))
-            .expect("read line");
+            .unwrap_or_else(|e| panic!("no event line after {:?} ({e})", start.elapsed()));
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
         match v["event"].as_str() {
             Some("state") => state = true,

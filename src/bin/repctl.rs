@@ -104,17 +104,8 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<f64>,
     },
-    /// Write man pages: repctl(8) to stdout, or with --dir repctl.8 and one page per subcommand
-    /// into DIR (`repd man` writes repd's).
-    Man {
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-    /// Print the shell completion script of repctl for SHELL (`repd completions` prints repd's).
-    Completions {
-        #[arg(value_enum)]
-        shell: repblock::clidoc::Shell,
-    },
+    #[command(flatten)]
+    Doc(repblock::clidoc::DocCommand),
     /// Stream state changes, one JSON object per line.
     Events {
         /// Also emit a `statistics` event (status `statistics` and LSNs) every --interval.
@@ -135,13 +126,14 @@ const EXIT_UNREACHABLE: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     repblock::node::systemd::init_logging("warn");
-    match cli.command {
-        Command::Man { dir } => return man(dir.as_deref()),
-        Command::Completions { shell } => {
-            repblock::clidoc::completions(&mut Cli::command(), shell, &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        _ => {}
+    if let Command::Doc(doc) = &cli.command {
+        return match doc.run(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("repctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let (Some(config), Some(node)) = (cli.config.clone(), cli.node.clone()) else {
         Cli::command()
@@ -169,17 +161,6 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if unreachable { EXIT_UNREACHABLE } else { 1 }
 }
 
-/// `repctl man [--dir DIR]`.
-fn man(dir: Option<&std::path::Path>) -> ExitCode {
-    match repblock::clidoc::man_command(Cli::command(), dir) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("repctl: man: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
     let config = Config::load(&config_path)?;
     let node = config.node(&node_name)?.clone();
@@ -191,7 +172,7 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     match cli.command {
         // Answered in main without a config.
-        Command::Man { .. } | Command::Completions { .. } => {}
+        Command::Doc(_) => {}
         Command::CreateMd { force } => {
             daemon::create_md(&config, &node, force)?;
             writeln!(

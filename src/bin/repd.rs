@@ -52,16 +52,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
     },
-    /// Write man pages: repd(8) to stdout, or with --dir repd.8 and repd-demo.8 into DIR.
-    Man {
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-    /// Print the shell completion script of repd for SHELL.
-    Completions {
-        #[arg(value_enum)]
-        shell: repblock::clidoc::Shell,
-    },
+    #[command(flatten)]
+    Doc(repblock::clidoc::DocCommand),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -70,21 +62,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match &cli.command {
-        Some(Command::Man { dir }) => {
-            return match repblock::clidoc::man_command(Cli::command(), dir.as_deref()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("repd: man: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Some(Command::Completions { shell }) => {
-            repblock::clidoc::completions(&mut Cli::command(), *shell, &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        _ => {}
+    if let Some(Command::Doc(doc)) = &cli.command {
+        return match doc.run(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("repd: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     repblock::node::systemd::init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -97,7 +82,7 @@ fn main() -> ExitCode {
     let res = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { dir, size, nbd }) => demo(&dir, size, &nbd).await,
-            Some(Command::Man { .. } | Command::Completions { .. }) => Ok(()),
+            Some(Command::Doc(_)) => Ok(()),
             None => {
                 // clap enforces both without a subcommand.
                 let (Some(config), Some(node)) = (cli.config, cli.node) else {
