@@ -269,49 +269,44 @@ fn encode_status(enc: DescriptorEncoder, node: &Node, s: &Status) -> fmt::Result
         b(s.failed.is_some()),
     )?;
 
-    // Sync.
-    o.peer_gauge(
-        "repblock_out_of_sync_bytes",
-        "Bytes the peer may lack or hold differently (running resync: what it has left)",
-        s.out_of_sync_bytes as f64,
-    )?;
-    o.peer_gauge("repblock_resync_running", "1 while a resync runs", b(s.resync.total_bytes > 0))?;
-    o.peer_gauge(
-        "repblock_resync_done_bytes",
-        "Bytes the running resync has moved (0 when none runs)",
-        s.resync.done_bytes as f64,
-    )?;
-    o.peer_gauge(
-        "repblock_resync_total_bytes",
-        "Bytes the running resync moves in all (0 when none runs)",
-        s.resync.total_bytes as f64,
-    )?;
-    o.peer_gauge(
-        "repblock_resync_speed_bytes_per_second",
-        "Average speed of the running resync since it started",
-        s.resync.speed_bytes_per_sec as f64,
-    )?;
-    o.peer_gauge("repblock_verify_running", "1 while an online verify runs", b(s.verify.running))?;
-
-    // LSNs.
+    // Sync and LSNs: (name, help, value).
+    let peer_gauges: [(&str, &str, f64); 9] = [
+        (
+            "repblock_out_of_sync_bytes",
+            "Bytes the peer may lack or hold differently (running resync: what it has left)",
+            s.out_of_sync_bytes as f64,
+        ),
+        ("repblock_resync_running", "1 while a resync runs", b(s.resync.total_bytes > 0)),
+        (
+            "repblock_resync_done_bytes",
+            "Bytes the running resync has moved (0 when none runs)",
+            s.resync.done_bytes as f64,
+        ),
+        (
+            "repblock_resync_total_bytes",
+            "Bytes the running resync moves in all (0 when none runs)",
+            s.resync.total_bytes as f64,
+        ),
+        (
+            "repblock_resync_speed_bytes_per_second",
+            "Average speed of the running resync since it started",
+            s.resync.speed_bytes_per_sec as f64,
+        ),
+        ("repblock_verify_running", "1 while an online verify runs", b(s.verify.running)),
+        (
+            "repblock_peer_received_lsn",
+            "Highest LSN the peer acknowledged as received (this session)",
+            s.lsn.peer_received as f64,
+        ),
+        ("repblock_peer_written_lsn", "Highest LSN the peer acknowledged as written", s.lsn.peer_written as f64),
+        ("repblock_peer_durable_lsn", "Highest LSN the peer acknowledged as durable", s.lsn.peer_durable as f64),
+    ];
+    for (name, help, v) in peer_gauges {
+        o.peer_gauge(name, help, v)?;
+    }
     o.gauge("repblock_local_lsn", "Highest LSN written locally", s.lsn.local as f64)?;
     o.gauge("repblock_durable_lsn", "Highest LSN durable in the local WAL", s.wal.durable_lsn as f64)?;
     o.gauge("repblock_checkpoint_lsn", "LSN of the last checkpoint", s.wal.checkpoint_lsn as f64)?;
-    o.peer_gauge(
-        "repblock_peer_received_lsn",
-        "Highest LSN the peer acknowledged as received (this session)",
-        s.lsn.peer_received as f64,
-    )?;
-    o.peer_gauge(
-        "repblock_peer_written_lsn",
-        "Highest LSN the peer acknowledged as written",
-        s.lsn.peer_written as f64,
-    )?;
-    o.peer_gauge(
-        "repblock_peer_durable_lsn",
-        "Highest LSN the peer acknowledged as durable",
-        s.lsn.peer_durable as f64,
-    )?;
 
     // Local IO.
     o.counter("repblock_read_bytes", "Bytes NBD clients read", st.read_bytes)?;
