@@ -55,6 +55,28 @@ install_needed() {
     fi
 }
 
+# unpack_deb PKG DIR FILE : unpacks the Debian package PKG into DIR (with
+# `apt-get download` + `dpkg-deb -x`, no install: a package such as
+# prometheus would start a system service), unless DIR/FILE exists.
+unpack_deb() {
+    local pkg="$1" dir="$2" file="$3" tmp
+    [ -e "$dir/$file" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: unpack the Debian package $pkg into $dir by hand"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        say "apt-get update"
+        as_root apt-get update -q </dev/null
+        APT_UPDATED=1
+    fi
+    tmp="$(mktemp -d)"
+    chmod 755 "$tmp"  # apt downloads as the _apt user
+    say "unpacking the Debian package $pkg into $dir (not installed: no service starts)"
+    (cd "$tmp" && apt-get download -q "$pkg" </dev/null) || die "apt-get download $pkg failed"
+    as_root mkdir -p "$dir"
+    as_root dpkg-deb -x "$tmp"/"$pkg"_*.deb "$dir"
+    rm -rf "$tmp"
+    [ -e "$dir/$file" ] || die "$pkg unpacked into $dir has no $file"
+}
+
 # version_ge A B : true when version A >= version B (dotted numbers).
 version_ge() {
     [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]

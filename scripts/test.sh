@@ -2,7 +2,8 @@
 # Installs what the test suite needs (with apt, only when something is
 # missing), ensures a Rust toolchain, and runs the whole suite: unit,
 # property and end-to-end tests against real repd processes and real NBD
-# clients (nbdinfo, qemu-img, nbdcopy, fio, nbdfuse + loop + ext4).
+# clients (nbdinfo, qemu-img, nbdcopy, fio, nbdfuse + loop + ext4), and
+# the metrics endpoint against Debian's promtool and prometheus.
 # The end-to-end tests need root (loop devices, mount) and /dev/fuse.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -17,8 +18,14 @@ need mkfs.ext4 e2fsprogs
 need e2fsck e2fsprogs
 need fusermount3 fuse3
 need losetup util-linux
+need systemd-analyze systemd
+need ocf-tester resource-agents
+need xmllint libxml2-utils
 need mount mount
 install_needed
+# promtool and prometheus for tests/metrics.rs (which finds them on PATH or
+# under this directory): unpacked, never installed as a service.
+unpack_deb prometheus /opt/repblock-test/prometheus usr/bin/promtool
 ensure_toolchain
 
 [ "$(id -u)" -eq 0 ] || say "warning: not root: the ext4/loop-device tests will fail"

@@ -176,6 +176,8 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     /// Optional block device (or file) holding the data.
     pub disk: Option<PathBuf>,
+    /// Optional `host:port` serving Prometheus metrics (`GET /metrics`).
+    pub metrics: Option<String>,
 }
 
 /// A validated resource configuration.
@@ -225,6 +227,8 @@ pub struct Config {
     pub after_sb_0pri: AfterSb0Pri,
     /// Split-brain policy with one primary at connect (`disconnect` by default).
     pub after_sb_1pri: AfterSb1Pri,
+    /// `[handlers]`: commands run on events (src/node/handlers.rs).
+    pub handlers: Handlers,
     /// The nodes (one or two).
     pub nodes: Vec<NodeConfig>,
 }
@@ -255,7 +259,47 @@ struct RawConfig {
     resync_rate: Option<toml::Value>,
     after_sb_0pri: Option<toml::Value>,
     after_sb_1pri: Option<toml::Value>,
+    handlers: Option<RawHandlers>,
     node: Option<Vec<RawNode>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandlers {
+    timeout: Option<toml::Value>,
+    after_resync_target: Option<toml::Value>,
+    split_brain: Option<toml::Value>,
+    peer_lost: Option<toml::Value>,
+    on_promote: Option<toml::Value>,
+    on_demote: Option<toml::Value>,
+}
+
+/// Default `[handlers] timeout`.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `[handlers]`: each an argv list (no shell), run when its event happens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handlers {
+    /// A handler still running after this is killed (30s by default).
+    pub timeout: Duration,
+    pub after_resync_target: Option<Vec<String>>,
+    pub split_brain: Option<Vec<String>>,
+    pub peer_lost: Option<Vec<String>>,
+    pub on_promote: Option<Vec<String>>,
+    pub on_demote: Option<Vec<String>>,
+}
+
+impl Default for Handlers {
+    fn default() -> Handlers {
+        Handlers {
+            timeout: DEFAULT_HANDLER_TIMEOUT,
+            after_resync_target: None,
+            split_brain: None,
+            peer_lost: None,
+            on_promote: None,
+            on_demote: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +312,7 @@ struct RawNode {
     control: Option<toml::Value>,
     dir: Option<toml::Value>,
     disk: Option<toml::Value>,
+    metrics: Option<toml::Value>,
 }
 
 /// Field checker bound to one file (keeps messages uniform).
@@ -605,7 +650,11 @@ impl Config {
                 Some(v) => Some(c.path(&f("disk"), v)?),
                 None => None,
             };
-            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk });
+            let metrics = match &n.metrics {
+                Some(v) => Some(c.host_port(&f("metrics"), v)?),
+                None => None,
+            };
+            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics });
         }
         if two && secret.is_none() {
             return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
@@ -634,6 +683,8 @@ impl Config {
                 Some(("dir", a.dir.display().to_string()))
             } else if a.disk.is_some() && a.disk == b.disk {
                 Some(("disk", a.disk.as_ref().map(|d| d.display().to_string()).unwrap_or_default()))
+            } else if a.metrics.is_some() && a.metrics == b.metrics {
+                Some(("metrics", a.metrics.clone().unwrap_or_default()))
             } else {
                 None
             };
@@ -729,6 +780,40 @@ impl Config {
             }
         };
 
+        let handlers = match &raw.handlers {
+            None => Handlers::default(),
+            Some(h) => {
+                let argv = |key: &str, v: &Option<toml::Value>| -> Result<Option<Vec<String>>, ConfigError> {
+                    let field = format!("handlers.{key}");
+                    let expected = "expected an argv list such as [\"/usr/local/bin/notify\", \"--resource\", \"r0\"]";
+                    match v {
+                        None => Ok(None),
+                        Some(toml::Value::Array(items)) => {
+                            let argv: Vec<String> = items
+                                .iter()
+                                .map(|i| match i {
+                                    toml::Value::String(s) => Ok(s.clone()),
+                                    other => Err(c.err(&field, format!("{expected}, got {} in it", describe(other)))),
+                                })
+                                .collect::<Result<_, _>>()?;
+                            match argv.first() {
+                                Some(cmd) if !cmd.is_empty() => Ok(Some(argv)),
+                                _ => Err(c.err(&field, format!("{expected}, got an empty command"))),
+                            }
+                        }
+                        Some(other) => Err(c.err(&field, format!("{expected}, got {}", describe(other)))),
+                    }
+                };
+                Handlers {
+                    timeout: nonzero_duration("handlers.timeout", &h.timeout, DEFAULT_HANDLER_TIMEOUT)?,
+                    after_resync_target: argv("after_resync_target", &h.after_resync_target)?,
+                    split_brain: argv("split_brain", &h.split_brain)?,
+                    peer_lost: argv("peer_lost", &h.peer_lost)?,
+                    on_promote: argv("on_promote", &h.on_promote)?,
+                    on_demote: argv("on_demote", &h.on_demote)?,
+                }
+            }
+        };
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -751,6 +836,7 @@ impl Config {
             resync_rate,
             after_sb_0pri,
             after_sb_1pri,
+            handlers,
             nodes,
         })
     }
@@ -1141,6 +1227,50 @@ disk = "/dev/vg0/r0"
         assert_eq!(c.size, 1 << 30);
         assert_eq!(c.nodes[0].control, PathBuf::from("/tmp/demo/control.sock"));
         assert_eq!(c.nodes[0].dir, PathBuf::from("/tmp/demo/data"));
+    }
+
+    #[test]
+    fn handlers_are_argv_lists_with_a_timeout() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.handlers, Handlers::default());
+        let with = |extra: &str| TWO.replacen("max_clients = 8", &format!("max_clients = 8\n{extra}"), 1);
+        let c =
+            load(&with("[handlers]\ntimeout = \"5s\"\npeer_lost = [\"/bin/logger\", \"-t\", \"repblock\"]")).unwrap();
+        assert_eq!(c.handlers.timeout, Duration::from_secs(5));
+        assert_eq!(c.handlers.peer_lost, Some(vec!["/bin/logger".into(), "-t".into(), "repblock".into()]));
+        assert_eq!(c.handlers.on_promote, None);
+        for (bad, want) in [
+            ("[handlers]\npeer_lost = \"/bin/logger\"", "handlers.peer_lost: expected an argv list"),
+            ("[handlers]\npeer_lost = []", "handlers.peer_lost: expected an argv list"),
+            ("[handlers]\npeer_lost = [\"\"]", "handlers.peer_lost: expected an argv list"),
+            ("[handlers]\npeer_lost = [\"/x\", 3]", "handlers.peer_lost: expected an argv list"),
+            ("[handlers]\ntimeout = \"0s\"", "handlers.timeout"),
+            ("[handlers]\nbefore_resync_targetx = [\"/x\"]", "before_resync_targetx"),
+        ] {
+            let e = load(&with(bad)).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn metrics_address_is_optional_and_checked() {
+        let c = load(TWO).unwrap();
+        assert_eq!(c.node("alpha").unwrap().metrics, None);
+        let with = TWO.replacen(
+            "dir = \"/var/lib/repblock/r0-alpha\"",
+            "dir = \"/var/lib/repblock/r0-alpha\"\nmetrics = \"127.0.0.1:9942\"",
+            1,
+        );
+        let c = load(&with).unwrap();
+        assert_eq!(c.node("alpha").unwrap().metrics.as_deref(), Some("127.0.0.1:9942"));
+        assert_eq!(c.node("beta").unwrap().metrics, None);
+        let bad = TWO.replacen(
+            "dir = \"/var/lib/repblock/r0-alpha\"",
+            "dir = \"/var/lib/repblock/r0-alpha\"\nmetrics = \"9942\"",
+            1,
+        );
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("node[0].metrics") && e.contains("host:port"), "{e}");
     }
 
     #[test]

@@ -7,14 +7,18 @@
 //!   (superblock), crash recovery, group commit and checkpoints.
 //! - [`nbd`]: the NBD front end (protocol codec, server) and a small async
 //!   client used by tests and benchmarks.
+//! - [`clidoc`]: man pages and shell completions of the binaries.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
 //! - [`node`]: the node state machine (role, disk state, NBD export while
 //!   primary).
 //! - [`repl`]: the replication link: wire protocol (frames, messages,
 //!   versions), framed async reader/writer, and the authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
+//! - [`stats`]: cheap operation counters behind `status` statistics and
+//!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.
 
+pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
@@ -22,5 +26,6 @@ pub mod io;
 pub mod nbd;
 pub mod node;
 pub mod repl;
+pub mod stats;
 pub mod units;
 pub mod volume;

@@ -246,7 +246,8 @@ fn repctl_against_a_stopped_node_says_so() {
     let mut n = TestNode::new("sync");
     for args in [&["status"][..], &["promote"], &["events"]] {
         let out = n.repctl(args);
-        assert_eq!(out.status.code(), Some(1));
+        // Exit 3: repd cannot be reached (docs/cli.md).
+        assert_eq!(out.status.code(), Some(3));
         let expected = format!("repd for node alpha is not running (no control socket at {})", n.control().display());
         assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
     }
@@ -255,7 +256,7 @@ fn repctl_against_a_stopped_node_says_so() {
     n.start();
     n.kill9();
     let out = n.repctl(&["status"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("repd for node alpha is not running"), "{}", stderr(&out));
     // And repd starts again over the stale socket.
     n.start();

@@ -1,16 +1,17 @@
 //! repctl: talks to a node's control socket (and runs the offline
 //! `create-md`).
 //!
-//! Exit codes: 0 success; 1 refused or failed, with the reason on stderr;
-//! 2 usage error.
+//! Exit codes (docs/cli.md): 0 success; 1 refused or failed, with the
+//! reason on stderr; 2 usage error; 3 repd cannot be reached (not running,
+//! control socket error, no answer within --timeout).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::Config;
 use repblock::control::{ControlClient, DEFAULT_CLIENT_TIMEOUT, Request};
 use repblock::node::Status;
@@ -18,13 +19,14 @@ use repblock::node::daemon;
 
 #[derive(Debug, Parser)]
 #[command(name = "repctl", version, about = "Control one node of a repblock resource")]
+#[command(after_help = EXIT_CODES)]
 struct Cli {
-    /// Resource configuration file (TOML).
+    /// Resource configuration file (TOML). Required, except for `man` and `completions`.
     #[arg(long, value_name = "FILE")]
-    config: PathBuf,
-    /// The node to talk to (a [[node]] section of the config).
+    config: Option<PathBuf>,
+    /// The node to talk to (a [[node]] section of the config). Required, except for `man` and `completions`.
     #[arg(long, value_name = "NAME")]
-    node: String,
+    node: Option<String>,
     /// How long to wait for repd to answer, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_CLIENT_TIMEOUT.as_secs_f64())]
     timeout: f64,
@@ -42,9 +44,12 @@ enum Command {
     },
     /// Role, disk, connection, peer, out-of-sync bytes, resync progress.
     Status {
-        /// One JSON object (the public contract, design.md §6).
+        /// One JSON object (the public contract, design.md §6; it always has `statistics`).
         #[arg(long)]
         json: bool,
+        /// Also show counters: bytes and requests, pending/unacked, link bytes, buffer fill, WAL syncs.
+        #[arg(long)]
+        statistics: bool,
     },
     /// Become primary and export the volume over NBD.
     Promote {
@@ -99,31 +104,66 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<f64>,
     },
+    #[command(flatten)]
+    Doc(repblock::clidoc::DocCommand),
     /// Stream state changes, one JSON object per line.
-    Events,
+    Events {
+        /// Also emit a `statistics` event (status `statistics` and LSNs) every --interval.
+        #[arg(long)]
+        statistics: bool,
+        /// Seconds between `statistics` events.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0, requires = "statistics")]
+        interval: f64,
+    },
 }
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 refused or failed (reason on stderr); 2 usage error; \
+3 repd cannot be reached (not running, control socket error, no answer within --timeout).";
+
+/// Exit code 3: repd cannot be reached.
+const EXIT_UNREACHABLE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match run(cli) {
+    repblock::node::systemd::init_logging("warn");
+    if let Command::Doc(doc) = &cli.command {
+        return match doc.run(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("repctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (Some(config), Some(node)) = (cli.config.clone(), cli.node.clone()) else {
+        Cli::command()
+            .error(clap::error::ErrorKind::MissingRequiredArgument, "--config FILE and --node NAME are required")
+            .exit()
+    };
+    match run(cli, config, node) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("repctl: {}", repblock::errors::render_chain(e.as_ref()));
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let config = Config::load(&cli.config)?;
-    let node = config.node(&cli.node)?.clone();
+/// 3 when the error is that repd cannot be reached, 1 otherwise.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use repblock::control::ControlError;
+    let unreachable = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ControlError>(),
+            Some(ControlError::NotRunning { .. } | ControlError::Io { .. } | ControlError::Timeout { .. })
+        )
+    });
+    if unreachable { EXIT_UNREACHABLE } else { 1 }
+}
+
+fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
+    let config = Config::load(&config_path)?;
+    let node = config.node(&node_name)?.clone();
     let timeout = Duration::try_from_secs_f64(cli.timeout)
         .ok()
         .filter(|t| !t.is_zero())
@@ -131,6 +171,8 @@ fn run(cli: Cli) -> Result<()> {
     let connect = || ControlClient::connect(&node.control, &node.name, timeout);
     let mut stdout = std::io::stdout().lock();
     match cli.command {
+        // Answered in main without a config.
+        Command::Doc(_) => {}
         Command::CreateMd { force } => {
             daemon::create_md(&config, &node, force)?;
             writeln!(
@@ -140,13 +182,16 @@ fn run(cli: Cli) -> Result<()> {
                 node.dir.display()
             )?;
         }
-        Command::Status { json } => {
+        Command::Status { json, statistics } => {
             let v = connect()?.request(&Request::Status)?;
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
                 let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
                 write!(stdout, "{}", s.human())?;
+                if statistics {
+                    write!(stdout, "{}", s.human_statistics())?;
+                }
             }
         }
         Command::Promote { force } => {
@@ -255,9 +300,37 @@ fn run(cli: Cli) -> Result<()> {
             }
             writeln!(stdout, "{}: in sync", node.name)?;
         }
-        Command::Events => {
+        Command::Events { statistics, interval } => {
+            let every = Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|t| *t >= Duration::from_millis(10))
+                .with_context(|| format!("--interval: expected at least 0.01 seconds, got {interval}"))?;
+            drop(stdout);
+            let out = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+            let client = connect()?;
+            if statistics {
+                // A second connection polls `status`; its lines interleave
+                // with the stream's under the stdout lock.
+                let out = std::sync::Arc::clone(&out);
+                let mut poll = connect()?;
+                std::thread::spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        let Ok(v) = poll.request(&Request::Status) else { break };
+                        let line = statistics_event(&v);
+                        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                        if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
             let mut out_err = None;
-            connect()?.events(|v| match writeln!(stdout, "{v}").and_then(|()| stdout.flush()) {
+            let write_line = |v: &serde_json::Value| {
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(o, "{v}").and_then(|()| o.flush())
+            };
+            client.events(|v| match write_line(v) {
                 Ok(()) => true,
                 Err(e) => {
                     // A closed pipe (`repctl events | head`) ends the stream.
@@ -271,6 +344,22 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `statistics` event of `events --statistics`: the status'
+/// `statistics` object and LSNs, stamped now.
+fn statistics_event(status: &serde_json::Value) -> serde_json::Value {
+    let mut fields = serde_json::Map::new();
+    if let Some(serde_json::Value::Object(st)) = status.get("statistics") {
+        fields.extend(st.clone());
+    }
+    for key in ["lsn", "out_of_sync_bytes"] {
+        if let Some(v) = status.get(key) {
+            fields.insert(key.to_string(), v.clone());
+        }
+    }
+    serde_json::to_value(repblock::control::Event::now("statistics", serde_json::Value::Object(fields)))
+        .unwrap_or_default()
 }
 
 /// `verify --wait`: polls `status` until a verify ended after the request

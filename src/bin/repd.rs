@@ -8,15 +8,16 @@
 //! Logs go to stderr (`RUST_LOG` overrides `--log-level`). SIGTERM/SIGINT
 //! stop the node cleanly (export down, volume closed, exit 0).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::{self, Config, NbdAddress};
 use repblock::node::DiskState;
 use repblock::node::daemon::{self, Daemon};
+use repblock::node::systemd::Notifier;
 use repblock::units;
 
 #[derive(Debug, Parser)]
@@ -51,25 +52,26 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:10809")]
         nbd: String,
     },
+    #[command(flatten)]
+    Doc(repblock::clidoc::DocCommand),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     units::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    if let Some(Command::Doc(doc)) = &cli.command {
+        return match doc.run(Cli::command()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("repd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    repblock::node::systemd::init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
     let res = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { dir, size, nbd }) => demo(&dir, size, &nbd).await,
+            Some(Command::Doc(_)) => Ok(()),
             None => {
                 // clap enforces both without a subcommand.
                 let (Some(config), Some(node)) = (cli.config, cli.node) else {
@@ -106,13 +109,16 @@ async fn run(config_path: &Path, node: &str) -> Result<()> {
 }
 
 async fn serve_until_signal(daemon: Daemon) -> Result<()> {
-    let signal = daemon::wait_for_signal().await.context("cannot install signal handlers")?;
+    // Installed before READY=1: a stop right after it is a clean stop.
+    let mut signals = daemon::StopSignals::install().context("cannot install signal handlers")?;
+    let notifier = Notifier::start(Arc::clone(daemon.node()));
+    let signal = signals.recv().await;
+    notifier.stopping();
     tracing::info!(signal, "stopping (a second signal exits at once; the WAL makes that safe)");
-    tokio::spawn(async {
-        if let Ok(second) = daemon::wait_for_signal().await {
-            eprintln!("repd: {second} during the clean stop: exiting now; the next start replays the WAL");
-            std::process::exit(130);
-        }
+    tokio::spawn(async move {
+        let second = signals.recv().await;
+        eprintln!("repd: {second} during the clean stop: exiting now; the next start replays the WAL");
+        std::process::exit(130);
     });
     daemon.stop().await?;
     tracing::info!("stopped cleanly");

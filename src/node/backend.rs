@@ -14,11 +14,13 @@
 //! is a second line of defence.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use crate::nbd::{BlockBackend, BlockError};
 use crate::repl::engine::{Durability, Engine};
+use crate::stats::{IoOp, IoStats};
 use crate::volume::{Lsn, Volume, VolumeError};
 
 /// Serves a [`Volume`] over NBD. With a replication engine, each reply
@@ -28,16 +30,24 @@ use crate::volume::{Lsn, Volume, VolumeError};
 pub struct VolumeBackend {
     volume: Arc<Volume>,
     gate: Option<Arc<Engine>>,
+    /// Requests, bytes, pending/unacked, acknowledgement waits.
+    stats: Arc<IoStats>,
 }
 
 impl VolumeBackend {
     pub fn new(volume: Arc<Volume>) -> VolumeBackend {
-        VolumeBackend { volume, gate: None }
+        VolumeBackend { volume, gate: None, stats: Arc::default() }
     }
 
     /// A backend whose replies wait for the peer through `gate`.
     pub fn with_gate(volume: Arc<Volume>, gate: Option<Arc<Engine>>) -> VolumeBackend {
-        VolumeBackend { volume, gate }
+        VolumeBackend { volume, gate, stats: Arc::default() }
+    }
+
+    /// Counts into `stats` (the node's, which `status` reads).
+    pub fn with_stats(mut self, stats: Arc<IoStats>) -> VolumeBackend {
+        self.stats = stats;
+        self
     }
 
     async fn before_write(&self) -> Result<(), BlockError> {
@@ -50,7 +60,15 @@ impl VolumeBackend {
     async fn after(&self, r: Result<Lsn, VolumeError>, d: Durability, op: Op) -> Result<(), BlockError> {
         let lsn = r.map_err(|e| map_error(op, e))?;
         if let Some(g) = &self.gate {
+            // Timed only while a session streams to the peer: otherwise
+            // nothing is waited for.
+            let active = g.acks.borrow().active;
+            let _unacked = self.stats.begin_unacked();
+            let start = Instant::now();
             g.wait(lsn, d).await;
+            if active {
+                self.stats.observe_ack_wait(d == Durability::Flush, start.elapsed());
+            }
         }
         Ok(())
     }
@@ -83,27 +101,32 @@ impl BlockBackend for VolumeBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        let _pending = self.stats.begin(IoOp::Read, u64::from(len));
         self.volume.read(offset, len).await.map_err(|e| map_error(Op::Read, e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        let _pending = self.stats.begin(IoOp::Write, data.len() as u64);
         self.before_write().await?;
         let r = self.volume.write(offset, data, fua).await;
         self.after(r, durability(fua), Op::Write).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
+        let _pending = self.stats.begin(IoOp::Flush, 0);
         let r = self.volume.flush().await;
         self.after(r, Durability::Flush, Op::Other).await
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), BlockError> {
+        let _pending = self.stats.begin(IoOp::Trim, u64::from(len));
         self.before_write().await?;
         let r = self.volume.trim(offset, len, fua).await;
         self.after(r, durability(fua), Op::Other).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> Result<(), BlockError> {
+        let _pending = self.stats.begin(IoOp::WriteZeroes, u64::from(len));
         self.before_write().await?;
         // NO_HOLE means "keep it allocated": do not punch.
         let r = self.volume.write_zeroes(offset, len, !no_hole, fua).await;

@@ -44,6 +44,8 @@ pub enum DaemonError {
     Node(#[from] NodeError),
     #[error("{0}")]
     Task(String),
+    #[error(transparent)]
+    Metrics(#[from] super::metrics::MetricsError),
 }
 
 /// Chooses the IO engine the config asks for, wrapped by the test-only
@@ -78,6 +80,10 @@ pub struct Daemon {
     stop: watch::Sender<bool>,
     control: JoinHandle<()>,
     watcher: JoinHandle<()>,
+    /// The `/metrics` server, if configured.
+    metrics: Option<JoinHandle<()>>,
+    /// The `[handlers]` runner, if any handler is configured.
+    handlers: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -86,6 +92,10 @@ impl Daemon {
     pub async fn start(config: Config, name: &str) -> Result<Daemon, DaemonError> {
         let me = config.node(name)?.clone();
         let socket = ControlSocket::bind(&me.control, &me.name)?;
+        let metrics_listener = match &me.metrics {
+            Some(addr) => Some(super::metrics::bind(addr).await?),
+            None => None,
+        };
         if !has_metadata(&me) {
             return Err(DaemonError::NoMetadata {
                 dir: me.dir.clone(),
@@ -108,6 +118,7 @@ impl Daemon {
             return Err(e.into());
         }
         let (stop, stop_rx) = watch::channel(false);
+        let stop_rx_metrics = stop_rx.clone();
         let control = tokio::spawn(socket.serve(Arc::clone(&node), stop_rx.clone()));
         let watcher = {
             let node = Arc::clone(&node);
@@ -121,8 +132,15 @@ impl Daemon {
                 }
             })
         };
+        let metrics = metrics_listener.map(|l| {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "metrics: serving GET /metrics");
+            }
+            tokio::spawn(super::metrics::serve(l, Arc::downgrade(&node), stop_rx_metrics))
+        });
+        let handlers = super::handlers::any(&node.config.handlers).then(|| super::handlers::spawn(&node));
         tracing::info!(control = %node.me.control.display(), "control socket ready");
-        Ok(Daemon { node, stop, control, watcher })
+        Ok(Daemon { node, stop, control, watcher, metrics, handlers })
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -141,6 +159,17 @@ impl Daemon {
         let _ = self.stop.send(true);
         let _ = self.control.await;
         let _ = self.watcher.await;
+        if let Some(m) = self.metrics {
+            let _ = m.await;
+        }
+        if let Some(mut h) = self.handlers {
+            // The runner ends at the `stopping` event, after the handlers
+            // of the events before it (each bounded by the timeout).
+            let bound = self.node.config.handlers.timeout + Duration::from_secs(1);
+            if tokio::time::timeout(bound, &mut h).await.is_err() {
+                h.abort();
+            }
+        }
         res.map_err(DaemonError::from)
     }
 }
@@ -152,11 +181,28 @@ fn replication_store(volume: &Arc<Volume>) -> Option<Arc<dyn crate::repl::store:
 
 /// Waits for SIGTERM or SIGINT; returns the signal's name.
 pub async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    Ok(StopSignals::install()?.recv().await)
+}
+
+/// SIGTERM and SIGINT handlers, installed at once (a signal that arrives
+/// before [`StopSignals::recv`] is kept, not the default action).
+#[derive(Debug)]
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The next SIGTERM or SIGINT; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

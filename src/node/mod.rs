@@ -44,7 +44,10 @@ pub mod backend;
 pub mod daemon;
 mod disk;
 mod export;
+pub mod handlers;
+pub mod metrics;
 pub mod status;
+pub mod systemd;
 
 pub use backend::VolumeBackend;
 pub use status::Status;
@@ -141,6 +144,8 @@ pub struct Node {
     events: broadcast::Sender<Event>,
     /// The replication engine (two-node resources).
     repl: Option<Arc<Engine>>,
+    /// NBD request counters (status statistics, /metrics).
+    io_stats: Arc<crate::stats::IoStats>,
 }
 
 impl Node {
@@ -175,6 +180,7 @@ impl Node {
             transition: tokio::sync::Mutex::new(()),
             events,
             repl,
+            io_stats: Arc::default(),
         })
     }
 
@@ -281,7 +287,10 @@ impl Node {
                 self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
             }
         }
-        let backend = Arc::new(VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone()));
+        let backend = Arc::new(
+            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone())
+                .with_stats(Arc::clone(&self.io_stats)),
+        );
         let cfg = export::ExportConfig {
             export_name: self.config.name.clone(),
             description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
@@ -440,6 +449,7 @@ impl Node {
                 checkpoint_lsn: vs.checkpoint_lsn,
                 durable_lsn: vs.durable_lsn,
             },
+            statistics: self.statistics(&vs),
             failed,
             pid: std::process::id(),
         }

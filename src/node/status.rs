@@ -75,6 +75,10 @@ pub struct Status {
     /// `out_of_sync_bytes`, `runs_finished`, `last` (src/repl/verify.rs).
     #[serde(default)]
     pub verify: crate::repl::verify::VerifyStatus,
+    /// Counters and gauges like `drbdsetup status --statistics` (bytes,
+    /// requests, pending, buffer fill, WAL syncs; src/stats.rs).
+    #[serde(default)]
+    pub statistics: crate::stats::Statistics,
 }
 
 /// `decision` in the status.
@@ -263,6 +267,55 @@ impl Status {
     }
 }
 
+impl Status {
+    /// The `--statistics` lines (after [`Status::human`]), like
+    /// `drbdsetup status --verbose --statistics`: local IO, the volume's
+    /// syncs, and the link to the peer.
+    pub fn human_statistics(&self) -> String {
+        let st = &self.statistics;
+        let z = format_size_approx;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "  local: read:{} written:{} read-requests:{} write-requests:{} trim-requests:{} flush-requests:{} \
+             pending:{} unacked:{}",
+            z(st.read_bytes),
+            z(st.written_bytes),
+            st.read_requests,
+            st.write_requests,
+            st.trim_requests,
+            st.flush_requests,
+            st.pending_requests,
+            st.unacked_requests
+        );
+        let _ = writeln!(
+            s,
+            "  volume: wal-syncs:{} checkpoints:{} bitmap-writes:{}",
+            st.wal_syncs, st.checkpoints, st.bitmap_writes
+        );
+        if let Some(peer) = &self.peer.name {
+            let _ = write!(
+                s,
+                "  {peer} sent:{} received:{} in-flight:{} buffer:{:.1}% of {}",
+                z(st.sent_bytes),
+                z(st.received_bytes),
+                z(st.in_flight_bytes),
+                st.replication_buffer_percent,
+                z(st.replication_buffer_bytes)
+            );
+            match (&st.peer_address, &st.connected_since) {
+                (Some(addr), Some(since)) => {
+                    let _ = writeln!(s, " address:{addr} connected-since:{since}");
+                }
+                _ => {
+                    let _ = writeln!(s, " (not connected)");
+                }
+            }
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +352,7 @@ mod tests {
             split_brain: false,
             last_sync: None,
             verify: Default::default(),
+            statistics: Default::default(),
         }
     }
 
@@ -311,6 +365,33 @@ mod tests {
              node:alpha protocol:C size:1GiB io-engine:io_uring\n  \
              nbd:nbd://127.0.0.1:10809/r0 (1 client)\n  lsn:12 durable:12 checkpoint:10 wal:64MiB\n"
         );
+    }
+
+    #[test]
+    fn statistics_read_like_drbdsetup_statistics() {
+        let mut s = sample();
+        s.statistics.read_bytes = 4 << 20;
+        s.statistics.written_bytes = 1 << 30;
+        s.statistics.write_requests = 7;
+        s.statistics.wal_syncs = 3;
+        assert_eq!(
+            s.human_statistics(),
+            "  local: read:4MiB written:1GiB read-requests:0 write-requests:7 trim-requests:0 flush-requests:0 \
+             pending:0 unacked:0\n  volume: wal-syncs:3 checkpoints:0 bitmap-writes:0\n"
+        );
+        s.peer.name = Some("beta".into());
+        s.statistics.replication_buffer_bytes = 64 << 20;
+        s.statistics.in_flight_bytes = 16 << 20;
+        s.statistics.replication_buffer_percent = 25.0;
+        let h = s.human_statistics();
+        assert!(
+            h.ends_with("  beta sent:0B received:0B in-flight:16MiB buffer:25.0% of 64MiB (not connected)\n"),
+            "{h}"
+        );
+        s.statistics.peer_address = Some("10.0.0.2:7790".into());
+        s.statistics.connected_since = Some("2026-12-05T13:00:00.000Z".into());
+        let h = s.human_statistics();
+        assert!(h.ends_with("address:10.0.0.2:7790 connected-since:2026-12-05T13:00:00.000Z\n"), "{h}");
     }
 
     #[test]

@@ -394,6 +394,8 @@ pub struct Engine {
     /// it yet: writes wait, so that they reach the peer through the feed
     /// rather than start a generation the session did not announce.
     feed_pending: watch::Sender<bool>,
+    /// Bytes on the link, writer queue, peer address (statistics).
+    pub(crate) link_stats: crate::stats::LinkStats,
 }
 
 /// What the running session decided, recorded once it checked, under the
@@ -495,7 +497,13 @@ impl Engine {
             verify: super::verify::VerifyCell::default(),
             claim: Mutex::new(None),
             feed_pending: watch::Sender::new(false),
+            link_stats: crate::stats::LinkStats::default(),
         })
+    }
+
+    /// Link statistics (bytes, writer queue, peer address).
+    pub fn link_stats(&self) -> &crate::stats::LinkStats {
+        &self.link_stats
     }
 
     pub(crate) fn view_mut(&self) -> MutexGuard<'_, LinkView> {
@@ -1046,6 +1054,8 @@ impl Engine {
                 return false;
             }
         };
+        reader.count_into(self.link_stats.received_counter());
+        writer.count_into(self.link_stats.sent_counter());
         let standalone = !*self.want_connect.borrow();
         let mut flags = if standalone { sync_flags::STANDALONE } else { 0 };
         if self.discard_my_data.load(Ordering::Acquire) {
@@ -1261,6 +1271,7 @@ impl Engine {
     /// Bookkeeping after a session ended.
     fn end_session(&self, id: u64, outcome: &super::session::Outcome) {
         use super::session::Outcome;
+        self.link_stats.session_down();
         let was_feeding = self.acks.borrow().active;
         if was_feeding {
             self.store.detach_feed();

@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 
 use bytes::{Buf, Bytes, BytesMut};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -55,11 +55,18 @@ pub enum LinkError {
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// Adds every byte read (statistics), if set.
+    counter: Option<Arc<AtomicU64>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(READ_CHUNK) }
+        FrameReader { inner, buf: BytesMut::with_capacity(READ_CHUNK), counter: None }
+    }
+
+    /// Adds every byte read from now on to `counter`.
+    pub fn count_into(&mut self, counter: Arc<AtomicU64>) {
+        self.counter = Some(counter);
     }
 
     /// The next message; `Ok(None)` when the peer closed the connection at a
@@ -72,7 +79,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if let Some(c) = &self.counter {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
@@ -129,11 +140,18 @@ pub struct FrameWriter<W> {
     chunks: VecDeque<Bytes>,
     /// Bytes in `chunks` and `buf`.
     queued: usize,
+    /// Adds every byte written (statistics), if set.
+    counter: Option<Arc<AtomicU64>>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
-        FrameWriter { inner, buf: BytesMut::with_capacity(64 << 10), chunks: VecDeque::new(), queued: 0 }
+        FrameWriter { inner, buf: BytesMut::with_capacity(64 << 10), chunks: VecDeque::new(), queued: 0, counter: None }
+    }
+
+    /// Adds every byte written from now on to `counter`.
+    pub fn count_into(&mut self, counter: Arc<AtomicU64>) {
+        self.counter = Some(counter);
     }
 
     /// Encodes `msg` after what is queued; no IO. Fails only for a message
@@ -177,6 +195,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "replication peer accepts no more bytes"));
             }
             self.queued -= n;
+            if let Some(c) = &self.counter {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
             while n > 0 {
                 let Some(front) = self.chunks.front_mut() else { break };
                 if n >= front.len() {

@@ -138,6 +138,8 @@ pub async fn run(
     let Start { reader, writer, peer, mine, theirs } = start;
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let queued = Arc::new(QueuedBytes::default());
+    let peer_address = reader.get_ref().peer_addr().map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+    engine.link_stats.session_up(&queued, peer_address, super::engine::unix_ms());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval)));
     engine.set_peer(theirs.role, theirs.disk);

@@ -73,6 +73,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
             ));
             return Err(VolumeError::Stopped(reason));
         }
+        super::VolumeCounters::add(&s.counters.wal_syncs, 1);
     }
     if let Err(e) = s.io.sync_data(&s.data) {
         let reason = s.fail(format!(
@@ -143,6 +144,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
     parking::lock(&s.wal).replay_seq = replay_seq;
     recycle(s, plan.count);
     s.space.notify_all();
+    super::VolumeCounters::add(&s.counters.checkpoints, 1);
     Ok(())
 }
 

@@ -267,6 +267,42 @@ pub struct VolumeStatus {
     pub wal_bytes: u64,
     /// Why the volume stopped taking writes, if it did.
     pub failed: Option<String>,
+    /// Counters since the volume was opened ([`VolumeCounters`]).
+    pub counters: VolumeCounterValues,
+}
+
+/// Operation counters of a volume since it was opened (`status`
+/// statistics and `/metrics`): relaxed atomics, one increment per event.
+#[derive(Debug, Default)]
+pub struct VolumeCounters {
+    /// fdatasyncs of the WAL (a group commit, or a checkpoint's).
+    pub wal_syncs: AtomicU64,
+    /// Completed checkpoints.
+    pub checkpoints: AtomicU64,
+    /// Dirty bitmap pages written to the metadata file.
+    pub bitmap_writes: AtomicU64,
+}
+
+/// A reading of [`VolumeCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeCounterValues {
+    pub wal_syncs: u64,
+    pub checkpoints: u64,
+    pub bitmap_writes: u64,
+}
+
+impl VolumeCounters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn values(&self) -> VolumeCounterValues {
+        VolumeCounterValues {
+            wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            bitmap_writes: self.bitmap_writes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// State shared by the API, the log writer and the checkpointer.
@@ -317,6 +353,8 @@ pub(crate) struct Shared {
     /// The current hold came from `set_retain_after` and may be lifted
     /// when the WAL fills (a `set_min_retained_lsn` hold is never lifted).
     pub retention_liftable: AtomicBool,
+    /// WAL syncs, checkpoints, bitmap writes (statistics).
+    pub counters: VolumeCounters,
 }
 
 impl Shared {
@@ -703,6 +741,7 @@ impl Volume {
             feed: feed::FeedHub::new(last),
             retention_lifted: AtomicBool::new(false),
             retention_liftable: AtomicBool::new(false),
+            counters: VolumeCounters::default(),
         });
 
         let (tx, rx) = mpsc::channel();
@@ -822,6 +861,7 @@ impl Volume {
             checkpoint_lsn: s.checkpoint_lsn.load(Ordering::Acquire),
             wal_bytes: parking::lock(&s.wal).live_bytes(),
             failed: s.failure(),
+            counters: s.counters.values(),
         }
     }
 

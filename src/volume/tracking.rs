@@ -187,6 +187,7 @@ pub(crate) fn persist(s: &Shared) -> Result<(), VolumeError> {
         from = last.0 + 1;
         n += pages.len();
         parking::lock(&s.meta).write_bitmap_pages(&*s.io, &pages).map_err(stop)?;
+        super::VolumeCounters::add(&s.counters.bitmap_writes, pages.len() as u64);
     }
     if n > 0 {
         parking::lock(&s.meta).sync(&*s.io).map_err(stop)?;

@@ -644,6 +644,7 @@ impl Writer {
             self.unsynced.clear();
             self.in_place_unsynced = false;
             self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
+            super::VolumeCounters::add(&self.shared.counters.wal_syncs, 1);
         }
         let durable_now = self.shared.durable_lsn.load(Ordering::Acquire);
         for (r, lsn) in batch.iter().zip(lsns.iter_mut()) {

@@ -259,6 +259,8 @@ impl TestNode {
         let mut cmd = Command::new(REPD);
         cmd.arg("--config").arg(&self.config).arg("--node").arg("alpha");
         cmd.env("RUST_LOG", "info");
+        // Logs go to a file: keep the timestamps for debugging.
+        cmd.env("REPBLOCK_LOG_TIMESTAMPS", "1");
         cmd.env_remove("REPBLOCK_FAULTS");
         cmd.env_remove("REPBLOCK_DISABLE_IO_URING");
         for (k, v) in &self.opts.env {
@@ -459,6 +461,34 @@ impl Drop for ChildGuard {
             let _ = c.wait();
         }
     }
+}
+
+/// `repctl --config CONFIG --node NODE events ARGS…` running; its output
+/// lines arrive on the channel (which closes when it exits).
+pub fn spawn_events(config: &Path, node: &str, args: &[&str]) -> (ChildGuard, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut guard = ChildGuard(Some(
+        Command::new(REPCTL)
+            .arg("--config")
+            .arg(config)
+            .args(["--node", node, "events"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn repctl events"),
+    ));
+    let out = guard.child().stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (guard, rx)
 }
 
 pub mod durable;

@@ -48,11 +48,19 @@ pub struct PairOpts {
     pub proxy: bool,
     /// Extra top-level config lines (e.g. `ping_interval = "1s"`).
     pub extra: String,
+    /// Give each node a `metrics` address (Prometheus endpoint).
+    pub metrics: bool,
 }
 
 impl PairOpts {
     pub fn new(protocol: &str) -> PairOpts {
-        PairOpts { protocol: protocol.into(), size: "64MiB".into(), proxy: false, extra: String::new() }
+        PairOpts { protocol: protocol.into(), size: "64MiB".into(), proxy: false, extra: String::new(), metrics: false }
+    }
+
+    /// Each node serves `GET /metrics` on a free port (`Peer::metrics_port`).
+    pub fn metrics(mut self) -> PairOpts {
+        self.metrics = true;
+        self
     }
 
     pub fn proxied(mut self) -> PairOpts {
@@ -92,6 +100,8 @@ pub struct Peer {
     pub repl_listen_port: u16,
     /// Port the other node dials (the proxy's when proxied).
     pub repl_advertised_port: u16,
+    /// `metrics` port (with `PairOpts::metrics`).
+    pub metrics_port: Option<u16>,
     child: Option<Child>,
     logs: Vec<PathBuf>,
 }
@@ -169,6 +179,7 @@ impl Peer {
         let mut cmd = Command::new(REPD);
         cmd.arg("--config").arg(&self.config).arg("--node").arg(self.name);
         cmd.env("RUST_LOG", "info");
+        cmd.env("REPBLOCK_LOG_TIMESTAMPS", "1");
         cmd.env_remove("REPBLOCK_FAULTS");
         cmd.env_remove("REPBLOCK_TEST_HOLD");
         cmd.envs(env.iter().copied());
@@ -366,18 +377,20 @@ impl Pair {
             None => (listen_a, listen_b),
         };
         let config = dir.path().join("r0.toml");
-        let peer = |name: &'static str, listen: u16, adv: u16, nbd_port: u16| Peer {
+        let [metrics_a, metrics_b] = if opts.metrics { free_ports::<2>().map(Some) } else { [None, None] };
+        let peer = |name: &'static str, listen: u16, adv: u16, nbd_port: u16, metrics_port: Option<u16>| Peer {
             name,
             config: config.clone(),
             root: dir.path().to_path_buf(),
             nbd_port,
             repl_listen_port: listen,
             repl_advertised_port: adv,
+            metrics_port,
             child: None,
             logs: Vec::new(),
         };
-        let alpha = peer("alpha", listen_a, adv_a, nbd_a);
-        let beta = peer("beta", listen_b, adv_b, nbd_b);
+        let alpha = peer("alpha", listen_a, adv_a, nbd_a, metrics_a);
+        let beta = peer("beta", listen_b, adv_b, nbd_b, metrics_b);
         let pair = Pair { alpha, beta, proxies, size, opts, rt, dir };
         let top = pair.default_top();
         std::fs::write(&config, pair.config_text(&top)).expect("write config");
@@ -397,7 +410,7 @@ impl Pair {
         for p in [&self.alpha, &self.beta] {
             s.push_str(&format!(
                 "[[node]]\nname = \"{name}\"\nreplication = \"127.0.0.1:{adv}\"\n{listen}nbd = \"127.0.0.1:{nbd}\"\n\
-                 control = \"{control}\"\ndir = \"{dir}\"\n\n",
+                 control = \"{control}\"\ndir = \"{dir}\"\n{metrics}\n",
                 name = p.name,
                 adv = p.repl_advertised_port,
                 listen = if p.repl_listen_port != p.repl_advertised_port {
@@ -408,6 +421,7 @@ impl Pair {
                 nbd = p.nbd_port,
                 control = p.control().display(),
                 dir = p.data_dir().display(),
+                metrics = p.metrics_port.map(|m| format!("metrics = \"127.0.0.1:{m}\"\n")).unwrap_or_default(),
             ));
         }
         s
