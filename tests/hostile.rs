@@ -60,6 +60,40 @@ fn lone_alpha() -> Pair {
     pair
 }
 
+/// `wait-sync` with `timeout_secs` 1.8e19 panicked a runtime worker
+/// ("overflow when adding duration to instant") and the client got no answer:
+/// the connection was closed. Now such a timeout means "no deadline": the
+/// request waits (the peer never comes), the connection stays open, the
+/// daemon answers others and logs no panic.
+#[test]
+fn a_huge_wait_sync_timeout_does_not_panic() {
+    let pair = lone_alpha();
+    let mut waiting = RawControl::connect(&pair.alpha.control());
+    waiting.send(r#"{"cmd":"wait-sync","timeout_secs":1.8e19}"#);
+    // Nothing to answer yet (the peer never comes); the connection must not
+    // be closed either.
+    waiting.reader.get_ref().set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let mut line = String::new();
+    match waiting.reader.read_line(&mut line) {
+        Ok(0) => panic!("repd closed the wait-sync connection without an answer:\n{}", pair.alpha.log()),
+        Ok(_) => panic!("wait-sync answered although the peer never connected: {line}"),
+        Err(e) => assert!(matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{e}"),
+    }
+    // Timeouts that are not a duration get a clear error, on the same
+    // daemon, which still answers.
+    let mut c = RawControl::connect(&pair.alpha.control());
+    for bad in ["-1", "1e309", "\"soon\""] {
+        let a = c.ask(&format!(r#"{{"cmd":"wait-sync","timeout_secs":{bad}}}"#));
+        assert_eq!(a["ok"], false, "timeout_secs {bad}: {a}");
+    }
+    let a = c.ask(r#"{"cmd":"wait-sync","timeout_secs":0.2}"#);
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(a["error"].as_str().unwrap_or_default().contains("timed out"), "{a}");
+    assert_eq!(c.ask(r#"{"cmd":"status"}"#)["ok"], true);
+    let log = pair.alpha.log();
+    assert!(!log.contains("panicked"), "repd panicked on control input:\n{log}");
+}
+
 /// `{"cmd":"disconnect","dry_run":true}` disconnected and `["demote", true]`
 /// was served, though docs/cli.md says unknown fields get "bad request".
 #[test]

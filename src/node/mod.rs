@@ -480,7 +480,9 @@ impl Node {
             }
             return Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }));
         };
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout beyond what the clock can represent (`timeout_secs`
+        // 1.8e19) means "no deadline"; `Instant + Duration` would panic.
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         loop {
             let v = repl.view();
             let disk = self.disk();
