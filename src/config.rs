@@ -695,6 +695,7 @@ impl Config {
                 g as u32
             }
         };
+        crate::volume::bitmap::check_resident(size, bitmap_granularity).map_err(|e| c.err("size", e))?;
         let wal_retain = match &raw.wal_retain {
             None => DEFAULT_WAL_RETAIN,
             Some(v) => {

@@ -123,3 +123,27 @@ fn malformed_control_requests_get_bad_request_and_change_nothing() {
     assert_eq!(c.ask(r#"{"cmd":"disconnect"}"#)["ok"], true);
     assert_eq!(connection(&mut c), "standalone");
 }
+
+/// `create-md` of a 1024TiB volume aborted allocating a 32GiB dirty bitmap.
+/// A size whose bitmap cannot be resident is refused by the config check
+/// (so by create-md and repd alike), with the memory it would take and the
+/// granularity that would fit.
+#[test]
+fn a_volume_whose_bitmap_cannot_fit_is_refused_with_the_numbers() {
+    let mut opts = common::NodeOpts::new("sync");
+    opts.size = "1024TiB".into();
+    let mut node = TestNode::with(opts);
+    let out = node.repctl(&["create-md"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "create-md of 1024TiB: {}\n{err}", out.status);
+    assert!(
+        err.contains("size: 1024TiB needs a 32GiB dirty bitmap in memory at bitmap_granularity 4KiB (32MiB per TiB)"),
+        "{err}"
+    );
+    assert!(err.contains("bitmap_granularity = \"128KiB\""), "{err}");
+    assert!(std::fs::read_dir(node.data_dir()).map(|d| d.count() == 0).unwrap_or(true), "create-md left files");
+    // repd refuses the same config before touching anything.
+    let started = node.try_start();
+    let log = started.expect_err("repd must refuse a 1024TiB volume at 4KiB granularity");
+    assert!(log.contains("needs a 32GiB dirty bitmap"), "{log}");
+}
