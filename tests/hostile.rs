@@ -124,6 +124,55 @@ fn malformed_control_requests_get_bad_request_and_change_nothing() {
     assert_eq!(connection(&mut c), "standalone");
 }
 
+/// 1000 connections to the replication port, each sending junk that quotes
+/// a different bad magic, wrote 995 WARN lines. Unauthenticated failures are
+/// now summarised per kind and interval.
+#[test]
+fn junk_on_the_replication_port_cannot_flood_the_log() {
+    let pair = lone_alpha();
+    let port = pair.alpha.repl_listen_port;
+    let before = warn_lines(&pair.alpha.log());
+    let t = Instant::now();
+    for i in 0..1000u32 {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { continue };
+        // A frame header with a different bad magic every time, then junk.
+        let mut junk = (0xdead_0000u32 + i).to_be_bytes().to_vec();
+        junk.extend((0..60u32).map(|b| (b * 7 + i) as u8));
+        let _ = s.write_all(&junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 256];
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    }
+    let took = t.elapsed();
+    // The daemon is healthy and a summary with the count is written within
+    // the summary interval.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let summarised = loop {
+        let log = pair.alpha.log();
+        let counted: u64 = log
+            .lines()
+            .filter(|l| l.contains("unauthenticated replication connections failed"))
+            .filter_map(|l| l.split("count=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        if counted >= 1000 || Instant::now() > deadline {
+            break counted;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = pair.alpha.log();
+    let added = warn_lines(&log) - before;
+    println!("1000 junk connections in {took:?}: {added} WARN lines, summaries count {summarised} failures");
+    assert!(added <= 20, "1000 junk connections wrote {added} WARN lines:\n{log}");
+    assert!(summarised >= 1000, "the summaries count {summarised} of 1000 failures:\n{log}");
+    assert_eq!(pair.alpha.status()["connection"], "connecting");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+fn warn_lines(log: &str) -> usize {
+    log.lines().filter(|l| l.contains(" WARN ")).count()
+}
+
 /// `create-md` of a 1024TiB volume aborted allocating a 32GiB dirty bitmap.
 /// A size whose bitmap cannot be resident is refused by the config check
 /// (so by create-md and repd alike), with the memory it would take and the
