@@ -133,7 +133,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
     let canonical = serde_json::to_value(&req).map_err(|e| BadRequest(e.to_string()))?;
     if let Some(key) = fields.keys().find(|k| canonical.get(k.as_str()).is_none()) {
         let cmd = fields.get("cmd").and_then(|c| c.as_str()).unwrap_or_default();
-        let mut known: Vec<&str> = canonical.as_object().map(|o| o.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
+        let mut known: Vec<&str> =
+            canonical.as_object().map(|o| o.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
         known.sort_unstable();
         return Err(BadRequest(format!("unknown field `{key}` for {cmd:?}, expected one of {}", known.join(", "))));
     }
@@ -521,7 +522,10 @@ mod tests {
             bad(r#"{"cmd":"disconnect","dry_run":true}"#),
             r#"bad request: unknown field `dry_run` for "disconnect", expected one of cmd"#
         );
-        assert_eq!(bad(r#"["demote", true]"#), r#"bad request: expected a JSON object such as {"cmd":"status"}, got an array"#);
+        assert_eq!(
+            bad(r#"["demote", true]"#),
+            r#"bad request: expected a JSON object such as {"cmd":"status"}, got an array"#
+        );
         assert!(bad(r#"{"cmd":"status","verbose":1}"#).contains("unknown field `verbose`"));
         assert!(bad(r#"{"cmd":"promote","forse":true}"#).contains("forse"));
         assert!(bad(r#""status""#).contains("got a string"));
