@@ -240,3 +240,104 @@ fn a_missing_wal_segment_refuses_to_start_naming_it() {
     let name = victim.display().to_string();
     assert!(log.contains(&name) && log.contains("missing"), "the error must name {name}:\n{log}");
 }
+
+/// Resident and peak memory of a process, in KiB (/proc/PID/status).
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// 16 clients that send 32 MiB READs and never read the replies took repd
+/// to 1 GiB RSS (each connection may hold 64 MiB). With a global bound
+/// (`nbd_max_inflight`) they cannot push repd's memory past it, and a
+/// client that reads its replies is still served.
+#[test]
+fn clients_that_never_read_cannot_exhaust_memory() {
+    const MIB: u64 = 1 << 20;
+    const STALLED: usize = 16;
+    const INFLIGHT_MIB: u64 = 64;
+    let mut opts = common::NodeOpts::new("sync");
+    opts.size = "256MiB".into();
+    opts.extra = format!("nbd_max_inflight = \"{INFLIGHT_MIB}MiB\"\nnbd_stall_timeout = \"1s\"");
+    let node = TestNode::ready_with(opts);
+    let pid = node.pid();
+    let port: u16 = node.nbd_addr().rsplit(':').next().and_then(|p| p.parse().ok()).expect("TCP port");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let addr: repblock::nbd::ListenAddr = node.nbd_addr().parse().expect("address");
+    let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i * 7 + 3) as u8).collect();
+    // A well-behaved client writes, and reads once with a maximum-size read
+    // (so that the baseline includes what serving one takes).
+    let good = rt.block_on(async {
+        let c = repblock::nbd::NbdClient::connect(&addr, "r0").await.expect("client");
+        c.write(8 * MIB, &pattern, true).await.expect("write");
+        c.read(0, 32 << 20).await.expect("a 32 MiB read");
+        c
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (base_rss, _) = memory_kib(pid);
+
+    // Stalled clients: each sends 8 READs of 32 MiB and never reads.
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let mut c = common::RawNbdClient::connect(port, "r0").expect("raw client");
+        let mut reqs = Vec::new();
+        for k in 0..8u64 {
+            reqs.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            reqs.extend_from_slice(&0u16.to_be_bytes()); // flags
+            reqs.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+            reqs.extend_from_slice(&(i as u64 * 100 + k).to_be_bytes());
+            reqs.extend_from_slice(&((k * 32 * MIB) % (224 * MIB)).to_be_bytes());
+            reqs.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        }
+        c.stream.write_all(&reqs).expect("send reads");
+        stalled.push(c);
+    }
+    // Let them fill whatever they can, sampling the peak.
+    let t = Instant::now();
+    let mut peak_rss = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        peak_rss = peak_rss.max(memory_kib(pid).0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The well-behaved client is served meanwhile: small and large reads.
+    let t = Instant::now();
+    let (small_ms, got, big_ms) = rt.block_on(async {
+        let small = tokio::time::timeout(Duration::from_secs(60), good.read(8 * MIB, MIB as u32)).await;
+        let small_ms = t.elapsed().as_millis();
+        let got = small.expect("a 1 MiB read within 60s").expect("read");
+        let t2 = Instant::now();
+        let big = tokio::time::timeout(Duration::from_secs(120), good.read(0, 32 << 20)).await;
+        big.expect("a 32 MiB read within 120s").expect("read");
+        (small_ms, got, t2.elapsed().as_millis())
+    });
+    assert_eq!(&got[..], &pattern[..], "the well-behaved client read what it wrote");
+    peak_rss = peak_rss.max(memory_kib(pid).0);
+    let grew_mib = peak_rss.saturating_sub(base_rss) / 1024;
+    println!(
+        "{STALLED} stalled clients: repd RSS {} MiB before, peak {} MiB during (+{grew_mib} MiB, bound \
+         nbd_max_inflight {INFLIGHT_MIB} MiB + {} x 1 MiB reserves); well-behaved client: 1 MiB read in {small_ms} ms, \
+         32 MiB read in {big_ms} ms",
+        base_rss / 1024,
+        peak_rss / 1024,
+        STALLED + 1,
+    );
+    // Request data is bounded by nbd_max_inflight + one reserve per
+    // connection; 64 MiB more for buffers and allocator slack.
+    let bound_mib = INFLIGHT_MIB + (STALLED as u64 + 1) + 64;
+    assert!(
+        grew_mib <= bound_mib,
+        "repd grew by {grew_mib} MiB with {STALLED} stalled clients (bound {bound_mib} MiB)"
+    );
+    let st = node.status();
+    assert_eq!(st["role"], "primary");
+    assert!(!node.log().contains("panicked"), "{}", node.log());
+    drop(stalled);
+}

@@ -298,6 +298,8 @@ impl Node {
             export_name: self.config.name.clone(),
             description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
             max_connections: self.config.max_clients as usize,
+            max_inflight_bytes: usize::try_from(self.config.nbd_max_inflight).unwrap_or(usize::MAX),
+            stall_timeout: self.config.nbd_stall_timeout,
         };
         let export = match export::start(&self.me.nbd, backend, cfg).await {
             Ok(e) => e,
