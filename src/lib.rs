@@ -14,10 +14,12 @@
 //!   versions), framed async reader/writer, and the authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
 //! - [`units`]: human-readable sizes and durations.
+//! - [`fuzzing`]: the fuzz targets' entry points (fuzz/, docs/reliability.md).
 
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod fuzzing;
 pub mod io;
 pub mod nbd;
 pub mod node;

@@ -1344,6 +1344,54 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Fuzz entry points for the server's parsers (see `crate::fuzzing`): they
+/// run the real handshake and transmission code on a client's bytes, with a
+/// small in-memory backend and a sink for the replies.
+pub(crate) mod fuzz {
+    use super::*;
+    use crate::nbd::MemoryBackend;
+
+    fn shared(shutdown: watch::Receiver<bool>) -> Arc<Shared<MemoryBackend>> {
+        let cfg = ServerConfig::new("r0");
+        Arc::new(Shared {
+            backend: Arc::new(MemoryBackend::new(1 << 20)),
+            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
+            watches: Mutex::new(std::collections::HashMap::new()),
+            epoch: Instant::now(),
+            cfg,
+            clients: Arc::new(AtomicUsize::new(0)),
+            shutdown,
+            next_conn: AtomicU64::new(1),
+            log_cap: RateLimit::new(),
+            log_client: RateLimit::new(),
+            log_backend: RateLimit::new(),
+            log_accept: RateLimit::new(),
+            log_stall: RateLimit::new(),
+        })
+    }
+
+    /// `data` is everything a client sends from the start of the handshake
+    /// (client flags, then options).
+    pub(crate) async fn option_haggling(data: &[u8]) {
+        let (_keep, rx) = watch::channel(false);
+        let shared = shared(rx);
+        let mut r = data;
+        let mut w = tokio::io::sink();
+        let _ = handshake(&mut r, &mut w, &shared).await;
+    }
+
+    /// `data[0]` bit 0 chooses structured replies; the rest is what a client
+    /// sends in the transmission phase (request headers and payloads).
+    pub(crate) async fn requests(data: &[u8]) {
+        let Some((&first, rest)) = data.split_first() else { return };
+        let (_keep, rx) = watch::channel(false);
+        let shared = shared(rx);
+        let r = std::io::Cursor::new(rest.to_vec());
+        let _ = transmission(r, tokio::io::sink(), 1, "fuzz", first & 1 == 1, &shared).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
