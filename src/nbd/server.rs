@@ -312,22 +312,7 @@ impl NbdServer {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let clients = Arc::new(AtomicUsize::new(0));
         info!(addr = %listen, export = %cfg.export_name, size = backend.size(), "NBD server listening");
-        let shared = Arc::new(Shared {
-            backend,
-            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
-            inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
-            watches: Mutex::new(std::collections::HashMap::new()),
-            epoch: Instant::now(),
-            cfg,
-            clients: clients.clone(),
-            shutdown: shutdown_rx,
-            next_conn: AtomicU64::new(1),
-            log_cap: RateLimit::new(),
-            log_client: RateLimit::new(),
-            log_backend: RateLimit::new(),
-            log_accept: RateLimit::new(),
-            log_stall: RateLimit::new(),
-        });
+        let shared = Arc::new(Shared::new(backend, cfg, clients.clone(), shutdown_rx));
         let task = tokio::spawn(accept_loop(listener, shared));
         Ok(NbdHandle { local, listen, clients, shutdown_tx, task: Some(task) })
     }
@@ -408,6 +393,25 @@ impl WriteWatch {
 }
 
 impl<B> Shared<B> {
+    fn new(backend: Arc<B>, cfg: ServerConfig, clients: Arc<AtomicUsize>, shutdown: watch::Receiver<bool>) -> Self {
+        Shared {
+            backend,
+            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
+            watches: Mutex::new(std::collections::HashMap::new()),
+            epoch: Instant::now(),
+            cfg,
+            clients,
+            shutdown,
+            next_conn: AtomicU64::new(1),
+            log_cap: RateLimit::new(),
+            log_client: RateLimit::new(),
+            log_backend: RateLimit::new(),
+            log_accept: RateLimit::new(),
+            log_stall: RateLimit::new(),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -1352,23 +1356,8 @@ pub(crate) mod fuzz {
     use crate::nbd::MemoryBackend;
 
     fn shared(shutdown: watch::Receiver<bool>) -> Arc<Shared<MemoryBackend>> {
-        let cfg = ServerConfig::new("r0");
-        Arc::new(Shared {
-            backend: Arc::new(MemoryBackend::new(1 << 20)),
-            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
-            inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
-            watches: Mutex::new(std::collections::HashMap::new()),
-            epoch: Instant::now(),
-            cfg,
-            clients: Arc::new(AtomicUsize::new(0)),
-            shutdown,
-            next_conn: AtomicU64::new(1),
-            log_cap: RateLimit::new(),
-            log_client: RateLimit::new(),
-            log_backend: RateLimit::new(),
-            log_accept: RateLimit::new(),
-            log_stall: RateLimit::new(),
-        })
+        let backend = Arc::new(MemoryBackend::new(1 << 20));
+        Arc::new(Shared::new(backend, ServerConfig::new("r0"), Arc::new(AtomicUsize::new(0)), shutdown))
     }
 
     /// `data` is everything a client sends from the start of the handshake
