@@ -205,6 +205,12 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// Maximum concurrent NBD connections (256 by default).
     pub max_clients: u32,
+    /// READ/WRITE bytes all NBD connections together may hold between
+    /// request and reply (256MiB by default, at least 32MiB).
+    pub nbd_max_inflight: u64,
+    /// While a request waits for `nbd_max_inflight`, a client whose replies
+    /// made no progress for this long is disconnected (30s by default).
+    pub nbd_stall_timeout: Duration,
     /// Heartbeat period on the replication link.
     pub ping_interval: Duration,
     /// A peer silent for `ping_interval + ping_timeout` is declared lost.
@@ -249,6 +255,8 @@ struct RawConfig {
     checkpoint_bytes: Option<toml::Value>,
     checkpoint_interval: Option<toml::Value>,
     max_clients: Option<toml::Value>,
+    nbd_max_inflight: Option<toml::Value>,
+    nbd_stall_timeout: Option<toml::Value>,
     ping_interval: Option<toml::Value>,
     ping_timeout: Option<toml::Value>,
     on_peer_loss: Option<toml::Value>,
@@ -619,6 +627,36 @@ impl Config {
                 ));
             }
         };
+        let nbd_max_inflight = match &raw.nbd_max_inflight {
+            None => crate::nbd::server::DEFAULT_MAX_INFLIGHT_BYTES as u64,
+            Some(v) => {
+                let s = c.size("nbd_max_inflight", v)?;
+                let max_request = u64::from(crate::nbd::proto::MAX_BLOCK_SIZE);
+                if !(max_request..=1 << 40).contains(&s) {
+                    return Err(c.err(
+                        "nbd_max_inflight",
+                        format!(
+                            "expected {} (one maximum NBD request) to 1TiB, got {}",
+                            units::format_size(max_request),
+                            units::format_size(s)
+                        ),
+                    ));
+                }
+                s
+            }
+        };
+        let nbd_stall_timeout = match &raw.nbd_stall_timeout {
+            None => crate::nbd::server::DEFAULT_STALL_TIMEOUT,
+            Some(v) => {
+                let d = c.duration("nbd_stall_timeout", v)?;
+                if d < Duration::from_secs(1) || d > Duration::from_secs(24 * 3600) {
+                    return Err(
+                        c.err("nbd_stall_timeout", format!("expected 1s to 24h, got {}", units::format_duration(d)))
+                    );
+                }
+                d
+            }
+        };
 
         let raw_nodes = raw.node.unwrap_or_default();
         if raw_nodes.is_empty() || raw_nodes.len() > 2 {
@@ -746,6 +784,7 @@ impl Config {
                 g as u32
             }
         };
+        crate::volume::bitmap::check_resident(size, bitmap_granularity).map_err(|e| c.err("size", e))?;
         let wal_retain = match &raw.wal_retain {
             None => DEFAULT_WAL_RETAIN,
             Some(v) => {
@@ -826,6 +865,8 @@ impl Config {
             checkpoint_bytes,
             checkpoint_interval,
             max_clients,
+            nbd_max_inflight,
+            nbd_stall_timeout,
             ping_interval,
             ping_timeout,
             on_peer_loss,
@@ -1208,6 +1249,21 @@ disk = "/dev/vg0/r0"
             c.node("gamma").unwrap_err().to_string(),
             r#"r0.toml: no node named "gamma" (nodes in this file: alpha, beta)"#
         );
+    }
+
+    #[test]
+    fn nbd_inflight_bound_and_stall_timeout() {
+        let with = |extra: &str| ONE.replace("size = \"64MiB\"", &format!("size = \"64MiB\"\n{extra}"));
+        let c = load(ONE).unwrap();
+        assert_eq!(c.nbd_max_inflight, 256 << 20);
+        assert_eq!(c.nbd_stall_timeout, Duration::from_secs(30));
+        let c = load(&with("nbd_max_inflight = \"1GiB\"\nnbd_stall_timeout = \"5s\"")).unwrap();
+        assert_eq!((c.nbd_max_inflight, c.nbd_stall_timeout), (1 << 30, Duration::from_secs(5)));
+        assert_eq!(
+            err(&with("nbd_max_inflight = \"1MiB\"")),
+            "r0.toml: nbd_max_inflight: expected 32MiB (one maximum NBD request) to 1TiB, got 1MiB"
+        );
+        assert_eq!(err(&with("nbd_stall_timeout = \"0s\"")), "r0.toml: nbd_stall_timeout: expected 1s to 24h, got 0s");
     }
 
     #[test]

@@ -104,6 +104,54 @@ pub enum Request {
     },
 }
 
+/// A request line that is not a valid [`Request`]; answered with
+/// `{"ok":false,"error":"bad request: …"}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad request: {0}")]
+pub struct BadRequest(pub String);
+
+/// Parses one request line (the daemon's only way to read requests; a fuzz
+/// target too).
+///
+/// Stricter than `serde_json::from_slice::<Request>`: serde accepts an
+/// internally tagged enum written as a JSON array (`["demote", true]`) and
+/// ignores unknown fields of variants without fields even under
+/// `deny_unknown_fields` (`{"cmd":"disconnect","dry_run":true}`). Neither is
+/// the documented protocol, so both are refused: the line must be an object,
+/// and every key it holds must be one the parsed request serializes.
+pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| BadRequest(e.to_string()))?;
+    let serde_json::Value::Object(fields) = &value else {
+        return Err(BadRequest(format!(
+            "expected a JSON object such as {{\"cmd\":\"status\"}}, got {}",
+            json_kind(&value)
+        )));
+    };
+    let req = Request::deserialize(&value).map_err(|e| BadRequest(e.to_string()))?;
+    // Every field a request has is serialized (none is skipped), so the
+    // canonical form names every key the request may carry.
+    let canonical = serde_json::to_value(&req).map_err(|e| BadRequest(e.to_string()))?;
+    if let Some(key) = fields.keys().find(|k| canonical.get(k.as_str()).is_none()) {
+        let cmd = fields.get("cmd").and_then(|c| c.as_str()).unwrap_or_default();
+        let mut known: Vec<&str> =
+            canonical.as_object().map(|o| o.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
+        known.sort_unstable();
+        return Err(BadRequest(format!("unknown field `{key}` for {cmd:?}, expected one of {}", known.join(", "))));
+    }
+    Ok(req)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// One response line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
@@ -282,10 +330,10 @@ async fn serve_connection<H: ControlHandler>(
             write_line(&mut write, &Response::err(why)).await?;
             return Ok(());
         }
-        let req: Request = match serde_json::from_slice(&buf) {
+        let req = match parse_request(&buf) {
             Ok(r) => r,
             Err(e) => {
-                write_line(&mut write, &Response::err(format!("bad request: {e}"))).await?;
+                write_line(&mut write, &Response::err(e.to_string())).await?;
                 continue;
             }
         };
@@ -453,6 +501,36 @@ mod tests {
         assert_eq!(r, Request::Connect { discard_my_data: true, dry_run: false });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"promote","forse":true}"#).is_err());
+    }
+
+    #[test]
+    fn parse_request_refuses_what_serde_alone_lets_through() {
+        let ok = |s: &str| parse_request(s.as_bytes()).unwrap();
+        let bad = |s: &str| parse_request(s.as_bytes()).unwrap_err().to_string();
+        assert_eq!(ok(r#"{"cmd":"disconnect"}"#), Request::Disconnect);
+        assert_eq!(ok("{\"cmd\":\"promote\"}\n"), Request::Promote { force: false });
+        assert_eq!(ok(r#"{"cmd":"wait-sync"}"#), Request::WaitSync { timeout_secs: None });
+        assert_eq!(ok(r#"{"cmd":"wait-sync","timeout_secs":null}"#), Request::WaitSync { timeout_secs: None });
+        assert_eq!(
+            ok(r#"{"cmd":"connect","dry_run":true}"#),
+            Request::Connect { discard_my_data: false, dry_run: true }
+        );
+        // Serde accepts these two; the protocol does not.
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"disconnect","dry_run":true}"#).is_ok());
+        assert!(serde_json::from_str::<Request>(r#"["demote", true]"#).is_ok());
+        assert_eq!(
+            bad(r#"{"cmd":"disconnect","dry_run":true}"#),
+            r#"bad request: unknown field `dry_run` for "disconnect", expected one of cmd"#
+        );
+        assert_eq!(
+            bad(r#"["demote", true]"#),
+            r#"bad request: expected a JSON object such as {"cmd":"status"}, got an array"#
+        );
+        assert!(bad(r#"{"cmd":"status","verbose":1}"#).contains("unknown field `verbose`"));
+        assert!(bad(r#"{"cmd":"promote","forse":true}"#).contains("forse"));
+        assert!(bad(r#""status""#).contains("got a string"));
+        assert!(bad("not json").starts_with("bad request: "));
+        assert!(bad(r#"{"cmd":"explode"}"#).contains("explode"));
     }
 
     #[test]

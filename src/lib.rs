@@ -17,11 +17,13 @@
 //! - [`stats`]: cheap operation counters behind `status` statistics and
 //!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.
+//! - [`fuzzing`]: the fuzz targets' entry points (fuzz/, docs/reliability.md).
 
 pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod fuzzing;
 pub mod io;
 pub mod nbd;
 pub mod node;

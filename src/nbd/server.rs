@@ -13,7 +13,16 @@
 //!   another reply);
 //! - back-pressure: each connection holds at most [`MAX_INFLIGHT_REQUESTS`]
 //!   requests and [`MAX_INFLIGHT_BYTES`] of READ/WRITE data between parsing a
-//!   request and writing its reply; beyond that the reader stops reading.
+//!   request and writing its reply, and all connections together at most
+//!   `ServerConfig::max_inflight_bytes`; beyond that the reader stops reading.
+//!   Clients that never read their replies would hold that global budget
+//!   forever, so while a request waits for it, connections whose reply
+//!   writes made no progress for `ServerConfig::stall_timeout` are
+//!   disconnected (their queued replies freed). Each connection also has a
+//!   small reserve ([`CONN_RESERVE_BYTES`]) outside the global budget, so a
+//!   client making small requests is served at once whatever the others
+//!   hold: memory stays bounded (`max_inflight_bytes + max_connections ×
+//!   CONN_RESERVE_BYTES` of request data) and well-behaved clients go on.
 //!
 //! Error answers follow the NBD spec:
 //! - read/trim out of range → EINVAL; write/write-zeroes out of range → ENOSPC;
@@ -39,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -58,6 +67,17 @@ pub const MAX_INFLIGHT_REQUESTS: usize = 256;
 /// Most READ/WRITE bytes one connection may have between parsing and reply
 /// (at least one maximum-size request always fits).
 pub const MAX_INFLIGHT_BYTES: usize = 2 * MAX_BLOCK_SIZE as usize;
+/// In-flight bytes each connection may hold outside the global budget, so
+/// that small requests are served whatever other clients hold. The memory
+/// bound is `max_inflight_bytes + max_connections × CONN_RESERVE_BYTES`.
+pub const CONN_RESERVE_BYTES: usize = 1 << 20;
+/// Default of `ServerConfig::max_inflight_bytes` (256 MiB).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
+/// Default of `ServerConfig::stall_timeout` (30 s).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a request waiting for the global in-flight budget looks for
+/// stalled connections.
+const STALL_CHECK: Duration = Duration::from_millis(250);
 /// After shutdown starts, how long a reply write to a client that does not
 /// read may block before the connection is dropped.
 const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(5);
@@ -162,6 +182,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A handshake not finished within this closes the connection. Default 10 s.
     pub handshake_timeout: Duration,
+    /// Most READ/WRITE bytes all connections together may hold between
+    /// parsing a request and writing its reply. At least
+    /// [`MAX_BLOCK_SIZE`] (one maximum request must fit). Default 256 MiB.
+    pub max_inflight_bytes: usize,
+    /// While a request waits for the global in-flight budget, a connection
+    /// whose reply write made no progress for this long (its client does not
+    /// read) is disconnected. Default 30 s.
+    pub stall_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -177,6 +205,8 @@ impl Default for ServerConfig {
             description: None,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(10),
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -256,6 +286,12 @@ impl NbdServer {
         if cfg.max_connections == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "max_connections must be at least 1"));
         }
+        if cfg.max_inflight_bytes < MAX_BLOCK_SIZE as usize || cfg.max_inflight_bytes > Semaphore::MAX_PERMITS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("max_inflight_bytes must be at least {MAX_BLOCK_SIZE} (one maximum request)"),
+            ));
+        }
         let (listener, local, listen) = match addr {
             ListenAddr::Tcp(a) => {
                 // tokio's bind() listens with a backlog of 128: a burst of
@@ -276,18 +312,7 @@ impl NbdServer {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let clients = Arc::new(AtomicUsize::new(0));
         info!(addr = %listen, export = %cfg.export_name, size = backend.size(), "NBD server listening");
-        let shared = Arc::new(Shared {
-            backend,
-            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
-            cfg,
-            clients: clients.clone(),
-            shutdown: shutdown_rx,
-            next_conn: AtomicU64::new(1),
-            log_cap: RateLimit::new(),
-            log_client: RateLimit::new(),
-            log_backend: RateLimit::new(),
-            log_accept: RateLimit::new(),
-        });
+        let shared = Arc::new(Shared::new(backend, cfg, clients.clone(), shutdown_rx));
         let task = tokio::spawn(accept_loop(listener, shared));
         Ok(NbdHandle { local, listen, clients, shutdown_tx, task: Some(task) })
     }
@@ -326,6 +351,12 @@ struct Shared<B> {
     backend: Arc<B>,
     cfg: ServerConfig,
     conn_limit: Arc<Semaphore>,
+    /// READ/WRITE bytes in flight over all connections.
+    inflight: Arc<Semaphore>,
+    /// Reply-write progress of every connection in transmission.
+    watches: Mutex<std::collections::HashMap<u64, Arc<WriteWatch>>>,
+    /// Time base of [`WriteWatch`] stamps.
+    epoch: Instant,
     clients: Arc<AtomicUsize>,
     shutdown: watch::Receiver<bool>,
     next_conn: AtomicU64,
@@ -337,6 +368,140 @@ struct Shared<B> {
     log_backend: RateLimit,
     /// accept() failures.
     log_accept: RateLimit,
+    /// Connections dropped for not reading their replies.
+    log_stall: RateLimit,
+}
+
+/// Whether a connection's writer is stuck on a client that does not read.
+struct WriteWatch {
+    peer: String,
+    /// The writer is writing a reply now.
+    busy: AtomicBool,
+    /// Milliseconds after [`Shared::epoch`] of the last progress: a write
+    /// that started, or bytes the socket took.
+    progress_ms: AtomicU64,
+    /// Set (and `evict` notified) when the connection is to be dropped.
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+impl WriteWatch {
+    fn stalled_for(&self, now_ms: u64) -> Option<u64> {
+        let busy = self.busy.load(Ordering::Acquire) && !self.evicted.load(Ordering::Acquire);
+        busy.then(|| now_ms.saturating_sub(self.progress_ms.load(Ordering::Acquire)))
+    }
+}
+
+impl<B> Shared<B> {
+    fn new(backend: Arc<B>, cfg: ServerConfig, clients: Arc<AtomicUsize>, shutdown: watch::Receiver<bool>) -> Self {
+        Shared {
+            backend,
+            conn_limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
+            watches: Mutex::new(std::collections::HashMap::new()),
+            epoch: Instant::now(),
+            cfg,
+            clients,
+            shutdown,
+            next_conn: AtomicU64::new(1),
+            log_cap: RateLimit::new(),
+            log_client: RateLimit::new(),
+            log_backend: RateLimit::new(),
+            log_accept: RateLimit::new(),
+            log_stall: RateLimit::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Disconnects every connection (but `waiting`) whose reply writes made
+    /// no progress for `stall_timeout`: the global in-flight budget is
+    /// exhausted and they hold part of it without ever giving it back.
+    fn evict_stalled(&self, waiting: u64) {
+        let now = self.now_ms();
+        let limit = self.cfg.stall_timeout.as_millis() as u64;
+        let watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        for (&id, w) in watches.iter() {
+            if id == waiting {
+                continue;
+            }
+            if let Some(ms) = w.stalled_for(now).filter(|&ms| ms >= limit) {
+                w.evicted.store(true, Ordering::Release);
+                w.evict.notify_one();
+                if let Some(suppressed) = self.log_stall.allow() {
+                    warn!(
+                        conn = id, peer = %w.peer, stalled_ms = ms, suppressed,
+                        "NBD client does not read its replies while others wait for in-flight memory; disconnected"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Takes `cost` in-flight bytes: from the connection's own small reserve
+/// when it has room (so that a client making small requests is served at
+/// once whatever other clients hold), else from the global budget, evicting
+/// stalled connections while it waits. `None` if a semaphore is closed.
+async fn acquire_inflight<B>(
+    shared: &Shared<B>,
+    reserve: &Arc<Semaphore>,
+    id: u64,
+    cost: u32,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = reserve.clone().try_acquire_many_owned(cost) {
+        return Some(p);
+    }
+    if let Ok(p) = shared.inflight.clone().try_acquire_many_owned(cost) {
+        return Some(p);
+    }
+    // Pinned once: the semaphore is fair, the request keeps its place.
+    let acquire = shared.inflight.clone().acquire_many_owned(cost);
+    tokio::pin!(acquire);
+    let mut check = tokio::time::interval(STALL_CHECK);
+    loop {
+        tokio::select! {
+            p = &mut acquire => return p.ok(),
+            _ = check.tick() => shared.evict_stalled(id),
+        }
+    }
+}
+
+/// A writer that stamps its [`WriteWatch`] whenever the socket takes bytes.
+struct Watched<W> {
+    inner: W,
+    watch: Arc<WriteWatch>,
+    epoch: Instant,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(res, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.watch.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// One log line per [`LOG_INTERVAL`] for a kind of event a client can
@@ -858,6 +1023,7 @@ struct Reply {
 struct Permits {
     _slot: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    _global: Option<OwnedSemaphorePermit>,
 }
 
 /// Builds the reply to a request (`result` holds the READ data on success).
@@ -936,8 +1102,18 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_dead = Arc::new(Notify::new());
-    let writer = tokio::spawn(writer_loop(w, rx, shared.shutdown.clone(), writer_dead.clone()));
+    let watch = Arc::new(WriteWatch {
+        peer: peer.to_string(),
+        busy: AtomicBool::new(false),
+        progress_ms: AtomicU64::new(shared.now_ms()),
+        evicted: AtomicBool::new(false),
+        evict: Notify::new(),
+    });
+    shared.watches.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Arc::clone(&watch));
+    let w = Watched { inner: w, watch: Arc::clone(&watch), epoch: shared.epoch };
+    let writer = tokio::spawn(writer_loop(w, rx, shared.shutdown.clone(), writer_dead.clone(), watch));
     let end = reader_loop(&mut r, &tx, id, peer, structured, shared, &writer_dead).await;
+    shared.watches.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     // Every in-flight request task holds a sender: the writer ends once the
     // last reply is written.
     drop(tx);
@@ -990,6 +1166,7 @@ where
     let mut shutdown = shared.shutdown.clone();
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES));
+    let reserve = Arc::new(Semaphore::new(CONN_RESERVE_BYTES));
     let size = shared.backend.size();
     let mut buf = BytesMut::with_capacity(READ_BUF_SIZE);
     loop {
@@ -1030,7 +1207,8 @@ where
         let acquire = async {
             let slot = slots.clone().acquire_owned().await.ok()?;
             let b = if cost > 0 { Some(bytes.clone().acquire_many_owned(cost).await.ok()?) } else { None };
-            Some(Permits { _slot: slot, _bytes: b })
+            let g = if cost > 0 { Some(acquire_inflight(shared, &reserve, id, cost).await?) } else { None };
+            Some(Permits { _slot: slot, _bytes: b, _global: g })
         };
         let permits = tokio::select! {
             p = acquire => match p {
@@ -1121,10 +1299,11 @@ async fn skip<R: AsyncRead + Unpin>(
 /// Writes replies in the order they complete, each whole; coalesces small
 /// replies and flushes whenever no more are queued.
 async fn writer_loop<W: AsyncWrite + Unpin>(
-    w: W,
+    w: Watched<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     shutdown: watch::Receiver<bool>,
     dead: Arc<Notify>,
+    stall: Arc<WriteWatch>,
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUF_SIZE, w);
     let mut broken = false;
@@ -1134,6 +1313,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             // its permits; nothing more goes out.
             continue;
         }
+        stall.progress_ms.store(w.get_ref().epoch.elapsed().as_millis() as u64, Ordering::Release);
+        stall.busy.store(true, Ordering::Release);
         let io = async {
             let data = reply.data.as_deref().unwrap_or_default();
             write_message(&mut w, &reply.head, data).await?;
@@ -1150,7 +1331,11 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
         let res = tokio::select! {
             r = io => r,
             _ = deadline => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its replies")),
+            _ = stall.evict.notified() => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read its replies; evicted"))
+            }
         };
+        stall.busy.store(false, Ordering::Release);
         if let Err(e) = res {
             debug!(error = %e, "NBD reply write failed");
             broken = true;
@@ -1160,6 +1345,39 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     if !broken {
         let _ = w.flush().await;
         let _ = w.shutdown().await;
+    }
+}
+
+/// Fuzz entry points for the server's parsers (see `crate::fuzzing`): they
+/// run the real handshake and transmission code on a client's bytes, with a
+/// small in-memory backend and a sink for the replies.
+pub(crate) mod fuzz {
+    use super::*;
+    use crate::nbd::MemoryBackend;
+
+    fn shared(shutdown: watch::Receiver<bool>) -> Arc<Shared<MemoryBackend>> {
+        let backend = Arc::new(MemoryBackend::new(1 << 20));
+        Arc::new(Shared::new(backend, ServerConfig::new("r0"), Arc::new(AtomicUsize::new(0)), shutdown))
+    }
+
+    /// `data` is everything a client sends from the start of the handshake
+    /// (client flags, then options).
+    pub(crate) async fn option_haggling(data: &[u8]) {
+        let (_keep, rx) = watch::channel(false);
+        let shared = shared(rx);
+        let mut r = data;
+        let mut w = tokio::io::sink();
+        let _ = handshake(&mut r, &mut w, &shared).await;
+    }
+
+    /// `data[0]` bit 0 chooses structured replies; the rest is what a client
+    /// sends in the transmission phase (request headers and payloads).
+    pub(crate) async fn requests(data: &[u8]) {
+        let Some((&first, rest)) = data.split_first() else { return };
+        let (_keep, rx) = watch::channel(false);
+        let shared = shared(rx);
+        let r = std::io::Cursor::new(rest.to_vec());
+        let _ = transmission(r, tokio::io::sink(), 1, "fuzz", first & 1 == 1, &shared).await;
     }
 }
 

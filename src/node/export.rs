@@ -18,6 +18,9 @@ pub struct ExportConfig {
     pub export_name: String,
     pub description: String,
     pub max_connections: usize,
+    /// `nbd_max_inflight`, `nbd_stall_timeout` (config).
+    pub max_inflight_bytes: usize,
+    pub stall_timeout: Duration,
 }
 
 /// A running export.
@@ -45,6 +48,8 @@ pub async fn start(addr: &NbdAddress, backend: Arc<VolumeBackend>, cfg: ExportCo
         description: Some(cfg.description),
         max_connections: cfg.max_connections,
         handshake_timeout: HANDSHAKE_TIMEOUT,
+        max_inflight_bytes: cfg.max_inflight_bytes,
+        stall_timeout: cfg.stall_timeout,
     };
     let handle = NbdServer::start(&listen, backend, server_cfg).await.map_err(|e| format!("{addr}: {e}"))?;
     Ok(Export { handle })

@@ -295,6 +295,8 @@ impl Node {
             export_name: self.config.name.clone(),
             description: format!("repblock resource {} on node {}", self.config.name, self.me.name),
             max_connections: self.config.max_clients as usize,
+            max_inflight_bytes: usize::try_from(self.config.nbd_max_inflight).unwrap_or(usize::MAX),
+            stall_timeout: self.config.nbd_stall_timeout,
         };
         let export = match export::start(&self.me.nbd, backend, cfg).await {
             Ok(e) => e,
@@ -478,7 +480,9 @@ impl Node {
             }
             return Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }));
         };
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout beyond what the clock can represent (`timeout_secs`
+        // 1.8e19) means "no deadline"; `Instant + Duration` would panic.
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         loop {
             let v = repl.view();
             let disk = self.disk();

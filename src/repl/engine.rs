@@ -396,6 +396,9 @@ pub struct Engine {
     feed_pending: watch::Sender<bool>,
     /// Bytes on the link, writer queue, peer address (statistics).
     pub(crate) link_stats: crate::stats::LinkStats,
+    /// Accepted connections before they authenticate: a cap on concurrent
+    /// handshakes, their failures summarised per kind (src/repl/unauth.rs).
+    unauth: super::unauth::Gate,
 }
 
 /// What the running session decided, recorded once it checked, under the
@@ -492,6 +495,7 @@ impl Engine {
             events,
             shutdown: watch::Sender::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
+            unauth: super::unauth::Gate::default(),
             clear_bitmap_offer: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             verify: super::verify::VerifyCell::default(),
@@ -916,9 +920,14 @@ impl Engine {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let mut stop = self.shutdown.subscribe();
+        let mut summaries = tokio::time::interval(super::unauth::SUMMARY_INTERVAL / 4);
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
+                _ = summaries.tick() => {
+                    self.unauth.flush(&self.cfg.peer);
+                    continue;
+                }
                 _ = stop.wait_for(|s| *s) => return,
             };
             let (stream, from) = match accepted {
@@ -929,10 +938,12 @@ impl Engine {
                     continue;
                 }
             };
+            let Some(slot) = self.unauth.admit(&self.cfg.peer) else { continue };
             let me = Arc::clone(&self);
             // Even when standalone: a probe (`connect --dry-run` on the
             // peer) is answered; a real session is then declined.
             tokio::spawn(async move {
+                let _slot = slot;
                 me.handshake_and_adopt(stream, false, &from.to_string()).await;
             });
         }
@@ -1042,6 +1053,11 @@ impl Engine {
         let local = self.local_hello();
         let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
             Ok(p) => p,
+            Err(e) if !dialled_by_us && e.before_auth() => {
+                // Anyone can cause this: summarised, not the link's error.
+                self.unauth.failed(&e, &self.cfg.peer);
+                return false;
+            }
             Err(e) => {
                 self.note_failure(describe_handshake_error(&e, &self.cfg.peer), addr);
                 return false;

@@ -149,7 +149,46 @@ pub enum HandshakeError {
     Local(String),
 }
 
+/// Handshake stages that come before the peer proved it knows the secret.
+const STAGES_BEFORE_AUTH: [&str; 4] =
+    ["sending our hello", "reading the peer's hello", "sending our auth", "reading the peer's auth"];
+
 impl HandshakeError {
+    /// Whether the failure came before the other end authenticated: anyone
+    /// who can reach the port can cause it, so it is summarised rather than
+    /// logged one line each. A refusal by the other end counts too (its
+    /// Refuse may come before its Auth, and says whatever it likes).
+    pub fn before_auth(&self) -> bool {
+        match self {
+            HandshakeError::Timeout { stage, .. }
+            | HandshakeError::Io { stage, .. }
+            | HandshakeError::Closed { stage, .. }
+            | HandshakeError::Frame { stage, .. }
+            | HandshakeError::Unexpected { stage, .. } => STAGES_BEFORE_AUTH.contains(stage),
+            HandshakeError::Refused { reason, .. } => {
+                matches!(reason, RefuseReason::WrongSecret | RefuseReason::IncompatibleVersion)
+            }
+            HandshakeError::PeerRefused { .. } => true,
+            HandshakeError::Local(_) => false,
+        }
+    }
+
+    /// A short, bounded key for the kind of failure (what happened, and the
+    /// stage or refusal reason), for summaries: never text the other end
+    /// chose.
+    pub fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            HandshakeError::Timeout { stage, .. } => ("timeout", stage),
+            HandshakeError::Io { stage, .. } => ("io-error", stage),
+            HandshakeError::Closed { stage, .. } => ("closed", stage),
+            HandshakeError::Frame { stage, .. } => ("bad-frame", stage),
+            HandshakeError::Unexpected { stage, .. } => ("unexpected-message", stage),
+            HandshakeError::Refused { reason, .. } => ("refused", reason.as_str()),
+            HandshakeError::PeerRefused { reason, .. } => ("refused-by-peer", reason.as_str()),
+            HandshakeError::Local(_) => ("local", ""),
+        }
+    }
+
     /// The refusal reason, if either side refused.
     pub fn refuse_reason(&self) -> Option<RefuseReason> {
         match self {

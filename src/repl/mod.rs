@@ -33,6 +33,7 @@ mod session;
 pub mod store;
 #[cfg(test)]
 pub mod testing;
+pub mod unauth;
 pub mod verify;
 #[cfg(test)]
 mod verify_engine_tests;

@@ -43,6 +43,44 @@ pub fn words_for(size: u64, granularity: u32) -> usize {
     size.div_ceil(u64::from(granularity)).div_ceil(64) as usize
 }
 
+/// Most bytes the in-memory dirty bitmap may take (1 GiB): 32 TiB of volume
+/// at the default 4 KiB granularity, 8 PiB at 1 MiB. The whole bitmap is
+/// resident (32 MiB per TiB at 4 KiB, 128 KiB per TiB at 1 MiB); a volume
+/// whose bitmap would be larger is refused at config check and at open,
+/// rather than aborting on the allocation.
+pub const MAX_RESIDENT_BYTES: u64 = 1 << 30;
+
+/// Bytes of the in-memory bitmap of a volume of `size` bytes.
+pub fn resident_bytes(size: u64, granularity: u32) -> u64 {
+    size.div_ceil(u64::from(granularity)).div_ceil(64) * 8
+}
+
+/// Checks that the bitmap of `size` bytes at `granularity` fits in
+/// [`MAX_RESIDENT_BYTES`]; the error says how much it would take and the
+/// smallest granularity that fits (if any).
+pub fn check_resident(size: u64, granularity: u32) -> Result<(), String> {
+    let need = resident_bytes(size, granularity);
+    if need <= MAX_RESIDENT_BYTES {
+        return Ok(());
+    }
+    let per_tib = resident_bytes(1 << 40, granularity);
+    let fits = (MIN_GRANULARITY.trailing_zeros()..=MAX_GRANULARITY.trailing_zeros())
+        .map(|s| 1u32 << s)
+        .find(|&g| resident_bytes(size, g) <= MAX_RESIDENT_BYTES);
+    let fix = match fits {
+        Some(g) => format!("set bitmap_granularity = \"{}\" or more", crate::units::format_size(g.into())),
+        None => "no bitmap_granularity makes a volume this large fit".to_string(),
+    };
+    Err(format!(
+        "{} needs a {} dirty bitmap in memory at bitmap_granularity {} ({} per TiB); at most {} is allowed: {fix}",
+        crate::units::format_size_approx(size),
+        crate::units::format_size_approx(need),
+        crate::units::format_size(granularity.into()),
+        crate::units::format_size_approx(per_tib),
+        crate::units::format_size(MAX_RESIDENT_BYTES),
+    ))
+}
+
 /// Number of persistence pages for a volume of `size` bytes.
 pub fn pages_for(size: u64, granularity: u32) -> usize {
     words_for(size, granularity).div_ceil(PAGE_WORDS)
@@ -68,6 +106,7 @@ impl DirtyBitmap {
     /// An empty bitmap for `size` bytes at `granularity`.
     pub fn new(size: u64, granularity: u32) -> Result<DirtyBitmap, String> {
         validate_granularity(granularity)?;
+        check_resident(size, granularity)?;
         let nbits = size.div_ceil(u64::from(granularity));
         let words = words_for(size, granularity);
         let pages = words.div_ceil(PAGE_WORDS);
@@ -677,5 +716,20 @@ mod tests {
         }
         assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn resident_size_is_bounded_and_the_refusal_says_what_fits() {
+        const TIB: u64 = 1 << 40;
+        assert_eq!(resident_bytes(TIB, 4096), 32 << 20);
+        assert_eq!(resident_bytes(TIB, 1 << 20), 128 << 10);
+        assert!(check_resident(32 * TIB, 4096).is_ok());
+        assert_eq!(
+            check_resident(1024 * TIB, 4096).unwrap_err(),
+            "1024TiB needs a 32GiB dirty bitmap in memory at bitmap_granularity 4KiB (32MiB per TiB); \
+             at most 1GiB is allowed: set bitmap_granularity = \"128KiB\" or more"
+        );
+        assert!(check_resident(u64::MAX, 1 << 20).unwrap_err().contains("no bitmap_granularity"));
+        assert!(DirtyBitmap::new(1024 * TIB, 4096).is_err(), "no 32 GiB allocation");
     }
 }

@@ -292,6 +292,7 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
         max_seq: a.segments.keys().next_back().copied().unwrap_or(0),
         ..Default::default()
     };
+    check_no_gap(a)?;
     let mut local = Vec::new();
     mark_retained(a, marks, &mut report, &mut local)?;
     // Expected LSN of the next record; known once the first header is read.
@@ -399,6 +400,33 @@ pub(crate) fn recover(a: &RecoverArgs<'_>, marks: &mut Marks<'_>) -> Result<Reco
     }
     marks.finish(&mut report, local);
     Ok(report)
+}
+
+/// Refuses a hole in the segment sequence at or after `replay_seq`: a
+/// segment is activated only after the one before it (and the directory
+/// synced), and recycling removes segments from the front, so every
+/// sequence number from `replay_seq` to the highest one present must have
+/// its file. A missing one held records of the log; replaying around it
+/// would serve stale data where flushed writes were.
+///
+/// (A missing `replay_seq` segment with nothing after it is legitimate: a
+/// crash between the superblock write that starts a new log and the
+/// activation of its first segment.)
+fn check_no_gap(a: &RecoverArgs<'_>) -> Result<(), VolumeError> {
+    let Some(&max_seq) = a.segments.keys().next_back() else { return Ok(()) };
+    let Some(missing) = (a.replay_seq..max_seq).find(|seq| !a.segments.contains_key(seq)) else { return Ok(()) };
+    let next = a.segments.range(missing..).next().map_or(max_seq, |(&s, _)| s);
+    Err(VolumeError::WalCorrupt {
+        path: wal::segment_path(a.wal_dir, missing),
+        offset: 0,
+        lsn: a.checkpoint_lsn + 1,
+        reason: format!(
+            "WAL segment file missing: the log after the checkpoint (LSN {}) runs from segment {} to {max_seq}, \
+             segment {missing} is not there but {next} is; its records cannot be replayed (restore the file, or \
+             recreate this node's metadata and resync it from its peer)",
+            a.checkpoint_lsn, a.replay_seq
+        ),
+    })
 }
 
 /// Marks the records above `marks.after` in the segments older than

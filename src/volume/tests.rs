@@ -575,9 +575,8 @@ async fn stale_bytes_after_reopen_never_replay() {
     v.close().await.unwrap();
 }
 
-#[tokio::test]
-async fn missing_segment_in_the_middle_is_corruption() {
-    // Three segments of durable records; remove the middle one.
+/// A fresh 4 MiB volume with 64 KiB WAL segments (a few writes span several).
+fn small_segments_volume() -> (tempfile::TempDir, VolumeOptions, Arc<dyn IoEngine>, u64, Arc<Volume>) {
     let d = tempfile::tempdir().unwrap();
     let mut opts = small_opts(d.path());
     opts.wal_segment_size = 64 << 10;
@@ -585,6 +584,13 @@ async fn missing_segment_in_the_middle_is_corruption() {
     let size = 4 * MIB;
     create(&*io, &opts, size);
     let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    (d, opts, io, size, v)
+}
+
+#[tokio::test]
+async fn missing_segment_in_the_middle_is_corruption() {
+    // Three segments of durable records; remove the middle one.
+    let (d, opts, io, size, v) = small_segments_volume();
     for i in 0..40u64 {
         v.write(i * 4096, block(i, 4096), true).await.unwrap();
     }
@@ -596,6 +602,27 @@ async fn missing_segment_in_the_middle_is_corruption() {
     let msg = e.to_string();
     assert!(matches!(e, VolumeError::WalCorrupt { .. }), "{msg}");
     assert!(msg.contains(&segs[1].display().to_string()) || msg.contains(&segs[0].display().to_string()), "{msg}");
+}
+
+#[tokio::test]
+async fn missing_segment_without_a_witness_is_refused_naming_it() {
+    // Plain writes, one flush at the end: no record after the hole says the
+    // records in it were durable. Only the gap in the sequence shows it.
+    let (d, opts, io, size, v) = small_segments_volume();
+    for i in 0..60u64 {
+        v.write(i * 4096, block(i, 4096), false).await.unwrap();
+    }
+    v.flush().await.unwrap();
+    drop(v);
+    let (segs, _) = wal_files(d.path());
+    assert!(segs.len() >= 4, "{segs:?}");
+    let victim = &segs[segs.len() / 2];
+    std::fs::remove_file(victim).unwrap();
+    let e = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::WalCorrupt { .. }), "{msg}");
+    assert!(msg.contains(&format!("WAL corrupt in {} at byte 0", victim.display())), "{msg}");
+    assert!(msg.contains("WAL segment file missing"), "{msg}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -1025,13 +1052,7 @@ async fn large_writes_go_in_place_only_when_no_replayable_record_overlaps() {
 
 #[tokio::test]
 async fn segment_size_can_change_between_opens() {
-    let d = tempfile::tempdir().unwrap();
-    let mut opts = small_opts(d.path());
-    opts.wal_segment_size = 64 << 10;
-    let io = engine();
-    let size = 4 * MIB;
-    create(&*io, &opts, size);
-    let v = Volume::open(io.clone(), opts.clone(), &identity(size)).unwrap();
+    let (_d, mut opts, io, size, v) = small_segments_volume();
     for i in 0..40u64 {
         v.write(i * 4096, block(i, 4096), false).await.unwrap();
     }
