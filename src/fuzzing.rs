@@ -32,9 +32,12 @@ pub const WAL_SEQ: u64 = 7;
 /// The shared secret of the replication handshake target.
 pub const REPL_SECRET: &[u8] = b"fuzz-secret";
 
+/// A fuzz target's entry point: any bytes in, a panic only on a defect.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the file name of its libFuzzer binary and of its
 /// corpus directory).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_options", nbd_options),
     ("nbd_requests", nbd_requests),
     ("wal_record", wal_record),
