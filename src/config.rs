@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::io::EngineChoice;
-use crate::repl::decide::{AfterSb0Pri, AfterSb1Pri, SplitBrainPolicy};
+use crate::model::{AfterSb0Pri, AfterSb1Pri, OnPeerLoss, Protocol, SplitBrainPolicy};
 use crate::units;
 
 /// Longest accepted resource or node name.
@@ -69,24 +69,6 @@ pub const DEFAULT_WAL_RETAIN: u64 = 1 << 30;
 /// Smallest accepted `wal_retain`.
 pub const MIN_WAL_RETAIN: u64 = 64 << 20;
 
-/// `on_peer_loss`: what a primary does with writes while its peer is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnPeerLoss {
-    /// Keep serving alone (the next connect resyncs the peer).
-    Continue,
-    /// Block writes until the peer is back and in sync, or `repctl resume-io`.
-    Suspend,
-}
-
-impl fmt::Display for OnPeerLoss {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OnPeerLoss::Continue => "continue",
-            OnPeerLoss::Suspend => "suspend",
-        })
-    }
-}
-
 /// Configuration errors. Every message starts with the file name.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -107,28 +89,6 @@ pub enum ConfigError {
     Invalid { file: String, message: String },
     #[error("{file}: no node named {name:?} (nodes in this file: {present})")]
     NoSuchNode { file: String, name: String, present: String },
-}
-
-/// Replication protocol (design.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub enum Protocol {
-    /// Asynchronous: a write completes once local.
-    A,
-    /// Semi-synchronous: … and once the peer received it.
-    B,
-    /// Synchronous: … and once the peer wrote it.
-    #[default]
-    C,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::A => "A",
-            Protocol::B => "B",
-            Protocol::C => "C",
-        })
-    }
 }
 
 /// Where a node exports its volume over NBD.

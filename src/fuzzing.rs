@@ -107,14 +107,14 @@ pub fn repl_frames(data: &[u8]) {
 }
 
 pub fn repl_handshake(data: &[u8]) {
-    use crate::node::{DiskState, Role};
+    use crate::model::{DiskState, GenIds, Role};
     let local = crate::repl::LocalHello {
         resource: "r0".into(),
         node: "alpha".into(),
         peer: "beta".into(),
         size: 64 << 20,
         block_size: 4096,
-        gen_ids: crate::repl::GenIds::default(),
+        gen_ids: GenIds::default(),
         role: Role::Secondary,
         disk: DiskState::UpToDate,
         secret: REPL_SECRET.to_vec(),

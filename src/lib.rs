@@ -25,6 +25,7 @@ pub mod control;
 pub mod errors;
 pub mod fuzzing;
 pub mod io;
+pub mod model;
 pub mod nbd;
 pub mod node;
 pub mod repl;

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use repblock::fuzzing::{self, REPL_SECRET, TARGETS, WAL_SEQ, WAL_UUID};
-use repblock::node::{DiskState, Role};
-use repblock::repl::{GenIds, Hello, Message, RefuseReason};
+use repblock::model::{DiskState, GenIds, Role};
+use repblock::repl::{Hello, Message, RefuseReason};
 use repblock::volume::meta::Superblock;
 use repblock::volume::wal::{self, RecordHeader, RecordKind, SegmentHeader};
 
@@ -286,7 +286,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         uuid: WAL_UUID,
         size: 64 << 20,
         block_size: 4096,
-        disk_state: repblock::volume::DiskState::Uptodate,
+        disk_state: repblock::model::DiskState::UpToDate,
         checkpoint_lsn: 10,
         replay_seq: WAL_SEQ,
         gen_current: 0x1234_5679,

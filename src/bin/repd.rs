@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::{self, Config, NbdAddress};
-use repblock::node::DiskState;
+use repblock::model::DiskState;
 use repblock::node::daemon::{self, Daemon};
 use repblock::node::systemd::Notifier;
 use repblock::units;

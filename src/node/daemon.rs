@@ -17,6 +17,7 @@ use super::{Node, NodeError};
 use crate::config::{Config, ConfigError, NodeConfig};
 use crate::control::{self, ControlError, ControlSocket};
 use crate::io::{self, IoEngine};
+use crate::repl::engine::EngineConfig;
 use crate::volume::{self, Volume, VolumeError};
 
 /// File name of the superblock inside a node directory.
@@ -46,6 +47,32 @@ pub enum DaemonError {
     Task(String),
     #[error(transparent)]
     Metrics(#[from] super::metrics::MetricsError),
+}
+
+/// The replication engine's settings of node `me`; `None` for a
+/// single-node resource (or a peer without a replication address).
+pub fn engine_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
+    let peer = config.peer_of(&me.name)?;
+    let peer_addr = peer.replication.clone()?;
+    let listen = me.replication_listen.clone().or_else(|| me.replication.clone())?;
+    Some(EngineConfig {
+        resource: config.name.clone(),
+        node: me.name.clone(),
+        peer: peer.name.clone(),
+        listen,
+        peer_addr,
+        secret: config.secret.clone().unwrap_or_default().into_bytes(),
+        protocol: config.protocol,
+        block_size: config.block_size,
+        ping_interval: config.ping_interval,
+        ping_timeout: config.ping_timeout,
+        connect_retry: config.connect_retry,
+        max_connect_retry: crate::config::MAX_CONNECT_RETRY,
+        max_buffer: usize::try_from(config.max_buffer).unwrap_or(usize::MAX),
+        on_peer_loss: config.on_peer_loss,
+        resync_rate: config.resync_rate,
+        split_brain: config.split_brain_policy(),
+    })
 }
 
 /// Chooses the IO engine the config asks for, wrapped by the test-only

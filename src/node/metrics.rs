@@ -77,7 +77,7 @@ impl Node {
         let up = link.and_then(|l| l.up());
         let in_flight = link.map_or(0, |l| l.queued_bytes());
         let buffer = if self.repl.is_some() { self.config.max_buffer } else { 0 };
-        let now_ms = crate::repl::engine::unix_ms();
+        let now_ms = crate::model::unix_ms();
         Statistics {
             sent_bytes: link.map_or(0, |l| l.sent_bytes()),
             received_bytes: link.map_or(0, |l| l.received_bytes()),
@@ -355,7 +355,7 @@ fn encode_status(enc: DescriptorEncoder, node: &Node, s: &Status) -> fmt::Result
         st.replication_buffer_bytes as f64,
     )?;
     if let Some(secs) = st.connected_seconds {
-        let start = crate::repl::engine::unix_ms() as f64 / 1000.0 - secs;
+        let start = crate::model::unix_ms() as f64 / 1000.0 - secs;
         o.peer_gauge(
             "repblock_connection_start_time_seconds",
             "Unix time the current connection came up (absent when not connected)",

@@ -26,23 +26,21 @@
 //! Transitions are serialised by one async mutex; `status` never waits for
 //! one (it reads a snapshot under a short std mutex).
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::config::{Config, NodeConfig};
 use crate::control::{ControlHandler, Event, Request};
 use crate::io::EngineKind;
-use crate::repl::engine::{Engine, EngineConfig, ReplState};
+use crate::model::{ConnState, DiskState, ReplState, Role};
+use crate::repl::engine::Engine;
 use crate::repl::store::ReplStore;
 use crate::volume::{Volume, VolumeError};
 
 pub mod backend;
 pub mod daemon;
-mod disk;
 mod export;
 pub mod handlers;
 pub mod metrics;
@@ -51,57 +49,6 @@ pub mod systemd;
 
 pub use backend::VolumeBackend;
 pub use status::Status;
-
-/// Role of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-}
-
-/// Disk state (design.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskState {
-    /// The newest data.
-    #[serde(rename = "uptodate")]
-    UpToDate,
-    /// Crash-consistent, maybe stale.
-    Consistent,
-    /// Known stale.
-    Outdated,
-    /// Mid-resync or never initialised: not usable.
-    Inconsistent,
-    /// No local disk.
-    Diskless,
-    /// Not known (the peer's, when not connected).
-    Unknown,
-}
-
-/// Connection state (design.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConnState {
-    Standalone,
-    Connecting,
-    Connected,
-}
-
-macro_rules! display_via_serde {
-    ($($t:ty),*) => {$(
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                // Unit variants always serialize to a JSON string.
-                match serde_json::to_value(self) {
-                    Ok(serde_json::Value::String(s)) => f.write_str(&s),
-                    _ => write!(f, "{self:?}"),
-                }
-            }
-        }
-    )*};
-}
-display_via_serde!(Role, DiskState, ConnState);
 
 /// Why a node operation failed. The messages go to `repctl` users as they
 /// are.
@@ -164,9 +111,9 @@ impl Node {
         engine: EngineKind,
         store: Option<Arc<dyn ReplStore>>,
     ) -> Arc<Node> {
-        let disk = disk::load(&volume);
+        let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
-        let repl = match (EngineConfig::from_config(&config, &me), store) {
+        let repl = match (daemon::engine_config(&config, &me), store) {
             (Some(cfg), Some(store)) => Some(Engine::new(cfg, store, Role::Secondary, events.clone())),
             _ => None,
         };
@@ -199,7 +146,7 @@ impl Node {
 
     /// The disk state (from the superblock, which a full sync updates).
     fn disk(&self) -> DiskState {
-        disk::load(&self.volume)
+        self.volume.superblock().disk_state
     }
 
     fn repl_or(&self, cmd: &'static str) -> Result<&Arc<Engine>, NodeError> {
@@ -280,7 +227,7 @@ impl Node {
                 tracing::warn!(node = %self.me.name, from = %disk, "promote --force: this node's data becomes the truth");
                 // A durable superblock write: off the async workers.
                 let volume = Arc::clone(&self.volume);
-                tokio::task::spawn_blocking(move || disk::store(&volume, DiskState::UpToDate))
+                tokio::task::spawn_blocking(move || volume.update_superblock(|sb| sb.disk_state = DiskState::UpToDate))
                     .await
                     .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                     .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;

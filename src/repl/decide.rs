@@ -20,109 +20,7 @@
 
 use std::fmt;
 
-use crate::node::{DiskState, Role};
-use crate::repl::proto::GenIds;
-use crate::volume::Lsn;
-
-/// `after_sb_0pri`: what to do with a split brain detected while neither node
-/// is primary. Opt-in: the default keeps both nodes' data and disconnects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterSb0Pri {
-    /// Both nodes go standalone and keep their data (the operator decides).
-    #[default]
-    Disconnect,
-    /// The node whose current generation was created later becomes target.
-    DiscardYoungerPrimary,
-    /// The node with fewer out-of-sync bytes becomes target (a tie disconnects).
-    DiscardLeastChanges,
-    /// If exactly one node wrote nothing (0 out-of-sync bytes), it becomes target.
-    DiscardZeroChanges,
-}
-
-impl AfterSb0Pri {
-    /// The config spellings, in the order documented.
-    pub const NAMES: [&'static str; 4] =
-        ["disconnect", "discard-younger-primary", "discard-least-changes", "discard-zero-changes"];
-
-    /// Parses a config value.
-    pub fn parse(s: &str) -> Option<AfterSb0Pri> {
-        Some(match s {
-            "disconnect" => AfterSb0Pri::Disconnect,
-            "discard-younger-primary" => AfterSb0Pri::DiscardYoungerPrimary,
-            "discard-least-changes" => AfterSb0Pri::DiscardLeastChanges,
-            "discard-zero-changes" => AfterSb0Pri::DiscardZeroChanges,
-            _ => return None,
-        })
-    }
-
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AfterSb0Pri::Disconnect => "disconnect",
-            AfterSb0Pri::DiscardYoungerPrimary => "discard-younger-primary",
-            AfterSb0Pri::DiscardLeastChanges => "discard-least-changes",
-            AfterSb0Pri::DiscardZeroChanges => "discard-zero-changes",
-        }
-    }
-}
-
-impl fmt::Display for AfterSb0Pri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `after_sb_1pri`: what to do with a split brain detected while one node is
-/// primary. Opt-in: the default keeps both nodes' data and disconnects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AfterSb1Pri {
-    /// Both nodes go standalone and keep their data (the operator decides).
-    #[default]
-    Disconnect,
-    /// The secondary's changes are discarded: it becomes target of the primary.
-    DiscardSecondary,
-    /// If exactly one node wrote nothing (0 out-of-sync bytes) and it is the
-    /// secondary, it becomes target.
-    DiscardZeroChanges,
-}
-
-impl AfterSb1Pri {
-    /// The config spellings, in the order documented.
-    pub const NAMES: [&'static str; 3] = ["disconnect", "discard-secondary", "discard-zero-changes"];
-
-    /// Parses a config value.
-    pub fn parse(s: &str) -> Option<AfterSb1Pri> {
-        Some(match s {
-            "disconnect" => AfterSb1Pri::Disconnect,
-            "discard-secondary" => AfterSb1Pri::DiscardSecondary,
-            "discard-zero-changes" => AfterSb1Pri::DiscardZeroChanges,
-            _ => return None,
-        })
-    }
-
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AfterSb1Pri::Disconnect => "disconnect",
-            AfterSb1Pri::DiscardSecondary => "discard-secondary",
-            AfterSb1Pri::DiscardZeroChanges => "discard-zero-changes",
-        }
-    }
-}
-
-impl fmt::Display for AfterSb1Pri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The automatic split-brain policies of a resource (config keys
-/// `after_sb_0pri`, `after_sb_1pri`). Both default to `disconnect`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SplitBrainPolicy {
-    pub after_sb_0pri: AfterSb0Pri,
-    pub after_sb_1pri: AfterSb1Pri,
-}
+use crate::model::{AfterSb0Pri, AfterSb1Pri, DiskState, GenIds, Lsn, ResyncKind, Role, SplitBrainPolicy};
 
 // ---------------------------------------------------------------------------
 // The views and the verdict.
@@ -151,45 +49,15 @@ pub struct SideView {
     pub discard_my_data: bool,
 }
 
-/// How the target is brought up to date.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncKind {
-    /// Replay the source's WAL records past the target's last LSN, in order;
-    /// the target stays consistent throughout.
-    Log,
-    /// Send the blocks marked in the union of both bitmaps; the target is
-    /// inconsistent until done.
-    Bitmap,
-    /// Send every block; the target is inconsistent until done.
-    Full,
-}
-
-impl SyncKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncKind::Log => "log",
-            SyncKind::Bitmap => "bitmap",
-            SyncKind::Full => "full",
-        }
-    }
-}
-
-impl fmt::Display for SyncKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// What happens on this connection, seen from the local node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Both copies are the same: nothing to send.
     NoSync,
     /// We send.
-    Source(SyncKind),
+    Source(ResyncKind),
     /// We receive.
-    Target(SyncKind),
+    Target(ResyncKind),
     /// Both wrote since their last common generation: both go standalone,
     /// nothing moves until the operator (or an `after_sb_*` policy) decides.
     SplitBrain,
@@ -215,12 +83,12 @@ impl Decision {
     pub fn as_str(&self) -> &'static str {
         match self {
             Decision::NoSync => "no-sync",
-            Decision::Source(SyncKind::Log) => "source-log",
-            Decision::Source(SyncKind::Bitmap) => "source-bitmap",
-            Decision::Source(SyncKind::Full) => "source-full",
-            Decision::Target(SyncKind::Log) => "target-log",
-            Decision::Target(SyncKind::Bitmap) => "target-bitmap",
-            Decision::Target(SyncKind::Full) => "target-full",
+            Decision::Source(ResyncKind::Log) => "source-log",
+            Decision::Source(ResyncKind::Bitmap) => "source-bitmap",
+            Decision::Source(ResyncKind::Full) => "source-full",
+            Decision::Target(ResyncKind::Log) => "target-log",
+            Decision::Target(ResyncKind::Bitmap) => "target-bitmap",
+            Decision::Target(ResyncKind::Full) => "target-full",
             Decision::SplitBrain => "split-brain",
             Decision::Unrelated => "unrelated",
             Decision::Refuse(_) => "refuse",
@@ -228,7 +96,7 @@ impl Decision {
     }
 
     /// The sync kind, when data moves.
-    pub fn kind(&self) -> Option<SyncKind> {
+    pub fn kind(&self) -> Option<ResyncKind> {
         match self {
             Decision::Source(k) | Decision::Target(k) => Some(*k),
             _ => None,
@@ -414,7 +282,7 @@ impl Side {
 /// The table's answer before the primary-target check, in sides.
 enum Outcome {
     NoSync,
-    Send { from: Side, kind: SyncKind },
+    Send { from: Side, kind: ResyncKind },
     SplitBrain,
     Unrelated,
     Refuse(String),
@@ -487,7 +355,7 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
                 from.who(),
                 v.get(from.other()).disk
             );
-            return row(Outcome::Send { from, kind: SyncKind::Full }, rule::FRESH, why);
+            return row(Outcome::Send { from, kind: ResyncKind::Full }, rule::FRESH, why);
         }
         let blank = |s: &SideView| s.local_lsn == 0 && s.dirty_bytes == 0;
         if blank(l) && blank(p) {
@@ -511,10 +379,10 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
         let (t, s) = (v.get(to), v.get(from));
         if t.gen_ids.current == s.gen_ids.current {
             let (kind, how) = if t.local_lsn >= s.bitmap_base_lsn {
-                (SyncKind::Bitmap, "the interrupted resync resumes from the bitmap".to_string())
+                (ResyncKind::Bitmap, "the interrupted resync resumes from the bitmap".to_string())
             } else {
                 (
-                    SyncKind::Full,
+                    ResyncKind::Full,
                     format!(
                         "its log ends at LSN {} before the bitmap base {} of {}: full resync",
                         t.local_lsn,
@@ -529,7 +397,7 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
         }
         let why =
             format!("{} is inconsistent and not in the current generation of {}: full resync", to.who(), from.who());
-        return row(Outcome::Send { from, kind: SyncKind::Full }, rule::INCONSISTENT, why);
+        return row(Outcome::Send { from, kind: ResyncKind::Full }, rule::INCONSISTENT, why);
     }
 
     // 3. Same generation.
@@ -640,7 +508,7 @@ fn table(v: &Pair, policy: &SplitBrainPolicy) -> Row {
             from.other().who(),
             from.who()
         );
-        return row(Outcome::Send { from, kind: SyncKind::Full }, rule::OLDER_GENERATION, why);
+        return row(Outcome::Send { from, kind: ResyncKind::Full }, rule::OLDER_GENERATION, why);
     }
 
     // 7. Split brain further back.
@@ -680,10 +548,10 @@ fn disk_rank(d: DiskState) -> u8 {
 
 /// The kind of resync from `s` to `t` when `t`'s log is (as far as the
 /// generations tell) a prefix of `s`'s lineage, and why.
-fn sync_kind(s: &SideView, t: &SideView) -> (SyncKind, String) {
+fn sync_kind(s: &SideView, t: &SideView) -> (ResyncKind, String) {
     if t.local_lsn < s.bitmap_base_lsn {
         return (
-            SyncKind::Full,
+            ResyncKind::Full,
             format!(
                 "the target's log ends at LSN {}, before the source's bitmap base {}: full resync",
                 t.local_lsn, s.bitmap_base_lsn
@@ -699,7 +567,7 @@ fn sync_kind(s: &SideView, t: &SideView) -> (SyncKind, String) {
         } else {
             format!("log catch-up with nothing to replay (both at LSN {})", s.local_lsn)
         };
-        return (SyncKind::Log, format!("{what} (the target stays consistent)"));
+        return (ResyncKind::Log, format!("{what} (the target stays consistent)"));
     }
     let why = if t.dirty_bytes != 0 {
         format!("the target has {} bytes marked of its own: bitmap resync", t.dirty_bytes)
@@ -714,7 +582,7 @@ fn sync_kind(s: &SideView, t: &SideView) -> (SyncKind, String) {
             t.local_lsn, s.local_lsn, s.dirty_bytes
         )
     };
-    (SyncKind::Bitmap, why)
+    (ResyncKind::Bitmap, why)
 }
 
 /// Row 5/7: both nodes wrote since generation `common`. `same_base`: both
@@ -731,7 +599,7 @@ fn split_brain(v: &Pair, policy: &SplitBrainPolicy, common: u64, same_base: bool
     );
     let resolve = |to: Side, rule: &'static str, how: String| -> Row {
         let (s, t) = (v.get(to.other()), v.get(to));
-        let kind = if same_base && t.local_lsn >= s.bitmap_base_lsn { SyncKind::Bitmap } else { SyncKind::Full };
+        let kind = if same_base && t.local_lsn >= s.bitmap_base_lsn { ResyncKind::Bitmap } else { ResyncKind::Full };
         let why = format!("{what}; {how}: {} is the target of a {kind} resync, its changes are discarded", to.who());
         row(Outcome::Send { from: to.other(), kind }, rule, why)
     };

@@ -30,16 +30,17 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, broadcast, watch};
 
-use super::decide::{Decision, SideView, SplitBrainPolicy, SyncKind, Verdict};
+use super::decide::{Decision, SideView, Verdict};
 use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
 use super::link::{FrameReader, FrameWriter, split_tcp};
-use super::proto::{GenIds, ResyncKind, SyncInfo, sync_flags};
 use super::proto::{GoodbyeReason, Message};
+use super::proto::{SyncInfo, sync_flags};
 use super::store::{ReplMeta, ReplStore};
-use crate::config::{Config, NodeConfig, OnPeerLoss, Protocol};
 use crate::control::Event;
-use crate::node::{ConnState, DiskState, Role};
-use crate::volume::{Lsn, VolumeError};
+use crate::model::{
+    ConnState, DiskState, GenIds, Lsn, OnPeerLoss, Protocol, ReplState, ResyncKind, Role, SplitBrainPolicy, unix_ms,
+};
+use crate::volume::VolumeError;
 
 /// How long a handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,7 +55,8 @@ const LOSER_DIAL_DELAY: Duration = Duration::from_millis(300);
 /// often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// The engine's settings, from the config.
+/// The engine's settings (plain data: the composition root,
+/// `node::daemon::engine_config`, builds them from the config file).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub resource: String,
@@ -77,33 +79,6 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
-}
-
-impl EngineConfig {
-    /// The engine settings of node `me`; `None` for a single-node resource.
-    pub fn from_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
-        let peer = config.peer_of(&me.name)?;
-        let peer_addr = peer.replication.clone()?;
-        let listen = me.replication_listen.clone().or_else(|| me.replication.clone())?;
-        Some(EngineConfig {
-            resource: config.name.clone(),
-            node: me.name.clone(),
-            peer: peer.name.clone(),
-            listen,
-            peer_addr,
-            secret: config.secret.clone().unwrap_or_default().into_bytes(),
-            protocol: config.protocol,
-            block_size: config.block_size,
-            ping_interval: config.ping_interval,
-            ping_timeout: config.ping_timeout,
-            connect_retry: config.connect_retry,
-            max_connect_retry: crate::config::MAX_CONNECT_RETRY,
-            max_buffer: usize::try_from(config.max_buffer).unwrap_or(usize::MAX),
-            on_peer_loss: config.on_peer_loss,
-            resync_rate: config.resync_rate,
-            split_brain: SplitBrainPolicy { after_sb_0pri: config.after_sb_0pri, after_sb_1pri: config.after_sb_1pri },
-        })
-    }
 }
 
 /// What a reply waits for (design.md §2).
@@ -162,24 +137,6 @@ pub fn need_for(protocol: Protocol, d: Durability) -> Need {
     }
 }
 
-/// Replication state when connected (design.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplState {
-    Established,
-    SyncSource,
-    SyncTarget,
-}
-
-impl ReplState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplState::Established => "established",
-            ReplState::SyncSource => "sync-source",
-            ReplState::SyncTarget => "sync-target",
-        }
-    }
-}
-
 /// Resync progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resync {
@@ -229,24 +186,10 @@ pub struct DecisionView {
 impl DecisionView {
     pub fn from_verdict(v: &Verdict) -> DecisionView {
         DecisionView {
-            result: decision_name(&v.decision),
+            result: v.decision.as_str().to_string(),
             rule: v.rule.to_string(),
             explanation: v.explanation.clone(),
         }
-    }
-}
-
-/// `no-sync`, `source-full`, `target-bitmap`, `split-brain`, `unrelated`, `refuse`.
-pub fn decision_name(d: &Decision) -> String {
-    d.as_str().to_string()
-}
-
-/// The wire kind of a decided sync kind.
-pub fn resync_kind(k: SyncKind) -> ResyncKind {
-    match k {
-        SyncKind::Log => ResyncKind::Log,
-        SyncKind::Bitmap => ResyncKind::Bitmap,
-        SyncKind::Full => ResyncKind::Full,
     }
 }
 
@@ -651,9 +594,7 @@ impl Engine {
         }
         let mut new = meta;
         new.disk = DiskState::UpToDate;
-        new.gen_ids.history =
-            [meta.gen_ids.current, meta.gen_ids.history[0], meta.gen_ids.history[1], meta.gen_ids.history[2]];
-        new.gen_ids.current = new_gen_id();
+        new.gen_ids.rotate(GenIds::new_id());
         self.store.store_meta(new).map_err(|e| format!("cannot record the new generation: {e}"))?;
         // Renegotiate: the next Hello carries the generation, the idle
         // session then tells the peer to take it.
@@ -718,13 +659,7 @@ impl Engine {
         }
         let mut meta = self.store.meta();
         let old = meta.gen_ids.current;
-        let g = &mut meta.gen_ids;
-        if g.bitmap == 0 {
-            g.bitmap = old;
-        } else {
-            g.history = [old, g.history[0], g.history[1], g.history[2]];
-        }
-        g.current = new_gen_id();
+        meta.gen_ids.diverge(GenIds::new_id());
         meta.gen_created_ms = unix_ms();
         if let Err(source) = self.store.store_meta(meta) {
             self.diverged.store(false, Ordering::Release);
@@ -1089,7 +1024,7 @@ impl Engine {
             // The peer probes (`connect --dry-run`): it computes the decision
             // from our SyncInfo and says Goodbye. Nothing changes here.
             let verdict = super::decide::decide(&side_view(&theirs), &side_view(&mine), &self.cfg.split_brain);
-            tracing::info!(peer = %peer.node, result = %decision_name(&verdict.decision), rule = verdict.rule, "answered a dry-run probe from the peer");
+            tracing::info!(peer = %peer.node, result = verdict.decision.as_str(), rule = verdict.rule, "answered a dry-run probe from the peer");
             let _ =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, async { while let Ok(Some(_)) = reader.read().await {} }).await;
             return false;
@@ -1151,7 +1086,7 @@ impl Engine {
             .send(&Message::Goodbye { reason: GoodbyeReason::Other, message: "dry run: nothing changes".into() })
             .await;
         let verdict = self.verdict(&mine, &theirs);
-        tracing::info!(peer = %peer_name, result = %decision_name(&verdict.decision), rule = verdict.rule, explanation = %verdict.explanation, "connect --dry-run");
+        tracing::info!(peer = %peer_name, result = verdict.decision.as_str(), rule = verdict.rule, explanation = %verdict.explanation, "connect --dry-run");
         Ok(ProbeReport {
             peer: peer_name.clone(),
             decision: DecisionView::from_verdict(&verdict),
@@ -1423,7 +1358,7 @@ impl Engine {
         let meta = self.store.meta();
         let disk = meta.disk;
         if let Some(SessionClaim { decision: Decision::Target(kind), rule }) = claim.as_ref()
-            && *kind != SyncKind::Log
+            && *kind != ResyncKind::Log
             && !force
         {
             return Err(format!(
@@ -1635,13 +1570,6 @@ pub(crate) async fn test_hold(point: HoldPoint) {
     }
 }
 
-/// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Sends our SyncInfo and reads the peer's (the first frame after the
 /// handshake on both sides; pings may come first).
 pub(crate) async fn exchange_sync_info<R, W>(
@@ -1669,16 +1597,6 @@ where
         }
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| "no SyncInfo from the peer in time".to_string())?
-}
-
-/// A new random generation id (never 0, which means "none").
-pub fn new_gen_id() -> u64 {
-    loop {
-        let g: u64 = rand::random();
-        if g != 0 {
-            return g;
-        }
-    }
 }
 
 /// A log line for a failed handshake that names what mismatched.

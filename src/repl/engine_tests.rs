@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::engine::{Durability, Engine, EngineConfig, LastSync, ReplState};
-use super::proto::ResyncKind;
+use super::engine::{Durability, Engine, EngineConfig, LastSync};
 use super::store::ReplStore;
 use super::testing::{MemStore, established, pattern, until};
-use crate::config::{OnPeerLoss, Protocol};
-use crate::node::{ConnState, DiskState, Role};
+use crate::model::{ConnState, DiskState, OnPeerLoss, Protocol, ReplState, ResyncKind, Role};
 
 const SIZE: usize = 4 << 20;
 
@@ -259,7 +257,8 @@ async fn two_primaries_go_standalone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     use super::handshake::{LocalHello, handshake};
-    use super::proto::{GenIds, Message};
+    use super::proto::Message;
+    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let (pa, _) = (free_port(), ());
@@ -313,7 +312,8 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_peer_never_acknowledges_end_the_session() {
     use super::handshake::{LocalHello, handshake};
-    use super::proto::{GenIds, Message};
+    use super::proto::Message;
+    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);

@@ -47,10 +47,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::proto::{
-    FRAME_HEADER_LEN, FrameError, GenIds, Hello, MAX_NAME_LEN, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION,
-    RefuseReason, check, decode, encode,
+    FRAME_HEADER_LEN, FrameError, Hello, MAX_NAME_LEN, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason,
+    check, decode, encode,
 };
-use crate::node::{DiskState, Role};
+use crate::model::{DiskState, GenIds, Role};
 
 /// Label that starts every MAC input (version 1).
 pub const AUTH_LABEL: &[u8] = b"repblock-auth-v1";

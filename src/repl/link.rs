@@ -441,8 +441,8 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_then_stream_over_loopback_tcp() {
-        use crate::node::{DiskState, Role};
-        use crate::repl::{GenIds, LocalHello, handshake};
+        use crate::model::{DiskState, GenIds, Role};
+        use crate::repl::{LocalHello, handshake};
         use std::time::Duration;
 
         let local = |node: &str, peer: &str| LocalHello {

@@ -45,6 +45,5 @@ pub use handshake::{
 };
 pub use link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer, run_writer_counted, split_tcp};
 pub use proto::{
-    FrameError, GenIds, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode,
-    encode,
+    FrameError, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode, encode,
 };

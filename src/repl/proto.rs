@@ -14,8 +14,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::node::{DiskState, Role};
-use crate::volume::Lsn;
+use crate::model::{DiskState, GenIds, Lsn, ResyncKind, Role};
 
 // ---------------------------------------------------------------------------
 // Versions.
@@ -140,64 +139,12 @@ pub enum FrameError {
 // Vocabulary carried by messages.
 // ---------------------------------------------------------------------------
 
-/// Data generation identifiers (design.md §4), compared on connect.
-///
-/// Format (48 bytes, inside Hello): | current u64 | bitmap u64 | history 4 x u64 |
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct GenIds {
-    /// The generation the data is in now.
-    pub current: u64,
-    /// The generation the bitmap started tracking from, or 0.
-    pub bitmap: u64,
-    /// Older generations, newest first; 0 for unused slots.
-    pub history: [u64; 4],
-}
-
-/// What a resync moves (`SyncStart.kind`). Wire codes: | log 1 | bitmap 2 | full 3 |.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResyncKind {
-    /// Log catch-up: the source's WAL records after the target's LSN, as
-    /// ordinary Write / Trim / Zeroes frames; the target stays consistent.
-    Log,
-    /// The blocks set in the union of both dirty bitmaps.
-    Bitmap,
-    /// Every block (the bitmap with every bit set).
-    Full,
-}
-
-impl ResyncKind {
-    pub fn code(self) -> u8 {
-        match self {
-            ResyncKind::Log => 1,
-            ResyncKind::Bitmap => 2,
-            ResyncKind::Full => 3,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<ResyncKind> {
-        match code {
-            1 => Some(ResyncKind::Log),
-            2 => Some(ResyncKind::Bitmap),
-            3 => Some(ResyncKind::Full),
-            _ => None,
-        }
-    }
-
-    /// `log`, `bitmap` or `full` (status, events).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResyncKind::Log => "log",
-            ResyncKind::Bitmap => "bitmap",
-            ResyncKind::Full => "full",
-        }
-    }
-}
-
-impl std::fmt::Display for ResyncKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+// Role, DiskState, ResyncKind and GenIds, with their byte codes, are
+// defined once in `crate::model` (the superblock stores the same disk state
+// byte). Codes: role | primary 1 | secondary 2 |; disk state | unknown 0 |
+// uptodate 1 | consistent 2 | outdated 3 | inconsistent 4 | diskless 5 |;
+// resync kind | log 1 | bitmap 2 | full 3 |; GenIds (48 bytes) | current u64 |
+// bitmap u64 | history 4 x u64 |.
 
 /// What each side sends first after the handshake: its view of the data
 /// (the inputs of the resync decision, src/repl/decide.rs) plus the bitmap
@@ -368,47 +315,6 @@ impl std::fmt::Display for GoodbyeReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// Wire code of a role: | primary 1 | secondary 2 |.
-fn role_code(r: Role) -> u8 {
-    match r {
-        Role::Primary => 1,
-        Role::Secondary => 2,
-    }
-}
-
-fn role_from(code: u8) -> Option<Role> {
-    match code {
-        1 => Some(Role::Primary),
-        2 => Some(Role::Secondary),
-        _ => None,
-    }
-}
-
-/// Wire code of a disk state: | unknown 0 | uptodate 1 | consistent 2 |
-/// outdated 3 | inconsistent 4 | diskless 5 | (the superblock's codes).
-fn disk_code(d: DiskState) -> u8 {
-    match d {
-        DiskState::Unknown => 0,
-        DiskState::UpToDate => 1,
-        DiskState::Consistent => 2,
-        DiskState::Outdated => 3,
-        DiskState::Inconsistent => 4,
-        DiskState::Diskless => 5,
-    }
-}
-
-fn disk_from(code: u8) -> Option<DiskState> {
-    Some(match code {
-        0 => DiskState::Unknown,
-        1 => DiskState::UpToDate,
-        2 => DiskState::Consistent,
-        3 => DiskState::Outdated,
-        4 => DiskState::Inconsistent,
-        5 => DiskState::Diskless,
-        _ => return None,
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -768,8 +674,8 @@ impl Message {
                 b.put_u32_le(h.flags);
                 b.put_u64_le(h.size);
                 b.put_u32_le(h.block_size);
-                b.put_u8(role_code(h.role));
-                b.put_u8(disk_code(h.disk));
+                b.put_u8(Role::code(h.role));
+                b.put_u8(DiskState::code(h.disk));
                 b.put_u16_le(0);
                 b.put_u64_le(h.gen_ids.current);
                 b.put_u64_le(h.gen_ids.bitmap);
@@ -793,8 +699,8 @@ impl Message {
             Message::Refuse { reason, message } => put_text(b, reason.code(), message),
             Message::Goodbye { reason, message } => put_text(b, reason.code(), message),
             Message::State { role, disk, out_of_sync_bytes } => {
-                b.put_u8(role_code(*role));
-                b.put_u8(disk_code(*disk));
+                b.put_u8(Role::code(*role));
+                b.put_u8(DiskState::code(*disk));
                 b.put_u16_le(0);
                 b.put_u64_le(*out_of_sync_bytes);
             }
@@ -830,8 +736,8 @@ impl Message {
                 b.put_u64_le(*durable);
             }
             Message::SyncInfo(i) => {
-                b.put_u8(role_code(i.role));
-                b.put_u8(disk_code(i.disk));
+                b.put_u8(Role::code(i.role));
+                b.put_u8(DiskState::code(i.disk));
                 b.put_u16_le(0);
                 b.put_u32_le(i.granularity);
                 b.put_u32_le(i.flags);
@@ -1185,12 +1091,12 @@ impl Payload {
 
     fn role(&mut self) -> Result<Role, FrameError> {
         let c = self.u8("role")?;
-        role_from(c).ok_or_else(|| self.bad(format!("unknown role code {c}")))
+        Role::from_code(c).ok_or_else(|| self.bad(format!("unknown role code {c}")))
     }
 
     fn disk(&mut self) -> Result<DiskState, FrameError> {
         let c = self.u8("disk")?;
-        disk_from(c).ok_or_else(|| self.bad(format!("unknown disk state code {c}")))
+        DiskState::from_code(c).ok_or_else(|| self.bad(format!("unknown disk state code {c}")))
     }
 
     fn reserved16(&mut self) -> Result<(), FrameError> {

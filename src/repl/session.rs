@@ -50,16 +50,15 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
-use super::decide::{Decision, SyncKind};
-use super::engine::{Engine, ReplState, StopReason};
+use super::decide::Decision;
+use super::engine::{Engine, StopReason};
 use super::handshake::PeerInfo;
 use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_counted};
-use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, ResyncKind, SyncInfo};
+use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, SyncInfo};
 use super::store::{BoxFut, FeedItem, FeedOp, LogReadError, LogSource};
 use super::verify::{After, ReadMode, SessionVerify, TargetJob};
-use crate::config::Protocol;
-use crate::node::{DiskState, Role};
-use crate::volume::{Lsn, VolumeError};
+use crate::model::{DiskState, Lsn, Protocol, ReplState, ResyncKind, Role, unix_ms};
+use crate::volume::VolumeError;
 
 /// Messages queued for the writer task.
 const WRITER_QUEUE: usize = 64;
@@ -139,7 +138,7 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let queued = Arc::new(QueuedBytes::default());
     let peer_address = reader.get_ref().peer_addr().map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
-    engine.link_stats.session_up(&queued, peer_address, super::engine::unix_ms());
+    engine.link_stats.session_up(&queued, peer_address, unix_ms());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval)));
     engine.set_peer(theirs.role, theirs.disk);
@@ -602,7 +601,7 @@ impl Session {
         }
     }
 
-    async fn source(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<SyncKind>) -> Outcome {
+    async fn source(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<ResyncKind>) -> Outcome {
         match self.source_inner(io, theirs, plan).await {
             Ok(o) | Err(o) => o,
         }
@@ -612,12 +611,12 @@ impl Session {
         &mut self,
         io: &mut Io,
         theirs: &SyncInfo,
-        plan: Option<SyncKind>,
+        plan: Option<ResyncKind>,
     ) -> Result<Outcome, Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
         let peer_lsn = theirs.local_lsn;
-        if plan == Some(SyncKind::Bitmap) {
+        if plan == Some(ResyncKind::Bitmap) {
             self.receive_bitmap(io).await?;
         }
         // Feed first, then tracking off: every record up to `base` was
@@ -627,7 +626,7 @@ impl Session {
         engine.feed_attached(base);
         let mut catchup: Option<Catchup> = None;
         let mut walk: Option<Walk> = None;
-        let wants_log = matches!(plan, None | Some(SyncKind::Log)) && peer_lsn < base;
+        let wants_log = matches!(plan, None | Some(ResyncKind::Log)) && peer_lsn < base;
         if plan.is_none() && peer_lsn > base {
             return Err(Outcome::Failed(format!(
                 "the peer is at LSN {peer_lsn}, ahead of ours ({base}), without a resync decided"
@@ -669,13 +668,13 @@ impl Session {
         } else {
             store.set_retain_after(Some(base));
             match plan {
-                Some(SyncKind::Full) => {
+                Some(ResyncKind::Full) => {
                     store
                         .mark_all()
                         .map_err(|e| Outcome::Failed(format!("cannot mark every block for a full sync: {e}")))?;
                     walk = Some(self.start_walk(io, ResyncKind::Full, base).await?);
                 }
-                Some(SyncKind::Bitmap) => walk = Some(self.start_walk(io, ResyncKind::Bitmap, base).await?),
+                Some(ResyncKind::Bitmap) => walk = Some(self.start_walk(io, ResyncKind::Bitmap, base).await?),
                 _ => {
                     tracing::info!(peer = %self.peer_name, lsn = base, "peer is up to date: no sync");
                     engine.set_replication(ReplState::Established);
@@ -924,10 +923,7 @@ impl Session {
         let store = &engine.store;
         if store.dirty_bytes() == 0 {
             let mut meta = store.meta();
-            let g = &mut meta.gen_ids;
-            if g.bitmap != 0 {
-                g.history = [g.bitmap, g.history[0], g.history[1], g.history[2]];
-                g.bitmap = 0;
+            if meta.gen_ids.retire_bitmap() {
                 store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the generations: {e}")))?;
             }
         }
@@ -960,7 +956,7 @@ impl Session {
         self.send(Message::BitmapEnd { total_words: words.len() as u64 }, io).await
     }
 
-    async fn target(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<SyncKind>) -> Outcome {
+    async fn target(&mut self, io: &mut Io, theirs: &SyncInfo, plan: Option<ResyncKind>) -> Outcome {
         match self.target_inner(io, theirs, plan).await {
             Ok(o) | Err(o) => o,
         }
@@ -970,7 +966,7 @@ impl Session {
         &mut self,
         io: &mut Io,
         theirs: &SyncInfo,
-        plan: Option<SyncKind>,
+        plan: Option<ResyncKind>,
     ) -> Result<Outcome, Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
@@ -986,7 +982,7 @@ impl Session {
         });
         let _ = self.tx.try_send(Message::Ack { received: local, written: local, durable: local });
         t.acked = Some((local, local, local));
-        if plan == Some(SyncKind::Bitmap) {
+        if plan == Some(ResyncKind::Bitmap) {
             self.send_bitmap(io).await?;
         }
         if plan.is_none() {
@@ -1204,15 +1200,8 @@ impl Session {
                 // either side resumes this resync (the source keeps its bits
                 // until we ack the data durable).
                 let mut meta = engine.meta();
-                let src = theirs.gen_ids.current;
-                let g = &mut meta.gen_ids;
-                if g.current != src {
-                    if g.current != 0 {
-                        g.history = [g.current, g.history[0], g.history[1], g.history[2]];
-                    }
-                    g.current = src;
-                }
-                g.bitmap = 0;
+                meta.gen_ids.adopt(theirs.gen_ids.current);
+                meta.gen_ids.bitmap = 0;
                 meta.gen_created_ms = theirs.gen_created_ms;
                 meta.disk = DiskState::Inconsistent;
                 let from = engine.meta().disk;
@@ -1280,15 +1269,9 @@ impl Session {
         let disk = if theirs.disk == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Consistent };
         let mut meta = engine.meta();
         let from = meta.disk;
-        let g = &mut meta.gen_ids;
-        if g.current != theirs.gen_ids.current {
-            if g.current != 0 {
-                g.history = [g.current, g.history[0], g.history[1], g.history[2]];
-            }
-            g.current = theirs.gen_ids.current;
-        }
+        meta.gen_ids.adopt(theirs.gen_ids.current);
         if store.dirty_bytes() == 0 {
-            g.bitmap = 0;
+            meta.gen_ids.bitmap = 0;
         }
         meta.gen_created_ms = theirs.gen_created_ms;
         meta.disk = disk;

@@ -18,9 +18,8 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-use super::proto::GenIds;
-use crate::node::DiskState;
-use crate::volume::{Lsn, VolumeError};
+use crate::model::{DiskState, GenIds, Lsn};
+use crate::volume::VolumeError;
 
 /// A boxed, sendable future (the trait is used as `dyn`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -14,10 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::proto::GenIds;
 use super::store::{BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore};
-use crate::node::DiskState;
-use crate::volume::{Lsn, VolumeError};
+use crate::model::{DiskState, GenIds, Lsn};
+use crate::volume::VolumeError;
 
 /// Bitmap granularity of the in-memory store.
 pub const MEM_GRANULARITY: u64 = 4096;
@@ -561,8 +560,8 @@ pub async fn until(what: &str, timeout: std::time::Duration, f: impl Fn() -> boo
 /// Connected, established, with an uptodate peer.
 pub fn established(e: &super::engine::Engine) -> bool {
     let v = e.view();
-    v.connection == crate::node::ConnState::Connected
-        && v.replication == Some(super::engine::ReplState::Established)
+    v.connection == crate::model::ConnState::Connected
+        && v.replication == Some(crate::model::ReplState::Established)
         && v.peer_disk == DiskState::UpToDate
 }
 

@@ -51,12 +51,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::engine::{Engine, ReplState, StopReason};
+use super::engine::{Engine, StopReason};
 use super::proto::Message;
 pub use super::proto::VERIFY_DIGEST_LEN;
 use super::session::Outcome;
 use super::store::{BoxFut, ReplStore};
-use crate::node::{ConnState, DiskState, Role};
+use crate::model::{ConnState, DiskState, ReplState, Role};
 use crate::volume::VolumeError;
 
 /// One block's digest.

@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use super::engine::{Durability, Engine, EngineConfig, ReplState};
+use super::engine::{Durability, Engine, EngineConfig};
 use super::store::ReplStore;
 use super::testing::{MemStore, established, pattern, until};
 use super::verify::VerifyReport;
-use crate::config::{OnPeerLoss, Protocol};
-use crate::node::{DiskState, Role};
+use crate::model::{DiskState, OnPeerLoss, Protocol, ReplState, Role};
 
 const SIZE: usize = 8 << 20;
 

@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::proto::GenIds;
 use super::store::{
     BoxFut, FeedItem, FeedOp, FeedSource, LogReadError, LogRecord, LogSource, ReplMeta, ReplStore, blocking_io,
 };
-use crate::node::DiskState;
-use crate::volume::{self, Feed, Lsn, Volume, VolumeError};
+use crate::model::{GenIds, Lsn};
+use crate::volume::{self, Feed, Volume, VolumeError};
 
 /// The volume, as the replication engine sees it.
 #[derive(Debug, Clone)]
@@ -78,7 +77,7 @@ impl ReplStore for VolumeStore {
     fn meta(&self) -> ReplMeta {
         let sb = self.0.superblock();
         ReplMeta {
-            disk: DiskState::from(sb.disk_state),
+            disk: sb.disk_state,
             gen_ids: GenIds { current: sb.gen_current, bitmap: sb.gen_bitmap, history: sb.gen_history },
             gen_created_ms: sb.gen_created_ms,
         }
@@ -87,7 +86,7 @@ impl ReplStore for VolumeStore {
     fn store_meta(&self, meta: ReplMeta) -> Result<(), VolumeError> {
         blocking_io(|| {
             self.0.update_superblock(|sb| {
-                sb.disk_state = volume::DiskState::from(meta.disk);
+                sb.disk_state = meta.disk;
                 sb.gen_current = meta.gen_ids.current;
                 sb.gen_bitmap = meta.gen_ids.bitmap;
                 sb.gen_history = meta.gen_ids.history;

@@ -10,10 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Lsn, VolumeError, bitmap};
 use crate::io::{IoEngine, IoFile, IoOp};
+use crate::model::DiskState;
 
 /// Size of one superblock slot.
 pub const SLOT_SIZE: usize = 4096;
@@ -41,61 +42,6 @@ pub const FLAG_CLEAN_SHUTDOWN: u32 = 1;
 /// node's WAL explains (a peer's bitmap merged, a verify difference, a full
 /// sync or invalidate), so a log catch-up cannot replace a bitmap resync.
 pub const FLAG_FOREIGN_MARKS: u32 = 2;
-
-/// Disk state (design.md §1 vocabulary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskState {
-    Uptodate,
-    Consistent,
-    Outdated,
-    Inconsistent,
-    Diskless,
-    Unknown,
-}
-
-impl DiskState {
-    fn to_u8(self) -> u8 {
-        match self {
-            DiskState::Unknown => 0,
-            DiskState::Uptodate => 1,
-            DiskState::Consistent => 2,
-            DiskState::Outdated => 3,
-            DiskState::Inconsistent => 4,
-            DiskState::Diskless => 5,
-        }
-    }
-
-    fn from_u8(v: u8) -> Option<DiskState> {
-        Some(match v {
-            0 => DiskState::Unknown,
-            1 => DiskState::Uptodate,
-            2 => DiskState::Consistent,
-            3 => DiskState::Outdated,
-            4 => DiskState::Inconsistent,
-            5 => DiskState::Diskless,
-            _ => return None,
-        })
-    }
-
-    /// The name shown to users (`uptodate`, `inconsistent`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskState::Uptodate => "uptodate",
-            DiskState::Consistent => "consistent",
-            DiskState::Outdated => "outdated",
-            DiskState::Inconsistent => "inconsistent",
-            DiskState::Diskless => "diskless",
-            DiskState::Unknown => "unknown",
-        }
-    }
-}
-
-impl std::fmt::Display for DiskState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The node's metadata.
 //
@@ -178,7 +124,7 @@ impl Superblock {
         b[24..40].copy_from_slice(&self.uuid.to_le_bytes());
         b[40..48].copy_from_slice(&self.size.to_le_bytes());
         b[48..52].copy_from_slice(&self.block_size.to_le_bytes());
-        b[52] = self.disk_state.to_u8();
+        b[52] = self.disk_state.code();
         b[56..64].copy_from_slice(&self.checkpoint_lsn.to_le_bytes());
         b[64..72].copy_from_slice(&self.replay_seq.to_le_bytes());
         b[72..80].copy_from_slice(&self.gen_current.to_le_bytes());
@@ -225,7 +171,7 @@ impl Superblock {
         }
         let bitmap_granularity = u32_at(256);
         bitmap::validate_granularity(bitmap_granularity).map_err(|e| format!("bitmap granularity {e}"))?;
-        let disk_state = DiskState::from_u8(b[52]).ok_or_else(|| format!("unknown disk state {}", b[52]))?;
+        let disk_state = DiskState::from_code(b[52]).ok_or_else(|| format!("unknown disk state {}", b[52]))?;
         let name = |off: usize, what: &str| -> Result<String, String> {
             let len = b[off] as usize;
             if len > MAX_NAME_LEN {
@@ -568,17 +514,17 @@ mod tests {
 
     #[test]
     fn disk_state_names() {
-        assert_eq!(serde_json::to_string(&DiskState::Uptodate).unwrap(), "\"uptodate\"");
+        assert_eq!(serde_json::to_string(&DiskState::UpToDate).unwrap(), "\"uptodate\"");
         assert_eq!(serde_json::to_string(&DiskState::Inconsistent).unwrap(), "\"inconsistent\"");
         for s in [
-            DiskState::Uptodate,
+            DiskState::UpToDate,
             DiskState::Consistent,
             DiskState::Outdated,
             DiskState::Inconsistent,
             DiskState::Diskless,
             DiskState::Unknown,
         ] {
-            assert_eq!(DiskState::from_u8(s.to_u8()), Some(s));
+            assert_eq!(DiskState::from_code(s.code()), Some(s));
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
         }
     }

@@ -68,6 +68,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::io::{IoEngine, IoFile, OpenMode};
+use crate::model::{DiskState, GenIds, unix_ms};
 
 pub mod bitmap;
 pub mod checkpoint;
@@ -83,7 +84,7 @@ pub mod writer;
 
 pub use feed::{Feed, FeedItem, FeedOp};
 pub use logread::LogReader;
-pub use meta::{DiskState, Superblock};
+pub use meta::Superblock;
 pub use recovery::{LogEnd, RecoveryReport};
 pub use replica::MAX_SYNC_CHUNK;
 
@@ -93,8 +94,7 @@ use segment::{WalFiles, parking};
 use wal::{SEGMENT_HEADER_SIZE, SegmentHeader};
 use writer::{Msg, Op, Request, Writer};
 
-/// Log sequence number: 1 for the first record ever written; 0 means "none".
-pub type Lsn = u64;
+pub use crate::model::Lsn;
 
 /// Default size of a WAL segment file (64 MiB).
 pub const DEFAULT_WAL_SEGMENT_SIZE: u64 = 64 << 20;
@@ -544,6 +544,7 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         io.sync_data(&file).map_err(|e| VolumeError::io(&data_path, e))?;
     }
 
+    let generation = GenIds::fresh();
     let sb = Superblock {
         flags: FLAG_CLEAN_SHUTDOWN,
         counter: 1,
@@ -553,9 +554,9 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         disk_state: DiskState::Inconsistent,
         checkpoint_lsn: 0,
         replay_seq: 1,
-        gen_current: rand::random::<u64>() | 1,
-        gen_bitmap: 0,
-        gen_history: [0; 4],
+        gen_current: generation.current,
+        gen_bitmap: generation.bitmap,
+        gen_history: generation.history,
         resource: create.resource.clone(),
         node: create.node.clone(),
         bitmap_granularity: opts.bitmap_granularity,
@@ -577,11 +578,6 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         "metadata created"
     );
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Volume {

@@ -95,7 +95,7 @@ async fn create_open_write_read_flush_close_reopen() {
     let st = v.status();
     assert_eq!((st.local_lsn, st.durable_lsn, st.failed), (4, 4, None));
 
-    v.update_superblock(|sb| sb.disk_state = DiskState::Uptodate).unwrap();
+    v.update_superblock(|sb| sb.disk_state = DiskState::UpToDate).unwrap();
     // One directory, one open volume.
     let busy = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap_err();
     assert!(matches!(busy, VolumeError::InUse { .. }), "{busy}");
@@ -118,7 +118,7 @@ async fn create_open_write_read_flush_close_reopen() {
     let v = Volume::open(io.clone(), opts.clone(), &identity(8 * MIB)).unwrap();
     assert_eq!(v.recovery().replayed, 0, "clean close leaves nothing to replay");
     assert_eq!(v.recovery().last_lsn, 4);
-    assert_eq!(v.superblock().disk_state, DiskState::Uptodate);
+    assert_eq!(v.superblock().disk_state, DiskState::UpToDate);
     let mut expect = a.to_vec();
     expect[..2048].fill(0);
     assert_eq!(v.read(0, 4096).await.unwrap(), Bytes::from(expect));

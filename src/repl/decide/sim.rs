@@ -120,7 +120,7 @@ impl Node {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Resync {
-    kind: SyncKind,
+    kind: ResyncKind,
     source: usize,
     /// Log catch-up: the last replayed LSN.
     log_end: Lsn,
@@ -205,7 +205,7 @@ enum Op {
 #[derive(Debug, Default)]
 struct Stats {
     verdicts: BTreeMap<String, usize>,
-    finished: BTreeMap<SyncKind, usize>,
+    finished: BTreeMap<ResyncKind, usize>,
 }
 
 struct World {
@@ -437,7 +437,7 @@ impl World {
     fn step(&mut self, n: usize) -> Result<(), String> {
         let Some(link) = &self.link else { return Ok(()) };
         match link.resync {
-            Some(Resync { kind: SyncKind::Bitmap | SyncKind::Full, source, .. }) => {
+            Some(Resync { kind: ResyncKind::Bitmap | ResyncKind::Full, source, .. }) => {
                 for _ in 0..n {
                     let Some(&b) = self.n[source].bits.first() else { break };
                     // Newest content: the log writer orders resync reads with
@@ -454,7 +454,7 @@ impl World {
                     return self.finish_resync();
                 }
             }
-            Some(Resync { kind: SyncKind::Log, source, log_end, .. }) => {
+            Some(Resync { kind: ResyncKind::Log, source, log_end, .. }) => {
                 for _ in 0..n {
                     self.deliver_one(true);
                 }
@@ -668,7 +668,7 @@ impl World {
         self.link = Some(Link { from, pending: VecDeque::new(), resync });
     }
 
-    fn start_resync(&mut self, s: usize, kind: SyncKind, rule: &'static str, source_gen: u64) -> Result<(), String> {
+    fn start_resync(&mut self, s: usize, kind: ResyncKind, rule: &'static str, source_gen: u64) -> Result<(), String> {
         let t = 1 - s;
         let exempt = matches!(
             rule,
@@ -695,7 +695,7 @@ impl World {
             return self.fail(format!("primary node {t} made the target by rule {rule}"));
         }
         match kind {
-            SyncKind::Log => {
+            ResyncKind::Log => {
                 if !self.n[s].log.starts_with(&self.n[t].log) {
                     return self.fail(format!("log catch-up of node {t}, whose log is not a prefix of node {s}'s"));
                 }
@@ -711,8 +711,8 @@ impl World {
                     link.pending = replay;
                 }
             }
-            SyncKind::Bitmap | SyncKind::Full => {
-                if kind == SyncKind::Bitmap {
+            ResyncKind::Bitmap | ResyncKind::Full => {
+                if kind == ResyncKind::Bitmap {
                     let union: BTreeSet<usize> = self.n[s].bits.union(&self.n[t].bits).copied().collect();
                     let uncovered: Vec<usize> = (0..BLOCKS)
                         .filter(|&b| self.n[s].data[b] != self.n[t].data[b] && !union.contains(&b))
@@ -822,7 +822,7 @@ fn random_histories_cover_the_table() {
     let mut runner = TestRunner::deterministic();
     let strategy = history();
     let mut verdicts: BTreeMap<String, usize> = BTreeMap::new();
-    let mut finished: BTreeMap<SyncKind, usize> = BTreeMap::new();
+    let mut finished: BTreeMap<ResyncKind, usize> = BTreeMap::new();
     for _ in 0..1_500 {
         let Ok(tree) = strategy.new_tree(&mut runner) else { continue };
         let (policy, ops) = tree.current();
@@ -835,7 +835,7 @@ fn random_histories_cover_the_table() {
             *finished.entry(k).or_default() += n;
         }
     }
-    for kind in [SyncKind::Log, SyncKind::Bitmap, SyncKind::Full] {
+    for kind in [ResyncKind::Log, ResyncKind::Bitmap, ResyncKind::Full] {
         assert!(finished.get(&kind).copied().unwrap_or(0) > 0, "no {kind} resync finished: {finished:?}");
     }
     let seen = |rule: &str| verdicts.keys().any(|k| k.starts_with(&format!("{rule} ")));

@@ -100,8 +100,8 @@ fn row1_two_blank_secondaries_wait() {
 
 #[test]
 fn row1_the_primary_of_two_inconsistent_disks_sends_everything() {
-    expect(&primary(blank(A)), &blank(B), Decision::Source(SyncKind::Full), rule::FRESH);
-    expect(&blank(A), &primary(blank(B)), Decision::Target(SyncKind::Full), rule::FRESH);
+    expect(&primary(blank(A)), &blank(B), Decision::Source(ResyncKind::Full), rule::FRESH);
+    expect(&blank(A), &primary(blank(B)), Decision::Target(ResyncKind::Full), rule::FRESH);
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn row1_two_written_inconsistent_secondaries_are_refused() {
 fn row1_without_generations_the_usable_disk_sends() {
     let legacy = SideView { gen_ids: gens(0, 0, &[]), ..view() };
     let empty = SideView { disk: DiskState::Inconsistent, ..legacy };
-    expect(&legacy, &empty, Decision::Source(SyncKind::Full), rule::FRESH);
+    expect(&legacy, &empty, Decision::Source(ResyncKind::Full), rule::FRESH);
     expect_refused(&legacy, &SideView { local_lsn: 3, ..legacy }, rule::BOTH_INCONSISTENT, "neither");
 }
 
@@ -125,25 +125,25 @@ fn row1_without_generations_the_usable_disk_sends() {
 fn row2_an_interrupted_resync_resumes_from_the_bitmap() {
     let source = SideView { dirty_bytes: 1 << 20, bitmap_base_lsn: 90, ..primary(view()) };
     let target = SideView { disk: DiskState::Inconsistent, local_lsn: 95, ..view() };
-    expect(&source, &target, Decision::Source(SyncKind::Bitmap), rule::RESUME);
-    expect(&target, &source, Decision::Target(SyncKind::Bitmap), rule::RESUME);
+    expect(&source, &target, Decision::Source(ResyncKind::Bitmap), rule::RESUME);
+    expect(&target, &source, Decision::Target(ResyncKind::Bitmap), rule::RESUME);
 }
 
 #[test]
 fn row2_resume_is_full_when_the_bitmap_does_not_reach_back() {
     let source = SideView { dirty_bytes: 4096, bitmap_base_lsn: 96, ..view() };
     let target = SideView { disk: DiskState::Inconsistent, local_lsn: 95, ..view() };
-    let v = expect(&source, &target, Decision::Source(SyncKind::Full), rule::RESUME);
+    let v = expect(&source, &target, Decision::Source(ResyncKind::Full), rule::RESUME);
     assert!(v.explanation.contains("before the bitmap base 96"), "{}", v.explanation);
 }
 
 #[test]
 fn row2_an_inconsistent_disk_of_another_generation_gets_everything() {
     let target = SideView { disk: DiskState::Inconsistent, gen_ids: gens(B, 0, &[]), ..view() };
-    expect(&primary(view()), &target, Decision::Source(SyncKind::Full), rule::INCONSISTENT);
+    expect(&primary(view()), &target, Decision::Source(ResyncKind::Full), rule::INCONSISTENT);
     // Even a node that is further in the log: its disk is not usable.
     let further = SideView { local_lsn: 500, ..target };
-    expect(&view(), &further, Decision::Source(SyncKind::Full), rule::INCONSISTENT);
+    expect(&view(), &further, Decision::Source(ResyncKind::Full), rule::INCONSISTENT);
 }
 
 #[test]
@@ -164,7 +164,7 @@ fn row3_same_generation_and_lsn_without_marks_is_in_sync() {
 #[test]
 fn row3_the_node_further_in_the_log_catches_the_other_up_from_its_wal() {
     let source = SideView { local_lsn: 120, dirty_bytes: 8192, bitmap_base_lsn: 100, ..view() };
-    let v = expect(&source, &view(), Decision::Source(SyncKind::Log), rule::SAME_GENERATION);
+    let v = expect(&source, &view(), Decision::Source(ResyncKind::Log), rule::SAME_GENERATION);
     assert!(v.explanation.contains("LSN 101..=120"), "{}", v.explanation);
 }
 
@@ -172,23 +172,23 @@ fn row3_the_node_further_in_the_log_catches_the_other_up_from_its_wal() {
 fn row3_bitmap_when_the_target_has_marks_of_its_own() {
     let source = SideView { local_lsn: 120, dirty_bytes: 8192, bitmap_base_lsn: 100, ..view() };
     let target = SideView { dirty_bytes: 4096, ..view() };
-    expect(&source, &target, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&source, &target, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
 fn row3_bitmap_when_the_wal_no_longer_reaches_back() {
     let source = SideView { local_lsn: 120, dirty_bytes: 8192, bitmap_base_lsn: 100, log_first_lsn: 102, ..view() };
-    let v = expect(&source, &view(), Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    let v = expect(&source, &view(), Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
     assert!(v.explanation.contains("WAL starts at LSN 102"), "{}", v.explanation);
     // Exactly the next record is still a catch-up.
     let source = SideView { log_first_lsn: 101, ..source };
-    expect(&source, &view(), Decision::Source(SyncKind::Log), rule::SAME_GENERATION);
+    expect(&source, &view(), Decision::Source(ResyncKind::Log), rule::SAME_GENERATION);
 }
 
 #[test]
 fn row3_full_when_the_bitmap_base_is_past_the_targets_log() {
     let source = SideView { local_lsn: 120, dirty_bytes: 8192, bitmap_base_lsn: 101, ..view() };
-    expect(&source, &view(), Decision::Source(SyncKind::Full), rule::SAME_GENERATION);
+    expect(&source, &view(), Decision::Source(ResyncKind::Full), rule::SAME_GENERATION);
 }
 
 #[test]
@@ -196,17 +196,17 @@ fn row3_same_lsn_the_node_with_marks_sends_a_bitmap() {
     // Its in-flight records reached the peer but were never acknowledged: the
     // marks cover them. Nothing to replay, so not a log catch-up.
     let marked = SideView { dirty_bytes: 4096, bitmap_base_lsn: 98, ..view() };
-    expect(&marked, &view(), Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&marked, &view(), Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
     let more = SideView { dirty_bytes: 8192, ..marked };
-    expect(&more, &marked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&more, &marked, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
 fn row3_ties_go_to_the_primary_then_the_better_disk() {
     let marked = SideView { dirty_bytes: 4096, bitmap_base_lsn: 98, ..view() };
-    expect(&primary(marked), &marked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&primary(marked), &marked, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
     let outdated = SideView { disk: DiskState::Outdated, ..marked };
-    expect(&marked, &outdated, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&marked, &outdated, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn row3_same_lsn_the_primary_sends_even_to_a_node_with_marks() {
     // A secondary restarted after a crash re-marks records it got from the
     // primary: it must not become the source of (hence refuse) the primary.
     let remarked = SideView { dirty_bytes: 8192, ..view() };
-    expect(&primary(view()), &remarked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&primary(view()), &remarked, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
@@ -224,7 +224,7 @@ fn row3_identical_views_with_marks_are_refused() {
     let marked = SideView { dirty_bytes: 4096, ..view() };
     expect_refused(&marked, &marked, rule::SAME_GENERATION, "promote the node whose data is to be kept");
     // A primary settles it.
-    expect(&primary(marked), &marked, Decision::Source(SyncKind::Bitmap), rule::SAME_GENERATION);
+    expect(&primary(marked), &marked, Decision::Source(ResyncKind::Bitmap), rule::SAME_GENERATION);
 }
 
 #[test]
@@ -249,8 +249,8 @@ fn ahead() -> SideView {
 
 #[test]
 fn row4_the_node_that_wrote_catches_the_other_up() {
-    expect(&primary(ahead()), &view(), Decision::Source(SyncKind::Log), rule::NEWER_GENERATION);
-    expect(&view(), &ahead(), Decision::Target(SyncKind::Log), rule::NEWER_GENERATION);
+    expect(&primary(ahead()), &view(), Decision::Source(ResyncKind::Log), rule::NEWER_GENERATION);
+    expect(&view(), &ahead(), Decision::Target(ResyncKind::Log), rule::NEWER_GENERATION);
 }
 
 #[test]
@@ -258,15 +258,15 @@ fn row4_bitmap_after_a_failover_when_the_old_primary_has_unacknowledged_writes()
     // The old primary (now restarted as secondary) had records 101..=110 in
     // flight; recovery marked them. The promoted node wrote 101..=150.
     let old_primary = SideView { local_lsn: 110, dirty_bytes: 10 * 4096, bitmap_base_lsn: 100, ..view() };
-    expect(&ahead(), &old_primary, Decision::Source(SyncKind::Bitmap), rule::NEWER_GENERATION);
+    expect(&ahead(), &old_primary, Decision::Source(ResyncKind::Bitmap), rule::NEWER_GENERATION);
 }
 
 #[test]
 fn row4_bitmap_when_the_wal_was_recycled_and_full_when_the_bitmap_is_younger() {
     let recycled = SideView { log_first_lsn: 140, ..ahead() };
-    expect(&recycled, &view(), Decision::Source(SyncKind::Bitmap), rule::NEWER_GENERATION);
+    expect(&recycled, &view(), Decision::Source(ResyncKind::Bitmap), rule::NEWER_GENERATION);
     let behind = SideView { local_lsn: 90, ..view() };
-    expect(&ahead(), &behind, Decision::Source(SyncKind::Full), rule::NEWER_GENERATION);
+    expect(&ahead(), &behind, Decision::Source(ResyncKind::Full), rule::NEWER_GENERATION);
 }
 
 #[test]
@@ -307,12 +307,12 @@ fn row5_both_wrote_since_the_same_generation_is_a_split_brain() {
 fn row5_discard_my_data_makes_that_node_the_bitmap_target() {
     let (me, peer) = split();
     let victim = SideView { discard_my_data: true, ..me };
-    let v = expect(&victim, &peer, Decision::Target(SyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
+    let v = expect(&victim, &peer, Decision::Target(ResyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
     assert!(v.explanation.contains("this node is the target"), "{}", v.explanation);
     let victim = SideView { discard_my_data: true, ..peer };
-    expect(&me, &victim, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
+    expect(&me, &victim, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
     // A survivor that is primary is fine.
-    expect(&primary(me), &victim, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
+    expect(&primary(me), &victim, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
 }
 
 #[test]
@@ -328,13 +328,13 @@ fn row5_discard_my_data_on_a_primary_or_on_both_is_refused() {
 fn row5_discard_my_data_is_full_when_the_survivors_bitmap_does_not_reach_back() {
     let (me, peer) = split();
     let victim = SideView { discard_my_data: true, local_lsn: 90, ..me };
-    expect(&victim, &peer, Decision::Target(SyncKind::Full), rule::SB_DISCARD_MY_DATA);
+    expect(&victim, &peer, Decision::Target(ResyncKind::Full), rule::SB_DISCARD_MY_DATA);
 }
 
 #[test]
 fn discard_my_data_without_split_brain_changes_nothing_and_says_so() {
     let me = SideView { discard_my_data: true, ..ahead() };
-    let v = expect(&me, &view(), Decision::Source(SyncKind::Log), rule::NEWER_GENERATION);
+    let v = expect(&me, &view(), Decision::Source(ResyncKind::Log), rule::NEWER_GENERATION);
     assert!(v.explanation.contains("--discard-my-data has no effect"), "{}", v.explanation);
 }
 
@@ -358,7 +358,7 @@ fn expect_policy(me: &SideView, peer: &SideView, policy: SplitBrainPolicy, decis
 fn policy_0pri_discard_younger_primary() {
     let (me, peer) = split(); // the peer's generation is younger (3000 > 2000)
     let p = policy0(AfterSb0Pri::DiscardYoungerPrimary);
-    expect_policy(&me, &peer, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_YOUNGER_PRIMARY);
+    expect_policy(&me, &peer, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_YOUNGER_PRIMARY);
     let same_age = SideView { gen_created_ms: me.gen_created_ms, ..peer };
     expect_policy(&me, &same_age, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
     // Only with no primary.
@@ -369,7 +369,7 @@ fn policy_0pri_discard_younger_primary() {
 fn policy_0pri_discard_least_changes() {
     let (me, peer) = split(); // this node changed less
     let p = policy0(AfterSb0Pri::DiscardLeastChanges);
-    expect_policy(&me, &peer, p, Decision::Target(SyncKind::Bitmap), rule::SB_DISCARD_LEAST_CHANGES);
+    expect_policy(&me, &peer, p, Decision::Target(ResyncKind::Bitmap), rule::SB_DISCARD_LEAST_CHANGES);
     let same = SideView { dirty_bytes: me.dirty_bytes, ..peer };
     expect_policy(&me, &same, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
 }
@@ -380,10 +380,10 @@ fn policy_0pri_discard_zero_changes() {
     let p = policy0(AfterSb0Pri::DiscardZeroChanges);
     expect_policy(&me, &peer, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
     let idle = SideView { dirty_bytes: 0, ..peer };
-    expect_policy(&me, &idle, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
+    expect_policy(&me, &idle, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
     // Neither wrote: the younger generation gives way; same age: stay.
     let me_idle = SideView { dirty_bytes: 0, ..me };
-    expect_policy(&me_idle, &idle, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
+    expect_policy(&me_idle, &idle, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
     let same_age = SideView { gen_created_ms: me.gen_created_ms, ..idle };
     expect_policy(&me_idle, &same_age, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
 }
@@ -398,8 +398,8 @@ fn policy_0pri_disconnect_is_the_default() {
 fn policy_1pri_discard_secondary() {
     let (me, peer) = split();
     let p = policy1(AfterSb1Pri::DiscardSecondary);
-    expect_policy(&primary(me), &peer, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_SECONDARY);
-    expect_policy(&me, &primary(peer), p, Decision::Target(SyncKind::Bitmap), rule::SB_DISCARD_SECONDARY);
+    expect_policy(&primary(me), &peer, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_SECONDARY);
+    expect_policy(&me, &primary(peer), p, Decision::Target(ResyncKind::Bitmap), rule::SB_DISCARD_SECONDARY);
     // Only with one primary.
     expect_policy(&me, &peer, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
 }
@@ -410,10 +410,10 @@ fn policy_1pri_discard_zero_changes() {
     let p = policy1(AfterSb1Pri::DiscardZeroChanges);
     expect_policy(&primary(me), &peer, p, Decision::SplitBrain, rule::SPLIT_BRAIN);
     let idle = SideView { dirty_bytes: 0, ..peer };
-    expect_policy(&primary(me), &idle, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
+    expect_policy(&primary(me), &idle, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_ZERO_CHANGES);
     // The primary wrote nothing: it still cannot be the target.
     let v = both(&idle, &primary(me), &p);
-    assert_eq!(v.decision, Decision::Target(SyncKind::Bitmap));
+    assert_eq!(v.decision, Decision::Target(ResyncKind::Bitmap));
     let v = both(&primary(idle), &me, &p);
     assert_eq!((v.decision, v.rule), (Decision::SplitBrain, rule::SPLIT_BRAIN));
     assert!(v.explanation.contains("a primary is never the target"), "{}", v.explanation);
@@ -424,7 +424,7 @@ fn policies_never_override_discard_my_data() {
     let (me, peer) = split();
     let victim = SideView { discard_my_data: true, ..peer };
     let p = policy0(AfterSb0Pri::DiscardLeastChanges); // would discard this node's changes
-    expect_policy(&me, &victim, p, Decision::Source(SyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
+    expect_policy(&me, &victim, p, Decision::Source(ResyncKind::Bitmap), rule::SB_DISCARD_MY_DATA);
 }
 
 // --- Row 6: generations behind ----------------------------------------------------------
@@ -434,8 +434,8 @@ fn row6_a_node_generations_behind_gets_everything() {
     // This node went A -> B -> C (B and A in its history); the peer is in A.
     let me = SideView { gen_ids: gens(C, 0, &[B, A]), local_lsn: 300, ..view() };
     let old = SideView { gen_ids: gens(A, 0, &[]), ..view() };
-    expect(&me, &old, Decision::Source(SyncKind::Full), rule::OLDER_GENERATION);
-    expect(&old, &me, Decision::Target(SyncKind::Full), rule::OLDER_GENERATION);
+    expect(&me, &old, Decision::Source(ResyncKind::Full), rule::OLDER_GENERATION);
+    expect(&old, &me, Decision::Target(ResyncKind::Full), rule::OLDER_GENERATION);
 }
 
 #[test]
@@ -445,7 +445,7 @@ fn row6_comes_before_the_history_split_brain() {
     // simply stayed in B while this node moved on to C: not a split brain.
     let me = SideView { gen_ids: gens(C, 0, &[B, A]), local_lsn: 300, ..view() };
     let peer = SideView { gen_ids: gens(B, 0, &[A]), ..view() };
-    expect(&me, &peer, Decision::Source(SyncKind::Full), rule::OLDER_GENERATION);
+    expect(&me, &peer, Decision::Source(ResyncKind::Full), rule::OLDER_GENERATION);
 }
 
 // --- Row 7: split brain further back ------------------------------------------------------
@@ -456,7 +456,7 @@ fn row7_generations_meeting_in_the_histories_are_a_split_brain_resolved_in_full(
     let peer = SideView { gen_ids: gens(E, D, &[A]), ..view() };
     expect(&me, &peer, Decision::SplitBrain, rule::SPLIT_BRAIN);
     let victim = SideView { discard_my_data: true, ..peer };
-    expect(&me, &victim, Decision::Source(SyncKind::Full), rule::SB_DISCARD_MY_DATA);
+    expect(&me, &victim, Decision::Source(ResyncKind::Full), rule::SB_DISCARD_MY_DATA);
     // A bitmap generation found in the other's history counts too.
     let peer = SideView { gen_ids: gens(E, 0, &[B]), ..view() };
     expect(&me, &peer, Decision::SplitBrain, rule::SPLIT_BRAIN);
@@ -476,14 +476,14 @@ fn row8_no_common_generation_is_unrelated() {
 
 #[test]
 fn decision_names_and_mirror() {
-    assert_eq!(Decision::Source(SyncKind::Log).mirrored(), Decision::Target(SyncKind::Log));
+    assert_eq!(Decision::Source(ResyncKind::Log).mirrored(), Decision::Target(ResyncKind::Log));
     assert_eq!(Decision::SplitBrain.mirrored(), Decision::SplitBrain);
-    assert_eq!(Decision::Target(SyncKind::Full).to_string(), "target (full resync)");
+    assert_eq!(Decision::Target(ResyncKind::Full).to_string(), "target (full resync)");
     assert_eq!(Decision::Refuse("x".into()).as_str(), "refuse");
-    assert_eq!(Decision::Source(SyncKind::Log).as_str(), "source-log");
-    assert_eq!(Decision::Target(SyncKind::Full).as_str(), "target-full");
-    assert_eq!(Decision::Source(SyncKind::Bitmap).kind(), Some(SyncKind::Bitmap));
-    assert_eq!(serde_json::to_value(SyncKind::Bitmap).ok(), Some(serde_json::json!("bitmap")));
+    assert_eq!(Decision::Source(ResyncKind::Log).as_str(), "source-log");
+    assert_eq!(Decision::Target(ResyncKind::Full).as_str(), "target-full");
+    assert_eq!(Decision::Source(ResyncKind::Bitmap).kind(), Some(ResyncKind::Bitmap));
+    assert_eq!(serde_json::to_value(ResyncKind::Bitmap).ok(), Some(serde_json::json!("bitmap")));
     let v = decide(&view(), &ahead(), &DEFAULT);
     assert_eq!(
         v.to_json(),
@@ -547,11 +547,11 @@ proptest! {
         match v.decision {
             Decision::Target(k) => {
                 prop_assert_eq!(a.role, Role::Secondary);
-                prop_assert!(k != SyncKind::Log || a.dirty_bytes == 0);
+                prop_assert!(k != ResyncKind::Log || a.dirty_bytes == 0);
             }
             Decision::Source(k) => {
                 prop_assert_eq!(b.role, Role::Secondary);
-                prop_assert!(k != SyncKind::Log || b.dirty_bytes == 0);
+                prop_assert!(k != ResyncKind::Log || b.dirty_bytes == 0);
             }
             _ => {}
         }
