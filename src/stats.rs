@@ -1,5 +1,5 @@
 //! Operation counters of a running node, read by `status` (its
-//! `statistics` object) and by `/metrics` ([`crate::node::metrics`]).
+//! `statistics` object) and by `/metrics` (`node::metrics`).
 //!
 //! Everything here is a relaxed atomic bumped once per event (a request,
 //! a socket read or write), or a histogram observed once per replicated
@@ -11,20 +11,21 @@
 //!   operation, requests in the backend now (`pending`), requests waiting
 //!   for the peer's acknowledgement (`unacked`), and the time replies
 //!   waited for that acknowledgement (histogram by durability).
-//! - [`LinkStats`]: the replication link: bytes sent and received, how
-//!   much data waits for the socket (the `max_buffer` budget), the peer's
-//!   address and when the current connection came up.
+//! - `repl::stats::LinkStats` (in the replication layer, which owns the
+//!   link): bytes sent and received, how much data waits for the socket
+//!   (the `max_buffer` budget), the peer's address and when the current
+//!   connection came up.
 //! - Volume counters (WAL syncs, checkpoints, bitmap writes) live in the
-//!   volume: [`crate::volume::VolumeCounters`].
+//!   volume: `volume::VolumeCounters`.
+//!
+//! A leaf (imports nothing from the crate): the NBD backend, the node and
+//! `/metrics` use it; see docs/architecture.md.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
-
-use crate::repl::QueuedBytes;
 
 /// Buckets (seconds) of the acknowledgement wait histogram: 50 µs to 10 s.
 pub const ACK_LATENCY_BUCKETS: [f64; 15] =
@@ -143,64 +144,6 @@ impl IoStats {
     pub fn unacked(&self) -> u64 {
         self.unacked.load(Ordering::Relaxed)
     }
-}
-
-/// Counters of the replication link (see the module doc).
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    sent_bytes: Arc<AtomicU64>,
-    received_bytes: Arc<AtomicU64>,
-    /// The running session's writer queue (data bytes not yet written).
-    queue: Mutex<Weak<QueuedBytes>>,
-    /// Peer address and connection start (Unix ms) while a session runs.
-    up: Mutex<Option<(String, u64)>>,
-}
-
-impl LinkStats {
-    /// The counter a link's socket writes add to.
-    pub fn sent_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.sent_bytes)
-    }
-
-    /// The counter a link's socket reads add to.
-    pub fn received_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.received_bytes)
-    }
-
-    /// A session started: its writer queue, the peer's address, now.
-    pub fn session_up(&self, queue: &Arc<QueuedBytes>, peer_address: String, now_unix_ms: u64) {
-        *lock(&self.queue) = Arc::downgrade(queue);
-        *lock(&self.up) = Some((peer_address, now_unix_ms));
-    }
-
-    /// The session ended.
-    pub fn session_down(&self) {
-        *lock(&self.queue) = Weak::new();
-        *lock(&self.up) = None;
-    }
-
-    pub fn sent_bytes(&self) -> u64 {
-        self.sent_bytes.load(Ordering::Relaxed)
-    }
-
-    pub fn received_bytes(&self) -> u64 {
-        self.received_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Data bytes handed to the link's writer and not yet on the socket.
-    pub fn queued_bytes(&self) -> u64 {
-        lock(&self.queue).upgrade().map_or(0, |q| q.get() as u64)
-    }
-
-    /// The peer's address and the connection start (Unix ms), if up.
-    pub fn up(&self) -> Option<(String, u64)> {
-        lock(&self.up).clone()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data: a panic elsewhere leaves it usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `statistics` in `status --json` (names may be added, never changed).

@@ -338,7 +338,7 @@ pub struct Engine {
     /// rather than start a generation the session did not announce.
     feed_pending: watch::Sender<bool>,
     /// Bytes on the link, writer queue, peer address (statistics).
-    pub(crate) link_stats: crate::stats::LinkStats,
+    pub(crate) link_stats: super::stats::LinkStats,
     /// Accepted connections before they authenticate: a cap on concurrent
     /// handshakes, their failures summarised per kind (src/repl/unauth.rs).
     unauth: super::unauth::Gate,
@@ -444,12 +444,12 @@ impl Engine {
             verify: super::verify::VerifyCell::default(),
             claim: Mutex::new(None),
             feed_pending: watch::Sender::new(false),
-            link_stats: crate::stats::LinkStats::default(),
+            link_stats: super::stats::LinkStats::default(),
         })
     }
 
     /// Link statistics (bytes, writer queue, peer address).
-    pub fn link_stats(&self) -> &crate::stats::LinkStats {
+    pub fn link_stats(&self) -> &super::stats::LinkStats {
         &self.link_stats
     }
 

@@ -30,6 +30,7 @@ pub mod handshake;
 pub mod link;
 pub mod proto;
 mod session;
+pub mod stats;
 pub mod store;
 #[cfg(test)]
 pub mod testing;
