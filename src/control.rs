@@ -30,7 +30,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
@@ -172,43 +172,18 @@ impl Response {
     }
 }
 
-/// One line of the `events` stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// RFC 3339 with milliseconds, UTC.
-    pub time: String,
-    /// `state`, `role-changed`, `disk-changed`, `nbd-started`, `nbd-stopped`,
-    /// `failed`, `stopping`.
-    pub event: String,
-    /// Event-specific fields, flattened into the object.
-    #[serde(flatten)]
-    pub fields: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Event {
-    /// An event stamped now; `fields` must be a JSON object (anything else
-    /// is dropped).
-    pub fn now(event: &str, fields: serde_json::Value) -> Event {
-        let fields = match fields {
-            serde_json::Value::Object(m) => m,
-            _ => serde_json::Map::new(),
-        };
-        Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            event: event.to_string(),
-            fields,
-        }
-    }
-}
+// The `events` stream carries `crate::event::EventLine`s (one typed
+// `Event` each, stamped); the names and fields are listed in docs/cli.md.
+pub use crate::event::{Event, EventLine};
 
 /// What the control server serves: the node implements it.
 pub trait ControlHandler: Send + Sync + 'static {
     /// Answers one request (never `Events`, which the server streams itself).
     fn handle(&self, req: Request) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
     /// The `state` event that starts an `events` stream.
-    fn state_event(&self) -> Event;
+    fn state_event(&self) -> EventLine;
     /// A receiver of every later event.
-    fn subscribe(&self) -> broadcast::Receiver<Event>;
+    fn subscribe(&self) -> broadcast::Receiver<EventLine>;
 }
 
 /// A bound control socket, removed again when dropped.
@@ -364,7 +339,7 @@ async fn stream_events<H: ControlHandler>(
         match ev {
             Ok(ev) => write_line(write, &ev).await?,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                let lost = Event::now("events-lost", serde_json::json!({ "count": n }));
+                let lost = EventLine::now(Event::EventsLost { count: n });
                 write_line(write, &lost).await?;
             }
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
@@ -487,6 +462,7 @@ pub fn daemon_answers(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{ConnState, DiskState, Role};
     use std::sync::Mutex;
 
     #[test]
@@ -537,7 +513,7 @@ mod tests {
     fn response_and_event_wire_format() {
         assert_eq!(serde_json::to_string(&Response::ok(serde_json::json!(1))).unwrap(), r#"{"ok":true,"result":1}"#);
         assert_eq!(serde_json::to_string(&Response::err("no")).unwrap(), r#"{"ok":false,"error":"no"}"#);
-        let ev = Event::now("role-changed", serde_json::json!({"role": "primary"}));
+        let ev = EventLine::now(Event::RoleChanged { disconnected_clients: None, forced: None, role: Role::Primary });
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["event"], "role-changed");
         assert_eq!(v["role"], "primary");
@@ -549,7 +525,7 @@ mod tests {
     /// A handler that records requests and refuses `demote`.
     struct Fake {
         seen: Mutex<Vec<Request>>,
-        events: broadcast::Sender<Event>,
+        events: broadcast::Sender<EventLine>,
     }
 
     impl ControlHandler for Fake {
@@ -558,16 +534,26 @@ mod tests {
             match req {
                 Request::Demote { .. } => Err("refused: clients attached".into()),
                 Request::Promote { .. } => {
-                    let _ = self.events.send(Event::now("role-changed", serde_json::json!({"role": "primary"})));
+                    let _ = self.events.send(EventLine::now(Event::RoleChanged {
+                        disconnected_clients: None,
+                        forced: None,
+                        role: Role::Primary,
+                    }));
                     Ok(serde_json::json!({"role": "primary"}))
                 }
                 _ => Ok(serde_json::json!({"role": "secondary"})),
             }
         }
-        fn state_event(&self) -> Event {
-            Event::now("state", serde_json::json!({"role": "secondary"}))
+        fn state_event(&self) -> EventLine {
+            EventLine::now(Event::State {
+                connection: ConnState::Standalone,
+                disk: DiskState::Unknown,
+                failed: None,
+                nbd_clients: 0,
+                role: Role::Secondary,
+            })
         }
-        fn subscribe(&self) -> broadcast::Receiver<Event> {
+        fn subscribe(&self) -> broadcast::Receiver<EventLine> {
             self.events.subscribe()
         }
     }

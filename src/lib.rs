@@ -23,6 +23,7 @@ pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod event;
 pub mod fuzzing;
 pub mod io;
 pub mod model;

@@ -358,8 +358,8 @@ fn statistics_event(status: &serde_json::Value) -> serde_json::Value {
             fields.insert(key.to_string(), v.clone());
         }
     }
-    serde_json::to_value(repblock::control::Event::now("statistics", serde_json::Value::Object(fields)))
-        .unwrap_or_default()
+    let line = repblock::control::EventLine::now(repblock::control::Event::Statistics { fields });
+    serde_json::to_value(line).unwrap_or_default()
 }
 
 /// `verify --wait`: polls `status` until a verify ended after the request

@@ -32,17 +32,17 @@ use tokio::task::JoinHandle;
 
 use super::Node;
 use crate::config::Handlers;
-use crate::control::Event;
+use crate::event::{Event, EventLine, SyncRole};
+use crate::model::Role;
 
 /// The handler an event calls, if configured.
 fn handler_for<'h>(h: &'h Handlers, e: &Event) -> Option<(&'static str, &'h Vec<String>)> {
-    let field = |k: &str| e.fields.get(k).and_then(|v| v.as_str());
-    let (name, argv) = match e.event.as_str() {
-        "role-changed" if field("role") == Some("primary") => ("on-promote", &h.on_promote),
-        "role-changed" if field("role") == Some("secondary") => ("on-demote", &h.on_demote),
-        "sync-finished" if field("role") == Some("target") => ("after-resync-target", &h.after_resync_target),
-        "split-brain" => ("split-brain", &h.split_brain),
-        "peer-lost" => ("peer-lost", &h.peer_lost),
+    let (name, argv) = match e {
+        Event::RoleChanged { role: Role::Primary, .. } => ("on-promote", &h.on_promote),
+        Event::RoleChanged { role: Role::Secondary, .. } => ("on-demote", &h.on_demote),
+        Event::SyncFinished { role: SyncRole::Target, .. } => ("after-resync-target", &h.after_resync_target),
+        Event::SplitBrain { .. } => ("split-brain", &h.split_brain),
+        Event::PeerLost { .. } => ("peer-lost", &h.peer_lost),
         _ => return None,
     };
     argv.as_ref().map(|a| (name, a))
@@ -69,11 +69,11 @@ pub fn spawn(node: &Arc<Node>) -> JoinHandle<()> {
                 }
                 Err(RecvError::Closed) => return,
             };
-            if e.event == "stopping" {
+            if e.event == Event::Stopping {
                 return;
             }
             let Some(node) = weak.upgrade() else { return };
-            let Some((name, argv)) = handler_for(&node.config.handlers, &e) else { continue };
+            let Some((name, argv)) = handler_for(&node.config.handlers, &e.event) else { continue };
             let argv = argv.clone();
             run(&node, name, &argv, &e).await;
         }
@@ -81,9 +81,9 @@ pub fn spawn(node: &Arc<Node>) -> JoinHandle<()> {
 }
 
 /// Runs one handler to its end (or its timeout) and reports it.
-async fn run(node: &Node, name: &'static str, argv: &[String], e: &Event) {
+async fn run(node: &Node, name: &'static str, argv: &[String], e: &EventLine) {
     let timeout = node.config.handlers.timeout;
-    node.emit("handler-called", serde_json::json!({ "handler": name, "argv": argv }));
+    node.emit(Event::HandlerCalled { argv: argv.to_vec(), handler: name.to_string() });
     tracing::info!(handler = name, argv = ?argv, "running handler");
     let start = Instant::now();
     let mut cmd = tokio::process::Command::new(&argv[0]);
@@ -125,13 +125,7 @@ async fn run(node: &Node, name: &'static str, argv: &[String], e: &Event) {
             "handler failed"
         );
     }
-    node.emit(
-        "handler-finished",
-        serde_json::json!({
-            "handler": name, "exit_code": exit_code, "signal": signal,
-            "duration_ms": duration_ms, "timed_out": timed_out, "error": error,
-        }),
-    );
+    node.emit(Event::HandlerFinished { duration_ms, error, exit_code, handler: name.to_string(), signal, timed_out });
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -152,21 +146,36 @@ mod tests {
             peer_lost: None,
             ..Handlers::default()
         };
-        let ev = |name: &str, fields: serde_json::Value| Event::now(name, fields);
         let pick = |e: &Event| handler_for(&h, e).map(|(n, a)| (n, a[0].clone()));
-        assert_eq!(pick(&ev("role-changed", serde_json::json!({"role": "primary"}))), Some(("on-promote", "p".into())));
-        assert_eq!(
-            pick(&ev("role-changed", serde_json::json!({"role": "secondary"}))),
-            Some(("on-demote", "d".into()))
-        );
-        assert_eq!(
-            pick(&ev("sync-finished", serde_json::json!({"role": "target"}))),
-            Some(("after-resync-target", "a".into()))
-        );
-        assert_eq!(pick(&ev("sync-finished", serde_json::json!({"role": "source"}))), None);
-        assert_eq!(pick(&ev("split-brain", serde_json::json!({}))), Some(("split-brain", "s".into())));
-        assert_eq!(pick(&ev("peer-lost", serde_json::json!({}))), None, "not configured");
-        assert_eq!(pick(&ev("disk-changed", serde_json::json!({}))), None);
+        let role_changed = |role| Event::RoleChanged { disconnected_clients: None, forced: None, role };
+        let sync_finished = |role| Event::SyncFinished {
+            bytes: 0,
+            kind: crate::model::ResyncKind::Full,
+            peer: "beta".into(),
+            role,
+            seconds: 0.0,
+        };
+        let split_brain = Event::SplitBrain {
+            explanation: String::new(),
+            local_out_of_sync_bytes: 0,
+            peer: "beta".into(),
+            peer_out_of_sync_bytes: 0,
+            rule: String::new(),
+        };
+        let peer_lost = Event::PeerLost { peer: "beta".into(), reason: String::new() };
+        let disk_changed = Event::DiskChanged {
+            clear_bitmap: None,
+            disk: crate::model::DiskState::UpToDate,
+            forced: None,
+            from: crate::model::DiskState::Outdated,
+        };
+        assert_eq!(pick(&role_changed(Role::Primary)), Some(("on-promote", "p".into())));
+        assert_eq!(pick(&role_changed(Role::Secondary)), Some(("on-demote", "d".into())));
+        assert_eq!(pick(&sync_finished(SyncRole::Target)), Some(("after-resync-target", "a".into())));
+        assert_eq!(pick(&sync_finished(SyncRole::Source)), None);
+        assert_eq!(pick(&split_brain), Some(("split-brain", "s".into())));
+        assert_eq!(pick(&peer_lost), None, "not configured");
+        assert_eq!(pick(&disk_changed), None);
         assert!(any(&h));
         assert!(!any(&Handlers::default()));
     }

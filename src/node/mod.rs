@@ -32,7 +32,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::config::{Config, NodeConfig};
-use crate::control::{ControlHandler, Event, Request};
+use crate::control::{ControlHandler, Request};
+use crate::event::{Event, EventLine};
 use crate::io::EngineKind;
 use crate::model::{ConnState, DiskState, ReplState, Role};
 use crate::repl::engine::Engine;
@@ -88,7 +89,7 @@ pub struct Node {
     engine: EngineKind,
     state: Mutex<State>,
     transition: tokio::sync::Mutex<()>,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<EventLine>,
     /// The replication engine (two-node resources).
     repl: Option<Arc<Engine>>,
     /// NBD request counters (status statistics, /metrics).
@@ -161,9 +162,9 @@ impl Node {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn emit(&self, event: &str, fields: serde_json::Value) {
+    fn emit(&self, event: Event) {
         // No subscriber is not an error.
-        let _ = self.events.send(Event::now(event, fields));
+        let _ = self.events.send(EventLine::now(event));
     }
 
     pub fn config(&self) -> &Config {
@@ -188,7 +189,7 @@ impl Node {
                 st.failed_reported = true;
                 drop(st);
                 tracing::error!(reason = %reason, "volume stopped taking writes");
-                self.emit("failed", serde_json::json!({ "reason": reason }));
+                self.emit(Event::Failed { reason: reason.clone() });
             }
         }
         failed
@@ -231,7 +232,12 @@ impl Node {
                     .await
                     .map_err(|e| NodeError::Refused(format!("cannot record the disk as uptodate: task failed: {e}")))?
                     .map_err(|source| NodeError::Volume { what: "cannot record the disk as uptodate", source })?;
-                self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
+                self.emit(Event::DiskChanged {
+                    clear_bitmap: None,
+                    disk: DiskState::UpToDate,
+                    forced: Some(force),
+                    from: disk,
+                });
             }
         }
         let backend = Arc::new(
@@ -261,8 +267,8 @@ impl Node {
         }
         let uri = self.me.nbd.uri(&self.config.name);
         tracing::info!(node = %self.me.name, role = "primary", nbd = %uri, forced = force, "promoted");
-        self.emit("role-changed", serde_json::json!({ "role": "primary", "forced": force }));
-        self.emit("nbd-started", serde_json::json!({ "address": self.me.nbd.to_string(), "uri": uri }));
+        self.emit(Event::RoleChanged { disconnected_clients: None, forced: Some(force), role: Role::Primary });
+        self.emit(Event::NbdStarted { address: self.me.nbd.to_string(), uri: uri.clone() });
         Ok(serde_json::json!({ "role": "primary", "changed": true, "nbd": uri }))
     }
 
@@ -297,7 +303,7 @@ impl Node {
         }
         self.state().role = Role::Secondary;
         tracing::info!(node = %self.me.name, role = "secondary", disconnected = clients, "demoted");
-        self.emit("role-changed", serde_json::json!({ "role": "secondary", "disconnected_clients": clients }));
+        self.emit(Event::RoleChanged { disconnected_clients: Some(clients), forced: None, role: Role::Secondary });
         // Every write completed before the export stopped is now durable.
         self.volume
             .flush()
@@ -311,7 +317,7 @@ impl Node {
         let export = self.state().export.take();
         if let Some(export) = export {
             export.shutdown().await;
-            self.emit("nbd-stopped", serde_json::json!({ "address": self.me.nbd.to_string() }));
+            self.emit(Event::NbdStopped { address: self.me.nbd.to_string() });
         }
     }
 
@@ -455,7 +461,7 @@ impl Node {
     /// Graceful stop: export down, volume closed (clean flag set).
     pub async fn shutdown(&self) -> Result<(), NodeError> {
         let _t = self.transition.lock().await;
-        self.emit("stopping", serde_json::json!({}));
+        self.emit(Event::Stopping);
         self.stop_export().await;
         if let Some(repl) = &self.repl {
             repl.shutdown().await;
@@ -568,18 +574,18 @@ impl ControlHandler for Node {
         res.map_err(|e| e.to_string())
     }
 
-    fn state_event(&self) -> Event {
+    fn state_event(&self) -> EventLine {
         let s = self.status();
-        Event::now(
-            "state",
-            serde_json::json!({
-                "role": s.role, "disk": s.disk, "connection": s.connection,
-                "nbd_clients": s.nbd.clients, "failed": s.failed,
-            }),
-        )
+        EventLine::now(Event::State {
+            connection: s.connection,
+            disk: s.disk,
+            failed: s.failed,
+            nbd_clients: s.nbd.clients,
+            role: s.role,
+        })
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
+    fn subscribe(&self) -> broadcast::Receiver<EventLine> {
         self.events.subscribe()
     }
 }

@@ -36,7 +36,7 @@ use super::link::{FrameReader, FrameWriter, split_tcp};
 use super::proto::{GoodbyeReason, Message};
 use super::proto::{SyncInfo, sync_flags};
 use super::store::{ReplMeta, ReplStore};
-use crate::control::Event;
+use crate::event::{Event, EventLine, SyncRole};
 use crate::model::{
     ConnState, DiskState, GenIds, Lsn, OnPeerLoss, Protocol, ReplState, ResyncKind, Role, SplitBrainPolicy, unix_ms,
 };
@@ -318,7 +318,7 @@ pub struct Engine {
     /// Sessions that ended in `Outcome::Failed` (a protocol error, a
     /// refusal): for tests that a flow ends no session by mistake.
     failed_sessions: AtomicU64,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<EventLine>,
     shutdown: watch::Sender<bool>,
     /// `new-current-uuid --clear-bitmap` waits for the next idle session.
     clear_bitmap_offer: AtomicBool,
@@ -406,7 +406,7 @@ impl Engine {
         cfg: EngineConfig,
         store: Arc<dyn ReplStore>,
         role: Role,
-        events: broadcast::Sender<Event>,
+        events: broadcast::Sender<EventLine>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             cfg,
@@ -473,12 +473,12 @@ impl Engine {
 
     /// The engine's events from now on (tests; the daemon hands the sender in).
     #[cfg(test)]
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<EventLine> {
         self.events.subscribe()
     }
 
-    pub(crate) fn emit(&self, event: &str, fields: serde_json::Value) {
-        let _ = self.events.send(Event::now(event, fields));
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.events.send(EventLine::now(event));
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -609,10 +609,12 @@ impl Engine {
                     generation = format_args!("{:016X}", new.gen_ids.current),
                     "new-current-uuid --clear-bitmap: both disks uptodate without a sync"
                 );
-                self.emit(
-                    "disk-changed",
-                    serde_json::json!({ "disk": "uptodate", "from": "inconsistent", "clear_bitmap": true }),
-                );
+                self.emit(Event::DiskChanged {
+                    clear_bitmap: Some(true),
+                    disk: DiskState::UpToDate,
+                    forced: None,
+                    from: DiskState::Inconsistent,
+                });
                 return Ok(new.gen_ids.current);
             }
             let refused =
@@ -729,14 +731,14 @@ impl Engine {
         let was = self.suspended.send_replace(false);
         if was {
             tracing::warn!("IO resumed by the operator without the peer");
-            self.emit("io-resumed", serde_json::json!({}));
+            self.emit(Event::IoResumed);
         }
         was
     }
 
     pub(crate) fn set_suspended(&self, on: bool) {
         if self.suspended.send_replace(on) != on {
-            self.emit(if on { "io-suspended" } else { "io-resumed" }, serde_json::json!({}));
+            self.emit(if on { Event::IoSuspended } else { Event::IoResumed });
             if on {
                 tracing::warn!(peer = %self.cfg.peer, "peer lost: writes suspended until it is back or `repctl resume-io`");
             }
@@ -799,7 +801,7 @@ impl Engine {
             changed
         };
         if changed {
-            self.emit("connection-changed", serde_json::json!({ "connection": c, "peer": self.cfg.peer }));
+            self.emit(Event::ConnectionChanged { connection: c, peer: self.cfg.peer.clone() });
         }
     }
 
@@ -1169,17 +1171,22 @@ impl Engine {
         }
         if split {
             tracing::warn!(peer = %self.cfg.peer, rule = v.rule, local_out_of_sync = mine.dirty_bytes, peer_out_of_sync = theirs.dirty_bytes, "split brain: {}", v.explanation);
-            self.emit(
-                "split-brain",
-                serde_json::json!({ "peer": self.cfg.peer, "local_out_of_sync_bytes": mine.dirty_bytes, "peer_out_of_sync_bytes": theirs.dirty_bytes, "rule": v.rule, "explanation": v.explanation }),
-            );
+            self.emit(Event::SplitBrain {
+                explanation: v.explanation.clone(),
+                local_out_of_sync_bytes: mine.dirty_bytes,
+                peer: self.cfg.peer.clone(),
+                peer_out_of_sync_bytes: theirs.dirty_bytes,
+                rule: v.rule.to_string(),
+            });
         } else {
             tracing::info!(peer = %self.cfg.peer, result = %view.result, rule = v.rule, "resync decision: {}", v.explanation);
         }
-        self.emit(
-            "decision",
-            serde_json::json!({ "peer": self.cfg.peer, "result": view.result, "rule": view.rule, "explanation": view.explanation }),
-        );
+        self.emit(Event::Decision {
+            explanation: view.explanation,
+            peer: self.cfg.peer.clone(),
+            result: view.result,
+            rule: view.rule,
+        });
     }
 
     /// Decides whether a freshly authenticated connection becomes the
@@ -1268,11 +1275,11 @@ impl Engine {
             Outcome::PeerLeft(why) => {
                 tracing::info!(peer = %self.cfg.peer, "peer disconnected: {why}");
                 self.view_mut().last_error = Some(format!("peer disconnected: {why}"));
-                self.emit("peer-disconnected", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
+                self.emit(Event::PeerDisconnected { peer: self.cfg.peer.clone(), reason: why.clone() });
             }
             Outcome::PeerGone(why) => {
                 tracing::warn!(peer = %self.cfg.peer, "peer lost: {why}");
-                self.emit("peer-lost", serde_json::json!({ "peer": self.cfg.peer, "reason": why }));
+                self.emit(Event::PeerLost { peer: self.cfg.peer.clone(), reason: why.clone() });
             }
             Outcome::Failed(why) => {
                 self.failed_sessions.fetch_add(1, Ordering::Relaxed);
@@ -1382,7 +1389,12 @@ impl Engine {
             // A durable superblock write: let the worker's other tasks run.
             tokio::task::block_in_place(|| self.store.store_meta(new))
                 .map_err(|e| format!("cannot record the disk as uptodate: {e}"))?;
-            self.emit("disk-changed", serde_json::json!({ "disk": "uptodate", "from": disk, "forced": force }));
+            self.emit(Event::DiskChanged {
+                clear_bitmap: None,
+                disk: DiskState::UpToDate,
+                forced: Some(force),
+                from: disk,
+            });
         }
         self.role.send_replace(Role::Primary);
         let was_connected = self.is_connected();
@@ -1424,7 +1436,7 @@ impl Engine {
             changed
         };
         if changed {
-            self.emit("peer-changed", serde_json::json!({ "peer": self.cfg.peer, "role": role, "disk": disk }));
+            self.emit(Event::PeerChanged { disk, peer: self.cfg.peer.clone(), role });
         }
     }
 
@@ -1437,10 +1449,11 @@ impl Engine {
             changed
         };
         if changed {
-            self.emit(
-                "replication-changed",
-                serde_json::json!({ "connection": "connected", "replication": r.as_str(), "peer": self.cfg.peer }),
-            );
+            self.emit(Event::ReplicationChanged {
+                connection: ConnState::Connected,
+                peer: self.cfg.peer.clone(),
+                replication: r,
+            });
             if r == ReplState::Established && self.role() == Role::Primary {
                 // Back in sync: suspended writes go on.
                 self.set_suspended(false);
@@ -1449,12 +1462,9 @@ impl Engine {
     }
 
     /// A resync starts (`sync-started` event, `status.resync`).
-    pub(crate) fn sync_started(&self, kind: ResyncKind, total_bytes: u64, role: &str) {
+    pub(crate) fn sync_started(&self, kind: ResyncKind, total_bytes: u64, role: SyncRole) {
         self.view_mut().resync = Some(Resync::new(kind, total_bytes));
-        self.emit(
-            "sync-started",
-            serde_json::json!({ "peer": self.cfg.peer, "role": role, "kind": kind.as_str(), "total_bytes": total_bytes }),
-        );
+        self.emit(Event::SyncStarted { kind, peer: self.cfg.peer.clone(), role, total_bytes });
     }
 
     /// Resync progress: `done_bytes` durable on the target. Samples the
@@ -1482,10 +1492,14 @@ impl Engine {
             }
         };
         if let Some(r) = event {
-            self.emit(
-                "sync-progress",
-                serde_json::json!({ "peer": self.cfg.peer, "kind": r.kind.as_str(), "done_bytes": r.done_bytes, "total_bytes": r.total_bytes, "speed_bytes_per_sec": r.speed_bytes_per_sec, "eta_seconds": r.eta_seconds() }),
-            );
+            self.emit(Event::SyncProgress {
+                done_bytes: r.done_bytes,
+                eta_seconds: r.eta_seconds(),
+                kind: r.kind,
+                peer: self.cfg.peer.clone(),
+                speed_bytes_per_sec: r.speed_bytes_per_sec,
+                total_bytes: r.total_bytes,
+            });
         }
     }
 
@@ -1498,17 +1512,14 @@ impl Engine {
     }
 
     /// A resync completed (`sync-finished` event, `status.last_sync`).
-    pub(crate) fn sync_finished(&self, kind: ResyncKind, bytes: u64, role: &str) {
+    pub(crate) fn sync_finished(&self, kind: ResyncKind, bytes: u64, role: SyncRole) {
         let seconds = {
             let mut v = self.view_mut();
             let seconds = v.resync.take().map_or(0.0, |r| r.started.elapsed().as_secs_f64());
             v.last_sync = Some(LastSync { kind, bytes, seconds });
             seconds
         };
-        self.emit(
-            "sync-finished",
-            serde_json::json!({ "peer": self.cfg.peer, "role": role, "kind": kind.as_str(), "bytes": bytes, "seconds": seconds }),
-        );
+        self.emit(Event::SyncFinished { bytes, kind, peer: self.cfg.peer.clone(), role, seconds });
     }
 
     /// Persists the local disk state (and optionally generations).
@@ -1521,7 +1532,7 @@ impl Engine {
         }
         self.store.store_meta(meta)?;
         if from != disk {
-            self.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
+            self.emit(Event::DiskChanged { clear_bitmap: None, disk, forced: None, from });
         }
         Ok(())
     }

@@ -57,6 +57,7 @@ use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_c
 use super::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, SyncInfo};
 use super::store::{BoxFut, FeedItem, FeedOp, LogReadError, LogSource};
 use super::verify::{After, ReadMode, SessionVerify, TargetJob};
+use crate::event::{Event, SyncRole};
 use crate::model::{DiskState, Lsn, Protocol, ReplState, ResyncKind, Role, unix_ms};
 use crate::volume::VolumeError;
 
@@ -650,7 +651,7 @@ impl Session {
                     self.send(Message::SyncStart { kind: ResyncKind::Log, total_bytes: 0, start_lsn: peer_lsn }, io)
                         .await?;
                     engine.set_replication(ReplState::SyncSource);
-                    engine.sync_started(ResyncKind::Log, 0, "source");
+                    engine.sync_started(ResyncKind::Log, 0, SyncRole::Source);
                     catchup = Some(Catchup {
                         reader,
                         next: peer_lsn + 1,
@@ -882,7 +883,7 @@ impl Session {
         tracing::info!(peer = %self.peer_name, %kind, bytes = total, start_lsn = base, "resync to the peer starts");
         self.send(Message::SyncStart { kind, total_bytes: total, start_lsn: base }, io).await?;
         engine.set_replication(ReplState::SyncSource);
-        engine.sync_started(kind, total, "source");
+        engine.sync_started(kind, total, SyncRole::Source);
         Ok(Walk::new(kind))
     }
 
@@ -930,7 +931,7 @@ impl Session {
         store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap: {e}")))?;
         let mine = store.meta().disk;
         let peer_disk = if mine == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Consistent };
-        engine.sync_finished(kind, bytes, "source");
+        engine.sync_finished(kind, bytes, SyncRole::Source);
         engine.set_peer(theirs.role, peer_disk);
         Ok(())
     }
@@ -1171,7 +1172,7 @@ impl Session {
                     out_of_sync_bytes: 0,
                 });
                 engine.set_replication(ReplState::SyncTarget);
-                engine.sync_started(ResyncKind::Log, total_bytes, "target");
+                engine.sync_started(ResyncKind::Log, total_bytes, SyncRole::Target);
             }
             Message::SyncStart { kind: ResyncKind::Full, total_bytes: 0, start_lsn: 0 }
                 if theirs.role == Role::Secondary && !self.clear_bitmap_acceptable(t) =>
@@ -1209,7 +1210,12 @@ impl Session {
                 engine.target_goes_inconsistent(|| store.store_meta(meta)).map_err(Outcome::Failed)?;
                 engine.took_peer_generation();
                 if from != DiskState::Inconsistent {
-                    engine.emit("disk-changed", serde_json::json!({ "disk": DiskState::Inconsistent, "from": from }));
+                    engine.emit(Event::DiskChanged {
+                        clear_bitmap: None,
+                        disk: DiskState::Inconsistent,
+                        forced: None,
+                        from,
+                    });
                 }
                 store
                     .rebase_log(start_lsn)
@@ -1232,7 +1238,7 @@ impl Session {
                     out_of_sync_bytes: total_bytes,
                 });
                 engine.set_replication(ReplState::SyncTarget);
-                engine.sync_started(kind, total_bytes, "target");
+                engine.sync_started(kind, total_bytes, SyncRole::Target);
             }
             Message::SyncData { offset, data } => {
                 if !matches!(t.kind, Some(ResyncKind::Bitmap | ResyncKind::Full)) {
@@ -1279,7 +1285,7 @@ impl Session {
         engine.took_peer_generation();
         engine.claim_resync_done();
         if from != disk {
-            engine.emit("disk-changed", serde_json::json!({ "disk": disk, "from": from }));
+            engine.emit(Event::DiskChanged { clear_bitmap: None, disk, forced: None, from });
         }
         // finish_sync / the flush made everything applied durable.
         t.durable = t.durable.max(t.written);
@@ -1287,7 +1293,7 @@ impl Session {
         t.sync_written = t.sync_durable;
         self.last_rx = Instant::now();
         tracing::info!(peer = %self.peer_name, %kind, bytes, "resync done: disk {disk}");
-        engine.sync_finished(kind, bytes, "target");
+        engine.sync_finished(kind, bytes, SyncRole::Target);
         engine.set_replication(ReplState::Established);
         let _ = self.tx.try_send(Message::State { role: engine.role(), disk, out_of_sync_bytes: 0 });
         t.sync_dirty = true;

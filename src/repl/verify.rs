@@ -56,6 +56,7 @@ use super::proto::Message;
 pub use super::proto::VERIFY_DIGEST_LEN;
 use super::session::Outcome;
 use super::store::{BoxFut, ReplStore};
+use crate::event::Event;
 use crate::model::{ConnState, DiskState, ReplState, Role};
 use crate::volume::VolumeError;
 
@@ -494,7 +495,7 @@ impl Engine {
             format!("the full resync from {} runs at the next connect", self.cfg.peer)
         };
         tracing::warn!(peer = %self.cfg.peer, "invalidated: disk inconsistent, every block out of sync; {what}");
-        self.emit("invalidated", serde_json::json!({ "peer": self.cfg.peer, "connected": connected }));
+        self.emit(Event::Invalidated { connected, peer: self.cfg.peer.clone() });
         if connected {
             self.renegotiate();
         }
@@ -876,14 +877,14 @@ impl SessionVerify {
                 "online verify aborted: {}", r.message.as_deref().unwrap_or("")
             );
         }
-        engine.emit(
-            "verify-finished",
-            serde_json::json!({
-                "peer": engine.cfg.peer, "checked_bytes": r.checked_bytes,
-                "out_of_sync_bytes": r.out_of_sync_bytes, "seconds": r.seconds,
-                "complete": r.complete, "message": r.message,
-            }),
-        );
+        engine.emit(Event::VerifyFinished {
+            checked_bytes: r.checked_bytes,
+            complete: r.complete,
+            message: r.message.clone(),
+            out_of_sync_bytes: r.out_of_sync_bytes,
+            peer: engine.cfg.peer.clone(),
+            seconds: r.seconds,
+        });
         if complete && r.out_of_sync_bytes > 0 { After::Resync } else { After::Continue }
     }
 }
