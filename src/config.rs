@@ -32,18 +32,17 @@ use crate::io::EngineChoice;
 use crate::model::{AfterSb0Pri, AfterSb1Pri, OnPeerLoss, Protocol, SplitBrainPolicy};
 use crate::units;
 
-/// Longest accepted resource or node name.
-pub const MAX_NAME_LEN: usize = 64;
-/// Default `block_size`.
-pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
-/// Default `wal_segment_size`.
-pub const DEFAULT_WAL_SEGMENT_SIZE: u64 = 64 << 20;
-/// Smallest accepted `wal_segment_size`.
+// The volume owns its defaults and limits; the config file's defaults are
+// the same constants.
+pub use crate::volume::{
+    DEFAULT_BITMAP_GRANULARITY, DEFAULT_BLOCK_SIZE, DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_WAL_RETAIN, DEFAULT_WAL_SEGMENT_SIZE, MAX_BITMAP_GRANULARITY, MAX_NAME_LEN, MIN_BITMAP_GRANULARITY,
+};
+/// Smallest `wal_segment_size` the config file accepts (1 MiB): a rule of
+/// the file, stricter than the volume's own floor
+/// ([`crate::volume::MIN_WAL_SEGMENT_SIZE`], 64 KiB, which tests use).
 pub const MIN_WAL_SEGMENT_SIZE: u64 = 1 << 20;
-/// Default `checkpoint_bytes`.
-pub const DEFAULT_CHECKPOINT_BYTES: u64 = 256 << 20;
-/// Default `checkpoint_interval`.
-pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+const _: () = assert!(MIN_WAL_SEGMENT_SIZE >= crate::volume::MIN_WAL_SEGMENT_SIZE);
 /// Default `ping_interval`.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Default `ping_timeout`.
@@ -58,14 +57,6 @@ pub const DEFAULT_MAX_BUFFER: u64 = 64 << 20;
 pub const DEFAULT_MAX_CLIENTS: u32 = 256;
 /// Largest accepted `max_clients`.
 pub const MAX_MAX_CLIENTS: u32 = 65536;
-/// Default `bitmap_granularity` (bytes covered by one bit of the dirty bitmap).
-pub const DEFAULT_BITMAP_GRANULARITY: u32 = 4 << 10;
-/// Smallest accepted `bitmap_granularity`.
-pub const MIN_BITMAP_GRANULARITY: u32 = 4 << 10;
-/// Largest accepted `bitmap_granularity`.
-pub const MAX_BITMAP_GRANULARITY: u32 = 1 << 20;
-/// Default `wal_retain` (WAL kept for log catch-up of a lagging peer).
-pub const DEFAULT_WAL_RETAIN: u64 = 1 << 30;
 /// Smallest accepted `wal_retain`.
 pub const MIN_WAL_RETAIN: u64 = 64 << 20;
 
@@ -512,7 +503,7 @@ impl Config {
             None => DEFAULT_BLOCK_SIZE,
             Some(v) => {
                 let b = c.size("block_size", v)?;
-                if !b.is_power_of_two() || !(512..=(1 << 20)).contains(&b) {
+                if !crate::volume::valid_block_size(b) {
                     return Err(c.err(
                         "block_size",
                         format!("expected a power of two from 512B to 1MiB, got {}", units::format_size(b)),
@@ -1350,9 +1341,6 @@ disk = "/dev/vg0/r0"
 
     #[test]
     fn resync_keys_reach_the_volume() {
-        // The defaults here and the volume's are the same numbers.
-        assert_eq!(DEFAULT_BITMAP_GRANULARITY, crate::volume::DEFAULT_BITMAP_GRANULARITY);
-        assert_eq!(DEFAULT_WAL_RETAIN, crate::volume::DEFAULT_WAL_RETAIN);
         let c = load(&with_key("bitmap_granularity = \"64KiB\"\nwal_retain = \"256MiB\"")).unwrap();
         let opts = c.volume_options(&c.nodes[0]);
         assert_eq!((opts.bitmap_granularity, opts.wal_retain), (64 << 10, 256 << 20));

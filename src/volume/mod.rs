@@ -89,7 +89,7 @@ pub use recovery::{LogEnd, RecoveryReport};
 pub use replica::MAX_SYNC_CHUNK;
 
 use checkpoint::CkptCtl;
-use meta::{FLAG_CLEAN_SHUTDOWN, MAX_NAME_LEN, MetaStore};
+use meta::{FLAG_CLEAN_SHUTDOWN, MetaStore};
 use segment::{WalFiles, parking};
 use wal::{SEGMENT_HEADER_SIZE, SegmentHeader};
 use writer::{Msg, Op, Request, Writer};
@@ -109,6 +109,20 @@ pub const MAX_RECORD_PAYLOAD: usize = 8 << 20;
 /// Default WAL bytes kept for a peer beyond the checkpoint (1 GiB).
 pub const DEFAULT_WAL_RETAIN: u64 = 1 << 30;
 pub use bitmap::DEFAULT_GRANULARITY as DEFAULT_BITMAP_GRANULARITY;
+pub use bitmap::{MAX_GRANULARITY as MAX_BITMAP_GRANULARITY, MIN_GRANULARITY as MIN_BITMAP_GRANULARITY};
+pub use meta::MAX_NAME_LEN;
+/// Default block size (4 KiB).
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// Smallest block size (512 B).
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// Largest block size (1 MiB).
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
+
+/// Whether `bs` is an accepted block size: a power of two from
+/// [`MIN_BLOCK_SIZE`] to [`MAX_BLOCK_SIZE`].
+pub fn valid_block_size(bs: u64) -> bool {
+    bs.is_power_of_two() && (u64::from(MIN_BLOCK_SIZE)..=u64::from(MAX_BLOCK_SIZE)).contains(&bs)
+}
 
 /// Where and how a node keeps its volume.
 #[derive(Debug, Clone)]
@@ -497,7 +511,7 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
     opts.validate()?;
     validate_names(&create.resource, &create.node)?;
     let bs = create.block_size;
-    if !bs.is_power_of_two() || !(512..=(1 << 20)).contains(&bs) {
+    if !valid_block_size(bs.into()) {
         return Err(VolumeError::Invalid {
             what: "block_size".into(),
             reason: format!("{bs}; expected a power of two from 512 to 1 MiB"),
