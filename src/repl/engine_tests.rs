@@ -184,6 +184,10 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert_eq!(p.a.meta(), meta, "once per divergence");
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
+    // The waiter is released before alpha's view leaves the old session
+    // (acks off, then `connecting`): without this wait, `in_sync` could
+    // see the old session's state and return before the resync.
+    until("alpha saw the session end", Duration::from_secs(5), || !established(&p.alpha)).await;
     p.beta.connect(false);
     in_sync(&p).await;
     let upto = p.a.flush_primary();
