@@ -576,7 +576,7 @@ pub fn parse_fault_spec(s: &str) -> Result<FaultSpec, String> {
             }
             _ => {
                 return Err(format!(
-                    "{FAULTS_ENV}: unknown key `{key}` (expected sync_error_after, write_error_after, seed)"
+                    "{FAULTS_ENV}: unknown key `{key}` (expected sync_error_after, write_error_after, seed, trigger)"
                 ));
             }
         }
@@ -618,17 +618,86 @@ pub fn wrap_from_env(engine: Arc<dyn IoEngine>) -> Result<Arc<dyn IoEngine>, Str
 }
 
 /// [`wrap_from_env`] with the specification given.
+///
+/// Besides the keys of [`parse_fault_spec`], `trigger=PATH` arms faults
+/// while the process runs (the fault campaign, `repbench chaos`, uses it):
+/// a thread looks for the file PATH every 5 ms; when it appears it is read,
+/// removed, and its content applied: `power-cut` makes a [`FaultEngine::power_cut`]
+/// and then stops the process with SIGKILL at once, as a machine losing
+/// power does (nothing after the cut reaches the disk; the engine refuses
+/// every operation from the cut on); anything else is a specification such
+/// as `write_error_after=10:ENOSPC` (a disk that fills up now).
 pub fn wrap_with_spec(engine: Arc<dyn IoEngine>, spec: &str) -> Result<Arc<dyn IoEngine>, String> {
-    let parsed = parse_fault_spec(spec)?;
+    let (rest, trigger) = split_trigger(spec)?;
+    let parsed = parse_fault_spec(&rest)?;
     let fe = FaultEngine::new(engine, parsed.seed);
-    if let Some((n, errno)) = parsed.sync_error_after {
-        fe.fail_sync_after(n, errno);
-    }
-    if let Some((n, errno)) = parsed.write_error_after {
-        fe.fail_writes_after(n, errno);
+    fe.arm(&parsed);
+    if let Some(path) = trigger {
+        spawn_trigger(Arc::downgrade(&fe), path)?;
     }
     tracing::warn!(spec, "IO fault injection enabled ({FAULTS_ENV}); test use only");
     Ok(fe)
+}
+
+/// Takes the `trigger=PATH` item out of a specification.
+fn split_trigger(spec: &str) -> Result<(String, Option<std::path::PathBuf>), String> {
+    let mut rest = Vec::new();
+    let mut trigger = None;
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some((k, v)) if k.trim() == "trigger" => {
+                if v.trim().is_empty() {
+                    return Err(format!("{FAULTS_ENV}: trigger: a file path is required"));
+                }
+                trigger = Some(std::path::PathBuf::from(v.trim()));
+            }
+            _ => rest.push(item),
+        }
+    }
+    Ok((rest.join(","), trigger))
+}
+
+/// The thread behind `trigger=PATH` (see [`wrap_with_spec`]); it ends with
+/// the engine.
+fn spawn_trigger(engine: std::sync::Weak<FaultEngine>, path: std::path::PathBuf) -> Result<(), String> {
+    let poll = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let Some(fe) = engine.upgrade() else { return };
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let _ = std::fs::remove_file(&path);
+            let cmd = text.trim();
+            if cmd == "power-cut" {
+                let report = fe.power_cut();
+                tracing::warn!(?report, "fault injection: power cut by trigger; the process stops now (SIGKILL)");
+                // SAFETY: kill(2) of this very process with a signal that
+                // cannot be caught; no memory is touched.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                return;
+            }
+            match parse_fault_spec(cmd) {
+                Ok(spec) => fe.arm(&spec),
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "fault injection: bad trigger"),
+            }
+        }
+    };
+    std::thread::Builder::new()
+        .name("fault-trigger".into())
+        .spawn(poll)
+        .map(drop)
+        .map_err(|e| format!("{FAULTS_ENV}: trigger: cannot start its thread: {e}"))
+}
+
+impl FaultEngine {
+    /// Arms the sync and write faults of `spec`.
+    fn arm(&self, spec: &FaultSpec) {
+        if let Some((n, errno)) = spec.sync_error_after {
+            self.fail_sync_after(n, errno);
+        }
+        if let Some((n, errno)) = spec.write_error_after {
+            self.fail_writes_after(n, errno);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1063,6 +1132,27 @@ mod tests {
         e.sync_data(&f).expect("first sync");
         assert_eq!(errno(e.sync_data(&f)), Some(libc::EROFS));
         assert!(wrap_with_spec(Arc::new(SyncEngine::new()), "bogus=1").is_err());
+    }
+
+    #[test]
+    fn a_trigger_file_arms_a_fault_while_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trigger = dir.path().join("trigger");
+        let spec = format!("seed=3,trigger={}", trigger.display());
+        let e = wrap_with_spec(Arc::new(SyncEngine::new()), &spec).expect("wrap");
+        let f = e.open(&dir.path().join("f"), OpenMode::CREATE_NEW).expect("open");
+        e.write_all_at(&f, &fill(1, 512), 0).expect("write before the trigger");
+        std::fs::write(&trigger, "write_error_after=1:ENOSPC\n").expect("trigger");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while trigger.exists() {
+            assert!(std::time::Instant::now() < deadline, "the trigger file was never taken");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The file is removed just before the fault is armed.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        e.write_all_at(&f, &fill(2, 512), 0).expect("the one write still allowed");
+        assert_eq!(errno(e.write_all_at(&f, &fill(3, 512), 0)), Some(libc::ENOSPC));
+        assert!(wrap_with_spec(Arc::new(SyncEngine::new()), "trigger=").is_err());
     }
 
     #[test]
