@@ -585,6 +585,12 @@ impl Campaign {
     /// with the expected roles and every record acknowledged; or a split
     /// brain; or a refusal (both standalone); or the bound.
     fn wait_in_sync(&mut self, bound: Duration) -> anyhow::Result<Sync> {
+        self.wait_in_sync_after(bound, false)
+    }
+
+    /// [`Campaign::wait_in_sync`]; with `resolving`, a split brain flag
+    /// still set from before the operator's connects is waited out.
+    fn wait_in_sync_after(&mut self, bound: Duration, resolving: bool) -> anyhow::Result<Sync> {
         let start = Instant::now();
         let p = self.primary;
         loop {
@@ -594,7 +600,7 @@ impl Campaign {
                 }
             }
             let (a, b) = (self.cluster.status(p)?, self.cluster.status(1 - p)?);
-            if a["split_brain"] == true || b["split_brain"] == true {
+            if !resolving && (a["split_brain"] == true || b["split_brain"] == true) {
                 return Ok(Sync::SplitBrain);
             }
             let ok = a["role"] == "primary"
@@ -781,7 +787,7 @@ impl Campaign {
                     self.cluster.repctl_ok(self.primary, &["connect"])?;
                     self.summary.split_brains_resolved += 1;
                     exempt.add(phases.iter().enumerate().filter(|(_, ph)| ph.node == victim).map(|(k, _)| k), after);
-                    sync = self.wait_in_sync(self.opts.sync_bound)?;
+                    sync = self.wait_in_sync_after(self.opts.sync_bound, true)?;
                 }
                 None => violations.push(format!(
                     "split brain after {}, where the faults allow none (no role change while the link was down)",
