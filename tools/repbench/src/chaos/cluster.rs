@@ -82,11 +82,7 @@ pub fn control_request(path: &Path, req: &Value, timeout: Duration) -> anyhow::R
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     let v: Value = serde_json::from_str(&line).with_context(|| format!("answer {line:?}"))?;
-    if v["ok"] == true {
-        Ok(v["result"].clone())
-    } else {
-        bail!("{}", v["error"].as_str().unwrap_or("refused"))
-    }
+    if v["ok"] == true { Ok(v["result"].clone()) } else { bail!("{}", v["error"].as_str().unwrap_or("refused")) }
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -432,7 +432,11 @@ impl Campaign {
                     report.durable,
                     if report.split_brain { " split-brain(resolved)" } else { "" },
                     if report.known_gap { " known-gap" } else { "" },
-                    if report.violations.is_empty() { String::new() } else { format!(" VIOLATION {:?}", report.violations) }
+                    if report.violations.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" VIOLATION {:?}", report.violations)
+                    }
                 );
             }
             let failed = !report.violations.is_empty();
@@ -472,7 +476,7 @@ impl Campaign {
         self.cluster.repctl_ok(0, &["promote"])?;
         self.primary = 0;
         match self.wait_in_sync(self.opts.sync_bound)? {
-            Sync::InSync(_) => Ok(()),
+            Recovery::InSync => Ok(()),
             other => bail!("the new pair is not in sync: {other:?}"),
         }
     }
@@ -584,24 +588,24 @@ impl Campaign {
     /// Waits until the pair is connected, established, both `uptodate`,
     /// with the expected roles and every record acknowledged; or a split
     /// brain; or a refusal (both standalone); or the bound.
-    fn wait_in_sync(&mut self, bound: Duration) -> anyhow::Result<Sync> {
+    fn wait_in_sync(&mut self, bound: Duration) -> anyhow::Result<Recovery> {
         self.wait_in_sync_after(bound, false)
     }
 
     /// [`Campaign::wait_in_sync`]; with `resolving`, a split brain flag
     /// still set from before the operator's connects is waited out.
-    fn wait_in_sync_after(&mut self, bound: Duration, resolving: bool) -> anyhow::Result<Sync> {
+    fn wait_in_sync_after(&mut self, bound: Duration, resolving: bool) -> anyhow::Result<Recovery> {
         let start = Instant::now();
         let p = self.primary;
         loop {
             for i in 0..2 {
                 if let Some(st) = self.cluster.exited(i) {
-                    return Ok(Sync::Exited(i, st.to_string()));
+                    return Ok(Recovery::Exited(i, st.to_string()));
                 }
             }
             let (a, b) = (self.cluster.status(p)?, self.cluster.status(1 - p)?);
             if !resolving && (a["split_brain"] == true || b["split_brain"] == true) {
-                return Ok(Sync::SplitBrain);
+                return Ok(Recovery::SplitBrain);
             }
             let ok = a["role"] == "primary"
                 && b["role"] == "secondary"
@@ -615,10 +619,10 @@ impl Campaign {
                 && a["lsn"]["peer_written"] == a["lsn"]["local"]
                 && b["lsn"]["local"] == a["lsn"]["local"];
             if ok {
-                return Ok(Sync::InSync(start.elapsed()));
+                return Ok(Recovery::InSync);
             }
             if start.elapsed() > bound {
-                return Ok(Sync::Timeout(format!("{}: {a}\n{}: {b}", NAMES[p], NAMES[1 - p])));
+                return Ok(Recovery::Timeout(format!("{}: {a}\n{}: {b}", NAMES[p], NAMES[1 - p])));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -726,7 +730,7 @@ impl Campaign {
                     violations.push("hang: a write got no answer before the switchover".into());
                 }
                 match self.wait_in_sync(self.opts.sync_bound)? {
-                    Sync::InSync(_) => {}
+                    Recovery::InSync => {}
                     other => bail!("not in sync before the switchover: {other:?}"),
                 }
                 self.demote(p)?;
@@ -777,7 +781,7 @@ impl Campaign {
         // Back in sync (or a split brain the operator resolves).
         let mut split_brain = false;
         let mut sync = self.wait_in_sync(self.opts.sync_bound)?;
-        if matches!(sync, Sync::SplitBrain) {
+        if matches!(sync, Recovery::SplitBrain) {
             self.summary.split_brains += 1;
             split_brain = true;
             match sb_allowed_after {
@@ -797,13 +801,13 @@ impl Campaign {
         }
         let sync_secs = recovery_start.elapsed().as_secs_f64();
         match &sync {
-            Sync::InSync(_) => {}
-            Sync::SplitBrain => violations.push("split brain again after the operator resolved it".into()),
-            Sync::Timeout(st) => {
+            Recovery::InSync => {}
+            Recovery::SplitBrain => violations.push("split brain again after the operator resolved it".into()),
+            Recovery::Timeout(st) => {
                 self.summary.not_in_sync += 1;
                 violations.push(format!("not back in sync within {:?}: {st}", self.opts.sync_bound));
             }
-            Sync::Exited(i, st) => {
+            Recovery::Exited(i, st) => {
                 self.summary.crashes += 1;
                 violations.push(format!("repd {} exited by itself ({st}): {}", NAMES[*i], self.cluster.log_tail(*i)));
             }
@@ -823,7 +827,7 @@ impl Campaign {
         let required_blocks = allowed.iter().filter(|a| a.required.is_some()).count();
         let durable = h.writes.iter().filter(|w| h.durable_at(w).is_some()).count();
         let mut known_gap = false;
-        if matches!(sync, Sync::InSync(_)) {
+        if matches!(sync, Recovery::InSync) {
             let found = self.read_region(self.primary)?;
             let bad = model::check(&found, &allowed, &self.base, &h);
             let gap_possible = plan.fault == Fault::PowerCutPrimary;
@@ -920,7 +924,7 @@ impl Campaign {
     fn repair_known_gap(&mut self) -> anyhow::Result<()> {
         self.cluster.repctl_ok(self.primary, &["verify", "--wait"])?;
         match self.wait_in_sync(self.opts.sync_bound)? {
-            Sync::InSync(_) => {}
+            Recovery::InSync => {}
             other => bail!("not in sync after the verify that repairs the known gap: {other:?}"),
         }
         let (a, b) = (self.cluster.read_data(0)?, self.cluster.read_data(1)?);
@@ -955,8 +959,8 @@ impl Campaign {
 }
 
 #[derive(Debug)]
-enum Sync {
-    InSync(#[allow(dead_code)] Duration),
+enum Recovery {
+    InSync,
     SplitBrain,
     Timeout(String),
     Exited(usize, String),

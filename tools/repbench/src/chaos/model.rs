@@ -170,7 +170,10 @@ pub fn allowed(base: &[u64], h: &History, exempt: &Exempt) -> Vec<Allowed> {
             let required = |w: &&WriteRec| h.durable_at(w).is_some_and(|d| !exempt.covers(w, d));
             match ws.iter().rposition(required) {
                 Some(d) => Allowed { values: ws[d..].iter().map(|w| w.id).collect(), required: Some(ws[d].id) },
-                None => Allowed { values: std::iter::once(base[b]).chain(ws.iter().map(|w| w.id)).collect(), required: None },
+                None => Allowed {
+                    values: std::iter::once(base[b]).chain(ws.iter().map(|w| w.id)).collect(),
+                    required: None,
+                },
             }
         })
         .collect()
