@@ -149,6 +149,10 @@ enum Cmd {
         /// No line per cycle.
         #[arg(long)]
         quiet: bool,
+        /// Self-test of the checks: damage the data on purpose in the first cycle (a durable
+        /// write set back, a byte of the secondary's file changed); the run must fail.
+        #[arg(long, hide = true)]
+        sabotage: bool,
         /// The repd binary (repctl must be beside it). Default: next to repbench.
         #[arg(long)]
         repd: Option<PathBuf>,
@@ -300,6 +304,7 @@ fn real_main() -> anyhow::Result<()> {
             keep,
             out,
             quiet,
+            sabotage,
             repd,
             work_dir,
         } => {
@@ -327,6 +332,7 @@ fn real_main() -> anyhow::Result<()> {
             opts.keep_going = keep_going;
             opts.keep = keep;
             opts.verbose = !quiet;
+            opts.sabotage = sabotage;
             opts.repd = repd;
             opts.work_parent = work_dir;
             let summary = chaos::run(opts)?;

@@ -76,3 +76,38 @@ fn twenty_seeded_fault_cycles_lose_nothing() {
     assert!(!ran.iter().any(|r| r == Fault::PowerCutPrimary.name()));
     assert!(stdout.contains("result: PASS"), "{stdout}");
 }
+
+/// The checks are not vacuous: a run whose data is damaged on purpose
+/// (`--sabotage`: a block that must hold a durable write set back to its
+/// older value through NBD, a byte of the secondary's data file changed
+/// behind its repd) fails, reports the lost write and the differing copies,
+/// and keeps its work directory.
+#[test]
+fn damaged_data_is_reported_as_lost_and_differing() {
+    let bin = Path::new(REPBENCH).parent().expect("repbench has a directory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let summary_path = dir.path().join("summary.json");
+    let out = Command::new(REPBENCH)
+        .args(["chaos", "--seed", "4", "--cycles", "3", "--faults", "kill-secondary", "--sabotage"])
+        .arg("--repd")
+        .arg(bin.join("repd"))
+        .arg("--work-dir")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&summary_path)
+        .output()
+        .expect("run repbench chaos");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "a damaged pair must fail the campaign:\n{stdout}");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).expect("summary")).expect("JSON");
+    assert_eq!(s["cycles_run"], 1, "the first violation stops the campaign");
+    assert_eq!(s["lost"], 1, "{s:#}");
+    assert_eq!(s["copies_differ"], 1, "{s:#}");
+    let v = s["violations"].as_array().expect("violations");
+    assert!(v.iter().any(|v| v.as_str().is_some_and(|v| v.contains("lost") && v.contains("durable write"))), "{v:?}");
+    assert!(v.iter().any(|v| v.as_str().is_some_and(|v| v.contains("data files differ"))), "{v:?}");
+    let kept = s["work_dir"].as_str().expect("the work directory is kept");
+    assert!(Path::new(kept).join("r0.toml").is_file());
+    std::fs::remove_dir_all(kept).expect("remove the kept directory");
+}

@@ -24,7 +24,7 @@ pub mod cluster;
 pub mod model;
 pub mod plan;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +71,12 @@ pub struct ChaosOptions {
     pub keep: bool,
     /// Print a line per cycle.
     pub verbose: bool,
+    /// Self-test of the checks: in the first cycle, after the recovery, the
+    /// tool itself puts an older value into a block that must hold a
+    /// durable write, and changes a byte of the secondary's data file
+    /// behind its repd. The campaign must then report a lost write and
+    /// differing copies.
+    pub sabotage: bool,
 }
 
 impl ChaosOptions {
@@ -92,6 +98,7 @@ impl ChaosOptions {
             work_parent: std::env::temp_dir(),
             keep: false,
             verbose: true,
+            sabotage: false,
         }
     }
 }
@@ -828,6 +835,9 @@ impl Campaign {
         let durable = h.writes.iter().filter(|w| h.durable_at(w).is_some()).count();
         let mut known_gap = false;
         if matches!(sync, Recovery::InSync) {
+            if self.opts.sabotage && self.summary.cycles_run == 0 {
+                self.sabotage(&allowed)?;
+            }
             let found = self.read_region(self.primary)?;
             let bad = model::check(&found, &allowed, &self.base, &h);
             let gap_possible = plan.fault == Fault::PowerCutPrimary;
@@ -897,6 +907,26 @@ impl Campaign {
             hit,
             violations,
         })
+    }
+
+    /// See [`ChaosOptions::sabotage`].
+    fn sabotage(&mut self, allowed: &[model::Allowed]) -> anyhow::Result<()> {
+        let block = allowed.iter().position(|a| a.required.is_some()).context("sabotage: no durable write")?;
+        let old = self.base[block];
+        let addr = self.nbd_addr(self.primary);
+        self.rt.block_on(async {
+            let c = NbdClient::connect(&addr, "r0").await?;
+            let data = if old == 0 { vec![0; BLOCK] } else { model::content(old, block) };
+            c.write((block * BLOCK) as u64, &data, true).await?;
+            c.disconnect().await?;
+            anyhow::Ok(())
+        })?;
+        let Recovery::InSync = self.wait_in_sync(self.opts.sync_bound)? else { bail!("sabotage: not in sync") };
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&self.cluster.nodes[1 - self.primary].data)?;
+        f.write_all_at(b"sabotage", self.opts.size - BLOCK as u64)?;
+        eprintln!("sabotage: block {block} set back to {old:#x}; the secondary's last block changed behind repd");
+        Ok(())
     }
 
     /// The region as the primary serves it, as write ids.
@@ -973,6 +1003,5 @@ fn diff_blocks(a: &[u8], b: &[u8]) -> String {
     }
     let diff: Vec<usize> =
         a.chunks(BLOCK).zip(b.chunks(BLOCK)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect();
-    let shown: HashSet<_> = diff.iter().take(8).collect();
-    format!("{} blocks differ, first {:?}", diff.len(), shown)
+    format!("{} blocks of 4 KiB differ, the first {:?}", diff.len(), &diff[..diff.len().min(8)])
 }
