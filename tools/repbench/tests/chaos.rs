@@ -24,15 +24,18 @@ const REPBENCH: &str = env!("CARGO_BIN_EXE_repbench");
 const SEED: u64 = 3911;
 const CYCLES: u64 = 20;
 
-#[test]
-fn twenty_seeded_fault_cycles_lose_nothing() {
+/// Runs `repbench chaos ARGS` with the repd beside repbench, in a temporary
+/// work directory; its exit code, stdout, JSON summary, and the directory
+/// (removed when dropped).
+fn chaos(args: &[&str]) -> (Option<i32>, String, Value, tempfile::TempDir) {
     let bin = Path::new(REPBENCH).parent().expect("repbench has a directory");
     let repd = bin.join("repd");
     assert!(repd.is_file() && bin.join("repctl").is_file(), "build the workspace first: {} is missing", repd.display());
     let dir = tempfile::tempdir().expect("tempdir");
     let summary_path = dir.path().join("summary.json");
     let out = Command::new(REPBENCH)
-        .args(["chaos", "--seed", &SEED.to_string(), "--cycles", &CYCLES.to_string(), "--protocol", "C"])
+        .arg("chaos")
+        .args(args)
         .arg("--repd")
         .arg(&repd)
         .arg("--work-dir")
@@ -41,11 +44,17 @@ fn twenty_seeded_fault_cycles_lose_nothing() {
         .arg(&summary_path)
         .output()
         .expect("run repbench chaos");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{stderr}\n{stdout}");
-    assert!(out.status.success(), "repbench chaos failed ({}):\n{stdout}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let s = serde_json::from_str(&std::fs::read_to_string(&summary_path).expect("summary")).expect("JSON");
+    (out.status.code(), stdout, s, dir)
+}
 
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).expect("summary")).expect("JSON");
+#[test]
+fn twenty_seeded_fault_cycles_lose_nothing() {
+    let (code, stdout, s, _dir) =
+        chaos(&["--seed", &SEED.to_string(), "--cycles", &CYCLES.to_string(), "--protocol", "C"]);
+    assert_eq!(code, Some(0), "repbench chaos failed:\n{stdout}");
     assert_eq!(s["cycles_run"], CYCLES, "{s:#}");
     assert_eq!(s["violations"].as_array().map(Vec::len), Some(0), "{:#}", s["violations"]);
     for key in ["lost", "corrupt", "crashes", "hangs", "not_in_sync", "copies_differ", "known_gap"] {
@@ -84,23 +93,8 @@ fn twenty_seeded_fault_cycles_lose_nothing() {
 /// and keeps its work directory.
 #[test]
 fn damaged_data_is_reported_as_lost_and_differing() {
-    let bin = Path::new(REPBENCH).parent().expect("repbench has a directory");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let summary_path = dir.path().join("summary.json");
-    let out = Command::new(REPBENCH)
-        .args(["chaos", "--seed", "4", "--cycles", "3", "--faults", "kill-secondary", "--sabotage"])
-        .arg("--repd")
-        .arg(bin.join("repd"))
-        .arg("--work-dir")
-        .arg(dir.path())
-        .arg("--out")
-        .arg(&summary_path)
-        .output()
-        .expect("run repbench chaos");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(1), "a damaged pair must fail the campaign:\n{stdout}");
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).expect("summary")).expect("JSON");
+    let (code, stdout, s, _dir) = chaos(&["--seed", "4", "--cycles", "3", "--faults", "kill-secondary", "--sabotage"]);
+    assert_eq!(code, Some(1), "a damaged pair must fail the campaign:\n{stdout}");
     assert_eq!(s["cycles_run"], 1, "the first violation stops the campaign");
     assert_eq!(s["lost"], 1, "{s:#}");
     assert_eq!(s["copies_differ"], 1, "{s:#}");
@@ -108,6 +102,5 @@ fn damaged_data_is_reported_as_lost_and_differing() {
     assert!(v.iter().any(|v| v.as_str().is_some_and(|v| v.contains("lost") && v.contains("durable write"))), "{v:?}");
     assert!(v.iter().any(|v| v.as_str().is_some_and(|v| v.contains("data files differ"))), "{v:?}");
     let kept = s["work_dir"].as_str().expect("the work directory is kept");
-    assert!(Path::new(kept).join("r0.toml").is_file());
-    std::fs::remove_dir_all(kept).expect("remove the kept directory");
+    assert!(Path::new(kept).join("r0.toml").is_file(), "{kept}");
 }

@@ -27,7 +27,7 @@ use repblock_netproxy::{Direction, Mode, Proxy, ProxyHandle};
 use serde_json::Value;
 
 use super::model::Clock;
-use crate::targets::Tools;
+use crate::targets::{Tools, own_group_dies_with_parent};
 
 /// Node names; index 0 and 1 everywhere.
 pub const NAMES: [&str; 2] = ["alpha", "beta"];
@@ -222,18 +222,7 @@ impl Cluster {
             cmd.env_remove("REPBLOCK_FAULTS");
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        // SAFETY: runs in the child between fork and exec; prctl(2) is
-        // async-signal-safe and touches no memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        own_group_dies_with_parent(&mut cmd);
         node.child = Some(cmd.spawn().with_context(|| format!("starting {}", self.tools.repd.display()))?);
         node.logs.push(log);
         node.stopped = false;

@@ -22,6 +22,7 @@
 
 pub mod cluster;
 pub mod model;
+pub mod pattern;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -545,28 +546,25 @@ impl Campaign {
     /// Promotes node `i` (retrying while a refusal may be transient: the
     /// connection's decision still running).
     fn promote(&mut self, i: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (ok, text) = self.cluster.repctl(i, &["promote"], Duration::from_secs(30))?;
-            if ok {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("promote of {} refused: {}", NAMES[i], text.trim());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.repctl_retry(i, "promote")
     }
 
+    /// Demotes node `i` (retrying while the workload's NBD client is still
+    /// seen attached).
     fn demote(&mut self, i: usize) -> anyhow::Result<()> {
+        self.repctl_retry(i, "demote")
+    }
+
+    /// `repctl CMD` on node `i`, retried for 20 s while refused.
+    fn repctl_retry(&mut self, i: usize, cmd: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (ok, text) = self.cluster.repctl(i, &["demote"], Duration::from_secs(40))?;
+            let (ok, text) = self.cluster.repctl(i, &[cmd], Duration::from_secs(40))?;
             if ok {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("demote of {} refused: {}", NAMES[i], text.trim());
+                bail!("{cmd} of {} refused: {}", NAMES[i], text.trim());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

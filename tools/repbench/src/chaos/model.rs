@@ -35,35 +35,15 @@ use rand::{Rng, SeedableRng};
 use repblock::nbd::NbdClient;
 use serde::Serialize;
 
-/// Block size of the workload.
-pub const BLOCK: usize = 4096;
+pub use super::pattern::{BLOCK, content};
+
 /// The value of a block that is no write's content.
 pub const FOREIGN: u64 = u64::MAX;
-
-/// Content of write `id` to `block`: the id, the block, then xorshift bytes
-/// seeded by both.
-pub fn content(id: u64, block: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; BLOCK];
-    buf[..8].copy_from_slice(&id.to_le_bytes());
-    buf[8..16].copy_from_slice(&(block as u64).to_le_bytes());
-    let mut x = id ^ ((block as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15;
-    for chunk in buf[16..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    buf
-}
 
 /// Which write `buf` (block `block`) holds: 0 for zeroes (never written),
 /// [`FOREIGN`] for anything that is not exactly one write's content.
 pub fn identify(buf: &[u8], block: usize) -> u64 {
-    if buf.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-    if id != FOREIGN && content(id, block) == buf { id } else { FOREIGN }
+    super::pattern::identify(buf, block).filter(|&id| id != FOREIGN).unwrap_or(FOREIGN)
 }
 
 /// Monotonic nanoseconds since the campaign started.
