@@ -701,7 +701,18 @@ impl Campaign {
                 }
             }
             Fault::Blackhole | Fault::Partition => {
-                self.cluster.link_mode(if plan.fault == Fault::Blackhole { Mode::Blackhole } else { Mode::Refuse });
+                // The proxy's blackhole discards bytes from the middle of
+                // live TCP streams. A real network cannot: TCP retransmits,
+                // so an outage shorter than the peer-loss timeout (0.5 s)
+                // delays bytes and loses none. Such short outages are a
+                // stall; longer ones a blackhole, which both nodes see as a
+                // lost peer before the link passes again.
+                let mode = match plan.fault {
+                    Fault::Partition => Mode::Refuse,
+                    _ if plan.hold() < Duration::from_millis(800) => Mode::Stall,
+                    _ => Mode::Blackhole,
+                };
+                self.cluster.link_mode(mode);
                 Self::sleep(plan.hold());
                 self.cluster.link_heal();
             }

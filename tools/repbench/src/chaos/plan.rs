@@ -30,7 +30,8 @@ pub enum Fault {
     StopSecondary,
     /// The link's connections reset (1-3 times during the hold).
     LinkCut,
-    /// The link silently drops everything for the hold.
+    /// The link silently drops everything for the hold (a hold under
+    /// 0.8 s is a stall instead: TCP loses nothing in a short outage).
     Blackhole,
     /// The link refuses every connection for the hold.
     Partition,
