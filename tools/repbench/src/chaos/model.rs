@@ -326,17 +326,19 @@ impl Writer {
             }
             let id = self.ids.take();
             let data = content(id, block);
+            // Recorded when issued: a write that never gets an answer (a
+            // hang) may still reach the disk, and the check must know it.
             let issued = self.clock.now();
+            let index = {
+                let mut h = self.history.lock().expect("history");
+                h.writes.push(WriteRec { block, id, fua, phase: self.spec.phase, issued, completed: None });
+                h.writes.len() - 1
+            };
             let res = self.client.write((block * BLOCK) as u64, &data, fua).await;
-            let completed = res.is_ok().then(|| self.clock.now());
-            self.history.lock().expect("history").writes.push(WriteRec {
-                block,
-                id,
-                fua,
-                phase: self.spec.phase,
-                issued,
-                completed,
-            });
+            if res.is_ok() {
+                let now = self.clock.now();
+                self.history.lock().expect("history").writes[index].completed = Some(now);
+            }
             self.busy.lock().expect("busy").remove(&block);
             if res.is_err() {
                 return;
