@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs (with apt, only when something is
-# missing), ensures a Rust toolchain, and runs the whole suite: unit,
+# missing), ensures a Rust toolchain, and runs the whole suite with the
+# test machinery compiled in (--all-features: `fault-injection` and
+# `testkit`, see Cargo.toml): unit,
 # property and end-to-end tests against real repd processes and real NBD
 # clients (nbdinfo, qemu-img, nbdcopy, fio, nbdfuse + loop + ext4), and
 # the metrics endpoint against Debian's promtool and prometheus.
@@ -34,10 +36,10 @@ ensure_toolchain
 cd "$REPO_ROOT"
 start=$(date +%s)
 if cargo nextest --version >/dev/null 2>&1; then
-    say "cargo nextest run --all-targets"
-    cargo nextest run --all-targets --no-fail-fast
+    say "cargo nextest run --all-targets --all-features"
+    cargo nextest run --all-targets --all-features --no-fail-fast
 else
-    say "cargo test --all-targets (cargo-nextest not installed)"
-    cargo test --all-targets --no-fail-fast
+    say "cargo test --all-targets --all-features (cargo-nextest not installed)"
+    cargo test --all-targets --all-features --no-fail-fast
 fi
 say "test suite passed in $(( $(date +%s) - start ))s"

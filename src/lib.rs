@@ -23,6 +23,7 @@ pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
+#[cfg(feature = "testkit")]
 pub mod fuzzing;
 pub mod io;
 pub mod nbd;

@@ -9,12 +9,14 @@ use std::future::Future;
 use bytes::Bytes;
 
 pub mod client;
+#[cfg(any(test, feature = "testkit"))]
 pub mod memory;
 pub mod proto;
 pub mod server;
 mod wire;
 
 pub use client::{ClientError, NbdClient};
+#[cfg(any(test, feature = "testkit"))]
 pub use memory::MemoryBackend;
 pub use server::{ListenAddr, ListenAddrError, NbdHandle, NbdServer, ServerConfig};
 

@@ -1351,6 +1351,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
 /// Fuzz entry points for the server's parsers (see `crate::fuzzing`): they
 /// run the real handshake and transmission code on a client's bytes, with a
 /// small in-memory backend and a sink for the replies.
+#[cfg(feature = "testkit")]
 pub(crate) mod fuzz {
     use super::*;
     use crate::nbd::MemoryBackend;

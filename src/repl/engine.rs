@@ -1611,15 +1611,17 @@ pub(crate) enum HoldPoint {
     SyncStart,
 }
 
-/// Test hook, **debug builds only** (a release `repd` never reads it):
-/// `REPBLOCK_TEST_HOLD=decision:MS` or `sync-start:MS` pauses every session
-/// at that point, so that the integration tests of issue 14 can land a
-/// promote or a write in a window that is otherwise a fraction of a
+/// Test hook, **`fault-injection` builds only** (any other `repd` does not
+/// contain it): `REPBLOCK_TEST_HOLD=decision:MS` or `sync-start:MS` pauses
+/// every session at that point, so that tests/replication_recovery.rs can
+/// land a promote or a write in a window that is otherwise a fraction of a
 /// millisecond wide.
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) async fn test_hold(_: HoldPoint) {}
+
+/// See the other `test_hold`.
+#[cfg(feature = "fault-injection")]
 pub(crate) async fn test_hold(point: HoldPoint) {
-    if !cfg!(debug_assertions) {
-        return;
-    }
     let Ok(spec) = std::env::var("REPBLOCK_TEST_HOLD") else { return };
     let Some((name, ms)) = spec.split_once(':') else { return };
     let at = match name {
