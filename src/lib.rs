@@ -17,7 +17,8 @@
 //! - [`stats`]: cheap operation counters behind `status` statistics and
 //!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.
-//! - [`fuzzing`]: the fuzz targets' entry points (fuzz/, docs/reliability.md).
+//! - `fuzzing` (feature `testkit`): the fuzz targets' entry points (fuzz/,
+//!   docs/reliability.md).
 
 pub mod clidoc;
 pub mod config;

@@ -251,10 +251,10 @@ impl NbdHandle {
     /// a few seconds before its connection is dropped.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
-        if let Some(task) = self.task.take() {
-            if let Err(e) = task.await {
-                warn!(error = %e, "NBD accept task failed");
-            }
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            warn!(error = %e, "NBD accept task failed");
         }
     }
 }
@@ -591,10 +591,10 @@ async fn accept_loop<B: BlockBackend>(listener: Listener, shared: Arc<Shared<B>>
             }
         }
     }
-    if let Listener::Unix(_, path) = &listener {
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!(path = %path.display(), error = %e, "cannot remove NBD socket");
-        }
+    if let Listener::Unix(_, path) = &listener
+        && let Err(e) = std::fs::remove_file(path)
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove NBD socket");
     }
     drop(listener);
     debug!(connections = conns.len(), "NBD server stopping; waiting for connections");

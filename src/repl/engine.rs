@@ -1,6 +1,6 @@
 //! The replication engine of one node: the link to the peer (listen, dial
 //! with backoff, handshake, one connection kept), the session that runs on
-//! it (primary streaming or secondary apply, see [`super::session`]), the
+//! it (primary streaming or secondary apply, see `repl::session`), the
 //! reply gate of the primary, and the state that `status` and `events`
 //! show.
 //!
@@ -1303,10 +1303,11 @@ impl Engine {
             // new generation, before their replies are released (the next
             // connect must see that this node wrote alone).
             let acks = *self.acks.borrow();
-            if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
-                if let Err(e) = self.new_generation("records the peer never wrote") {
-                    tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
-                }
+            if self.role() == Role::Primary
+                && self.store.local_lsn() > acks.written
+                && let Err(e) = self.new_generation("records the peer never wrote")
+            {
+                tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
             }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))

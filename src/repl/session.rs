@@ -728,10 +728,10 @@ impl Session {
                         walk = Some(self.start_walk(io, kind, base).await?);
                     }
                     Err(e) => {
-                        if let LogReadError::Volume(v) = &e {
-                            if let Some(f) = store.failed() {
-                                return Err(Outcome::Failed(format!("the local volume stopped: {f} ({v})")));
-                            }
+                        if let LogReadError::Volume(v) = &e
+                            && let Some(f) = store.failed()
+                        {
+                            return Err(Outcome::Failed(format!("the local volume stopped: {f} ({v})")));
                         }
                         let kind = self.fallback_kind(peer_lsn, &e);
                         catchup = None;
@@ -824,13 +824,14 @@ impl Session {
                                 self.walk_finished(w, theirs)?;
                                 walk = None;
                             }
-                        } else if let Some(c) = catchup.as_ref() {
-                            if c.end_sent && done_bytes >= c.bytes {
-                                self.catchup_finished(c, theirs)?;
-                                catchup = None;
-                                let a = *engine.acks.borrow();
-                                store.set_retain_after(Some(a.durable));
-                            }
+                        } else if let Some(c) = catchup.as_ref()
+                            && c.end_sent
+                            && done_bytes >= c.bytes
+                        {
+                            self.catchup_finished(c, theirs)?;
+                            catchup = None;
+                            let a = *engine.acks.borrow();
+                            store.set_retain_after(Some(a.durable));
                         }
                     }
                     Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,

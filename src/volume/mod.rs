@@ -163,7 +163,7 @@ impl VolumeOptions {
 
     fn validate(&self) -> Result<(), VolumeError> {
         let bad = |what: &str, reason: String| Err(VolumeError::Invalid { what: what.into(), reason });
-        if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || self.wal_segment_size % 4096 != 0 {
+        if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || !self.wal_segment_size.is_multiple_of(4096) {
             return bad(
                 "wal_segment_size",
                 format!(
@@ -474,10 +474,10 @@ pub(crate) fn flock(file: &IoFile, op: libc::c_int) -> Result<(), VolumeError> {
 /// Syncs a directory's parent so that the directory's own creation is
 /// durable; best effort (the parent may not be ours to open).
 fn sync_parent(io: &dyn IoEngine, dir: &Path) {
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Err(e) = io.sync_dir(parent) {
-            tracing::warn!(path = %parent.display(), error = %e, "could not sync the parent directory");
-        }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Err(e) = io.sync_dir(parent)
+    {
+        tracing::warn!(path = %parent.display(), error = %e, "could not sync the parent directory");
     }
 }
 
@@ -503,7 +503,7 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
             reason: format!("{bs}; expected a power of two from 512 to 1 MiB"),
         });
     }
-    if create.size == 0 || create.size % u64::from(bs) != 0 {
+    if create.size == 0 || !create.size.is_multiple_of(u64::from(bs)) {
         return Err(VolumeError::Invalid {
             what: "size".into(),
             reason: format!("{} bytes; expected a positive multiple of the block size {bs}", create.size),

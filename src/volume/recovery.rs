@@ -268,13 +268,12 @@ fn scan_for_witness(
     let magic = wal::RECORD_MAGIC.to_le_bytes();
     let mut off = from.next_multiple_of(wal::RECORD_ALIGN as u64);
     while off + wal::RECORD_HEADER_SIZE as u64 <= r.len {
-        if r.bytes(io, off, 4)? == magic {
-            if let Ok(rec) = r.record(io, off, uuid, seq)? {
-                if rec.header.durable_lsn >= lsn {
-                    let (l, d) = (rec.header.lsn, rec.header.durable_lsn);
-                    return Ok(Some(Witness { path: r.path().to_path_buf(), offset: off, lsn: l, durable_lsn: d }));
-                }
-            }
+        if r.bytes(io, off, 4)? == magic
+            && let Ok(rec) = r.record(io, off, uuid, seq)?
+            && rec.header.durable_lsn >= lsn
+        {
+            let (l, d) = (rec.header.lsn, rec.header.durable_lsn);
+            return Ok(Some(Witness { path: r.path().to_path_buf(), offset: off, lsn: l, durable_lsn: d }));
         }
         off += wal::RECORD_ALIGN as u64;
     }
