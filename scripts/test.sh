@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs (with apt, only when something is
-# missing), ensures a Rust toolchain, and runs the whole suite with the
+# missing), ensures a Rust toolchain, runs the static checks
+# (scripts/check.sh: fmt, clippy, doc, no test hook in a release repd), and
+# runs the whole suite with the
 # test machinery compiled in (--all-features: `fault-injection` and
 # `testkit`, see Cargo.toml): unit,
 # property and end-to-end tests against real repd processes and real NBD
@@ -32,6 +34,8 @@ ensure_toolchain
 
 [ "$(id -u)" -eq 0 ] || say "warning: not root: the ext4/loop-device tests will fail"
 [ -e /dev/fuse ] || say "warning: /dev/fuse is missing: the nbdfuse tests will fail"
+
+"$REPO_ROOT/scripts/check.sh"
 
 cd "$REPO_ROOT"
 start=$(date +%s)
