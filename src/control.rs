@@ -10,7 +10,8 @@
 //!                       {"cmd":"connect","discard_my_data":false,"dry_run":false}
 //!                       {"cmd":"disconnect"} {"cmd":"verify"} {"cmd":"invalidate"}
 //!                       {"cmd":"wait-sync","timeout_secs":30}
-//!                       {"cmd":"events"}
+//!                       {"cmd":"events"} {"cmd":"resume-io"}
+//!                       {"cmd":"new-current-uuid","clear_bitmap":true}
 //! response (one line):  {"ok":true,"result":<any JSON>}
 //!                       {"ok":false,"error":"<message for humans>"}
 //! ```
@@ -178,7 +179,8 @@ pub struct Event {
     /// RFC 3339 with milliseconds, UTC.
     pub time: String,
     /// `state`, `role-changed`, `disk-changed`, `nbd-started`, `nbd-stopped`,
-    /// `failed`, `stopping`.
+    /// `failed`, `stopping`, and the replication, verify, handler and
+    /// statistics events: docs/cli.md, "Control socket protocol", lists them.
     pub event: String,
     /// Event-specific fields, flattened into the object.
     #[serde(flatten)]

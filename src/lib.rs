@@ -2,18 +2,25 @@
 //!
 //! Layout (one module per concern):
 //! - [`io`]: the IO engine trait every file access goes through (io_uring,
-//!   plain pwritev/fdatasync, and a fault-injecting wrapper for tests).
+//!   plain pwritev/fdatasync; a fault-injecting wrapper for tests with the
+//!   `fault-injection` feature).
 //! - [`volume`]: the local volume: data file, write-ahead log, metadata
-//!   (superblock), crash recovery, group commit and checkpoints.
+//!   (superblock, dirty bitmap), crash recovery, group commit, checkpoints,
+//!   and its replication API (the ordered feed, apply with the peer's LSNs,
+//!   WAL retention for log catch-up).
 //! - [`nbd`]: the NBD front end (protocol codec, server) and a small async
-//!   client used by tests and benchmarks.
+//!   client used by tests and benchmarks (an in-memory backend with the
+//!   `testkit` feature).
 //! - [`clidoc`]: man pages and shell completions of the binaries.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
-//! - [`node`]: the node state machine (role, disk state, NBD export while
-//!   primary).
-//! - [`repl`]: the replication link: wire protocol (frames, messages,
-//!   versions), framed async reader/writer, and the authenticated handshake.
+//! - [`node`]: one running node: role and disk state transitions, the NBD
+//!   export while primary, the replication engine, status, metrics,
+//!   handlers, systemd notification; `repd`'s daemon setup.
+//! - [`repl`]: replication: the engine and its sessions (log stream, apply,
+//!   resync, online verify), the resync decision, the wire protocol and the
+//!   authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
+//! - [`errors`]: error rendering shared by the binaries.
 //! - [`stats`]: cheap operation counters behind `status` statistics and
 //!   `/metrics`.
 //! - [`units`]: human-readable sizes and durations.

@@ -2,7 +2,9 @@
 //! small async client ([`client`]) used by tests and benchmarks.
 //!
 //! The server is generic over a [`BlockBackend`]; the node provides one on
-//! top of the volume (and, later, the replication link that gates replies).
+//! top of the volume and the replication engine's reply gate
+//! (`node::backend`). `memory::MemoryBackend` (feature `testkit`) is an
+//! in-memory one for tests and benchmarks.
 
 use std::future::Future;
 

@@ -38,9 +38,9 @@
 //! after `ping_interval + ping_timeout` without any frame; a role change
 //! ends the session so that the link is renegotiated.
 //!
-//! Extension point: [`Session::extra_frame`] sees every frame the source,
-//! target and idle loops do not handle themselves (online verify hooks in
-//! there).
+//! Online verify frames reach `verify_message` from each loop's
+//! `m.is_verify()` arm; any other frame a loop does not expect ends the
+//! session with a protocol error (`Session::unexpected`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -348,10 +348,10 @@ pub enum Side {
 }
 
 impl Session {
-    /// Extension point for messages the resync loops do not know (online
-    /// verify): return `Ok(None)` when the frame was handled, `Ok(Some(m))`
-    /// to hand it back (then it is a protocol error), `Err` to end the
-    /// session.
+    /// Dead hook: hands every frame back, so `unexpected` always ends the
+    /// session. It was meant for online verify, which the loops now route
+    /// themselves (`m.is_verify()` arms to `verify_message`); remove it when
+    /// the session is next restructured.
     fn extra_frame(&mut self, side: Side, m: Message) -> Result<Option<Message>, Outcome> {
         let _ = side;
         Ok(Some(m))

@@ -1,8 +1,7 @@
 //! The local volume: data file (or block device) + write-ahead log + metadata.
 //!
-//! API contract (the node and the NBD backend rely on it; replication will
-//! later consume the LSN-ordered record stream and gate replies on peer
-//! acknowledgements):
+//! API contract (the node, the NBD backend and replication rely on it; the
+//! replication and resync parts are described below the list):
 //!
 //! - [`create_md`] initialises a node directory (superblock, WAL directory,
 //!   data file unless `disk` is given). Refuses if metadata exists unless
@@ -34,13 +33,13 @@
 //! one record); recovery reads segments through a 4 MiB window and applies
 //! at most 4 MiB of pending payload at a time.
 //!
-//! Replication (issue 3, [`replica`] and [`feed`]): the log writer publishes
+//! Replication ([`replica`] and [`feed`]): the log writer publishes
 //! every committed record, flush barrier and full-sync read into one
 //! bounded [`Feed`] for the primary's sender, in commit order; a secondary
 //! applies the primary's records with their LSNs (`apply`), full-sync data
 //! (`apply_sync_data`), and rebases its log when a full sync starts.
 //!
-//! Resync (issue 4, [`bitmap`], [`tracking`], [`logread`]): a persistent
+//! Resync ([`bitmap`], [`tracking`], [`logread`]): a persistent
 //! dirty bitmap (one bit per `bitmap_granularity` bytes, in `meta` after the
 //! superblock slots), set by the log writer while tracking or from the
 //! unacked ring when the link drops, re-marked by recovery from the WAL
@@ -481,6 +480,11 @@ fn sync_parent(io: &dyn IoEngine, dir: &Path) {
     }
 }
 
+/// Creates `dir` (and its parents) with mode 0700 if missing.
+fn create_private_dir(dir: &std::path::Path) -> Result<(), VolumeError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VolumeError::io(dir, e))
+}
+
 /// Initialises metadata for a new volume.
 ///
 /// Creates `dir` (mode 0700) if needed, the `wal/` directory, and the data
@@ -488,11 +492,6 @@ fn sync_parent(io: &dyn IoEngine, dir: &Path) {
 /// least `size` bytes. The superblock is written last: a `meta` file means
 /// create-md completed. Refuses when `dir/meta` exists unless `force`
 /// (which also removes old WAL segments; the data is kept).
-/// Creates `dir` (and its parents) with mode 0700 if missing.
-fn create_private_dir(dir: &std::path::Path) -> Result<(), VolumeError> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VolumeError::io(dir, e))
-}
-
 pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions) -> Result<(), VolumeError> {
     opts.validate()?;
     validate_names(&create.resource, &create.node)?;
