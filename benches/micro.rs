@@ -1,4 +1,4 @@
-//! Criterion micro-benchmarks of the hot pieces (issue 5, part 5):
+//! Criterion micro-benchmarks of the hot pieces:
 //!
 //! - `wal_encode/<size>`: one WAL write record encoded with its CRC32C
 //!   (header + payload copy + checksum + padding), per payload size;

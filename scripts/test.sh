@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs (with apt, only when something is
-# missing), ensures a Rust toolchain, and runs the whole suite: unit,
+# missing), ensures a Rust toolchain, runs the static checks
+# (scripts/check.sh: fmt, clippy, doc, no test hook in a release repd), and
+# runs the whole suite with the
+# test machinery compiled in (--all-features: `fault-injection` and
+# `testkit`, see Cargo.toml): unit,
 # property and end-to-end tests against real repd processes and real NBD
 # clients (nbdinfo, qemu-img, nbdcopy, fio, nbdfuse + loop + ext4), and
 # the metrics endpoint against Debian's promtool and prometheus.
@@ -31,13 +35,15 @@ ensure_toolchain
 [ "$(id -u)" -eq 0 ] || say "warning: not root: the ext4/loop-device tests will fail"
 [ -e /dev/fuse ] || say "warning: /dev/fuse is missing: the nbdfuse tests will fail"
 
+"$REPO_ROOT/scripts/check.sh"
+
 cd "$REPO_ROOT"
 start=$(date +%s)
 if cargo nextest --version >/dev/null 2>&1; then
-    say "cargo nextest run --all-targets"
-    cargo nextest run --all-targets --no-fail-fast
+    say "cargo nextest run --all-targets --all-features"
+    cargo nextest run --all-targets --all-features --no-fail-fast
 else
-    say "cargo test --all-targets (cargo-nextest not installed)"
-    cargo test --all-targets --no-fail-fast
+    say "cargo test --all-targets --all-features (cargo-nextest not installed)"
+    cargo test --all-targets --all-features --no-fail-fast
 fi
 say "test suite passed in $(( $(date +%s) - start ))s"

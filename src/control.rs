@@ -10,7 +10,8 @@
 //!                       {"cmd":"connect","discard_my_data":false,"dry_run":false}
 //!                       {"cmd":"disconnect"} {"cmd":"verify"} {"cmd":"invalidate"}
 //!                       {"cmd":"wait-sync","timeout_secs":30}
-//!                       {"cmd":"events"}
+//!                       {"cmd":"events"} {"cmd":"resume-io"}
+//!                       {"cmd":"new-current-uuid","clear_bitmap":true}
 //! response (one line):  {"ok":true,"result":<any JSON>}
 //!                       {"ok":false,"error":"<message for humans>"}
 //! ```

@@ -7,31 +7,37 @@
 //!   generation ids and their transitions, split-brain policies). A leaf.
 //! - [`event`]: the typed events of `repctl events`.
 //! - [`io`]: the IO engine trait every file access goes through (io_uring,
-//!   plain pwritev/fdatasync, and a fault-injecting wrapper for tests).
+//!   plain pwritev/fdatasync; a fault-injecting wrapper for tests with the
+//!   `fault-injection` feature).
 //! - [`volume`]: the local volume: data file, write-ahead log, metadata
-//!   (superblock), crash recovery, group commit and checkpoints.
+//!   (superblock, dirty bitmap), crash recovery, group commit, checkpoints,
+//!   and its replication API (the ordered feed, apply with the peer's LSNs,
+//!   WAL retention for log catch-up).
 //! - [`nbd`]: the NBD front end (protocol codec, server) and a small async
-//!   client used by tests and benchmarks.
-//! - [`repl`]: replication: wire protocol (frames, messages, versions),
-//!   framed async reader/writer, the authenticated handshake, the resync
-//!   decision, the engine and its sessions, online verify.
+//!   client used by tests and benchmarks (an in-memory backend with the
+//!   `testkit` feature).
+//! - [`repl`]: replication: the engine and its sessions (log stream, apply,
+//!   resync, online verify), the resync decision, the wire protocol and the
+//!   authenticated handshake.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
-//! - [`node`]: the composition root: the node state machine (role, disk
-//!   state, NBD export while primary), the daemon, status, metrics,
-//!   handlers.
+//! - [`node`]: the composition root: one running node (role and disk state
+//!   transitions, the NBD export while primary, the replication engine,
+//!   status, metrics, handlers, systemd notification); `repd`'s daemon setup.
 //! - [`stats`]: cheap operation counters behind `status` statistics and
 //!   `/metrics` (the link's own are in `repl::stats`).
 //! - [`units`]: human-readable sizes and durations.
-//! - [`errors`]: rendering error chains.
+//! - [`errors`]: rendering error chains shared by the binaries.
 //! - [`clidoc`]: man pages and shell completions of the binaries.
-//! - [`fuzzing`]: the fuzz targets' entry points (fuzz/, docs/reliability.md).
+//! - `fuzzing` (feature `testkit`): the fuzz targets' entry points (fuzz/,
+//!   docs/reliability.md).
 
 pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
 pub mod event;
+#[cfg(feature = "testkit")]
 pub mod fuzzing;
 pub mod io;
 #[cfg(test)]

@@ -66,7 +66,7 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
 pub fn format_size(n: u64) -> String {
     const NAMED: &[(&str, u64)] = &[("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for &(name, mult) in NAMED {
-        if n != 0 && n % mult == 0 {
+        if n != 0 && n.is_multiple_of(mult) {
             return format!("{}{}", n / mult, name);
         }
     }
@@ -79,7 +79,7 @@ pub fn format_size_approx(n: u64) -> String {
     const NAMED: &[(&str, u64)] = &[("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for &(name, mult) in NAMED {
         if n >= mult {
-            if n % mult == 0 {
+            if n.is_multiple_of(mult) {
                 return format!("{}{}", n / mult, name);
             }
             return format!("{:.1}{}", n as f64 / mult as f64, name);

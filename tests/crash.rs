@@ -2,7 +2,8 @@
 //! each restart every block must hold its last write that was durable (it
 //! completed before a completed FLUSH was issued, or it completed with FUA),
 //! or a write to it issued after that one. Plus fail-stop under an injected
-//! fdatasync error.
+//! fdatasync error (`REPBLOCK_FAULTS`: a `fault-injection` build, which
+//! Cargo.toml declares as this binary's `required-features`).
 //!
 //! Seeded: set REPBLOCK_CRASH_SEED to replay a run (the seed is printed).
 

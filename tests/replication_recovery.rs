@@ -13,8 +13,9 @@
 //!    peer never got.
 //!
 //! The races of 1 and 3 are a fraction of a millisecond wide; the tests widen
-//! them with the debug-build hook `REPBLOCK_TEST_HOLD` (src/repl/engine.rs,
-//! `test_hold`), which a release `repd` ignores.
+//! them with the hook `REPBLOCK_TEST_HOLD` (src/repl/engine.rs, `test_hold`),
+//! which only a `fault-injection` build of `repd` has (Cargo.toml declares
+//! this binary's `required-features`).
 
 mod common;
 

@@ -374,10 +374,11 @@ fn wait_verify(
         let v = connect()?.request(&Request::Status)?;
         let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
         let vs = &s.verify;
-        if vs.runs_finished > before && !vs.running {
-            if let Some(last) = vs.last.clone() {
-                return Ok(last);
-            }
+        if vs.runs_finished > before
+            && !vs.running
+            && let Some(last) = vs.last.clone()
+        {
+            return Ok(last);
         }
         if s.connection.to_string() != "connected" {
             anyhow::bail!("verify: the connection to the peer is {} and no verify result came", s.connection);
@@ -435,10 +436,10 @@ fn wait_sync_with_progress(
             last_line = line;
             last_print = std::time::Instant::now();
         }
-        if let Some(t) = timeout {
-            if start.elapsed() >= t {
-                anyhow::bail!("wait-sync: timed out after {:.1}s: {last_line}", t.as_secs_f64());
-            }
+        if let Some(t) = timeout
+            && start.elapsed() >= t
+        {
+            anyhow::bail!("wait-sync: timed out after {:.1}s: {last_line}", t.as_secs_f64());
         }
         std::thread::sleep(Duration::from_millis(200));
     }

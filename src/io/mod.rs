@@ -6,8 +6,10 @@
 //! - [`uring::UringEngine`]: io_uring (the `io-uring` crate), batching a whole
 //!   group commit (WAL write + data writes) into one submission.
 //!
-//! and one wrapper for tests, [`fault::FaultEngine`], which injects EIO,
+//! and one wrapper for tests, `fault::FaultEngine`, which injects EIO,
 //! ENOSPC, torn writes and the loss of unsynced data (a simulated power cut).
+//! It is compiled only for unit tests and with the `fault-injection` feature,
+//! so a release `repd` has no fault hook.
 //!
 //! The engine is chosen at start by [`select_engine`]: `auto` probes io_uring
 //! once (rings are refused by containers' default seccomp profiles and by
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 pub mod sync;
 pub mod uring;

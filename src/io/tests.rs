@@ -654,10 +654,10 @@ fn differential(base: &Path, ops: &[DiffOp], max_batch: &[usize]) -> Result<(), 
             prop_assert_eq!(ref_err, err, "{}: batch {:?}", name, batch);
             for (op, (a, b)) in batch.iter().zip(ref_reads.iter().zip(&reads)) {
                 // Reads that fail (past EOF) leave unspecified buffers.
-                if let DiffOp::Read { offset, len } = *op {
-                    if offset + len as u64 <= file_len {
-                        prop_assert!(a == b, "{}: read {:?} differs", name, op);
-                    }
+                if let DiffOp::Read { offset, len } = *op
+                    && offset + len as u64 <= file_len
+                {
+                    prop_assert!(a == b, "{}: read {:?} differs", name, op);
                 }
             }
         }

@@ -85,10 +85,10 @@ const ABANDON_WAIT: Duration = Duration::from_secs(60);
 /// The result of the real probe is cached; [`DISABLE_ENV`] is looked at on
 /// every call.
 pub fn probe() -> io::Result<()> {
-    if let Some(v) = std::env::var_os(DISABLE_ENV) {
-        if !v.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring disabled by {DISABLE_ENV}")));
-        }
+    if let Some(v) = std::env::var_os(DISABLE_ENV)
+        && !v.is_empty()
+    {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring disabled by {DISABLE_ENV}")));
     }
     static PROBE: OnceLock<Result<(), (io::ErrorKind, String)>> = OnceLock::new();
     match PROBE.get_or_init(|| probe_uncached().map_err(|e| (e.kind(), e.to_string()))) {
@@ -467,15 +467,15 @@ fn complete(ops: &mut [IoOp<'_>], b: &mut Batch, cqe: cqueue::Entry) {
                 return;
             }
         }
-        if let IoOp::Zero { file, offset, len, punch } = op {
-            if matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV) {
-                // No hole punching / zero ranges here (or an unaligned range on
-                // a block device): write zeroes, as the sync engine does.
-                if let Err(e) = sync::zero_range(file, *offset, *len, *punch) {
-                    b.fail(i, e);
-                }
-                return;
+        if let IoOp::Zero { file, offset, len, punch } = op
+            && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV)
+        {
+            // No hole punching / zero ranges here (or an unaligned range on
+            // a block device): write zeroes, as the sync engine does.
+            if let Err(e) = sync::zero_range(file, *offset, *len, *punch) {
+                b.fail(i, e);
             }
+            return;
         }
         b.fail(i, io::Error::from_raw_os_error(errno));
         return;

@@ -2,19 +2,23 @@
 //! small async client ([`client`]) used by tests and benchmarks.
 //!
 //! The server is generic over a [`BlockBackend`]; the node provides one on
-//! top of the volume (and, later, the replication link that gates replies).
+//! top of the volume and the replication engine's reply gate
+//! (`node::backend`). `memory::MemoryBackend` (feature `testkit`) is an
+//! in-memory one for tests and benchmarks.
 
 use std::future::Future;
 
 use bytes::Bytes;
 
 pub mod client;
+#[cfg(any(test, feature = "testkit"))]
 pub mod memory;
 pub mod proto;
 pub mod server;
 mod wire;
 
 pub use client::{ClientError, NbdClient};
+#[cfg(any(test, feature = "testkit"))]
 pub use memory::MemoryBackend;
 pub use server::{ListenAddr, ListenAddrError, NbdHandle, NbdServer, ServerConfig};
 

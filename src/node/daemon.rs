@@ -75,12 +75,14 @@ pub fn engine_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
     })
 }
 
-/// Chooses the IO engine the config asks for, wrapped by the test-only
-/// fault injector when `REPBLOCK_FAULTS` is set.
+/// Chooses the IO engine the config asks for; in a `fault-injection` build
+/// only, wrapped by the fault injector when `REPBLOCK_FAULTS` is set.
 pub fn engine_for(config: &Config) -> Result<Arc<dyn IoEngine>, DaemonError> {
     let engine = io::select_engine(config.io_engine)
         .map_err(|e| DaemonError::Engine(format!("{}: {e}", config.file.display())))?;
-    io::fault::wrap_from_env(engine).map_err(DaemonError::Engine)
+    #[cfg(feature = "fault-injection")]
+    let engine = io::fault::wrap_from_env(engine).map_err(DaemonError::Engine)?;
+    Ok(engine)
 }
 
 /// Initialises the metadata of `node` (offline: refused while its repd

@@ -38,10 +38,10 @@ impl fmt::Debug for Export {
 /// socket).
 pub async fn start(addr: &NbdAddress, backend: Arc<VolumeBackend>, cfg: ExportConfig) -> Result<Export, String> {
     let listen: ListenAddr = addr.to_string().parse().map_err(|e| format!("{e}"))?;
-    if let NbdAddress::Unix(path) = addr {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        }
+    if let NbdAddress::Unix(path) = addr
+        && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     let server_cfg = ServerConfig {
         export_name: cfg.export_name,

@@ -12,8 +12,10 @@
 //!   (as DRBD: a restarted node never serves until promoted).
 //! - The disk state lives in the superblock: `inconsistent` after
 //!   `create-md`, `uptodate` once an operator forced a promote (single node:
-//!   the data is then the truth). Replication (later issues) moves it
-//!   through `consistent`/`outdated`.
+//!   the data is then the truth). With a peer, the replication engine moves
+//!   it through `inconsistent` (a sync target) and `consistent` back to
+//!   `uptodate` (docs/resync.md); nothing sets `outdated` yet (there is no
+//!   outdate-peer handshake, docs/replication.md "Not yet").
 //! - Only a primary accepts NBD clients: the export is started by promote
 //!   and stopped by demote and by shutdown.
 //! - A two-node resource runs a replication engine ([`crate::repl::engine`]):

@@ -111,13 +111,13 @@ pub struct PeerStatus {
 pub struct ResyncStatus {
     pub done_bytes: u64,
     pub total_bytes: u64,
-    /// Average since the sync started.
+    /// Over the last second (the average so far until a second has passed).
     #[serde(default)]
     pub speed_bytes_per_sec: u64,
     /// Estimated seconds left (null when not known).
     #[serde(default)]
     pub eta_seconds: Option<u64>,
-    /// `full` while a full sync runs, null otherwise.
+    /// `log`, `bitmap` or `full` while a resync runs, null otherwise.
     #[serde(default)]
     pub kind: Option<String>,
 }

@@ -1,6 +1,6 @@
 //! The replication engine of one node: the link to the peer (listen, dial
 //! with backoff, handshake, one connection kept), the session that runs on
-//! it (primary streaming or secondary apply, see [`super::session`]), the
+//! it (primary streaming or secondary apply, see `repl::session`), the
 //! reply gate of the primary, and the state that `status` and `events`
 //! show.
 //!
@@ -1245,10 +1245,11 @@ impl Engine {
             // new generation, before their replies are released (the next
             // connect must see that this node wrote alone).
             let acks = *self.acks.borrow();
-            if self.role() == Role::Primary && self.store.local_lsn() > acks.written {
-                if let Err(e) = self.new_generation("records the peer never wrote") {
-                    tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
-                }
+            if self.role() == Role::Primary
+                && self.store.local_lsn() > acks.written
+                && let Err(e) = self.new_generation("records the peer never wrote")
+            {
+                tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
             }
             if self.cfg.on_peer_loss == OnPeerLoss::Suspend
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
@@ -1557,15 +1558,17 @@ pub(crate) enum HoldPoint {
     SyncStart,
 }
 
-/// Test hook, **debug builds only** (a release `repd` never reads it):
-/// `REPBLOCK_TEST_HOLD=decision:MS` or `sync-start:MS` pauses every session
-/// at that point, so that the integration tests of issue 14 can land a
-/// promote or a write in a window that is otherwise a fraction of a
+/// Test hook, **`fault-injection` builds only** (any other `repd` does not
+/// contain it): `REPBLOCK_TEST_HOLD=decision:MS` or `sync-start:MS` pauses
+/// every session at that point, so that tests/replication_recovery.rs can
+/// land a promote or a write in a window that is otherwise a fraction of a
 /// millisecond wide.
+#[cfg(not(feature = "fault-injection"))]
+pub(crate) async fn test_hold(_: HoldPoint) {}
+
+/// See the other `test_hold`.
+#[cfg(feature = "fault-injection")]
 pub(crate) async fn test_hold(point: HoldPoint) {
-    if !cfg!(debug_assertions) {
-        return;
-    }
     let Ok(spec) = std::env::var("REPBLOCK_TEST_HOLD") else { return };
     let Some((name, ms)) = spec.split_once(':') else { return };
     let at = match name {

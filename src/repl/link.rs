@@ -329,7 +329,7 @@ mod tests {
         Message::Write {
             lsn,
             offset: lsn * 4096,
-            fua: lsn % 3 == 0,
+            fua: lsn.is_multiple_of(3),
             data: Bytes::from((0..len).map(|i| (i as u8).wrapping_add(lsn as u8)).collect::<Vec<u8>>()),
         }
     }

@@ -1,6 +1,19 @@
-//! The replication link: the versioned wire protocol spoken between the two
-//! nodes of a resource, and the handshake that opens it.
+//! Replication between the two nodes of a resource: the engine that keeps
+//! one link to the peer and runs a session on it (the primary's log stream
+//! and the secondary's apply, resync, online verify), and the versioned
+//! wire protocol and handshake underneath.
 //!
+//! - [`engine`]: one per node; listens and dials, keeps one authenticated
+//!   connection, runs a session on it, gates the primary's NBD replies on
+//!   the peer's acknowledgements (protocol A/B/C), and holds what `status`
+//!   and `events` show. `session` (private): one connection's life, as
+//!   sync source, sync target or idle (log catch-up, bitmap and full
+//!   resync).
+//! - [`decide`]: the pure resync decision at connect (who sends what), with
+//!   its split-brain policies; [`verify`]: online verify and `invalidate`.
+//! - [`store`]: what the engine needs from local storage, as a trait;
+//!   [`volume_store`] implements it over the real volume.
+//! - [`unauth`]: limits on connections that have not authenticated yet.
 //! - [`proto`]: frames (`| magic "RBRP" | type | flags | len | crc32c |`),
 //!   the [`Message`] enum with its version history, the pure codec
 //!   ([`encode`], [`decode`]); data payloads decode without a copy.

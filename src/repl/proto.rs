@@ -360,13 +360,18 @@ pub struct Hello {
 ///   Welcome / Refuse; State; log stream Write / Trim / Zeroes / Barrier;
 ///   cumulative Ack (received, written, durable); full sync SyncStart /
 ///   SyncData / SyncEnd / SyncAck; Ping / Pong; Goodbye.
-/// - **2** (issue 4, resync): SyncInfo exchanged first after Welcome (the
+/// - **2** (resync): SyncInfo exchanged first after Welcome (the
 ///   decision inputs, bitmap granularity, DRY_RUN / DISCARD_MY_DATA flags);
 ///   BitmapChunk / BitmapEnd; SyncStart carries `kind` (log, bitmap, full);
 ///   SyncAck counts *durable* bytes; resync messages moved to 112..=119
 ///   (0x40..=0x4f reserved for verify). Version 1 is no longer spoken.
-///   Online verify: VerifyRequest / VerifyStart / VerifyDigests /
-///   VerifyResult / VerifyEnd at 0x40..=0x44 (src/repl/verify.rs).
+///   Later, still as version 2 (an exception to the rule above, not a
+///   precedent): online verify, VerifyRequest / VerifyStart / VerifyDigests /
+///   VerifyResult / VerifyEnd at 0x40..=0x44 (src/repl/verify.rs). They use
+///   the range version 2 reserved and are sent only when an operator runs
+///   `verify`; a version-2 node built before them fails to decode one
+///   (`FrameError::UnknownType`) and the session ends. The next change to
+///   the exchange bumps to 3.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     // --- Handshake -------------------------------------------------------

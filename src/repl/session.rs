@@ -38,9 +38,9 @@
 //! after `ping_interval + ping_timeout` without any frame; a role change
 //! ends the session so that the link is renegotiated.
 //!
-//! Extension point: [`Session::extra_frame`] sees every frame the source,
-//! target and idle loops do not handle themselves (online verify hooks in
-//! there).
+//! Online verify frames reach `verify_message` from each loop's
+//! `m.is_verify()` arm; any other frame a loop does not expect ends the
+//! session with a protocol error (`Session::unexpected`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -348,10 +348,10 @@ pub enum Side {
 }
 
 impl Session {
-    /// Extension point for messages the resync loops do not know (online
-    /// verify): return `Ok(None)` when the frame was handled, `Ok(Some(m))`
-    /// to hand it back (then it is a protocol error), `Err` to end the
-    /// session.
+    /// Dead hook: hands every frame back, so `unexpected` always ends the
+    /// session. It was meant for online verify, which the loops now route
+    /// themselves (`m.is_verify()` arms to `verify_message`); remove it when
+    /// the session is next restructured.
     fn extra_frame(&mut self, side: Side, m: Message) -> Result<Option<Message>, Outcome> {
         let _ = side;
         Ok(Some(m))
@@ -728,10 +728,10 @@ impl Session {
                         walk = Some(self.start_walk(io, kind, base).await?);
                     }
                     Err(e) => {
-                        if let LogReadError::Volume(v) = &e {
-                            if let Some(f) = store.failed() {
-                                return Err(Outcome::Failed(format!("the local volume stopped: {f} ({v})")));
-                            }
+                        if let LogReadError::Volume(v) = &e
+                            && let Some(f) = store.failed()
+                        {
+                            return Err(Outcome::Failed(format!("the local volume stopped: {f} ({v})")));
                         }
                         let kind = self.fallback_kind(peer_lsn, &e);
                         catchup = None;
@@ -824,13 +824,14 @@ impl Session {
                                 self.walk_finished(w, theirs)?;
                                 walk = None;
                             }
-                        } else if let Some(c) = catchup.as_ref() {
-                            if c.end_sent && done_bytes >= c.bytes {
-                                self.catchup_finished(c, theirs)?;
-                                catchup = None;
-                                let a = *engine.acks.borrow();
-                                store.set_retain_after(Some(a.durable));
-                            }
+                        } else if let Some(c) = catchup.as_ref()
+                            && c.end_sent
+                            && done_bytes >= c.bytes
+                        {
+                            self.catchup_finished(c, theirs)?;
+                            catchup = None;
+                            let a = *engine.acks.borrow();
+                            store.set_retain_after(Some(a.durable));
                         }
                     }
                     Tick::Frame(m) if m.is_verify() => self.verify_message(io, m).await?,

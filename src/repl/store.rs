@@ -1,5 +1,5 @@
 //! What the replication engine needs from the local storage: the volume's
-//! replication API (repl-design.md), behind a trait so that the engine can be
+//! replication API (`volume::replica`), behind a trait so that the engine can be
 //! tested against an in-memory store and so that it does not depend on the
 //! volume's internals.
 //!
@@ -8,10 +8,10 @@
 //! log writer itself, so ordered with the writes). Secondary side: records
 //! applied with the primary's LSNs, full-sync data, log rebase and sync end.
 //!
-//! Resync (issue 4): the persistent dirty bitmap (one bit per `granularity`
+//! Resync: the persistent dirty bitmap (one bit per `granularity`
 //! bytes, "this block may differ from the peer's copy"), tracking on/off
 //! with the unacked ring, and a reader over the retained WAL for log
-//! catch-up. See /work/wt/brief/resync-design.md and docs/resync.md.
+//! catch-up. See docs/resync.md.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -861,10 +861,10 @@ impl SessionVerify {
     /// found by a complete verify ask for a resync.
     fn finished(&mut self, engine: &Engine, complete: bool, message: Option<String>) -> After {
         let Some(r) = engine.verify.finish(complete, message) else { return After::Continue };
-        if r.out_of_sync_bytes > 0 {
-            if let Err(e) = engine.store.persist_bitmap() {
-                tracing::error!(peer = %engine.cfg.peer, "verify: cannot persist the marked blocks: {e}");
-            }
+        if r.out_of_sync_bytes > 0
+            && let Err(e) = engine.store.persist_bitmap()
+        {
+            tracing::error!(peer = %engine.cfg.peer, "verify: cannot persist the marked blocks: {e}");
         }
         if complete {
             tracing::info!(

@@ -93,11 +93,11 @@ async fn verify_under_concurrent_writes_finds_nothing_on_a_healthy_pair() {
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 let off = (i * 7919 * 4096) % (SIZE - 12288);
-                let lsn = a.write(off, &pattern(i as u8, 12288), i % 5 == 0);
+                let lsn = a.write(off, &pattern(i as u8, 12288), i.is_multiple_of(5));
                 alpha.wait(lsn, Durability::Write).await;
                 n += 1;
                 i += 1;
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -23,9 +23,10 @@ pub(crate) const PAGES_PER_IO: usize = 1024;
 /// Offset of the first bitmap page in the `meta` file.
 pub const BITMAP_OFFSET: u64 = 2 * SLOT_SIZE as u64;
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBLKMETA");
-/// Format version: 1 (issue 2, no bitmap), 2 (issue 4: bitmap granularity,
-/// bitmap pages after the slots, bitmap_base_lsn, peer_written_lsn,
-/// gen_created_ms). Version 1 is refused (run `create-md --force`).
+/// Format version: 1 (repblock 0.1, no bitmap), 2 (resync: bitmap
+/// granularity, bitmap pages after the slots, bitmap_base_lsn,
+/// peer_written_lsn, gen_created_ms). Version 1 is refused (run
+/// `create-md --force`).
 pub const SUPERBLOCK_VERSION: u32 = 2;
 
 /// Size of the `meta` file of a volume of `size` bytes at `granularity`:

@@ -1,8 +1,7 @@
 //! The local volume: data file (or block device) + write-ahead log + metadata.
 //!
-//! API contract (the node and the NBD backend rely on it; replication will
-//! later consume the LSN-ordered record stream and gate replies on peer
-//! acknowledgements):
+//! API contract (the node, the NBD backend and replication rely on it; the
+//! replication and resync parts are described below the list):
 //!
 //! - [`create_md`] initialises a node directory (superblock, WAL directory,
 //!   data file unless `disk` is given). Refuses if metadata exists unless
@@ -34,13 +33,13 @@
 //! one record); recovery reads segments through a 4 MiB window and applies
 //! at most 4 MiB of pending payload at a time.
 //!
-//! Replication (issue 3, [`replica`] and [`feed`]): the log writer publishes
+//! Replication ([`replica`] and [`feed`]): the log writer publishes
 //! every committed record, flush barrier and full-sync read into one
 //! bounded [`Feed`] for the primary's sender, in commit order; a secondary
 //! applies the primary's records with their LSNs (`apply`), full-sync data
 //! (`apply_sync_data`), and rebases its log when a full sync starts.
 //!
-//! Resync (issue 4, [`bitmap`], [`tracking`], [`logread`]): a persistent
+//! Resync ([`bitmap`], [`tracking`], [`logread`]): a persistent
 //! dirty bitmap (one bit per `bitmap_granularity` bytes, in `meta` after the
 //! superblock slots), set by the log writer while tracking or from the
 //! unacked ring when the link drops, re-marked by recovery from the WAL
@@ -177,7 +176,7 @@ impl VolumeOptions {
 
     fn validate(&self) -> Result<(), VolumeError> {
         let bad = |what: &str, reason: String| Err(VolumeError::Invalid { what: what.into(), reason });
-        if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || self.wal_segment_size % 4096 != 0 {
+        if self.wal_segment_size < MIN_WAL_SEGMENT_SIZE || !self.wal_segment_size.is_multiple_of(4096) {
             return bad(
                 "wal_segment_size",
                 format!(
@@ -488,11 +487,16 @@ pub(crate) fn flock(file: &IoFile, op: libc::c_int) -> Result<(), VolumeError> {
 /// Syncs a directory's parent so that the directory's own creation is
 /// durable; best effort (the parent may not be ours to open).
 fn sync_parent(io: &dyn IoEngine, dir: &Path) {
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Err(e) = io.sync_dir(parent) {
-            tracing::warn!(path = %parent.display(), error = %e, "could not sync the parent directory");
-        }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Err(e) = io.sync_dir(parent)
+    {
+        tracing::warn!(path = %parent.display(), error = %e, "could not sync the parent directory");
     }
+}
+
+/// Creates `dir` (and its parents) with mode 0700 if missing.
+fn create_private_dir(dir: &std::path::Path) -> Result<(), VolumeError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VolumeError::io(dir, e))
 }
 
 /// Initialises metadata for a new volume.
@@ -502,11 +506,6 @@ fn sync_parent(io: &dyn IoEngine, dir: &Path) {
 /// least `size` bytes. The superblock is written last: a `meta` file means
 /// create-md completed. Refuses when `dir/meta` exists unless `force`
 /// (which also removes old WAL segments; the data is kept).
-/// Creates `dir` (and its parents) with mode 0700 if missing.
-fn create_private_dir(dir: &std::path::Path) -> Result<(), VolumeError> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VolumeError::io(dir, e))
-}
-
 pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions) -> Result<(), VolumeError> {
     opts.validate()?;
     validate_names(&create.resource, &create.node)?;
@@ -517,7 +516,7 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
             reason: format!("{bs}; expected a power of two from 512 to 1 MiB"),
         });
     }
-    if create.size == 0 || create.size % u64::from(bs) != 0 {
+    if create.size == 0 || !create.size.is_multiple_of(u64::from(bs)) {
         return Err(VolumeError::Invalid {
             what: "size".into(),
             reason: format!("{} bytes; expected a positive multiple of the block size {bs}", create.size),

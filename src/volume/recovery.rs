@@ -83,9 +83,9 @@ impl Marks<'_> {
     /// peer's record `n` only when its own log up to `n - 1` is a prefix of
     /// the peer's (a live stream or a log catch-up starts at its LSN; a
     /// bitmap resync rebases its log first and merged its bits into the
-    /// source's), so its own older records are the peer's too (issue 14: a
-    /// crashed secondary that had once been primary re-marked its whole
-    /// WAL footprint and resynced up to 63 MB of 64 for nothing).
+    /// source's), so its own older records are the peer's too (without this
+    /// rule a crashed secondary that had once been primary re-marked its
+    /// whole WAL footprint and resynced up to 63 MB of 64 for nothing).
     fn finish(&mut self, report: &mut RecoveryReport, local: Vec<(Lsn, u64, u32)>) {
         for (lsn, offset, length) in local {
             if lsn > report.from_peer_lsn {
@@ -268,13 +268,12 @@ fn scan_for_witness(
     let magic = wal::RECORD_MAGIC.to_le_bytes();
     let mut off = from.next_multiple_of(wal::RECORD_ALIGN as u64);
     while off + wal::RECORD_HEADER_SIZE as u64 <= r.len {
-        if r.bytes(io, off, 4)? == magic {
-            if let Ok(rec) = r.record(io, off, uuid, seq)? {
-                if rec.header.durable_lsn >= lsn {
-                    let (l, d) = (rec.header.lsn, rec.header.durable_lsn);
-                    return Ok(Some(Witness { path: r.path().to_path_buf(), offset: off, lsn: l, durable_lsn: d }));
-                }
-            }
+        if r.bytes(io, off, 4)? == magic
+            && let Ok(rec) = r.record(io, off, uuid, seq)?
+            && rec.header.durable_lsn >= lsn
+        {
+            let (l, d) = (rec.header.lsn, rec.header.durable_lsn);
+            return Ok(Some(Witness { path: r.path().to_path_buf(), offset: off, lsn: l, durable_lsn: d }));
         }
         off += wal::RECORD_ALIGN as u64;
     }

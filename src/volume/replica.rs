@@ -1,4 +1,4 @@
-//! The volume's replication API (issue 3): the feed for the primary, and
+//! The volume's replication API: the feed for the primary, and
 //! LSN-preserving apply, full-sync writes, log rebase and sync finish for
 //! the secondary.
 //!

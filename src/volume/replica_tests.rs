@@ -272,10 +272,10 @@ async fn replicate(
             }
             FeedItem::VerifyData { .. } => panic!("no verify read was queued"),
         }
-        if pending.len() > 64 {
-            if let Some(f) = pending.pop_front() {
-                f.await.expect("apply");
-            }
+        if pending.len() > 64
+            && let Some(f) = pending.pop_front()
+        {
+            f.await.expect("apply");
         }
     }
     for f in pending {

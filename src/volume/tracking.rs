@@ -108,11 +108,11 @@ impl Tracker {
             self.bitmap.set_range(offset, len);
             return;
         }
-        if self.ring.len() >= MAX_RING {
-            if let Some(old) = self.ring.pop_front() {
-                self.bitmap.set_range(old.offset, old.len);
-                self.marks += 1;
-            }
+        if self.ring.len() >= MAX_RING
+            && let Some(old) = self.ring.pop_front()
+        {
+            self.bitmap.set_range(old.offset, old.len);
+            self.marks += 1;
         }
         self.ring.push_back(Unacked { lsn, offset, len });
     }

@@ -46,8 +46,10 @@ pub enum RecordKind {
     Trim = 2,
     /// Zero `[offset, offset+length)`; [`FLAG_MAY_PUNCH`] allows deallocation.
     WriteZeroes = 3,
-    /// Reserved for the replication flush barrier (a later issue). Carries
-    /// no range; replay ignores it.
+    /// Reserved; never written. (Replication carries a completed FLUSH as
+    /// the feed's `Barrier` item and the wire's Barrier message, not as a
+    /// WAL record.) Carries no range; replay, recovery and the log reader
+    /// skip it, so the code stays decodable.
     FlushBarrier = 4,
     /// A large write whose data went to the data file only ("indirect",
     /// as ZFS's ZIL does for large writes): no payload; `length` bytes at

@@ -99,15 +99,15 @@ impl RangeSet {
         if end <= start {
             return true;
         }
-        if let Some((_, &e)) = self.ranges.range(..=start).next_back() {
-            if e > start {
-                return false;
-            }
+        if let Some((_, &e)) = self.ranges.range(..=start).next_back()
+            && e > start
+        {
+            return false;
         }
-        if let Some((&s, _)) = self.ranges.range(start..).next() {
-            if s < end {
-                return false;
-            }
+        if let Some((&s, _)) = self.ranges.range(start..).next()
+            && s < end
+        {
+            return false;
         }
         self.ranges.insert(start, end);
         true
@@ -488,13 +488,13 @@ impl Writer {
         let mut refused: Vec<Option<VolumeError>> = Vec::new();
         let mut flushed = false;
         for (i, r) in batch.iter().enumerate() {
-            if let Some(want) = r.lsn {
-                if want != self.next_lsn {
-                    refused.resize_with(batch.len(), || None);
-                    refused[i] = Some(VolumeError::LsnGap { expected: self.next_lsn, got: want });
-                    lsns.push(0);
-                    continue;
-                }
+            if let Some(want) = r.lsn
+                && want != self.next_lsn
+            {
+                refused.resize_with(batch.len(), || None);
+                refused[i] = Some(VolumeError::LsnGap { expected: self.next_lsn, got: want });
+                lsns.push(0);
+                continue;
             }
             need_sync |= r.fua;
             // A replicated record: marked in the WAL, never tracked, and

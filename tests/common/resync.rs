@@ -82,7 +82,7 @@ impl Extents {
 /// Where [`scattered_writes`] writes: pieces of 4..=64 KiB (4 KiB aligned)
 /// at random 4 KiB-aligned offsets within `[lo, hi)`, `total` bytes.
 pub fn plan_extents(lo: u64, hi: u64, total: u64, seed: u64) -> Extents {
-    assert!(hi - lo >= 64 * 1024 && lo % GRAIN == 0 && hi % GRAIN == 0, "bad range {lo}..{hi}");
+    assert!(hi - lo >= 64 * 1024 && lo.is_multiple_of(GRAIN) && hi.is_multiple_of(GRAIN), "bad range {lo}..{hi}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut ext = Extents::default();
     let mut done = 0;

@@ -794,7 +794,7 @@ fn run_with(mut w: World, ops: &[Op]) -> (World, Result<(), String>) {
     // Start the way an operator does: one node's data is the truth, declared
     // before or after the two blank nodes first meet.
     let promote = Op::Promote { node: 0, force: true };
-    let setup = if ops.len() % 2 == 0 { [promote, Op::Connect] } else { [Op::Connect, promote] };
+    let setup = if ops.len().is_multiple_of(2) { [promote, Op::Connect] } else { [Op::Connect, promote] };
     for &op in setup.iter().chain(ops) {
         if let Err(e) = w.apply(op) {
             return (w, Err(e));

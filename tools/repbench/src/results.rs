@@ -218,7 +218,7 @@ pub struct Run {
     pub cells: Vec<Cell>,
 }
 
-/// One target of issue 5, judged from the run.
+/// One of the benchmark targets (docs/benchmarks.md, "Judged targets"), judged from the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     pub what: String,

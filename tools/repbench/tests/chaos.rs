@@ -11,8 +11,9 @@
 //!
 //! `repd` and `repctl` come from the directory of the repbench binary under
 //! test (`target/<profile>/`), built by `cargo test`/nextest of the
-//! workspace; the test build of repd has the fault trigger
-//! (`REPBLOCK_FAULTS`) the disk faults need.
+//! workspace with `--all-features` (scripts/test.sh): repd then has the
+//! fault trigger (`REPBLOCK_FAULTS`) the disk faults need, which is why
+//! this binary requires repbench's `fault-injection` feature.
 
 use std::path::Path;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! loopback with the in-project proxy on the replication link, steered the
 //! way an operator or a cluster manager would: signals, `repctl`, the
 //! control socket's JSON (status and the event stream), and, for disk
-//! faults, the `REPBLOCK_FAULTS` trigger file (src/io/fault.rs) that every
+//! faults, the `REPBLOCK_FAULTS` trigger file (src/io/fault/env.rs) that every
 //! start arms when the campaign runs disk faults.
 //!
 //! Topology (both nodes dial, the engine keeps one connection; each dialing
@@ -312,7 +312,7 @@ impl Cluster {
             .with_context(|| format!("status of {}", NAMES[i]))
     }
 
-    /// Hands a command to node `i`'s fault trigger (see src/io/fault.rs).
+    /// Hands a command to node `i`'s fault trigger (see src/io/fault/env.rs).
     pub fn trigger(&self, i: usize, cmd: &str) -> anyhow::Result<()> {
         anyhow::ensure!(self.disk_faults, "disk faults are off");
         let path = &self.nodes[i].trigger;
