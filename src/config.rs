@@ -110,7 +110,7 @@ pub enum ConfigError {
 }
 
 /// Replication protocol (design.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     /// Asynchronous: a write completes once local.
     A,

@@ -14,8 +14,9 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::Config;
 use repblock::control::{ControlClient, DEFAULT_CLIENT_TIMEOUT, Request};
-use repblock::node::Status;
 use repblock::node::daemon;
+use repblock::node::{ConnState, DiskState, Status};
+use repblock::repl::engine::ReplState;
 
 #[derive(Debug, Parser)]
 #[command(name = "repctl", version, about = "Control one node of a repblock resource")]
@@ -379,7 +380,7 @@ fn wait_verify(
                 return Ok(last);
             }
         }
-        if s.connection.to_string() != "connected" {
+        if s.connection != ConnState::Connected {
             anyhow::bail!("verify: the connection to the peer is {} and no verify result came", s.connection);
         }
         if vs.running && last_print.elapsed() >= Duration::from_secs(2) && vs.total_bytes > 0 {
@@ -410,15 +411,15 @@ fn wait_sync_with_progress(
     loop {
         let v = connect()?.request(&Request::Status)?;
         let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
-        let peer_disk = s.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
-        let replication = s.replication.clone().unwrap_or_else(|| "none".into());
-        if s.connection.to_string() == "connected"
-            && replication == "established"
-            && s.disk.to_string() == "uptodate"
-            && peer_disk == "uptodate"
+        if s.connection == ConnState::Connected
+            && s.replication == Some(ReplState::Established)
+            && s.disk == DiskState::UpToDate
+            && s.peer.disk == Some(DiskState::UpToDate)
         {
             return Ok(());
         }
+        let peer_disk = s.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
+        let replication = s.replication.map_or("none", ReplState::as_str);
         let mut line = format!(
             "{}: connection:{} replication:{replication} disk:{} peer-disk:{peer_disk}",
             s.node, s.connection, s.disk

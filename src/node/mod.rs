@@ -407,8 +407,8 @@ impl Node {
                 None if peer.is_some() => ConnState::Connecting,
                 None => ConnState::Standalone,
             },
-            replication: view.as_ref().and_then(|v| v.replication).map(|r| r.as_str().to_string()),
-            protocol: self.config.protocol.to_string(),
+            replication: view.as_ref().and_then(|v| v.replication),
+            protocol: self.config.protocol,
             peer: status::PeerStatus {
                 name: peer.map(|p| p.name.clone()),
                 role: view.as_ref().and_then(|v| v.peer_role),
@@ -439,7 +439,7 @@ impl Node {
             verify: self.repl.as_ref().map(|r| r.verify.status()).unwrap_or_default(),
             size: self.config.size,
             block_size: self.config.block_size,
-            io_engine: self.engine.to_string(),
+            io_engine: self.engine,
             nbd: status::NbdStatus {
                 address: self.me.nbd.to_string(),
                 uri: self.me.nbd.uri(&self.config.name),

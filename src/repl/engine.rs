@@ -162,8 +162,10 @@ pub fn need_for(protocol: Protocol, d: Durability) -> Need {
     }
 }
 
-/// Replication state when connected (design.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Replication state when connected (design.md §1); serialised as
+/// [`ReplState::as_str`] spells it (`status.replication`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ReplState {
     Established,
     SyncSource,
@@ -177,6 +179,12 @@ impl ReplState {
             ReplState::SyncSource => "sync-source",
             ReplState::SyncTarget => "sync-target",
         }
+    }
+}
+
+impl std::fmt::Display for ReplState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
