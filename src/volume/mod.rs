@@ -24,7 +24,8 @@
 //! - Reads go to the data file; a read sees every completed write.
 //! - Any WAL write, data write or fdatasync failure is fail-stop: every later
 //!   write, trim, write-zeroes and flush fails with [`VolumeError::Stopped`]
-//!   carrying the reason, and `status().failed` says why.
+//!   carrying the reason (a [`FailStop`]: its kind, the operation and the
+//!   errno), and `status().failed` says why.
 //! - `close` drains the queue, checkpoints, marks the superblock clean, stops
 //!   the threads and releases the lock. Dropping a `Volume` without `close`
 //!   stops the threads but leaves the superblock unclean: the next open
