@@ -48,16 +48,19 @@ fn full_filesystem_answers_enospc(engine: &str) {
     opts.size = "64MiB".into();
     opts.extra = "wal_segment_size = \"1MiB\"\ncheckpoint_bytes = \"4MiB\"\n".into();
     let mut n = TestNode::with(opts);
-    let tmpfs = Tmpfs::mount(&n.data_dir(), "16m");
+    // Dropped before `n` (reverse order): the tmpfs is detached first
+    // (lazily: repd still holds files there), then repd is killed and the
+    // temporary directory, its mount point empty again, removed.
+    let _tmpfs = Tmpfs::mount(&n.data_dir(), "16m");
     n.create_md();
     n.start();
     n.promote_force();
 
-    // A user copies 48MiB onto the export: nbdcopy fails, saying why.
-    let src = common::random_file(n.path(), "src.img", 48 << 20, 7);
+    // A user copies 32MiB onto the export: nbdcopy fails, saying why.
+    let src = common::random_file(n.path(), "src.img", 32 << 20, 7);
     let out = run_timeout(Command::new("nbdcopy").arg(&src).arg(n.uri()), Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "48MiB fit in 16MiB? {stderr}");
+    assert!(!out.status.success(), "32MiB fit in 16MiB? {stderr}");
     assert!(stderr.contains("No space left on device"), "nbdcopy: {stderr}\n{}", n.logs_text());
 
     // The volume stopped (fail-stop) for lack of space; every later write
@@ -81,9 +84,6 @@ fn full_filesystem_answers_enospc(engine: &str) {
     assert!(human.contains(&format!("FAILED: {reason}")), "{human}");
     let json: serde_json::Value = serde_json::from_str(&n.repctl_ok(&["status", "--json"])).expect("status --json");
     assert_eq!(json["failed"], reason);
-    // repd is killed before the tmpfs goes.
-    drop(n);
-    drop(tmpfs);
 }
 
 both_engines! {
