@@ -10,11 +10,16 @@
 //!                       {"cmd":"connect","discard_my_data":false,"dry_run":false}
 //!                       {"cmd":"disconnect"} {"cmd":"verify"} {"cmd":"invalidate"}
 //!                       {"cmd":"wait-sync","timeout_secs":30}
-//!                       {"cmd":"events"} {"cmd":"resume-io"}
+//!                       {"cmd":"resume-io"}
 //!                       {"cmd":"new-current-uuid","clear_bitmap":true}
-//! response (one line):  {"ok":true,"result":<any JSON>}
+//!                       {"cmd":"events"}
+//! response (one line):  {"ok":true,"result":<the command's answer>}
 //!                       {"ok":false,"error":"<message for humans>"}
 //! ```
+//!
+//! [`Request`] says when each request is allowed; [`reply`] has the typed
+//! answer of each (firecracker's `rpc_interface.rs` shape: a request enum,
+//! a typed answer per command, the refusal as an error).
 //!
 //! A connection may carry any number of requests, answered in order. `events`
 //! turns the connection into a stream: one JSON object per line,
@@ -33,10 +38,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
+
+pub mod reply;
+
+pub use reply::{
+    Connecting, Demoted, Disconnected, InSync, Invalidated, IoResumed, NewGeneration, Promoted, VerifyStarted,
+};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -67,18 +79,34 @@ pub enum ControlError {
 }
 
 /// One request. Serialized as `{"cmd":"<kebab-case name>", …fields}`.
+///
+/// Each variant says when the daemon carries it out; otherwise it answers
+/// `{"ok":false,"error":…}` saying why and what to do. The answer of each is
+/// in [`reply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
+    /// Always. Answer: the status object (design.md §6).
     Status,
+    /// Become primary and start the NBD export. Refused after a fail-stop,
+    /// while the peer is primary, and (without `force`) unless the disk is
+    /// uptodate or a resync from the peer was decided. On a primary:
+    /// nothing changes. Answer: [`Promoted`].
     Promote {
         #[serde(default)]
         force: bool,
     },
+    /// Become secondary. Refused while NBD clients are attached unless
+    /// `force` (which disconnects them). On a secondary: nothing changes.
+    /// Answer: [`Demoted`].
     Demote {
         #[serde(default)]
         force: bool,
     },
+    /// Two-node resources: start connecting to the peer. `discard_my_data`
+    /// is refused on a primary. With `dry_run`, dials the peer and reports
+    /// the decision a connect would take, changing nothing. Answer:
+    /// [`Connecting`], or with `dry_run` the probe report.
     Connect {
         #[serde(default)]
         discard_my_data: bool,
@@ -86,19 +114,30 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Two-node resources: drop the link and stop dialing. Answer:
+    /// [`Disconnected`].
     Disconnect,
+    /// Two-node resources, connected and established, no verify running.
+    /// Answer: [`VerifyStarted`].
     Verify,
+    /// Two-node resources, on a secondary. Answer: [`Invalidated`].
     Invalidate,
+    /// Wait until in sync (two nodes: connected, established, both disks
+    /// uptodate; one node: uptodate, refused when it is not). Answer:
+    /// [`InSync`].
     WaitSync {
         /// Give up after this many seconds (none: wait forever).
         #[serde(default)]
         timeout_secs: Option<f64>,
     },
+    /// Always: turns the connection into the event stream.
     Events,
-    /// Release writes suspended by `on_peer_loss = "suspend"`.
+    /// Two-node resources: release writes suspended by
+    /// `on_peer_loss = "suspend"`. Answer: [`IoResumed`].
     ResumeIo,
-    /// New generation; with `clear_bitmap`, skip the initial sync of two
-    /// blank volumes.
+    /// Two-node resources, only with `clear_bitmap`: a new generation that
+    /// skips the initial sync of two blank volumes (both connected,
+    /// secondary and inconsistent). Answer: [`NewGeneration`].
     NewCurrentUuid {
         #[serde(default)]
         clear_bitmap: bool,
@@ -171,6 +210,17 @@ impl Response {
     pub fn err(error: impl Into<String>) -> Response {
         Response { ok: false, result: None, error: Some(error.into()) }
     }
+
+    /// The response line for what a [`ControlHandler`] answered. The reply
+    /// goes through a `serde_json::Value`, whose keys are sorted: the bytes
+    /// on the socket do not depend on the order of a reply type's fields.
+    pub fn answer<R: Serialize, E: std::fmt::Display>(r: Result<R, E>) -> Response {
+        match r.map(|r| serde_json::to_value(r)) {
+            Ok(Ok(v)) => Response::ok(v),
+            Ok(Err(e)) => Response::err(format!("cannot encode the answer: {e}")),
+            Err(e) => Response::err(e.to_string()),
+        }
+    }
 }
 
 // The `events` stream carries `crate::event::EventLine`s (one typed
@@ -179,8 +229,13 @@ pub use crate::event::{Event, EventLine};
 
 /// What the control server serves: the node implements it.
 pub trait ControlHandler: Send + Sync + 'static {
+    /// The answer to a request (one type per command, see [`reply`]); sent
+    /// as the `result` of an ok response.
+    type Reply: Serialize + Send;
+    /// A refusal or failure; its message is sent as the `error`.
+    type Error: std::fmt::Display + Send;
     /// Answers one request (never `Events`, which the server streams itself).
-    fn handle(&self, req: Request) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
+    fn handle(&self, req: Request) -> impl Future<Output = Result<Self::Reply, Self::Error>> + Send;
     /// The `state` event that starts an `events` stream.
     fn state_event(&self) -> EventLine;
     /// A receiver of every later event.
@@ -317,10 +372,7 @@ async fn serve_connection<H: ControlHandler>(
         if req == Request::Events {
             return stream_events(&mut write, &*handler, stop).await;
         }
-        let resp = match handler.handle(req).await {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(e),
-        };
+        let resp = Response::answer(handler.handle(req).await);
         write_line(&mut write, &resp).await?;
     }
 }
@@ -432,6 +484,19 @@ impl ControlClient {
         self.request_with(req, Duration::ZERO)
     }
 
+    /// Sends one request and reads its answer as `T` (the request's type in
+    /// [`reply`], or `serde_json::Value` to pass it on as it is). An answer of
+    /// another shape is [`ControlError::Protocol`].
+    pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ControlError> {
+        self.call_with(req, Duration::ZERO)
+    }
+
+    /// [`ControlClient::call`] with the timeout lengthened by `extra`.
+    pub fn call_with<T: DeserializeOwned>(&mut self, req: &Request, extra: Duration) -> Result<T, ControlError> {
+        let v = self.request_with(req, extra)?;
+        decode(&self.path, req, v)
+    }
+
     /// Subscribes to events; calls `on_event` with each line (a JSON object)
     /// until it returns `false` or the daemon goes away.
     pub fn events(mut self, mut on_event: impl FnMut(&serde_json::Value) -> bool) -> Result<(), ControlError> {
@@ -452,6 +517,15 @@ impl ControlClient {
         }
         Ok(())
     }
+}
+
+/// Reads the answer `v` to `req` as `T`.
+fn decode<T: DeserializeOwned>(path: &Path, req: &Request, v: serde_json::Value) -> Result<T, ControlError> {
+    let what = serde_json::to_value(req).ok().and_then(|r| r.get("cmd").and_then(|c| c.as_str()).map(String::from));
+    T::deserialize(&v).map_err(|e| ControlError::Protocol {
+        path: path.to_path_buf(),
+        detail: format!("unexpected answer to {}: {e}", what.as_deref().unwrap_or("the request")),
+    })
 }
 
 /// Whether a daemon answers on `path` (used by offline commands such as
@@ -523,6 +597,21 @@ mod tests {
         assert!(t.ends_with('Z') && t.contains('.'), "{t}");
     }
 
+    #[test]
+    fn an_answer_of_another_shape_is_a_protocol_error() {
+        let path = Path::new("/run/ctl.sock");
+        let status = serde_json::json!({"role": "secondary"});
+        let e = decode::<Promoted>(path, &Request::Promote { force: false }, status).unwrap_err();
+        assert!(matches!(e, ControlError::Protocol { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "Bad answer from repd on /run/ctl.sock: unexpected answer to promote: missing field `changed`"
+        );
+        let v = serde_json::json!({"role": "primary", "changed": false});
+        let p: Promoted = decode(path, &Request::Promote { force: false }, v).unwrap();
+        assert_eq!(p, Promoted { role: crate::model::Role::Primary, changed: false, nbd: None });
+    }
+
     /// A handler that records requests and refuses `demote`.
     struct Fake {
         seen: Mutex<Vec<Request>>,
@@ -530,6 +619,8 @@ mod tests {
     }
 
     impl ControlHandler for Fake {
+        type Reply = serde_json::Value;
+        type Error = String;
         async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
             self.seen.lock().unwrap().push(req.clone());
             match req {

@@ -196,7 +196,7 @@ macro_rules! display_as_str {
 // ---------------------------------------------------------------------------
 
 /// Replication protocol (design.md §2): what an NBD reply waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum Protocol {
     /// Asynchronous: a write completes once local.
     A,

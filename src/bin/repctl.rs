@@ -13,9 +13,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use repblock::config::Config;
-use repblock::control::{ControlClient, DEFAULT_CLIENT_TIMEOUT, Request};
+use repblock::control::{self, ControlClient, DEFAULT_CLIENT_TIMEOUT, Request};
+use repblock::model::{ConnState, DiskState, ReplState};
 use repblock::node::Status;
 use repblock::node::daemon;
+use repblock::repl::engine::ProbeReport;
 
 #[derive(Debug, Parser)]
 #[command(name = "repctl", version, about = "Control one node of a repblock resource")]
@@ -182,87 +184,67 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
                 node.dir.display()
             )?;
         }
-        Command::Status { json, statistics } => {
-            let v = connect()?.request(&Request::Status)?;
-            if json {
-                writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
-            } else {
-                let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
-                write!(stdout, "{}", s.human())?;
-                if statistics {
-                    write!(stdout, "{}", s.human_statistics())?;
-                }
+        Command::Status { json: true, .. } => {
+            // The daemon's object as it is (a newer repd's fields too).
+            let v: serde_json::Value = connect()?.call(&Request::Status)?;
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        Command::Status { json: false, statistics } => {
+            let s: Status = connect()?.call(&Request::Status)?;
+            write!(stdout, "{}", s.human())?;
+            if statistics {
+                write!(stdout, "{}", s.human_statistics())?;
             }
         }
         Command::Promote { force } => {
-            let v = connect()?.request(&Request::Promote { force })?;
-            let nbd = v.get("nbd").and_then(|n| n.as_str()).map(|u| format!(", exporting {u}")).unwrap_or_default();
-            let was = if v.get("changed") == Some(&serde_json::Value::Bool(false)) { " (already)" } else { "" };
-            writeln!(stdout, "{}: primary{was}{nbd}", node.name)?;
+            let r: control::Promoted = connect()?.call(&Request::Promote { force })?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::Demote { force } => {
-            let v = connect()?.request(&Request::Demote { force })?;
-            let was = if v.get("changed") == Some(&serde_json::Value::Bool(false)) { " (already)" } else { "" };
-            let n = v.get("disconnected_clients").and_then(|n| n.as_u64()).unwrap_or(0);
-            let dropped = if n > 0 { format!(", disconnected {n} NBD client(s)") } else { String::new() };
-            writeln!(stdout, "{}: secondary{was}{dropped}", node.name)?;
+            let r: control::Demoted = connect()?.call(&Request::Demote { force })?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
-        Command::Connect { discard_my_data, dry_run, json } => {
-            let req = Request::Connect { discard_my_data, dry_run };
-            let v = connect()?.request_with(&req, Duration::from_secs(15))?;
-            if dry_run && json {
+        Command::Connect { discard_my_data, dry_run: true, json } => {
+            let req = Request::Connect { discard_my_data, dry_run: true };
+            let v: serde_json::Value = connect()?.call_with(&req, Duration::from_secs(15))?;
+            if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
-            } else if dry_run {
-                let d = &v["decision"];
-                let s = |x: &serde_json::Value| x.as_str().unwrap_or("?").to_string();
-                writeln!(stdout, "{}: a connect would do: {} (rule {})", node.name, s(&d["result"]), s(&d["rule"]))?;
-                writeln!(stdout, "  {}", s(&d["explanation"]))?;
-                for (who, view) in
-                    [(node.name.as_str(), &v["local"]), (v["peer"].as_str().unwrap_or("peer"), &v["peer_view"])]
-                {
-                    writeln!(
-                        stdout,
-                        "  {who}: role:{} disk:{} lsn:{} out-of-sync:{} generation:{}",
-                        s(&view["role"]),
-                        s(&view["disk"]),
-                        view["local_lsn"],
-                        view["out_of_sync_bytes"],
-                        s(&view["gen_current"])
-                    )?;
-                }
             } else {
-                let c = v.get("connection").and_then(|c| c.as_str()).unwrap_or("connecting");
-                let discard = if discard_my_data { " (this node's changes will be discarded)" } else { "" };
-                writeln!(stdout, "{}: {c}{discard}", node.name)?;
+                let r: ProbeReport =
+                    serde_json::from_value(v).context("repd answered a report this repctl cannot read")?;
+                write!(stdout, "{}", repblock::node::probe_human(&node.name, &r))?;
             }
         }
+        Command::Connect { discard_my_data, dry_run: false, .. } => {
+            let req = Request::Connect { discard_my_data, dry_run: false };
+            let r: control::Connecting = connect()?.call_with(&req, Duration::from_secs(15))?;
+            write!(stdout, "{}", r.human(&node.name, discard_my_data))?;
+        }
         Command::Disconnect => {
-            connect()?.request(&Request::Disconnect)?;
-            writeln!(stdout, "{}: standalone", node.name)?;
+            let r: control::Disconnected = connect()?.call(&Request::Disconnect)?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::NewCurrentUuid { clear_bitmap } => {
-            let v = connect()?.request_with(&Request::NewCurrentUuid { clear_bitmap }, Duration::from_secs(15))?;
-            let g = v.get("generation").and_then(|g| g.as_str()).unwrap_or("?");
-            writeln!(stdout, "{}: uptodate, peer uptodate, generation {g} (no initial sync)", node.name)?;
+            let req = Request::NewCurrentUuid { clear_bitmap };
+            let r: control::NewGeneration = connect()?.call_with(&req, Duration::from_secs(15))?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::ResumeIo => {
-            let v = connect()?.request(&Request::ResumeIo)?;
-            let was = v.get("resumed") == Some(&serde_json::Value::Bool(true));
-            writeln!(stdout, "{}: {}", node.name, if was { "IO resumed" } else { "IO was not suspended" })?;
+            let r: control::IoResumed = connect()?.call(&Request::ResumeIo)?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::Verify { wait, json } => {
-            let v = connect()?.request(&Request::Verify)?;
+            let v: serde_json::Value = connect()?.call(&Request::Verify)?;
+            let started: control::VerifyStarted =
+                serde_json::from_value(v.clone()).context("repd answered a verify this repctl cannot read")?;
             if !wait {
                 if json {
                     writeln!(stdout, "{v}")?;
                 } else {
-                    let source = v.get("source").and_then(|s| s.as_str()).unwrap_or("?");
-                    let name = &node.name;
-                    writeln!(stdout, "{name}: verify started (source {source}); `repctl status` shows progress")?;
+                    write!(stdout, "{}", started.human(&node.name))?;
                 }
             } else {
-                let before = v.get("runs_finished").and_then(|n| n.as_u64()).unwrap_or(0);
-                let last = wait_verify(&connect, before)?;
+                let last = wait_verify(&connect, started.runs_finished)?;
                 if json {
                     writeln!(stdout, "{}", serde_json::to_string(&last)?)?;
                 } else {
@@ -283,9 +265,8 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
             }
         }
         Command::Invalidate => {
-            let v = connect()?.request(&Request::Invalidate)?;
-            let m = v.get("message").and_then(|m| m.as_str()).unwrap_or("disk inconsistent");
-            writeln!(stdout, "{}: {m}", node.name)?;
+            let r: control::Invalidated = connect()?.call(&Request::Invalidate)?;
+            write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::WaitSync { timeout: wait } => {
             if let Some(t) = wait {
@@ -296,7 +277,7 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
                 wait_sync_with_progress(&connect, wait.map(Duration::from_secs_f64))?;
             } else {
                 let extra = wait.map_or(Duration::from_secs(365 * 24 * 3600), Duration::from_secs_f64);
-                connect()?.request_with(&Request::WaitSync { timeout_secs: wait }, extra)?;
+                let _: control::InSync = connect()?.call_with(&Request::WaitSync { timeout_secs: wait }, extra)?;
             }
             writeln!(stdout, "{}: in sync", node.name)?;
         }
@@ -371,8 +352,7 @@ fn wait_verify(
 ) -> Result<repblock::repl::verify::VerifyReport> {
     let mut last_print = std::time::Instant::now();
     loop {
-        let v = connect()?.request(&Request::Status)?;
-        let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
+        let s: Status = connect()?.call(&Request::Status)?;
         let vs = &s.verify;
         if vs.runs_finished > before
             && !vs.running
@@ -380,7 +360,7 @@ fn wait_verify(
         {
             return Ok(last);
         }
-        if s.connection.to_string() != "connected" {
+        if s.connection != ConnState::Connected {
             anyhow::bail!("verify: the connection to the peer is {} and no verify result came", s.connection);
         }
         if vs.running && last_print.elapsed() >= Duration::from_secs(2) && vs.total_bytes > 0 {
@@ -409,17 +389,16 @@ fn wait_sync_with_progress(
     let mut last_line = String::new();
     let mut last_print = std::time::Instant::now();
     loop {
-        let v = connect()?.request(&Request::Status)?;
-        let s: Status = serde_json::from_value(v).context("repd answered a status this repctl cannot read")?;
-        let peer_disk = s.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
-        let replication = s.replication.clone().unwrap_or_else(|| "none".into());
-        if s.connection.to_string() == "connected"
-            && replication == "established"
-            && s.disk.to_string() == "uptodate"
-            && peer_disk == "uptodate"
+        let s: Status = connect()?.call(&Request::Status)?;
+        if s.connection == ConnState::Connected
+            && s.replication == Some(ReplState::Established)
+            && s.disk == DiskState::UpToDate
+            && s.peer.disk == Some(DiskState::UpToDate)
         {
             return Ok(());
         }
+        let peer_disk = s.peer.disk.map_or("unknown".to_string(), |d| d.to_string());
+        let replication = s.replication.map_or("none", ReplState::as_str);
         let mut line = format!(
             "{}: connection:{} replication:{replication} disk:{} peer-disk:{peer_disk}",
             s.node, s.connection, s.disk

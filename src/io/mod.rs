@@ -101,10 +101,12 @@ pub enum IoOp<'a> {
     Zero { file: &'a IoFile, offset: u64, len: u64, punch: bool },
 }
 
-/// Which engine runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which engine runs; serialised as it is displayed (`status.io_engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EngineKind {
+    #[serde(rename = "sync")]
     Sync,
+    #[serde(rename = "io_uring")]
     IoUring,
 }
 

@@ -5,7 +5,8 @@
 //!
 //! | volume error | NBD error | why |
 //! | --- | --- | --- |
-//! | `Stopped` (fail-stop after a failed fdatasync or WAL write) | `EIO` | the disk failed; the kernel client reports EIO to the filesystem, which is what a failing disk does. `ESHUTDOWN` is kept for a server going away (demote, stop), which clients may treat as "retry elsewhere". |
+//! | `Stopped` whose [`FailStopKind`] is `NoSpace` (the write, fdatasync or WAL segment that stopped the volume failed with `ENOSPC` or `EDQUOT`) | `ENOSPC` | the filesystem under the volume is full; the client learns so (a kernel client reports ENOSPC to the filesystem above it), not that the disk broke. Every later write and flush answers the same until repd is restarted. |
+//! | `Stopped`, any other kind (fail-stop after a failed fdatasync or WAL write; the volume closed) | `EIO` | the disk failed; the kernel client reports EIO to the filesystem, which is what a failing disk does. `ESHUTDOWN` is kept for a server going away (demote, stop), which clients may treat as "retry elsewhere". |
 //! | `OutOfRange` on a write | `ENOSPC` | as the NBD spec asks for writes past the end |
 //! | `OutOfRange` otherwise | `EINVAL` | as the NBD spec asks for reads/trims past the end |
 //! | anything else (IO errors) | `EIO` | |
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use crate::nbd::{BlockBackend, BlockError};
 use crate::repl::engine::{Durability, Engine};
 use crate::stats::{IoOp, IoStats};
-use crate::volume::{Lsn, Volume, VolumeError};
+use crate::volume::{FailStopKind, Lsn, Volume, VolumeError};
 
 /// Serves a [`Volume`] over NBD. With a replication engine, each reply
 /// waits after the local completion for what the protocol requires of the
@@ -88,6 +89,9 @@ enum Op {
 
 fn map_error(op: Op, e: VolumeError) -> BlockError {
     match e {
+        VolumeError::Stopped(reason) if reason.kind() == FailStopKind::NoSpace => {
+            BlockError::NoSpace(format!("volume stopped taking writes: {reason}"))
+        }
         VolumeError::Stopped(reason) => BlockError::Io(format!("volume stopped taking writes: {reason}")),
         e @ VolumeError::OutOfRange { .. } if op == Op::Write => BlockError::NoSpace(e.to_string()),
         e @ VolumeError::OutOfRange { .. } => BlockError::Invalid(e.to_string()),
@@ -138,13 +142,28 @@ impl BlockBackend for VolumeBackend {
 mod tests {
     use super::*;
     use crate::nbd::proto;
+    use crate::volume::FailStop;
 
     #[test]
     fn errors_map_to_the_documented_errno() {
-        let stopped = || VolumeError::Stopped("fdatasync failed: EIO".into());
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        let stopped = || VolumeError::Stopped(FailStop::io("fdatasync of WAL /x/wal/1.wal", &eio));
         let range = || VolumeError::OutOfRange { offset: 10, len: 4096, size: 8192 };
         assert_eq!(map_error(Op::Write, stopped()).nbd_errno(), proto::NBD_EIO);
         assert_eq!(map_error(Op::Other, stopped()).nbd_errno(), proto::NBD_EIO);
+        // A fail-stop caused by a full filesystem says so, to writes and
+        // flushes alike; a closed volume is no full disk.
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let full = || VolumeError::Stopped(FailStop::io("write batch (WAL /x/wal/1.wal, data /x/data)", &enospc));
+        assert_eq!(map_error(Op::Write, full()).nbd_errno(), proto::NBD_ENOSPC);
+        assert_eq!(map_error(Op::Other, full()).nbd_errno(), proto::NBD_ENOSPC);
+        let mapped = map_error(Op::Write, full());
+        assert!(mapped.to_string().contains("No space left on device (os error 28) (errno 28)"), "{mapped}");
+        let e = VolumeError::Io { path: "/x/meta".into(), source: enospc };
+        let full_meta = VolumeError::Stopped(FailStop::volume("bitmap write to /x/meta", &e));
+        assert_eq!(map_error(Op::Write, full_meta).nbd_errno(), proto::NBD_ENOSPC);
+        let closed = VolumeError::Stopped(FailStop::closed("the volume is closed"));
+        assert_eq!(map_error(Op::Write, closed).nbd_errno(), proto::NBD_EIO);
         assert_eq!(map_error(Op::Write, range()).nbd_errno(), proto::NBD_ENOSPC);
         assert_eq!(map_error(Op::Read, range()).nbd_errno(), proto::NBD_EINVAL);
         assert_eq!(map_error(Op::Other, range()).nbd_errno(), proto::NBD_EINVAL);

@@ -57,7 +57,7 @@ pub fn any(h: &Handlers) -> bool {
 /// at the `stopping` event (repd stops), when the node's event channel
 /// closes, or when the node is dropped.
 pub fn spawn(node: &Arc<Node>) -> JoinHandle<()> {
-    let mut events = super::ControlHandler::subscribe(&**node);
+    let mut events = crate::control::ControlHandler::subscribe(&**node);
     let weak: Weak<Node> = Arc::downgrade(node);
     tokio::spawn(async move {
         loop {

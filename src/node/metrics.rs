@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::{Node, Status};
+use crate::model::ReplState;
 use crate::stats::{IoOp, Statistics};
 
 /// Concurrent scrape connections served.
@@ -200,8 +201,8 @@ fn encode_status(enc: DescriptorEncoder, node: &Node, s: &Status) -> fmt::Result
 
     let mut info = o.base.clone();
     info.push(("version", env!("CARGO_PKG_VERSION").to_string()));
-    info.push(("protocol", s.protocol.clone()));
-    info.push(("io_engine", s.io_engine.clone()));
+    info.push(("protocol", s.protocol.to_string()));
+    info.push(("io_engine", s.io_engine.to_string()));
     o.family(
         "repblock_info",
         "Constant 1; labels: repblock version, replication protocol, IO engine",
@@ -221,7 +222,7 @@ fn encode_status(enc: DescriptorEncoder, node: &Node, s: &Status) -> fmt::Result
         &s.connection.to_string(),
         true,
     )?;
-    let repl = s.replication.as_deref().unwrap_or("off");
+    let repl = s.replication.map_or("off", ReplState::as_str);
     o.one_hot(
         "repblock_replication_state",
         "Replication state; off when not connected (one-hot)",
@@ -371,7 +372,7 @@ fn encode_status(enc: DescriptorEncoder, node: &Node, s: &Status) -> fmt::Result
         )?;
         for flush in [false, true] {
             let mut l = o.peer.clone();
-            l.push(("protocol", s.protocol.clone()));
+            l.push(("protocol", s.protocol.to_string()));
             l.push(("durability", if flush { "flush" } else { "write" }.to_string()));
             stats.ack_wait(flush).encode(me.encode_family(&l)?)?;
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::config::{Config, NodeConfig};
-use crate::control::{ControlHandler, Request};
+use crate::control::{Demoted, InSync, Promoted};
 use crate::event::{Event, EventLine};
 use crate::io::EngineKind;
 use crate::model::{ConnState, DiskState, ReplState, Role};
@@ -43,6 +43,7 @@ use crate::repl::store::ReplStore;
 use crate::volume::{Volume, VolumeError};
 
 pub mod backend;
+mod commands;
 pub mod daemon;
 mod export;
 pub mod handlers;
@@ -51,6 +52,7 @@ pub mod status;
 pub mod systemd;
 
 pub use backend::VolumeBackend;
+pub use commands::{Reply, probe_human};
 pub use status::Status;
 
 /// Why a node operation failed. The messages go to `repctl` users as they
@@ -198,10 +200,10 @@ impl Node {
     }
 
     /// Becomes primary and starts the NBD export.
-    pub async fn promote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
+    pub async fn promote(&self, force: bool) -> Result<Promoted, NodeError> {
         let _t = self.transition.lock().await;
         if self.state().role == Role::Primary {
-            return Ok(serde_json::json!({ "role": "primary", "changed": false }));
+            return Ok(Promoted { role: Role::Primary, changed: false, nbd: None });
         }
         if let Some(reason) = self.check_failed() {
             return Err(NodeError::Refused(format!(
@@ -271,17 +273,17 @@ impl Node {
         tracing::info!(node = %self.me.name, role = "primary", nbd = %uri, forced = force, "promoted");
         self.emit(Event::RoleChanged { disconnected_clients: None, forced: Some(force), role: Role::Primary });
         self.emit(Event::NbdStarted { address: self.me.nbd.to_string(), uri: uri.clone() });
-        Ok(serde_json::json!({ "role": "primary", "changed": true, "nbd": uri }))
+        Ok(Promoted { role: Role::Primary, changed: true, nbd: Some(uri) })
     }
 
     /// Becomes secondary: stops the export (refused while clients are
     /// attached unless `force`, which disconnects them) and flushes.
-    pub async fn demote(&self, force: bool) -> Result<serde_json::Value, NodeError> {
+    pub async fn demote(&self, force: bool) -> Result<Demoted, NodeError> {
         let _t = self.transition.lock().await;
         let clients = {
             let st = self.state();
             if st.role == Role::Secondary {
-                return Ok(serde_json::json!({ "role": "secondary", "changed": false }));
+                return Ok(Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
             }
             st.export.as_ref().map_or(0, |e| e.client_count())
         };
@@ -311,7 +313,7 @@ impl Node {
             .flush()
             .await
             .map_err(|source| NodeError::Volume { what: "demoted, but the final flush failed", source })?;
-        Ok(serde_json::json!({ "role": "secondary", "changed": true, "disconnected_clients": clients }))
+        Ok(Demoted { role: Role::Secondary, changed: true, disconnected_clients: Some(clients) })
     }
 
     /// Shuts the export down (if up) and waits for in-flight requests.
@@ -362,8 +364,8 @@ impl Node {
                 None if peer.is_some() => ConnState::Connecting,
                 None => ConnState::Standalone,
             },
-            replication: view.as_ref().and_then(|v| v.replication).map(|r| r.as_str().to_string()),
-            protocol: self.config.protocol.to_string(),
+            replication: view.as_ref().and_then(|v| v.replication),
+            protocol: self.config.protocol,
             peer: status::PeerStatus {
                 name: peer.map(|p| p.name.clone()),
                 role: view.as_ref().and_then(|v| v.peer_role),
@@ -394,7 +396,7 @@ impl Node {
             verify: self.repl.as_ref().map(|r| r.verify.status()).unwrap_or_default(),
             size: self.config.size,
             block_size: self.config.block_size,
-            io_engine: self.engine.to_string(),
+            io_engine: self.engine,
             nbd: status::NbdStatus {
                 address: self.me.nbd.to_string(),
                 uri: self.me.nbd.uri(&self.config.name),
@@ -418,7 +420,7 @@ impl Node {
     ///
     /// A single node returns at once when healthy; one that needs a sync
     /// source is an error rather than a wait that cannot end.
-    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<serde_json::Value, NodeError> {
+    pub async fn wait_sync(&self, timeout: Option<Duration>) -> Result<InSync, NodeError> {
         let Some(repl) = &self.repl else {
             let disk = self.disk();
             if let Some(peer) = self.config.peer_of(&self.me.name) {
@@ -433,7 +435,7 @@ impl Node {
                      `promote --force` makes this node's data the truth)"
                 )));
             }
-            return Ok(serde_json::json!({ "disk": disk, "out_of_sync_bytes": 0 }));
+            return Ok(InSync { disk, peer_disk: None, out_of_sync_bytes: 0 });
         };
         // A timeout beyond what the clock can represent (`timeout_secs`
         // 1.8e19) means "no deadline"; `Instant + Duration` would panic.
@@ -446,7 +448,7 @@ impl Node {
                 && disk == DiskState::UpToDate
                 && v.peer_disk == DiskState::UpToDate
             {
-                return Ok(serde_json::json!({ "disk": disk, "peer_disk": v.peer_disk, "out_of_sync_bytes": 0 }));
+                return Ok(InSync { disk, peer_disk: Some(v.peer_disk), out_of_sync_bytes: 0 });
             }
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return Err(NodeError::Refused(format!(
@@ -482,53 +484,6 @@ const ROLE_SETTLE: Duration = Duration::from_secs(2);
 /// How long `demote` waits for the peer to receive every completed write.
 const DEMOTE_WAIT: Duration = Duration::from_secs(30);
 
-impl Node {
-    async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<serde_json::Value, NodeError> {
-        let repl = self.repl_or("new-current-uuid")?;
-        if !clear_bitmap {
-            return Err(NodeError::NotAvailable {
-                cmd: "new-current-uuid",
-                why: "only `new-current-uuid --clear-bitmap` (skip the initial sync of two blank volumes) is supported",
-            });
-        }
-        let _t = self.transition.lock().await;
-        let generation = repl
-            .new_current_uuid_clear_bitmap(Duration::from_secs(10))
-            .await
-            .map_err(|why| NodeError::Refused(format!("new-current-uuid --clear-bitmap: {why}")))?;
-        Ok(
-            serde_json::json!({ "disk": "uptodate", "peer_disk": "uptodate", "generation": format!("{generation:016X}") }),
-        )
-    }
-
-    /// `repctl invalidate` (src/repl/verify.rs): under the role lock, so
-    /// that a promote cannot slip in between the check and the marking.
-    async fn invalidate(&self) -> Result<serde_json::Value, NodeError> {
-        let repl = self.repl_or("invalidate")?;
-        let _t = self.transition.lock().await;
-        if self.role() == Role::Primary {
-            return Err(NodeError::Refused(
-                "invalidate: this node is primary: its data is what the peer syncs from; demote it first \
-                 (`repctl demote`), then invalidate"
-                    .into(),
-            ));
-        }
-        repl.invalidate().map_err(NodeError::Refused)
-    }
-
-    fn connect(&self, discard_my_data: bool) -> Result<serde_json::Value, NodeError> {
-        let repl = self.repl_or("connect")?;
-        if discard_my_data && self.state().role == Role::Primary {
-            return Err(NodeError::Refused(
-                "connect --discard-my-data: this node is primary; demote it first (a primary is never a sync target)"
-                    .into(),
-            ));
-        }
-        repl.connect(discard_my_data);
-        Ok(serde_json::json!({ "connection": repl.view().connection }))
-    }
-}
-
 fn refuse_promote_message(disk: DiskState) -> String {
     let why = match disk {
         DiskState::Inconsistent => "its content was never initialised or synced",
@@ -539,57 +494,6 @@ fn refuse_promote_message(disk: DiskState) -> String {
         DiskState::UpToDate => "",
     };
     format!("cannot promote: disk is {disk}: {why}; --force makes this node's data the truth")
-}
-
-impl ControlHandler for Node {
-    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
-        let res = match req {
-            Request::Status => serde_json::to_value(self.status()).map_err(|e| NodeError::Refused(e.to_string())),
-            Request::Promote { force } => self.promote(force).await,
-            Request::Demote { force } => self.demote(force).await,
-            Request::WaitSync { timeout_secs } => match timeout_secs.map(Duration::try_from_secs_f64).transpose() {
-                Ok(timeout) => self.wait_sync(timeout).await,
-                Err(_) => Err(NodeError::Refused(format!(
-                    "wait-sync: timeout_secs must be a non-negative number of seconds, got {}",
-                    timeout_secs.unwrap_or_default()
-                ))),
-            },
-            Request::Connect { discard_my_data, dry_run: true } => match self.repl_or("connect --dry-run") {
-                Err(e) => Err(e),
-                Ok(repl) => repl
-                    .probe(discard_my_data)
-                    .await
-                    .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
-                    .map_err(|e| NodeError::Refused(format!("connect --dry-run: {e}"))),
-            },
-            Request::Connect { discard_my_data, dry_run: false } => self.connect(discard_my_data),
-            Request::Disconnect => self.repl_or("disconnect").map(|r| {
-                r.disconnect();
-                serde_json::json!({ "connection": "standalone" })
-            }),
-            Request::ResumeIo => self.repl_or("resume-io").map(|r| serde_json::json!({ "resumed": r.resume_io() })),
-            Request::NewCurrentUuid { clear_bitmap } => self.new_current_uuid(clear_bitmap).await,
-            Request::Verify => self.repl_or("verify").and_then(|r| r.request_verify().map_err(NodeError::Refused)),
-            Request::Invalidate => self.invalidate().await,
-            Request::Events => Err(NodeError::Refused("events: handled by the control server".into())),
-        };
-        res.map_err(|e| e.to_string())
-    }
-
-    fn state_event(&self) -> EventLine {
-        let s = self.status();
-        EventLine::now(Event::State {
-            connection: s.connection,
-            disk: s.disk,
-            failed: s.failed,
-            nbd_clients: s.nbd.clients,
-            role: s.role,
-        })
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<EventLine> {
-        self.events.subscribe()
-    }
 }
 
 #[cfg(test)]

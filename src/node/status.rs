@@ -25,6 +25,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::{ConnState, DiskState, Role};
+use crate::io::EngineKind;
+use crate::model::{Protocol, ReplState};
 use crate::units::format_size_approx;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,9 +36,11 @@ pub struct Status {
     pub role: Role,
     pub disk: DiskState,
     pub connection: ConnState,
-    /// Replication state when connected (`established`, `sync-source` …).
-    pub replication: Option<String>,
-    pub protocol: String,
+    /// Replication state when connected (`established`, `sync-source`,
+    /// `sync-target`), null otherwise.
+    pub replication: Option<ReplState>,
+    /// `A`, `B` or `C`.
+    pub protocol: Protocol,
     pub peer: PeerStatus,
     pub out_of_sync_bytes: u64,
     pub resync: ResyncStatus,
@@ -45,7 +49,7 @@ pub struct Status {
     pub size: u64,
     pub block_size: u32,
     /// `io_uring` or `sync`: the engine actually running.
-    pub io_engine: String,
+    pub io_engine: EngineKind,
     pub nbd: NbdStatus,
     pub wal: WalStatus,
     /// Why the volume stopped taking writes (fail-stop), or null.
@@ -319,6 +323,7 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn sample() -> Status {
         Status {
@@ -328,14 +333,14 @@ mod tests {
             disk: DiskState::UpToDate,
             connection: ConnState::Standalone,
             replication: None,
-            protocol: "C".into(),
+            protocol: Protocol::C,
             peer: PeerStatus { name: None, role: None, disk: None },
             out_of_sync_bytes: 0,
             resync: ResyncStatus::default(),
             lsn: LsnStatus { local: 12, peer_received: 0, peer_written: 0, peer_durable: 0 },
             size: 1 << 30,
             block_size: 4096,
-            io_engine: "io_uring".into(),
+            io_engine: EngineKind::IoUring,
             nbd: NbdStatus {
                 address: "127.0.0.1:10809".into(),
                 uri: "nbd://127.0.0.1:10809/r0".into(),
@@ -402,6 +407,37 @@ mod tests {
         let mut lines = h.lines();
         assert_eq!(lines.next(), Some("r0 role:primary"));
         assert_eq!(lines.next(), Some("  FAILED: fdatasync of WAL failed: EIO"));
+    }
+
+    #[test]
+    fn typed_fields_serialise_to_the_documented_strings() {
+        let mut s = sample();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            (&v["replication"], &v["protocol"], &v["io_engine"]),
+            (&json!(null), &json!("C"), &json!("io_uring"))
+        );
+        for (r, name) in [
+            (ReplState::Established, "established"),
+            (ReplState::SyncSource, "sync-source"),
+            (ReplState::SyncTarget, "sync-target"),
+        ] {
+            s.replication = Some(r);
+            assert_eq!(serde_json::to_value(&s).unwrap()["replication"], name);
+            assert_eq!(r.to_string(), name);
+        }
+        for (p, name) in [(Protocol::A, "A"), (Protocol::B, "B"), (Protocol::C, "C")] {
+            s.protocol = p;
+            assert_eq!(serde_json::to_value(&s).unwrap()["protocol"], name);
+        }
+        for (e, name) in [(EngineKind::Sync, "sync"), (EngineKind::IoUring, "io_uring")] {
+            s.io_engine = e;
+            assert_eq!(serde_json::to_value(&s).unwrap()["io_engine"], name);
+            assert_eq!(e.to_string(), name);
+        }
+        // And back: what repctl reads is what repd wrote.
+        let back: Status = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl Notifier {
         if let Some(d) = watchdog {
             tracing::info!(interval = ?d, "systemd watchdog: pinging every half interval");
         }
-        let mut events = super::ControlHandler::subscribe(&*node);
+        let mut events = crate::control::ControlHandler::subscribe(&*node);
         let task = tokio::spawn(async move {
             let ping = watchdog.map_or(STATUS_POLL, |d| (d / 2).min(STATUS_POLL));
             loop {

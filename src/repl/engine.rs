@@ -175,7 +175,7 @@ pub struct LastSync {
 }
 
 /// The decision of the last connect (`status.decision`, `connect --dry-run`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DecisionView {
     /// `no-sync`, `source-log`, `target-bitmap`, `split-brain`, ...
     pub result: String,
@@ -193,26 +193,52 @@ impl DecisionView {
     }
 }
 
-/// What `repctl connect --dry-run` reports.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What `repctl connect --dry-run` reports (the answer to
+/// `{"cmd":"connect","dry_run":true}`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProbeReport {
+    /// The peer's node name.
     pub peer: String,
     pub decision: DecisionView,
-    pub local: serde_json::Value,
-    pub peer_view: serde_json::Value,
+    /// This node's SyncInfo.
+    pub local: SideReport,
+    /// The peer's SyncInfo.
+    pub peer_view: SideReport,
 }
 
-/// A SyncInfo as JSON (probe reports, logs).
-pub fn sync_info_json(i: &SyncInfo) -> serde_json::Value {
-    serde_json::json!({
-        "role": i.role, "disk": i.disk,
-        "gen_current": format!("{:016X}", i.gen_ids.current),
-        "gen_bitmap": format!("{:016X}", i.gen_ids.bitmap),
-        "gen_history": i.gen_ids.history.iter().map(|g| format!("{g:016X}")).collect::<Vec<_>>(),
-        "local_lsn": i.local_lsn, "out_of_sync_bytes": i.dirty_bytes,
-        "bitmap_base_lsn": i.bitmap_base_lsn, "log_first_lsn": i.log_first_lsn,
-        "granularity": i.granularity, "discard_my_data": i.discard_my_data(),
-    })
+/// One side's SyncInfo as the probe report shows it (generation ids as 16
+/// upper-case hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SideReport {
+    pub role: Role,
+    pub disk: DiskState,
+    pub gen_current: String,
+    pub gen_bitmap: String,
+    pub gen_history: Vec<String>,
+    pub local_lsn: Lsn,
+    pub out_of_sync_bytes: u64,
+    pub bitmap_base_lsn: Lsn,
+    pub log_first_lsn: Lsn,
+    pub granularity: u32,
+    pub discard_my_data: bool,
+}
+
+impl From<&SyncInfo> for SideReport {
+    fn from(i: &SyncInfo) -> SideReport {
+        SideReport {
+            role: i.role,
+            disk: i.disk,
+            gen_current: format!("{:016X}", i.gen_ids.current),
+            gen_bitmap: format!("{:016X}", i.gen_ids.bitmap),
+            gen_history: i.gen_ids.history.iter().map(|g| format!("{g:016X}")).collect(),
+            local_lsn: i.local_lsn,
+            out_of_sync_bytes: i.dirty_bytes,
+            bitmap_base_lsn: i.bitmap_base_lsn,
+            log_first_lsn: i.log_first_lsn,
+            granularity: i.granularity,
+            discard_my_data: i.discard_my_data(),
+        }
+    }
 }
 
 /// The decision inputs carried by a SyncInfo.
@@ -1092,8 +1118,8 @@ impl Engine {
         Ok(ProbeReport {
             peer: peer_name.clone(),
             decision: DecisionView::from_verdict(&verdict),
-            local: sync_info_json(&mine),
-            peer_view: sync_info_json(&theirs),
+            local: SideReport::from(&mine),
+            peer_view: SideReport::from(&theirs),
         })
     }
 

@@ -720,7 +720,7 @@ async fn dry_run_reports_the_decision_and_changes_nothing() {
     // beta is standalone (disconnected) and still answers the probe.
     let report = p.alpha.probe(false).await.expect("probe");
     assert_eq!(report.decision.result, "source-bitmap", "{report:?}");
-    assert_eq!(report.peer_view["role"], "secondary");
+    assert_eq!(report.peer_view.role.to_string(), "secondary");
     let report = p.beta.probe(false).await.expect("probe from beta");
     assert_eq!(report.decision.result, "target-bitmap");
     assert_eq!((p.a.meta(), p.b.meta()), (ma, mb), "a probe changes nothing");

@@ -427,7 +427,7 @@ impl Engine {
     /// else this node. Refused, saying why, when the pair is not connected
     /// and in sync or a verify already runs. Returns at once; progress is
     /// in `status.verify`, the end is the `verify-finished` event.
-    pub fn request_verify(&self) -> Result<serde_json::Value, String> {
+    pub fn request_verify(&self) -> Result<VerifyRequested, String> {
         let v = self.view();
         if v.connection != ConnState::Connected {
             let why = v.last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
@@ -462,12 +462,12 @@ impl Engine {
         };
         tracing::info!(peer = %self.cfg.peer, %source, "online verify requested");
         self.verify.request();
-        Ok(serde_json::json!({
-            "source": source,
-            "total_bytes": self.store.size(),
-            "block": self.store.bitmap_granularity(),
-            "runs_finished": s.runs_finished,
-        }))
+        Ok(VerifyRequested {
+            source,
+            total_bytes: self.store.size(),
+            block: self.store.bitmap_granularity(),
+            runs_finished: s.runs_finished,
+        })
     }
 
     /// `repctl invalidate`: this node's data is to be replaced by a full
@@ -478,7 +478,7 @@ impl Engine {
     /// whose bits were not set). A connected session is renegotiated at
     /// once, so the decision makes this node the sync target; otherwise the
     /// resync runs at the next connect.
-    pub fn invalidate(&self) -> Result<serde_json::Value, String> {
+    pub fn invalidate(&self) -> Result<Invalidation, String> {
         if self.role() == Role::Primary {
             return Err("invalidate: this node is primary: its data is what the peer syncs from; \
                         demote it first (`repctl demote`), then invalidate"
@@ -499,12 +499,35 @@ impl Engine {
         if connected {
             self.renegotiate();
         }
-        Ok(serde_json::json!({
-            "disk": DiskState::Inconsistent,
-            "out_of_sync_bytes": self.store.dirty_bytes(),
-            "message": format!("disk inconsistent, every block marked out of sync: {what}"),
-        }))
+        Ok(Invalidation {
+            out_of_sync_bytes: self.store.dirty_bytes(),
+            message: format!("disk inconsistent, every block marked out of sync: {what}"),
+        })
     }
+}
+
+/// A verify was requested ([`Engine::request_verify`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyRequested {
+    /// The node whose data is the reference (the primary, else this node).
+    pub source: String,
+    /// Bytes the verify will compare.
+    pub total_bytes: u64,
+    /// Bytes per checksum (the bitmap granularity).
+    pub block: u32,
+    /// `status.verify.runs_finished` when it was requested: the verify is
+    /// over once that count grew.
+    pub runs_finished: u64,
+}
+
+/// This node was invalidated ([`Engine::invalidate`]): the disk is
+/// `inconsistent` now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Bytes now marked out of sync (the whole volume).
+    pub out_of_sync_bytes: u64,
+    /// What happens next, for the operator.
+    pub message: String,
 }
 
 // ---------------------------------------------------------------------------

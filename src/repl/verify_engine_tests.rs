@@ -110,7 +110,7 @@ async fn verify_under_concurrent_writes_finds_nothing_on_a_healthy_pair() {
     let start_lsn = p.a.local_lsn();
     for run in 0..4 {
         let r = p.alpha.request_verify().expect("verify starts on the primary");
-        assert_eq!(r["source"], "alpha");
+        assert_eq!(r.source, "alpha");
         if run == 0 {
             let again = p.alpha.request_verify().expect_err("one verify at a time");
             assert!(again.contains("already"), "{again}");
@@ -142,7 +142,7 @@ async fn verify_asked_on_the_secondary_finds_corruption_and_marks_both_sides() {
     p.b.corrupt(3 * 4096 + 100, &[0xAA; 5000]);
     p.b.corrupt(SIZE - 1, &[0x55]);
     let r = p.beta.request_verify().expect("verify on the secondary");
-    assert_eq!(r["source"], "alpha", "the primary is the reference");
+    assert_eq!(r.source, "alpha", "the primary is the reference");
     let report = verify_report(&p.alpha, 0).await;
     assert!(report.complete, "{report:?}");
     assert_eq!(report.out_of_sync_bytes, 3 * 4096, "{report:?}");
@@ -160,7 +160,7 @@ async fn verify_asked_on_the_secondary_finds_corruption_and_marks_both_sides() {
     assert!(d.result.contains("bitmap"), "only the marked blocks move: {d:?}");
     until("bits cleared", Duration::from_secs(10), || p.a.dirty_bytes() == 0 && p.b.dirty_bytes() == 0).await;
     let again = p.alpha.request_verify().expect("verify again");
-    assert_eq!(again["source"], "alpha");
+    assert_eq!(again.source, "alpha");
     assert_eq!(verify_report(&p.alpha, 1).await.out_of_sync_bytes, 0);
 }
 
@@ -178,7 +178,7 @@ async fn verify_between_two_secondaries_reads_directly() {
     .await;
     p.b.corrupt(5 * 4096, &[1, 2, 3]);
     let r = p.beta.request_verify().expect("verify between secondaries");
-    assert_eq!(r["source"], "beta", "no primary: the node asked is the source");
+    assert_eq!(r.source, "beta", "no primary: the node asked is the source");
     let report = verify_report(&p.beta, 0).await;
     assert!(report.complete, "{report:?}");
     assert_eq!((report.checked_bytes, report.out_of_sync_bytes), (SIZE as u64, 4096), "{report:?}");
@@ -207,7 +207,7 @@ async fn invalidate_on_the_secondary_takes_a_full_copy() {
     p.b.corrupt(4096, &[0xEE; 4096]);
     assert!(p.a.data() != p.b.data());
     let r = p.beta.invalidate().expect("invalidate on the secondary");
-    assert!(r["message"].as_str().is_some_and(|m| m.contains("full resync")), "{r}");
+    assert!(r.message.contains("full resync"), "{r:?}");
     assert_eq!(p.b.dirty_bytes(), SIZE as u64, "every block marked");
     until("resynced", Duration::from_secs(20), || {
         established(&p.alpha) && p.b.meta().disk == DiskState::UpToDate && p.beta.view().replication.is_some()

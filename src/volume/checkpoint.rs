@@ -34,8 +34,8 @@ use std::time::Instant;
 
 use super::meta::{FLAG_CLEAN_SHUTDOWN, FLAG_FOREIGN_MARKS};
 use super::segment::{self, parking};
-use super::{Shared, VolumeError};
-use crate::io::{IoOp, errno_of};
+use super::{FailStop, Shared, VolumeError};
+use crate::io::IoOp;
 
 /// Control block of the checkpointer thread.
 #[derive(Debug, Default)]
@@ -66,22 +66,14 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
     if sync_wal {
         let mut ops: Vec<IoOp<'_>> = segs.iter().map(|(_, _, f)| IoOp::SyncData { file: f }).collect();
         if let Err(e) = s.io.submit(&mut ops) {
-            let reason = s.fail(format!(
-                "fdatasync of WAL in {} failed during checkpoint: {e} (errno {})",
-                s.wal_dir.display(),
-                errno_of(&e)
-            ));
-            return Err(VolumeError::Stopped(reason));
+            let op = format!("fdatasync of WAL in {} during a checkpoint", s.wal_dir.display());
+            return Err(VolumeError::Stopped(s.fail(FailStop::io(op, &e))));
         }
         super::VolumeCounters::add(&s.counters.wal_syncs, 1);
     }
     if let Err(e) = s.io.sync_data(&s.data) {
-        let reason = s.fail(format!(
-            "fdatasync of data {} failed during checkpoint: {e} (errno {})",
-            s.data.path().display(),
-            errno_of(&e)
-        ));
-        return Err(VolumeError::Stopped(reason));
+        let op = format!("fdatasync of data {} during a checkpoint", s.data.path().display());
+        return Err(VolumeError::Stopped(s.fail(FailStop::io(op, &e))));
     }
     if sync_wal {
         s.durable_lsn.fetch_max(applied, Ordering::AcqRel);
@@ -132,8 +124,7 @@ pub(crate) fn checkpoint_locked(s: &Shared, clean: bool) -> Result<(), VolumeErr
             sb.flags &= !FLAG_CLEAN_SHUTDOWN;
         }
         if let Err(e) = meta.write(&*s.io, sb) {
-            let reason = s.fail(format!("superblock write failed during checkpoint: {e}"));
-            return Err(VolumeError::Stopped(reason));
+            return Err(VolumeError::Stopped(s.fail(FailStop::volume("superblock write during a checkpoint", &e))));
         }
     }
     s.checkpoint_lsn.store(applied, Ordering::Release);

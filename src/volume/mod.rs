@@ -23,7 +23,8 @@
 //! - Reads go to the data file; a read sees every completed write.
 //! - Any WAL write, data write or fdatasync failure is fail-stop: every later
 //!   write, trim, write-zeroes and flush fails with [`VolumeError::Stopped`]
-//!   carrying the reason, and `status().failed` says why.
+//!   carrying the reason (a [`FailStop`]: its kind, the operation and the
+//!   errno), and `status().failed` says why.
 //! - `close` drains the queue, checkpoints, marks the superblock clean, stops
 //!   the threads and releases the lock. Dropping a `Volume` without `close`
 //!   stops the threads but leaves the superblock unclean: the next open
@@ -71,6 +72,7 @@ use crate::model::{DiskState, GenIds, unix_ms};
 
 pub mod bitmap;
 pub mod checkpoint;
+pub mod failstop;
 pub mod feed;
 pub mod logread;
 pub mod meta;
@@ -81,6 +83,7 @@ pub mod tracking;
 pub mod wal;
 pub mod writer;
 
+pub use failstop::{FailStop, FailStopKind};
 pub use feed::{Feed, FeedItem, FeedOp};
 pub use logread::LogReader;
 pub use meta::Superblock;
@@ -220,8 +223,10 @@ pub struct Identity {
 /// Volume errors.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    /// Fail-stop: the volume takes no more writes ([`FailStop::kind`] says
+    /// why, e.g. a full filesystem).
     #[error("Volume stopped taking writes: {0}")]
-    Stopped(String),
+    Stopped(FailStop),
     #[error("Request [{offset}, +{len}) is outside the volume of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("IO error on {path}: {source}")]
@@ -351,7 +356,7 @@ pub(crate) struct Shared {
     pub bitmap_io: Mutex<()>,
     /// Ranges replay would write (see [`writer::ReplayRanges`]).
     pub replay_ranges: Mutex<writer::ReplayRanges>,
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<FailStop>>,
     failed_flag: AtomicBool,
     stopping: AtomicBool,
     pub ckpt_ctl: Mutex<CkptCtl>,
@@ -372,7 +377,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Why the volume stopped taking writes, if it did.
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<FailStop> {
         if !self.failed_flag.load(Ordering::Acquire) {
             return None;
         }
@@ -381,13 +386,14 @@ impl Shared {
 
     /// Stops the volume (fail-stop) and logs why, once. Returns the reason
     /// in force (the first one).
-    pub(crate) fn fail(&self, reason: String) -> String {
+    pub(crate) fn fail(&self, reason: FailStop) -> FailStop {
         let mut f = parking::lock(&self.failed);
         if let Some(first) = &*f {
             return first.clone();
         }
         tracing::error!(
             reason = %reason,
+            kind = ?reason.kind(),
             wal = %self.wal_dir.display(),
             data = %self.data.path().display(),
             lsn = self.applied_lsn.load(Ordering::Acquire),
@@ -821,7 +827,7 @@ impl Volume {
         if let Some(r) = self.shared.failure() {
             return Err(VolumeError::Stopped(r));
         }
-        let closed = || VolumeError::Stopped("the volume is closed".into());
+        let closed = || VolumeError::Stopped(FailStop::closed("the volume is closed"));
         if self.closed.load(Ordering::Acquire) {
             return Err(closed());
         }
@@ -869,7 +875,7 @@ impl Volume {
             durable_lsn: s.durable_lsn.load(Ordering::Acquire),
             checkpoint_lsn: s.checkpoint_lsn.load(Ordering::Acquire),
             wal_bytes: parking::lock(&s.wal).live_bytes(),
-            failed: s.failure(),
+            failed: s.failure().map(|f| f.to_string()),
             counters: s.counters.values(),
         }
     }
@@ -891,7 +897,7 @@ impl Volume {
             return Err(VolumeError::Stopped(r));
         }
         if self.closed.load(Ordering::Acquire) {
-            return Err(VolumeError::Stopped("the volume is closed".into()));
+            return Err(VolumeError::Stopped(FailStop::closed("the volume is closed")));
         }
         let mut meta = parking::lock(&s.meta);
         let cur = meta.current().clone();
@@ -911,8 +917,7 @@ impl Volume {
         sb.flags = (sb.flags & !FLAG_CLEAN_SHUTDOWN) | (cur.flags & FLAG_CLEAN_SHUTDOWN);
         let path = meta.path().to_path_buf();
         meta.write(&*s.io, sb).map_err(|e| {
-            let reason = s.fail(format!("superblock write to {} failed: {e}", path.display()));
-            VolumeError::Stopped(reason)
+            VolumeError::Stopped(s.fail(FailStop::volume(format!("superblock write to {}", path.display()), &e)))
         })
     }
 
@@ -965,7 +970,9 @@ impl Volume {
         if let Err(e) = spawned {
             return Err(VolumeError::Invalid { what: "close thread".into(), reason: e.to_string() });
         }
-        rx.await.unwrap_or_else(|_| Err(VolumeError::Stopped("close did not complete".into())))
+        rx.await.unwrap_or_else(|_| {
+            Err(VolumeError::Stopped(FailStop::internal("close", "its thread ended without an answer")))
+        })
     }
 }
 

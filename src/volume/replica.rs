@@ -17,13 +17,13 @@ use tokio::sync::oneshot;
 
 use super::feed::{Feed, FeedOp};
 use super::writer::{Msg, Op, Request};
-use super::{Lsn, Volume, VolumeError};
+use super::{FailStop, Lsn, Volume, VolumeError};
 
 /// Largest full-sync read (`queue_sync_read`) or write (`apply_sync_data`).
 pub const MAX_SYNC_CHUNK: u32 = 8 << 20;
 
 fn closed() -> VolumeError {
-    VolumeError::Stopped("the volume is closed".into())
+    VolumeError::Stopped(FailStop::closed("the volume is closed"))
 }
 
 impl Volume {
@@ -257,16 +257,13 @@ impl Volume {
                     return Err(VolumeError::Stopped(r));
                 }
                 return shared.io.sync_data(&shared.data).map_err(|e| {
-                    VolumeError::Stopped(shared.fail(format!(
-                        "fdatasync of data {} failed: {e} (errno {})",
-                        shared.data.path().display(),
-                        crate::io::errno_of(&e)
-                    )))
+                    let op = format!("fdatasync of data {}", shared.data.path().display());
+                    VolumeError::Stopped(shared.fail(FailStop::io(op, &e)))
                 });
             }
             super::checkpoint::checkpoint_locked(&shared, false)
         });
-        task.await.unwrap_or_else(|e| Err(VolumeError::Stopped(format!("data file sync task failed: {e}"))))
+        task.await.unwrap_or_else(|e| Err(VolumeError::Stopped(FailStop::internal("data file sync task", e))))
     }
 }
 

@@ -942,13 +942,14 @@ mod faults {
         let e = v.write(4096, block(2, 4096), true).await.unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, VolumeError::Stopped(_)), "{msg}");
+        assert!(matches!(&e, VolumeError::Stopped(f) if f.kind() == crate::volume::FailStopKind::Io), "{e:?}");
         assert!(msg.contains("fdatasync of WAL") && msg.contains("errno 5"), "{msg}");
         assert!(msg.contains(&opts.wal_dir().display().to_string()), "{msg}");
         // Fail-stop: even after the fault is gone, nothing is retried.
         fault.clear_faults();
         for r in [v.write(0, block(3, 10), false).await, v.flush().await, v.trim(0, 10, false).await] {
             assert!(
-                matches!(&r, Err(VolumeError::Stopped(m)) if m == &msg["Volume stopped taking writes: ".len()..]),
+                matches!(&r, Err(VolumeError::Stopped(m)) if m.to_string() == msg["Volume stopped taking writes: ".len()..]),
                 "{r:?}"
             );
         }
@@ -975,6 +976,31 @@ mod faults {
         assert!(e.to_string().contains("errno 28"), "{e}");
         assert!(matches!(v.flush().await, Err(VolumeError::Stopped(_))));
         assert!(v.status().failed.unwrap().contains("write batch"));
+    }
+
+    /// A full filesystem is a fail-stop of kind `NoSpace`, kept by every
+    /// later refusal (NBD answers ENOSPC from it); other errnos are `Io`.
+    #[tokio::test]
+    async fn enospc_is_a_no_space_fail_stop() {
+        use crate::volume::FailStopKind;
+        let kind = |r: Result<Lsn, VolumeError>| match r {
+            Err(VolumeError::Stopped(f)) => (f.kind(), f.errno()),
+            other => panic!("a fail-stop expected, got {other:?}"),
+        };
+        for (errno, want) in [(libc::ENOSPC, FailStopKind::NoSpace), (libc::EROFS, FailStopKind::Io)] {
+            let d = tempfile::tempdir().unwrap();
+            let opts = small_opts(d.path());
+            create(&SyncEngine::new(), &opts, MIB);
+            let fault = FaultEngine::new(Arc::new(SyncEngine::new()), 2);
+            let v = Volume::open(fault.clone(), opts.clone(), &identity(MIB)).unwrap();
+            v.write(0, block(1, 4096), true).await.unwrap();
+            fault.fail_writes_after(0, errno);
+            assert_eq!(kind(v.write(4096, block(2, 4096), false).await), (want, Some(errno)));
+            fault.clear_faults();
+            assert_eq!(kind(v.write(8192, block(3, 4096), false).await), (want, Some(errno)), "the first reason stays");
+            assert_eq!(kind(v.flush().await), (want, Some(errno)));
+            assert_eq!(v.read(0, 4096).await.unwrap(), block(1, 4096), "reads go on");
+        }
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use std::sync::atomic::Ordering;
 use super::bitmap::DirtyBitmap;
 use super::meta::FLAG_FOREIGN_MARKS;
 use super::segment::parking;
-use super::{Lsn, Shared, Volume, VolumeError};
+use super::{FailStop, Lsn, Shared, Volume, VolumeError};
 
 /// Most entries the unacked ring holds; older ones go to the bitmap.
 pub const MAX_RING: usize = 1 << 20;
@@ -177,7 +177,9 @@ pub(crate) fn persist(s: &Shared) -> Result<(), VolumeError> {
         return Err(VolumeError::Stopped(r));
     }
     let path = parking::lock(&s.meta).path().to_path_buf();
-    let stop = |e: VolumeError| VolumeError::Stopped(s.fail(format!("bitmap write to {} failed: {e}", path.display())));
+    let stop = |e: VolumeError| {
+        VolumeError::Stopped(s.fail(FailStop::volume(format!("bitmap write to {}", path.display()), &e)))
+    };
     // Batches: the tracker's lock is held only to encode one (the writer
     // takes it once per batch of records), the meta lock only to write it.
     let (mut n, mut from) = (0, 0);

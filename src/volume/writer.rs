@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use super::feed::{FeedItem, FeedOp};
 use super::segment::{self, LiveSegment, parking};
 use super::wal::{self, FLAG_FROM_PEER, FLAG_MAY_PUNCH, RecordHeader, RecordKind, SEGMENT_HEADER_SIZE, SegmentHeader};
-use super::{Lsn, Shared, VolumeError};
+use super::{FailStop, Lsn, Shared, VolumeError};
 use crate::io::{IoFile, IoOp};
 
 /// Most payload bytes taken into one batch.
@@ -358,11 +358,8 @@ impl Writer {
                 let mut buf = vec![0u8; len as usize];
                 let data = &self.shared.data;
                 if let Err(e) = self.shared.io.read_exact_at(data, &mut buf, offset) {
-                    self.shared.fail(format!(
-                        "full-sync read of [{offset}, +{len}) from {} failed: {e} (errno {})",
-                        data.path().display(),
-                        crate::io::errno_of(&e)
-                    ));
+                    let op = format!("full-sync read of [{offset}, +{len}) from {}", data.path().display());
+                    self.shared.fail(FailStop::io(op, &e));
                     return;
                 }
                 self.feed_items.clear();
@@ -380,12 +377,9 @@ impl Writer {
                     None => {
                         let file = &self.shared.data;
                         self.shared.io.write_all_at(file, &data, offset).map_err(|e| {
-                            VolumeError::Stopped(self.shared.fail(format!(
-                                "full-sync write of [{offset}, +{}) to {} failed: {e} (errno {})",
-                                data.len(),
-                                file.path().display(),
-                                crate::io::errno_of(&e)
-                            )))
+                            let op =
+                                format!("full-sync write of [{offset}, +{}) to {}", data.len(), file.path().display());
+                            VolumeError::Stopped(self.shared.fail(FailStop::io(op, &e)))
                         })
                     }
                 };
@@ -416,12 +410,12 @@ impl Writer {
         let _serial = parking::lock(&s.ckpt_lock);
         let seq = self.tail.seq + 1;
         let first_lsn = last + 1;
-        let stop = |reason: String| VolumeError::Stopped(s.fail(reason));
+        let stop = |reason: FailStop| VolumeError::Stopped(s.fail(reason));
         let seg = segment::activate(&*s.io, &s.wal, seq, first_lsn, s.segment_size)
-            .map_err(|e| stop(format!("creating WAL segment {seq} in {} failed: {e}", s.wal_dir.display())))?;
+            .map_err(|e| stop(FailStop::io(format!("creating WAL segment {seq} in {}", s.wal_dir.display()), &e)))?;
         let header = SegmentHeader { seq, first_lsn, uuid: s.uuid, segment_size: seg.len }.encode();
         s.io.write_all_at(&seg.file, &header, 0).and_then(|()| s.io.sync_data(&seg.file)).map_err(|e| {
-            stop(format!("writing the header of WAL segment {} failed: {e}", seg.file.path().display()))
+            stop(FailStop::io(format!("writing the header of WAL segment {}", seg.file.path().display()), &e))
         })?;
         let old_lsn = self.next_lsn - 1;
         self.tail = Tail { seq, file: seg.file.clone(), len: seg.len, pos: SEGMENT_HEADER_SIZE };
@@ -472,7 +466,7 @@ impl Writer {
     /// result each request completes with (the LSN, or `LsnGap` for a
     /// replicated record out of sequence), or the fail-stop reason. Fills
     /// `feed_items` with the batch's records (and a barrier if it flushed).
-    fn commit(&mut self, batch: &[Request]) -> Result<Vec<Result<Lsn, VolumeError>>, String> {
+    fn commit(&mut self, batch: &[Request]) -> Result<Vec<Result<Lsn, VolumeError>>, FailStop> {
         self.buf.clear();
         self.chunks.clear();
         self.tracked.clear();
@@ -625,20 +619,16 @@ impl Writer {
                 sync_ops.push(IoOp::SyncData { file: &self.shared.data });
             }
             if let Err(e) = self.shared.io.submit(&mut sync_ops) {
-                return Err(if with_data {
+                let op = if with_data {
                     format!(
-                        "fdatasync of WAL {} and data {} failed: {e} (errno {})",
+                        "fdatasync of WAL {} and data {}",
                         self.tail.file.path().display(),
-                        self.shared.data.path().display(),
-                        crate::io::errno_of(&e)
+                        self.shared.data.path().display()
                     )
                 } else {
-                    format!(
-                        "fdatasync of WAL {} failed: {e} (errno {})",
-                        self.tail.file.path().display(),
-                        crate::io::errno_of(&e)
-                    )
-                });
+                    format!("fdatasync of WAL {}", self.tail.file.path().display())
+                };
+                return Err(FailStop::io(op, &e));
             }
             drop(sync_ops);
             self.unsynced.clear();
@@ -660,17 +650,17 @@ impl Writer {
         Ok(lsns.into_iter().map(|lsn| refused.next().flatten().map_or(Ok(lsn), Err)).collect())
     }
 
-    fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), String> {
+    fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), FailStop> {
         if ops.is_empty() {
             return Ok(());
         }
         self.shared.io.submit(ops).map_err(|e| {
-            format!(
-                "write batch (WAL {}, data {}) failed: {e} (errno {})",
+            let op = format!(
+                "write batch (WAL {}, data {})",
                 self.tail.file.path().display(),
-                self.shared.data.path().display(),
-                crate::io::errno_of(&e)
-            )
+                self.shared.data.path().display()
+            );
+            FailStop::io(op, &e)
         })
     }
 
@@ -684,7 +674,7 @@ impl Writer {
         length: u32,
         payload: &[u8],
         durable_lsn: Lsn,
-    ) -> Result<Lsn, String> {
+    ) -> Result<Lsn, FailStop> {
         let lsn = self.next_lsn;
         let need = wal::encoded_len(payload.len()) as u64;
         if self.tail.pos + need > self.tail.len {
@@ -709,12 +699,13 @@ impl Writer {
     }
 
     /// Starts segment `seq + 1` whose first record is `first_lsn`.
-    fn rollover(&mut self, first_lsn: Lsn) -> Result<(), String> {
+    fn rollover(&mut self, first_lsn: Lsn) -> Result<(), FailStop> {
         self.finish_chunk();
         let seq = self.tail.seq + 1;
         let seg: LiveSegment =
-            segment::activate(&*self.shared.io, &self.shared.wal, seq, first_lsn, self.shared.segment_size)
-                .map_err(|e| format!("creating WAL segment {seq} in {} failed: {e}", self.shared.wal_dir.display()))?;
+            segment::activate(&*self.shared.io, &self.shared.wal, seq, first_lsn, self.shared.segment_size).map_err(
+                |e| FailStop::io(format!("creating WAL segment {seq} in {}", self.shared.wal_dir.display()), &e),
+            )?;
         tracing::debug!(seq, first_lsn, path = %seg.file.path().display(), "WAL segment started");
         let header = SegmentHeader { seq, first_lsn, uuid: self.shared.uuid, segment_size: seg.len }.encode();
         let old = std::mem::replace(
