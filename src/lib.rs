@@ -9,6 +9,8 @@
 //!   client used by tests and benchmarks.
 //! - [`clidoc`]: man pages and shell completions of the binaries.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
+//! - [`failover`]: automatic failover's pure core: terms, leases, the
+//!   witness's vote and state file, the data node's failover controller.
 //! - [`node`]: the node state machine (role, disk state, NBD export while
 //!   primary).
 //! - [`repl`]: the replication link: wire protocol (frames, messages,
@@ -23,6 +25,7 @@ pub mod clidoc;
 pub mod config;
 pub mod control;
 pub mod errors;
+pub mod failover;
 pub mod fuzzing;
 pub mod io;
 pub mod nbd;
