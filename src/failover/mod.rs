@@ -5,10 +5,14 @@
 //!
 //! - [`lease`]: terms, clocks, the lease arithmetic with a clock-rate bound,
 //!   the validated `[failover]` timings.
+//! - [`witness`]: the witness's vote (rules R1-R3), persist-before-answer
+//!   enforced by the API.
 //!
 //! Dependency rule: `failover` may import `model` and `units` only (never
 //! `repl`, `node`, `config`, `control`).
 
 pub mod lease;
+pub mod witness;
 
 pub use lease::{BootClock, Clock, Drift, FailoverTimings, FakeClock, Lease, LeaseParams, MonoTime, Term, TimingError};
+pub use witness::{Grant, NodeIndex, NodeSet, Refusal, RefuseReason, Witness, WitnessRecord, WitnessStore};
