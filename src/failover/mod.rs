@@ -7,11 +7,14 @@
 //!   the validated `[failover]` timings.
 //! - [`witness`]: the witness's vote (rules R1-R3), persist-before-answer
 //!   enforced by the API.
+//! - [`state_file`]: the witness's record on disk (two alternating 4 KiB
+//!   slots, pwrite + fdatasync).
 //!
 //! Dependency rule: `failover` may import `model` and `units` only (never
 //! `repl`, `node`, `config`, `control`).
 
 pub mod lease;
+pub mod state_file;
 pub mod witness;
 
 pub use lease::{BootClock, Clock, Drift, FailoverTimings, FakeClock, Lease, LeaseParams, MonoTime, Term, TimingError};
