@@ -61,7 +61,7 @@ pub struct MonoTime(pub u64);
 
 impl MonoTime {
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> MonoTime {
+    pub fn plus(self, d: Duration) -> MonoTime {
         MonoTime(self.0.saturating_add(nanos(d)))
     }
 
@@ -206,7 +206,7 @@ impl LeaseParams {
     /// The primary's deadline after a Pong echoing `t_send`:
     /// `t_send + L·(1−ρ)`.
     pub fn deadline(&self, t_send: MonoTime) -> MonoTime {
-        t_send.add(self.holder_span())
+        t_send.plus(self.holder_span())
     }
 
     /// `wait = L·(1+ρ)/(1−ρ) + δ`, rounded up: how long a voter that renewed
@@ -412,18 +412,18 @@ mod tests {
         let mut lease = Lease::default();
         assert!(!lease.valid(MonoTime(0)));
         let sent = MonoTime(1_000_000_000);
-        let now = sent.add(ms(300)); // the Pong came back 300 ms later
+        let now = sent.plus(ms(300)); // the Pong came back 300 ms later
         assert!(lease.renew(&p, sent, now));
-        assert_eq!(lease.deadline, Some(sent.add(ms(990))));
-        assert!(lease.valid(sent.add(ms(989))));
-        assert!(!lease.valid(sent.add(ms(990))));
+        assert_eq!(lease.deadline, Some(sent.plus(ms(990))));
+        assert!(lease.valid(sent.plus(ms(989))));
+        assert!(!lease.valid(sent.plus(ms(990))));
         assert_eq!(lease.remaining(now), ms(690));
         // An older Pong arriving late never moves the deadline back.
         assert!(!lease.renew(&p, sent, now));
         assert!(!lease.renew(&p, MonoTime(500_000_000), now));
-        assert_eq!(lease.deadline, Some(sent.add(ms(990))));
+        assert_eq!(lease.deadline, Some(sent.plus(ms(990))));
         // A send time in the future is not ours.
-        assert!(!lease.renew(&p, now.add(ms(1)), now));
+        assert!(!lease.renew(&p, now.plus(ms(1)), now));
         assert!(lease.renew(&p, now, now));
         assert_eq!(lease.renewed_at, Some(now));
     }

@@ -9,10 +9,13 @@
 //!   enforced by the API.
 //! - [`state_file`]: the witness's record on disk (two alternating 4 KiB
 //!   slots, pwrite + fdatasync).
+//! - [`controller`]: the data node's failover state machine (following,
+//!   candidate, primary, suspended, primary-solo, releasing, fenced).
 //!
 //! Dependency rule: `failover` may import `model` and `units` only (never
 //! `repl`, `node`, `config`, `control`).
 
+pub mod controller;
 pub mod lease;
 pub mod state_file;
 pub mod witness;
