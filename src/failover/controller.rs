@@ -52,7 +52,7 @@ pub enum State {
     /// Primary of `term` whose IO is held.
     Suspended { term: Term, reason: SuspendReason, since: MonoTime, solo: bool },
     /// Primary of `term` alone: the witness outdated the peer (R3).
-    PrimarySolo { term: Term, peer_uptodate_asked: bool },
+    PrimarySolo { term: Term },
     /// Planned switchover: IO held, Release sent to the witness.
     Releasing { term: Term },
     /// Demoted after losing `term`; rejoins as sync target.
@@ -99,7 +99,9 @@ pub enum ClaimState {
     /// Sent at this time, no answer yet; `delay` is the last backoff.
     InFlight { sent_at: MonoTime, delay: Option<Duration> },
     /// Refused (or unanswered); the next one goes at `at`.
-    Backoff { at: MonoTime, delay: Duration },
+    /// `sent_at` is the last claim's send time: a grant arriving late is
+    /// still taken, with the lease from then.
+    Backoff { at: MonoTime, delay: Duration, sent_at: MonoTime },
 }
 
 /// Why a primary holds its IO.
@@ -404,6 +406,10 @@ pub struct Controller {
     solo_retry_at: Option<MonoTime>,
     /// The claim in flight answers a hand-over (not counted in the budget).
     claim_for_handover: bool,
+    /// As primary: the peer finished a resync in this session.
+    peer_resynced: bool,
+    /// A PeerUptodate is in flight.
+    peer_uptodate_asked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +446,8 @@ impl Controller {
             handover: false,
             solo_retry_at: None,
             claim_for_handover: false,
+            peer_resynced: false,
+            peer_uptodate_asked: false,
         }
     }
 
@@ -601,6 +609,7 @@ impl Controller {
                 }
             }
             Input::PeerSessionEnded { cause, last_frame_at } => {
+                self.peer_resynced = false;
                 self.link = Link::Down { since: now, cause: LinkDown::Ended { cause, last_frame_at } };
                 self.tick(now, out);
             }
@@ -670,11 +679,13 @@ impl Controller {
                     self.seen_primary = true;
                     self.last_renewal = now;
                 }
-                State::PrimarySolo { term, peer_uptodate_asked: false } => {
-                    self.state = State::PrimarySolo { term, peer_uptodate_asked: true };
-                    out.push(Action::AskWitness(Request::PeerUptodate { term, node: self.me, peer: self.peer }));
+                State::PrimarySolo { .. } | State::Primary { .. } => {
+                    // The peer holds every write now: make it eligible again
+                    // if the witness has it outdated.
+                    self.peer_resynced = true;
+                    self.tick(now, out);
                 }
-                State::PrimarySolo { .. } | State::Primary { .. } | State::Suspended { .. } => {}
+                State::Following { .. } | State::Suspended { .. } => {}
                 _ => return Err("no resync of this node's".into()),
             },
             Input::LocalDisk { uptodate } => {
@@ -772,6 +783,20 @@ impl Controller {
                 let ago = self.lease.renewed_at.map_or(0, |r| ms(now.since(r)));
                 out.push(Action::Emit(Event::LeaseLost { term, last_renewed_ms_ago: ago }));
             }
+            State::Primary { term } | State::PrimarySolo { term } => {
+                let outdated =
+                    matches!(self.witness, WitnessKnown::View(v) if v.term == term && !v.uptodate.contains(self.peer));
+                if self.peer_resynced && outdated && !self.peer_uptodate_asked {
+                    self.peer_uptodate_asked = true;
+                    // From the moment the witness may count the peer up to
+                    // date, no write is acknowledged without it: a solo
+                    // write acknowledged after this request and missing on
+                    // the peer would be lost if the peer were promoted.
+                    // (Found by the simulation.)
+                    self.state = State::Primary { term };
+                    out.push(Action::AskWitness(Request::PeerUptodate { term, node: self.me, peer: self.peer }));
+                }
+            }
             State::Suspended { term, reason, since, solo } => {
                 if now >= self.fence_at() {
                     self.fence(term, FenceReason::Unrenewed, now, out);
@@ -782,11 +807,7 @@ impl Controller {
                     out.push(Action::AskWitness(Request::Solo { term, node: self.me }));
                 }
                 if reason == SuspendReason::Lease && self.lease.valid(now) {
-                    self.state = if solo {
-                        State::PrimarySolo { term, peer_uptodate_asked: false }
-                    } else {
-                        State::Primary { term }
-                    };
+                    self.state = if solo { State::PrimarySolo { term } } else { State::Primary { term } };
                     out.push(Action::ResumeIo);
                     out.push(Action::Emit(Event::LeaseRegained { term, suspended_ms: ms(now.since(since)) }));
                 }
@@ -805,7 +826,7 @@ impl Controller {
                 self.claim_for_handover = handover;
                 self.send_claim(term, now, None, out);
             }
-            State::Candidate { term, claim: ClaimState::Backoff { at, delay } } => {
+            State::Candidate { term, claim: ClaimState::Backoff { at, delay, .. } } => {
                 if now < at {
                     return;
                 }
@@ -824,9 +845,9 @@ impl Controller {
         out.push(Action::AskWitness(Request::Claim { term, node: self.me, forced: false }));
     }
 
-    fn backoff(&self, now: MonoTime, previous: Option<Duration>) -> ClaimState {
+    fn backoff(&self, now: MonoTime, previous: Option<Duration>, sent_at: MonoTime) -> ClaimState {
         let delay = previous.map_or(CLAIM_BACKOFF_MIN, |d| (d * 2).min(CLAIM_BACKOFF_MAX));
-        ClaimState::Backoff { at: now.plus(delay), delay }
+        ClaimState::Backoff { at: now.plus(delay), delay, sent_at }
     }
 
     fn witness_reply(
@@ -841,10 +862,11 @@ impl Controller {
             Err(r) => r.view,
         };
         match (self.state, request) {
-            (
-                State::Candidate { term, claim: ClaimState::InFlight { sent_at, delay } },
-                Request::Claim { term: asked, .. },
-            ) if asked == term => {
+            (State::Candidate { term, claim }, Request::Claim { term: asked, .. }) if asked == term => {
+                let (sent_at, delay, in_flight) = match claim {
+                    ClaimState::InFlight { sent_at, delay } => (sent_at, delay, true),
+                    ClaimState::Backoff { sent_at, delay, .. } => (sent_at, Some(delay), false),
+                };
                 match reply {
                     Ok(g) if g.primary == Some(self.me) && g.term > term => {
                         self.witness = WitnessKnown::View(g);
@@ -855,6 +877,8 @@ impl Controller {
                         // The grant renews the new primary's lease from the
                         // claim's send time.
                         self.lease.renew(&self.params, sent_at, now);
+                        self.peer_resynced = false;
+                        self.peer_uptodate_asked = false;
                         if !std::mem::take(&mut self.claim_for_handover) {
                             self.failovers.push_back(now);
                         }
@@ -877,6 +901,13 @@ impl Controller {
                     Ok(g) => {
                         return Err(format!("a grant of term {} to {:?} answers no claim of ours", g.term, g.primary));
                     }
+                    Err(r) if !in_flight => {
+                        // A late refusal of a claim already given up on.
+                        if let Some(v) = r.view {
+                            self.witness = WitnessKnown::View(v);
+                            self.observe_term(v.term, now, out);
+                        }
+                    }
                     Err(r) => {
                         out.push(Action::Emit(Event::Claim { term: term.next(), refused: Some(r.reason) }));
                         if let Some(v) = r.view {
@@ -889,7 +920,7 @@ impl Controller {
                             | RefuseReason::StartupHoldoff
                             | RefuseReason::NoState
                             | RefuseReason::WitnessBehind => {
-                                self.state = State::Candidate { term, claim: self.backoff(now, delay) };
+                                self.state = State::Candidate { term, claim: self.backoff(now, delay, sent_at) };
                             }
                             RefuseReason::NotEligible | RefuseReason::AlreadyGranted | RefuseReason::StaleTerm => {
                                 self.state = State::Following { term };
@@ -927,17 +958,18 @@ impl Controller {
                     },
                 }
             }
-            (State::PrimarySolo { term, peer_uptodate_asked: true }, Request::PeerUptodate { term: asked, .. })
-                if asked == term =>
+            (State::PrimarySolo { term } | State::Primary { term }, Request::PeerUptodate { term: asked, .. })
+                if asked == term && self.peer_uptodate_asked =>
             {
+                self.peer_uptodate_asked = false;
                 match reply {
                     Ok(g) if g.uptodate.contains(self.peer) => {
                         self.witness = WitnessKnown::View(g);
                         self.state = State::Primary { term };
                     }
                     _ => {
-                        self.state = State::PrimarySolo { term, peer_uptodate_asked: false };
                         if let Some(v) = view {
+                            self.witness = WitnessKnown::View(v);
                             self.observe_term(v.term, now, out);
                         }
                     }
@@ -986,14 +1018,14 @@ impl Controller {
 
     fn witness_unreachable(&mut self, request: Request, now: MonoTime, out: &mut Vec<Action>) -> Result<(), String> {
         match (self.state, request) {
-            (State::Candidate { term, claim: ClaimState::InFlight { delay, .. } }, Request::Claim { .. }) => {
-                self.state = State::Candidate { term, claim: self.backoff(now, delay) };
+            (State::Candidate { term, claim: ClaimState::InFlight { delay, sent_at } }, Request::Claim { .. }) => {
+                self.state = State::Candidate { term, claim: self.backoff(now, delay, sent_at) };
             }
             (State::Suspended { solo: false, .. }, Request::Solo { .. }) => {
                 self.solo_retry_at = Some(now.plus(CLAIM_BACKOFF_MIN));
             }
-            (State::PrimarySolo { term, .. }, Request::PeerUptodate { .. }) => {
-                self.state = State::PrimarySolo { term, peer_uptodate_asked: false };
+            (State::PrimarySolo { .. } | State::Primary { .. }, Request::PeerUptodate { .. }) => {
+                self.peer_uptodate_asked = false;
             }
             (State::Releasing { term }, Request::Release { .. }) => {
                 self.state = State::Primary { term };

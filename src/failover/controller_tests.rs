@@ -202,7 +202,7 @@ fn a_refused_claim_backs_off_250ms_doubling_to_2s() {
     let mut delays = Vec::new();
     for _ in 0..6 {
         step(&mut c, Input::WitnessReply { request: claim(5, B), reply: refused }, now);
-        let State::Candidate { claim: ClaimState::Backoff { at, delay }, .. } = c.state() else {
+        let State::Candidate { claim: ClaimState::Backoff { at, delay, .. }, .. } = c.state() else {
             panic!("{:?}", c.state())
         };
         delays.push(delay.as_millis());
@@ -304,7 +304,7 @@ fn a_lost_peer_keeps_the_primary_serving_until_a_write_needs_solo() {
     assert_eq!(out[0], Action::PersistTerm(Term(7)));
     assert!(out.contains(&Action::Emit(Event::SoloGranted { term: Term(7) })));
     assert!(out.contains(&Action::ResumeIo));
-    assert_eq!(c.state(), State::PrimarySolo { term: Term(7), peer_uptodate_asked: false });
+    assert_eq!(c.state(), State::PrimarySolo { term: Term(7) });
     assert!(c.alone() && c.may_serve(t(10_210)));
 }
 
@@ -417,9 +417,12 @@ fn primary_solo_to_primary_after_peer_uptodate() {
     let out = step(&mut c, Input::ResyncDone, t(10_400));
     let up = Request::PeerUptodate { term: Term(7), node: A, peer: B };
     assert_eq!(asks(&out), vec![up]);
-    step(&mut c, Input::WitnessReply { request: up, reply: Ok(view(7, Some(A), 0b11)) }, t(10_410));
+    // No longer alone from the moment the request leaves.
     assert_eq!(c.state(), State::Primary { term: Term(7) });
     assert!(!c.alone());
+    step(&mut c, Input::WitnessReply { request: up, reply: Ok(view(7, Some(A), 0b11)) }, t(10_410));
+    assert_eq!(c.state(), State::Primary { term: Term(7) });
+    assert_eq!(c.eligibility(), Err(Ineligible::Primary));
 }
 
 // --- Switchover -----------------------------------------------------------

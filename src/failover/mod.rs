@@ -17,6 +17,8 @@
 
 pub mod controller;
 pub mod lease;
+#[cfg(test)]
+mod sim;
 pub mod state_file;
 pub mod witness;
 
