@@ -785,14 +785,22 @@ fn fault(horizon: u64) -> impl Strategy<Value = (u64, Fault)> {
 }
 
 fn plan(max_delay: u64, faults: usize) -> impl Strategy<Value = Plan> {
+    plan_with(0..=max_delay, proptest::collection::vec(fault(HORIZON), 0..=faults))
+}
+
+const HORIZON: u64 = 3000;
+
+fn plan_with(
+    delay: std::ops::RangeInclusive<u64>,
+    faults: impl Strategy<Value = Vec<(u64, Fault)>>,
+) -> impl Strategy<Value = Plan> {
     let rho = i64::from(TIMINGS.max_clock_drift.as_ppm());
-    let horizon = 3000;
     (
         [-rho..=rho, -rho..=rho, -rho..=rho],
         [0u64..1_000_000, 0u64..1_000_000, 0u64..1_000_000],
-        0..=max_delay,
+        delay,
         any::<u64>(),
-        proptest::collection::vec(fault(horizon), 0..=faults),
+        faults,
     )
         .prop_map(move |(drift_ppm, offset_ms, max_delay_ms, seed, faults)| Plan {
             drift_ppm,
@@ -800,28 +808,34 @@ fn plan(max_delay: u64, faults: usize) -> impl Strategy<Value = Plan> {
             max_delay_ms,
             seed,
             faults,
-            horizon_ms: horizon,
+            horizon_ms: HORIZON,
         })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+/// Random histories per run of the suite (≈0.3 s each in a debug build);
+/// `PROPTEST_CASES=N` asks for more.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40)
+}
 
-    /// The real controller and witness keep S1 and S2 under random kills,
-    /// crashes, pauses, partitions, delays and clock rates. (More cases:
-    /// `PROPTEST_CASES=5000 cargo test --release --lib failover::sim`.)
-    #[test]
-    fn no_acked_write_lost_and_no_two_servers(p in plan(40, 8)) {
-        let (_, result) = run(&p, Wiring::default());
-        if let Err(e) = result {
-            return Err(TestCaseError::fail(e));
-        }
+/// The real controller and witness keep S1 and S2 under random kills,
+/// crashes, pauses, partitions, delays and clock rates.
+#[test]
+fn no_acked_write_lost_and_no_two_servers() {
+    let config = Config { cases: cases(), failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&plan(40, 8), |p| match run(&p, Wiring::default()).1 {
+        Ok(()) => Ok(()),
+        Err(e) => Err(TestCaseError::fail(e)),
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
 /// Searches for a plan that breaks `wiring`; returns the shrunk failure.
 fn find_failure(wiring: Wiring, strategy: impl Strategy<Value = Plan>, cases: u32) -> String {
-    let config = Config { cases, failure_persistence: None, ..Config::default() };
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 300, ..Config::default() };
     let rng = proptest::test_runner::TestRng::deterministic_rng(config.rng_algorithm);
     let mut runner = TestRunner::new_with_rng(config, rng);
     match runner.run(&strategy, |p| match run(&p, wiring).1 {
@@ -843,7 +857,7 @@ fn the_histories_fail_over_and_acknowledge() {
     let mut runner = TestRunner::deterministic();
     let strategy = plan(40, 8);
     let (mut promotions, mut acked, mut solos) = (0, 0, 0);
-    for _ in 0..40 {
+    for _ in 0..20 {
         let p = strategy.new_tree(&mut runner).unwrap().current();
         let (w, result) = run(&p, Wiring::default());
         assert!(result.is_ok(), "{result:?}");
@@ -851,8 +865,8 @@ fn the_histories_fail_over_and_acknowledge() {
         acked += w.acked.len();
         solos += w.stats_solo;
     }
-    assert!(promotions > 5, "only {promotions} failovers");
-    assert!(acked > 1000, "only {acked} acknowledged writes");
+    assert!(promotions > 3, "only {promotions} failovers");
+    assert!(acked > 500, "only {acked} acknowledged writes");
     assert!(solos > 0, "no solo asked");
 }
 
@@ -861,7 +875,9 @@ fn the_histories_fail_over_and_acknowledge() {
 #[test]
 fn anchoring_at_receive_time_breaks_s2() {
     let wiring = Wiring { anchor_at_receive: true, ..Wiring::default() };
-    let e = find_failure(wiring, plan(120, 4), 2000);
+    // Long delays and a stopped primary make the stretched lease show.
+    let faults = (400u64..1500, 300u64..900).prop_map(|(at, ms)| vec![(at, Fault::Pause { node: 0, ms })]);
+    let e = find_failure(wiring, plan_with(60..=120, faults), 500);
     assert!(e.contains("S2"), "{e}");
     eprintln!("{e}");
 }
@@ -871,7 +887,19 @@ fn anchoring_at_receive_time_breaks_s2() {
 #[test]
 fn answering_before_persisting_breaks_s1_or_s2() {
     let wiring = Wiring { witness_lag_ms: Some(10_000), ..Wiring::default() };
-    let e = find_failure(wiring, plan(20, 8), 4000);
+    // The secondary isolated: the primary gets a solo grant (the peer
+    // outdated), the witness crashes before that grant is durable; back
+    // with the old record, it lets the secondary, which never saw the new
+    // term (the data link still cut), claim it.
+    let faults = (400u64..800, 300u64..600, 420u64..700, 20u64..200).prop_map(|(at, ms, after, down_ms)| {
+        vec![
+            (at, Fault::Isolate { node: 1, ms }),
+            (at, Fault::Cut { from: 0, to: 1, ms: 2000 }),
+            (at, Fault::Cut { from: 1, to: 0, ms: 2000 }),
+            (at + after, Fault::Crash { node: WITNESS, down_ms }),
+        ]
+    });
+    let e = find_failure(wiring, plan_with(0..=20, faults), 500);
     assert!(e.contains("S1") || e.contains("S2") || e.contains("two primaries"), "{e}");
     eprintln!("{e}");
 }
