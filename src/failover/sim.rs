@@ -622,10 +622,8 @@ impl World {
             let term = self.ctrl(1 - i).term();
             self.input(i, Input::PeerConnected { term, primary: primary[1 - i] });
         }
-        for i in 0..2 {
-            if primary[i] {
-                self.resync(i, 1 - i);
-            }
+        if let Some(source) = primary.iter().position(|&p| p) {
+            self.resync(source, 1 - source);
         }
     }
 
