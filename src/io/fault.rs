@@ -11,7 +11,8 @@
 //!
 //! # How the power cut is modelled
 //!
-//! For every file written through the engine, an undo log records each write
+//! For every file written through the engine (per inode, whichever
+//! descriptor writes or syncs it, as the page cache is), an undo log records each write
 //! and zero range not yet covered by a successful `SyncData` of that file: the
 //! offset and the bytes it overwrote (read through the inner engine just
 //! before the write; bytes beyond end of file count as zeroes), and the
@@ -135,9 +136,23 @@ struct State {
     sync_fault: Option<Fault>,
     write_fault: Option<Fault>,
     powered_off: bool,
-    /// Per file id; a BTreeMap so that a power cut draws its random numbers in
-    /// a deterministic order.
+    /// Per file (the id of the first descriptor seen for its inode); a
+    /// BTreeMap so that a power cut draws its random numbers in a
+    /// deterministic order.
     files: BTreeMap<u64, Unsynced>,
+    /// Inode (device, number) to the id its unsynced state is kept under:
+    /// an fdatasync through any descriptor makes the writes of every
+    /// descriptor of the file durable (the page cache is per inode).
+    inodes: std::collections::HashMap<(u64, u64), u64>,
+}
+
+impl State {
+    /// The key of `file` in `files`.
+    fn key(&mut self, file: &IoFile) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.std().metadata()?;
+        Ok(*self.inodes.entry((m.dev(), m.ino())).or_insert(file.id()))
+    }
 }
 
 /// The fault-injecting engine (see the module documentation).
@@ -171,6 +186,7 @@ impl FaultEngine {
                 write_fault: None,
                 powered_off: false,
                 files: BTreeMap::new(),
+                inodes: std::collections::HashMap::new(),
             }),
         })
     }
@@ -421,14 +437,23 @@ impl IoEngine for FaultEngine {
                 continue;
             }
             let file_len = self.inner.len(file)?;
-            if let std::collections::btree_map::Entry::Vacant(v) = st.files.entry(file.id()) {
+            let key = st.key(file)?;
+            if let std::collections::btree_map::Entry::Vacant(v) = st.files.entry(key) {
                 let dup = IoFile::new(file.std().try_clone()?, file.path());
                 v.insert(Unsynced { file: dup, durable_len: file_len, undo: Vec::new() });
             }
             // A zero range keeps the size: nothing beyond end of file changes.
             let len = if matches!(op, IoOp::Zero { .. }) { len.min(file_len.saturating_sub(offset)) } else { len };
             if len > 0 {
-                undos.push((file.id(), self.capture(file, file_len, offset, len)?));
+                undos.push((key, self.capture(file, file_len, offset, len)?));
+            }
+        }
+
+        // The files this batch syncs (if it succeeds).
+        let mut synced = Vec::new();
+        for (op, fail) in ops.iter().zip(&injected) {
+            if let (IoOp::SyncData { file }, None) = (op, fail) {
+                synced.push(st.key(file)?);
             }
         }
 
@@ -447,13 +472,6 @@ impl IoEngine for FaultEngine {
             })
             .collect();
         let res = if pass.is_empty() { Ok(()) } else { self.inner.submit(&mut pass) };
-        let synced: Vec<u64> = pass
-            .iter()
-            .filter_map(|op| match op {
-                IoOp::SyncData { file } => Some(file.id()),
-                _ => None,
-            })
-            .collect();
         drop(pass);
 
         // Record the batch's operations (even if the batch failed: reverting
@@ -503,7 +521,8 @@ impl IoEngine for FaultEngine {
             return Err(eio());
         }
         self.inner.set_len(file, len)?;
-        if let Some(u) = st.files.get_mut(&file.id()) {
+        let key = st.key(file)?;
+        if let Some(u) = st.files.get_mut(&key) {
             u.durable_len = len;
         }
         Ok(())
@@ -515,7 +534,8 @@ impl IoEngine for FaultEngine {
             return Err(eio());
         }
         self.inner.allocate(file, len)?;
-        if let Some(u) = st.files.get_mut(&file.id()) {
+        let key = st.key(file)?;
+        if let Some(u) = st.files.get_mut(&key) {
             u.durable_len = u.durable_len.max(len);
         }
         Ok(())
@@ -576,7 +596,7 @@ pub fn parse_fault_spec(s: &str) -> Result<FaultSpec, String> {
             }
             _ => {
                 return Err(format!(
-                    "{FAULTS_ENV}: unknown key `{key}` (expected sync_error_after, write_error_after, seed)"
+                    "{FAULTS_ENV}: unknown key `{key}` (expected sync_error_after, write_error_after, seed, trigger)"
                 ));
             }
         }
@@ -618,17 +638,86 @@ pub fn wrap_from_env(engine: Arc<dyn IoEngine>) -> Result<Arc<dyn IoEngine>, Str
 }
 
 /// [`wrap_from_env`] with the specification given.
+///
+/// Besides the keys of [`parse_fault_spec`], `trigger=PATH` arms faults
+/// while the process runs (the fault campaign, `repbench chaos`, uses it):
+/// a thread looks for the file PATH every 5 ms; when it appears it is read,
+/// removed, and its content applied: `power-cut` makes a [`FaultEngine::power_cut`]
+/// and then stops the process with SIGKILL at once, as a machine losing
+/// power does (nothing after the cut reaches the disk; the engine refuses
+/// every operation from the cut on); anything else is a specification such
+/// as `write_error_after=10:ENOSPC` (a disk that fills up now).
 pub fn wrap_with_spec(engine: Arc<dyn IoEngine>, spec: &str) -> Result<Arc<dyn IoEngine>, String> {
-    let parsed = parse_fault_spec(spec)?;
+    let (rest, trigger) = split_trigger(spec)?;
+    let parsed = parse_fault_spec(&rest)?;
     let fe = FaultEngine::new(engine, parsed.seed);
-    if let Some((n, errno)) = parsed.sync_error_after {
-        fe.fail_sync_after(n, errno);
-    }
-    if let Some((n, errno)) = parsed.write_error_after {
-        fe.fail_writes_after(n, errno);
+    fe.arm(&parsed);
+    if let Some(path) = trigger {
+        spawn_trigger(Arc::downgrade(&fe), path)?;
     }
     tracing::warn!(spec, "IO fault injection enabled ({FAULTS_ENV}); test use only");
     Ok(fe)
+}
+
+/// Takes the `trigger=PATH` item out of a specification.
+fn split_trigger(spec: &str) -> Result<(String, Option<std::path::PathBuf>), String> {
+    let mut rest = Vec::new();
+    let mut trigger = None;
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some((k, v)) if k.trim() == "trigger" => {
+                if v.trim().is_empty() {
+                    return Err(format!("{FAULTS_ENV}: trigger: a file path is required"));
+                }
+                trigger = Some(std::path::PathBuf::from(v.trim()));
+            }
+            _ => rest.push(item),
+        }
+    }
+    Ok((rest.join(","), trigger))
+}
+
+/// The thread behind `trigger=PATH` (see [`wrap_with_spec`]); it ends with
+/// the engine.
+fn spawn_trigger(engine: std::sync::Weak<FaultEngine>, path: std::path::PathBuf) -> Result<(), String> {
+    let poll = move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let Some(fe) = engine.upgrade() else { return };
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let _ = std::fs::remove_file(&path);
+            let cmd = text.trim();
+            if cmd == "power-cut" {
+                let report = fe.power_cut();
+                tracing::warn!(?report, "fault injection: power cut by trigger; the process stops now (SIGKILL)");
+                // SAFETY: kill(2) of this very process with a signal that
+                // cannot be caught; no memory is touched.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                return;
+            }
+            match parse_fault_spec(cmd) {
+                Ok(spec) => fe.arm(&spec),
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "fault injection: bad trigger"),
+            }
+        }
+    };
+    std::thread::Builder::new()
+        .name("fault-trigger".into())
+        .spawn(poll)
+        .map(drop)
+        .map_err(|e| format!("{FAULTS_ENV}: trigger: cannot start its thread: {e}"))
+}
+
+impl FaultEngine {
+    /// Arms the sync and write faults of `spec`.
+    fn arm(&self, spec: &FaultSpec) {
+        if let Some((n, errno)) = spec.sync_error_after {
+            self.fail_sync_after(n, errno);
+        }
+        if let Some((n, errno)) = spec.write_error_after {
+            self.fail_writes_after(n, errno);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1063,6 +1152,53 @@ mod tests {
         e.sync_data(&f).expect("first sync");
         assert_eq!(errno(e.sync_data(&f)), Some(libc::EROFS));
         assert!(wrap_with_spec(Arc::new(SyncEngine::new()), "bogus=1").is_err());
+    }
+
+    /// An fdatasync makes every write of the file durable, whichever
+    /// descriptor wrote it (the page cache is per inode). A WAL segment
+    /// abandoned unsynced (a log rebase) and then recycled under a new
+    /// descriptor is written and synced through that one: a power cut must
+    /// not bring the abandoned writes' old bytes back over synced data. Found
+    /// by the fault campaign (seed 1000, cycle 357: a secondary refused to
+    /// start after a power cut, a synced WAL record reverted).
+    #[test]
+    fn a_sync_covers_writes_made_through_another_descriptor_of_the_file() {
+        for seed in 0..16 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let e = engine(seed);
+            let path = dir.path().join("seg");
+            let old = e.open(&path, OpenMode::CREATE_NEW).expect("open");
+            e.write_all_at(&old, &fill(1, 4096), 0).expect("first write");
+            e.sync_data(&old).expect("sync");
+            e.write_all_at(&old, &fill(2, 4096), 0).expect("abandoned, never synced through this descriptor");
+            let new = e.open(&path, OpenMode::READ_WRITE).expect("reopen");
+            e.write_all_at(&new, &fill(3, 4096), 0).expect("write through the new descriptor");
+            e.sync_data(&new).expect("sync through the new descriptor");
+            e.power_cut();
+            let after = std::fs::read(&path).expect("read");
+            assert_eq!(after, fill(3, 4096), "seed {seed}: synced data changed by the power cut");
+        }
+    }
+
+    #[test]
+    fn a_trigger_file_arms_a_fault_while_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trigger = dir.path().join("trigger");
+        let spec = format!("seed=3,trigger={}", trigger.display());
+        let e = wrap_with_spec(Arc::new(SyncEngine::new()), &spec).expect("wrap");
+        let f = e.open(&dir.path().join("f"), OpenMode::CREATE_NEW).expect("open");
+        e.write_all_at(&f, &fill(1, 512), 0).expect("write before the trigger");
+        std::fs::write(&trigger, "write_error_after=1:ENOSPC\n").expect("trigger");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while trigger.exists() {
+            assert!(std::time::Instant::now() < deadline, "the trigger file was never taken");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The file is removed just before the fault is armed.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        e.write_all_at(&f, &fill(2, 512), 0).expect("the one write still allowed");
+        assert_eq!(errno(e.write_all_at(&f, &fill(3, 512), 0)), Some(libc::ENOSPC));
+        assert!(wrap_with_spec(Arc::new(SyncEngine::new()), "trigger=").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! and writes the results as JSON and markdown ([`results`]) and SVG charts
 //! ([`report`]). docs/benchmarks.md explains how to run and read it.
 
+pub mod chaos;
 pub mod crosscheck;
 pub mod loadgen;
 pub mod report;

@@ -161,6 +161,26 @@ fn free_port() -> Result<u16, TargetError> {
     Ok(l.local_addr().map_err(io_err("local address of an ephemeral port"))?.port())
 }
 
+/// Puts the command's process in its own process group, so that a Ctrl-C
+/// in the terminal reaches repbench only (which then stops the servers
+/// itself), and has the kernel kill it if repbench dies without cleaning up
+/// (SIGKILL), so that no server outlives the run.
+pub fn own_group_dies_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec; it only
+    // calls prctl(2), which is async-signal-safe, and touches no memory
+    // shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
 pub struct Process {
@@ -174,23 +194,7 @@ impl Process {
         let file = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
         let file2 = file.try_clone().map_err(io_err(format!("duplicating {}", log.display())))?;
         cmd.stdin(Stdio::null()).stdout(file).stderr(file2);
-        // Its own process group, so that a Ctrl-C in the terminal reaches
-        // repbench only (which then stops the servers itself, between
-        // cells); and killed by the kernel if repbench dies without
-        // cleaning up (SIGKILL), so that no server outlives the run.
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec; it
-        // only calls prctl(2), which is async-signal-safe, and touches no
-        // memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        own_group_dies_with_parent(cmd);
         let child = cmd.spawn().map_err(io_err(format!("starting {name} ({cmd:?})")))?;
         Ok(Process { name: name.to_string(), child, log })
     }
