@@ -28,15 +28,21 @@ const RULE: &[(&str, &[&str])] = &[
     // Front end and control plane: independent of each other and of repl.
     ("nbd", &["model", "units"]),
     ("control", &["model", "units", "event"]),
+    // Automatic failover's pure core (terms, leases, the witness's vote and
+    // state file, the controller): no IO of its own beyond the state file.
+    ("failover", &["model", "units"]),
     // The local volume.
     ("volume", &["io", "model", "units"]),
     // The config file: its defaults and limits come from the layers it
     // configures.
-    ("config", &["model", "units", "io", "volume", "nbd"]),
+    ("config", &["model", "units", "io", "volume", "nbd", "failover"]),
     // Replication: never config, node or control.
-    ("repl", &["model", "units", "event", "volume", "io"]),
+    ("repl", &["model", "units", "event", "volume", "io", "failover"]),
     // The composition root.
-    ("node", &["model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl"]),
+    (
+        "node",
+        &["model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl", "failover"],
+    ),
     // Man pages and completions of the binaries.
     ("clidoc", &[]),
     // Entry points of the fuzz targets: a harness over every parser.

@@ -19,6 +19,8 @@
 //! - [`repl`]: replication: the engine and its sessions (log stream, apply,
 //!   resync, online verify), the resync decision, the wire protocol and the
 //!   authenticated handshake.
+//! - [`failover`]: automatic failover's pure core: terms, leases, the
+//!   witness's vote and state file, the data node's failover controller.
 //! - [`control`]: the control socket protocol spoken by `repctl`.
 //! - [`config`]: the resource configuration file (TOML) and its validation.
 //! - [`node`]: the composition root: one running node (role and disk state
@@ -37,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod errors;
 pub mod event;
+pub mod failover;
 #[cfg(feature = "testkit")]
 pub mod fuzzing;
 pub mod io;
