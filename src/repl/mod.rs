@@ -42,6 +42,7 @@ mod engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+pub mod resync;
 mod session;
 pub mod stats;
 pub mod store;

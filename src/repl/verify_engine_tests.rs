@@ -285,11 +285,11 @@ async fn verify_protocol_violations_are_errors_not_marks() {
     // A good chunk: compared, nothing differs (the store is zeroes).
     let (job, compare) =
         v.target_digests(&e, 0, 4096, digest_blocks(&[0; 8192], 4096)).expect("valid digests").expect("a job");
-    assert!(v.gate, "the reader waits for the compare");
+    assert!(v.gate(), "the reader waits for the compare");
     compare.await.expect("compare");
     let m = v.target_done(&e, job);
     assert_eq!(m, Message::VerifyResult { offset: 0, len: 8192, mismatched: vec![] });
-    assert!(!v.gate);
+    assert!(!v.gate());
     assert_eq!(store.dirty_bytes(), 0, "nothing marked");
     // As source: verify data that no chunk asked for is dropped.
     let mut s = SessionVerify::default();
