@@ -2,9 +2,13 @@
 //! `new-current-uuid --clear-bitmap`, `verify` (src/repl/verify/) and
 //! `invalidate`.
 
-use super::Engine;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Engine, SessionClaim, StopReason};
 use crate::event::Event;
-use crate::model::{ConnState, DiskState, ReplState, Role};
+use crate::model::{ConnState, DiskState, GenIds, ReplState, ResyncKind, Role};
+use crate::repl::decide::Decision;
 use crate::repl::verify::{Invalidation, VerifyRequested};
 
 /// What [`Engine::promote`] did.
@@ -37,7 +41,6 @@ pub fn refuse_promote_message(disk: DiskState, session: bool, peer: &str) -> Str
     };
     format!("cannot promote: disk is {disk}: {why}; --force makes this node's data the truth")
 }
-
 
 impl Engine {
     /// `new-current-uuid --clear-bitmap` (DRBD's name): both nodes
@@ -247,4 +250,3 @@ impl Engine {
         })
     }
 }
-

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use super::{
     DUPLICATE_WINDOW, Engine, EngineError, HANDSHAKE_TIMEOUT, LOG_EVERY, LOSER_DIAL_DELAY, SessionSlot, StopReason,
 };
-use super::{DecisionView, ProbeReport};
+use super::{DecisionView, ProbeReport, SideReport, side_view};
 use crate::event::Event;
-use crate::model::{ConnState, OnPeerLoss, ReplState, Role, SplitBrainPolicy};
-use crate::repl::decide::{Decision, Verdict};
+use crate::model::{ConnState, OnPeerLoss, Role, SplitBrainPolicy};
+use crate::repl::decide::{Decision, SideView, Verdict};
 use crate::repl::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
 use crate::repl::link::{FrameReader, FrameWriter, split_tcp};
 use crate::repl::proto::{GoodbyeReason, Message, SyncInfo, sync_flags};
@@ -49,7 +49,7 @@ impl Engine {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let mut stop = self.shutdown.subscribe();
-        let mut summaries = tokio::time::interval(super::unauth::SUMMARY_INTERVAL / 4);
+        let mut summaries = tokio::time::interval(crate::repl::unauth::SUMMARY_INTERVAL / 4);
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -85,7 +85,8 @@ impl Engine {
         // The node that loses the connection rule dials a little later
         // (at start and after each session), so that both nodes dialing at
         // once rarely produces two connections (one of which is then closed).
-        let loser_extra = if super::handshake::connection_winner(&self.cfg.node, &self.cfg.peer) == self.cfg.node {
+        let loser_extra = if crate::repl::handshake::connection_winner(&self.cfg.node, &self.cfg.peer) == self.cfg.node
+        {
             Duration::ZERO
         } else {
             LOSER_DIAL_DELAY
@@ -217,7 +218,7 @@ impl Engine {
         if theirs.dry_run() {
             // The peer probes (`connect --dry-run`): it computes the decision
             // from our SyncInfo and says Goodbye. Nothing changes here.
-            let verdict = super::decide::decide(&side_view(&theirs), &side_view(&mine), &self.cfg.split_brain);
+            let verdict = crate::repl::decide::decide(&side_view(&theirs), &side_view(&mine), &self.cfg.split_brain);
             tracing::info!(peer = %peer.node, result = verdict.decision.as_str(), rule = verdict.rule, "answered a dry-run probe from the peer");
             let _ =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, async { while let Ok(Some(_)) = reader.read().await {} }).await;
@@ -253,7 +254,7 @@ impl Engine {
             self.discard_my_data.store(false, Ordering::Release);
         }
         self.view_mut().last_error = None;
-        let start = super::session::Start { reader, writer, peer, mine, theirs };
+        let start = crate::repl::session::Start { reader, writer, peer, mine, theirs };
         self.run_session(id, start, stop_rx, local.role).await;
         true
     }
@@ -299,12 +300,12 @@ impl Engine {
             return Verdict { decision: Decision::Refuse(why.clone()), rule: "granularity", explanation: why };
         }
         let (l, p) = (side_view(mine), side_view(theirs));
-        let v = super::decide::decide(&l, &p, &self.cfg.split_brain);
+        let v = crate::repl::decide::decide(&l, &p, &self.cfg.split_brain);
         if l.role == Role::Primary && p.role == Role::Primary {
             // Two primaries are refused whatever happened; when both also
             // wrote since their last common generation, say it is a split
             // brain (status, event), as it would be once one demotes.
-            let as_secondaries = super::decide::decide(
+            let as_secondaries = crate::repl::decide::decide(
                 &SideView { role: Role::Secondary, discard_my_data: false, ..l },
                 &SideView { role: Role::Secondary, discard_my_data: false, ..p },
                 &SplitBrainPolicy::default(),
@@ -403,7 +404,7 @@ impl Engine {
     async fn run_session(
         self: &Arc<Self>,
         id: u64,
-        start: super::session::Start,
+        start: crate::repl::session::Start,
         stop: watch::Receiver<Option<StopReason>>,
         hello_role: Role,
     ) {
@@ -414,13 +415,13 @@ impl Engine {
             return;
         }
         self.connected.send_replace(true);
-        let outcome = super::session::run(self, start, stop, hello_role).await;
+        let outcome = crate::repl::session::run(self, start, stop, hello_role).await;
         self.end_session(id, &outcome);
     }
 
     /// Bookkeeping after a session ended.
-    fn end_session(&self, id: u64, outcome: &super::session::Outcome) {
-        use super::session::Outcome;
+    fn end_session(&self, id: u64, outcome: &crate::repl::session::Outcome) {
+        use crate::repl::session::Outcome;
         self.link_stats.session_down();
         let was_feeding = self.gate.streaming();
         if was_feeding {

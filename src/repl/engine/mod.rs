@@ -24,19 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, broadcast, watch};
 
-use super::decide::{Decision, SideView, Verdict};
-use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
-use super::link::{FrameReader, FrameWriter, split_tcp};
-use super::proto::{GoodbyeReason, Message};
-use super::proto::{SyncInfo, sync_flags};
+use super::decide::{Decision, Verdict};
+use super::proto::SyncInfo;
 use super::store::{ReplMeta, ReplStore};
-use crate::event::{Event, EventLine, SyncRole};
-use crate::model::{
-    ConnState, DiskState, GenIds, Lsn, OnPeerLoss, Protocol, ReplState, ResyncKind, Role, SplitBrainPolicy,
-};
+use crate::event::{Event, EventLine};
+use crate::model::{ConnState, DiskState, GenIds, OnPeerLoss, Protocol, Role, SplitBrainPolicy};
 use crate::volume::VolumeError;
 
 mod commands;
@@ -44,10 +38,9 @@ mod connect;
 pub mod gate;
 mod view;
 
-use gate::Claims;
 pub use commands::{Promoted, refuse_promote_message};
 pub use connect::describe_handshake_error;
-pub(crate) use connect::exchange_sync_info;
+use gate::Claims;
 pub use gate::{Acks, Durability, Gate, Need, need_for};
 pub use view::{DecisionView, LastSync, LinkView, ProbeReport, Resync, SideReport, side_view};
 

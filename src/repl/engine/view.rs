@@ -2,11 +2,11 @@
 //! replication state, the peer, resync progress and speed, the decision),
 //! and the engine's methods that move it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Acks, Engine};
 use crate::event::{Event, SyncRole};
-use crate::model::{ConnState, DiskState, ReplState, ResyncKind, Role};
+use crate::model::{ConnState, DiskState, Lsn, ReplState, ResyncKind, Role};
 use crate::repl::decide::{SideView, Verdict};
 use crate::repl::proto::SyncInfo;
 
@@ -153,7 +153,6 @@ pub struct LinkView {
     /// The last refusal or connection error, for humans.
     pub last_error: Option<String>,
 }
-
 
 impl Engine {
     /// A snapshot for `status`.

@@ -71,6 +71,7 @@ mod idle;
 mod source;
 mod target;
 
+#[cfg(test)]
 pub(crate) use source::ack_stall;
 
 /// Messages queued for the writer task.
@@ -141,6 +142,7 @@ pub async fn run(
             .tx
             .try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: "role change: reconnecting".into() });
         drop(s);
+        drop(io);
         drop(heartbeat);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::RoleChange);
@@ -155,6 +157,7 @@ pub async fn run(
         let message = format!("renegotiating: {}", stale.0);
         let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
         drop(s);
+        drop(io);
         drop(heartbeat);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::Renegotiate);
@@ -201,7 +204,10 @@ pub async fn run(
         let _ = s.tx.try_send(Message::Goodbye { reason, message: message.into() });
     }
     s.verify.end(engine, &outcome);
+    // Every sender (the session, the input side for Pong, the heartbeat)
+    // goes, so that the writer drains and ends.
     drop(s);
+    drop(io);
     drop(heartbeat);
     // Let the writer drain (Goodbye included), but not forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;

@@ -150,7 +150,8 @@ impl Session {
             match reader {
                 Ok(reader) => {
                     tracing::info!(peer = %self.peer_name, from = peer_lsn + 1, to = base, "log catch-up starts");
-                    self.send(Message::SyncStart { kind: ResyncKind::Log, total_bytes: 0, start_lsn: peer_lsn }).await?;
+                    self.send(Message::SyncStart { kind: ResyncKind::Log, total_bytes: 0, start_lsn: peer_lsn })
+                        .await?;
                     engine.set_replication(ReplState::SyncSource);
                     engine.sync_started(ResyncKind::Log, 0, SyncRole::Source);
                     ResyncJob::CatchingUp(Catchup::new(reader, peer_lsn, base, store.mark_count()))

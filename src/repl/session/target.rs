@@ -349,7 +349,13 @@ impl Session {
     /// Everything of the resync is applied and durable: record the disk as
     /// uptodate (consistent if the source is not uptodate) in the source's
     /// generation, clear our bits, tell the source.
-    async fn finish_sync(&mut self, io: &mut SessionIo, t: &mut Target, theirs: &SyncInfo, bytes: u64) -> Result<(), Outcome> {
+    async fn finish_sync(
+        &mut self,
+        io: &mut SessionIo,
+        t: &mut Target,
+        theirs: &SyncInfo,
+        bytes: u64,
+    ) -> Result<(), Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = &engine.store;
         let kind = t.kind.take().unwrap_or(ResyncKind::Full);
@@ -412,7 +418,6 @@ impl Session {
         }
         true
     }
-}
 }
 
 #[derive(Default)]

@@ -39,7 +39,7 @@
 //! walk over the volume [`VerifySource`]) and the numbers; `status.rs` what
 //! the engine keeps ([`VerifyCell`]: status, request, wake-up); `session.rs`
 //! the verify of one session, a sub-state machine the session loops poll
-//! ([`SessionVerify`], state [`VerifyState`]). The operator's commands
+//! (`SessionVerify`, state [`VerifyState`]). The operator's commands
 //! (`request_verify`, `invalidate`) are the engine's
 //! (src/repl/engine/commands.rs).
 //!

@@ -73,11 +73,17 @@ pub enum VerifyState {
     /// This node reads and sends digests. `peer_yielding`: the peer started
     /// a verify at the same time and yields to ours; its digests sent before
     /// it learned are dropped until its VerifyEnd.
-    Source { run: Box<SourceRun>, peer_yielding: bool },
+    Source {
+        run: Box<SourceRun>,
+        peer_yielding: bool,
+    },
     /// The peer is the source. `comparing`: a compare waits in the apply
     /// queue; no frame is read until it ran, so the target's data is
     /// exactly the stream up to the digests.
-    Target { run: TargetRun, comparing: bool },
+    Target {
+        run: TargetRun,
+        comparing: bool,
+    },
 }
 
 /// A move of the verify state.
@@ -217,12 +223,16 @@ impl SessionVerify {
             (S::Source { run, peer_yielding: false }, VerifyOp::PeerStartsToo) => {
                 (S::Source { run, peer_yielding: true }, true)
             }
-            (S::Source { peer_yielding: false, .. }, VerifyOp::Yield(run)) => (S::Target { run, comparing: false }, true),
+            (S::Source { peer_yielding: false, .. }, VerifyOp::Yield(run)) => {
+                (S::Target { run, comparing: false }, true)
+            }
             (S::Source { run, peer_yielding: true }, VerifyOp::PeerYielded) => {
                 (S::Source { run, peer_yielding: false }, true)
             }
             (S::Source { .. }, VerifyOp::SourceDone) => (S::Idle, true),
-            (S::Target { run, comparing: false }, VerifyOp::CompareQueued) => (S::Target { run, comparing: true }, true),
+            (S::Target { run, comparing: false }, VerifyOp::CompareQueued) => {
+                (S::Target { run, comparing: true }, true)
+            }
             (S::Target { run, comparing: true }, VerifyOp::CompareDone) => (S::Target { run, comparing: false }, true),
             (S::Target { comparing: false, .. }, VerifyOp::TargetDone) => (S::Idle, true),
             (_, VerifyOp::Abort) => (S::Idle, true),
@@ -232,6 +242,7 @@ impl SessionVerify {
         if ok { Ok(()) } else { Err(err) }
     }
 
+    #[cfg(test)]
     pub(crate) fn state(&self) -> &VerifyState {
         &self.state
     }
@@ -429,7 +440,12 @@ impl SessionVerify {
 
     /// The peer's VerifyStart: this node becomes its target, unless both
     /// started at once and we win the connection rule.
-    fn peer_starts(&mut self, engine: &Engine, total_bytes: u64, block: u32) -> Result<(Option<Message>, After), String> {
+    fn peer_starts(
+        &mut self,
+        engine: &Engine,
+        total_bytes: u64,
+        block: u32,
+    ) -> Result<(Option<Message>, After), String> {
         check_block(block).map_err(|e| e.to_string())?;
         if total_bytes != engine.store.size() {
             return Err(format!("verify of {total_bytes} bytes, but this volume has {} bytes", engine.store.size()));
@@ -595,7 +611,15 @@ mod tests {
     fn illegal_verify_moves_are_refused_and_leave_the_state_as_it_was() {
         let mut v = SessionVerify::default();
         let t = TargetRun { total: 1 << 20, block: 4096 };
-        for op in [VerifyOp::PeerYielded, VerifyOp::CompareQueued, VerifyOp::CompareDone, VerifyOp::SourceDone, VerifyOp::TargetDone, VerifyOp::PeerStartsToo, VerifyOp::Yield(t)] {
+        for op in [
+            VerifyOp::PeerYielded,
+            VerifyOp::CompareQueued,
+            VerifyOp::CompareDone,
+            VerifyOp::SourceDone,
+            VerifyOp::TargetDone,
+            VerifyOp::PeerStartsToo,
+            VerifyOp::Yield(t),
+        ] {
             let name = op.name();
             assert_eq!(v.exec(op), Err(VerifyStateError { op: name, state: VerifyStateName::Idle }));
         }

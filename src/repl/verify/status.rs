@@ -2,8 +2,8 @@
 //! shows, the operator's request waiting for the session to pick it up,
 //! and the session's wake-up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -136,4 +136,3 @@ impl VerifyCell {
         Some(report)
     }
 }
-
