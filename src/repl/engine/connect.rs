@@ -249,10 +249,9 @@ impl Engine {
             tracing::debug!(peer = %peer.node, dialled_by_us, "duplicate replication connection closed");
             return false;
         };
-        if mine.discard_my_data() {
-            // One shot: used by this session's decision.
-            self.discard_my_data.store(false, Ordering::Release);
-        }
+        // `--discard-my-data` is spent by the session (when the resync it
+        // asked for starts, or by a decision it does not change), not here:
+        // a session that ends first leaves it for the next one.
         self.view_mut().last_error = None;
         let start = crate::repl::session::Start { reader, writer, peer, mine, theirs };
         self.run_session(id, start, stop_rx, local.role).await;

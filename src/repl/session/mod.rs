@@ -135,6 +135,7 @@ pub async fn run(
         queued,
         peer_name: peer.node.clone(),
         verify: SessionVerify::default(),
+        discard_my_data: false,
     };
     let local_role = engine.role();
     if local_role != hello_role || local_role != mine.role {
@@ -163,6 +164,14 @@ pub async fn run(
         return Outcome::Stopped(StopReason::Renegotiate);
     }
     engine.record_decision(&verdict, &mine, &theirs);
+    // Our `--discard-my-data` waits for the resync it decided to start
+    // (target.rs, SyncStart); any other decision uses it up now.
+    s.discard_my_data = mine.discard_my_data()
+        && verdict.rule == super::decide::rule::SB_DISCARD_MY_DATA
+        && matches!(verdict.decision, Decision::Target(_));
+    if mine.discard_my_data() && !s.discard_my_data {
+        engine.spend_discard_my_data();
+    }
     // `new-current-uuid --clear-bitmap` on this node: both secondary, our
     // Hello and SyncInfo carry the new generation; an empty resync (idle
     // below) tells the peer to take it.
@@ -370,6 +379,9 @@ struct Session {
     peer_name: String,
     /// Online verify of this session (src/repl/verify/).
     verify: SessionVerify,
+    /// This session carries our `--discard-my-data` and decided the resync
+    /// it asks for: the one-shot is spent when that resync starts.
+    discard_my_data: bool,
 }
 
 /// What [`SessionIo::next`] saw.

@@ -296,6 +296,9 @@ impl Session {
                 // Not if a promote came first (it ends this session).
                 engine.target_goes_inconsistent(|| store.store_meta(meta)).map_err(Outcome::Failed)?;
                 engine.took_peer_generation();
+                if std::mem::take(&mut self.discard_my_data) {
+                    engine.spend_discard_my_data();
+                }
                 if from != DiskState::Inconsistent {
                     engine.emit(Event::DiskChanged {
                         clear_bitmap: None,

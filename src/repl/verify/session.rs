@@ -477,6 +477,15 @@ impl SessionVerify {
             }
             VerifyState::Idle => {
                 self.exec(VerifyOp::PeerStarts(target)).map_err(|e| e.to_string())?;
+                // Our own request, not picked up yet, is answered by the
+                // peer's verify (it compares the same blocks of the same
+                // two copies): taken now, so that it does not start a
+                // second verify after this one, which the renegotiation of
+                // a verify that found differences would abort (the flake of
+                // `verify_started_on_both_secondaries_at_once_runs_one`).
+                if engine.verify.take_request() {
+                    tracing::info!(peer = %engine.cfg.peer, "our verify request is answered by the peer's verify");
+                }
             }
         }
         tracing::info!(peer = %engine.cfg.peer, bytes = total_bytes, block, "online verify starts (the peer is the source)");
