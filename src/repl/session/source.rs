@@ -129,7 +129,11 @@ impl Session {
         let (base, mut feed) = store.attach_feed(engine.cfg.max_buffer);
         store.set_tracking(false);
         engine.gate().feed_attached(base);
-        let wants_log = matches!(plan, None | Some(ResyncKind::Log)) && peer_lsn < base;
+        // A decided log catch-up runs even with nothing to replay (see
+        // `Catchup::nothing_to_replay`); without a decision, only when the
+        // peer lacks records.
+        let wants_log = (matches!(plan, None | Some(ResyncKind::Log)) && peer_lsn < base)
+            || (plan == Some(ResyncKind::Log) && peer_lsn == base);
         if plan.is_none() && peer_lsn > base {
             return Err(Outcome::Failed(format!(
                 "the peer is at LSN {peer_lsn}, ahead of ours ({base}), without a resync decided"
@@ -144,8 +148,10 @@ impl Session {
                     lsn: peer_lsn + 1,
                     why: "the bitmap holds marks that no record explains (verify, a merged bitmap, a full sync)".into(),
                 })
+            } else if peer_lsn == base {
+                Ok(None)
             } else {
-                store.log_reader(peer_lsn + 1, base)
+                store.log_reader(peer_lsn + 1, base).map(Some)
             };
             match reader {
                 Ok(reader) => {
@@ -154,7 +160,10 @@ impl Session {
                         .await?;
                     engine.set_replication(ReplState::SyncSource);
                     engine.sync_started(ResyncKind::Log, 0, SyncRole::Source);
-                    ResyncJob::CatchingUp(Catchup::new(reader, peer_lsn, base, store.mark_count()))
+                    ResyncJob::CatchingUp(match reader {
+                        Some(reader) => Catchup::new(reader, peer_lsn, base, store.mark_count()),
+                        None => Catchup::nothing_to_replay(base, store.mark_count()),
+                    })
                 }
                 Err(e) => {
                     let kind = self.fallback_kind(peer_lsn, &e);
