@@ -207,6 +207,10 @@ impl Engine {
         if self.discard_my_data.load(Ordering::Acquire) {
             flags |= sync_flags::DISCARD_MY_DATA;
         }
+        // The marks our SyncInfo describes: a session that ended after it
+        // was sent may still mark its unacknowledged records (see
+        // `Engine::claim_session`).
+        let marks = self.store.mark_count();
         let mine = self.sync_info(flags);
         let theirs = match exchange_sync_info(&mut reader, &mut writer, &mine).await {
             Ok(t) => t,
@@ -253,7 +257,7 @@ impl Engine {
         // asked for starts, or by a decision it does not change), not here:
         // a session that ends first leaves it for the next one.
         self.view_mut().last_error = None;
-        let start = crate::repl::session::Start { reader, writer, peer, mine, theirs };
+        let start = crate::repl::session::Start { reader, writer, peer, mine, marks, theirs };
         self.run_session(id, start, stop_rx, local.role).await;
         true
     }

@@ -452,9 +452,22 @@ impl Engine {
     /// between) means the peer decided on a view that is no longer ours:
     /// the caller renegotiates. A source claims the feed: writes wait for
     /// it instead of starting a generation the peer does not know.
-    pub(crate) fn claim_session(&self, mine: &SyncInfo, verdict: &Verdict) -> Result<(), Stale> {
+    ///
+    /// `marks` is the bitmap's `mark_count` when `mine` was made: blocks
+    /// marked since (the previous session's end marking the records the
+    /// peer had not acknowledged, after this session's SyncInfo was sent:
+    /// a primary resumed from SIGSTOP, chaos seed 1000 cycle 31) are not in
+    /// the out-of-sync count the peer decided on; acting on it would leave
+    /// the marks standing on an in-sync pair.
+    pub(crate) fn claim_session(&self, mine: &SyncInfo, marks: u64, verdict: &Verdict) -> Result<(), Stale> {
         let mut claim = self.claim();
         let meta = self.store.meta();
+        let now = self.store.mark_count();
+        if now != marks {
+            return Err(Stale(format!(
+                "blocks were marked out of sync since the session start (marks {marks} -> {now})"
+            )));
+        }
         let role = self.role();
         if role != mine.role {
             return Err(Stale(format!("our role changed to {role} since the session start")));

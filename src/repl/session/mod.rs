@@ -99,6 +99,8 @@ pub struct Start {
     pub writer: FrameWriter<OwnedWriteHalf>,
     pub peer: PeerInfo,
     pub mine: SyncInfo,
+    /// The local bitmap's `mark_count` when `mine` was made.
+    pub marks: u64,
     pub theirs: SyncInfo,
 }
 
@@ -111,7 +113,7 @@ pub async fn run(
     stop: watch::Receiver<Option<StopReason>>,
     hello_role: Role,
 ) -> Outcome {
-    let Start { reader, writer, peer, mine, theirs } = start;
+    let Start { reader, writer, peer, mine, marks, theirs } = start;
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let queued = Arc::new(QueuedBytes::default());
     let peer_address = reader.get_ref().peer_addr().map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
@@ -153,7 +155,7 @@ pub async fn run(
     super::engine::test_hold(super::engine::HoldPoint::Decision).await;
     // Our SyncInfo must still be true when we act on the decision (the
     // peer decided on it too): else renegotiate at once.
-    if let Err(stale) = engine.claim_session(&mine, &verdict) {
+    if let Err(stale) = engine.claim_session(&mine, marks, &verdict) {
         tracing::info!(peer = %peer.node, "renegotiating: {}", stale.0);
         let message = format!("renegotiating: {}", stale.0);
         let _ = s.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
