@@ -79,6 +79,9 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
+    /// What a sync target waits for before a bitmap or full resync writes
+    /// to it (`[handlers] before_resync_target`; src/repl/gate.rs).
+    pub before_resync_target: Option<super::gate::Gate>,
 }
 
 /// What a reply waits for (design.md §2).
@@ -756,7 +759,7 @@ impl Engine {
     pub fn resume_io(&self) -> bool {
         let was = self.suspended.send_replace(false);
         if was {
-            tracing::warn!("IO resumed by the operator without the peer");
+            tracing::warn!("IO resumed without the peer (`repctl resume-io`, or a fence-peer handler)");
             self.emit(Event::IoResumed);
         }
         was
