@@ -5,7 +5,7 @@
 //! The core knows nothing of handlers or of the config (docs/architecture.md):
 //! the composition root (`node`) hands it a [`ResyncGate`] in
 //! [`EngineConfig::before_resync_target`](super::engine::EngineConfig), and
-//! the sync target calls [`before_resync_target`] when the source's
+//! the sync target calls `before_resync_target` when the source's
 //! `SyncStart` of a bitmap or full resync arrives, before the disk is marked
 //! inconsistent and before any resync data is applied. A log catch-up does
 //! not call it: the target stays `consistent` through one (docs/resync.md).
