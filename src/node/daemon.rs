@@ -72,6 +72,9 @@ pub fn engine_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
         on_peer_loss: config.on_peer_loss,
         resync_rate: config.resync_rate,
         split_brain: config.split_brain_policy(),
+        // Set by `Node::with_store`, which owns the event channel the
+        // handler reports on.
+        before_resync_target: None,
     })
 }
 

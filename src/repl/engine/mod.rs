@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
+    /// What a sync target waits for before a bitmap or full resync writes
+    /// to it (`[handlers] before_resync_target`; src/repl/resync_hook.rs).
+    pub before_resync_target: Option<super::resync_hook::ResyncHook>,
 }
 
 /// Control of the running session.
