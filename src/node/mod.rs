@@ -98,13 +98,15 @@ pub struct Node {
     repl: Option<Arc<Engine>>,
     /// NBD request counters (status statistics, /metrics).
     io_stats: Arc<crate::stats::IoStats>,
+    /// TLS credentials (`[tls]`), if anything uses TLS.
+    tls: Option<Arc<crate::tls::TlsContext>>,
 }
 
 impl Node {
     /// A secondary node over an open volume; the disk state comes from the
     /// superblock.
     pub fn new(config: Config, me: NodeConfig, volume: Arc<Volume>, engine: EngineKind) -> Arc<Node> {
-        Node::with_store(config, me, volume, engine, None)
+        Node::with_store(config, me, volume, engine, None, None)
     }
 
     /// A node whose replication (two-node resources) runs over `store`.
@@ -115,10 +117,11 @@ impl Node {
         volume: Arc<Volume>,
         engine: EngineKind,
         store: Option<Arc<dyn ReplStore>>,
+        tls: Option<Arc<crate::tls::TlsContext>>,
     ) -> Arc<Node> {
         let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
-        let repl = match (daemon::engine_config(&config, &me), store) {
+        let repl = match (daemon::engine_config(&config, &me, tls.as_ref()), store) {
             (Some(cfg), Some(store)) => Some(Engine::new(cfg, store, Role::Secondary, events.clone())),
             _ => None,
         };
@@ -133,6 +136,7 @@ impl Node {
             events,
             repl,
             io_stats: Arc::default(),
+            tls,
         })
     }
 
@@ -254,6 +258,9 @@ impl Node {
             max_connections: self.config.max_clients as usize,
             max_inflight_bytes: usize::try_from(self.config.nbd_max_inflight).unwrap_or(usize::MAX),
             stall_timeout: self.config.nbd_stall_timeout,
+            tls: self.tls.as_ref().filter(|t| t.settings().nbd != crate::tls::NbdTlsMode::Off).map(|t| {
+                crate::nbd::NbdTls { mode: t.settings().nbd, context: Arc::clone(t) }
+            }),
         };
         let export = match export::start(&self.me.nbd, backend, cfg).await {
             Ok(e) => e,

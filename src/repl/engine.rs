@@ -79,6 +79,8 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
+    /// Mutual TLS on the link (`[tls] replication = "require"`), docs/tls.md.
+    pub tls: Option<Arc<crate::tls::TlsContext>>,
 }
 
 /// What a reply waits for (design.md §2).
