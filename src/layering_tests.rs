@@ -43,8 +43,8 @@ const RULE: &[(&str, &[&str])] = &[
     (
         "node",
         &[
-            "model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl", "failover",
-            "tls",
+            "model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl",
+            "failover", "tls",
         ],
     ),
     // Man pages and completions of the binaries.

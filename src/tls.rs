@@ -299,10 +299,11 @@ impl Files {
     fn client_config(&self) -> Result<Option<Arc<ClientConfig>>, TlsError> {
         let Some((chain, key)) = &self.client else { return Ok(None) };
         let p = provider();
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::clone(&self.roots), Arc::clone(&p))
-            .with_crls(self.crls.iter().cloned())
-            .build()
-            .map_err(|e| TlsError::new(&self.crl_or_ca(), format!("cannot verify servers with it: {e}")))?;
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::clone(&self.roots), Arc::clone(&p))
+                .with_crls(self.crls.iter().cloned())
+                .build()
+                .map_err(|e| TlsError::new(&self.crl_or_ca(), format!("cannot verify servers with it: {e}")))?;
         let file = self.client_cert_file();
         let cfg = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()

@@ -40,10 +40,8 @@ impl TlsNode {
         let mut opts = NodeOpts::new("sync");
         opts.size = "32MiB".into();
         opts.unix = unix;
-        opts.extra = format!(
-            "[tls]\ndir = \"{}\"\nnbd = \"{nbd}\"\nnbd_verify_client = {verify_client}\n",
-            server.display()
-        );
+        opts.extra =
+            format!("[tls]\ndir = \"{}\"\nnbd = \"{nbd}\"\nnbd_verify_client = {verify_client}\n", server.display());
         let node = TestNode::ready_with(opts);
         TlsNode { node, client, ca_only, server, ca, _pki: pki }
     }
@@ -107,7 +105,10 @@ fn require_serves_libnbd_and_qemu_over_tls_and_refuses_plain_clients() {
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", n.client.display());
     let target = format!("driver=nbd,host=127.0.0.1,port={},export=r0,tls-creds=tls0", n.node.port);
     run_ok(
-        tool("qemu-img").args(["convert", "-n", "-f", "raw", "--object", &creds]).arg(&src).args(["--target-image-opts", &target]),
+        tool("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "--object", &creds])
+            .arg(&src)
+            .args(["--target-image-opts", &target]),
         T,
     );
     let info = run_ok(
@@ -249,4 +250,227 @@ fn fio_nbd_engine_over_tls() {
     assert_eq!(job["write"]["io_bytes"], 8u64 << 20, "{job:#}");
     assert_eq!(job["read"]["io_bytes"], 8u64 << 20, "fio verified every block it wrote: {job:#}");
     println!("fio over TLS: write {} IOPS, verify read {} IOPS", job["write"]["iops"], job["read"]["iops"]);
+}
+
+// ---------------------------------------------------------------------------
+// The replication link in mutual TLS.
+// ---------------------------------------------------------------------------
+
+use common::pair::{MIB, Pair, PairOpts, assert_same_checksums, checksums};
+
+/// A pair with `[tls] replication = "require"`, each node with its own
+/// certificate directory (`tls_dir`) made by `ca`.
+struct TlsPair {
+    pair: Pair,
+    ca: Ca,
+    dirs: [PathBuf; 2],
+}
+
+impl TlsPair {
+    fn new(nbd: &str) -> TlsPair {
+        require_tool("certtool", "gnutls-bin");
+        let tls = format!("[tls]\nreplication = \"require\"\nnbd = \"{nbd}\"\n");
+        let pair = Pair::new(PairOpts::new("C").size("32MiB").extra(&tls));
+        let pki = pair.dir.path().join("pki");
+        let ca = Ca::new(&pki, "ca");
+        let dirs = [pki.join("alpha"), pki.join("beta")];
+        ca.node_dir(&dirs[0], "alpha");
+        ca.node_dir(&dirs[1], "beta");
+        let mut text = pair.config_text(&pair.default_top());
+        for (name, dir) in ["alpha", "beta"].iter().zip(&dirs) {
+            let at = format!("name = \"{name}\"\n");
+            text = text.replace(&at, &format!("{at}tls_dir = \"{}\"\n", dir.display()));
+        }
+        std::fs::write(&pair.alpha.config, text).expect("write config");
+        TlsPair { pair, ca, dirs }
+    }
+
+    fn up(nbd: &str) -> TlsPair {
+        let mut t = TlsPair::new(nbd);
+        t.pair.start_both();
+        for p in [&t.pair.alpha, &t.pair.beta] {
+            p.wait_status("connected", Duration::from_secs(30), |s| s["connection"] == "connected");
+        }
+        t.pair.alpha.repctl_ok(&["promote", "--force"]);
+        t.pair.beta.wait_sync(90);
+        t.pair.assert_established();
+        t
+    }
+}
+
+#[test]
+fn replication_in_mutual_tls_is_byte_identical_under_c() {
+    require_tool("nbdcopy", "libnbd-bin");
+    let t = TlsPair::up("off");
+    let pair = &t.pair;
+    for (me, peer) in [(&pair.alpha, "beta"), (&pair.beta, "alpha")] {
+        let s = me.status();
+        let link = &s["tls"]["replication"];
+        assert_eq!(link["encrypted"], true, "{}: {s:#}", me.name);
+        assert_eq!(link["peer_subject"], format!("CN={peer}"), "{}: {s:#}", me.name);
+        assert!(link["peer_expires_in_days"].as_i64().is_some_and(|d| d > 3000), "{}: {s:#}", me.name);
+    }
+    let img = random_file(pair.dir.path(), "fill.img", pair.size as usize, 0x715);
+    let start = Instant::now();
+    run_ok(Command::new("nbdcopy").arg(&img).arg(pair.alpha.uri()), T);
+    println!("nbdcopy 32 MiB into alpha, replicated under C in TLS: {:?}", start.elapsed());
+    let alpha_sums = pair.rt.block_on(async {
+        let c = pair.alpha.nbd().await;
+        let sums = checksums(&c, pair.size, 64 * 1024).await;
+        c.disconnect().await.expect("disconnect");
+        sums
+    });
+    let want: Vec<u32> = std::fs::read(&img).expect("read").chunks(64 * 1024).map(crc32).collect();
+    assert_same_checksums("alpha vs the image written", &alpha_sums, &want, 64 * 1024);
+    pair.alpha.wait_status("no NBD client", Duration::from_secs(10), |s| s["nbd"]["clients"] == 0);
+    pair.alpha.repctl_ok(&["demote"]);
+    pair.beta.wait_status("peer alpha secondary", Duration::from_secs(10), |s| s["peer"]["role"] == "secondary");
+    pair.beta.repctl_ok(&["promote"]);
+    let beta_sums = pair.rt.block_on(async {
+        let c = pair.beta.nbd().await;
+        let sums = checksums(&c, pair.size, 64 * 1024).await;
+        c.disconnect().await.expect("disconnect");
+        sums
+    });
+    assert_same_checksums("alpha's copy vs beta's copy (TLS link)", &alpha_sums, &beta_sums, 64 * 1024);
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    crc32c::crc32c(b)
+}
+
+/// Alpha, primary, keeps serving NBD while beta (restarted with `setup`
+/// applied to its certificate directory) is refused; alpha's log says
+/// `why`.
+fn refused(t: &mut TlsPair, case: &str, why: &str, setup: impl FnOnce(&Ca, &Path)) {
+    t.pair.beta.kill9();
+    setup(&t.ca, &t.dirs[1]);
+    t.pair.beta.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !t.pair.alpha.logs_text().contains(why) {
+        assert!(Instant::now() < deadline, "{case}: alpha's log never said {why:?}:\n{}", t.pair.logs_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = t.pair.alpha.status();
+    assert_ne!(a["connection"], "connected", "{case}: the bad peer must not connect\n{a:#}");
+    assert_eq!(a["role"], "primary", "{case}: {a:#}");
+    // The primary keeps serving: a write and its read-back.
+    t.pair.rt.block_on(async {
+        let c = t.pair.alpha.nbd().await;
+        let data = vec![case.len() as u8; 64 * 1024];
+        c.write(MIB, &data, true).await.expect("write while the bad peer is refused");
+        assert_eq!(c.read(MIB, 64 * 1024).await.expect("read"), data);
+        c.disconnect().await.expect("disconnect");
+    });
+    println!("{case}: refused, alpha's log says {why:?}");
+}
+
+#[test]
+fn bad_replication_peers_are_refused_and_logged() {
+    let mut t = TlsPair::up("off");
+    let other = Ca::new(t.pair.dir.path(), "other-ca");
+    refused(&mut t, "certificate from another CA", "unknown-ca", |_, dir| {
+        other.node_dir(dir, "beta");
+    });
+    refused(&mut t, "expired certificate", "expired", |ca, dir| {
+        let dns = ["beta", "localhost"];
+        let leaf = Leaf { dns: &dns, expired: true, ..Leaf::new("beta") };
+        ca.issue(dir, "server", &leaf);
+        ca.issue(dir, "client", &leaf);
+    });
+    refused(&mut t, "certificate naming another node", "wrong-name", |ca, dir| {
+        ca.node_dir(dir, "gamma");
+    });
+    // Garbage before the TLS handshake, from anyone who reaches the port.
+    t.pair.beta.kill9();
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", t.pair.alpha.repl_listen_port)).expect("connect");
+        s.write_all(b"GET / HTTP/1.0\r\n\r\nthis is not TLS at all, nor a repblock hello\r\n").expect("write");
+        let mut sink = Vec::new();
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let _ = s.read_to_end(&mut sink);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.pair.alpha.logs_text().contains("not-tls") {
+        assert!(Instant::now() < deadline, "garbage: alpha's log never said not-tls:\n{}", t.pair.alpha.logs_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(t.pair.alpha.status()["role"], "primary");
+    // Good certificates again: beta reconnects and resyncs.
+    t.ca.node_dir(&t.dirs[1], "beta");
+    t.pair.beta.start();
+    t.pair.beta.wait_sync(90);
+    t.pair.assert_established();
+}
+
+#[test]
+fn sighup_reloads_certificates_under_load_without_dropping_connections() {
+    require_tool("fio", "fio");
+    let t = TlsPair::up("require");
+    let pair = &t.pair;
+    // fio over TLS to alpha (libnbd's default certificate directory, see
+    // fio_nbd_engine_over_tls), replicated to beta over the TLS link.
+    let home = pair.dir.path().join("home");
+    let client = pair.dir.path().join("pki/client");
+    t.ca.client_dir(&client, "client1");
+    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
+    std::fs::rename(&client, home.join(".pki/libnbd")).expect("move");
+    let uri = format!("nbds://127.0.0.1:{}/r0", pair.alpha.nbd_port);
+    let fio = Command::new("fio")
+        .env("HOME", &home)
+        .args(["--name=reload", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8"])
+        .args(["--time_based", "--runtime=6", "--verify=crc32c", "--verify_backlog=64", "--output-format=json"])
+        .arg(format!("--uri={uri}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fio");
+    std::thread::sleep(Duration::from_secs(2));
+    // New certificates that expire in 10 days (warned about), then SIGHUP.
+    for (name, dir) in ["alpha", "beta"].iter().zip(&t.dirs) {
+        let dns = [*name, "localhost"];
+        let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
+        t.ca.issue(dir, "server", &leaf);
+        t.ca.issue(dir, "client", &leaf);
+    }
+    for p in [&pair.alpha, &pair.beta] {
+        let pid = p.status()["pid"].as_u64().expect("pid").to_string();
+        run_ok(Command::new("kill").args(["-HUP", &pid]), T);
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let a = pair.alpha.status();
+        assert_eq!(a["connection"], "connected", "the link must stay up across the reload\n{a:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fio.wait_with_output().expect("fio");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fio across the reload: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
+    assert_eq!(v["jobs"][0]["error"], 0, "{v:#}");
+    println!("fio across the reload: {} write IOPS over TLS", v["jobs"][0]["write"]["iops"]);
+    let a = pair.alpha.status();
+    let tls = &a["tls"];
+    let warnings = tls["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("server-cert.pem") && w.contains("expires in 9 days"))),
+        "{a:#}"
+    );
+    assert!(pair.alpha.logs_text().contains("TLS certificates reloaded"), "{}", pair.alpha.logs_text());
+    // New handshakes get the new certificate: reconnect the link.
+    pair.beta.repctl_ok(&["disconnect"]);
+    pair.beta.repctl_ok(&["connect"]);
+    let a = pair.alpha.wait_status("reconnected", Duration::from_secs(30), |s| {
+        s["connection"] == "connected" && s["tls"]["replication"]["encrypted"] == true
+    });
+    let days = a["tls"]["replication"]["peer_expires_in_days"].as_i64().expect("days");
+    assert!((8..=10).contains(&days), "beta's new certificate expires in 10 days: {a:#}");
+    assert!(
+        a["tls"]["warnings"].as_array().expect("w").iter().any(|w| w.as_str().is_some_and(|w| w.starts_with("peer "))),
+        "{a:#}"
+    );
 }

@@ -64,20 +64,22 @@ pub(super) fn parse(c: &Checker<'_>, raw: Option<&RawTls>, nodes: &[NodeConfig])
         let expected = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(" or ");
         match v {
             None => Ok(0),
-            Some(toml::Value::String(s)) => names
-                .iter()
-                .position(|n| n == s)
-                .ok_or_else(|| c.err(field, format!("expected {expected}, got {s:?}"))),
+            Some(toml::Value::String(s)) => {
+                names.iter().position(|n| n == s).ok_or_else(|| c.err(field, format!("expected {expected}, got {s:?}")))
+            }
             Some(other) => Err(c.err(field, format!("expected {expected}, got {}", describe(other)))),
         }
     };
-    let nbd = [NbdTlsMode::Off, NbdTlsMode::On, NbdTlsMode::Require][mode("tls.nbd", &raw.nbd, &["off", "on", "require"])?];
+    let nbd =
+        [NbdTlsMode::Off, NbdTlsMode::On, NbdTlsMode::Require][mode("tls.nbd", &raw.nbd, &["off", "on", "require"])?];
     let replication =
         [ReplTlsMode::Off, ReplTlsMode::Require][mode("tls.replication", &raw.replication, &["off", "require"])?];
     let nbd_verify_client = match &raw.nbd_verify_client {
         None => false,
         Some(toml::Value::Boolean(b)) => *b,
-        Some(other) => return Err(c.err("tls.nbd_verify_client", format!("expected true or false, got {}", describe(other)))),
+        Some(other) => {
+            return Err(c.err("tls.nbd_verify_client", format!("expected true or false, got {}", describe(other))));
+        }
     };
     let dir = match &raw.dir {
         Some(v) => Some(c.path("tls.dir", v)?),

@@ -53,7 +53,8 @@ pub async fn start(addr: &NbdAddress, backend: Arc<VolumeBackend>, cfg: ExportCo
         max_inflight_bytes: cfg.max_inflight_bytes,
         stall_timeout: cfg.stall_timeout,
     };
-    let handle = NbdServer::start_with_tls(&listen, backend, server_cfg, cfg.tls).await.map_err(|e| format!("{addr}: {e}"))?;
+    let handle =
+        NbdServer::start_with_tls(&listen, backend, server_cfg, cfg.tls).await.map_err(|e| format!("{addr}: {e}"))?;
     Ok(Export { handle })
 }
 

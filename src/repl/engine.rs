@@ -32,7 +32,7 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use super::decide::{Decision, SideView, Verdict};
 use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
-use super::link::{FrameReader, FrameWriter, split_tcp};
+use super::link::{FrameReader, FrameWriter, secure, split_link};
 use super::proto::{GoodbyeReason, Message};
 use super::proto::{SyncInfo, sync_flags};
 use super::store::{ReplMeta, ReplStore};
@@ -281,6 +281,9 @@ pub struct LinkView {
     pub suspended: bool,
     /// The last refusal or connection error, for humans.
     pub last_error: Option<String>,
+    /// The TLS session of the last connection that became a session
+    /// (`[tls] replication`): version, cipher, the peer's certificate.
+    pub tls: Option<crate::tls::SessionInfo>,
 }
 
 /// Control of the running session.
@@ -457,6 +460,7 @@ impl Engine {
                 acks: Acks::default(),
                 suspended: false,
                 last_error: None,
+                tls: None,
             }),
             slot: Mutex::new(None),
             next_session: AtomicU64::new(1),
@@ -1014,9 +1018,14 @@ impl Engine {
 
     /// Runs the handshake and the SyncInfo exchange on a new connection and,
     /// if it becomes the session, the session. Returns whether a session ran.
-    async fn handshake_and_adopt(self: &Arc<Self>, mut stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
+    async fn handshake_and_adopt(self: &Arc<Self>, stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
         let local = self.local_hello();
-        let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
+        let secured = secure(stream, self.cfg.tls.as_deref(), dialled_by_us, &self.cfg.peer, HANDSHAKE_TIMEOUT).await;
+        let peer = match secured {
+            Ok(mut stream) => handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map(|p| (p, stream)),
+            Err(e) => Err(e),
+        };
+        let (peer, stream) = match peer {
             Ok(p) => p,
             Err(e) if !dialled_by_us && e.before_auth() => {
                 // Anyone can cause this: summarised, not the link's error.
@@ -1028,7 +1037,8 @@ impl Engine {
                 return false;
             }
         };
-        let (mut reader, mut writer) = match split_tcp(stream) {
+        let tls_session = stream.tls_session();
+        let (mut reader, mut writer) = match split_link(stream) {
             Ok(x) => x,
             Err(e) => {
                 self.note_failure(format!("socket setup with {} failed: {e}", self.cfg.peer), addr);
@@ -1088,7 +1098,11 @@ impl Engine {
             // One shot: used by this session's decision.
             self.discard_my_data.store(false, Ordering::Release);
         }
-        self.view_mut().last_error = None;
+        {
+            let mut v = self.view_mut();
+            v.last_error = None;
+            v.tls = tls_session;
+        }
         let start = super::session::Start { reader, writer, peer, mine, theirs };
         self.run_session(id, start, stop_rx, local.role).await;
         true
@@ -1099,13 +1113,16 @@ impl Engine {
     /// Goodbye. Changes nothing on either node (works standalone too).
     pub async fn probe(&self, discard_my_data: bool) -> Result<ProbeReport, String> {
         let peer_name = &self.cfg.peer;
-        let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
             .await
             .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
             .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
         let local = self.local_hello();
+        let mut stream = secure(stream, self.cfg.tls.as_deref(), true, peer_name, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| describe_handshake_error(&e, peer_name))?;
         handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map_err(|e| describe_handshake_error(&e, peer_name))?;
-        let (mut reader, mut writer) = split_tcp(stream).map_err(|e| format!("socket setup failed: {e}"))?;
+        let (mut reader, mut writer) = split_link(stream).map_err(|e| format!("socket setup failed: {e}"))?;
         let mut flags = sync_flags::DRY_RUN;
         if discard_my_data {
             flags |= sync_flags::DISCARD_MY_DATA;

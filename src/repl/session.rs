@@ -46,7 +46,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::OwnedWriteHalf;
+use super::link::LinkWrite;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
@@ -114,13 +114,13 @@ pub enum Outcome {
     Failed(String),
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type Reader = FrameReader<super::link::LinkRead>;
 
 /// What the engine hands a new session: the connection after the handshake
 /// and the SyncInfo exchange.
 pub struct Start {
     pub reader: Reader,
-    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub writer: FrameWriter<LinkWrite>,
     pub peer: PeerInfo,
     pub mine: SyncInfo,
     pub theirs: SyncInfo,

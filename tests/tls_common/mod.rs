@@ -91,7 +91,9 @@ impl Ca {
             t.push_str("tls_www_client\n");
         }
         if leaf.expired {
-            t.push_str("activation_date = \"2019-01-01 00:00:00 UTC\"\nexpiration_date = \"2020-01-01 00:00:00 UTC\"\n");
+            t.push_str(
+                "activation_date = \"2019-01-01 00:00:00 UTC\"\nexpiration_date = \"2020-01-01 00:00:00 UTC\"\n",
+            );
         } else {
             t.push_str(&format!("expiration_days = {}\n", leaf.days.unwrap_or(3650)));
         }

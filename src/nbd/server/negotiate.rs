@@ -65,7 +65,8 @@ enum Step {
 }
 
 /// The message of `NBD_REP_ERR_TLS_REQD`.
-const TLS_REQUIRED: &str = "TLS is required by this server: send NBD_OPT_STARTTLS first (nbds:// URI with tls-certificates=DIR)";
+const TLS_REQUIRED: &str =
+    "TLS is required by this server: send NBD_OPT_STARTTLS first (nbds:// URI with tls-certificates=DIR)";
 
 /// Decrements the transmission-phase client count when dropped.
 struct ClientGuard(Arc<AtomicUsize>);
@@ -177,7 +178,10 @@ where
                 .as_ref()
                 .and_then(|t| t.context.nbd_acceptor())
                 .ok_or_else(|| HandshakeError::Protocol("STARTTLS acknowledged without TLS credentials".into()))?;
-            let mut t = acceptor.accept(s).await.map_err(|source| HandshakeError::Tls { kind: crate::tls::failure_kind(&source), source })?;
+            let mut t = acceptor
+                .accept(s)
+                .await
+                .map_err(|source| HandshakeError::Tls { kind: crate::tls::failure_kind(&source), source })?;
             match options(&mut t, shared, no_zeroes, TlsPhase::Up).await? {
                 Step::Done(n) => Ok((n, Conn::Tls(Box::new(t)))),
                 Step::StartTls => Err(HandshakeError::Protocol("STARTTLS inside TLS".into())),
