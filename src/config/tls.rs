@@ -89,16 +89,17 @@ pub(super) fn parse(c: &Checker<'_>, raw: Option<&RawTls>, nodes: &[NodeConfig])
     if nbd_verify_client && nbd == NbdTlsMode::Off {
         return Err(c.err("tls.nbd_verify_client", "needs tls.nbd = \"on\" or \"require\" (NBD TLS is off)"));
     }
-    if tls.enabled() && tls.dir.is_none() {
-        if let Some((i, n)) = nodes.iter().enumerate().find(|(_, n)| n.tls_dir.is_none()) {
-            return Err(c.err(
-                "tls.dir",
-                format!(
-                    "missing (TLS is on and node[{i}] ({}) has no tls_dir; expected e.g. dir = \"/etc/repblock/pki\")",
-                    n.name
-                ),
-            ));
-        }
+    if tls.enabled()
+        && tls.dir.is_none()
+        && let Some((i, n)) = nodes.iter().enumerate().find(|(_, n)| n.tls_dir.is_none())
+    {
+        return Err(c.err(
+            "tls.dir",
+            format!(
+                "missing (TLS is on and node[{i}] ({}) has no tls_dir; expected e.g. dir = \"/etc/repblock/pki\")",
+                n.name
+            ),
+        ));
     }
     if replication == ReplTlsMode::Require {
         for (i, n) in nodes.iter().enumerate() {
