@@ -348,7 +348,8 @@ impl LinkStream {
     }
 }
 
-macro_rules! delegate_io {
+/// `AsyncRead` for an enum whose variants each hold a reader first.
+macro_rules! delegate_read {
     ($ty:ident, $($variant:ident),+) => {
         impl AsyncRead for $ty {
             fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -357,10 +358,17 @@ macro_rules! delegate_io {
                 }
             }
         }
+    };
+}
+
+/// `AsyncWrite` (vectored writes included) for an enum whose variants each
+/// hold a writer.
+macro_rules! delegate_write {
+    ($ty:ident, $($variant:ident),+) => {
         impl AsyncWrite for $ty {
             fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
                 match self.get_mut() {
-                    $($ty::$variant(s, ..) => Pin::new(s).poll_write(cx, buf),)+
+                    $($ty::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
                 }
             }
             fn poll_write_vectored(
@@ -369,29 +377,32 @@ macro_rules! delegate_io {
                 bufs: &[IoSlice<'_>],
             ) -> Poll<io::Result<usize>> {
                 match self.get_mut() {
-                    $($ty::$variant(s, ..) => Pin::new(s).poll_write_vectored(cx, bufs),)+
+                    $($ty::$variant(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+
                 }
             }
             fn is_write_vectored(&self) -> bool {
                 match self {
-                    $($ty::$variant(s, ..) => s.is_write_vectored(),)+
+                    $($ty::$variant(s) => s.is_write_vectored(),)+
                 }
             }
             fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
-                    $($ty::$variant(s, ..) => Pin::new(s).poll_flush(cx),)+
+                    $($ty::$variant(s) => Pin::new(s).poll_flush(cx),)+
                 }
             }
             fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
-                    $($ty::$variant(s, ..) => Pin::new(s).poll_shutdown(cx),)+
+                    $($ty::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
                 }
             }
         }
     };
 }
 
-delegate_io!(LinkStream, Tcp, Tls);
+delegate_read!(LinkStream, Tcp, Tls);
+delegate_write!(LinkStream, Tcp, Tls);
+delegate_read!(LinkRead, Tcp, Tls);
+delegate_write!(LinkWrite, Tcp, Tls);
 
 /// The read half of a [`LinkStream`].
 pub enum LinkRead {
@@ -420,52 +431,6 @@ impl LinkRead {
         match self {
             LinkRead::Tcp(r) => r.peer_addr(),
             LinkRead::Tls(_, _, addr) => addr.ok_or_else(|| io::Error::other("peer address unknown")),
-        }
-    }
-}
-
-impl AsyncRead for LinkRead {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkRead::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            LinkRead::Tls(s, ..) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for LinkWrite {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LinkWrite::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            LinkWrite::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            LinkWrite::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            LinkWrite::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            LinkWrite::Tcp(s) => s.is_write_vectored(),
-            LinkWrite::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkWrite::Tcp(s) => Pin::new(s).poll_flush(cx),
-            LinkWrite::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            LinkWrite::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            LinkWrite::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -14,6 +14,19 @@ pub struct Ca {
     pub cert: PathBuf,
 }
 
+/// `certtool OP --load-privkey KEY --template TEMPLATE --outfile OUT` with
+/// `extra` arguments after OP.
+fn certtool_sign(op: &str, extra: &[&Path], key: &Path, template: &Path, out: &Path) {
+    let mut args = vec![op.to_string()];
+    for (flag, p) in ["--load-ca-certificate", "--load-ca-privkey"].iter().zip(extra) {
+        args.extend([flag.to_string(), p.display().to_string()]);
+    }
+    for (flag, p) in [("--load-privkey", key), ("--template", template), ("--outfile", out)] {
+        args.extend([flag.to_string(), p.display().to_string()]);
+    }
+    certtool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 fn certtool(args: &[&str]) {
     let out = Command::new("certtool").args(args).output().unwrap_or_else(|e| {
         panic!("cannot run certtool ({e}): install gnutls-bin (scripts/test.sh does)");
@@ -58,15 +71,7 @@ impl Ca {
         let info = dir.join("ca.info");
         std::fs::write(&info, format!("cn = {name}\nca\ncert_signing_key\ncrl_signing_key\nexpiration_days = 3650\n"))
             .expect("write");
-        certtool(&[
-            "--generate-self-signed",
-            "--load-privkey",
-            key_path.to_str().expect("utf-8"),
-            "--template",
-            info.to_str().expect("utf-8"),
-            "--outfile",
-            cert.to_str().expect("utf-8"),
-        ]);
+        certtool_sign("--generate-self-signed", &[], &key_path, &info, &cert);
         Ca { dir, key: key_path, cert }
     }
 
@@ -99,19 +104,7 @@ impl Ca {
         }
         let info = dir.join(format!("{stem}.info"));
         std::fs::write(&info, t).expect("write");
-        certtool(&[
-            "--generate-certificate",
-            "--load-ca-certificate",
-            self.cert.to_str().expect("utf-8"),
-            "--load-ca-privkey",
-            self.key.to_str().expect("utf-8"),
-            "--load-privkey",
-            key_path.to_str().expect("utf-8"),
-            "--template",
-            info.to_str().expect("utf-8"),
-            "--outfile",
-            cert.to_str().expect("utf-8"),
-        ]);
+        certtool_sign("--generate-certificate", &[&self.cert, &self.key], &key_path, &info, &cert);
         std::fs::copy(&self.cert, dir.join("ca-cert.pem")).expect("copy CA");
     }
 
