@@ -252,7 +252,7 @@ impl Node {
             }
         }
         let backend = Arc::new(
-            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone())
+            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.as_ref().map(|r| r.gate().clone()))
                 .with_stats(Arc::clone(&self.io_stats)),
         );
         let cfg = export::ExportConfig {
@@ -312,7 +312,7 @@ impl Node {
             // Every completed write must have reached the peer before it
             // may become primary.
             let lsn = self.volume.status().local_lsn;
-            if repl.is_connected() && !repl.wait_received(lsn, DEMOTE_WAIT).await {
+            if repl.is_connected() && !repl.gate().wait_received(lsn, DEMOTE_WAIT).await {
                 tracing::warn!(lsn, "demote: the peer did not receive every completed write within {DEMOTE_WAIT:?}");
             }
             repl.set_role(Role::Secondary, ROLE_SETTLE).await;
