@@ -202,7 +202,13 @@ pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Handlers {
     /// A handler still running after this is killed (30s by default).
     pub timeout: Duration,
+    /// Blocking: a bitmap or full resync to this node waits for it; a
+    /// failure stops the resync and leaves the node standalone.
+    pub before_resync_target: Option<Vec<String>>,
     pub after_resync_target: Option<Vec<String>>,
+    /// Called on a primary that lost its peer; with `on_peer_loss =
+    /// "suspend"` its exit code decides whether writes resume.
+    pub fence_peer: Option<Vec<String>>,
     pub split_brain: Option<Vec<String>>,
     pub peer_lost: Option<Vec<String>>,
     pub on_promote: Option<Vec<String>>,
@@ -213,7 +219,9 @@ impl Default for Handlers {
     fn default() -> Handlers {
         Handlers {
             timeout: DEFAULT_HANDLER_TIMEOUT,
+            before_resync_target: None,
             after_resync_target: None,
+            fence_peer: None,
             split_brain: None,
             peer_lost: None,
             on_promote: None,

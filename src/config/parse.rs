@@ -41,7 +41,9 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawHandlers {
     timeout: Option<toml::Value>,
+    before_resync_target: Option<toml::Value>,
     after_resync_target: Option<toml::Value>,
+    fence_peer: Option<toml::Value>,
     split_brain: Option<toml::Value>,
     peer_lost: Option<toml::Value>,
     on_promote: Option<toml::Value>,
@@ -581,7 +583,9 @@ impl Config {
                 };
                 Handlers {
                     timeout: nonzero_duration("handlers.timeout", &h.timeout, DEFAULT_HANDLER_TIMEOUT)?,
+                    before_resync_target: argv("before_resync_target", &h.before_resync_target)?,
                     after_resync_target: argv("after_resync_target", &h.after_resync_target)?,
+                    fence_peer: argv("fence_peer", &h.fence_peer)?,
                     split_brain: argv("split_brain", &h.split_brain)?,
                     peer_lost: argv("peer_lost", &h.peer_lost)?,
                     on_promote: argv("on_promote", &h.on_promote)?,

@@ -332,7 +332,12 @@ fn handlers_are_argv_lists_with_a_timeout() {
     assert_eq!(c.handlers.timeout, Duration::from_secs(5));
     assert_eq!(c.handlers.peer_lost, Some(vec!["/bin/logger".into(), "-t".into(), "repblock".into()]));
     assert_eq!(c.handlers.on_promote, None);
+    let c = load(&with("[handlers]\nbefore_resync_target = [\"/snap\", \"r0\"]\nfence_peer = [\"/fence\"]")).unwrap();
+    assert_eq!(c.handlers.before_resync_target, Some(vec!["/snap".into(), "r0".into()]));
+    assert_eq!(c.handlers.fence_peer, Some(vec!["/fence".into()]));
     for (bad, want) in [
+        ("[handlers]\nfence_peer = \"/fence\"", "handlers.fence_peer: expected an argv list"),
+        ("[handlers]\nbefore_resync_target = []", "handlers.before_resync_target: expected an argv list"),
         ("[handlers]\npeer_lost = \"/bin/logger\"", "handlers.peer_lost: expected an argv list"),
         ("[handlers]\npeer_lost = []", "handlers.peer_lost: expected an argv list"),
         ("[handlers]\npeer_lost = [\"\"]", "handlers.peer_lost: expected an argv list"),

@@ -77,6 +77,9 @@ pub fn engine_config(config: &Config, me: &NodeConfig, tls: Option<&Arc<TlsConte
         resync_rate: config.resync_rate,
         split_brain: config.split_brain_policy(),
         tls: tls.filter(|t| t.settings().replication == crate::tls::ReplTlsMode::Require).cloned(),
+        // Set by `Node::with_store`, which owns the event channel the
+        // handler reports on.
+        before_resync_target: None,
     })
 }
 

@@ -125,7 +125,10 @@ impl Node {
         let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
         let repl = match (daemon::engine_config(&config, &me, tls.as_ref()), store) {
-            (Some(cfg), Some(store)) => Some(Engine::new(cfg, store, Role::Secondary, events.clone())),
+            (Some(mut cfg), Some(store)) => {
+                cfg.before_resync_target = handlers::resync_gate(&config, &me, &events);
+                Some(Engine::new(cfg, store, Role::Secondary, events.clone()))
+            }
             _ => None,
         };
         tracing::info!(resource = %config.name, node = %me.name, role = "secondary", %disk, "node started");

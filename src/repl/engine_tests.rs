@@ -38,6 +38,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         resync_rate: None,
         split_brain: Default::default(),
         tls: None,
+        before_resync_target: None,
     }
 }
 

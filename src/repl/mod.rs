@@ -11,6 +11,8 @@
 //!   resync).
 //! - [`decide`]: the pure resync decision at connect (who sends what), with
 //!   its split-brain policies; [`verify`]: online verify and `invalidate`.
+//! - [`gate`]: the `before-resync-target` hook a sync target waits for
+//!   (a trait object the node passes in [`engine::EngineConfig`]).
 //! - [`store`]: what the engine needs from local storage, as a trait;
 //!   [`volume_store`] implements it over the real volume.
 //! - [`unauth`]: limits on connections that have not authenticated yet.
@@ -42,6 +44,7 @@ mod engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+pub mod resync_hook;
 mod session;
 pub mod stats;
 pub mod store;

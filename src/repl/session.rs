@@ -1196,6 +1196,15 @@ impl Session {
                 while let Some((_, f)) = pending.pop_front() {
                     f.await.map_err(|e| Outcome::Failed(format!("applying before the resync: {e}")))?;
                 }
+                if total_bytes > 0
+                    && let Err(why) =
+                        super::resync_hook::before_resync_target(&engine, kind, total_bytes, theirs.gen_ids.current)
+                            .await
+                {
+                    let _ = self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: why.clone() });
+                    engine.go_standalone(&why);
+                    return Err(Outcome::Failed(why));
+                }
                 super::engine::test_hold(super::engine::HoldPoint::SyncStart).await;
                 tracing::info!(peer = %self.peer_name, %kind, bytes = total_bytes, start_lsn, "resync from the peer starts: disk inconsistent until done");
                 // Inconsistent, in the source's generation: a restart of

@@ -279,7 +279,7 @@ impl Gate {
     pub fn resume_io(&self) -> bool {
         let was = self.inner.suspended.send_replace(false);
         if was {
-            tracing::warn!("IO resumed by the operator without the peer");
+            tracing::warn!("IO resumed without the peer (`repctl resume-io`, or a fence-peer handler)");
             self.emit(Event::IoResumed);
         }
         was

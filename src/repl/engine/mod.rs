@@ -83,6 +83,9 @@ pub struct EngineConfig {
     pub split_brain: SplitBrainPolicy,
     /// Mutual TLS on the link (`[tls] replication = "require"`), docs/tls.md.
     pub tls: Option<Arc<crate::tls::TlsContext>>,
+    /// What a sync target waits for before a bitmap or full resync writes
+    /// to it (`[handlers] before_resync_target`; src/repl/resync_hook.rs).
+    pub before_resync_target: Option<super::resync_hook::ResyncHook>,
 }
 
 /// Resync progress.
