@@ -37,6 +37,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         on_peer_loss: OnPeerLoss::Continue,
         resync_rate: None,
         split_brain: Default::default(),
+        tls: None,
         before_resync_target: None,
     }
 }

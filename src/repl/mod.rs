@@ -66,7 +66,10 @@ pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,
     negotiate_version, refuse,
 };
-pub use link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer, run_writer_counted, split_tcp};
+pub use link::{
+    FrameReader, FrameWriter, LinkError, LinkRead, LinkStream, LinkWrite, QueuedBytes, run_writer, run_writer_counted,
+    secure, split_link, split_tcp,
+};
 pub use proto::{
     FrameError, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode, encode,
 };

@@ -39,6 +39,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16) -> EngineConfig {
         on_peer_loss: OnPeerLoss::Continue,
         resync_rate: None,
         split_brain: Default::default(),
+        tls: None,
         before_resync_target: None,
     }
 }

@@ -17,7 +17,7 @@ use crate::event::Event;
 use crate::model::{ConnState, OnPeerLoss, Role, SplitBrainPolicy};
 use crate::repl::decide::{Decision, SideView, Verdict};
 use crate::repl::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
-use crate::repl::link::{FrameReader, FrameWriter, split_tcp};
+use crate::repl::link::{FrameReader, FrameWriter, secure, split_link};
 use crate::repl::proto::{GoodbyeReason, Message, SyncInfo, sync_flags};
 
 impl Engine {
@@ -179,9 +179,14 @@ impl Engine {
 
     /// Runs the handshake and the SyncInfo exchange on a new connection and,
     /// if it becomes the session, the session. Returns whether a session ran.
-    async fn handshake_and_adopt(self: &Arc<Self>, mut stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
+    async fn handshake_and_adopt(self: &Arc<Self>, stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
         let local = self.local_hello();
-        let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
+        let secured = secure(stream, self.cfg.tls.as_deref(), dialled_by_us, &self.cfg.peer, HANDSHAKE_TIMEOUT).await;
+        let peer = match secured {
+            Ok(mut stream) => handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map(|p| (p, stream)),
+            Err(e) => Err(e),
+        };
+        let (peer, stream) = match peer {
             Ok(p) => p,
             Err(e) if !dialled_by_us && e.before_auth() => {
                 // Anyone can cause this: summarised, not the link's error.
@@ -193,7 +198,8 @@ impl Engine {
                 return false;
             }
         };
-        let (mut reader, mut writer) = match split_tcp(stream) {
+        let tls_session = stream.tls_session();
+        let (mut reader, mut writer) = match split_link(stream) {
             Ok(x) => x,
             Err(e) => {
                 self.note_failure(format!("socket setup with {} failed: {e}", self.cfg.peer), addr);
@@ -256,7 +262,11 @@ impl Engine {
         // `--discard-my-data` is spent by the session (when the resync it
         // asked for starts, or by a decision it does not change), not here:
         // a session that ends first leaves it for the next one.
-        self.view_mut().last_error = None;
+        {
+            let mut v = self.view_mut();
+            v.last_error = None;
+            v.tls = tls_session;
+        }
         let start = crate::repl::session::Start { reader, writer, peer, mine, marks, theirs };
         self.run_session(id, start, stop_rx, local.role).await;
         true
@@ -267,13 +277,16 @@ impl Engine {
     /// Goodbye. Changes nothing on either node (works standalone too).
     pub async fn probe(&self, discard_my_data: bool) -> Result<ProbeReport, String> {
         let peer_name = &self.cfg.peer;
-        let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
             .await
             .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
             .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
         let local = self.local_hello();
+        let mut stream = secure(stream, self.cfg.tls.as_deref(), true, peer_name, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| describe_handshake_error(&e, peer_name))?;
         handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map_err(|e| describe_handshake_error(&e, peer_name))?;
-        let (mut reader, mut writer) = split_tcp(stream).map_err(|e| format!("socket setup failed: {e}"))?;
+        let (mut reader, mut writer) = split_link(stream).map_err(|e| format!("socket setup failed: {e}"))?;
         let mut flags = sync_flags::DRY_RUN;
         if discard_my_data {
             flags |= sync_flags::DISCARD_MY_DATA;

@@ -81,6 +81,8 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
+    /// Mutual TLS on the link (`[tls] replication = "require"`), docs/tls.md.
+    pub tls: Option<Arc<crate::tls::TlsContext>>,
     /// What a sync target waits for before a bitmap or full resync writes
     /// to it (`[handlers] before_resync_target`; src/repl/resync_hook.rs).
     pub before_resync_target: Option<super::resync_hook::ResyncHook>,
@@ -222,6 +224,7 @@ impl Engine {
                 acks: Acks::default(),
                 suspended: false,
                 last_error: None,
+                tls: None,
             }),
             slot: Mutex::new(None),
             next_session: AtomicU64::new(1),

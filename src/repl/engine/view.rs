@@ -152,6 +152,9 @@ pub struct LinkView {
     pub suspended: bool,
     /// The last refusal or connection error, for humans.
     pub last_error: Option<String>,
+    /// The TLS session of the last connection that became a session
+    /// (`[tls] replication`): version, cipher, the peer's certificate.
+    pub tls: Option<crate::tls::SessionInfo>,
 }
 
 impl Engine {

@@ -53,14 +53,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
 use super::decide::Decision;
 use super::engine::{Engine, StopReason};
 use super::handshake::PeerInfo;
-use super::link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer_counted};
+use super::link::{FrameReader, FrameWriter, LinkError, LinkWrite, QueuedBytes, run_writer_counted};
 use super::proto::{GoodbyeReason, Message, SyncInfo};
 use super::resync::JobError;
 use super::store::{FeedItem, FeedOp};
@@ -90,13 +89,13 @@ pub enum Outcome {
     Failed(String),
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type Reader = FrameReader<super::link::LinkRead>;
 
 /// What the engine hands a new session: the connection after the handshake
 /// and the SyncInfo exchange.
 pub struct Start {
     pub reader: Reader,
-    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub writer: FrameWriter<LinkWrite>,
     pub peer: PeerInfo,
     pub mine: SyncInfo,
     /// The local bitmap's `mark_count` when `mine` was made.
