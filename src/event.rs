@@ -169,6 +169,45 @@ pub enum Event {
     EventsLost {
         count: u64,
     },
+    /// The witness (automatic failover): first line of its stream.
+    WitnessState {
+        /// Data nodes connected to the witness now.
+        connected: Vec<String>,
+        primary: Option<String>,
+        term: u64,
+        uptodate: Vec<String>,
+        /// False while the witness has no state (amnesia) or its state file
+        /// failed: it refuses every request.
+        voting: bool,
+    },
+    /// The witness's record changed (persisted before this is sent).
+    TermChanged {
+        primary: Option<String>,
+        term: u64,
+        uptodate: Vec<String>,
+    },
+    /// The witness answered a request: `granted`, or refused for `reason`.
+    Vote {
+        granted: bool,
+        node: String,
+        reason: Option<String>,
+        /// `claim`, `solo`, `peer-uptodate` or `release`.
+        request: String,
+        /// The term the request named.
+        request_term: u64,
+        /// The witness's term after the answer.
+        term: u64,
+    },
+    /// A data node connected to the witness (authenticated).
+    NodeConnected {
+        address: String,
+        node: String,
+    },
+    /// A data node's witness link ended.
+    NodeDisconnected {
+        node: String,
+        reason: String,
+    },
     /// `repctl events --statistics`: the status' `statistics` fields plus
     /// `lsn` and `out_of_sync_bytes` (made by repctl, never by repd).
     Statistics {
@@ -206,6 +245,11 @@ impl Event {
             Event::HandlerFinished { .. } => "handler-finished",
             Event::EventsLost { .. } => "events-lost",
             Event::Statistics { .. } => "statistics",
+            Event::WitnessState { .. } => "witness-state",
+            Event::TermChanged { .. } => "term-changed",
+            Event::Vote { .. } => "vote",
+            Event::NodeConnected { .. } => "node-connected",
+            Event::NodeDisconnected { .. } => "node-disconnected",
         }
     }
 }

@@ -50,6 +50,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
+pub mod witness;
 
 pub use backend::VolumeBackend;
 pub use commands::{Reply, probe_human};
