@@ -338,7 +338,8 @@ impl Witness {
         Decision::Answer(Err(Refusal { reason, view: self.view() }))
     }
 
-    /// `repctl --node WITNESS create-md` on a running witness: persist `record` (after
+    /// Re-initialising a running witness (unused: `repctl --node WITNESS create-md`
+    /// is offline, and a restart reads the new file): persist `record` (after
     /// amnesia, or `--force`), then vote again after a fresh holdoff.
     pub fn reinitialise(&mut self, record: WitnessRecord, now: MonoTime) -> PendingAnswer<'_> {
         self.started_at = now;
