@@ -198,6 +198,15 @@ pub enum Event {
         /// The witness's term after the answer.
         term: u64,
     },
+    /// A data node: its witness link is up.
+    WitnessConnected {
+        witness: String,
+    },
+    /// A data node: its witness link ended.
+    WitnessLost {
+        reason: String,
+        witness: String,
+    },
     /// A data node connected to the witness (authenticated).
     NodeConnected {
         address: String,
@@ -248,6 +257,8 @@ impl Event {
             Event::WitnessState { .. } => "witness-state",
             Event::TermChanged { .. } => "term-changed",
             Event::Vote { .. } => "vote",
+            Event::WitnessConnected { .. } => "witness-connected",
+            Event::WitnessLost { .. } => "witness-lost",
             Event::NodeConnected { .. } => "node-connected",
             Event::NodeDisconnected { .. } => "node-disconnected",
         }
@@ -375,6 +386,53 @@ mod tests {
                 r#"{"time":"T","event":"handler-finished","duration_ms":3,"error":null,"exit_code":0,"handler":"on-promote","signal":null,"timed_out":false}"#,
             ),
             (Event::EventsLost { count: 7 }, r#"{"time":"T","event":"events-lost","count":7}"#),
+        ];
+        for (e, want) in cases {
+            let name = e.name();
+            let got = line(e);
+            assert_eq!(got, want);
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap()["event"], name);
+        }
+    }
+
+    #[test]
+    fn failover_events_name_themselves_and_sort_their_fields() {
+        let cases: Vec<(Event, &str)> = vec![
+            (
+                Event::Vote {
+                    granted: false,
+                    node: "beta".into(),
+                    reason: Some("primary-alive".into()),
+                    request: "claim".into(),
+                    request_term: 4,
+                    term: 4,
+                },
+                r#"{"time":"T","event":"vote","granted":false,"node":"beta","reason":"primary-alive","request":"claim","request_term":4,"term":4}"#,
+            ),
+            (
+                Event::TermChanged { primary: Some("alpha".into()), term: 5, uptodate: vec!["alpha".into()] },
+                r#"{"time":"T","event":"term-changed","primary":"alpha","term":5,"uptodate":["alpha"]}"#,
+            ),
+            (
+                Event::WitnessLost { reason: "closed".into(), witness: "gamma".into() },
+                r#"{"time":"T","event":"witness-lost","reason":"closed","witness":"gamma"}"#,
+            ),
+            (
+                Event::WitnessConnected { witness: "gamma".into() },
+                r#"{"time":"T","event":"witness-connected","witness":"gamma"}"#,
+            ),
+            (
+                Event::NodeConnected { address: "127.0.0.1:5".into(), node: "alpha".into() },
+                r#"{"time":"T","event":"node-connected","address":"127.0.0.1:5","node":"alpha"}"#,
+            ),
+            (
+                Event::NodeDisconnected { node: "alpha".into(), reason: "closed".into() },
+                r#"{"time":"T","event":"node-disconnected","node":"alpha","reason":"closed"}"#,
+            ),
+            (
+                Event::WitnessState { connected: vec![], primary: None, term: 0, uptodate: vec![], voting: true },
+                r#"{"time":"T","event":"witness-state","connected":[],"primary":null,"term":0,"uptodate":[],"voting":true}"#,
+            ),
         ];
         for (e, want) in cases {
             let name = e.name();

@@ -46,6 +46,7 @@ pub mod backend;
 mod commands;
 pub mod daemon;
 mod export;
+pub mod failover;
 pub mod handlers;
 pub mod metrics;
 pub mod status;
@@ -99,6 +100,8 @@ pub struct Node {
     repl: Option<Arc<Engine>>,
     /// NBD request counters (status statistics, /metrics).
     io_stats: Arc<crate::stats::IoStats>,
+    /// The witness link (automatic failover), as status shows it.
+    witness_link: failover::LinkShared,
 }
 
 impl Node {
@@ -134,6 +137,7 @@ impl Node {
             events,
             repl,
             io_stats: Arc::default(),
+            witness_link: failover::LinkShared::default(),
         })
     }
 
@@ -412,6 +416,8 @@ impl Node {
             statistics: self.statistics(&vs),
             failed,
             pid: std::process::id(),
+            term: self.volume.term(),
+            failover: failover::status(self),
         }
     }
 

@@ -83,6 +83,12 @@ pub struct Status {
     /// requests, pending, buffer fill, WAL syncs; src/stats.rs).
     #[serde(default)]
     pub statistics: crate::stats::Statistics,
+    /// The node's failover term (superblock; 0 without failover).
+    #[serde(default)]
+    pub term: u64,
+    /// Automatic failover (docs/failover.md): mode, the witness link.
+    #[serde(default)]
+    pub failover: super::failover::FailoverStatus,
 }
 
 /// `decision` in the status.
@@ -358,6 +364,8 @@ mod tests {
             last_sync: None,
             verify: Default::default(),
             statistics: Default::default(),
+            term: 0,
+            failover: Default::default(),
         }
     }
 
