@@ -84,6 +84,11 @@ fn data_nodes_keep_a_witness_link_and_losing_the_witness_changes_nothing() {
         assert!(f["eligible_reason"].as_str().is_some_and(|r| r.contains("not wired")), "{s:#}");
         assert_eq!(s["term"], 0, "{s:#}");
     }
+    let human = pair.beta.repctl_ok(&["status"]);
+    assert!(
+        human.contains("  failover:witness term:0 witness:gamma(connected, term 0, primary none) eligible:no ("),
+        "{human}"
+    );
     let ws = w.status();
     let connected: Vec<&str> = ws["connected"].as_array().unwrap().iter().filter_map(|c| c["node"].as_str()).collect();
     assert_eq!(connected, ["alpha", "beta"], "{ws:#}");

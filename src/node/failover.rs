@@ -76,6 +76,29 @@ pub struct FailoverStatus {
     pub last_failover: Option<serde_json::Value>,
 }
 
+impl FailoverStatus {
+    /// The one status line (none with mode `off`):
+    /// `failover:witness term:1 witness:gamma(connected, term 1, primary alpha) eligible:no (…)`.
+    pub fn human_line(&self, term: u64) -> Option<String> {
+        if self.mode.is_empty() || self.mode == "off" {
+            return None;
+        }
+        let witness = match &self.witness {
+            Some(w) if w.connected => {
+                format!("{}(connected, term {}, primary {})", w.name, w.term, w.primary.as_deref().unwrap_or("none"))
+            }
+            Some(w) => format!("{}(not connected)", w.name),
+            None => "none".into(),
+        };
+        let eligible = match (&self.eligible, &self.eligible_reason) {
+            (true, _) => "yes".to_string(),
+            (false, Some(r)) => format!("no ({r})"),
+            (false, None) => "no".to_string(),
+        };
+        Some(format!("failover:{} term:{term} witness:{witness} eligible:{eligible}", self.mode))
+    }
+}
+
 /// What the link task shares with `status`.
 #[derive(Debug, Default)]
 pub struct LinkShared {
@@ -214,5 +237,35 @@ fn adopt_term(node: &Node, term: u64) {
             node.emit(Event::TermChanged { primary: s.primary, term: t, uptodate: s.uptodate });
         }
         Err(e) => tracing::error!(term, error = %e, "cannot persist the term"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_human_line_shows_mode_term_witness_and_eligibility() {
+        assert_eq!(FailoverStatus::default().human_line(0), None);
+        let off = FailoverStatus { mode: "off".into(), ..FailoverStatus::default() };
+        assert_eq!(off.human_line(0), None, "mode off adds no line");
+        let mut f = FailoverStatus {
+            mode: "witness".into(),
+            witness: Some(WitnessLinkStatus {
+                name: "gamma".into(),
+                connected: true,
+                term: 3,
+                primary: Some("alpha".into()),
+                ..WitnessLinkStatus::default()
+            }),
+            eligible_reason: Some("why".into()),
+            ..FailoverStatus::default()
+        };
+        assert_eq!(
+            f.human_line(3).unwrap(),
+            "failover:witness term:3 witness:gamma(connected, term 3, primary alpha) eligible:no (why)"
+        );
+        f.witness.as_mut().unwrap().connected = false;
+        assert_eq!(f.human_line(0).unwrap(), "failover:witness term:0 witness:gamma(not connected) eligible:no (why)");
     }
 }

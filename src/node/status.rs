@@ -251,6 +251,9 @@ impl Status {
                 }
             }
         }
+        if let Some(line) = self.failover.human_line(self.term) {
+            let _ = writeln!(s, "  {line}");
+        }
         let _ = writeln!(
             s,
             "  node:{} protocol:{} size:{} io-engine:{}",
