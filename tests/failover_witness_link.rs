@@ -66,13 +66,7 @@ fn data_nodes_keep_a_witness_link_and_losing_the_witness_changes_nothing() {
     let (mut pair, mut w) = pair_with_witness();
     w.repctl_ok(&["create-md"]);
     w.start();
-    pair.start_both();
-    for p in [&pair.alpha, &pair.beta] {
-        p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
-    }
-    pair.alpha.repctl_ok(&["promote", "--force"]);
-    pair.beta.wait_sync(90);
-    pair.assert_established();
+    pair.bring_up();
 
     for p in [&pair.alpha, &pair.beta] {
         let s = p.wait_status("witness link up", Duration::from_secs(10), witness_connected);

@@ -319,22 +319,10 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
                     }
                 });
             }
-            let mut out_err = None;
-            let write_line = |v: &serde_json::Value| {
+            print_events(client, |v| {
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 writeln!(o, "{v}").and_then(|()| o.flush())
-            };
-            client.events(|v| match write_line(v) {
-                Ok(()) => true,
-                Err(e) => {
-                    // A closed pipe (`repctl events | head`) ends the stream.
-                    out_err = Some(e);
-                    false
-                }
             })?;
-            if let Some(e) = out_err.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
-                return Err(e.into());
-            }
         }
     }
     Ok(())
@@ -374,20 +362,10 @@ fn run_witness(
         }
         Command::Events { .. } => {
             drop(stdout);
-            let mut out_err = None;
-            connect()?.events(|v| {
+            print_events(connect()?, |v| {
                 let mut o = std::io::stdout().lock();
-                match writeln!(o, "{v}").and_then(|()| o.flush()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        out_err = Some(e);
-                        false
-                    }
-                }
+                writeln!(o, "{v}").and_then(|()| o.flush())
             })?;
-            if let Some(e) = out_err.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
-                return Err(e.into());
-            }
         }
         other => {
             let data: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -398,6 +376,26 @@ fn run_witness(
                 data.join(", ")
             );
         }
+    }
+    Ok(())
+}
+
+/// Streams `events` through `write_line` until repd stops or the output
+/// goes away (a closed pipe, `repctl events | head`, ends it quietly).
+fn print_events(
+    client: ControlClient,
+    mut write_line: impl FnMut(&serde_json::Value) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut out_err = None;
+    client.events(|v| match write_line(v) {
+        Ok(()) => true,
+        Err(e) => {
+            out_err = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = out_err.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
+        return Err(e.into());
     }
     Ok(())
 }
