@@ -279,3 +279,37 @@ fn bad_failover_configs_are_refused_by_repd_and_repctl() {
     }
     assert!(!dir.path().join("gamma").exists(), "nothing was created from a refused config");
 }
+
+/// Under a `Type=notify` unit with `WatchdogSec=` (contrib/systemd) the
+/// witness says READY=1 once its control socket answers, keeps a STATUS=
+/// line, pings the watchdog, and says STOPPING=1 on SIGTERM.
+#[test]
+fn witness_notifies_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let mut w = Witness::new();
+    w.repctl_ok(&["create-md"]);
+    let path = w.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let notify = path.display().to_string();
+    w.start_env(&[("NOTIFY_SOCKET", notify.as_str()), ("WATCHDOG_USEC", "200000")]);
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let ready = got.iter().find(|m| m.lines().any(|l| l == "READY=1")).unwrap_or_else(|| panic!("{got:?}"));
+    assert!(ready.contains("STATUS=role:witness term:0 primary:none voting:yes connected:none"), "{ready}");
+    let pings = got.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count();
+    println!("{pings} watchdog pings in about 3 s (WATCHDOG_USEC=200000)");
+    assert!(pings >= 4, "{got:?}");
+    assert!(w.term().success(), "clean stop:\n{}", w.log());
+    let mut stopping = false;
+    while let Ok(n) = sock.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1:\n{}", w.log());
+}

@@ -96,12 +96,18 @@ impl Witness {
 
     /// Starts `repd --node gamma` and waits until its control socket answers.
     pub fn start(&mut self) {
+        self.start_env(&[]);
+    }
+
+    /// [`Witness::start`] with extra environment variables.
+    pub fn start_env(&mut self, env: &[(&str, &str)]) {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path(self.starts)).expect("log file");
         let child = Command::new(REPD)
             .arg("--config")
             .arg(&self.config)
             .args(["--node", "gamma"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -120,6 +126,12 @@ impl Witness {
             assert!(Instant::now() < deadline, "the witness did not answer within 20s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGTERM; the exit status.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let c = self.repd.take();
+        super::term_child(c, "repd --node gamma", String::new)
     }
 
     pub fn kill9(&mut self) {

@@ -303,6 +303,20 @@ impl WitnessNode {
         self.config.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// The systemd `STATUS=` line: `role:witness term:3 primary:alpha
+    /// voting:yes connected:alpha,beta`.
+    pub fn status_line(&self) -> String {
+        let s = self.status();
+        let connected: Vec<String> = s.connected.into_iter().map(|c| c.node).collect();
+        format!(
+            "role:witness term:{} primary:{} voting:{} connected:{}",
+            s.term,
+            s.primary.as_deref().unwrap_or("none"),
+            if s.voting { "yes" } else { "no" },
+            if connected.is_empty() { "none".to_string() } else { connected.join(",") }
+        )
+    }
+
     /// The status object.
     pub fn status(&self) -> WitnessStatus {
         let inner = self.lock();
@@ -709,8 +723,11 @@ pub async fn run(config: Config, me: WitnessNodeConfig) -> Result<(), WitnessErr
     let mut signals =
         super::daemon::StopSignals::install().map_err(|e| WitnessError::Refused(format!("signal handlers: {e}")))?;
     let daemon = WitnessDaemon::start(config, me).await?;
+    // Type=notify units (contrib/systemd): READY=1, STATUS=, the watchdog.
+    let notifier = super::systemd::Notifier::start_for(Arc::clone(daemon.node()), WitnessNode::status_line);
     let signal = signals.recv().await;
     tracing::info!(signal, "witness stopping");
+    notifier.stopping_with("stopping: closing the witness links");
     daemon.stop().await;
     Ok(())
 }
