@@ -120,6 +120,16 @@ pub enum Event {
         role: SyncRole,
         seconds: f64,
     },
+    /// The sync target's `before-resync-target` handler failed: the resync
+    /// of `kind` from `peer` did not start and this node went standalone.
+    /// `reason`: `exit code N`, `killed by signal N`, `killed after the
+    /// timeout of …`, `cannot run …`.
+    SyncRefused {
+        handler: String,
+        kind: ResyncKind,
+        peer: String,
+        reason: String,
+    },
     /// The resync decision of every connect (`result`: `no-sync`,
     /// `source-log`, …; `rule`: docs/resync.md).
     Decision {
@@ -138,6 +148,17 @@ pub enum Event {
     /// `on_peer_loss = "suspend"` and the peer was lost.
     IoSuspended,
     IoResumed,
+    /// The primary's `fence-peer` handler returned (docs/config.md):
+    /// `fenced` when its exit code says the peer cannot become primary with
+    /// stale data (3, 4, 5, 7), `meaning` says what the code means, and
+    /// `io_resumed` whether suspended writes were released because of it.
+    PeerFencing {
+        exit_code: Option<i32>,
+        fenced: bool,
+        io_resumed: bool,
+        meaning: String,
+        peer: String,
+    },
     /// `repctl invalidate`.
     Invalidated {
         connected: bool,
@@ -244,10 +265,12 @@ impl Event {
             Event::SyncStarted { .. } => "sync-started",
             Event::SyncProgress { .. } => "sync-progress",
             Event::SyncFinished { .. } => "sync-finished",
+            Event::SyncRefused { .. } => "sync-refused",
             Event::Decision { .. } => "decision",
             Event::SplitBrain { .. } => "split-brain",
             Event::IoSuspended => "io-suspended",
             Event::IoResumed => "io-resumed",
+            Event::PeerFencing { .. } => "peer-fencing",
             Event::Invalidated { .. } => "invalidated",
             Event::VerifyFinished { .. } => "verify-finished",
             Event::HandlerCalled { .. } => "handler-called",
@@ -384,6 +407,25 @@ mod tests {
                     timed_out: false,
                 },
                 r#"{"time":"T","event":"handler-finished","duration_ms":3,"error":null,"exit_code":0,"handler":"on-promote","signal":null,"timed_out":false}"#,
+            ),
+            (
+                Event::SyncRefused {
+                    handler: "before-resync-target".into(),
+                    kind: ResyncKind::Bitmap,
+                    peer: peer(),
+                    reason: "exit code 3".into(),
+                },
+                r#"{"time":"T","event":"sync-refused","handler":"before-resync-target","kind":"bitmap","peer":"beta","reason":"exit code 3"}"#,
+            ),
+            (
+                Event::PeerFencing {
+                    exit_code: Some(4),
+                    fenced: true,
+                    io_resumed: true,
+                    meaning: "peer outdated".into(),
+                    peer: peer(),
+                },
+                r#"{"time":"T","event":"peer-fencing","exit_code":4,"fenced":true,"io_resumed":true,"meaning":"peer outdated","peer":"beta"}"#,
             ),
             (Event::EventsLost { count: 7 }, r#"{"time":"T","event":"events-lost","count":7}"#),
         ];

@@ -130,6 +130,8 @@ pub struct NodeConfig {
     pub disk: Option<PathBuf>,
     /// Optional `host:port` serving Prometheus metrics (`GET /metrics`).
     pub metrics: Option<String>,
+    /// This node's TLS certificate directory, overriding `[tls] dir`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// A `[[node]]` section with `witness = true`: the diskless third node of
@@ -250,6 +252,8 @@ pub struct Config {
     pub after_sb_1pri: AfterSb1Pri,
     /// `[handlers]`: commands run on events (src/node/handlers.rs).
     pub handlers: Handlers,
+    /// `[tls]` (docs/tls.md); all off by default.
+    pub tls: TlsConfig,
     /// The data nodes (one or two), in file order.
     pub nodes: Vec<NodeConfig>,
     /// `[failover]` (mode `off` when absent).
@@ -269,7 +273,13 @@ pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Handlers {
     /// A handler still running after this is killed (30s by default).
     pub timeout: Duration,
+    /// Blocking: a bitmap or full resync to this node waits for it; a
+    /// failure stops the resync and leaves the node standalone.
+    pub before_resync_target: Option<Vec<String>>,
     pub after_resync_target: Option<Vec<String>>,
+    /// Called on a primary that lost its peer; with `on_peer_loss =
+    /// "suspend"` its exit code decides whether writes resume.
+    pub fence_peer: Option<Vec<String>>,
     pub split_brain: Option<Vec<String>>,
     pub peer_lost: Option<Vec<String>>,
     pub on_promote: Option<Vec<String>>,
@@ -280,7 +290,9 @@ impl Default for Handlers {
     fn default() -> Handlers {
         Handlers {
             timeout: DEFAULT_HANDLER_TIMEOUT,
+            before_resync_target: None,
             after_resync_target: None,
+            fence_peer: None,
             split_brain: None,
             peer_lost: None,
             on_promote: None,
@@ -387,8 +399,10 @@ pub fn demo_toml(size: u64, nbd: &str) -> String {
 }
 
 mod parse;
+mod tls;
 
 pub use parse::parse_host_port;
+pub use tls::TlsConfig;
 
 #[cfg(test)]
 mod tests;

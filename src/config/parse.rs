@@ -34,6 +34,7 @@ struct RawConfig {
     after_sb_1pri: Option<toml::Value>,
     handlers: Option<RawHandlers>,
     failover: Option<RawFailover>,
+    tls: Option<super::tls::RawTls>,
     node: Option<Vec<RawNode>>,
 }
 
@@ -56,7 +57,9 @@ struct RawFailover {
 #[serde(deny_unknown_fields)]
 struct RawHandlers {
     timeout: Option<toml::Value>,
+    before_resync_target: Option<toml::Value>,
     after_resync_target: Option<toml::Value>,
+    fence_peer: Option<toml::Value>,
     split_brain: Option<toml::Value>,
     peer_lost: Option<toml::Value>,
     on_promote: Option<toml::Value>,
@@ -75,16 +78,17 @@ struct RawNode {
     disk: Option<toml::Value>,
     metrics: Option<toml::Value>,
     witness: Option<toml::Value>,
+    tls_dir: Option<toml::Value>,
 }
 
 /// Field checker bound to one file (keeps messages uniform).
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     file: &'a str,
     base: &'a Path,
 }
 
 impl Checker<'_> {
-    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Field { file: self.file.to_string(), field: field.to_string(), message: message.into() }
     }
 
@@ -159,7 +163,7 @@ impl Checker<'_> {
         Ok(s)
     }
 
-    fn path(&self, field: &str, v: &toml::Value) -> Result<PathBuf, ConfigError> {
+    pub(super) fn path(&self, field: &str, v: &toml::Value) -> Result<PathBuf, ConfigError> {
         let s = self.string(field, v, "a path")?;
         if s.is_empty() {
             return Err(self.err(field, "expected a path, got \"\""));
@@ -213,7 +217,7 @@ fn one_of(names: &[&str]) -> String {
     }
 }
 
-fn describe(v: &toml::Value) -> String {
+pub(super) fn describe(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("{s:?}"),
         toml::Value::Integer(i) => format!("the number {i}"),
@@ -449,7 +453,7 @@ impl Config {
             let name = c.name(&f("name"), c.required(&f("name"), &n.name, "\"alpha\"")?)?;
             node_order.push(name.clone());
             if is_witness[i] {
-                for (key, v) in [("nbd", &n.nbd), ("disk", &n.disk), ("metrics", &n.metrics)] {
+                for (key, v) in [("nbd", &n.nbd), ("disk", &n.disk), ("metrics", &n.metrics), ("tls_dir", &n.tls_dir)] {
                     if v.is_some() {
                         return Err(c.err(
                             &f(key),
@@ -503,7 +507,11 @@ impl Config {
                 Some(v) => Some(c.host_port(&f("metrics"), v)?),
                 None => None,
             };
-            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics });
+            let tls_dir = match &n.tls_dir {
+                Some(v) => Some(c.path(&f("tls_dir"), v)?),
+                None => None,
+            };
+            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics, tls_dir });
         }
         if (two || witness.is_some()) && secret.is_none() {
             return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
@@ -683,7 +691,9 @@ impl Config {
                 };
                 Handlers {
                     timeout: nonzero_duration("handlers.timeout", &h.timeout, DEFAULT_HANDLER_TIMEOUT)?,
+                    before_resync_target: argv("before_resync_target", &h.before_resync_target)?,
                     after_resync_target: argv("after_resync_target", &h.after_resync_target)?,
+                    fence_peer: argv("fence_peer", &h.fence_peer)?,
                     split_brain: argv("split_brain", &h.split_brain)?,
                     peer_lost: argv("peer_lost", &h.peer_lost)?,
                     on_promote: argv("on_promote", &h.on_promote)?,
@@ -723,6 +733,7 @@ impl Config {
                 ));
             }
         }
+        let tls = super::tls::parse(&c, raw.tls.as_ref(), &nodes)?;
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -748,6 +759,7 @@ impl Config {
             after_sb_0pri,
             after_sb_1pri,
             handlers,
+            tls,
             nodes,
             failover,
             witness,

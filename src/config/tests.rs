@@ -332,7 +332,12 @@ fn handlers_are_argv_lists_with_a_timeout() {
     assert_eq!(c.handlers.timeout, Duration::from_secs(5));
     assert_eq!(c.handlers.peer_lost, Some(vec!["/bin/logger".into(), "-t".into(), "repblock".into()]));
     assert_eq!(c.handlers.on_promote, None);
+    let c = load(&with("[handlers]\nbefore_resync_target = [\"/snap\", \"r0\"]\nfence_peer = [\"/fence\"]")).unwrap();
+    assert_eq!(c.handlers.before_resync_target, Some(vec!["/snap".into(), "r0".into()]));
+    assert_eq!(c.handlers.fence_peer, Some(vec!["/fence".into()]));
     for (bad, want) in [
+        ("[handlers]\nfence_peer = \"/fence\"", "handlers.fence_peer: expected an argv list"),
+        ("[handlers]\nbefore_resync_target = []", "handlers.before_resync_target: expected an argv list"),
         ("[handlers]\npeer_lost = \"/bin/logger\"", "handlers.peer_lost: expected an argv list"),
         ("[handlers]\npeer_lost = []", "handlers.peer_lost: expected an argv list"),
         ("[handlers]\npeer_lost = [\"\"]", "handlers.peer_lost: expected an argv list"),
@@ -639,4 +644,35 @@ fn witness_node_rules() {
     assert!(e.contains("node[2].name: \"alpha\" is used by two nodes"), "{e}");
     let e = load(&with_failover(on, WITNESS_NODE)).unwrap().node("omega").unwrap_err().to_string();
     assert!(e.contains("alpha, beta, gamma"), "{e}");
+}
+
+#[test]
+fn tls_section_is_off_by_default_and_checked_by_field() {
+    use crate::tls::{NbdTlsMode, ReplTlsMode};
+    let c = load(ONE).unwrap();
+    assert!(!c.tls.enabled());
+    assert_eq!(c.tls_settings(c.node("alpha").unwrap()), None);
+    let with = |tls: &str| ONE.replace("[[node]]", &format!("[tls]\n{tls}\n[[node]]"));
+    let c = load(&with("dir = \"/etc/pki\"\nnbd = \"require\"\nnbd_verify_client = true")).unwrap();
+    assert_eq!(c.tls.nbd, NbdTlsMode::Require);
+    assert_eq!(c.tls.replication, ReplTlsMode::Off);
+    let s = c.tls_settings(c.node("alpha").unwrap()).unwrap();
+    assert_eq!(s.dir, PathBuf::from("/etc/pki"));
+    assert!(s.nbd_verify_client);
+    assert_eq!(
+        err(&with("dir = \"/p\"\nnbd = \"yes\"")),
+        "r0.toml: tls.nbd: expected \"off\" or \"on\" or \"require\", got \"yes\""
+    );
+    assert!(
+        err(&with("nbd = \"on\""))
+            .starts_with("r0.toml: tls.dir: missing (TLS is on and node[0] (alpha) has no tls_dir")
+    );
+    assert!(err(&with("dir = \"/p\"\nnbd_verify_client = true")).contains("needs tls.nbd"));
+    assert!(err(&with("dir = \"/p\"\nreplication = 1")).contains("tls.replication: expected \"off\" or \"require\""));
+    // A node's tls_dir overrides dir, and stands in for it.
+    let c =
+        load(&with("replication = \"require\"").replace("dir = \"/var", "tls_dir = \"/pki/a\"\ndir = \"/var")).unwrap();
+    assert_eq!(c.tls_settings(c.node("alpha").unwrap()).unwrap().dir, PathBuf::from("/pki/a"));
+    let bad = with("dir = \"/p\"\nreplication = \"require\"").replace("name = \"alpha\"", "name = \"10.0.0.1\"");
+    assert!(err(&bad).contains("node[0].name: \"10.0.0.1\" cannot be checked against a certificate"), "{}", err(&bad));
 }

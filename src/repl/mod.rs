@@ -11,6 +11,8 @@
 //!   resync).
 //! - [`decide`]: the pure resync decision at connect (who sends what), with
 //!   its split-brain policies; [`verify`]: online verify and `invalidate`.
+//! - [`gate`]: the `before-resync-target` hook a sync target waits for
+//!   (a trait object the node passes in [`engine::EngineConfig`]).
 //! - [`store`]: what the engine needs from local storage, as a trait;
 //!   [`volume_store`] implements it over the real volume.
 //! - [`unauth`]: limits on connections that have not authenticated yet.
@@ -42,6 +44,7 @@ mod engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+pub mod resync_hook;
 mod session;
 pub mod stats;
 pub mod store;
@@ -57,7 +60,10 @@ pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,
     negotiate_version, refuse,
 };
-pub use link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer, run_writer_counted, split_tcp};
+pub use link::{
+    FrameReader, FrameWriter, LinkError, LinkRead, LinkStream, LinkWrite, QueuedBytes, run_writer, run_writer_counted,
+    secure, split_link, split_tcp,
+};
 pub use proto::{
     FrameError, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode, encode,
 };

@@ -8,13 +8,12 @@
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::config::Config;
 use crate::failover::RefuseReason;
 use crate::model::{DiskState, GenIds, Role};
 use crate::repl::handshake::{self, Expect, HandshakeError, LocalHello};
-use crate::repl::link::{self, FrameReader, FrameWriter, LinkError};
+use crate::repl::link::{self, FrameReader, FrameWriter, LinkError, LinkRead, LinkWrite};
 use crate::repl::proto::{Message, TermPong, WitnessView};
 
 /// Errors of the witness link.
@@ -57,13 +56,18 @@ pub enum Answer {
 }
 
 /// An authenticated witness link.
-#[derive(Debug)]
 pub struct WitnessClient {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: FrameWriter<OwnedWriteHalf>,
+    reader: FrameReader<LinkRead>,
+    writer: FrameWriter<LinkWrite>,
     node: u8,
     seq: u64,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for WitnessClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WitnessClient").field("node", &self.node).field("seq", &self.seq).finish_non_exhaustive()
+    }
 }
 
 impl WitnessClient {

@@ -654,8 +654,8 @@ async fn serve_messages(
     node: &WitnessNode,
     name: &str,
     index: NodeIndex,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: &mut FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    reader: &mut FrameReader<link::LinkRead>,
+    writer: &mut FrameWriter<link::LinkWrite>,
     detect: Duration,
 ) -> String {
     loop {
