@@ -621,6 +621,8 @@ fn witness_node_rules() {
     assert!(e.contains("node[2].nbd: a witness node (witness = true) has no volume"), "{e}");
     let e = err(&with_failover(on, &format!("{WITNESS_NODE}disk = \"/dev/sdz\"\n")));
     assert!(e.contains("node[2].disk: a witness node"), "{e}");
+    let e = err(&with_failover(on, &format!("{WITNESS_NODE}tls_dir = \"/pki\"\n")));
+    assert!(e.contains("node[2].tls_dir: a witness node"), "{e}");
     let e = err(&with_failover(on, &WITNESS_NODE.replace("replication = \"10.0.0.3:7790\"\n", "")));
     assert!(e.contains("node[2].replication: missing"), "{e}");
     let e = err(&with_failover(on, &WITNESS_NODE.replace("witness = true", "witness = \"yes\"")));
