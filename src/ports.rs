@@ -33,9 +33,9 @@ pub fn ephemeral_range() -> (u16, u16) {
 }
 
 /// A TCP port on 127.0.0.1 that nobody listens on now, outside the
-/// ephemeral range, and not handed out before by this process. Random, so
-/// that test processes running at once rarely try the same one; checked
-/// by binding it.
+/// ephemeral range, not handed out before by this process nor, within the
+/// last ten minutes, by another one on this machine (a claim file). Random,
+/// so that processes rarely contend; checked by binding it.
 pub fn unused_local_port() -> std::io::Result<u16> {
     let (lo, hi) = ephemeral_range();
     // The candidates: below the ephemeral range, or above it when it
@@ -49,7 +49,7 @@ pub fn unused_local_port() -> std::io::Result<u16> {
         if handed.contains(&port) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && claim(port) {
             handed.insert(port);
             return Ok(port);
         }
@@ -58,6 +58,38 @@ pub fn unused_local_port() -> std::io::Result<u16> {
         std::io::ErrorKind::AddrNotAvailable,
         format!("no free TCP port on 127.0.0.1 between {first} and {last} after 1000 tries"),
     ))
+}
+
+/// Where processes on this machine record the ports they handed out, so
+/// that two test processes running at once never pick the same port in the
+/// moment between choosing it and their daemon binding it.
+const CLAIMS: &str = "/tmp/repblock-port-claims";
+
+/// How long a claim keeps a port from other processes.
+const CLAIM_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Claims `port` machine-wide (a file created exclusively); a claim older
+/// than [`CLAIM_TTL`] is taken over. Without a usable claims directory
+/// every port counts as unclaimed.
+fn claim(port: u16) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::Path::new(CLAIMS);
+    if std::fs::create_dir(dir).is_ok() {
+        // Shared by every user running tests (sticky, like /tmp).
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    let path = dir.join(port.to_string());
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let stale = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > CLAIM_TTL)
+                .unwrap_or(false);
+            stale && std::fs::File::create(&path).and_then(|f| f.set_modified(std::time::SystemTime::now())).is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 #[cfg(test)]

@@ -87,7 +87,17 @@ fn failover_with(protocol: &str, d: Disturbance) {
         Disturbance::CutSuspended => {
             pair.proxies().set_mode(repblock_netproxy::Mode::Refuse);
             pair.alpha.wait_status("peer lost", Duration::from_secs(10), |s| s["connection"] != "connected");
+            // Writes the peer acknowledged before the cut may still be
+            // answered after the status changed; let those settle (at most
+            // the queue depth), then nothing more may complete.
+            let at_loss = work.completed_writes();
+            std::thread::sleep(Duration::from_millis(300));
             let held = work.completed_writes();
+            assert!(
+                held - at_loss <= QD,
+                "{test}: {} writes completed after the peer was lost, more than the {QD} that can be in flight",
+                held - at_loss
+            );
             std::thread::sleep(Duration::from_secs(1));
             assert_eq!(
                 work.completed_writes(),
