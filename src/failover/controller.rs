@@ -207,6 +207,14 @@ pub enum Input {
     /// `repctl failover enable|disable`.
     Enable,
     Disable,
+    /// `repctl promote` while failover is on: claim the next term now,
+    /// without the automatic guard (the witness still decides: a live
+    /// primary is refused). `forced` (`promote --force`, bootstrap) skips
+    /// the witness's up-to-date check only. Retried through the backoff
+    /// until `MANUAL_CLAIM_FOR` has passed.
+    ClaimNow {
+        forced: bool,
+    },
 }
 
 impl Input {
@@ -230,6 +238,7 @@ impl Input {
             Input::HandOver { .. } => "hand-over",
             Input::Enable => "enable",
             Input::Disable => "disable",
+            Input::ClaimNow { .. } => "claim-now",
         }
     }
 }
@@ -410,7 +419,13 @@ pub struct Controller {
     peer_resynced: bool,
     /// A PeerUptodate is in flight.
     peer_uptodate_asked: bool,
+    /// An operator's claim (`promote`): whether it is forced, and until
+    /// when it is retried.
+    manual: Option<(bool, MonoTime)>,
 }
+
+/// How long an operator's claim ([`Input::ClaimNow`]) is retried.
+pub const MANUAL_CLAIM_FOR: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WitnessKnown {
@@ -448,7 +463,31 @@ impl Controller {
             claim_for_handover: false,
             peer_resynced: false,
             peer_uptodate_asked: false,
+            manual: None,
         }
+    }
+
+    /// This node's index.
+    pub fn me(&self) -> NodeIndex {
+        self.me
+    }
+
+    /// Automatic failover is disabled (operator or budget).
+    pub fn disabled(&self) -> bool {
+        self.disabled.is_some()
+    }
+
+    /// The witness's record as last seen.
+    pub fn witness_view(&self) -> Option<Grant> {
+        match self.witness {
+            WitnessKnown::View(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An operator's claim is in flight or being retried.
+    pub fn manual_claim(&self) -> bool {
+        self.manual.is_some()
     }
 
     pub fn state(&self) -> State {
@@ -735,8 +774,20 @@ impl Controller {
                 }
                 if let State::Candidate { term, claim: ClaimState::Backoff { .. } } = self.state {
                     self.state = State::Following { term };
+                    self.manual = None;
                 }
             }
+            Input::ClaimNow { forced } => match state {
+                State::Following { term } | State::Candidate { term, claim: ClaimState::Backoff { .. } } => {
+                    self.manual = Some((forced, now.plus(MANUAL_CLAIM_FOR)));
+                    self.claim_for_handover = false;
+                    self.send_claim(term, now, None, out);
+                }
+                State::Candidate { claim: ClaimState::InFlight { .. }, .. } => {
+                    self.manual = Some((forced, now.plus(MANUAL_CLAIM_FOR)));
+                }
+                _ => return Err("only a secondary claims a term".into()),
+            },
         }
         Ok(())
     }
@@ -755,6 +806,7 @@ impl Controller {
             _ => {
                 self.state = State::Following { term };
                 self.handover = false;
+                self.manual = None;
             }
         }
     }
@@ -831,9 +883,18 @@ impl Controller {
                 if now < at {
                     return;
                 }
-                if self.eligibility().is_err() || self.link == (Link::Up { peer_primary: true }) {
-                    self.state = State::Following { term };
-                    return;
+                match self.manual {
+                    Some((_, until)) if now >= until => {
+                        self.manual = None;
+                        self.state = State::Following { term };
+                        return;
+                    }
+                    Some(_) => {}
+                    None if self.eligibility().is_err() || self.link == (Link::Up { peer_primary: true }) => {
+                        self.state = State::Following { term };
+                        return;
+                    }
+                    None => {}
                 }
                 self.send_claim(term, now, Some(delay), out);
             }
@@ -843,7 +904,8 @@ impl Controller {
 
     fn send_claim(&mut self, term: Term, now: MonoTime, delay: Option<Duration>, out: &mut Vec<Action>) {
         self.state = State::Candidate { term, claim: ClaimState::InFlight { sent_at: now, delay } };
-        out.push(Action::AskWitness(Request::Claim { term, node: self.me, forced: false }));
+        let forced = self.manual.is_some_and(|(f, _)| f);
+        out.push(Action::AskWitness(Request::Claim { term, node: self.me, forced }));
     }
 
     fn backoff(&self, now: MonoTime, previous: Option<Duration>, sent_at: MonoTime) -> ClaimState {
@@ -880,7 +942,8 @@ impl Controller {
                         self.lease.renew(&self.params, sent_at, now);
                         self.peer_resynced = false;
                         self.peer_uptodate_asked = false;
-                        if !std::mem::take(&mut self.claim_for_handover) {
+                        let manual = self.manual.take().is_some();
+                        if !std::mem::take(&mut self.claim_for_handover) && !manual {
                             self.failovers.push_back(now);
                         }
                         out.push(Action::Promote { term: g.term });
@@ -925,6 +988,7 @@ impl Controller {
                             }
                             RefuseReason::NotEligible | RefuseReason::AlreadyGranted | RefuseReason::StaleTerm => {
                                 self.state = State::Following { term };
+                                self.manual = None;
                             }
                         }
                         if let Some(v) = view {
