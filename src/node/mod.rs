@@ -47,6 +47,7 @@ mod commands;
 pub mod daemon;
 mod export;
 pub mod failover;
+mod failover_ctl;
 pub mod handlers;
 pub mod metrics;
 pub mod status;
@@ -105,6 +106,8 @@ pub struct Node {
     io_stats: Arc<crate::stats::IoStats>,
     /// The witness link (automatic failover), as status shows it.
     witness_link: failover::LinkShared,
+    /// The failover controller (`[failover] mode = "witness"`).
+    failover: Option<Arc<failover_ctl::FailoverCtl>>,
     /// TLS credentials (`[tls]`), if anything uses TLS.
     tls: Option<Arc<crate::tls::TlsContext>>,
 }
@@ -128,9 +131,14 @@ impl Node {
     ) -> Arc<Node> {
         let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
+        let ctl = match &store {
+            Some(_) => failover_ctl::FailoverCtl::new(&config, &me.name, Arc::clone(&volume), events.clone()),
+            None => None,
+        };
         let repl = match (daemon::engine_config(&config, &me, tls.as_ref()), store) {
             (Some(mut cfg), Some(store)) => {
                 cfg.before_resync_target = handlers::resync_gate(&config, &me, &events);
+                cfg.failover = ctl.clone().map(|c| crate::repl::engine::FailoverLink(c));
                 Some(Engine::new(cfg, store, Role::Secondary, events.clone()))
             }
             _ => None,
@@ -147,6 +155,7 @@ impl Node {
             repl,
             io_stats: Arc::default(),
             witness_link: failover::LinkShared::default(),
+            failover: ctl,
             tls,
         })
     }
@@ -214,8 +223,47 @@ impl Node {
         failed
     }
 
-    /// Becomes primary and starts the NBD export.
+    /// Becomes primary and starts the NBD export. With automatic failover
+    /// on, the witness grants the next term first (docs/failover.md):
+    /// `force` claims without the witness's up-to-date check.
     pub async fn promote(&self, force: bool) -> Result<Promoted, NodeError> {
+        let Some(ctl) = &self.failover else { return self.promote_local(force).await };
+        if self.role() == Role::Primary {
+            return Ok(Promoted { role: Role::Primary, changed: false, nbd: None });
+        }
+        // The link comes up within a dial at start: give it a moment.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.witness_link.status().connected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let w = self.witness_link.status();
+        if !w.connected {
+            return Err(NodeError::Refused(format!(
+                "cannot promote: automatic failover is on and the witness {} is not reachable ({}); the witness \
+                 grants every term. Bring it back, or set [failover] mode = \"off\" on both nodes and restart",
+                w.name,
+                w.last_error.as_deref().unwrap_or("not connected yet")
+            )));
+        }
+        let bootstrap = w.has_state && w.uptodate.is_empty();
+        let term = ctl
+            .claim_now(force, bootstrap)
+            .await
+            .map_err(|why| NodeError::Refused(format!("cannot promote: the witness refused the claim: {why}")))?;
+        // The worker promotes once the grant is persisted.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.role() != Role::Primary {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Refused(format!("granted term {term}, but the promote did not finish in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Promoted { role: Role::Primary, changed: true, nbd: Some(self.me.nbd.uri(&self.config.name)) })
+    }
+
+    /// Becomes primary and starts the NBD export (the local part of a
+    /// promote; with failover on, after the witness's grant).
+    pub(crate) async fn promote_local(&self, force: bool) -> Result<Promoted, NodeError> {
         let _t = self.transition.lock().await;
         if self.state().role == Role::Primary {
             return Ok(Promoted { role: Role::Primary, changed: false, nbd: None });
