@@ -17,6 +17,10 @@
 //!   witness's solo grant; the secondary is outdated and not promotable;
 //!   healed, it resyncs and is eligible again.
 //! - The witness down: nothing changes while both data nodes are up.
+//! - `repctl demote` of the primary with failover on releases its term at
+//!   the witness; the secondary takes over by itself, nothing acknowledged
+//!   is lost (a switchover without the hand-over message: the IO pause is
+//!   about `wait`).
 
 mod common;
 
@@ -410,4 +414,32 @@ fn the_witness_down_changes_nothing_while_both_data_nodes_are_up() {
     );
     println!("witness down for 4 s: alpha acknowledged {} writes in all, no role or term change", p.acked());
     writer.abort();
+}
+
+#[test]
+fn demote_with_failover_on_releases_the_term_and_the_peer_takes_over() {
+    let (pair, w) = up(FAILOVER);
+    let p = Arc::new(Progress::default());
+    let client = pair.rt.block_on(pair.alpha.nbd());
+    let writer = pair.rt.spawn(flushing_writer(client, Arc::clone(&p)));
+    p.wait_more(100, Duration::from_secs(20), "before the demote");
+    let t0 = Instant::now();
+    let out = pair.alpha.repctl_ok(&["demote", "--force"]);
+    println!("demote: {} ms: {}", t0.elapsed().as_millis(), out.trim());
+    let why = pair.rt.block_on(writer).expect("writer task");
+    let acked = p.acked();
+    let (b_first, b_client) = pair.rt.block_on(first_write(&pair.beta, Duration::from_secs(30)));
+    println!(
+        "demote of alpha -> first write accepted on beta: {} ms (alpha's writer: {why})",
+        (b_first - t0).as_millis()
+    );
+    assert!(p.last().unwrap() < b_first);
+    let s = pair.beta.status();
+    assert_eq!((s["role"].clone(), s["term"].clone()), ("primary".into(), 2.into()), "{s:#}");
+    let ws = w.status();
+    assert_eq!((ws["term"].clone(), ws["primary"].clone()), (2.into(), "beta".into()), "{ws:#}");
+    pair.rt.block_on(check_acknowledged(&b_client, acked));
+    let s = wait_rejoined(&pair.alpha, 2);
+    assert_eq!(s["peer"]["role"], "primary", "{s:#}");
+    println!("all {acked} acknowledged writes are on beta; alpha follows it in term 2");
 }

@@ -422,6 +422,10 @@ pub struct Controller {
     /// An operator's claim (`promote`): whether it is forced, and until
     /// when it is retried.
     manual: Option<(bool, MonoTime)>,
+    /// This node released its term (switchover, `demote`): until a primary
+    /// is seen again it claims one `wait` after the peer, so that the peer
+    /// takes over (no hand-over message on the data link yet).
+    released: bool,
 }
 
 /// How long an operator's claim ([`Input::ClaimNow`]) is retried.
@@ -464,6 +468,7 @@ impl Controller {
             peer_resynced: false,
             peer_uptodate_asked: false,
             manual: None,
+            released: false,
         }
     }
 
@@ -607,7 +612,7 @@ impl Controller {
             WitnessKnown::View(v) => v.primary == Some(self.me) || v.primary.is_none(),
             _ => false,
         };
-        if self.seen_primary || last_primary { base } else { base.plus(wait) }
+        if (self.seen_primary || last_primary) && !self.released { base } else { base.plus(wait) }
     }
 
     /// The one transition function.
@@ -630,6 +635,7 @@ impl Controller {
                 self.link = Link::Up { peer_primary: primary };
                 if primary {
                     self.seen_primary = true;
+                    self.released = false;
                 }
                 self.observe_term(term, now, out);
                 if primary
@@ -1047,6 +1053,7 @@ impl Controller {
                     self.lease = Lease::default();
                     self.link = Link::Up { peer_primary: false };
                     self.last_renewal = now;
+                    self.released = true;
                     out.push(Action::Demote { replaced: false });
                     out.push(Action::HandOverToPeer { term });
                 }

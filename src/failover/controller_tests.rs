@@ -581,3 +581,17 @@ fn an_operators_claim_gives_up_after_its_deadline() {
     // Only a secondary claims.
     assert!(primary().step(Input::ClaimNow { forced: false }, t(10_002)).is_err());
 }
+
+#[test]
+fn a_node_that_released_its_term_claims_a_wait_after_its_peer() {
+    // Without a hand-over message the peer claims by itself; the releaser
+    // waits one more `wait`, so that the peer takes over.
+    let mut c = primary();
+    let release = Request::Release { term: Term(6), node: A };
+    step(&mut c, Input::SwitchoverRequested, t(10_100));
+    step(&mut c, Input::WitnessReply { request: release, reply: Ok(view(6, None, 0b11)) }, t(10_110));
+    step(&mut c, Input::PeerConnected { term: Term(6), primary: false }, t(10_120));
+    let peer_claims = t(10_110).plus(wait());
+    assert!(asks(&step(&mut c, Input::Tick, peer_claims)).is_empty(), "the releaser lets the peer claim first");
+    assert_eq!(asks(&step(&mut c, Input::Tick, peer_claims.plus(wait()))), vec![claim(6, A)]);
+}

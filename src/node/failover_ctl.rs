@@ -197,9 +197,10 @@ impl FailoverCtl {
                     let _ = self.work.send(Work::Demote { replaced });
                 }
                 Action::HandOverToPeer { term } => {
-                    // Switchover (stage D3) is not wired: the peer claims
-                    // after `wait` like after any primary loss.
-                    tracing::warn!(term = term.0, "hand-over to the peer is not wired yet");
+                    // No hand-over message on the data link yet: the peer
+                    // claims by itself `wait` after it last renewed our
+                    // lease (the witness has no primary to protect now).
+                    tracing::info!(term = term.0, "released the term: the peer claims the next one by itself");
                 }
                 Action::Emit(e) => self.emit_controller_event(e, manual, now),
             }
@@ -333,6 +334,50 @@ impl FailoverCtl {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// `repctl demote` of a primary with failover on: releases the term at
+    /// the witness (IO held until then; `Release` granted → the worker
+    /// demotes, and the peer claims the next term by itself). Refused while
+    /// the peer is not connected (nobody would take over) and when the
+    /// witness cannot be reached (IO resumes).
+    pub(super) async fn release(&self) -> Result<(), String> {
+        if !matches!(self.state(), State::Primary { .. }) {
+            return Err(format!(
+                "the failover controller is {} (a primary serving with its peer releases its term)",
+                self.state().name()
+            ));
+        }
+        if self.step_checked(Input::SwitchoverRequested).is_err() {
+            return Err("the peer is not connected: nobody would take over (automatic failover is on; \
+                        `repctl disconnect` first and set [failover] mode = \"off\" to stop serving anyway)"
+                .into());
+        }
+        let deadline = tokio::time::Instant::now() + self.timings.detect * 2;
+        loop {
+            match self.state() {
+                State::Releasing { .. } => {}
+                State::Following { .. } => return Ok(()),
+                other => return Err(format!("the witness did not release the term (now {})", other.name())),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.step(Input::SwitchoverCancelled);
+                return Err("no answer from the witness in time; serving again".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// [`FailoverCtl::step`], telling whether the controller took the input.
+    fn step_checked(&self, input: Input) -> Result<(), ()> {
+        let now = BootClock.now();
+        let (actions, manual) = {
+            let mut c = self.lock();
+            let manual = c.manual_claim();
+            (c.step(input, now).map_err(|_| ())?, manual)
+        };
+        self.carry_out(actions, manual, now);
+        Ok(())
     }
 
     /// One ticker round: the timers, the local disk, a finished resync.
@@ -489,7 +534,7 @@ async fn worker(
             }
             Work::Demote { replaced } => {
                 if n.role() == Role::Primary {
-                    match n.demote(true).await {
+                    match n.demote_local(true).await {
                         Ok(_) => tracing::warn!(replaced, "demoted by the failover controller"),
                         Err(e) => tracing::error!(error = %e, "fenced, but the demote failed"),
                     }

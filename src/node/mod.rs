@@ -345,8 +345,37 @@ impl Node {
     }
 
     /// Becomes secondary: stops the export (refused while clients are
-    /// attached unless `force`, which disconnects them) and flushes.
+    /// attached unless `force`, which disconnects them) and flushes. With
+    /// automatic failover on, the primary first releases its term at the
+    /// witness (IO held meanwhile; docs/failover.md, "Releasing"): the
+    /// peer then claims the next term by itself.
     pub async fn demote(&self, force: bool) -> Result<Demoted, NodeError> {
+        let Some(ctl) = &self.failover else { return self.demote_local(force).await };
+        let clients = {
+            let st = self.state();
+            if st.role == Role::Secondary {
+                return Ok(Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
+            }
+            st.export.as_ref().map_or(0, |e| e.client_count())
+        };
+        if clients > 0 && !force {
+            return self.demote_local(false).await;
+        }
+        ctl.release().await.map_err(|why| NodeError::Refused(format!("cannot demote: {why}")))?;
+        // The worker demotes once the release is granted.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.role() != Role::Secondary {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Refused("released the term, but the demote did not finish in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Demoted { role: Role::Secondary, changed: true, disconnected_clients: Some(clients) })
+    }
+
+    /// The local part of a demote (with failover on: after the release, or
+    /// fenced).
+    pub(crate) async fn demote_local(&self, force: bool) -> Result<Demoted, NodeError> {
         let _t = self.transition.lock().await;
         let clients = {
             let st = self.state();
