@@ -413,6 +413,9 @@ fn the_witness_down_changes_nothing_while_both_data_nodes_are_up() {
         ("primary".into(), true.into())
     );
     println!("witness down for 4 s: alpha acknowledged {} writes in all, no role or term change", p.acked());
+    // Held writes are failover's to release (a solo grant), not resume-io's.
+    let refused = pair.alpha.repctl_refused(&["resume-io"]);
+    assert!(refused.contains("automatic failover"), "{refused}");
     writer.abort();
 }
 
@@ -442,4 +445,27 @@ fn demote_with_failover_on_releases_the_term_and_the_peer_takes_over() {
     let s = wait_rejoined(&pair.alpha, 2);
     assert_eq!(s["peer"]["role"], "primary", "{s:#}");
     println!("all {acked} acknowledged writes are on beta; alpha follows it in term 2");
+}
+
+#[test]
+fn failover_disable_keeps_the_secondary_from_promoting_and_enable_lets_it() {
+    let (mut pair, _w) = up(FAILOVER);
+    let out = pair.beta.repctl_ok(&["failover", "disable"]);
+    println!("{}", out.trim());
+    assert!(out.contains("enabled:no") && out.contains("disabled by the operator"), "{out}");
+    let v: Value = serde_json::from_str(&pair.beta.repctl_ok(&["failover", "status", "--json"])).expect("JSON");
+    assert_eq!((v["enabled"].clone(), v["eligible"].clone()), (false.into(), false.into()), "{v:#}");
+    pair.alpha.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    let s = pair.beta.status();
+    assert_eq!((s["role"].clone(), s["failover"]["state"].clone()), ("secondary".into(), "following".into()), "{s:#}");
+    let t = Instant::now();
+    let out = pair.beta.repctl_ok(&["failover", "enable"]);
+    assert!(out.contains("enabled:yes"), "{out}");
+    pair.beta.wait_status("beta promoted after enable", Duration::from_secs(15), |s| s["role"] == "primary");
+    println!("failover enable on beta -> primary: {} ms", t.elapsed().as_millis());
+    // Not on a node without failover.
+    let (pair2, _) = (Pair::up(PairOpts::new("C")), ());
+    let refused = pair2.alpha.repctl_refused(&["failover", "status"]);
+    assert!(refused.contains("automatic failover is off"), "{refused}");
 }

@@ -108,6 +108,28 @@ impl FailoverStatus {
     }
 }
 
+impl FailoverStatus {
+    /// `repctl failover status`: `state:primary enabled:yes lease:valid
+    /// eligible:no (this node is the primary) witness:gamma(connected)`.
+    pub fn summary(&self) -> String {
+        let witness = match &self.witness {
+            Some(w) => format!("{}({})", w.name, if w.connected { "connected" } else { "not connected" }),
+            None => "none".into(),
+        };
+        let eligible = match (&self.eligible, &self.eligible_reason) {
+            (true, _) => "yes".to_string(),
+            (false, Some(r)) => format!("no ({r})"),
+            (false, None) => "no".to_string(),
+        };
+        format!(
+            "state:{} enabled:{} lease:{} eligible:{eligible} witness:{witness}",
+            self.state.as_deref().unwrap_or("-"),
+            if self.enabled { "yes" } else { "no" },
+            if self.lease.valid { "valid" } else { "none" },
+        )
+    }
+}
+
 /// What the link task shares with `status`.
 #[derive(Debug, Default)]
 pub struct LinkShared {

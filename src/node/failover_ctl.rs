@@ -368,6 +368,17 @@ impl FailoverCtl {
         }
     }
 
+    /// `repctl failover enable|disable`.
+    pub(super) fn set_enabled(&self, on: bool) {
+        let disabled = self.lock().disabled();
+        if on {
+            // Also clears the budget's count.
+            self.step(Input::Enable);
+        } else if !disabled {
+            self.step(Input::Disable);
+        }
+    }
+
     /// [`FailoverCtl::step`], telling whether the controller took the input.
     fn step_checked(&self, input: Input) -> Result<(), ()> {
         let now = BootClock.now();
