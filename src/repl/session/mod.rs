@@ -276,7 +276,10 @@ async fn heartbeat(tx: mpsc::Sender<Message>, interval: Duration, failover: Opti
 /// "Version 3"): the controller learns the peer's term and role (a higher
 /// term is adopted, persisted first; a primary of a lower one is fenced);
 /// a peer that is primary of a term lower than ours is refused with
-/// TermRefuse. Returns the outcome if the session ends here.
+/// TermRefuse; a session in which the peer showed a newer term than ours
+/// ends (the next one carries the adopted term: "a node that adopts a
+/// higher term closes every session of an older one"). Returns the outcome
+/// if the session ends here.
 fn terms_at_connect(
     f: &Arc<dyn FailoverHooks>,
     mine: &SyncInfo,
@@ -284,13 +287,22 @@ fn terms_at_connect(
     tx: &mpsc::Sender<Message>,
 ) -> Option<Outcome> {
     let their_term = theirs.term.unwrap_or(0);
+    let sent = mine.term.unwrap_or(0);
     f.peer_connected(their_term, theirs.role == Role::Primary);
-    let ours = f.term().max(mine.term.unwrap_or(0));
+    let ours = f.term().max(sent);
     if their_term < ours && theirs.role == Role::Primary {
         let _ = tx.try_send(Message::TermRefuse { higher_term: ours });
         return Some(Outcome::Failed(format!(
             "the peer is primary of term {their_term}, superseded by term {ours}: refused (TermRefuse)"
         )));
+    }
+    if their_term > sent {
+        // We adopted the peer's newer term (persisted, and fenced if we
+        // were its primary): a session of the older term ends; the next one
+        // carries the new term (and our new role).
+        let message = format!("renegotiating: the peer's term {their_term} is newer than ours ({sent})");
+        let _ = tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
+        return Some(Outcome::Stopped(StopReason::Renegotiate));
     }
     None
 }
