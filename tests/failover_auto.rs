@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::pair::{Pair, PairOpts};
-use common::witness::Witness;
+use common::witness::{Witness, pair_with_witness, wait_event};
 use repblock::nbd::NbdClient;
 use repblock_netproxy::{Mode, Proxy, ProxyHandle};
 use serde_json::Value;
@@ -40,21 +40,6 @@ const SLOTS: u64 = 4096;
 /// Where tests write on the new primary (after the writer's slots).
 const NEW_PRIMARY_AT: u64 = (SLOTS + 16) * BLOCK as u64;
 const FAILOVER: &str = "mode = \"witness\"";
-
-/// A pair with `[failover] failover` and the witness gamma, not started.
-fn pair_with_witness(failover: &str) -> (Pair, Witness) {
-    let pair = Pair::new(PairOpts::new("C").extra(&format!("[failover]\n{failover}\n")));
-    let [port] = common::free_ports::<1>();
-    let d = pair.dir.path().display().to_string();
-    let mut text = std::fs::read_to_string(&pair.alpha.config).expect("config");
-    text.push_str(&format!(
-        "[[node]]\nname = \"gamma\"\nwitness = true\nreplication = \"127.0.0.1:{port}\"\n\
-         control = \"{d}/run/gamma.sock\"\ndir = \"{d}/gamma\"\n"
-    ));
-    std::fs::write(&pair.alpha.config, text).expect("write config");
-    let w = Witness::with_config(pair.alpha.config.clone());
-    (pair, w)
-}
 
 /// Witness up, the pair up (alpha promoted through the witness: term 1),
 /// beta resynced and eligible (the witness has it up to date).
@@ -69,23 +54,6 @@ fn up(failover: &str) -> (Pair, Witness) {
     let ws = w.status();
     assert_eq!(ws["uptodate"], serde_json::json!(["alpha", "beta"]), "{ws:#}");
     (pair, w)
-}
-
-fn wait_event(
-    rx: &std::sync::mpsc::Receiver<String>,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else { continue };
-        let v: Value = serde_json::from_str(&line).expect("event JSON");
-        if pred(&v) {
-            return v;
-        }
-    }
-    panic!("no {what} event within {timeout:?}");
 }
 
 /// Block `i`'s contents: its number in every 8 bytes.

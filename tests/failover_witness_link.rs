@@ -19,42 +19,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::pair::{Pair, PairOpts};
-use common::witness::Witness;
+use common::witness::{pair_with_witness, wait_event};
 use serde_json::Value;
-
-/// A pair whose config has `[failover] mode = "witness"` and the witness
-/// node gamma (on its own port), not started.
-fn pair_with_witness() -> (Pair, Witness) {
-    let pair = Pair::new(PairOpts::new("C").extra("[failover]\nmode = \"witness\"\n"));
-    let [port] = common::free_ports::<1>();
-    let d = pair.dir.path().display().to_string();
-    let mut text = std::fs::read_to_string(&pair.alpha.config).expect("config");
-    text.push_str(&format!(
-        "[[node]]\nname = \"gamma\"\nwitness = true\nreplication = \"127.0.0.1:{port}\"\n\
-         control = \"{d}/run/gamma.sock\"\ndir = \"{d}/gamma\"\n"
-    ));
-    std::fs::write(&pair.alpha.config, text).expect("write config");
-    let w = Witness::with_config(pair.alpha.config.clone());
-    (pair, w)
-}
-
-fn wait_event(
-    rx: &std::sync::mpsc::Receiver<String>,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else { continue };
-        let v: Value = serde_json::from_str(&line).expect("event JSON");
-        if pred(&v) {
-            return v;
-        }
-    }
-    panic!("no {what} event within {timeout:?}");
-}
 
 fn witness_connected(s: &Value) -> bool {
     s["failover"]["witness"]["connected"] == true
@@ -62,7 +28,7 @@ fn witness_connected(s: &Value) -> bool {
 
 #[test]
 fn data_nodes_keep_a_witness_link_and_losing_the_witness_changes_nothing() {
-    let (mut pair, mut w) = pair_with_witness();
+    let (mut pair, mut w) = pair_with_witness("mode = \"witness\"");
     w.repctl_ok(&["create-md"]);
     w.start();
     pair.bring_up();

@@ -351,16 +351,12 @@ impl Node {
     /// peer then claims the next term by itself.
     pub async fn demote(&self, force: bool) -> Result<Demoted, NodeError> {
         let Some(ctl) = &self.failover else { return self.demote_local(force).await };
-        let clients = {
-            let st = self.state();
-            if st.role == Role::Secondary {
-                return Ok(Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
+        let clients = match self.demote_check(force) {
+            Ok(Some(clients)) => clients,
+            other => {
+                return other.map(|_| Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
             }
-            st.export.as_ref().map_or(0, |e| e.client_count())
         };
-        if clients > 0 && !force {
-            return self.demote_local(false).await;
-        }
         ctl.release().await.map_err(|why| NodeError::Refused(format!("cannot demote: {why}")))?;
         // The worker demotes once the release is granted.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -373,17 +369,15 @@ impl Node {
         Ok(Demoted { role: Role::Secondary, changed: true, disconnected_clients: Some(clients) })
     }
 
-    /// The local part of a demote (with failover on: after the release, or
-    /// fenced).
-    pub(crate) async fn demote_local(&self, force: bool) -> Result<Demoted, NodeError> {
-        let _t = self.transition.lock().await;
-        let clients = {
-            let st = self.state();
-            if st.role == Role::Secondary {
-                return Ok(Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
-            }
-            st.export.as_ref().map_or(0, |e| e.client_count())
-        };
+    /// Whether a demote may go on: `None` on a secondary (nothing to do),
+    /// the NBD clients it disconnects, or the refusal while clients are
+    /// attached without `force`.
+    fn demote_check(&self, force: bool) -> Result<Option<usize>, NodeError> {
+        let st = self.state();
+        if st.role == Role::Secondary {
+            return Ok(None);
+        }
+        let clients = st.export.as_ref().map_or(0, |e| e.client_count());
         if clients > 0 && !force {
             return Err(NodeError::Refused(format!(
                 "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
@@ -392,6 +386,19 @@ impl Node {
                 if clients == 1 { "it" } else { "them" },
             )));
         }
+        Ok(Some(clients))
+    }
+
+    /// The local part of a demote (with failover on: after the release, or
+    /// fenced).
+    pub(crate) async fn demote_local(&self, force: bool) -> Result<Demoted, NodeError> {
+        let _t = self.transition.lock().await;
+        let clients = match self.demote_check(force) {
+            Ok(Some(clients)) => clients,
+            other => {
+                return other.map(|_| Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
+            }
+        };
         self.stop_export().await;
         if let Some(repl) = &self.repl {
             // Every completed write must have reached the peer before it

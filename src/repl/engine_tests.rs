@@ -262,9 +262,8 @@ async fn two_primaries_go_standalone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
-    use super::handshake::{LocalHello, handshake};
+    use super::handshake::handshake;
     use super::proto::Message;
-    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let (pa, _) = (free_port(), ());
@@ -274,32 +273,10 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     alpha.start().await.expect("alpha starts");
     // The fake beta: handshake, SyncInfo (same generation, nothing to sync), then silence (the socket stays open).
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
-    let hello = LocalHello {
-        resource: "r0".into(),
-        node: "beta".into(),
-        peer: "alpha".into(),
-        size: SIZE as u64,
-        block_size: 4096,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        secret: b"s3cret".to_vec(),
-    };
+    let hello = fake_beta_hello();
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
     let mut buf = bytes::BytesMut::new();
-    let info = super::proto::SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        granularity: a.bitmap_granularity(),
-        flags: 0,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-        term: None,
-    };
+    let info = fake_beta_sync_info(a.bitmap_granularity(), None);
     super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.expect("send ack");
     let silent_since = Instant::now();
@@ -318,9 +295,8 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
 /// the waiting write and redials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_peer_never_acknowledges_end_the_session() {
-    use super::handshake::{LocalHello, handshake};
+    use super::handshake::handshake;
     use super::proto::Message;
-    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);
@@ -329,31 +305,9 @@ async fn records_the_peer_never_acknowledges_end_the_session() {
     let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
     alpha.start().await.expect("alpha starts");
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
-    let hello = LocalHello {
-        resource: "r0".into(),
-        node: "beta".into(),
-        peer: "alpha".into(),
-        size: SIZE as u64,
-        block_size: 4096,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        secret: b"s3cret".to_vec(),
-    };
+    let hello = fake_beta_hello();
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
-    let info = super::proto::SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        granularity: a.bitmap_granularity(),
-        flags: 0,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-        term: None,
-    };
+    let info = fake_beta_sync_info(a.bitmap_granularity(), None);
     let mut buf = bytes::BytesMut::new();
     super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     // The fake beta pings every 50 ms (alive) and reads everything, but
@@ -793,38 +747,15 @@ impl super::engine::FailoverHooks for TestHooks {
 /// generation; with its term at version 3), then the first frames alpha
 /// sends, until `until` or EOF.
 async fn fake_peer(listener: tokio::net::TcpListener, max: u16, until: Duration) -> Vec<super::proto::Message> {
-    use super::handshake::{Expect, LocalHello, handshake_with};
+    use super::handshake::{Expect, handshake_with};
     use super::link::FrameReader;
     use super::proto::Message;
-    use crate::model::GenIds;
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
-    let hello = LocalHello {
-        resource: "r0".into(),
-        node: "beta".into(),
-        peer: "alpha".into(),
-        size: SIZE as u64,
-        block_size: 4096,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        secret: b"s3cret".to_vec(),
-    };
+    let hello = fake_beta_hello();
     let info = handshake_with(&mut sock, &hello, &Expect::data_link_up_to(max), Duration::from_secs(5)).await;
     let Ok(info) = info else { return Vec::new() };
     let mut buf = bytes::BytesMut::new();
-    let sync = super::proto::SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        granularity: 4096,
-        flags: 0,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-        term: (info.version >= 3).then_some(3),
-    };
+    let sync = fake_beta_sync_info(4096, (info.version >= 3).then_some(3));
     super::proto::encode(&Message::SyncInfo(Box::new(sync)), &mut buf).expect("encode");
     if tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.is_err() {
         return Vec::new();
@@ -892,4 +823,36 @@ async fn at_version_3_the_term_travels_in_sync_info_and_pings() {
         "the peer's term and role reached the hooks"
     );
     alpha.shutdown().await;
+}
+
+/// The Hello of a fake beta (secondary, uptodate, generation 7).
+fn fake_beta_hello() -> super::handshake::LocalHello {
+    super::handshake::LocalHello {
+        resource: "r0".into(),
+        node: "beta".into(),
+        peer: "alpha".into(),
+        size: SIZE as u64,
+        block_size: 4096,
+        gen_ids: crate::model::GenIds { current: 7, ..Default::default() },
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        secret: b"s3cret".to_vec(),
+    }
+}
+
+/// The SyncInfo of a fake beta: same generation as alpha, nothing to sync.
+fn fake_beta_sync_info(granularity: u32, term: Option<u64>) -> super::proto::SyncInfo {
+    super::proto::SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        granularity,
+        flags: 0,
+        gen_ids: crate::model::GenIds { current: 7, ..Default::default() },
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+        term,
+    }
 }
