@@ -727,9 +727,14 @@ impl Controller {
                 }
                 State::PrimarySolo { .. } | State::Primary { .. } => {
                     // The peer holds every write now: make it eligible again
-                    // if the witness has it outdated.
-                    self.peer_resynced = true;
-                    self.tick(now, out);
+                    // if the witness has it outdated. Only while its session
+                    // is up: a report that arrives after the session ended
+                    // (a stale reading) must not re-admit a peer that misses
+                    // the writes since.
+                    if matches!(self.link, Link::Up { .. }) {
+                        self.peer_resynced = true;
+                        self.tick(now, out);
+                    }
                 }
                 State::Following { .. } | State::Suspended { .. } => {}
                 _ => return Err("no resync of this node's".into()),

@@ -595,3 +595,18 @@ fn a_node_that_released_its_term_claims_a_wait_after_its_peer() {
     assert!(asks(&step(&mut c, Input::Tick, peer_claims)).is_empty(), "the releaser lets the peer claim first");
     assert_eq!(asks(&step(&mut c, Input::Tick, peer_claims.plus(wait()))), vec![claim(6, A)]);
 }
+
+#[test]
+fn a_resync_reported_after_the_session_ended_readmits_nobody() {
+    // A stale "peer in sync" reading must not make the witness count a peer
+    // up to date that misses the writes since its session ended.
+    let mut c = primary();
+    step(&mut c, Input::WitnessView(Some(view(6, Some(A), 0b01))), t(10_002));
+    step(&mut c, Input::PeerSessionEnded { cause: EndCause::Silence, last_frame_at: t(10_002) }, t(10_003));
+    let out = step(&mut c, Input::ResyncDone, t(10_004));
+    assert!(asks(&out).is_empty(), "{out:?}");
+    // The same report while the session is up asks PeerUptodate.
+    step(&mut c, Input::PeerConnected { term: Term(6), primary: false }, t(10_005));
+    let out = step(&mut c, Input::ResyncDone, t(10_006));
+    assert_eq!(asks(&out), vec![Request::PeerUptodate { term: Term(6), node: A, peer: B }]);
+}

@@ -54,6 +54,9 @@ pub struct FailoverCtl {
     /// The persisted term, as last written (read on hot paths: the
     /// superblock's lock is held across its fdatasync).
     term: AtomicU64,
+    /// Moves at every session start and end: the ticker's reading of the
+    /// link view counts only if no session started or ended meanwhile.
+    session_epoch: AtomicU64,
     events: broadcast::Sender<EventLine>,
     config: Config,
     timings: FailoverTimings,
@@ -110,6 +113,7 @@ impl FailoverCtl {
         Some(Arc::new(FailoverCtl {
             ctl: Mutex::new(ctl),
             term: AtomicU64::new(volume.term()),
+            session_epoch: AtomicU64::new(0),
             volume,
             events,
             config: config.clone(),
@@ -403,6 +407,7 @@ impl FailoverCtl {
         // A finished resync (either side): connected, established, both
         // up to date, once per session.
         let Some(repl) = node.replication() else { return };
+        let epoch = self.session_epoch.load(Ordering::Acquire);
         let v = repl.view();
         let in_sync = v.connection == ConnState::Connected
             && v.replication == Some(ReplState::Established)
@@ -411,7 +416,18 @@ impl FailoverCtl {
         let fed = self.shared().resync_done_fed;
         if in_sync && !fed {
             self.shared().resync_done_fed = true;
-            self.step(Input::ResyncDone);
+            // Decided under the controller's lock: a session that started
+            // or ended since the view was read makes the reading stale.
+            let now = BootClock.now();
+            let actions = {
+                let mut c = self.lock();
+                if self.session_epoch.load(Ordering::Acquire) != epoch {
+                    self.shared().resync_done_fed = false;
+                    return;
+                }
+                c.step(Input::ResyncDone, now).unwrap_or_default()
+            };
+            self.carry_out(actions, false, now);
         } else if v.connection != ConnState::Connected && fed {
             self.shared().resync_done_fed = false;
         }
@@ -444,11 +460,13 @@ impl FailoverHooks for FailoverCtl {
     }
 
     fn peer_connected(&self, term: u64, primary: bool) {
+        self.session_epoch.fetch_add(1, Ordering::AcqRel);
         self.shared().resync_done_fed = false;
         self.step(Input::PeerConnected { term: Term(term), primary });
     }
 
     fn session_ended(&self, cause: EndCause, last_frame_at: MonoTime) {
+        self.session_epoch.fetch_add(1, Ordering::AcqRel);
         self.shared().resync_done_fed = false;
         self.step(Input::PeerSessionEnded { cause, last_frame_at });
     }
@@ -544,17 +562,18 @@ async fn worker(
                 }
             }
             Work::Demote { replaced } => {
+                if replaced && let Some(repl) = n.replication() {
+                    // Rejoin as sync target of the new primary: this node's
+                    // unacknowledged tail is discarded (the REPLACED rule,
+                    // carried by the one-shot discard-my-data). Set before
+                    // the demote: the role change reconnects at once.
+                    repl.connect(true);
+                }
                 if n.role() == Role::Primary {
                     match n.demote_local(true).await {
                         Ok(_) => tracing::warn!(replaced, "demoted by the failover controller"),
                         Err(e) => tracing::error!(error = %e, "fenced, but the demote failed"),
                     }
-                }
-                if replaced && let Some(repl) = n.replication() {
-                    // Rejoin as sync target of the new primary: this node's
-                    // unacknowledged tail is discarded (the REPLACED rule,
-                    // carried by the one-shot discard-my-data).
-                    repl.connect(true);
                 }
             }
             Work::ResumeIo => {

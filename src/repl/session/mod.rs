@@ -296,6 +296,14 @@ fn terms_at_connect(
             "the peer is primary of term {their_term}, superseded by term {ours}: refused (TermRefuse)"
         )));
     }
+    if theirs.role == Role::Primary && mine.role == Role::Primary {
+        // Two primaries of one term cannot both hold it (the witness grants
+        // each term once): one of us adopted the other's term and is being
+        // fenced. Wait for its demote rather than decide a split brain.
+        let message = format!("both primary in term {their_term}: the one that lost it is demoting; reconnecting");
+        let _ = tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
+        return Some(Outcome::Stopped(StopReason::Renegotiate));
+    }
     if their_term > sent {
         // We adopted the peer's newer term (persisted, and fenced if we
         // were its primary): a session of the older term ends; the next one
