@@ -142,6 +142,22 @@ pub enum Request {
         #[serde(default)]
         clear_bitmap: bool,
     },
+    /// Automatic failover (`[failover] mode = "witness"`): turn it on or
+    /// off on this node, or show it. Answer: the status' `failover` object.
+    Failover { action: FailoverAction },
+}
+
+/// `repctl failover enable|disable|status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverAction {
+    /// Automatic promotion allowed again (also after the budget stopped it).
+    Enable,
+    /// No automatic promotion of this node (a primary's lease and fencing
+    /// work the same).
+    Disable,
+    /// Show the `failover` object.
+    Status,
 }
 
 /// A request line that is not a valid [`Request`]; answered with

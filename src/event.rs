@@ -238,6 +238,50 @@ pub enum Event {
         node: String,
         reason: String,
     },
+    /// Automatic failover (docs/failover.md): this node became primary of
+    /// `term` through the witness; `auto` false for an operator's
+    /// `promote` while failover is on. `detect_ms`: from the peer's last
+    /// frame to the session's end; `waited_ms`: from then to the grant.
+    Promoted {
+        auto: bool,
+        detect_ms: u64,
+        term: u64,
+        total_ms: u64,
+        waited_ms: u64,
+    },
+    /// This primary lost its term (a higher term seen, or its lease not
+    /// renewed for `fence_demote_after`): it stopped serving and demotes.
+    Fenced {
+        reason: String,
+        term: u64,
+    },
+    /// Automatic failover turned off (`budget` or `operator`).
+    FailoverDisabled {
+        reason: String,
+    },
+    /// Automatic failover turned on again (`repctl failover enable`).
+    FailoverEnabled,
+    /// The primary's lease expired: replies are held.
+    LeaseLost {
+        last_renewed_ms_ago: u64,
+        term: u64,
+    },
+    /// The lease is back: replies flow again.
+    LeaseRegained {
+        suspended_ms: u64,
+        term: u64,
+    },
+    /// The witness let this primary go on without its peer (the peer is
+    /// outdated in `term`).
+    SoloGranted {
+        term: u64,
+    },
+    /// The witness answered this node's claim of `term`.
+    Claim {
+        granted: bool,
+        reason: Option<String>,
+        term: u64,
+    },
     /// `repctl events --statistics`: the status' `statistics` fields plus
     /// `lsn` and `out_of_sync_bytes` (made by repctl, never by repd).
     Statistics {
@@ -284,6 +328,14 @@ impl Event {
             Event::WitnessLost { .. } => "witness-lost",
             Event::NodeConnected { .. } => "node-connected",
             Event::NodeDisconnected { .. } => "node-disconnected",
+            Event::Promoted { .. } => "promoted",
+            Event::Fenced { .. } => "fenced",
+            Event::FailoverDisabled { .. } => "failover-disabled",
+            Event::FailoverEnabled => "failover-enabled",
+            Event::LeaseLost { .. } => "lease-lost",
+            Event::LeaseRegained { .. } => "lease-regained",
+            Event::SoloGranted { .. } => "solo-granted",
+            Event::Claim { .. } => "claim",
         }
     }
 }

@@ -36,6 +36,14 @@ struct Cli {
     command: Command,
 }
 
+/// `repctl failover ACTION`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FailoverArg {
+    Enable,
+    Disable,
+    Status,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Initialise the node's metadata (offline; refuses if present unless --force).
@@ -88,6 +96,14 @@ enum Command {
     Disconnect,
     /// Release writes held by `on_peer_loss = "suspend"` (the peer is resynced when it is back).
     ResumeIo,
+    /// Automatic failover on this node: `enable`, `disable` or `status`.
+    Failover {
+        #[arg(value_enum)]
+        action: FailoverArg,
+        /// Print the `failover` object as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// With --clear-bitmap: two connected, blank, inconsistent nodes become uptodate without a sync.
     NewCurrentUuid {
         /// Skip the initial sync (both volumes must be blank: never written).
@@ -241,6 +257,21 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
             let req = Request::NewCurrentUuid { clear_bitmap };
             let r: control::NewGeneration = connect()?.call_with(&req, Duration::from_secs(15))?;
             write!(stdout, "{}", r.human(&node.name))?;
+        }
+        Command::Failover { action, json } => {
+            let action = match action {
+                FailoverArg::Enable => control::FailoverAction::Enable,
+                FailoverArg::Disable => control::FailoverAction::Disable,
+                FailoverArg::Status => control::FailoverAction::Status,
+            };
+            let v: serde_json::Value = connect()?.call(&Request::Failover { action })?;
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                let f: repblock::node::failover::FailoverStatus =
+                    serde_json::from_value(v).context("repd answered a failover this repctl cannot read")?;
+                writeln!(stdout, "{}: {}", node.name, f.summary())?;
+            }
         }
         Command::ResumeIo => {
             let r: control::IoResumed = connect()?.call(&Request::ResumeIo)?;

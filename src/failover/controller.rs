@@ -207,6 +207,14 @@ pub enum Input {
     /// `repctl failover enable|disable`.
     Enable,
     Disable,
+    /// `repctl promote` while failover is on: claim the next term now,
+    /// without the automatic guard (the witness still decides: a live
+    /// primary is refused). `forced` (`promote --force`, bootstrap) skips
+    /// the witness's up-to-date check only. Retried through the backoff
+    /// until `MANUAL_CLAIM_FOR` has passed.
+    ClaimNow {
+        forced: bool,
+    },
 }
 
 impl Input {
@@ -230,6 +238,7 @@ impl Input {
             Input::HandOver { .. } => "hand-over",
             Input::Enable => "enable",
             Input::Disable => "disable",
+            Input::ClaimNow { .. } => "claim-now",
         }
     }
 }
@@ -410,7 +419,17 @@ pub struct Controller {
     peer_resynced: bool,
     /// A PeerUptodate is in flight.
     peer_uptodate_asked: bool,
+    /// An operator's claim (`promote`): whether it is forced, and until
+    /// when it is retried.
+    manual: Option<(bool, MonoTime)>,
+    /// This node released its term (switchover, `demote`): until a primary
+    /// is seen again it claims one `wait` after the peer, so that the peer
+    /// takes over (no hand-over message on the data link yet).
+    released: bool,
 }
+
+/// How long an operator's claim ([`Input::ClaimNow`]) is retried.
+pub const MANUAL_CLAIM_FOR: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WitnessKnown {
@@ -448,7 +467,32 @@ impl Controller {
             claim_for_handover: false,
             peer_resynced: false,
             peer_uptodate_asked: false,
+            manual: None,
+            released: false,
         }
+    }
+
+    /// This node's index.
+    pub fn me(&self) -> NodeIndex {
+        self.me
+    }
+
+    /// Automatic failover is disabled (operator or budget).
+    pub fn disabled(&self) -> bool {
+        self.disabled.is_some()
+    }
+
+    /// The witness's record as last seen.
+    pub fn witness_view(&self) -> Option<Grant> {
+        match self.witness {
+            WitnessKnown::View(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An operator's claim is in flight or being retried.
+    pub fn manual_claim(&self) -> bool {
+        self.manual.is_some()
     }
 
     pub fn state(&self) -> State {
@@ -568,7 +612,7 @@ impl Controller {
             WitnessKnown::View(v) => v.primary == Some(self.me) || v.primary.is_none(),
             _ => false,
         };
-        if self.seen_primary || last_primary { base } else { base.plus(wait) }
+        if (self.seen_primary || last_primary) && !self.released { base } else { base.plus(wait) }
     }
 
     /// The one transition function.
@@ -591,6 +635,7 @@ impl Controller {
                 self.link = Link::Up { peer_primary: primary };
                 if primary {
                     self.seen_primary = true;
+                    self.released = false;
                 }
                 self.observe_term(term, now, out);
                 if primary
@@ -682,9 +727,14 @@ impl Controller {
                 }
                 State::PrimarySolo { .. } | State::Primary { .. } => {
                     // The peer holds every write now: make it eligible again
-                    // if the witness has it outdated.
-                    self.peer_resynced = true;
-                    self.tick(now, out);
+                    // if the witness has it outdated. Only while its session
+                    // is up: a report that arrives after the session ended
+                    // (a stale reading) must not re-admit a peer that misses
+                    // the writes since.
+                    if matches!(self.link, Link::Up { .. }) {
+                        self.peer_resynced = true;
+                        self.tick(now, out);
+                    }
                 }
                 State::Following { .. } | State::Suspended { .. } => {}
                 _ => return Err("no resync of this node's".into()),
@@ -735,8 +785,20 @@ impl Controller {
                 }
                 if let State::Candidate { term, claim: ClaimState::Backoff { .. } } = self.state {
                     self.state = State::Following { term };
+                    self.manual = None;
                 }
             }
+            Input::ClaimNow { forced } => match state {
+                State::Following { term } | State::Candidate { term, claim: ClaimState::Backoff { .. } } => {
+                    self.manual = Some((forced, now.plus(MANUAL_CLAIM_FOR)));
+                    self.claim_for_handover = false;
+                    self.send_claim(term, now, None, out);
+                }
+                State::Candidate { claim: ClaimState::InFlight { .. }, .. } => {
+                    self.manual = Some((forced, now.plus(MANUAL_CLAIM_FOR)));
+                }
+                _ => return Err("only a secondary claims a term".into()),
+            },
         }
         Ok(())
     }
@@ -755,6 +817,7 @@ impl Controller {
             _ => {
                 self.state = State::Following { term };
                 self.handover = false;
+                self.manual = None;
             }
         }
     }
@@ -831,9 +894,18 @@ impl Controller {
                 if now < at {
                     return;
                 }
-                if self.eligibility().is_err() || self.link == (Link::Up { peer_primary: true }) {
-                    self.state = State::Following { term };
-                    return;
+                match self.manual {
+                    Some((_, until)) if now >= until => {
+                        self.manual = None;
+                        self.state = State::Following { term };
+                        return;
+                    }
+                    Some(_) => {}
+                    None if self.eligibility().is_err() || self.link == (Link::Up { peer_primary: true }) => {
+                        self.state = State::Following { term };
+                        return;
+                    }
+                    None => {}
                 }
                 self.send_claim(term, now, Some(delay), out);
             }
@@ -843,7 +915,8 @@ impl Controller {
 
     fn send_claim(&mut self, term: Term, now: MonoTime, delay: Option<Duration>, out: &mut Vec<Action>) {
         self.state = State::Candidate { term, claim: ClaimState::InFlight { sent_at: now, delay } };
-        out.push(Action::AskWitness(Request::Claim { term, node: self.me, forced: false }));
+        let forced = self.manual.is_some_and(|(f, _)| f);
+        out.push(Action::AskWitness(Request::Claim { term, node: self.me, forced }));
     }
 
     fn backoff(&self, now: MonoTime, previous: Option<Duration>, sent_at: MonoTime) -> ClaimState {
@@ -880,7 +953,8 @@ impl Controller {
                         self.lease.renew(&self.params, sent_at, now);
                         self.peer_resynced = false;
                         self.peer_uptodate_asked = false;
-                        if !std::mem::take(&mut self.claim_for_handover) {
+                        let manual = self.manual.take().is_some();
+                        if !std::mem::take(&mut self.claim_for_handover) && !manual {
                             self.failovers.push_back(now);
                         }
                         out.push(Action::Promote { term: g.term });
@@ -925,6 +999,7 @@ impl Controller {
                             }
                             RefuseReason::NotEligible | RefuseReason::AlreadyGranted | RefuseReason::StaleTerm => {
                                 self.state = State::Following { term };
+                                self.manual = None;
                             }
                         }
                         if let Some(v) = view {
@@ -983,6 +1058,7 @@ impl Controller {
                     self.lease = Lease::default();
                     self.link = Link::Up { peer_primary: false };
                     self.last_renewal = now;
+                    self.released = true;
                     out.push(Action::Demote { replaced: false });
                     out.push(Action::HandOverToPeer { term });
                 }

@@ -536,3 +536,77 @@ fn illegal_moves_are_refused_and_change_nothing() {
     step(&mut p, Input::PeerSessionEnded { cause: EndCause::Eof, last_frame_at: t(10_100) }, t(10_100));
     assert!(p.step(Input::SwitchoverRequested, t(10_200)).unwrap_err().detail.contains("peer is not connected"));
 }
+
+// --- Operator's claim (`repctl promote` with failover on) -------------------
+
+#[test]
+fn an_operators_claim_goes_at_once_is_retried_through_the_backoff_and_not_counted() {
+    // A fresh witness: nobody up to date, B is not eligible.
+    let mut c = Controller::new(B, A, T, Term(0), t(0));
+    step(&mut c, Input::LocalDisk { uptodate: true }, t(0));
+    step(&mut c, Input::WitnessView(Some(view(0, None, 0))), t(0));
+    assert!(c.eligibility().is_err());
+    let forced = Request::Claim { term: Term(0), node: B, forced: true };
+    let out = step(&mut c, Input::ClaimNow { forced: true }, t(10));
+    assert_eq!(asks(&out), vec![forced], "at once, forced, without the wait");
+    assert!(c.manual_claim());
+    // The witness is in its startup holdoff: backoff, and retried although
+    // this node is not eligible.
+    let refusal = Refusal { reason: RefuseReason::StartupHoldoff, view: Some(view(0, None, 0)) };
+    step(&mut c, Input::WitnessReply { request: forced, reply: Err(refusal) }, t(20));
+    let at = t(20).plus(CLAIM_BACKOFF_MIN);
+    assert_eq!(asks(&step(&mut c, Input::Tick, at)), vec![forced]);
+    let out = step(&mut c, Input::WitnessReply { request: forced, reply: Ok(view(1, Some(B), 0b10)) }, at);
+    assert!(out.contains(&Action::Promote { term: Term(1) }));
+    assert!(!c.manual_claim());
+    assert_eq!(c.failovers_in_window(at), 0, "an operator's promote is not an automatic failover");
+}
+
+#[test]
+fn an_operators_claim_gives_up_after_its_deadline() {
+    let mut c = Controller::new(B, A, T, Term(0), t(0));
+    step(&mut c, Input::WitnessView(Some(view(0, None, 0))), t(0));
+    let req = Request::Claim { term: Term(0), node: B, forced: false };
+    step(&mut c, Input::ClaimNow { forced: false }, t(0));
+    step(&mut c, Input::WitnessUnreachable { request: req }, t(1));
+    let late = t(1).plus(MANUAL_CLAIM_FOR);
+    assert!(asks(&step(&mut c, Input::Tick, late)).is_empty());
+    assert_eq!(c.state(), State::Following { term: Term(0) });
+    assert!(!c.manual_claim());
+    // Refused outright (not eligible) ends it at once.
+    step(&mut c, Input::ClaimNow { forced: false }, late);
+    let refusal = Refusal { reason: RefuseReason::NotEligible, view: Some(view(0, None, 0)) };
+    step(&mut c, Input::WitnessReply { request: req, reply: Err(refusal) }, late);
+    assert_eq!((c.state(), c.manual_claim()), (State::Following { term: Term(0) }, false));
+    // Only a secondary claims.
+    assert!(primary().step(Input::ClaimNow { forced: false }, t(10_002)).is_err());
+}
+
+#[test]
+fn a_node_that_released_its_term_claims_a_wait_after_its_peer() {
+    // Without a hand-over message the peer claims by itself; the releaser
+    // waits one more `wait`, so that the peer takes over.
+    let mut c = primary();
+    let release = Request::Release { term: Term(6), node: A };
+    step(&mut c, Input::SwitchoverRequested, t(10_100));
+    step(&mut c, Input::WitnessReply { request: release, reply: Ok(view(6, None, 0b11)) }, t(10_110));
+    step(&mut c, Input::PeerConnected { term: Term(6), primary: false }, t(10_120));
+    let peer_claims = t(10_110).plus(wait());
+    assert!(asks(&step(&mut c, Input::Tick, peer_claims)).is_empty(), "the releaser lets the peer claim first");
+    assert_eq!(asks(&step(&mut c, Input::Tick, peer_claims.plus(wait()))), vec![claim(6, A)]);
+}
+
+#[test]
+fn a_resync_reported_after_the_session_ended_readmits_nobody() {
+    // A stale "peer in sync" reading must not make the witness count a peer
+    // up to date that misses the writes since its session ended.
+    let mut c = primary();
+    step(&mut c, Input::WitnessView(Some(view(6, Some(A), 0b01))), t(10_002));
+    step(&mut c, Input::PeerSessionEnded { cause: EndCause::Silence, last_frame_at: t(10_002) }, t(10_003));
+    let out = step(&mut c, Input::ResyncDone, t(10_004));
+    assert!(asks(&out).is_empty(), "{out:?}");
+    // The same report while the session is up asks PeerUptodate.
+    step(&mut c, Input::PeerConnected { term: Term(6), primary: false }, t(10_005));
+    let out = step(&mut c, Input::ResyncDone, t(10_006));
+    assert_eq!(asks(&out), vec![Request::PeerUptodate { term: Term(6), node: A, peer: B }]);
+}

@@ -55,7 +55,10 @@ impl VolumeBackend {
 
     async fn before_write(&self) -> Result<(), BlockError> {
         match &self.gate {
-            Some(g) => g.before_write().await.map_err(|e| BlockError::Io(e.to_string())),
+            Some(g) => g.before_write().await.map_err(|e| match e {
+                crate::repl::engine::EngineError::Fenced => BlockError::Shutdown(e.to_string()),
+                e => BlockError::Io(e.to_string()),
+            }),
             None => Ok(()),
         }
     }
@@ -73,7 +76,20 @@ impl VolumeBackend {
                 self.stats.observe_ack_wait(d == Durability::Flush, start.elapsed());
             }
         }
-        Ok(())
+        self.may_reply().await
+    }
+
+    /// Automatic failover's lease check on the reply path (after the
+    /// request executed, before its reply is written; docs/failover.md
+    /// S2): a held reply waits, a node that lost its term never replies
+    /// with data or an acknowledgement.
+    async fn may_reply(&self) -> Result<(), BlockError> {
+        match &self.gate {
+            Some(g) if !g.may_reply().await => {
+                Err(BlockError::Shutdown("this node lost its failover term (fenced): not serving".into()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -108,7 +124,9 @@ impl BlockBackend for VolumeBackend {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         let _pending = self.stats.begin(IoOp::Read, u64::from(len));
-        self.volume.read(offset, len).await.map_err(|e| map_error(Op::Read, e))
+        let data = self.volume.read(offset, len).await.map_err(|e| map_error(Op::Read, e))?;
+        self.may_reply().await?;
+        Ok(data)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {

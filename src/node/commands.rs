@@ -34,6 +34,7 @@ pub enum Reply {
     VerifyStarted(VerifyStarted),
     Invalidated(Invalidated),
     InSync(InSync),
+    Failover(Box<super::failover::FailoverStatus>),
 }
 
 impl Node {
@@ -65,6 +66,31 @@ impl Node {
             Request::Disconnect => {
                 self.repl_or("disconnect")?.disconnect();
                 Reply::Disconnected(Disconnected { connection: super::ConnState::Standalone })
+            }
+            Request::Failover { action } => {
+                let Some(ctl) = &self.failover else {
+                    return Err(NodeError::NotAvailable {
+                        cmd: "failover",
+                        why: "automatic failover is off ([failover] mode = \"witness\" turns it on)",
+                    });
+                };
+                match action {
+                    crate::control::FailoverAction::Enable => ctl.set_enabled(true),
+                    crate::control::FailoverAction::Disable => ctl.set_enabled(false),
+                    crate::control::FailoverAction::Status => {}
+                }
+                Reply::Failover(Box::new(super::failover::status(self)))
+            }
+            Request::ResumeIo if self.failover.is_some() => {
+                // Held writes are failover's: releasing them without the
+                // witness's solo grant could acknowledge writes a promoted
+                // peer lacks (docs/failover.md S1).
+                return Err(NodeError::Refused(
+                    "resume-io: refused with automatic failover on: the witness decides whether this primary goes \
+                     on without its peer (solo grant); writes resume by themselves when it grants it or the peer \
+                     is back"
+                        .into(),
+                ));
             }
             Request::ResumeIo => Reply::IoResumed(IoResumed { resumed: self.repl_or("resume-io")?.gate().resume_io() }),
             Request::NewCurrentUuid { clear_bitmap } => {

@@ -80,6 +80,8 @@ pub fn engine_config(config: &Config, me: &NodeConfig, tls: Option<&Arc<TlsConte
         // Set by `Node::with_store`, which owns the event channel the
         // handler reports on.
         before_resync_target: None,
+        // Set by `Node::with_store` (it owns the controller).
+        failover: None,
     })
 }
 

@@ -23,18 +23,22 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::Node;
-use super::witness::client::{ClientError, WitnessClient};
+use super::witness::client::{Answer, ClientError, WitnessClient};
 use crate::control;
 use crate::event::Event;
+use crate::failover::controller::Input;
+use crate::failover::witness::{Refusal, Reply, Request};
 use crate::failover::{BootClock, Clock, NodeIndex, NodeSet};
+use crate::failover::{MonoTime, Term};
 use crate::model::Role;
+use crate::repl::engine::FailoverHooks;
 
 /// Longest delay between two dials of an unreachable witness.
 const MAX_REDIAL: Duration = Duration::from_secs(2);
 
-/// Why automatic failover is not active although configured.
-pub const NOT_WIRED: &str =
-    "automatic failover is not active in this build: the witness link runs, the controller is not wired yet (issue 10)";
+/// Why automatic failover is not active although configured (a node
+/// without replication: no controller).
+pub const NOT_WIRED: &str = "automatic failover is not active: this node has no replication peer";
 
 /// `failover.witness` in the status.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +70,11 @@ pub struct LeaseStatus {
 pub struct FailoverStatus {
     /// `off` or `witness`.
     pub mode: String,
+    /// The controller's state (`following`, `candidate`, `primary`,
+    /// `suspended`, `primary-solo`, `releasing`, `fenced`); absent with
+    /// mode `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// Whether this node takes part in automatic failover now.
     pub enabled: bool,
     pub witness: Option<WitnessLinkStatus>,
@@ -99,6 +108,28 @@ impl FailoverStatus {
     }
 }
 
+impl FailoverStatus {
+    /// `repctl failover status`: `state:primary enabled:yes lease:valid
+    /// eligible:no (this node is the primary) witness:gamma(connected)`.
+    pub fn summary(&self) -> String {
+        let witness = match &self.witness {
+            Some(w) => format!("{}({})", w.name, if w.connected { "connected" } else { "not connected" }),
+            None => "none".into(),
+        };
+        let eligible = match (&self.eligible, &self.eligible_reason) {
+            (true, _) => "yes".to_string(),
+            (false, Some(r)) => format!("no ({r})"),
+            (false, None) => "no".to_string(),
+        };
+        format!(
+            "state:{} enabled:{} lease:{} eligible:{eligible} witness:{witness}",
+            self.state.as_deref().unwrap_or("-"),
+            if self.enabled { "yes" } else { "no" },
+            if self.lease.valid { "valid" } else { "none" },
+        )
+    }
+}
+
 /// What the link task shares with `status`.
 #[derive(Debug, Default)]
 pub struct LinkShared {
@@ -126,14 +157,28 @@ pub fn status(node: &Node) -> FailoverStatus {
     if !cfg.enabled() {
         return FailoverStatus { mode: cfg.mode.as_str().into(), ..FailoverStatus::default() };
     }
+    let Some(ctl) = &node.failover else {
+        return FailoverStatus {
+            mode: cfg.mode.as_str().into(),
+            state: None,
+            enabled: false,
+            witness: Some(node.witness_link.status()),
+            lease: LeaseStatus::default(),
+            eligible: false,
+            eligible_reason: Some(NOT_WIRED.into()),
+            last_failover: None,
+        };
+    };
+    let c = ctl.status();
     FailoverStatus {
         mode: cfg.mode.as_str().into(),
-        enabled: false,
+        state: Some(c.state.into()),
+        enabled: c.enabled,
         witness: Some(node.witness_link.status()),
-        lease: LeaseStatus::default(),
-        eligible: false,
-        eligible_reason: Some(NOT_WIRED.into()),
-        last_failover: None,
+        lease: LeaseStatus { valid: c.lease_valid, remaining_ms: c.lease_remaining_ms },
+        eligible: c.eligible,
+        eligible_reason: c.eligible_reason,
+        last_failover: c.last_failover,
     }
 }
 
@@ -145,7 +190,27 @@ pub fn spawn(node: &Arc<Node>, stop: watch::Receiver<bool>) -> Option<JoinHandle
         return None;
     }
     node.witness_link.lock().name = w.name.clone();
-    Some(tokio::spawn(run(Arc::downgrade(node), stop)))
+    let mut tasks = match &node.failover {
+        Some(ctl) => super::failover_ctl::spawn(node, ctl, &stop),
+        None => Vec::new(),
+    };
+    let link = tokio::spawn(run(Arc::downgrade(node), stop));
+    Some(tokio::spawn(async move {
+        let _ = link.await;
+        for t in tasks.drain(..) {
+            let _ = t.await;
+        }
+    }))
+}
+
+/// Answers every queued witness request "unreachable" (the link is down).
+fn drain_unreachable(node: &Weak<Node>) {
+    let Some(n) = node.upgrade() else { return };
+    let Some(ctl) = &n.failover else { return };
+    let Ok(mut rx) = ctl.witness_rx().try_lock() else { return };
+    while let Ok(request) = rx.try_recv() {
+        ctl.step(Input::WitnessUnreachable { request });
+    }
 }
 
 async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
@@ -154,6 +219,7 @@ async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
         let Some(n) = node.upgrade() else { return };
         let heartbeat = n.config.failover.timings.heartbeat;
         let detect = n.config.failover.timings.detect;
+        drain_unreachable(&node);
         let client = tokio::select! {
             _ = control::stopped(&mut stop) => return,
             c = WitnessClient::connect(&n.config, &n.me.name, None, detect) => c,
@@ -175,6 +241,9 @@ async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
                 };
                 let Some(n) = node.upgrade() else { return };
                 n.witness_link.lock().connected = false;
+                if let Some(ctl) = &n.failover {
+                    ctl.step(Input::WitnessLost);
+                }
                 tracing::warn!(%witness, reason = %why, "witness link lost");
                 n.emit(Event::WitnessLost { reason: why.to_string(), witness });
                 why
@@ -184,28 +253,70 @@ async fn run(node: Weak<Node>, mut stop: watch::Receiver<bool>) {
         if let Some(n) = node.upgrade() {
             n.witness_link.lock().last_error = Some(why.to_string());
         }
+        drain_unreachable(&node);
         tokio::select! {
             _ = control::stopped(&mut stop) => return,
             _ = tokio::time::sleep(delay) => {}
         }
+        drain_unreachable(&node);
         delay = (delay * 2).min(MAX_REDIAL);
     }
 }
 
-/// Pings every `heartbeat` until the link fails; keeps the view.
+/// Pings every `heartbeat` until the link fails; keeps the view; sends the
+/// controller's requests and feeds it the answers.
 async fn ping_loop(node: &Weak<Node>, mut client: WitnessClient, heartbeat: Duration) -> ClientError {
     let clock = BootClock;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ctl = node.upgrade().and_then(|n| n.failover.clone());
+    let mut requests = match &ctl {
+        Some(c) => Some(c.witness_rx().lock().await),
+        None => None,
+    };
     loop {
-        tick.tick().await;
+        let request = match requests.as_mut() {
+            Some(rx) => tokio::select! {
+                _ = tick.tick() => None,
+                r = rx.recv() => r,
+            },
+            None => {
+                tick.tick().await;
+                None
+            }
+        };
+        if let (Some(request), Some(ctl)) = (request, &ctl) {
+            match ask(&mut client, request).await {
+                Ok(reply) => {
+                    ctl.step(Input::WitnessReply { request, reply });
+                    continue;
+                }
+                Err(e) => {
+                    ctl.step(Input::WitnessUnreachable { request });
+                    return e;
+                }
+            }
+        }
         let Some(n) = node.upgrade() else { return ClientError::Closed };
-        let term = n.volume.term();
+        // The controller's copy: the superblock's lock is held across its
+        // fdatasync.
+        let term = n.failover.as_ref().map_or_else(|| n.volume.term(), |c| c.term());
         drop(n);
-        let pong = match client.ping(term, clock.now().0).await {
+        let sent = clock.now();
+        let pong = match client.ping(term, sent.0).await {
             Ok(p) => p,
             Err(e) => return e,
         };
+        if let Some(ctl) = &ctl {
+            let view = pong.view.map(|(p, mask)| super::failover_ctl::grant(pong.term, p, mask));
+            ctl.step(Input::WitnessView(view));
+            ctl.step(Input::Pong {
+                from: crate::failover::controller::From::Witness,
+                echo_sent: MonoTime(pong.echo_sent_ns),
+                term: Term(pong.term),
+                primary_ok: pong.primary_ok,
+            });
+        }
         let Some(n) = node.upgrade() else { return ClientError::Closed };
         *n.witness_link.last_pong.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         {
@@ -216,10 +327,25 @@ async fn ping_loop(node: &Weak<Node>, mut client: WitnessClient, heartbeat: Dura
             s.primary = primary.and_then(|p| n.config.node_name(NodeIndex(p))).map(str::to_string);
             s.uptodate = NodeSet(mask).iter().filter_map(|i| n.config.node_name(i)).map(str::to_string).collect();
         }
-        if pong.view.is_some() && pong.term > term {
+        if ctl.is_none() && pong.view.is_some() && pong.term > term {
             adopt_term(&n, pong.term);
         }
     }
+}
+
+/// One request to the witness and its answer, as the controller takes it.
+async fn ask(client: &mut WitnessClient, request: Request) -> Result<Reply, ClientError> {
+    let answer = match request {
+        Request::Claim { term, forced, .. } => client.claim(term.0, forced).await?,
+        Request::Solo { term, .. } => client.solo(term.0).await?,
+        Request::PeerUptodate { term, peer, .. } => client.peer_uptodate(term.0, peer.0).await?,
+        Request::Release { term, .. } => client.release(term.0).await?,
+    };
+    let g = |v: crate::repl::proto::WitnessView| super::failover_ctl::grant(v.term, v.primary, v.uptodate);
+    Ok(match answer {
+        Answer::Granted(v) => Ok(g(v)),
+        Answer::Refused { reason, view } => Err(Refusal { reason, view: view.map(g) }),
+    })
 }
 
 /// A secondary adopts the witness's higher term (persisted first). A

@@ -47,6 +47,7 @@ mod commands;
 pub mod daemon;
 mod export;
 pub mod failover;
+mod failover_ctl;
 pub mod handlers;
 pub mod metrics;
 pub mod status;
@@ -105,6 +106,8 @@ pub struct Node {
     io_stats: Arc<crate::stats::IoStats>,
     /// The witness link (automatic failover), as status shows it.
     witness_link: failover::LinkShared,
+    /// The failover controller (`[failover] mode = "witness"`).
+    failover: Option<Arc<failover_ctl::FailoverCtl>>,
     /// TLS credentials (`[tls]`), if anything uses TLS.
     tls: Option<Arc<crate::tls::TlsContext>>,
 }
@@ -128,9 +131,14 @@ impl Node {
     ) -> Arc<Node> {
         let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
+        let ctl = match &store {
+            Some(_) => failover_ctl::FailoverCtl::new(&config, &me.name, Arc::clone(&volume), events.clone()),
+            None => None,
+        };
         let repl = match (daemon::engine_config(&config, &me, tls.as_ref()), store) {
             (Some(mut cfg), Some(store)) => {
                 cfg.before_resync_target = handlers::resync_gate(&config, &me, &events);
+                cfg.failover = ctl.clone().map(|c| crate::repl::engine::FailoverLink(c));
                 Some(Engine::new(cfg, store, Role::Secondary, events.clone()))
             }
             _ => None,
@@ -147,6 +155,7 @@ impl Node {
             repl,
             io_stats: Arc::default(),
             witness_link: failover::LinkShared::default(),
+            failover: ctl,
             tls,
         })
     }
@@ -214,8 +223,47 @@ impl Node {
         failed
     }
 
-    /// Becomes primary and starts the NBD export.
+    /// Becomes primary and starts the NBD export. With automatic failover
+    /// on, the witness grants the next term first (docs/failover.md):
+    /// `force` claims without the witness's up-to-date check.
     pub async fn promote(&self, force: bool) -> Result<Promoted, NodeError> {
+        let Some(ctl) = &self.failover else { return self.promote_local(force).await };
+        if self.role() == Role::Primary {
+            return Ok(Promoted { role: Role::Primary, changed: false, nbd: None });
+        }
+        // The link comes up within a dial at start: give it a moment.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.witness_link.status().connected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let w = self.witness_link.status();
+        if !w.connected {
+            return Err(NodeError::Refused(format!(
+                "cannot promote: automatic failover is on and the witness {} is not reachable ({}); the witness \
+                 grants every term. Bring it back, or set [failover] mode = \"off\" on both nodes and restart",
+                w.name,
+                w.last_error.as_deref().unwrap_or("not connected yet")
+            )));
+        }
+        let bootstrap = w.has_state && w.uptodate.is_empty();
+        let term = ctl
+            .claim_now(force, bootstrap)
+            .await
+            .map_err(|why| NodeError::Refused(format!("cannot promote: the witness refused the claim: {why}")))?;
+        // The worker promotes once the grant is persisted.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.role() != Role::Primary {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Refused(format!("granted term {term}, but the promote did not finish in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Promoted { role: Role::Primary, changed: true, nbd: Some(self.me.nbd.uri(&self.config.name)) })
+    }
+
+    /// Becomes primary and starts the NBD export (the local part of a
+    /// promote; with failover on, after the witness's grant).
+    pub(crate) async fn promote_local(&self, force: bool) -> Result<Promoted, NodeError> {
         let _t = self.transition.lock().await;
         if self.state().role == Role::Primary {
             return Ok(Promoted { role: Role::Primary, changed: false, nbd: None });
@@ -297,16 +345,39 @@ impl Node {
     }
 
     /// Becomes secondary: stops the export (refused while clients are
-    /// attached unless `force`, which disconnects them) and flushes.
+    /// attached unless `force`, which disconnects them) and flushes. With
+    /// automatic failover on, the primary first releases its term at the
+    /// witness (IO held meanwhile; docs/failover.md, "Releasing"): the
+    /// peer then claims the next term by itself.
     pub async fn demote(&self, force: bool) -> Result<Demoted, NodeError> {
-        let _t = self.transition.lock().await;
-        let clients = {
-            let st = self.state();
-            if st.role == Role::Secondary {
-                return Ok(Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
+        let Some(ctl) = &self.failover else { return self.demote_local(force).await };
+        let clients = match self.demote_check(force) {
+            Ok(Some(clients)) => clients,
+            other => {
+                return other.map(|_| Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
             }
-            st.export.as_ref().map_or(0, |e| e.client_count())
         };
+        ctl.release().await.map_err(|why| NodeError::Refused(format!("cannot demote: {why}")))?;
+        // The worker demotes once the release is granted.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.role() != Role::Secondary {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NodeError::Refused("released the term, but the demote did not finish in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Demoted { role: Role::Secondary, changed: true, disconnected_clients: Some(clients) })
+    }
+
+    /// Whether a demote may go on: `None` on a secondary (nothing to do),
+    /// the NBD clients it disconnects, or the refusal while clients are
+    /// attached without `force`.
+    fn demote_check(&self, force: bool) -> Result<Option<usize>, NodeError> {
+        let st = self.state();
+        if st.role == Role::Secondary {
+            return Ok(None);
+        }
+        let clients = st.export.as_ref().map_or(0, |e| e.client_count());
         if clients > 0 && !force {
             return Err(NodeError::Refused(format!(
                 "cannot demote: {clients} NBD client{} attached; disconnect {} first, or use --force, which disconnects {}",
@@ -315,6 +386,19 @@ impl Node {
                 if clients == 1 { "it" } else { "them" },
             )));
         }
+        Ok(Some(clients))
+    }
+
+    /// The local part of a demote (with failover on: after the release, or
+    /// fenced).
+    pub(crate) async fn demote_local(&self, force: bool) -> Result<Demoted, NodeError> {
+        let _t = self.transition.lock().await;
+        let clients = match self.demote_check(force) {
+            Ok(Some(clients)) => clients,
+            other => {
+                return other.map(|_| Demoted { role: Role::Secondary, changed: false, disconnected_clients: None });
+            }
+        };
         self.stop_export().await;
         if let Some(repl) = &self.repl {
             // Every completed write must have reached the peer before it

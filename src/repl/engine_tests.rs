@@ -38,6 +38,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         split_brain: Default::default(),
         tls: None,
         before_resync_target: None,
+        failover: None,
     }
 }
 
@@ -261,9 +262,8 @@ async fn two_primaries_go_standalone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
-    use super::handshake::{LocalHello, handshake};
+    use super::handshake::handshake;
     use super::proto::Message;
-    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let (pa, _) = (free_port(), ());
@@ -273,31 +273,10 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
     alpha.start().await.expect("alpha starts");
     // The fake beta: handshake, SyncInfo (same generation, nothing to sync), then silence (the socket stays open).
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
-    let hello = LocalHello {
-        resource: "r0".into(),
-        node: "beta".into(),
-        peer: "alpha".into(),
-        size: SIZE as u64,
-        block_size: 4096,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        secret: b"s3cret".to_vec(),
-    };
+    let hello = fake_beta_hello();
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
     let mut buf = bytes::BytesMut::new();
-    let info = super::proto::SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        granularity: a.bitmap_granularity(),
-        flags: 0,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-    };
+    let info = fake_beta_sync_info(a.bitmap_granularity(), None);
     super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.expect("send ack");
     let silent_since = Instant::now();
@@ -316,9 +295,8 @@ async fn a_silent_peer_is_declared_lost_within_interval_plus_timeout() {
 /// the waiting write and redials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_the_peer_never_acknowledges_end_the_session() {
-    use super::handshake::{LocalHello, handshake};
+    use super::handshake::handshake;
     use super::proto::Message;
-    use crate::model::GenIds;
     let fake_port = free_port();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
     let ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);
@@ -327,30 +305,9 @@ async fn records_the_peer_never_acknowledges_end_the_session() {
     let alpha = Engine::new(ca, a.clone(), Role::Primary, broadcast::channel(64).0);
     alpha.start().await.expect("alpha starts");
     let (mut sock, _) = listener.accept().await.expect("alpha dials");
-    let hello = LocalHello {
-        resource: "r0".into(),
-        node: "beta".into(),
-        peer: "alpha".into(),
-        size: SIZE as u64,
-        block_size: 4096,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        secret: b"s3cret".to_vec(),
-    };
+    let hello = fake_beta_hello();
     handshake(&mut sock, &hello, Duration::from_secs(5)).await.expect("handshake");
-    let info = super::proto::SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::UpToDate,
-        granularity: a.bitmap_granularity(),
-        flags: 0,
-        gen_ids: GenIds { current: 7, ..GenIds::default() },
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-    };
+    let info = fake_beta_sync_info(a.bitmap_granularity(), None);
     let mut buf = bytes::BytesMut::new();
     super::proto::encode(&Message::SyncInfo(Box::new(info)), &mut buf).expect("encode");
     // The fake beta pings every 50 ms (alive) and reads everything, but
@@ -752,4 +709,150 @@ async fn a_claim_made_on_a_sync_info_older_than_new_marks_is_stale() {
     let stale = e.claim_session(&mine, marks, &verdict).expect_err("marks since the SyncInfo");
     assert!(stale.0.contains("marked out of sync since the session start"), "{}", stale.0);
     e.claim_session(&mine, marks_now, &verdict).expect("a SyncInfo made after the marks");
+}
+
+/// A [`FailoverHooks`] that only answers (the engine tests of terms on the
+/// link).
+#[derive(Default)]
+struct TestHooks {
+    connected: std::sync::Mutex<Vec<(u64, bool)>>,
+}
+
+impl super::engine::FailoverHooks for TestHooks {
+    fn term(&self) -> u64 {
+        5
+    }
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(50)
+    }
+    fn detect(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+    fn peer_connected(&self, term: u64, primary: bool) {
+        self.connected.lock().unwrap().push((term, primary));
+    }
+    fn session_ended(&self, _: crate::failover::controller::EndCause, _: crate::failover::MonoTime) {}
+    fn ping(&self, _: u64) -> (u64, bool) {
+        (5, false)
+    }
+    fn pong(&self, _: crate::failover::MonoTime, _: u64, _: bool) {}
+    fn higher_term(&self, _: u64) {}
+    fn may_serve(&self) -> super::engine::Serve {
+        super::engine::Serve::Yes
+    }
+    fn write_needs_solo(&self) {}
+}
+
+/// A fake beta at protocol version `max`: handshake, SyncInfo (same
+/// generation; with its term at version 3), then the first frames alpha
+/// sends, until `until` or EOF.
+async fn fake_peer(listener: tokio::net::TcpListener, max: u16, until: Duration) -> Vec<super::proto::Message> {
+    use super::handshake::{Expect, handshake_with};
+    use super::link::FrameReader;
+    use super::proto::Message;
+    let (mut sock, _) = listener.accept().await.expect("alpha dials");
+    let hello = fake_beta_hello();
+    let info = handshake_with(&mut sock, &hello, &Expect::data_link_up_to(max), Duration::from_secs(5)).await;
+    let Ok(info) = info else { return Vec::new() };
+    let mut buf = bytes::BytesMut::new();
+    let sync = fake_beta_sync_info(4096, (info.version >= 3).then_some(3));
+    super::proto::encode(&Message::SyncInfo(Box::new(sync)), &mut buf).expect("encode");
+    if tokio::io::AsyncWriteExt::write_all(&mut sock, &buf).await.is_err() {
+        return Vec::new();
+    }
+    let mut reader = FrameReader::new(sock);
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(until, async {
+        while let Ok(Some(m)) = reader.read().await {
+            seen.push(m);
+        }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_peer_works_with_failover_off_and_is_refused_with_it_on() {
+    use super::proto::Message;
+    for failover in [false, true] {
+        let fake_port = free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
+        let mut ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);
+        let hooks = Arc::new(TestHooks::default());
+        if failover {
+            ca.failover = Some(super::engine::FailoverLink(hooks.clone()));
+        }
+        let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
+        let alpha = Engine::new(ca, a.clone(), Role::Secondary, broadcast::channel(64).0);
+        alpha.start().await.expect("alpha starts");
+        let seen = fake_peer(listener, 2, Duration::from_millis(500)).await;
+        let v = alpha.view();
+        if failover {
+            let err = v.last_error.clone().unwrap_or_default();
+            assert!(err.contains("protocol version 2") && err.contains("failover"), "{err}");
+            assert!(seen.is_empty(), "no session with a v2 peer: {seen:?}");
+            assert!(hooks.connected.lock().unwrap().is_empty());
+        } else {
+            assert!(
+                seen.iter().any(|m| matches!(m, Message::SyncInfo(i) if i.term.is_none())),
+                "a v2 SyncInfo (100 bytes) to the v2 peer: {seen:?}"
+            );
+            assert!(seen.iter().any(|m| matches!(m, Message::Ping { .. })), "v2 pings: {seen:?}");
+        }
+        alpha.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_version_3_the_term_travels_in_sync_info_and_pings() {
+    use super::proto::Message;
+    let fake_port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", fake_port)).await.expect("bind");
+    let mut ca = cfg("alpha", "beta", free_port(), fake_port, Protocol::C);
+    let hooks = Arc::new(TestHooks::default());
+    ca.failover = Some(super::engine::FailoverLink(hooks.clone()));
+    let a = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let alpha = Engine::new(ca, a.clone(), Role::Secondary, broadcast::channel(64).0);
+    alpha.start().await.expect("alpha starts");
+    let seen = fake_peer(listener, 3, Duration::from_millis(400)).await;
+    assert!(seen.iter().any(|m| matches!(m, Message::SyncInfo(i) if i.term == Some(5))), "{seen:?}");
+    assert!(seen.iter().any(|m| matches!(m, Message::TermPing { term: 5, .. })), "{seen:?}");
+    assert_eq!(
+        hooks.connected.lock().unwrap().first(),
+        Some(&(3, false)),
+        "the peer's term and role reached the hooks"
+    );
+    alpha.shutdown().await;
+}
+
+/// The Hello of a fake beta (secondary, uptodate, generation 7).
+fn fake_beta_hello() -> super::handshake::LocalHello {
+    super::handshake::LocalHello {
+        resource: "r0".into(),
+        node: "beta".into(),
+        peer: "alpha".into(),
+        size: SIZE as u64,
+        block_size: 4096,
+        gen_ids: crate::model::GenIds { current: 7, ..Default::default() },
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        secret: b"s3cret".to_vec(),
+    }
+}
+
+/// The SyncInfo of a fake beta: same generation as alpha, nothing to sync.
+fn fake_beta_sync_info(granularity: u32, term: Option<u64>) -> super::proto::SyncInfo {
+    super::proto::SyncInfo {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        granularity,
+        flags: 0,
+        gen_ids: crate::model::GenIds { current: 7, ..Default::default() },
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+        term,
+    }
 }

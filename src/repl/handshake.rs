@@ -273,6 +273,11 @@ impl Expect {
         Expect { versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), any_of: None }
     }
 
+    /// The data link of an older build speaking at most `max` (tests).
+    pub fn data_link_up_to(max: u16) -> Expect {
+        Expect { versions: (MIN_PROTOCOL_VERSION, max), any_of: None }
+    }
+
     /// A data node dialling the witness: [`WITNESS_PROTOCOL_VERSION`] only.
     pub fn witness_link() -> Expect {
         Expect { versions: (WITNESS_PROTOCOL_VERSION, WITNESS_PROTOCOL_VERSION), any_of: None }

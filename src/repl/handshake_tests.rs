@@ -211,7 +211,7 @@ async fn no_common_version_is_refused_before_authentication() {
     let r = handshake(&mut sa, &local("alpha", "beta"), T).await;
     let (reason, message) = refused(&r);
     assert_eq!(reason, RefuseReason::IncompatibleVersion);
-    assert_eq!(message, "no common protocol version (alpha speaks 2 to 2, beta speaks 3 to 5)");
+    assert_eq!(message, "no common protocol version (alpha speaks 2 to 3, beta speaks 4 to 6)");
     drop(sa);
     let seen = fake.await.expect("fake peer");
     // Our Hello, then the Refuse; no Auth was sent.
@@ -428,6 +428,8 @@ async fn the_witness_accepts_either_data_node_at_version_3() {
     // A version-2 data link dialling the witness finds no common version.
     let (mut sa, mut sg) = duplex(64 << 10);
     let (alpha, witness_side) = (local("alpha", "gamma"), Expect::witness_accepting(names));
-    let (_, rw) = tokio::join!(handshake(&mut sa, &alpha, T), handshake_with(&mut sg, &gamma, &witness_side, T));
+    let v2 = Expect { versions: (MIN_PROTOCOL_VERSION, 2), any_of: None };
+    let (_, rw) =
+        tokio::join!(handshake_with(&mut sa, &alpha, &v2, T), handshake_with(&mut sg, &gamma, &witness_side, T));
     assert_eq!(refused(&rw).0, RefuseReason::IncompatibleVersion);
 }

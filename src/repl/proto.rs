@@ -21,15 +21,13 @@ use crate::model::{DiskState, GenIds, Lsn, ResyncKind, Role};
 // ---------------------------------------------------------------------------
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Oldest protocol version this build still speaks. Version 1 had no
 /// SyncInfo exchange (every reconnect was a full sync); a version-1 peer is
 /// refused with `incompatible-version`.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The version the witness link speaks (docs/replication-protocol.md,
-/// "Version 3"): data nodes dial the witness with exactly this version. The
-/// data link still speaks [`PROTOCOL_VERSION`] until the terms are wired
-/// into the session.
+/// "Version 3"): data nodes dial the witness with exactly this version.
 pub const WITNESS_PROTOCOL_VERSION: u16 = 3;
 
 // ---------------------------------------------------------------------------
@@ -167,6 +165,7 @@ pub enum FrameError {
 /// | role u8 | disk u8 | reserved u16 = 0 | granularity u32 | flags u32 |
 /// | gen.current u64 | gen.bitmap u64 | gen.history 4 x u64 | gen_created_ms u64 |
 /// | local_lsn u64 | dirty_bytes u64 | bitmap_base_lsn u64 | log_first_lsn u64 |
+/// Version 3 (112 bytes): + | term u64 | reserved u32 = 0 |.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncInfo {
     pub role: Role,
@@ -186,6 +185,9 @@ pub struct SyncInfo {
     pub bitmap_base_lsn: Lsn,
     /// Oldest LSN still in the sender's WAL (`local_lsn + 1` if none).
     pub log_first_lsn: Lsn,
+    /// Version 3: the sender's persisted failover term (0 without
+    /// failover); `None` in the 100-byte version-2 form.
+    pub term: Option<u64>,
 }
 
 impl SyncInfo {
@@ -199,6 +201,8 @@ impl SyncInfo {
 }
 
 const SYNC_INFO_LEN: usize = 1 + 1 + 2 + 4 + 4 + 6 * 8 + 5 * 8;
+/// Version 3's SyncInfo: + `term u64 | reserved u32`.
+const SYNC_INFO_V3_LEN: usize = SYNC_INFO_LEN + 12;
 
 /// Why a handshake was refused. Wire codes are given per variant; an unknown code is
 /// read as [`RefuseReason::Other`] (a newer peer may know more reasons).
@@ -429,8 +433,9 @@ pub struct TermPong {
 /// - **3** (failover, docs/replication-protocol.md "Version 3"): Ping and
 ///   Pong with the term (24 and 32 bytes; the 16-byte forms stay version
 ///   2's), Claim / Solo / PeerUptodate / Release, Grant / Refused,
-///   TermRefuse at 128..=134. Spoken on the witness link
-///   ([`WITNESS_PROTOCOL_VERSION`]); the data link still negotiates 2.
+///   TermRefuse at 128..=134, spoken on the witness link
+///   ([`WITNESS_PROTOCOL_VERSION`]); on the data link (2..=3) SyncInfo
+///   carries the term (112 bytes; the 100-byte form stays version 2's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     // --- Handshake -------------------------------------------------------
@@ -791,7 +796,13 @@ impl Message {
             Message::Zeroes { .. } => 21,
             Message::Barrier { .. } => 8,
             Message::Ack { .. } => 24,
-            Message::SyncInfo(_) => SYNC_INFO_LEN,
+            Message::SyncInfo(i) => {
+                if i.term.is_some() {
+                    SYNC_INFO_V3_LEN
+                } else {
+                    SYNC_INFO_LEN
+                }
+            }
             Message::BitmapChunk { words, .. } => 12 + 8 * words.len(),
             Message::BitmapEnd { .. } => 8,
             Message::SyncStart { .. } => 20,
@@ -899,6 +910,10 @@ impl Message {
                 b.put_u64_le(i.dirty_bytes);
                 b.put_u64_le(i.bitmap_base_lsn);
                 b.put_u64_le(i.log_first_lsn);
+                if let Some(term) = i.term {
+                    b.put_u64_le(term);
+                    b.put_u32_le(0);
+                }
             }
             Message::BitmapChunk { first_word, words } => {
                 if words.len() > MAX_BITMAP_WORDS {
@@ -1495,6 +1510,13 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
                 dirty_bytes: p.u64("dirty_bytes")?,
                 bitmap_base_lsn: p.u64("bitmap_base_lsn")?,
                 log_first_lsn: p.u64("log_first_lsn")?,
+                term: if p.b.remaining() == SYNC_INFO_V3_LEN - SYNC_INFO_LEN {
+                    let term = p.u64("term")?;
+                    p.reserved_bytes::<4>()?;
+                    Some(term)
+                } else {
+                    None
+                },
             }))
         }
         BITMAP_CHUNK => {

@@ -122,6 +122,7 @@ fn arb_sync_info() -> impl Strategy<Value = Message> {
                 dirty_bytes: b,
                 bitmap_base_lsn: c,
                 log_first_lsn: d,
+                term: None,
             }))
         })
 }
@@ -451,6 +452,7 @@ fn sync_info_layout_is_pinned() {
         dirty_bytes: 8192,
         bitmap_base_lsn: 90,
         log_first_lsn: 50,
+        term: None,
     };
     let b = enc(&Message::SyncInfo(Box::new(info)));
     let p = &b[FRAME_HEADER_LEN..];
@@ -471,24 +473,13 @@ fn resync_messages_avoid_the_verify_block() {
         let name = type_name(t);
         assert!(name.is_none_or(|n| n.starts_with("verify-")), "type {t:#x} is reserved for verify, got {name:?}");
     }
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 #[test]
 fn bad_resync_payloads_are_refused_with_the_field() {
     // SyncInfo with a granularity that is not a power of two.
-    let mut m = enc(&Message::SyncInfo(Box::new(SyncInfo {
-        role: Role::Secondary,
-        disk: DiskState::Consistent,
-        granularity: 4096,
-        flags: 0,
-        gen_ids: GenIds::default(),
-        gen_created_ms: 0,
-        local_lsn: 0,
-        dirty_bytes: 0,
-        bitmap_base_lsn: 0,
-        log_first_lsn: 1,
-    })));
+    let mut m = enc(&Message::SyncInfo(Box::new(blank_sync_info(Role::Secondary, DiskState::Consistent))));
     let mut payload = m.split_off(FRAME_HEADER_LEN).to_vec();
     payload[4..8].copy_from_slice(&4095u32.to_le_bytes());
     match decode(&mut raw_frame(msg_type::SYNC_INFO, 0, &payload)) {
@@ -644,4 +635,36 @@ fn bad_v3_payloads_are_refused_with_the_field() {
     pong[26] = 1;
     let e = decode(&mut raw_frame(msg_type::PONG, 0, &pong)).unwrap_err().to_string();
     assert!(e.contains("without the VIEW flag"), "{e}");
+}
+
+#[test]
+fn sync_info_carries_the_term_at_version_3() {
+    let v2 = blank_sync_info(Role::Primary, DiskState::UpToDate);
+    let v3 = SyncInfo { term: Some(0x0102_0304_0506_0708), ..v2 };
+    let (b2, b3) = (enc(&Message::SyncInfo(Box::new(v2))), enc(&Message::SyncInfo(Box::new(v3))));
+    assert_eq!((b2.len() - FRAME_HEADER_LEN, b3.len() - FRAME_HEADER_LEN), (100, 112));
+    assert_eq!(&b3[FRAME_HEADER_LEN + 100..FRAME_HEADER_LEN + 108], &0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(&b3[FRAME_HEADER_LEN + 108..], &[0; 4], "reserved");
+    for (b, info) in [(b2, v2), (b3, v3)] {
+        let mut buf = bytes::BytesMut::from(&b[..]);
+        let m = decode(&mut buf).expect("decode").expect("a frame");
+        assert_eq!(m, Message::SyncInfo(Box::new(info)));
+    }
+}
+
+/// A version-2 SyncInfo of a blank volume (granularity 4096).
+fn blank_sync_info(role: Role, disk: DiskState) -> SyncInfo {
+    SyncInfo {
+        role,
+        disk,
+        granularity: 4096,
+        flags: 0,
+        gen_ids: GenIds::default(),
+        gen_created_ms: 0,
+        local_lsn: 0,
+        dirty_bytes: 0,
+        bitmap_base_lsn: 0,
+        log_first_lsn: 1,
+        term: None,
+    }
 }

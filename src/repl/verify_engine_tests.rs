@@ -40,6 +40,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16) -> EngineConfig {
         split_brain: Default::default(),
         tls: None,
         before_resync_target: None,
+        failover: None,
     }
 }
 

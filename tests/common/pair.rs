@@ -211,6 +211,11 @@ impl Peer {
         }
     }
 
+    /// The repd process id (SIGSTOP/SIGCONT tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether repd is still running (it may have exited on its own).
     pub fn alive(&mut self) -> bool {
         match self.child.as_mut() {

@@ -12,6 +12,7 @@ use repblock::config::Config;
 use repblock::node::witness::client::WitnessClient;
 use serde_json::Value;
 
+use super::pair::{Pair, PairOpts};
 use super::{ChildGuard, REPCTL, REPD};
 
 /// lease 3 s: the witness's wait (and startup holdoff) is ≈ 3.08 s, long
@@ -162,4 +163,39 @@ impl Witness {
         rt.block_on(WitnessClient::connect(&cfg, node, None, Duration::from_secs(5)))
             .unwrap_or_else(|e| panic!("{node} cannot reach the witness: {e}\n{}", self.log()))
     }
+}
+
+/// A pair (protocol C) whose config has `[failover]` with `failover` and
+/// the witness node gamma (on its own port), not started.
+pub fn pair_with_witness(failover: &str) -> (Pair, Witness) {
+    let pair = Pair::new(PairOpts::new("C").extra(&format!("[failover]\n{failover}\n")));
+    let [port] = super::free_ports::<1>();
+    let d = pair.dir.path().display().to_string();
+    let mut text = std::fs::read_to_string(&pair.alpha.config).expect("config");
+    text.push_str(&format!(
+        "[[node]]\nname = \"gamma\"\nwitness = true\nreplication = \"127.0.0.1:{port}\"\n\
+         control = \"{d}/run/gamma.sock\"\ndir = \"{d}/gamma\"\n"
+    ));
+    std::fs::write(&pair.alpha.config, text).expect("write config");
+    let w = Witness::with_config(pair.alpha.config.clone());
+    (pair, w)
+}
+
+/// The first event line from `rx` (a `repctl events` stream) matching
+/// `pred`, or a panic naming `what` after `timeout`.
+pub fn wait_event(
+    rx: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) else { continue };
+        let v: Value = serde_json::from_str(&line).expect("event JSON");
+        if pred(&v) {
+            return v;
+        }
+    }
+    panic!("no {what} event within {timeout:?}");
 }

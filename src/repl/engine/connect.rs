@@ -199,6 +199,7 @@ impl Engine {
             dirty_bytes: self.store.dirty_bytes(),
             bitmap_base_lsn: self.store.bitmap_base_lsn(),
             log_first_lsn: self.store.log_first_lsn().min(local_lsn + 1),
+            term: None,
         }
     }
 
@@ -223,6 +224,19 @@ impl Engine {
                 return false;
             }
         };
+        if self.cfg.failover.is_some() && peer.version < 3 {
+            // A version-2 peer carries no term: automatic failover cannot
+            // fence it (docs/replication-protocol.md, "Version 3").
+            self.note_failure(
+                format!(
+                    "peer {} speaks protocol version {}: automatic failover needs version 3 on both data nodes \
+                     (upgrade it, or set [failover] mode = \"off\")",
+                    peer.node, peer.version
+                ),
+                addr,
+            );
+            return false;
+        }
         let tls_session = stream.tls_session();
         let (mut reader, mut writer) = match split_link(stream) {
             Ok(x) => x,
@@ -242,7 +256,11 @@ impl Engine {
         // was sent may still mark its unacknowledged records (see
         // `Engine::claim_session`).
         let marks = self.store.mark_count();
-        let mine = self.sync_info(flags);
+        let mut mine = self.sync_info(flags);
+        if peer.version >= 3 {
+            // Version 3: SyncInfo carries the term (0 without failover).
+            mine.term = Some(self.cfg.failover.as_ref().map_or(0, |f| f.0.term()));
+        }
         let theirs = match exchange_sync_info(&mut reader, &mut writer, &mine).await {
             Ok(t) => t,
             Err(why) => {
@@ -485,9 +503,15 @@ impl Engine {
             {
                 tracing::error!(peer = %self.cfg.peer, error = %e, "cannot start a new generation at peer loss");
             }
-            if self.cfg.on_peer_loss == OnPeerLoss::Suspend
-                && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
-            {
+            // With automatic failover the primary never goes on alone
+            // without the witness's solo grant (docs/failover.md S1).
+            let suspend = match outcome {
+                Outcome::Stopped(StopReason::RoleChange) => false,
+                _ if self.cfg.failover.is_some() => true,
+                Outcome::Stopped(StopReason::Renegotiate) => false,
+                _ => self.cfg.on_peer_loss == OnPeerLoss::Suspend,
+            };
+            if suspend {
                 // Suspend before releasing the waiters, so none slips through.
                 self.gate.set_suspended(true);
             }

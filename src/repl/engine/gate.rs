@@ -26,8 +26,69 @@ use tokio::sync::{broadcast, watch};
 
 use super::{EngineError, SessionClaim};
 use crate::event::{Event, EventLine};
+use crate::failover::MonoTime;
+use crate::failover::controller::EndCause;
 use crate::model::{GenIds, Lsn, Protocol, unix_ms};
 use crate::repl::store::ReplStore;
+
+// --- Automatic failover's hooks -------------------------------------------------
+
+/// What the reply path may do now (automatic failover's lease,
+/// docs/failover.md S2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// The lease is valid: the reply may leave.
+    Yes,
+    /// IO is held (lease being renewed, solo asked, switchover): wait.
+    Hold,
+    /// This node is not (or no longer) the primary of its term: the reply
+    /// must never leave.
+    Never,
+}
+
+/// What the replication core tells automatic failover and asks of it
+/// (docs/failover.md, "Wiring the controller"). Implemented by the node
+/// (`node::failover`), which owns the controller: `repl` never imports
+/// `node`. Every method is quick and does not block on the network (a
+/// higher term is persisted first, a superblock write).
+pub trait FailoverHooks: Send + Sync {
+    /// This node's persisted term (SyncInfo, Ping).
+    fn term(&self) -> u64;
+    /// How often a session pings (the failover `heartbeat`).
+    fn heartbeat(&self) -> std::time::Duration;
+    /// Silence that ends a session (the failover `detect`).
+    fn detect(&self) -> std::time::Duration;
+    /// A session is up (after SyncInfo): the peer's term and whether it is
+    /// primary.
+    fn peer_connected(&self, term: u64, primary: bool);
+    /// The session ended: EOF/reset or silence, and when its last frame
+    /// arrived.
+    fn session_ended(&self, cause: EndCause, last_frame_at: MonoTime);
+    /// The peer's Ping carrying its term: our term, and whether our Pong
+    /// renews its lease (PRIMARY_OK).
+    fn ping(&self, term: u64) -> (u64, bool);
+    /// The peer's Pong to our Ping sent at `echo_sent`.
+    fn pong(&self, echo_sent: MonoTime, term: u64, primary_ok: bool);
+    /// A frame (SyncInfo, Pong, TermRefuse) carried a term higher than ours.
+    fn higher_term(&self, term: u64);
+    /// The reply path's check, after the request executed.
+    fn may_serve(&self) -> Serve;
+    /// A write found no peer to acknowledge it (lazy solo).
+    fn write_needs_solo(&self);
+}
+
+/// The hooks as the engine's config holds them.
+#[derive(Clone)]
+pub struct FailoverLink(pub Arc<dyn FailoverHooks>);
+
+impl std::fmt::Debug for FailoverLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailoverLink").field("term", &self.0.term()).finish()
+    }
+}
+
+/// How often a held reply re-checks the lease.
+const HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// What a reply waits for (design.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +233,8 @@ struct GateInner {
     feed_pending: watch::Sender<bool>,
     claims: Arc<Claims>,
     events: broadcast::Sender<EventLine>,
+    /// Automatic failover (lease check, lazy solo); `None` with it off.
+    failover: Option<FailoverLink>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -190,6 +253,7 @@ impl Gate {
         peer: String,
         claims: Arc<Claims>,
         events: broadcast::Sender<EventLine>,
+        failover: Option<FailoverLink>,
     ) -> Gate {
         Gate {
             inner: Arc::new(GateInner {
@@ -200,6 +264,7 @@ impl Gate {
                 feed_pending: watch::Sender::new(false),
                 claims,
                 events,
+                failover,
             }),
         }
     }
@@ -212,8 +277,18 @@ impl Gate {
     pub async fn before_write(&self) -> Result<(), EngineError> {
         let g = &*self.inner;
         let mut rx = g.suspended.subscribe();
+        if *rx.borrow()
+            && let Some(f) = &g.failover
+        {
+            // Lazy solo: the first write that finds no peer asks the
+            // witness to go on alone (docs/failover.md).
+            f.0.write_needs_solo();
+        }
         // The sender lives as long as self.
-        let _ = rx.wait_for(|s| !*s).await;
+        tokio::select! {
+            _ = rx.wait_for(|s| !*s) => {}
+            _ = self.term_lost() => return Err(EngineError::Fenced),
+        }
         if g.acks.borrow().active {
             return Ok(());
         }
@@ -247,15 +322,60 @@ impl Gate {
             if !*suspended.borrow_and_update() {
                 return;
             }
-            // Suspended: wait for the peer to be back and synced, or resume-io.
+            if let Some(f) = &self.inner.failover {
+                // Released by the peer's loss, held by failover: this
+                // write needs a solo grant (lazy solo).
+                f.0.write_needs_solo();
+            }
+            // Suspended: wait for the peer to be back and synced, or resume-io
+            // (failover: a solo grant), or, with failover, until this node
+            // lost its term (the reply path then refuses; a demote waits
+            // for this request to end).
             tokio::select! {
                 _ = suspended.wait_for(|s| !*s) => {}
                 _ = acks.changed() => {}
+                _ = self.term_lost() => return,
             }
             if acks.borrow().covers(lsn, need) && !*suspended.borrow() {
                 return;
             }
         }
+    }
+
+    /// The lease check of automatic failover (docs/failover.md S2), on the
+    /// reply path: called after the request executed (and after
+    /// [`Gate::wait`] for a write), right before the reply is written.
+    /// `true`: the reply may leave now. `false`: it must never leave (this
+    /// node lost its term; the connection is closed). A held reply (lease
+    /// being renewed, a solo grant asked) waits here. Always `true` with
+    /// failover off.
+    pub async fn may_reply(&self) -> bool {
+        let Some(f) = &self.inner.failover else { return true };
+        loop {
+            match f.0.may_serve() {
+                Serve::Yes => return true,
+                Serve::Never => return false,
+                Serve::Hold => tokio::time::sleep(HOLD_POLL).await,
+            }
+        }
+    }
+
+    /// Resolves once automatic failover says this node may never reply
+    /// again (it lost its term); never without failover.
+    async fn term_lost(&self) {
+        match &self.inner.failover {
+            Some(f) => {
+                while f.0.may_serve() != Serve::Never {
+                    tokio::time::sleep(HOLD_POLL * 5).await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Automatic failover's hooks, if it is on.
+    pub(in crate::repl) fn failover(&self) -> Option<&Arc<dyn FailoverHooks>> {
+        self.inner.failover.as_ref().map(|f| &f.0)
     }
 
     /// Whether a session streams the feed to the peer (replies wait for

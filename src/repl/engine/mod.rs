@@ -41,7 +41,7 @@ mod view;
 pub use commands::{Promoted, refuse_promote_message};
 pub use connect::describe_handshake_error;
 use gate::Claims;
-pub use gate::{Acks, Durability, Gate, Need, need_for};
+pub use gate::{Acks, Durability, FailoverHooks, FailoverLink, Gate, Need, Serve, need_for};
 pub use view::{DecisionView, LastSync, LinkView, ProbeReport, Resync, SideReport, side_view};
 
 /// How long a handshake may take.
@@ -86,6 +86,9 @@ pub struct EngineConfig {
     /// What a sync target waits for before a bitmap or full resync writes
     /// to it (`[handlers] before_resync_target`; src/repl/resync_hook.rs).
     pub before_resync_target: Option<super::resync_hook::ResyncHook>,
+    /// Automatic failover (`[failover] mode = "witness"`): terms on the
+    /// link, the lease check, lazy solo (gate.rs, [`FailoverHooks`]).
+    pub failover: Option<gate::FailoverLink>,
 }
 
 /// Control of the running session.
@@ -115,6 +118,9 @@ pub enum StopReason {
 /// Errors of the engine's operations.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// Automatic failover: this node lost its term; it serves no more.
+    #[error("this node lost its failover term (fenced): not serving")]
+    Fenced,
     #[error("cannot bind the replication address {addr}: {source}")]
     Bind {
         addr: String,
@@ -202,7 +208,7 @@ impl Engine {
         events: broadcast::Sender<EventLine>,
     ) -> Arc<Engine> {
         let claims = Arc::new(Claims::new(Arc::clone(&store)));
-        let gate = Gate::new(cfg.protocol, cfg.peer.clone(), Arc::clone(&claims), events.clone());
+        let gate = Gate::new(cfg.protocol, cfg.peer.clone(), Arc::clone(&claims), events.clone(), cfg.failover.clone());
         Arc::new(Engine {
             cfg,
             store,

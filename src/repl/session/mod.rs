@@ -57,13 +57,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
 use super::decide::Decision;
+use super::engine::FailoverHooks;
 use super::engine::{Engine, StopReason};
 use super::handshake::PeerInfo;
 use super::link::{FrameReader, FrameWriter, LinkError, LinkWrite, QueuedBytes, run_writer_counted};
-use super::proto::{GoodbyeReason, Message, SyncInfo};
+use super::proto::{GoodbyeReason, Message, SyncInfo, TermPong};
 use super::resync::JobError;
 use super::store::{FeedItem, FeedOp};
 use super::verify::{After, ReadMode, SessionVerify, TargetJob};
+use crate::failover::controller::EndCause;
+use crate::failover::{BootClock, Clock, MonoTime};
 use crate::model::{Lsn, ReplState, Role, unix_ms};
 
 mod idle;
@@ -118,7 +121,10 @@ pub async fn run(
     let peer_address = reader.get_ref().peer_addr().map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     engine.link_stats.session_up(&queued, peer_address, unix_ms());
     let writer_task = tokio::spawn(run_writer_counted(writer, rx, Some(Arc::clone(&queued))));
-    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval)));
+    // Automatic failover at version 3: Ping/Pong carry the term and the
+    // boot-clock send time (the primary's lease), every `heartbeat`.
+    let failover = engine.gate().failover().filter(|_| peer.version >= 3).cloned();
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(tx.clone(), engine.cfg.ping_interval, failover.clone())));
     engine.set_peer(theirs.role, theirs.disk);
     let mut io = SessionIo {
         reader,
@@ -129,6 +135,7 @@ pub async fn run(
         last_rx: Instant::now(),
         next_tick: Instant::now(),
         peer_name: peer.node.clone(),
+        failover: failover.clone(),
     };
     let mut s = Session {
         engine: Arc::clone(engine),
@@ -148,6 +155,15 @@ pub async fn run(
         drop(heartbeat);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
         return Outcome::Stopped(StopReason::RoleChange);
+    }
+    if let Some(f) = &failover
+        && let Some(refused) = terms_at_connect(f, &mine, &theirs, &s.tx)
+    {
+        drop(s);
+        drop(io);
+        drop(heartbeat);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+        return refused;
     }
     tracing::info!(peer = %peer.node, local_role = %local_role, peer_role = %theirs.role, peer_disk = %theirs.disk, "replication connected");
     let verdict = engine.verdict(&mine, &theirs);
@@ -214,6 +230,13 @@ pub async fn run(
         let _ = s.tx.try_send(Message::Goodbye { reason, message: message.into() });
     }
     s.verify.end(engine, &outcome);
+    if let Some(f) = &io.failover {
+        let cause = match &outcome {
+            Outcome::PeerGone(why) if why.starts_with(SILENCE) => EndCause::Silence,
+            _ => EndCause::Eof,
+        };
+        f.session_ended(cause, io.last_frame_at());
+    }
     // Every sender (the session, the input side for Pong, the heartbeat)
     // goes, so that the writer drains and ends.
     drop(s);
@@ -228,18 +251,72 @@ pub async fn run(
 /// session loop held up in a slow fsync (a bitmap persist, a superblock
 /// write) never looks silent to the peer. A full writer queue skips a
 /// ping: frames are flowing then. Pongs are answered by the session loop.
-async fn heartbeat(tx: mpsc::Sender<Message>, interval: Duration) {
+///
+/// With automatic failover (version 3) the ping is a `TermPing` every
+/// failover `heartbeat` (if shorter), carrying our term and the boot-clock
+/// send time: the secondary's Pong renews the primary's lease from it.
+async fn heartbeat(tx: mpsc::Sender<Message>, interval: Duration, failover: Option<Arc<dyn FailoverHooks>>) {
     let started = Instant::now();
+    let interval = failover.as_ref().map_or(interval, |f| interval.min(f.heartbeat()));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for seq in 1u64.. {
         tick.tick().await;
-        let sent_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Message::Ping { seq, sent_ns }) {
+        let m = match &failover {
+            Some(f) => Message::TermPing { seq, sent_ns: BootClock.now().0, term: f.term() },
+            None => Message::Ping { seq, sent_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX) },
+        };
+        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(m) {
             return;
         }
     }
 }
+
+/// The terms at the start of a session (docs/replication-protocol.md,
+/// "Version 3"): the controller learns the peer's term and role (a higher
+/// term is adopted, persisted first; a primary of a lower one is fenced);
+/// a peer that is primary of a term lower than ours is refused with
+/// TermRefuse; a session in which the peer showed a newer term than ours
+/// ends (the next one carries the adopted term: "a node that adopts a
+/// higher term closes every session of an older one"). Returns the outcome
+/// if the session ends here.
+fn terms_at_connect(
+    f: &Arc<dyn FailoverHooks>,
+    mine: &SyncInfo,
+    theirs: &SyncInfo,
+    tx: &mpsc::Sender<Message>,
+) -> Option<Outcome> {
+    let their_term = theirs.term.unwrap_or(0);
+    let sent = mine.term.unwrap_or(0);
+    f.peer_connected(their_term, theirs.role == Role::Primary);
+    let ours = f.term().max(sent);
+    if their_term < ours && theirs.role == Role::Primary {
+        let _ = tx.try_send(Message::TermRefuse { higher_term: ours });
+        return Some(Outcome::Failed(format!(
+            "the peer is primary of term {their_term}, superseded by term {ours}: refused (TermRefuse)"
+        )));
+    }
+    if theirs.role == Role::Primary && mine.role == Role::Primary {
+        // Two primaries of one term cannot both hold it (the witness grants
+        // each term once): one of us adopted the other's term and is being
+        // fenced. Wait for its demote rather than decide a split brain.
+        let message = format!("both primary in term {their_term}: the one that lost it is demoting; reconnecting");
+        let _ = tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
+        return Some(Outcome::Stopped(StopReason::Renegotiate));
+    }
+    if their_term > sent {
+        // We adopted the peer's newer term (persisted, and fenced if we
+        // were its primary): a session of the older term ends; the next one
+        // carries the new term (and our new role).
+        let message = format!("renegotiating: the peer's term {their_term} is newer than ours ({sent})");
+        let _ = tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message });
+        return Some(Outcome::Stopped(StopReason::Renegotiate));
+    }
+    None
+}
+
+/// How [`SessionIo::silent`]'s reason starts (a session ended by silence).
+const SILENCE: &str = "no frame from";
 
 /// Aborts the task when dropped (the heartbeat holds a sender: the writer
 /// drains and ends only once it is gone).
@@ -269,9 +346,17 @@ pub(super) struct SessionIo {
     /// a safety net under any wake-up a branch might miss.
     next_tick: Instant,
     peer_name: String,
+    /// Automatic failover's hooks (version 3 sessions only).
+    failover: Option<Arc<dyn FailoverHooks>>,
 }
 
 impl SessionIo {
+    /// When the peer's last frame arrived, on the boot clock.
+    fn last_frame_at(&self) -> MonoTime {
+        let now = BootClock.now();
+        MonoTime(now.0.saturating_sub(u64::try_from(self.last_rx.elapsed().as_nanos()).unwrap_or(u64::MAX)))
+    }
+
     pub(super) fn stop_reason(&self) -> Option<StopReason> {
         *self.stop.borrow()
     }
@@ -301,7 +386,8 @@ impl SessionIo {
     }
 
     fn silence_deadline(&self) -> Instant {
-        self.last_rx + self.engine.cfg.ping_interval + self.engine.cfg.ping_timeout
+        let limit = self.engine.cfg.ping_interval + self.engine.cfg.ping_timeout;
+        self.last_rx + self.failover.as_ref().map_or(limit, |f| limit.min(f.detect()))
     }
 
     /// The shared arms of every loop's `select!`, as one future: the next
@@ -330,6 +416,30 @@ impl SessionIo {
                         Tick::Ping
                     }
                     Message::Pong { .. } => Tick::Ping,
+                    Message::TermPing { seq, sent_ns, term } => match &self.failover {
+                        Some(f) => {
+                            let (term, primary_ok) = f.ping(term);
+                            let pong = TermPong { seq, echo_sent_ns: sent_ns, term, primary_ok, view: None };
+                            let _ = self.tx.try_send(Message::TermPong(pong));
+                            Tick::Ping
+                        }
+                        None => Tick::Frame(Message::TermPing { seq, sent_ns, term }),
+                    },
+                    Message::TermPong(p) => match &self.failover {
+                        Some(f) => {
+                            f.pong(MonoTime(p.echo_sent_ns), p.term, p.primary_ok);
+                            Tick::Ping
+                        }
+                        None => Tick::Frame(Message::TermPong(p)),
+                    },
+                    Message::TermRefuse { higher_term } => {
+                        if let Some(f) = &self.failover
+                            && higher_term > f.term()
+                        {
+                            f.higher_term(higher_term);
+                        }
+                        Tick::Out(Outcome::PeerLeft(format!("refused: the peer is in the higher term {higher_term}")))
+                    }
                     Message::Goodbye { reason, message } => {
                         Tick::Out(Outcome::PeerLeft(format!("{} ({message})", reason.as_str())))
                     }
@@ -361,11 +471,12 @@ impl SessionIo {
     fn silent(&self) -> Outcome {
         let cfg = &self.engine.cfg;
         Outcome::PeerGone(format!(
-            "no frame from {} for {:?} (ping_interval {:?} + ping_timeout {:?})",
+            "{SILENCE} {} for {:?} (ping_interval {:?} + ping_timeout {:?}{})",
             self.peer_name,
             self.last_rx.elapsed(),
             cfg.ping_interval,
-            cfg.ping_timeout
+            cfg.ping_timeout,
+            self.failover.as_ref().map_or(String::new(), |f| format!(", failover detect {:?}", f.detect()))
         ))
     }
 }
