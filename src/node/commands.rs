@@ -13,7 +13,7 @@ use super::{DiskState, Node, NodeError, Role, Status};
 use crate::control::{
     Connecting, ControlHandler, Disconnected, Invalidated, IoResumed, NewGeneration, Request, VerifyStarted,
 };
-use crate::control::{Demoted, InSync, Promoted};
+use crate::control::{Demoted, InSync, Promoted, TlsReloaded};
 use crate::event::{Event, EventLine};
 use crate::repl::engine::ProbeReport;
 
@@ -34,6 +34,7 @@ pub enum Reply {
     VerifyStarted(VerifyStarted),
     Invalidated(Invalidated),
     InSync(InSync),
+    TlsReloaded(TlsReloaded),
 }
 
 impl Node {
@@ -80,6 +81,7 @@ impl Node {
                 })
             }
             Request::Invalidate => Reply::Invalidated(self.invalidate().await?),
+            Request::ReloadTls => Reply::TlsReloaded(self.reload_tls()?),
             Request::Events => return Err(NodeError::Refused("events: handled by the control server".into())),
         })
     }
@@ -258,6 +260,18 @@ mod tests {
                 }),
                 r#"{"disk":"uptodate","out_of_sync_bytes":0,"peer_disk":"uptodate"}"#,
             ),
+            (
+                Reply::TlsReloaded(TlsReloaded {
+                    certificates: vec![crate::control::CertStatus {
+                        file: "/pki/server-cert.pem".into(),
+                        subject: "CN=alpha".into(),
+                        not_after: 2_000_000_000,
+                        expires_in_days: 9,
+                    }],
+                    warnings: vec!["/pki/server-cert.pem (CN=alpha) expires in 9 days".into()],
+                }),
+                r#"{"certificates":[{"expires_in_days":9,"file":"/pki/server-cert.pem","not_after":2000000000,"subject":"CN=alpha"}],"warnings":["/pki/server-cert.pem (CN=alpha) expires in 9 days"]}"#,
+            ),
         ];
         for (reply, result) in cases {
             assert_eq!(wire(reply), format!(r#"{{"ok":true,"result":{result}}}"#));
@@ -333,6 +347,21 @@ mod tests {
         assert_eq!(IoResumed { resumed: false }.human("alpha"), "alpha: IO was not suspended\n");
         let g = NewGeneration { disk: DiskState::UpToDate, peer_disk: DiskState::UpToDate, generation: "0A".into() };
         assert_eq!(g.human("alpha"), "alpha: uptodate, peer uptodate, generation 0A (no initial sync)\n");
+        let r = TlsReloaded {
+            certificates: vec![crate::control::CertStatus {
+                file: "/pki/ca-cert.pem".into(),
+                subject: "CN=repblock CA".into(),
+                not_after: 2_000_000_000,
+                expires_in_days: 2345,
+            }],
+            warnings: vec!["peer certificate CN=beta expires in 3 days".into()],
+        };
+        assert_eq!(
+            r.human("alpha"),
+            "alpha: TLS certificates reloaded (new handshakes use them)\n  \
+             /pki/ca-cert.pem CN=repblock CA expires 2033-05-18T03:33:20Z (2345 days)\n  \
+             WARNING: peer certificate CN=beta expires in 3 days\n"
+        );
         let v = VerifyStarted { source: "beta".into(), total_bytes: 1, block: 1, runs_finished: 0 };
         assert_eq!(v.human("alpha"), "alpha: verify started (source beta); `repctl status` shows progress\n");
     }
