@@ -405,6 +405,59 @@ fn bad_replication_peers_are_refused_and_logged() {
     t.pair.assert_established();
 }
 
+impl TlsPair {
+    /// New server and client certificates for both nodes that expire in
+    /// 10 days (inside the 30-day warning).
+    fn reissue_for_ten_days(&self) {
+        for (name, dir) in ["alpha", "beta"].iter().zip(&self.dirs) {
+            let dns = [*name, "localhost"];
+            let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
+            self.ca.issue(dir, "server", &leaf);
+            self.ca.issue(dir, "client", &leaf);
+        }
+    }
+}
+
+/// A `HOME` whose `.pki/libnbd` holds a client certificate of `t`'s CA
+/// (libnbd's default directory: fio's nbd engine takes no
+/// `tls-certificates=`). Returns `HOME` and that directory.
+fn libnbd_home(t: &TlsPair) -> (PathBuf, PathBuf) {
+    let home = t.pair.dir.path().join("home");
+    let client = t.pair.dir.path().join("pki/client");
+    t.ca.client_dir(&client, "client1");
+    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
+    let dir = home.join(".pki/libnbd");
+    std::fs::rename(&client, &dir).expect("move");
+    (home, dir)
+}
+
+/// fio's nbd engine on `uri`: 4 KiB random writes over 16 MiB, time
+/// based, every write read back and checked (crc32c); `extra` adds the
+/// name, queue depth, run time, flushes.
+fn spawn_fio(home: &Path, uri: &str, extra: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .env("HOME", home)
+        .args(["--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--time_based"])
+        .args(["--verify=crc32c", "--verify_backlog=64", "--output-format=json"])
+        .args(extra)
+        .arg(format!("--uri={uri}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+/// Waits for fio, asserts it succeeded without an IO or verify error, and
+/// returns its JSON report.
+fn fio_done(fio: std::process::Child, what: &str) -> serde_json::Value {
+    let out = fio.wait_with_output().expect("fio");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{what}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
+    assert_eq!(v["jobs"][0]["error"], 0, "{v:#}");
+    v
+}
+
 #[test]
 fn sighup_reloads_certificates_under_load_without_dropping_connections() {
     require_tool("fio", "fio");
@@ -412,29 +465,12 @@ fn sighup_reloads_certificates_under_load_without_dropping_connections() {
     let pair = &t.pair;
     // fio over TLS to alpha (libnbd's default certificate directory, see
     // fio_nbd_engine_over_tls), replicated to beta over the TLS link.
-    let home = pair.dir.path().join("home");
-    let client = pair.dir.path().join("pki/client");
-    t.ca.client_dir(&client, "client1");
-    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
-    std::fs::rename(&client, home.join(".pki/libnbd")).expect("move");
+    let (home, _) = libnbd_home(&t);
     let uri = format!("nbds://127.0.0.1:{}/r0", pair.alpha.nbd_port);
-    let fio = Command::new("fio")
-        .env("HOME", &home)
-        .args(["--name=reload", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8"])
-        .args(["--time_based", "--runtime=6", "--verify=crc32c", "--verify_backlog=64", "--output-format=json"])
-        .arg(format!("--uri={uri}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn fio");
+    let fio = spawn_fio(&home, &uri, &["--name=reload", "--iodepth=8", "--runtime=6"]);
     std::thread::sleep(Duration::from_secs(2));
     // New certificates that expire in 10 days (warned about), then SIGHUP.
-    for (name, dir) in ["alpha", "beta"].iter().zip(&t.dirs) {
-        let dns = [*name, "localhost"];
-        let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
-        t.ca.issue(dir, "server", &leaf);
-        t.ca.issue(dir, "client", &leaf);
-    }
+    t.reissue_for_ten_days();
     for p in [&pair.alpha, &pair.beta] {
         let pid = p.status()["pid"].as_u64().expect("pid").to_string();
         run_ok(Command::new("kill").args(["-HUP", &pid]), T);
@@ -445,11 +481,7 @@ fn sighup_reloads_certificates_under_load_without_dropping_connections() {
         assert_eq!(a["connection"], "connected", "the link must stay up across the reload\n{a:#}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = fio.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio across the reload: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
-    assert_eq!(v["jobs"][0]["error"], 0, "{v:#}");
+    let v = fio_done(fio, "fio across the reload");
     println!("fio across the reload: {} write IOPS over TLS", v["jobs"][0]["write"]["iops"]);
     let a = pair.alpha.status();
     let tls = &a["tls"];
@@ -574,23 +606,9 @@ fn repctl_reload_tls_under_load_and_a_broken_file_refused_by_name() {
 
     // fio over TLS (libnbd's default certificate directory), writing,
     // flushing every 16 writes and reading back what it wrote.
-    let home = pair.dir.path().join("home");
-    let client = pair.dir.path().join("pki/client");
-    t.ca.client_dir(&client, "client1");
-    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
-    let libnbd_dir = home.join(".pki/libnbd");
-    std::fs::rename(&client, &libnbd_dir).expect("move");
+    let (home, libnbd_dir) = libnbd_home(&t);
     let uri = format!("nbds://127.0.0.1:{}/r0", pair.alpha.nbd_port);
-    let fio = Command::new("fio")
-        .env("HOME", &home)
-        .args(["--name=reload", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8"])
-        .args(["--fsync=16", "--time_based", "--runtime=8", "--verify=crc32c", "--verify_backlog=64"])
-        .args(["--output-format=json"])
-        .arg(format!("--uri={uri}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn fio");
+    let fio = spawn_fio(&home, &uri, &["--name=repctl-reload", "--iodepth=8", "--fsync=16", "--runtime=8"]);
     let fio_start = Instant::now();
     // (fio's nbd engine connects once for the size, then for the job.)
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -605,12 +623,7 @@ fn repctl_reload_tls_under_load_and_a_broken_file_refused_by_name() {
     std::thread::sleep(Duration::from_secs(1));
 
     // New certificates that expire in 10 days, loaded with repctl.
-    for (name, dir) in ["alpha", "beta"].iter().zip(&t.dirs) {
-        let dns = [*name, "localhost"];
-        let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
-        t.ca.issue(dir, "server", &leaf);
-        t.ca.issue(dir, "client", &leaf);
-    }
+    t.reissue_for_ten_days();
     for (p, dir) in [&pair.alpha, &pair.beta].into_iter().zip(&t.dirs) {
         let started = Instant::now();
         let out = p.repctl_ok(&["reload-tls"]);
@@ -658,12 +671,8 @@ fn repctl_reload_tls_under_load_and_a_broken_file_refused_by_name() {
         assert_eq!(a["connection"], "connected", "the link must stay up across the reloads\n{a:#}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = fio.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio across the reloads: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
+    let v = fio_done(fio, "fio across the reloads");
     let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "{v:#}");
     let (ios, syncs) = (job["write"]["total_ios"].as_u64().unwrap_or(0), job["sync"]["total_ios"].as_u64());
     assert!(ios > 100, "fio wrote across the reloads: {v:#}");
     println!(

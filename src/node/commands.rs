@@ -261,16 +261,13 @@ mod tests {
                 r#"{"disk":"uptodate","out_of_sync_bytes":0,"peer_disk":"uptodate"}"#,
             ),
             (
-                Reply::TlsReloaded(TlsReloaded {
-                    certificates: vec![crate::control::CertStatus {
-                        file: "/pki/server-cert.pem".into(),
-                        subject: "CN=alpha".into(),
-                        not_after: 2_000_000_000,
-                        expires_in_days: 9,
-                    }],
-                    warnings: vec!["/pki/server-cert.pem (CN=alpha) expires in 9 days".into()],
-                }),
-                r#"{"certificates":[{"expires_in_days":9,"file":"/pki/server-cert.pem","not_after":2000000000,"subject":"CN=alpha"}],"warnings":["/pki/server-cert.pem (CN=alpha) expires in 9 days"]}"#,
+                Reply::TlsReloaded(reloaded(
+                    "server-cert.pem",
+                    "CN=alpha",
+                    9,
+                    "/pki/server-cert.pem expires in 9 days",
+                )),
+                r#"{"certificates":[{"expires_in_days":9,"file":"/pki/server-cert.pem","not_after":2000000000,"subject":"CN=alpha"}],"warnings":["/pki/server-cert.pem expires in 9 days"]}"#,
             ),
         ];
         for (reply, result) in cases {
@@ -278,6 +275,20 @@ mod tests {
         }
         let refused = Response::answer(Err::<Reply, _>(NodeError::Refused("cannot promote: no".into())));
         assert_eq!(serde_json::to_string(&refused).unwrap(), r#"{"ok":false,"error":"cannot promote: no"}"#);
+    }
+
+    /// A `reload-tls` answer: one certificate `/pki/<file>` expiring at
+    /// 2033-05-18T03:33:20Z, and one warning.
+    fn reloaded(file: &str, subject: &str, expires_in_days: i64, warning: &str) -> TlsReloaded {
+        TlsReloaded {
+            certificates: vec![crate::control::CertStatus {
+                file: format!("/pki/{file}"),
+                subject: subject.into(),
+                not_after: 2_000_000_000,
+                expires_in_days,
+            }],
+            warnings: vec![warning.into()],
+        }
     }
 
     fn side(role: Role, lsn: u64) -> SideReport {
@@ -347,15 +358,7 @@ mod tests {
         assert_eq!(IoResumed { resumed: false }.human("alpha"), "alpha: IO was not suspended\n");
         let g = NewGeneration { disk: DiskState::UpToDate, peer_disk: DiskState::UpToDate, generation: "0A".into() };
         assert_eq!(g.human("alpha"), "alpha: uptodate, peer uptodate, generation 0A (no initial sync)\n");
-        let r = TlsReloaded {
-            certificates: vec![crate::control::CertStatus {
-                file: "/pki/ca-cert.pem".into(),
-                subject: "CN=repblock CA".into(),
-                not_after: 2_000_000_000,
-                expires_in_days: 2345,
-            }],
-            warnings: vec!["peer certificate CN=beta expires in 3 days".into()],
-        };
+        let r = reloaded("ca-cert.pem", "CN=repblock CA", 2345, "peer certificate CN=beta expires in 3 days");
         assert_eq!(
             r.human("alpha"),
             "alpha: TLS certificates reloaded (new handshakes use them)\n  \
