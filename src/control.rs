@@ -12,6 +12,7 @@
 //!                       {"cmd":"wait-sync","timeout_secs":30}
 //!                       {"cmd":"resume-io"}
 //!                       {"cmd":"new-current-uuid","clear_bitmap":true}
+//!                       {"cmd":"reload-tls"}
 //!                       {"cmd":"events"}
 //! response (one line):  {"ok":true,"result":<the command's answer>}
 //!                       {"ok":false,"error":"<message for humans>"}
@@ -47,7 +48,8 @@ use tokio::sync::{broadcast, watch};
 pub mod reply;
 
 pub use reply::{
-    Connecting, Demoted, Disconnected, InSync, Invalidated, IoResumed, NewGeneration, Promoted, VerifyStarted,
+    CertStatus, Connecting, Demoted, Disconnected, InSync, Invalidated, IoResumed, NewGeneration, Promoted,
+    TlsReloaded, VerifyStarted,
 };
 
 /// Longest request line the daemon reads.
@@ -145,6 +147,11 @@ pub enum Request {
     /// Automatic failover (`[failover] mode = "witness"`): turn it on or
     /// off on this node, or show it. Answer: the status' `failover` object.
     Failover { action: FailoverAction },
+    /// With `[tls]`: read the certificate files again, as SIGHUP does (new
+    /// handshakes use them; established connections keep theirs). Refused,
+    /// naming the file, when one is missing or unusable; the previous
+    /// certificates stay in use. Answer: [`TlsReloaded`].
+    ReloadTls,
 }
 
 /// `repctl failover enable|disable|status`.
@@ -562,6 +569,7 @@ mod tests {
         assert_eq!(j(&Request::Status), r#"{"cmd":"status"}"#);
         assert_eq!(j(&Request::Promote { force: true }), r#"{"cmd":"promote","force":true}"#);
         assert_eq!(j(&Request::WaitSync { timeout_secs: Some(3.0) }), r#"{"cmd":"wait-sync","timeout_secs":3.0}"#);
+        assert_eq!(j(&Request::ReloadTls), r#"{"cmd":"reload-tls"}"#);
         let r: Request = serde_json::from_str(r#"{"cmd":"demote"}"#).unwrap();
         assert_eq!(r, Request::Demote { force: false });
         let r: Request = serde_json::from_str(r#"{"cmd":"connect","discard_my_data":true}"#).unwrap();

@@ -405,6 +405,59 @@ fn bad_replication_peers_are_refused_and_logged() {
     t.pair.assert_established();
 }
 
+impl TlsPair {
+    /// New server and client certificates for both nodes that expire in
+    /// 10 days (inside the 30-day warning).
+    fn reissue_for_ten_days(&self) {
+        for (name, dir) in ["alpha", "beta"].iter().zip(&self.dirs) {
+            let dns = [*name, "localhost"];
+            let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
+            self.ca.issue(dir, "server", &leaf);
+            self.ca.issue(dir, "client", &leaf);
+        }
+    }
+}
+
+/// A `HOME` whose `.pki/libnbd` holds a client certificate of `t`'s CA
+/// (libnbd's default directory: fio's nbd engine takes no
+/// `tls-certificates=`). Returns `HOME` and that directory.
+fn libnbd_home(t: &TlsPair) -> (PathBuf, PathBuf) {
+    let home = t.pair.dir.path().join("home");
+    let client = t.pair.dir.path().join("pki/client");
+    t.ca.client_dir(&client, "client1");
+    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
+    let dir = home.join(".pki/libnbd");
+    std::fs::rename(&client, &dir).expect("move");
+    (home, dir)
+}
+
+/// fio's nbd engine on `uri`: 4 KiB random writes over 16 MiB, time
+/// based, every write read back and checked (crc32c); `extra` adds the
+/// name, queue depth, run time, flushes.
+fn spawn_fio(home: &Path, uri: &str, extra: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .env("HOME", home)
+        .args(["--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--time_based"])
+        .args(["--verify=crc32c", "--verify_backlog=64", "--output-format=json"])
+        .args(extra)
+        .arg(format!("--uri={uri}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+/// Waits for fio, asserts it succeeded without an IO or verify error, and
+/// returns its JSON report.
+fn fio_done(fio: std::process::Child, what: &str) -> serde_json::Value {
+    let out = fio.wait_with_output().expect("fio");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{what}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
+    assert_eq!(v["jobs"][0]["error"], 0, "{v:#}");
+    v
+}
+
 #[test]
 fn sighup_reloads_certificates_under_load_without_dropping_connections() {
     require_tool("fio", "fio");
@@ -412,29 +465,12 @@ fn sighup_reloads_certificates_under_load_without_dropping_connections() {
     let pair = &t.pair;
     // fio over TLS to alpha (libnbd's default certificate directory, see
     // fio_nbd_engine_over_tls), replicated to beta over the TLS link.
-    let home = pair.dir.path().join("home");
-    let client = pair.dir.path().join("pki/client");
-    t.ca.client_dir(&client, "client1");
-    std::fs::create_dir_all(home.join(".pki")).expect("mkdir");
-    std::fs::rename(&client, home.join(".pki/libnbd")).expect("move");
+    let (home, _) = libnbd_home(&t);
     let uri = format!("nbds://127.0.0.1:{}/r0", pair.alpha.nbd_port);
-    let fio = Command::new("fio")
-        .env("HOME", &home)
-        .args(["--name=reload", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=8"])
-        .args(["--time_based", "--runtime=6", "--verify=crc32c", "--verify_backlog=64", "--output-format=json"])
-        .arg(format!("--uri={uri}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn fio");
+    let fio = spawn_fio(&home, &uri, &["--name=reload", "--iodepth=8", "--runtime=6"]);
     std::thread::sleep(Duration::from_secs(2));
     // New certificates that expire in 10 days (warned about), then SIGHUP.
-    for (name, dir) in ["alpha", "beta"].iter().zip(&t.dirs) {
-        let dns = [*name, "localhost"];
-        let leaf = Leaf { dns: &dns, ip: Some("127.0.0.1"), days: Some(10), ..Leaf::new(name) };
-        t.ca.issue(dir, "server", &leaf);
-        t.ca.issue(dir, "client", &leaf);
-    }
+    t.reissue_for_ten_days();
     for p in [&pair.alpha, &pair.beta] {
         let pid = p.status()["pid"].as_u64().expect("pid").to_string();
         run_ok(Command::new("kill").args(["-HUP", &pid]), T);
@@ -445,11 +481,7 @@ fn sighup_reloads_certificates_under_load_without_dropping_connections() {
         assert_eq!(a["connection"], "connected", "the link must stay up across the reload\n{a:#}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = fio.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio across the reload: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout[stdout.find('{').expect("JSON")..]).expect("fio JSON");
-    assert_eq!(v["jobs"][0]["error"], 0, "{v:#}");
+    let v = fio_done(fio, "fio across the reload");
     println!("fio across the reload: {} write IOPS over TLS", v["jobs"][0]["write"]["iops"]);
     let a = pair.alpha.status();
     let tls = &a["tls"];
@@ -535,4 +567,141 @@ fn has_input_sees_plaintext_rustls_decrypted_but_not_yet_read() {
         }
         assert!(r.read().await.expect("clean end").is_none());
     });
+}
+
+/// Whether `text` contains `before` then the days left of a certificate
+/// made to expire in 10 days (9 once a second has passed), then `after`.
+fn ten_days(text: &str, before: &str, after: &str) -> bool {
+    ["9", "10"].iter().any(|d| text.contains(&format!("{before}{d}{after}")))
+}
+
+/// `repctl status` (human) of `p`.
+fn human_status(p: &common::pair::Peer) -> String {
+    p.repctl_ok(&["status"])
+}
+
+/// `repctl reload-tls` does what SIGHUP does, under load: fio writes,
+/// flushes and verifies over TLS while both nodes reload (certificates
+/// that expire in 10 days: warned about) and the link stays up; then a
+/// broken server-cert.pem is refused with its name, the certificates
+/// loaded before stay in use, and new TLS clients are still served (an
+/// nbdcopy round trip, every byte compared). The human `status` shows the
+/// link's TLS session, the peer certificate and its expiry, the NBD
+/// export's TLS clients and the 30-day warning.
+#[test]
+fn repctl_reload_tls_under_load_and_a_broken_file_refused_by_name() {
+    require_tool("fio", "fio");
+    require_tool("nbdcopy", "libnbd-bin");
+    let t = TlsPair::up("require");
+    let pair = &t.pair;
+    let h = human_status(&pair.alpha);
+    println!("alpha's status before the reload:\n{h}");
+    let link = h.lines().find(|l| l.starts_with("    tls:")).unwrap_or_else(|| panic!("no link TLS line:\n{h}"));
+    assert!(link.starts_with("    tls:TLSv1_") && link.contains(" peer-cert:CN=beta expires:"), "{h}");
+    let days: i64 =
+        link.rsplit('(').next().and_then(|d| d.split(' ').next()).and_then(|d| d.parse().ok()).expect("days");
+    assert!(days > 3000, "beta's certificate is valid for ten years: {h}");
+    assert!(h.contains("  tls:nbd:require encrypted-clients:0 verify-client:no\n"), "{h}");
+    assert!(!h.contains("TLS WARNING"), "{h}");
+
+    // fio over TLS (libnbd's default certificate directory), writing,
+    // flushing every 16 writes and reading back what it wrote.
+    let (home, libnbd_dir) = libnbd_home(&t);
+    let uri = format!("nbds://127.0.0.1:{}/r0", pair.alpha.nbd_port);
+    let fio = spawn_fio(&home, &uri, &["--name=repctl-reload", "--iodepth=8", "--fsync=16", "--runtime=8"]);
+    let fio_start = Instant::now();
+    // (fio's nbd engine connects once for the size, then for the job.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = human_status(&pair.alpha);
+        if h.contains("  nbd:") && h.contains("(1 client)\n  tls:nbd:require encrypted-clients:1 verify-client:no\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fio's TLS connection never showed in the status:\n{h}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    // New certificates that expire in 10 days, loaded with repctl.
+    t.reissue_for_ten_days();
+    for (p, dir) in [&pair.alpha, &pair.beta].into_iter().zip(&t.dirs) {
+        let started = Instant::now();
+        let out = p.repctl_ok(&["reload-tls"]);
+        println!("repctl --node {} reload-tls ({:?}):\n{out}", p.name, started.elapsed());
+        let server = dir.join("server-cert.pem");
+        assert!(out.starts_with(&format!("{}: TLS certificates reloaded", p.name)), "{out}");
+        let line = out.lines().find(|l| l.contains(&server.display().to_string())).expect("server-cert line");
+        assert!(line.contains(&format!("CN={}", p.name)) && ten_days(line, "(", " days)"), "{out}");
+        assert!(out.contains(&format!("  {} CN=ca expires ", dir.join("ca-cert.pem").display())), "{out}");
+        let warning = format!("  WARNING: {} (CN={}) expires in ", server.display(), p.name);
+        assert!(ten_days(&out, &warning, " days\n"), "{out}");
+    }
+    // The JSON answer, as a script reads it.
+    use repblock::control::{ControlClient, Request};
+    let mut c = ControlClient::connect(&pair.alpha.control(), "alpha", Duration::from_secs(10)).expect("control");
+    let v = c.request(&Request::ReloadTls).expect("reload-tls");
+    let certs = v["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 3, "CA, server, client: {v:#}");
+    assert!(certs.iter().all(|c| c["not_after"].as_u64().is_some() && c["subject"].is_string()), "{v:#}");
+    assert_eq!(v["warnings"].as_array().map(Vec::len), Some(2), "server and client expire in 10 days: {v:#}");
+
+    // A broken server certificate: refused, naming the file; the node keeps
+    // the certificates it has.
+    let server = t.dirs[0].join("server-cert.pem");
+    std::fs::write(&server, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+        .expect("break the certificate");
+    let out = pair.alpha.repctl(&["reload-tls"]);
+    let err = text(&out);
+    println!("reload-tls with a broken server-cert.pem: {err}");
+    assert_eq!(out.status.code(), Some(1), "refused: {err}");
+    assert!(err.contains(&server.display().to_string()), "the error names the file: {err}");
+    assert!(err.contains("the previous certificates stay in use"), "{err}");
+    assert!(pair.alpha.logs_text().contains("TLS reload failed"), "{}", pair.alpha.logs_text());
+    let a = pair.alpha.status();
+    let in_use = a["tls"]["certificates"].as_array().expect("certificates");
+    assert!(
+        in_use.iter().any(|c| c["file"] == server.display().to_string()
+            && c["expires_in_days"].as_i64().is_some_and(|d| (9..=10).contains(&d))),
+        "the certificate loaded before is still in use: {a:#}"
+    );
+
+    // The link stays up until fio is done.
+    while fio_start.elapsed() < Duration::from_secs(8) {
+        let a = pair.alpha.status();
+        assert_eq!(a["connection"], "connected", "the link must stay up across the reloads\n{a:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = fio_done(fio, "fio across the reloads");
+    let job = &v["jobs"][0];
+    let (ios, syncs) = (job["write"]["total_ios"].as_u64().unwrap_or(0), job["sync"]["total_ios"].as_u64());
+    assert!(ios > 100, "fio wrote across the reloads: {v:#}");
+    println!(
+        "fio across two repctl reloads and a refused one: {ios} writes ({:.0} IOPS), {syncs:?} flushes, verified",
+        job["write"]["iops"].as_f64().unwrap_or(0.0)
+    );
+    assert_eq!(pair.alpha.status()["connection"], "connected");
+
+    // New TLS clients are served with the certificate still in use.
+    let nbds = format!("{uri}?tls-certificates={}", libnbd_dir.display());
+    let src = random_file(pair.dir.path(), "after.img", 4 << 20, 0x1e1d);
+    run_ok(Command::new("nbdcopy").arg(&src).arg(&nbds), T);
+    let back = pair.dir.path().join("after-back.img");
+    run_ok(Command::new("nbdcopy").arg(&nbds).arg(&back), T);
+    let (want, got) = (std::fs::read(&src).expect("src"), std::fs::read(&back).expect("back"));
+    assert!(got[..want.len()] == want[..], "bytes read back over a new TLS connection differ");
+
+    // Beta's new certificate on a new session: alpha's status shows it and
+    // warns.
+    pair.beta.repctl_ok(&["disconnect"]);
+    pair.beta.repctl_ok(&["connect"]);
+    pair.alpha.wait_status("reconnected", Duration::from_secs(30), |s| {
+        s["connection"] == "connected" && s["tls"]["replication"]["encrypted"] == true
+    });
+    let h = human_status(&pair.alpha);
+    println!("alpha's status after the reload:\n{h}");
+    let link = h.lines().find(|l| l.starts_with("    tls:")).unwrap_or_else(|| panic!("no link TLS line:\n{h}"));
+    assert!(link.contains(" peer-cert:CN=beta expires:") && ten_days(link, "(", " days)"), "{h}");
+    assert!(ten_days(&h, "  TLS WARNING: peer certificate CN=beta expires in ", " days\n"), "{h}");
+    let warning = format!("  TLS WARNING: {} (CN=alpha) expires in ", server.display());
+    assert!(ten_days(&h, &warning, " days\n"), "{h}");
 }

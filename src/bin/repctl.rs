@@ -123,6 +123,9 @@ enum Command {
     /// Throw away this node's data: mark every block out of sync and take a full copy from the
     /// peer (refused on a primary).
     Invalidate,
+    /// Read the TLS certificate files again, as SIGHUP does (connections stay up); prints the
+    /// certificates now in use, or names the file that is bad (the old certificates stay).
+    ReloadTls,
     /// Wait until connected, established, and both disks uptodate (progress on stderr).
     WaitSync {
         /// Give up after this many seconds.
@@ -310,6 +313,10 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
         }
         Command::Invalidate => {
             let r: control::Invalidated = connect()?.call(&Request::Invalidate)?;
+            write!(stdout, "{}", r.human(&node.name))?;
+        }
+        Command::ReloadTls => {
+            let r: control::TlsReloaded = connect()?.call(&Request::ReloadTls)?;
             write!(stdout, "{}", r.human(&node.name))?;
         }
         Command::WaitSync { timeout: wait } => {

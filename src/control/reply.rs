@@ -15,6 +15,7 @@
 //! | `verify` | [`VerifyStarted`] |
 //! | `invalidate` | [`Invalidated`] |
 //! | `wait-sync` | [`InSync`] |
+//! | `reload-tls` | [`TlsReloaded`] |
 //!
 //! The daemon serialises an answer through `serde_json::Value`, so its keys
 //! go out sorted, as they always did. An optional field that is absent is
@@ -180,4 +181,59 @@ impl InSync {
     pub fn human(&self, node: &str) -> String {
         format!("{node}: in sync\n")
     }
+}
+
+/// One certificate in use: in `status.tls.certificates` and in the answer
+/// to `reload-tls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CertStatus {
+    pub file: String,
+    /// The subject's distinguished name (`CN=alpha`).
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub expires_in_days: i64,
+}
+
+/// The answer to `reload-tls`: the certificate files were read again and
+/// are now in use for new handshakes (established connections keep
+/// theirs). A file that is missing or unusable is a refusal naming it, and
+/// the previous certificates stay in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsReloaded {
+    /// The certificates now in use (CA, server, client), with their files.
+    pub certificates: Vec<CertStatus>,
+    /// Those expiring within 30 days (or expired).
+    pub warnings: Vec<String>,
+}
+
+impl TlsReloaded {
+    /// `alpha: TLS certificates reloaded`, then one line per certificate
+    /// (file, subject, expiry) and one per warning.
+    pub fn human(&self, node: &str) -> String {
+        use std::fmt::Write as _;
+        let mut s = format!("{node}: TLS certificates reloaded (new handshakes use them)\n");
+        for c in &self.certificates {
+            // Writes to a String cannot fail.
+            let _ = writeln!(
+                s,
+                "  {} {} expires {} ({} days)",
+                c.file,
+                c.subject,
+                expiry_date(c.not_after),
+                c.expires_in_days
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  WARNING: {w}");
+        }
+        s
+    }
+}
+
+/// A certificate's notAfter (Unix seconds) as an RFC 3339 date and time,
+/// UTC, to the second (`2036-12-04T05:28:31Z`).
+pub fn expiry_date(not_after: u64) -> String {
+    let t = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(not_after));
+    t.map_or_else(|| format!("@{not_after}"), |t| humantime::format_rfc3339_seconds(t).to_string())
 }

@@ -13,7 +13,7 @@ use super::{DiskState, Node, NodeError, Role, Status};
 use crate::control::{
     Connecting, ControlHandler, Disconnected, Invalidated, IoResumed, NewGeneration, Request, VerifyStarted,
 };
-use crate::control::{Demoted, InSync, Promoted};
+use crate::control::{Demoted, InSync, Promoted, TlsReloaded};
 use crate::event::{Event, EventLine};
 use crate::repl::engine::ProbeReport;
 
@@ -35,6 +35,7 @@ pub enum Reply {
     Invalidated(Invalidated),
     InSync(InSync),
     Failover(Box<super::failover::FailoverStatus>),
+    TlsReloaded(TlsReloaded),
 }
 
 impl Node {
@@ -106,6 +107,7 @@ impl Node {
                 })
             }
             Request::Invalidate => Reply::Invalidated(self.invalidate().await?),
+            Request::ReloadTls => Reply::TlsReloaded(self.reload_tls()?),
             Request::Events => return Err(NodeError::Refused("events: handled by the control server".into())),
         })
     }
@@ -284,12 +286,35 @@ mod tests {
                 }),
                 r#"{"disk":"uptodate","out_of_sync_bytes":0,"peer_disk":"uptodate"}"#,
             ),
+            (
+                Reply::TlsReloaded(reloaded(
+                    "server-cert.pem",
+                    "CN=alpha",
+                    9,
+                    "/pki/server-cert.pem expires in 9 days",
+                )),
+                r#"{"certificates":[{"expires_in_days":9,"file":"/pki/server-cert.pem","not_after":2000000000,"subject":"CN=alpha"}],"warnings":["/pki/server-cert.pem expires in 9 days"]}"#,
+            ),
         ];
         for (reply, result) in cases {
             assert_eq!(wire(reply), format!(r#"{{"ok":true,"result":{result}}}"#));
         }
         let refused = Response::answer(Err::<Reply, _>(NodeError::Refused("cannot promote: no".into())));
         assert_eq!(serde_json::to_string(&refused).unwrap(), r#"{"ok":false,"error":"cannot promote: no"}"#);
+    }
+
+    /// A `reload-tls` answer: one certificate `/pki/<file>` expiring at
+    /// 2033-05-18T03:33:20Z, and one warning.
+    fn reloaded(file: &str, subject: &str, expires_in_days: i64, warning: &str) -> TlsReloaded {
+        TlsReloaded {
+            certificates: vec![crate::control::CertStatus {
+                file: format!("/pki/{file}"),
+                subject: subject.into(),
+                not_after: 2_000_000_000,
+                expires_in_days,
+            }],
+            warnings: vec![warning.into()],
+        }
     }
 
     fn side(role: Role, lsn: u64) -> SideReport {
@@ -359,6 +384,13 @@ mod tests {
         assert_eq!(IoResumed { resumed: false }.human("alpha"), "alpha: IO was not suspended\n");
         let g = NewGeneration { disk: DiskState::UpToDate, peer_disk: DiskState::UpToDate, generation: "0A".into() };
         assert_eq!(g.human("alpha"), "alpha: uptodate, peer uptodate, generation 0A (no initial sync)\n");
+        let r = reloaded("ca-cert.pem", "CN=repblock CA", 2345, "peer certificate CN=beta expires in 3 days");
+        assert_eq!(
+            r.human("alpha"),
+            "alpha: TLS certificates reloaded (new handshakes use them)\n  \
+             /pki/ca-cert.pem CN=repblock CA expires 2033-05-18T03:33:20Z (2345 days)\n  \
+             WARNING: peer certificate CN=beta expires in 3 days\n"
+        );
         let v = VerifyStarted { source: "beta".into(), total_bytes: 1, block: 1, runs_finished: 0 };
         assert_eq!(v.human("alpha"), "alpha: verify started (source beta); `repctl status` shows progress\n");
     }

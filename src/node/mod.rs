@@ -459,15 +459,7 @@ impl Node {
                 peer_not_after: peer.map(|c| c.not_after),
                 peer_expires_in_days: peer.map(days),
             },
-            certificates: certs
-                .iter()
-                .map(|c| status::CertStatus {
-                    file: c.file.display().to_string(),
-                    subject: c.subject.clone(),
-                    not_after: c.not_after,
-                    expires_in_days: days(c),
-                })
-                .collect(),
+            certificates: certs.iter().map(|c| status::CertStatus::of(c, now)).collect(),
             warnings,
         })
     }
@@ -475,7 +467,7 @@ impl Node {
     /// Reads the TLS certificate files again (SIGHUP, `repctl reload-tls`):
     /// new handshakes use them, established connections keep theirs; on an
     /// error the old credentials stay in use. Returns what is now in use.
-    pub fn reload_tls(&self) -> Result<String, NodeError> {
+    pub fn reload_tls(&self) -> Result<crate::control::TlsReloaded, NodeError> {
         let tls = self
             .tls
             .as_ref()
@@ -483,7 +475,8 @@ impl Node {
         match tls.reload() {
             Ok(report) => {
                 let now = std::time::SystemTime::now();
-                for w in report.certs.iter().filter_map(|c| c.expiry_warning(now)) {
+                let warnings: Vec<String> = report.certs.iter().filter_map(|c| c.expiry_warning(now)).collect();
+                for w in &warnings {
                     tracing::warn!("TLS: {w}");
                 }
                 let list: Vec<String> = report
@@ -492,7 +485,8 @@ impl Node {
                     .map(|c| format!("{} ({}, {} days left)", c.file.display(), c.subject, c.expires_in(now) / 86400))
                     .collect();
                 tracing::info!(certificates = %list.join("; "), "TLS certificates reloaded");
-                Ok(format!("reloaded {}", list.join("; ")))
+                let certificates = report.certs.iter().map(|c| status::CertStatus::of(c, now)).collect();
+                Ok(crate::control::TlsReloaded { certificates, warnings })
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in use");

@@ -254,6 +254,9 @@ impl Status {
                 if let Some(e) = &self.link_error {
                     let _ = writeln!(s, "    last-error:{e}");
                 }
+                if let Some(tls) = &self.tls {
+                    let _ = writeln!(s, "    {}", tls.human_link());
+                }
             }
         }
         if let Some(line) = self.failover.human_line(self.term) {
@@ -272,6 +275,9 @@ impl Status {
             let _ = writeln!(s, "  nbd:{} ({n} client{})", self.nbd.uri, if n == 1 { "" } else { "s" });
         } else {
             let _ = writeln!(s, "  nbd:not serving (only a primary exports {})", self.nbd.address);
+        }
+        if let Some(tls) = &self.tls {
+            s.push_str(&tls.human_nbd());
         }
         let _ = writeln!(
             s,
@@ -458,6 +464,54 @@ mod tests {
     }
 
     #[test]
+    fn tls_shows_each_link_the_peer_certificate_and_warnings() {
+        let mut s = sample();
+        s.peer = PeerStatus { name: Some("beta".into()), role: Some(Role::Secondary), disk: Some(DiskState::UpToDate) };
+        s.connection = ConnState::Connected;
+        s.replication = Some(ReplState::Established);
+        s.tls = Some(TlsStatus {
+            dir: "/etc/repblock/pki".into(),
+            nbd: "require".into(),
+            nbd_verify_client: false,
+            nbd_tls_clients: 1,
+            replication: TlsLinkStatus {
+                mode: "require".into(),
+                encrypted: true,
+                version: Some("TLSv1_3".into()),
+                cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+                peer_subject: Some("CN=beta".into()),
+                peer_not_after: Some(2_000_000_000),
+                peer_expires_in_days: Some(12),
+            },
+            certificates: vec![],
+            warnings: vec!["peer certificate CN=beta expires in 12 days".into()],
+        });
+        let h = s.human();
+        assert!(
+            h.contains(
+                "    replication:established peer-disk:uptodate\n    \
+                 tls:TLSv1_3 peer-cert:CN=beta expires:2033-05-18T03:33:20Z (12 days)\n"
+            ),
+            "{h}"
+        );
+        assert!(
+            h.contains(
+                "  nbd:nbd://127.0.0.1:10809/r0 (1 client)\n  tls:nbd:require encrypted-clients:1 verify-client:no\n  \
+                 TLS WARNING: peer certificate CN=beta expires in 12 days\n  lsn:"
+            ),
+            "{h}"
+        );
+        let tls = s.tls.as_mut().unwrap();
+        tls.replication = TlsLinkStatus { mode: "require".into(), ..Default::default() };
+        assert!(s.human().contains("\n    tls:require (no session: not connected)\n"), "{}", s.human());
+        s.tls.as_mut().unwrap().replication.mode = "off".into();
+        assert!(s.human().contains("\n    tls:off (the link is not encrypted)\n"), "{}", s.human());
+        // Without [tls] no TLS line at all.
+        s.tls = None;
+        assert!(!s.human().contains("tls:"), "{}", s.human());
+    }
+
+    #[test]
     fn two_nodes_show_the_peer() {
         let mut s = sample();
         s.role = Role::Secondary;
@@ -505,12 +559,50 @@ pub struct TlsLinkStatus {
     pub peer_expires_in_days: Option<i64>,
 }
 
-/// One certificate in use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct CertStatus {
-    pub file: String,
-    pub subject: String,
-    /// Unix seconds.
-    pub not_after: u64,
-    pub expires_in_days: i64,
+/// One certificate in use (also the answer of `reload-tls`).
+pub use crate::control::CertStatus;
+
+impl CertStatus {
+    /// What status shows of `c` at `now`.
+    pub fn of(c: &crate::tls::CertInfo, now: std::time::SystemTime) -> CertStatus {
+        CertStatus {
+            file: c.file.display().to_string(),
+            subject: c.subject.clone(),
+            not_after: c.not_after,
+            expires_in_days: c.expires_in(now) / 86400,
+        }
+    }
+}
+
+impl TlsStatus {
+    /// The human status' TLS line of the replication link (under the peer).
+    fn human_link(&self) -> String {
+        let r = &self.replication;
+        match (&r.peer_subject, r.peer_not_after) {
+            (Some(subject), Some(not_after)) if r.encrypted => format!(
+                "tls:{} peer-cert:{subject} expires:{} ({} days)",
+                r.version.as_deref().unwrap_or("encrypted"),
+                crate::control::reply::expiry_date(not_after),
+                r.peer_expires_in_days.unwrap_or_default()
+            ),
+            _ if r.encrypted => format!("tls:{}", r.version.as_deref().unwrap_or("encrypted")),
+            _ if r.mode == "off" => "tls:off (the link is not encrypted)".to_string(),
+            _ => format!("tls:{} (no session: not connected)", r.mode),
+        }
+    }
+
+    /// The human status' TLS line of the NBD export, then one line per
+    /// expiry warning.
+    fn human_nbd(&self) -> String {
+        let mut s = format!(
+            "  tls:nbd:{} encrypted-clients:{} verify-client:{}\n",
+            self.nbd,
+            self.nbd_tls_clients,
+            if self.nbd_verify_client { "yes" } else { "no" }
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "  TLS WARNING: {w}");
+        }
+        s
+    }
 }

@@ -35,6 +35,8 @@ pub enum CrossError {
     Fua,
     #[error("fio failed: {0}")]
     Fio(String),
+    #[error("certtool: {0}")]
+    Certtool(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -130,6 +132,24 @@ pub fn fio_args(wl: &Workload) -> Vec<String> {
     a
 }
 
+/// Every fio argument of one measurement of `wl` on the NBD export at
+/// `uri` (fio's nbd engine), timed and sized by `plan`, JSON output.
+pub(crate) fn fio_job_args(wl: &Workload, uri: &str, plan: &Plan) -> Vec<String> {
+    let mut args = fio_args(wl);
+    args.extend([
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        format!("--size={}", plan.region),
+        "--time_based".into(),
+        format!("--runtime={}ms", plan.duration.as_millis().max(1)),
+        format!("--ramp_time={}ms", plan.warmup.as_millis()),
+        "--lat_percentiles=1".into(),
+        "--group_reporting".into(),
+        "--output-format=json".into(),
+    ]);
+    args
+}
+
 /// Options of a crosscheck.
 pub struct CrossOptions<'a> {
     pub kind: Kind,
@@ -145,16 +165,7 @@ pub fn crosscheck(o: &CrossOptions) -> Result<CrossResult, CrossError> {
     if o.workload.flush == FlushMode::Fua {
         return Err(CrossError::Fua);
     }
-    if !on_path("fio") {
-        return Err(CrossError::NoFio);
-    }
-    let help = Command::new("fio")
-        .arg("--enghelp")
-        .output()
-        .map_err(|source| CrossError::Io { what: "running fio".into(), source })?;
-    if !String::from_utf8_lossy(&help.stdout).split_whitespace().any(|w| w == "nbd") {
-        return Err(CrossError::NoNbdEngine);
-    }
+    check_fio()?;
     let io = |what: &'static str| move |source| CrossError::Io { what: what.into(), source };
     let work =
         tempfile::Builder::new().prefix("repbench-cross-").tempdir_in(o.work_parent).map_err(io("work directory"))?;
@@ -172,18 +183,7 @@ pub fn crosscheck(o: &CrossOptions) -> Result<CrossResult, CrossError> {
         return Err(CrossError::Fio(format!("{} has no TCP NBD export for fio", o.kind.name())));
     };
     let uri = format!("nbd://{addr}/{}", d.export);
-    let mut args = fio_args(&o.workload);
-    args.extend([
-        "--ioengine=nbd".to_string(),
-        format!("--uri={uri}"),
-        format!("--size={}", o.plan.region),
-        "--time_based".into(),
-        format!("--runtime={}ms", o.plan.duration.as_millis().max(1)),
-        format!("--ramp_time={}ms", o.plan.warmup.as_millis()),
-        "--lat_percentiles=1".into(),
-        "--group_reporting".into(),
-        "--output-format=json".into(),
-    ]);
+    let args = fio_job_args(&o.workload, &uri, &o.plan);
     let mut res = CrossResult {
         target: crate::results::label(o.kind, o.kind.replicated().then_some(o.rtt.as_secs_f64() * 1000.0)),
         workload: o.workload.name.clone(),
@@ -195,17 +195,43 @@ pub fn crosscheck(o: &CrossOptions) -> Result<CrossResult, CrossError> {
         let m = measure(&rt, &d, &o.workload, &plan)?;
         let s = Summary::of(&m);
         res.repbench.push(Side { iops: s.iops, p50_us: s.p50_us, p99_us: s.p99_us });
-        let out = Command::new("fio").arg("--name=crosscheck").args(&args).output().map_err(io("running fio"))?;
-        if !out.status.success() {
-            return Err(CrossError::Fio(format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        res.fio.push(parse_fio(&String::from_utf8_lossy(&out.stdout), &o.workload)?);
+        res.fio.push(run_fio("crosscheck", &args, None, &o.workload)?);
     }
     Ok(res)
+}
+
+/// Fails unless fio with its nbd engine is installed.
+pub(crate) fn check_fio() -> Result<(), CrossError> {
+    if !on_path("fio") {
+        return Err(CrossError::NoFio);
+    }
+    let help = Command::new("fio")
+        .arg("--enghelp")
+        .output()
+        .map_err(|source| CrossError::Io { what: "running fio".into(), source })?;
+    if !String::from_utf8_lossy(&help.stdout).split_whitespace().any(|w| w == "nbd") {
+        return Err(CrossError::NoNbdEngine);
+    }
+    Ok(())
+}
+
+/// Runs fio job `name` with `args` (`HOME` set to `home` if given: libnbd
+/// reads TLS certificates from `$HOME/.pki/libnbd`) and reads its numbers.
+pub(crate) fn run_fio(name: &str, args: &[String], home: Option<&Path>, wl: &Workload) -> Result<Side, CrossError> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--name={name}")).args(args);
+    if let Some(home) = home {
+        cmd.env("HOME", home);
+    }
+    let out = cmd.output().map_err(|source| CrossError::Io { what: "running fio".into(), source })?;
+    if !out.status.success() {
+        return Err(CrossError::Fio(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    parse_fio(&String::from_utf8_lossy(&out.stdout), wl)
 }
 
 /// IOPS and total-latency percentiles from fio's JSON output.

@@ -18,4 +18,5 @@ pub mod results;
 pub mod runner;
 pub mod sysinfo;
 pub mod targets;
+pub mod tls;
 pub mod workload;

@@ -175,6 +175,24 @@ enum Cmd {
         #[command(flatten)]
         timing: Timing,
     },
+    /// The cost of TLS (docs/tls.md): one repd pair each plain, with TLS on the NBD export, on the
+    /// replication link, and on both; QD1 write latency, QD32 random write and 1 MiB sequential
+    /// throughput with fio's nbd engine, alternating rounds, in one run.
+    Tls {
+        /// Replication protocol of the pairs: A, B or C.
+        #[arg(long, default_value = "C")]
+        protocol: String,
+        /// Replication RTT (the delay proxy).
+        #[arg(long, default_value = "0")]
+        rtt: String,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "results/tls.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        timing: Timing,
+    },
 }
 
 fn dur(s: &str) -> anyhow::Result<Duration> {
@@ -363,6 +381,26 @@ fn real_main() -> anyhow::Result<()> {
                 work_parent: &timing.work_dir,
             })?;
             println!("{}", res.report());
+        }
+        Cmd::Tls { protocol, rtt, rounds, out, timing } => {
+            let plan = plan(&timing, false)?;
+            let protocol =
+                Kind::protocol(&protocol).with_context(|| format!("--protocol: {protocol:?} is not A, B or C"))?;
+            let run = repbench::tls::run(&repbench::tls::TlsOptions {
+                protocol,
+                rtt: dur(&rtt)?,
+                plan,
+                rounds: rounds.max(1),
+                repd: timing.repd.as_deref(),
+                work_parent: &timing.work_dir,
+            })?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&run)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", run.markdown());
+            println!("results: {}", out.display());
         }
     }
     Ok(())
