@@ -544,6 +544,63 @@ async fn log_catch_up_clears_the_marks_of_records_whose_acks_were_lost() {
     assert_eq!(p.a.dirty_bytes(), 0, "marks of records beta had before the catch-up stayed set");
 }
 
+/// Chaos seed 6000 cycle 108 ("log catch-up of LSN 127457..=127459", the
+/// target left `connecting`): the source's SyncInfo counted records its WAL
+/// had committed but its writer had not yet published into the feed
+/// (`local_lsn` moves first), so the feed attached at the peer's own LSN
+/// and the decided catch-up had nothing to replay (the records come
+/// through the feed). Before 5b1cc1b the source said "no sync" and went
+/// established while the target waited for a `SyncStart`. The records'
+/// bits (tracked before the feed took over) stay until beta has written
+/// them: before, the catch-up's end cleared them at once, and a link drop
+/// before beta wrote them left them in neither the bitmap nor the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_catch_up_whose_records_are_still_unpublished_establishes_the_target() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    p.beta.disconnect();
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    p.alpha.gate().before_write().await.expect("new generation");
+    let peer_lsn = p.b.local_lsn();
+    p.a.hold_publication();
+    let mut last = 0;
+    for i in 0..3 {
+        last = p.a.write(i * 16384, &pattern(70 + i as u8, 4096), false);
+    }
+    assert_eq!(last, peer_lsn + 3);
+    let (before_a, before_b) = (p.alpha.view().last_sync, p.beta.view().last_sync);
+    p.beta.connect(false);
+    // The feed is attached (before the source reports any state).
+    until("alpha connected", Duration::from_secs(10), || p.alpha.view().connection == ConnState::Connected).await;
+    let d = p.alpha.view().decision.expect("decision");
+    assert_eq!(d.result, "source-log", "{d:?}");
+    // Beta is slow to write them: the catch-up ends long before.
+    *p.b.apply_delay.lock().unwrap() = Duration::from_millis(1000);
+    p.a.publish_held();
+    let started = Instant::now();
+    let b = next_sync(&p.beta, before_b, Duration::from_secs(10)).await;
+    eprintln!("beta ended the catch-up {:?} after the records were published", started.elapsed());
+    assert_eq!(b.kind, ResyncKind::Log);
+    assert_eq!(next_sync(&p.alpha, before_a, Duration::from_secs(10)).await.kind, ResyncKind::Log);
+    // Dirty first: the bits are cleared only after a `written` ack >= last.
+    let dirty = p.a.dirty_bytes();
+    let written = p.alpha.gate().acks().written;
+    eprintln!("catch-up done: beta has written up to {written} of {last}; alpha has {dirty} bytes marked");
+    assert!(written < last, "beta's applies take 1 s each: it cannot have written all three yet");
+    assert_eq!(dirty, 3 * 4096, "the marks of records beta has not written were cleared");
+    until("alpha's marks cleared once beta wrote the records", Duration::from_secs(10), || p.a.dirty_bytes() == 0)
+        .await;
+    assert_eq!(p.alpha.gate().acks().written, last);
+    *p.b.apply_delay.lock().unwrap() = Duration::ZERO;
+    until("beta established", Duration::from_secs(10), || p.beta.view().replication == Some(ReplState::Established))
+        .await;
+    in_sync(&p).await;
+    until("beta wrote the published records", Duration::from_secs(10), || p.b.local_lsn() == last).await;
+    p.alpha.gate().wait(last, Durability::Write).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the catch-up");
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current, "beta took alpha's generation");
+}
+
 /// A mark no record explains (online verify found the block different)
 /// is not covered by replaying records: the source resyncs from the bitmap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
