@@ -494,6 +494,7 @@ pub fn spawn_events(config: &Path, node: &str, args: &[&str]) -> (ChildGuard, st
 pub mod durable;
 pub mod pair;
 pub mod resync;
+pub mod witness;
 
 /// Sends SIGTERM to a repd we spawned and waits (at most 60 s) for its exit
 /// status; past that it is killed and the test fails with `log()`.
