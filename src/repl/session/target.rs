@@ -14,7 +14,7 @@ use tokio::time::sleep_until;
 use super::{Outcome, Session, SessionIo, Side, Tick};
 use crate::event::{Event, SyncRole};
 use crate::model::{DiskState, Lsn, Protocol, ReplState, ResyncKind, Role};
-use crate::repl::engine::{Engine, HoldPoint, test_hold};
+use crate::repl::engine::{HoldPoint, test_hold};
 use crate::repl::proto::{GoodbyeReason, MAX_BITMAP_WORDS, Message, SyncInfo};
 use crate::repl::store::{BoxFut, FeedOp};
 use crate::repl::verify::TargetJob;
@@ -26,9 +26,6 @@ const ACK_EVERY: usize = 256;
 /// bytes or this long, whichever comes first.
 const SYNC_DURABLE_BYTES: u64 = 8 << 20;
 const SYNC_DURABLE_EVERY: Duration = Duration::from_millis(100);
-/// How long a session that ended waits for its queued applies (see
-/// [`settle_applies`]).
-const SETTLE_APPLIES: Duration = Duration::from_secs(2);
 /// Bitmap words per BitmapChunk (64 KiB of payload).
 const BITMAP_CHUNK_WORDS: usize = 8192;
 const _: () = assert!(BITMAP_CHUNK_WORDS <= MAX_BITMAP_WORDS);
@@ -54,12 +51,9 @@ impl Session {
     }
 
     pub(super) async fn target(&mut self, io: &mut SessionIo, theirs: &SyncInfo, plan: Option<ResyncKind>) -> Outcome {
-        let mut pending = VecDeque::new();
-        let outcome = match self.target_inner(io, theirs, plan, &mut pending).await {
+        match self.target_inner(io, theirs, plan).await {
             Ok(o) | Err(o) => o,
-        };
-        settle_applies(&self.engine, pending).await;
-        outcome
+        }
     }
 
     async fn target_inner(
@@ -67,7 +61,6 @@ impl Session {
         io: &mut SessionIo,
         theirs: &SyncInfo,
         plan: Option<ResyncKind>,
-        pending: &mut VecDeque<(Pending, BoxFut<'static, Result<(), VolumeError>>)>,
     ) -> Result<Outcome, Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
@@ -90,6 +83,7 @@ impl Session {
             engine.set_replication(ReplState::Established);
         }
         let my_role = engine.role();
+        let mut pending: VecDeque<(Pending, BoxFut<'static, Result<(), VolumeError>>)> = VecDeque::new();
         let mut flushing: Option<(Lsn, BoxFut<'_, Result<Lsn, VolumeError>>)> = None;
         let mut syncing: Option<(u64, BoxFut<'_, Result<(), VolumeError>>)> = None;
         let mut since_ack = 0usize;
@@ -212,7 +206,7 @@ impl Session {
                     Tick::Frame(m) if m.is_verify() => self.verify_message(m).await?,
                     Tick::Frame(m) => {
                         since_ack += 1;
-                        self.target_frame(io, &mut t, pending, m, theirs).await?;
+                        self.target_frame(io, &mut t, &mut pending, m, theirs).await?;
                     }
                 },
                 _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
@@ -439,35 +433,6 @@ impl Session {
             self.engine.sync_progress(t.sync_durable);
         }
         true
-    }
-}
-
-/// A target session ended with applies queued (a disconnect, a session
-/// replaced by the other connection of a simultaneous dial): it awaits
-/// them, in order, for at most [`SETTLE_APPLIES`], and prunes the unacked
-/// ring of every record written. Else `mark_unacked`, right after, marks
-/// records this node holds already as its own out-of-sync blocks, and the
-/// next connect runs a bitmap resync where a log catch-up suffices (the
-/// flaky `log_catch_up_*` engine tests, about 1 run in 15 under load).
-/// A record whose apply fails or is not done in time keeps its mark.
-async fn settle_applies(engine: &Engine, pending: VecDeque<(Pending, BoxFut<'static, Result<(), VolumeError>>)>) {
-    if pending.is_empty() {
-        return;
-    }
-    let store = &engine.store;
-    let settle = async {
-        for (what, f) in pending {
-            let done = f.await;
-            if let Pending::Record { lsn, .. } = what {
-                if done.is_err() {
-                    return;
-                }
-                store.set_peer_written(lsn);
-            }
-        }
-    };
-    if tokio::time::timeout(SETTLE_APPLIES, settle).await.is_err() {
-        tracing::warn!(peer = %engine.cfg.peer, "the session ended with applies not done after {SETTLE_APPLIES:?}: their records stay marked");
     }
 }
 
