@@ -17,8 +17,7 @@ use crate::model::{DiskState, OnPeerLoss, Protocol, ReplState, Role};
 const SIZE: usize = 8 << 20;
 
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    crate::ports::unused_local_port().expect("a free port")
 }
 
 fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16) -> EngineConfig {

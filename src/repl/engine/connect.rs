@@ -20,6 +20,31 @@ use crate::repl::handshake::{HandshakeError, LocalHello, handshake, keep_connect
 use crate::repl::link::{FrameReader, FrameWriter, secure, split_link};
 use crate::repl::proto::{GoodbyeReason, Message, SyncInfo, sync_flags};
 
+/// Connects to the peer's replication address, refusing a connection to
+/// ourselves: when nobody listens on a port inside the kernel's ephemeral
+/// range, a dial can be given that very port as its source port and
+/// connect to itself (TCP simultaneous open), which would also keep the
+/// peer from binding it. Dropped at once, it frees the port again.
+async fn dial(addr: &str) -> std::io::Result<TcpStream> {
+    refuse_self_connection(TcpStream::connect(addr).await?)
+}
+
+fn refuse_self_connection(stream: TcpStream) -> std::io::Result<TcpStream> {
+    if stream.local_addr()? == stream.peer_addr()? {
+        // Closed with a reset rather than a FIN, so that the port does not
+        // sit in TIME_WAIT for a minute, out of the peer's reach. (A zero
+        // linger never blocks the drop, the reason tokio deprecates it.)
+        #[allow(deprecated)]
+        stream.set_linger(Some(Duration::ZERO))?;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "nobody listens there and the kernel gave the dial that port as its own source port \
+             (a port inside net.ipv4.ip_local_port_range); the connection to ourselves was dropped",
+        ));
+    }
+    Ok(stream)
+}
+
 impl Engine {
     /// Binds the replication address and starts the listener and the dialer.
     pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
@@ -114,7 +139,7 @@ impl Engine {
             if !*want.borrow() || *connected.borrow() {
                 continue;
             }
-            let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr)).await {
+            let ok = match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(&self.cfg.peer_addr)).await {
                 Ok(Ok(stream)) => self.handshake_and_adopt(stream, true, &self.cfg.peer_addr).await,
                 Ok(Err(e)) => {
                     self.note_failure(
@@ -277,7 +302,7 @@ impl Engine {
     /// Goodbye. Changes nothing on either node (works standalone too).
     pub async fn probe(&self, discard_my_data: bool) -> Result<ProbeReport, String> {
         let peer_name = &self.cfg.peer;
-        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial(&self.cfg.peer_addr))
             .await
             .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
             .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
@@ -540,5 +565,39 @@ pub fn describe_handshake_error(e: &HandshakeError, peer: &str) -> String {
             format!("peer {peer} refused: {}: {message}", reason.as_str().replace('-', " "))
         }
         other => format!("handshake with {peer} failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_to_ourselves_is_refused_and_frees_the_port() {
+        // Force what the kernel does by chance: a socket bound to port P
+        // connecting to P, with nobody listening there, connects to itself.
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = sock.local_addr().expect("addr");
+        let stream = sock.connect(addr).await.expect("a simultaneous open to ourselves");
+        assert_eq!(stream.local_addr().expect("local"), stream.peer_addr().expect("peer"));
+        let err = refuse_self_connection(stream).expect_err("a self-connection is refused");
+        assert!(err.to_string().contains("ip_local_port_range"), "{err}");
+        let t0 = std::time::Instant::now();
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(_) => break,
+                Err(e) if t0.elapsed() > Duration::from_secs(5) => panic!("port {addr} still taken: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        eprintln!("the port was free again after {:?}", t0.elapsed());
+
+        // A real peer passes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let to = listener.local_addr().expect("addr").to_string();
+        let (dialed, accepted) = tokio::join!(dial(&to), listener.accept());
+        dialed.expect("a connection to a listener is kept");
+        accepted.expect("accepted");
     }
 }
