@@ -543,6 +543,40 @@ async fn log_catch_up_clears_the_marks_of_records_whose_acks_were_lost() {
     assert_eq!(p.a.dirty_bytes(), 0, "marks of records beta had before the catch-up stayed set");
 }
 
+/// A target session that ends while applies its store completed still wait
+/// to be handled (beta's applies report after 3 s here; in the flaky
+/// `log_catch_up_*` tests, a session replaced by the other connection of a
+/// simultaneous dial) does not mark them: beta holds them as alpha does.
+/// Before, `mark_unacked` marked them, and the next connect found "the
+/// target has N bytes marked of its own": a bitmap resync where a log
+/// catch-up sufficed. Alpha, which got no `written` ack for them, keeps
+/// its marks: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_session_that_ends_does_not_mark_the_applies_its_store_completed() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    *p.b.apply_delay.lock().unwrap() = Duration::from_secs(3);
+    let mut last = 0;
+    for i in 0..3 {
+        last = p.a.write(i * 16384, &pattern(80 + i as u8, 4096), false);
+    }
+    let started = Instant::now();
+    until("beta's store has the records", Duration::from_secs(5), || p.b.local_lsn() == last).await;
+    let written = p.alpha.gate().acks().written;
+    eprintln!("beta's store wrote the records {:?} after they were written on alpha", started.elapsed());
+    assert!(written < last, "beta's applies report after 3 s: alpha cannot have a written ack for {last} ({written})");
+    p.beta.disconnect();
+    until("beta's session ended", Duration::from_secs(5), || p.beta.view().connection != ConnState::Connected).await;
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    assert_eq!(p.b.dirty_bytes(), 0, "beta marked records its store had written");
+    assert_eq!(p.a.dirty_bytes(), 3 * 4096, "alpha keeps the marks of the records beta did not acknowledge");
+    *p.b.apply_delay.lock().unwrap() = Duration::ZERO;
+    p.beta.connect(false);
+    in_sync(&p).await;
+    until("alpha's marks cleared", Duration::from_secs(10), || p.a.dirty_bytes() == 0).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the reconnect");
+}
+
 /// Chaos seed 6000 cycle 108 ("log catch-up of LSN 127457..=127459", the
 /// target left `connecting`): the source's SyncInfo counted records its WAL
 /// had committed but its writer had not yet published into the feed
