@@ -590,10 +590,7 @@ async fn a_target_session_that_ends_does_not_mark_the_applies_its_store_complete
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_catch_up_whose_records_are_still_unpublished_establishes_the_target() {
     let p = pair(Protocol::C, |_| {}).await;
-    in_sync(&p).await;
-    p.beta.disconnect();
-    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
-    p.alpha.gate().before_write().await.expect("new generation");
+    diverge_alone(&p, 0).await;
     let peer_lsn = p.b.local_lsn();
     p.a.hold_publication();
     let mut last = 0;
