@@ -500,6 +500,94 @@ async fn log_catch_up_clears_the_marks_of_records_whose_acks_were_lost() {
     assert_eq!(p.a.dirty_bytes(), 0, "marks of records beta had before the catch-up stayed set");
 }
 
+/// A target session that ends while applies its store completed still wait
+/// to be handled (beta's applies report after 3 s here; in the flaky
+/// `log_catch_up_*` tests, a session replaced by the other connection of a
+/// simultaneous dial) does not mark them: beta holds them as alpha does.
+/// Before, `mark_unacked` marked them, and the next connect found "the
+/// target has N bytes marked of its own": a bitmap resync where a log
+/// catch-up sufficed. Alpha, which got no `written` ack for them, keeps
+/// its marks: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_session_that_ends_does_not_mark_the_applies_its_store_completed() {
+    let p = pair(Protocol::C, |_| {}).await;
+    in_sync(&p).await;
+    *p.b.apply_delay.lock().unwrap() = Duration::from_secs(3);
+    let mut last = 0;
+    for i in 0..3 {
+        last = p.a.write(i * 16384, &pattern(80 + i as u8, 4096), false);
+    }
+    let started = Instant::now();
+    until("beta's store has the records", Duration::from_secs(5), || p.b.local_lsn() == last).await;
+    let written = p.alpha.gate().acks().written;
+    eprintln!("beta's store wrote the records {:?} after they were written on alpha", started.elapsed());
+    assert!(written < last, "beta's applies report after 3 s: alpha cannot have a written ack for {last} ({written})");
+    p.beta.disconnect();
+    until("beta's session ended", Duration::from_secs(5), || p.beta.view().connection != ConnState::Connected).await;
+    until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
+    assert_eq!(p.b.dirty_bytes(), 0, "beta marked records its store had written");
+    assert_eq!(p.a.dirty_bytes(), 3 * 4096, "alpha keeps the marks of the records beta did not acknowledge");
+    *p.b.apply_delay.lock().unwrap() = Duration::ZERO;
+    p.beta.connect(false);
+    in_sync(&p).await;
+    until("alpha's marks cleared", Duration::from_secs(10), || p.a.dirty_bytes() == 0).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the reconnect");
+}
+
+/// Chaos seed 6000 cycle 108 ("log catch-up of LSN 127457..=127459", the
+/// target left `connecting`): the source's SyncInfo counted records its WAL
+/// had committed but its writer had not yet published into the feed
+/// (`local_lsn` moves first), so the feed attached at the peer's own LSN
+/// and the decided catch-up had nothing to replay (the records come
+/// through the feed). Before 5b1cc1b the source said "no sync" and went
+/// established while the target waited for a `SyncStart`. The records'
+/// bits (tracked before the feed took over) stay until beta has written
+/// them: before, the catch-up's end cleared them at once, and a link drop
+/// before beta wrote them left them in neither the bitmap nor the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_catch_up_whose_records_are_still_unpublished_establishes_the_target() {
+    let p = pair(Protocol::C, |_| {}).await;
+    diverge_alone(&p, 0).await;
+    let peer_lsn = p.b.local_lsn();
+    p.a.hold_publication();
+    let mut last = 0;
+    for i in 0..3 {
+        last = p.a.write(i * 16384, &pattern(70 + i as u8, 4096), false);
+    }
+    assert_eq!(last, peer_lsn + 3);
+    let (before_a, before_b) = (p.alpha.view().last_sync, p.beta.view().last_sync);
+    p.beta.connect(false);
+    // The feed is attached (before the source reports any state).
+    until("alpha connected", Duration::from_secs(10), || p.alpha.view().connection == ConnState::Connected).await;
+    let d = p.alpha.view().decision.expect("decision");
+    assert_eq!(d.result, "source-log", "{d:?}");
+    // Beta is slow to write them: the catch-up ends long before.
+    *p.b.apply_delay.lock().unwrap() = Duration::from_millis(1000);
+    p.a.publish_held();
+    let started = Instant::now();
+    let b = next_sync(&p.beta, before_b, Duration::from_secs(10)).await;
+    eprintln!("beta ended the catch-up {:?} after the records were published", started.elapsed());
+    assert_eq!(b.kind, ResyncKind::Log);
+    assert_eq!(next_sync(&p.alpha, before_a, Duration::from_secs(10)).await.kind, ResyncKind::Log);
+    // Dirty first: the bits are cleared only after a `written` ack >= last.
+    let dirty = p.a.dirty_bytes();
+    let written = p.alpha.gate().acks().written;
+    eprintln!("catch-up done: beta has written up to {written} of {last}; alpha has {dirty} bytes marked");
+    assert!(written < last, "beta's applies take 1 s each: it cannot have written all three yet");
+    assert_eq!(dirty, 3 * 4096, "the marks of records beta has not written were cleared");
+    until("alpha's marks cleared once beta wrote the records", Duration::from_secs(10), || p.a.dirty_bytes() == 0)
+        .await;
+    assert_eq!(p.alpha.gate().acks().written, last);
+    *p.b.apply_delay.lock().unwrap() = Duration::ZERO;
+    until("beta established", Duration::from_secs(10), || p.beta.view().replication == Some(ReplState::Established))
+        .await;
+    in_sync(&p).await;
+    until("beta wrote the published records", Duration::from_secs(10), || p.b.local_lsn() == last).await;
+    p.alpha.gate().wait(last, Durability::Write).await;
+    assert!(p.b.data() == p.a.data(), "copies differ after the catch-up");
+    assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current, "beta took alpha's generation");
+}
+
 /// A mark no record explains (online verify found the block different)
 /// is not covered by replaying records: the source resyncs from the bitmap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,10 @@ struct Inner {
     /// Retained records, oldest first.
     log: std::collections::VecDeque<LogRecord>,
     data_syncs: u64,
+    /// With `Some`, committed records wait here instead of going into the
+    /// feed (the volume's window between the WAL commit, which moves
+    /// `local_lsn`, and the publication into the feed).
+    unpublished: Option<Vec<FeedItem>>,
 }
 
 impl Inner {
@@ -125,6 +129,7 @@ impl MemStore {
                 marks: 0,
                 log: std::collections::VecDeque::new(),
                 data_syncs: 0,
+                unpublished: None,
             }),
             apply_delay: Mutex::new(Duration::ZERO),
             flush_delay: Mutex::new(Duration::ZERO),
@@ -160,10 +165,30 @@ impl MemStore {
         let op = FeedOp::Write { offset: offset as u64, data: Bytes::copy_from_slice(data) };
         g.committed(lsn, &op, fua);
         let item = FeedItem::Record { lsn, op, fua };
-        if let Some(f) = &g.feed {
+        if let Some(held) = &mut g.unpublished {
+            held.push(item);
+        } else if let Some(f) = &g.feed {
             let _ = f.send(item);
         }
         lsn
+    }
+
+    /// From now on, records written are committed (`local_lsn` moves) but
+    /// not published into the feed until [`MemStore::publish_held`]: a
+    /// feed attached meanwhile starts before them.
+    pub fn hold_publication(&self) {
+        self.lock().unpublished.get_or_insert_with(Vec::new);
+    }
+
+    /// Publishes the held records into the feed attached now, and stops
+    /// holding.
+    pub fn publish_held(&self) {
+        let mut g = self.lock();
+        for item in g.unpublished.take().unwrap_or_default() {
+            if let Some(f) = &g.feed {
+                let _ = f.send(item);
+            }
+        }
     }
 
     /// A primary-side FLUSH: publishes a barrier; returns its LSN.
@@ -273,7 +298,8 @@ impl ReplStore for MemStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut g = self.lock();
         g.feed = Some(tx);
-        (g.lsn, Box::new(MemFeed(rx)))
+        let held = g.unpublished.as_ref().map_or(0, |h| h.len() as Lsn);
+        (g.lsn - held, Box::new(MemFeed(rx)))
     }
 
     fn detach_feed(&self) {

@@ -20,6 +20,11 @@ pub struct Catchup {
     pub bytes: u64,
     /// `mark_count` when it started (see `catchup_finished`).
     pub marks_at_start: u64,
+    /// The highest LSN that may have been tracked as a bit: `local_lsn`
+    /// once tracking was off. Records after `base` up to it were committed
+    /// (and marked) before their publication into the feed; their bits may
+    /// be cleared only once the peer has written them.
+    pub tracked_upto: Lsn,
 }
 
 /// What the next step of the catch-up gives.
@@ -55,7 +60,7 @@ impl Catchup {
     }
 
     pub fn new(reader: Box<dyn LogSource>, peer_lsn: Lsn, base: Lsn, marks_at_start: u64) -> Catchup {
-        Catchup { reader, from: peer_lsn, next: peer_lsn + 1, base, bytes: 0, marks_at_start }
+        Catchup { reader, from: peer_lsn, next: peer_lsn + 1, base, bytes: 0, marks_at_start, tracked_upto: base }
     }
 
     /// Reads the next record.

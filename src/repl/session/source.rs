@@ -128,6 +128,9 @@ impl Session {
         // committed while tracking was on (bits) or is in the feed.
         let (base, mut feed) = store.attach_feed(engine.cfg.max_buffer);
         store.set_tracking(false);
+        // Records after `base` committed before tracking went off have bits
+        // (not ring entries) and reach the peer through the feed.
+        let tracked_upto = store.local_lsn().max(base);
         engine.gate().feed_attached(base);
         // A decided log catch-up runs even with nothing to replay (see
         // `Catchup::nothing_to_replay`); without a decision, only when the
@@ -137,6 +140,13 @@ impl Session {
         if plan.is_none() && peer_lsn > base {
             return Err(Outcome::Failed(format!(
                 "the peer is at LSN {peer_lsn}, ahead of ours ({base}), without a resync decided"
+            )));
+        }
+        // A decided log catch-up the feed cannot serve: the target waits for
+        // a `SyncStart`, so saying "no sync" would leave it `connecting`.
+        if plan == Some(ResyncKind::Log) && peer_lsn > base {
+            return Err(Outcome::Failed(format!(
+                "a log catch-up was decided, but the peer is at LSN {peer_lsn}, ahead of our feed ({base})"
             )));
         }
         let mut job = if wants_log {
@@ -160,10 +170,12 @@ impl Session {
                         .await?;
                     engine.set_replication(ReplState::SyncSource);
                     engine.sync_started(ResyncKind::Log, 0, SyncRole::Source);
-                    ResyncJob::CatchingUp(match reader {
+                    let mut c = match reader {
                         Some(reader) => Catchup::new(reader, peer_lsn, base, store.mark_count()),
                         None => Catchup::nothing_to_replay(base, store.mark_count()),
-                    })
+                    };
+                    c.tracked_upto = tracked_upto;
+                    ResyncJob::CatchingUp(c)
                 }
                 Err(e) => {
                     let kind = self.fallback_kind(peer_lsn, &e);
@@ -192,6 +204,9 @@ impl Session {
         let mut pending_lsn: Option<Lsn> = None;
         let mut last_record: Lsn = base;
         let mut acks_watch = AckWatch::new(base, ack_stall(&engine.cfg));
+        // A finished catch-up's bits, cleared once the peer wrote up to the
+        // LSN (see `catchup_finished`).
+        let mut clear_when_written: Option<ClearWhenWritten> = None;
         let tx = self.tx.clone();
         loop {
             if let Some(r) = io.stop_reason() {
@@ -290,12 +305,17 @@ impl Session {
                         engine.gate().record_ack(received, written, durable);
                         let a = engine.gate().acks();
                         store.set_peer_written(a.written);
+                        if clear_when_written.as_ref().is_some_and(|c| a.written >= c.upto) {
+                            self.clear_catchup_marks(clear_when_written.take())?;
+                        }
                         if !job.is_log() {
                             store.set_retain_after(Some(a.durable));
                         }
                     }
                     Tick::Frame(Message::SyncAck { done_bytes, written_bytes }) => {
-                        self.sync_acked(&mut job, done_bytes, written_bytes, theirs)?;
+                        if let Some(c) = self.sync_acked(&mut job, done_bytes, written_bytes, theirs)? {
+                            clear_when_written = Some(c);
+                        }
                     }
                     Tick::Frame(m) if m.is_verify() => self.verify_message(m).await?,
                     Tick::Frame(m) => self.unexpected(Side::Source, m)?,
@@ -316,8 +336,9 @@ impl Session {
         done_bytes: u64,
         written_bytes: u64,
         theirs: &SyncInfo,
-    ) -> Result<(), Outcome> {
+    ) -> Result<Option<ClearWhenWritten>, Outcome> {
         let store = Arc::clone(&self.engine.store);
+        let mut clear = None;
         if let Some(w) = job.walk_mut() {
             w.acked(&*store, done_bytes, written_bytes);
             self.engine.sync_progress(w.done);
@@ -336,12 +357,13 @@ impl Session {
                 self.walk_finished(w, theirs)?;
             }
             ResyncJob::Ending(Tail::Log(c)) if done_bytes >= c.bytes => {
-                self.catchup_finished(c, theirs)?;
+                clear = self.catchup_finished(c, theirs)?;
                 store.set_retain_after(Some(self.engine.gate().acks().durable));
             }
-            _ => return Ok(()),
+            _ => return Ok(None),
         }
-        job.exec(JobOp::Finished).map_err(job_failed)
+        job.exec(JobOp::Finished).map_err(job_failed)?;
+        Ok(clear)
     }
 
     /// A log catch-up is impossible: bitmap when our bits cover everything
@@ -384,16 +406,37 @@ impl Session {
         Ok(())
     }
 
-    fn catchup_finished(&mut self, c: &Catchup, theirs: &SyncInfo) -> Result<(), Outcome> {
+    /// Ends a log catch-up; returns the clearing of its bits when it must
+    /// wait for the peer's `written` ack.
+    fn catchup_finished(&mut self, c: &Catchup, theirs: &SyncInfo) -> Result<Option<ClearWhenWritten>, Outcome> {
         let store = &self.engine.store;
-        // Every bit came from a record of this lineage with LSN <= `base`
-        // (tracked, or marked when a link dropped): the peer had every
-        // record <= its LSN and now has the rest durable. A bit set since
-        // the start other than by tracking (a ring spill) may be a record
-        // after `base` still in flight: keep them all then, for a bitmap
-        // resync at the next connect.
+        // Every bit came from a record of this lineage with LSN <=
+        // `tracked_upto` (tracked, or marked when a link dropped): the peer
+        // had every record <= its LSN and now has the rest up to `base`
+        // durable. Those after `base` (committed, and marked, before their
+        // publication into the feed) come through the feed: their bits are
+        // cleared once the peer wrote them (chaos seed 6000 cycle 108: a
+        // catch-up that ended before them cleared their marks; a link
+        // drop then left them in neither the bitmap nor the ring). A bit
+        // set since the start other than by tracking (a ring spill) may be
+        // a record after `base` still in flight: keep them all then, for a
+        // bitmap resync at the next connect.
+        let mut deferred = None;
         if store.mark_count() == c.marks_at_start {
-            store.clear_range(0, store.size());
+            // The volume sets a record's bit before `local_lsn` covers it:
+            // read again now, a round trip after the attach, for the bits
+            // of a batch that was still being written then.
+            let upto = c.tracked_upto.max(store.local_lsn());
+            if self.engine.gate().acks().written >= upto {
+                store.clear_range(0, store.size());
+            } else {
+                tracing::info!(
+                    peer = %self.peer_name,
+                    upto,
+                    "the catch-up's marks are cleared once the peer wrote the records marked before the feed took them"
+                );
+                deferred = Some(ClearWhenWritten { upto, marks: c.marks_at_start });
+            }
         } else if store.dirty_bytes() > 0 {
             tracing::warn!(
                 peer = %self.peer_name,
@@ -404,7 +447,29 @@ impl Session {
         self.source_done(ResyncKind::Log, c.bytes, theirs)?;
         tracing::info!(peer = %self.peer_name, records = c.base - c.from, bytes = c.bytes, "log catch-up done");
         self.engine.set_replication(ReplState::Established);
-        Ok(())
+        Ok(deferred)
+    }
+
+    /// Clears a finished catch-up's bits (the peer has written every record
+    /// that may have set one), unless a bit was set meanwhile other than
+    /// by tracking; retires the bitmap's generation as `source_done` does.
+    fn clear_catchup_marks(&mut self, c: Option<ClearWhenWritten>) -> Result<(), Outcome> {
+        let store = &self.engine.store;
+        let Some(c) = c else { return Ok(()) };
+        if store.mark_count() != c.marks {
+            tracing::warn!(
+                peer = %self.peer_name,
+                dirty_bytes = store.dirty_bytes(),
+                "blocks were marked after the log catch-up: they stay marked for a bitmap resync at the next connect"
+            );
+            return Ok(());
+        }
+        store.clear_range(0, store.size());
+        let mut meta = store.meta();
+        if meta.gen_ids.retire_bitmap() {
+            store.store_meta(meta).map_err(|e| Outcome::Failed(format!("cannot record the generations: {e}")))?;
+        }
+        store.persist_bitmap().map_err(|e| Outcome::Failed(format!("cannot persist the bitmap: {e}")))
     }
 
     /// Source side of a finished resync: generations, bitmap, status.
@@ -424,6 +489,13 @@ impl Session {
         engine.set_peer(theirs.role, peer_disk);
         Ok(())
     }
+}
+
+/// The bits of a finished log catch-up, to clear once the peer's `written`
+/// ack reaches `upto` if `mark_count` is still `marks`.
+struct ClearWhenWritten {
+    upto: Lsn,
+    marks: u64,
 }
 
 /// Sleeps until `at`; never resolves for `None`.

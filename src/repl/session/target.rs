@@ -51,9 +51,31 @@ impl Session {
     }
 
     pub(super) async fn target(&mut self, io: &mut SessionIo, theirs: &SyncInfo, plan: Option<ResyncKind>) -> Outcome {
-        match self.target_inner(io, theirs, plan).await {
+        let store = Arc::clone(&self.engine.store);
+        // What we apply comes from the peer: no bits for it (the ring is
+        // pruned as records are written, see set_peer_written below).
+        store.set_tracking(false);
+        let local = store.local_lsn();
+        let mut t = Target { received: local, written: local, durable: local, acked: None, ..Target::default() };
+        let outcome = match self.target_inner(io, theirs, plan, &mut t).await {
             Ok(o) | Err(o) => o,
+        };
+        // Applies the store completed but whose completion this loop had
+        // not handled yet (a disconnect, a session replaced by the other
+        // connection of a simultaneous dial) are written here: prune them
+        // from the ring as their handling would have, else `mark_unacked`
+        // (end_session, right after) marks blocks this node holds as the
+        // peer does, and the next connect runs a bitmap resync where a log
+        // catch-up suffices. Only records of this session, all from the
+        // peer (`<= received`), and only those the store has written
+        // (`<= local_lsn`); one still queued stays in the ring (marked),
+        // or is tracked if it completes after the marking.
+        let settled = store.local_lsn().min(t.received);
+        if settled > t.written {
+            tracing::debug!(peer = %self.peer_name, from = t.written, to = settled, "applies completed as the session ended: not marked");
+            store.set_peer_written(settled);
         }
+        outcome
     }
 
     async fn target_inner(
@@ -61,14 +83,11 @@ impl Session {
         io: &mut SessionIo,
         theirs: &SyncInfo,
         plan: Option<ResyncKind>,
+        t: &mut Target,
     ) -> Result<Outcome, Outcome> {
         let engine = Arc::clone(&self.engine);
         let store = Arc::clone(&engine.store);
-        // What we apply comes from the peer: no bits for it (the ring is
-        // pruned as records are written, see set_peer_written below).
-        store.set_tracking(false);
-        let local = store.local_lsn();
-        let mut t = Target { received: local, written: local, durable: local, acked: None, ..Target::default() };
+        let local = t.written;
         let _ = self.tx.try_send(Message::State {
             role: engine.role(),
             disk: engine.meta().disk,
@@ -120,13 +139,11 @@ impl Session {
             }
             if ending && flushing.is_none() && syncing.is_none() && t.sync_durable >= t.sync_written {
                 let bytes = t.sync_end.take().unwrap_or(0);
-                self.finish_sync(io, &mut t, theirs, bytes).await?;
+                self.finish_sync(io, t, theirs, bytes).await?;
             }
             // A full writer queue keeps `since_ack`: the next wake-up (at
             // the latest the periodic tick) retries.
-            if (since_ack >= ACK_EVERY || (since_ack > 0 && io.buffered() == 0) || t.sync_dirty)
-                && self.send_acks(&mut t)
-            {
+            if (since_ack >= ACK_EVERY || (since_ack > 0 && io.buffered() == 0) || t.sync_dirty) && self.send_acks(t) {
                 since_ack = 0;
             }
             // `repctl verify` here: the source runs it (src/repl/verify.rs).
@@ -206,7 +223,7 @@ impl Session {
                     Tick::Frame(m) if m.is_verify() => self.verify_message(m).await?,
                     Tick::Frame(m) => {
                         since_ack += 1;
-                        self.target_frame(io, &mut t, &mut pending, m, theirs).await?;
+                        self.target_frame(io, t, &mut pending, m, theirs).await?;
                     }
                 },
                 _ = sleep_until(data_sync_due.into()), if syncing.is_none() && t.sync_written > t.sync_durable => {}
