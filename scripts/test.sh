@@ -18,6 +18,7 @@ need nbdcopy libnbd-bin
 need nbdfuse libnbd-bin
 need nbdkit nbdkit
 need fio fio
+need certtool gnutls-bin
 need mkfs.ext4 e2fsprogs
 need e2fsck e2fsprogs
 need fusermount3 fuse3

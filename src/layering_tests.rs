@@ -22,11 +22,12 @@ const RULE: &[(&str, &[&str])] = &[
     ("units", &[]),
     ("errors", &[]),
     ("stats", &[]),
+    ("tls", &[]),
     ("event", &["model"]),
     // The IO engine.
     ("io", &["model", "units"]),
     // Front end and control plane: independent of each other and of repl.
-    ("nbd", &["model", "units"]),
+    ("nbd", &["model", "units", "tls"]),
     ("control", &["model", "units", "event"]),
     // Automatic failover's pure core (terms, leases, the witness's vote and
     // state file, the controller): no IO of its own beyond the state file.
@@ -35,18 +36,21 @@ const RULE: &[(&str, &[&str])] = &[
     ("volume", &["io", "model", "units"]),
     // The config file: its defaults and limits come from the layers it
     // configures.
-    ("config", &["model", "units", "io", "volume", "nbd", "failover"]),
+    ("config", &["model", "units", "io", "volume", "nbd", "failover", "tls"]),
     // Replication: never config, node or control.
-    ("repl", &["model", "units", "event", "volume", "io", "failover"]),
+    ("repl", &["model", "units", "event", "volume", "io", "failover", "tls"]),
     // The composition root.
     (
         "node",
-        &["model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl", "failover"],
+        &[
+            "model", "units", "errors", "stats", "event", "io", "volume", "nbd", "control", "config", "repl",
+            "failover", "tls",
+        ],
     ),
     // Man pages and completions of the binaries.
     ("clidoc", &[]),
     // Entry points of the fuzz targets: a harness over every parser.
-    ("fuzzing", &["model", "units", "io", "volume", "nbd", "control", "config", "repl"]),
+    ("fuzzing", &["model", "units", "io", "volume", "nbd", "control", "config", "repl", "tls"]),
 ];
 
 /// Files that may import anything: the crate root and the binaries.

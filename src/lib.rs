@@ -50,5 +50,6 @@ pub mod nbd;
 pub mod node;
 pub mod repl;
 pub mod stats;
+pub mod tls;
 pub mod units;
 pub mod volume;

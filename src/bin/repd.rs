@@ -111,6 +111,20 @@ async fn run(config_path: &Path, node: &str) -> Result<()> {
 async fn serve_until_signal(daemon: Daemon) -> Result<()> {
     // Installed before READY=1: a stop right after it is a clean stop.
     let mut signals = daemon::StopSignals::install().context("cannot install signal handlers")?;
+    // SIGHUP reloads the TLS certificates (docs/tls.md).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let node = Arc::downgrade(daemon.node());
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(node) = node.upgrade() else { break };
+            // Failures are logged by reload_tls (the old certificates stay).
+            match node.reload_tls() {
+                Ok(_) | Err(repblock::node::NodeError::Tls(_)) => {}
+                Err(e) => tracing::info!("SIGHUP: {e}"),
+            }
+        }
+    });
     let notifier = Notifier::start(Arc::clone(daemon.node()));
     let signal = signals.recv().await;
     notifier.stopping();

@@ -129,6 +129,8 @@ pub struct NodeConfig {
     pub disk: Option<PathBuf>,
     /// Optional `host:port` serving Prometheus metrics (`GET /metrics`).
     pub metrics: Option<String>,
+    /// This node's TLS certificate directory, overriding `[tls] dir`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// A validated resource configuration.
@@ -186,6 +188,8 @@ pub struct Config {
     pub after_sb_1pri: AfterSb1Pri,
     /// `[handlers]`: commands run on events (src/node/handlers.rs).
     pub handlers: Handlers,
+    /// `[tls]` (docs/tls.md); all off by default.
+    pub tls: TlsConfig,
     /// The nodes (one or two).
     pub nodes: Vec<NodeConfig>,
 }
@@ -301,8 +305,10 @@ pub fn demo_toml(size: u64, nbd: &str) -> String {
 }
 
 mod parse;
+mod tls;
 
 pub use parse::parse_host_port;
+pub use tls::TlsConfig;
 
 #[cfg(test)]
 mod tests;

@@ -33,6 +33,7 @@ struct RawConfig {
     after_sb_0pri: Option<toml::Value>,
     after_sb_1pri: Option<toml::Value>,
     handlers: Option<RawHandlers>,
+    tls: Option<super::tls::RawTls>,
     node: Option<Vec<RawNode>>,
 }
 
@@ -60,16 +61,17 @@ struct RawNode {
     dir: Option<toml::Value>,
     disk: Option<toml::Value>,
     metrics: Option<toml::Value>,
+    tls_dir: Option<toml::Value>,
 }
 
 /// Field checker bound to one file (keeps messages uniform).
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     file: &'a str,
     base: &'a Path,
 }
 
 impl Checker<'_> {
-    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Field { file: self.file.to_string(), field: field.to_string(), message: message.into() }
     }
 
@@ -144,7 +146,7 @@ impl Checker<'_> {
         Ok(s)
     }
 
-    fn path(&self, field: &str, v: &toml::Value) -> Result<PathBuf, ConfigError> {
+    pub(super) fn path(&self, field: &str, v: &toml::Value) -> Result<PathBuf, ConfigError> {
         let s = self.string(field, v, "a path")?;
         if s.is_empty() {
             return Err(self.err(field, "expected a path, got \"\""));
@@ -198,7 +200,7 @@ fn one_of(names: &[&str]) -> String {
     }
 }
 
-fn describe(v: &toml::Value) -> String {
+pub(super) fn describe(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("{s:?}"),
         toml::Value::Integer(i) => format!("the number {i}"),
@@ -424,7 +426,11 @@ impl Config {
                 Some(v) => Some(c.host_port(&f("metrics"), v)?),
                 None => None,
             };
-            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics });
+            let tls_dir = match &n.tls_dir {
+                Some(v) => Some(c.path(&f("tls_dir"), v)?),
+                None => None,
+            };
+            nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics, tls_dir });
         }
         if two && secret.is_none() {
             return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
@@ -587,6 +593,7 @@ impl Config {
                 }
             }
         };
+        let tls = super::tls::parse(&c, raw.tls.as_ref(), &nodes)?;
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -612,6 +619,7 @@ impl Config {
             after_sb_0pri,
             after_sb_1pri,
             handlers,
+            tls,
             nodes,
         })
     }

@@ -498,3 +498,34 @@ fn split_brain_policies_are_named_values() {
         r#"r0.toml: after_sb_1pri: expected "disconnect", "discard-secondary" or "discard-zero-changes", got the number 1"#
     );
 }
+
+#[test]
+fn tls_section_is_off_by_default_and_checked_by_field() {
+    use crate::tls::{NbdTlsMode, ReplTlsMode};
+    let c = load(ONE).unwrap();
+    assert!(!c.tls.enabled());
+    assert_eq!(c.tls_settings(c.node("alpha").unwrap()), None);
+    let with = |tls: &str| ONE.replace("[[node]]", &format!("[tls]\n{tls}\n[[node]]"));
+    let c = load(&with("dir = \"/etc/pki\"\nnbd = \"require\"\nnbd_verify_client = true")).unwrap();
+    assert_eq!(c.tls.nbd, NbdTlsMode::Require);
+    assert_eq!(c.tls.replication, ReplTlsMode::Off);
+    let s = c.tls_settings(c.node("alpha").unwrap()).unwrap();
+    assert_eq!(s.dir, PathBuf::from("/etc/pki"));
+    assert!(s.nbd_verify_client);
+    assert_eq!(
+        err(&with("dir = \"/p\"\nnbd = \"yes\"")),
+        "r0.toml: tls.nbd: expected \"off\" or \"on\" or \"require\", got \"yes\""
+    );
+    assert!(
+        err(&with("nbd = \"on\""))
+            .starts_with("r0.toml: tls.dir: missing (TLS is on and node[0] (alpha) has no tls_dir")
+    );
+    assert!(err(&with("dir = \"/p\"\nnbd_verify_client = true")).contains("needs tls.nbd"));
+    assert!(err(&with("dir = \"/p\"\nreplication = 1")).contains("tls.replication: expected \"off\" or \"require\""));
+    // A node's tls_dir overrides dir, and stands in for it.
+    let c =
+        load(&with("replication = \"require\"").replace("dir = \"/var", "tls_dir = \"/pki/a\"\ndir = \"/var")).unwrap();
+    assert_eq!(c.tls_settings(c.node("alpha").unwrap()).unwrap().dir, PathBuf::from("/pki/a"));
+    let bad = with("dir = \"/p\"\nreplication = \"require\"").replace("name = \"alpha\"", "name = \"10.0.0.1\"");
+    assert!(err(&bad).contains("node[0].name: \"10.0.0.1\" cannot be checked against a certificate"), "{}", err(&bad));
+}

@@ -20,7 +20,7 @@ mod wire;
 pub use client::{ClientError, NbdClient};
 #[cfg(any(test, feature = "testkit"))]
 pub use memory::MemoryBackend;
-pub use server::{ListenAddr, ListenAddrError, NbdHandle, NbdServer, ServerConfig};
+pub use server::{ListenAddr, ListenAddrError, NbdHandle, NbdServer, NbdTls, ServerConfig};
 
 /// Errors a backend returns; mapped to NBD errno values in one place
 /// ([`BlockError::nbd_errno`]).

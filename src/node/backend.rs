@@ -20,17 +20,19 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::nbd::{BlockBackend, BlockError};
-use crate::repl::engine::{Durability, Engine};
+use crate::repl::engine::{Durability, Gate};
 use crate::stats::{IoOp, IoStats};
 use crate::volume::{FailStopKind, Lsn, Volume, VolumeError};
 
-/// Serves a [`Volume`] over NBD. With a replication engine, each reply
-/// waits after the local completion for what the protocol requires of the
-/// peer (design.md §2, see [`Engine::wait`]).
+/// Serves a [`Volume`] over NBD. With replication, each write first passes
+/// the [`Gate`] ([`Gate::before_write`]) and each reply waits after the
+/// local completion for what the gate requires ([`Gate::wait`]: the peer's
+/// acks under the protocol, design.md §2). The gate is all this path sees
+/// of the replication engine.
 #[derive(Debug, Clone)]
 pub struct VolumeBackend {
     volume: Arc<Volume>,
-    gate: Option<Arc<Engine>>,
+    gate: Option<Gate>,
     /// Requests, bytes, pending/unacked, acknowledgement waits.
     stats: Arc<IoStats>,
 }
@@ -41,7 +43,7 @@ impl VolumeBackend {
     }
 
     /// A backend whose replies wait for the peer through `gate`.
-    pub fn with_gate(volume: Arc<Volume>, gate: Option<Arc<Engine>>) -> VolumeBackend {
+    pub fn with_gate(volume: Arc<Volume>, gate: Option<Gate>) -> VolumeBackend {
         VolumeBackend { volume, gate, stats: Arc::default() }
     }
 
@@ -63,7 +65,7 @@ impl VolumeBackend {
         if let Some(g) = &self.gate {
             // Timed only while a session streams to the peer: otherwise
             // nothing is waited for.
-            let active = g.acks.borrow().active;
+            let active = g.streaming();
             let _unacked = self.stats.begin_unacked();
             let start = Instant::now();
             g.wait(lsn, d).await;

@@ -66,7 +66,7 @@ impl Node {
                 self.repl_or("disconnect")?.disconnect();
                 Reply::Disconnected(Disconnected { connection: super::ConnState::Standalone })
             }
-            Request::ResumeIo => Reply::IoResumed(IoResumed { resumed: self.repl_or("resume-io")?.resume_io() }),
+            Request::ResumeIo => Reply::IoResumed(IoResumed { resumed: self.repl_or("resume-io")?.gate().resume_io() }),
             Request::NewCurrentUuid { clear_bitmap } => {
                 Reply::NewGeneration(self.new_current_uuid(clear_bitmap).await?)
             }

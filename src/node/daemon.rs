@@ -18,6 +18,7 @@ use crate::config::{Config, ConfigError, NodeConfig};
 use crate::control::{self, ControlError, ControlSocket};
 use crate::io::{self, IoEngine};
 use crate::repl::engine::EngineConfig;
+use crate::tls::TlsContext;
 use crate::volume::{self, Volume, VolumeError};
 
 /// File name of the superblock inside a node directory.
@@ -47,11 +48,14 @@ pub enum DaemonError {
     Task(String),
     #[error(transparent)]
     Metrics(#[from] super::metrics::MetricsError),
+    /// A `[tls]` credential file is missing or unusable (the message names it).
+    #[error("[tls]: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The replication engine's settings of node `me`; `None` for a
 /// single-node resource (or a peer without a replication address).
-pub fn engine_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
+pub fn engine_config(config: &Config, me: &NodeConfig, tls: Option<&Arc<TlsContext>>) -> Option<EngineConfig> {
     let peer = config.peer_of(&me.name)?;
     let peer_addr = peer.replication.clone()?;
     let listen = me.replication_listen.clone().or_else(|| me.replication.clone())?;
@@ -72,6 +76,7 @@ pub fn engine_config(config: &Config, me: &NodeConfig) -> Option<EngineConfig> {
         on_peer_loss: config.on_peer_loss,
         resync_rate: config.resync_rate,
         split_brain: config.split_brain_policy(),
+        tls: tls.filter(|t| t.settings().replication == crate::tls::ReplTlsMode::Require).cloned(),
         // Set by `Node::with_store`, which owns the event channel the
         // handler reports on.
         before_resync_target: None,
@@ -142,7 +147,8 @@ impl Daemon {
         let volume: Arc<Volume> = tokio::task::spawn_blocking(move || Volume::open(engine, opts, &identity))
             .await
             .map_err(|e| DaemonError::Task(format!("volume open task failed: {e}")))??;
-        let node = Node::with_store(config, me, Arc::clone(&volume), kind, replication_store(&volume));
+        let tls = load_tls(&config, &me)?;
+        let node = Node::with_store(config, me, Arc::clone(&volume), kind, replication_store(&volume), tls);
         // A node that cannot bind its replication address does not start
         // (as one that cannot bind its control socket).
         if let Err(e) = node.start_replication().await {
@@ -204,6 +210,20 @@ impl Daemon {
         }
         res.map_err(DaemonError::from)
     }
+}
+
+/// The node's TLS credentials, if `[tls]` turns anything on: every file it
+/// needs is read and checked now, and certificates expiring within 30 days
+/// are warned about.
+pub fn load_tls(config: &Config, me: &NodeConfig) -> Result<Option<Arc<TlsContext>>, DaemonError> {
+    let Some(settings) = config.tls_settings(me) else { return Ok(None) };
+    let ctx = TlsContext::load(settings)?;
+    let s = ctx.settings();
+    tracing::info!(dir = %s.dir.display(), nbd = s.nbd.as_str(), replication = s.replication.as_str(), nbd_verify_client = s.nbd_verify_client, "TLS credentials loaded");
+    for w in ctx.expiry_warnings(std::time::SystemTime::now()) {
+        tracing::warn!("TLS: {w}");
+    }
+    Ok(Some(Arc::new(ctx)))
 }
 
 /// The replication engine's view of the volume.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::backend::VolumeBackend;
 use crate::config::NbdAddress;
-use crate::nbd::{ListenAddr, NbdHandle, NbdServer, ServerConfig};
+use crate::nbd::{ListenAddr, NbdHandle, NbdServer, NbdTls, ServerConfig};
 
 /// How long a client may take over the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -21,6 +21,8 @@ pub struct ExportConfig {
     /// `nbd_max_inflight`, `nbd_stall_timeout` (config).
     pub max_inflight_bytes: usize,
     pub stall_timeout: Duration,
+    /// `[tls] nbd` on or require.
+    pub tls: Option<NbdTls>,
 }
 
 /// A running export.
@@ -51,7 +53,8 @@ pub async fn start(addr: &NbdAddress, backend: Arc<VolumeBackend>, cfg: ExportCo
         max_inflight_bytes: cfg.max_inflight_bytes,
         stall_timeout: cfg.stall_timeout,
     };
-    let handle = NbdServer::start(&listen, backend, server_cfg).await.map_err(|e| format!("{addr}: {e}"))?;
+    let handle =
+        NbdServer::start_with_tls(&listen, backend, server_cfg, cfg.tls).await.map_err(|e| format!("{addr}: {e}"))?;
     Ok(Export { handle })
 }
 
@@ -59,6 +62,11 @@ impl Export {
     /// Attached NBD connections.
     pub fn client_count(&self) -> usize {
         self.handle.client_count()
+    }
+
+    /// Open NBD connections that negotiated TLS.
+    pub fn tls_client_count(&self) -> usize {
+        self.handle.tls_client_count()
     }
 
     /// Stops accepting, lets in-flight requests finish, disconnects every

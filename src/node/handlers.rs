@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `on-promote` | after `role-changed` to primary | nothing |
 //! | `on-demote` | after `role-changed` to secondary | nothing |
-//! | `before-resync-target` | on the sync target, when a bitmap or full resync is about to write to it | the resync (src/repl/gate.rs) |
+//! | `before-resync-target` | on the sync target, when a bitmap or full resync is about to write to it | the resync (src/repl/resync_hook.rs) |
 //! | `after-resync-target` | after `sync-finished` on the target (this node's disk is uptodate again) | nothing |
 //! | `fence-peer` | on a primary, after `io-suspended` (`on_peer_loss = "suspend"`) or `peer-lost` (`"continue"`) | with `suspend`, the writes: its exit code decides whether they resume |
 //! | `split-brain` | after `split-brain` (both nodes stay standalone) | nothing |
@@ -41,7 +41,7 @@ use super::Node;
 use crate::config::{Config, Handlers, NodeConfig};
 use crate::event::{Event, EventLine, SyncRole};
 use crate::model::{OnPeerLoss, Role};
-use crate::repl::gate::{Gate, Refusal, ResyncGate, ResyncRequest};
+use crate::repl::resync_hook::{Refusal, ResyncGate, ResyncHook, ResyncRequest};
 use crate::repl::store::BoxFut;
 
 /// The handler an event calls, if configured (`fence-peer` is decided by
@@ -145,7 +145,7 @@ async fn fence_peer(node: &Node, runner: &Runner, argv: &[String], e: &EventLine
             tracing::info!(%peer, exit_code = ?done.exit_code, "fence-peer: {meaning}, but this node is no longer primary");
         } else {
             tracing::warn!(%peer, exit_code = ?done.exit_code, "fence-peer: {meaning}: resuming writes without the peer");
-            io_resumed = engine.resume_io();
+            io_resumed = engine.gate().resume_io();
         }
     } else {
         tracing::info!(%peer, exit_code = ?done.exit_code, fenced, "fence-peer: {meaning}");
@@ -154,11 +154,11 @@ async fn fence_peer(node: &Node, runner: &Runner, argv: &[String], e: &EventLine
 }
 
 /// The `before-resync-target` gate of `me`, if configured, for the
-/// replication engine's config (src/repl/gate.rs).
-pub fn resync_gate(config: &Config, me: &NodeConfig, events: &broadcast::Sender<EventLine>) -> Option<Gate> {
+/// replication engine's config (src/repl/resync_hook.rs).
+pub fn resync_gate(config: &Config, me: &NodeConfig, events: &broadcast::Sender<EventLine>) -> Option<ResyncHook> {
     let argv = config.handlers.before_resync_target.clone()?;
     let runner = Runner::of(config, me, events.clone());
-    Some(Gate::new(Arc::new(BeforeResyncTarget { runner, argv })))
+    Some(ResyncHook::new(Arc::new(BeforeResyncTarget { runner, argv })))
 }
 
 struct BeforeResyncTarget {

@@ -74,6 +74,9 @@ pub enum NodeError {
     NotAvailable { cmd: &'static str, why: &'static str },
     #[error("{0}")]
     Replication(String),
+    /// A TLS reload failed; the message names the file.
+    #[error("TLS reload failed (the previous certificates stay in use): {0}")]
+    Tls(String),
 }
 
 /// The mutable part of the node.
@@ -98,13 +101,15 @@ pub struct Node {
     repl: Option<Arc<Engine>>,
     /// NBD request counters (status statistics, /metrics).
     io_stats: Arc<crate::stats::IoStats>,
+    /// TLS credentials (`[tls]`), if anything uses TLS.
+    tls: Option<Arc<crate::tls::TlsContext>>,
 }
 
 impl Node {
     /// A secondary node over an open volume; the disk state comes from the
     /// superblock.
     pub fn new(config: Config, me: NodeConfig, volume: Arc<Volume>, engine: EngineKind) -> Arc<Node> {
-        Node::with_store(config, me, volume, engine, None)
+        Node::with_store(config, me, volume, engine, None, None)
     }
 
     /// A node whose replication (two-node resources) runs over `store`.
@@ -115,10 +120,11 @@ impl Node {
         volume: Arc<Volume>,
         engine: EngineKind,
         store: Option<Arc<dyn ReplStore>>,
+        tls: Option<Arc<crate::tls::TlsContext>>,
     ) -> Arc<Node> {
         let disk = volume.superblock().disk_state;
         let (events, _) = broadcast::channel(256);
-        let repl = match (daemon::engine_config(&config, &me), store) {
+        let repl = match (daemon::engine_config(&config, &me, tls.as_ref()), store) {
             (Some(mut cfg), Some(store)) => {
                 cfg.before_resync_target = handlers::resync_gate(&config, &me, &events);
                 Some(Engine::new(cfg, store, Role::Secondary, events.clone()))
@@ -136,6 +142,7 @@ impl Node {
             events,
             repl,
             io_stats: Arc::default(),
+            tls,
         })
     }
 
@@ -248,7 +255,7 @@ impl Node {
             }
         }
         let backend = Arc::new(
-            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.clone())
+            VolumeBackend::with_gate(Arc::clone(&self.volume), self.repl.as_ref().map(|r| r.gate().clone()))
                 .with_stats(Arc::clone(&self.io_stats)),
         );
         let cfg = export::ExportConfig {
@@ -257,6 +264,11 @@ impl Node {
             max_connections: self.config.max_clients as usize,
             max_inflight_bytes: usize::try_from(self.config.nbd_max_inflight).unwrap_or(usize::MAX),
             stall_timeout: self.config.nbd_stall_timeout,
+            tls: self
+                .tls
+                .as_ref()
+                .filter(|t| t.settings().nbd != crate::tls::NbdTlsMode::Off)
+                .map(|t| crate::nbd::NbdTls { mode: t.settings().nbd, context: Arc::clone(t) }),
         };
         let export = match export::start(&self.me.nbd, backend, cfg).await {
             Ok(e) => e,
@@ -303,7 +315,7 @@ impl Node {
             // Every completed write must have reached the peer before it
             // may become primary.
             let lsn = self.volume.status().local_lsn;
-            if repl.is_connected() && !repl.wait_received(lsn, DEMOTE_WAIT).await {
+            if repl.is_connected() && !repl.gate().wait_received(lsn, DEMOTE_WAIT).await {
                 tracing::warn!(lsn, "demote: the peer did not receive every completed write within {DEMOTE_WAIT:?}");
             }
             repl.set_role(Role::Secondary, ROLE_SETTLE).await;
@@ -328,14 +340,87 @@ impl Node {
         }
     }
 
+    /// `status.tls`, if TLS is configured.
+    fn tls_status(
+        &self,
+        view: Option<&crate::repl::engine::LinkView>,
+        nbd_tls_clients: usize,
+    ) -> Option<status::TlsStatus> {
+        let tls = self.tls.as_ref()?;
+        let now = std::time::SystemTime::now();
+        let days = |c: &crate::tls::CertInfo| c.expires_in(now) / 86400;
+        let s = tls.settings();
+        let connected = view.is_some_and(|v| v.connection == ConnState::Connected);
+        let session = view.and_then(|v| v.tls.as_ref()).filter(|_| connected);
+        let peer = session.and_then(|t| t.peer_cert.as_ref());
+        let certs = tls.certificates();
+        let mut warnings: Vec<String> = certs.iter().filter_map(|c| c.expiry_warning(now)).collect();
+        warnings.extend(peer.and_then(|c| c.expiry_warning(now)).map(|w| format!("peer {w}")));
+        Some(status::TlsStatus {
+            dir: s.dir.display().to_string(),
+            nbd: s.nbd.as_str().into(),
+            nbd_verify_client: s.nbd_verify_client,
+            nbd_tls_clients,
+            replication: status::TlsLinkStatus {
+                mode: s.replication.as_str().into(),
+                encrypted: session.is_some(),
+                version: session.map(|t| t.version.clone()),
+                cipher: session.map(|t| t.cipher.clone()),
+                peer_subject: peer.map(|c| c.subject.clone()),
+                peer_not_after: peer.map(|c| c.not_after),
+                peer_expires_in_days: peer.map(days),
+            },
+            certificates: certs
+                .iter()
+                .map(|c| status::CertStatus {
+                    file: c.file.display().to_string(),
+                    subject: c.subject.clone(),
+                    not_after: c.not_after,
+                    expires_in_days: days(c),
+                })
+                .collect(),
+            warnings,
+        })
+    }
+
+    /// Reads the TLS certificate files again (SIGHUP, `repctl reload-tls`):
+    /// new handshakes use them, established connections keep theirs; on an
+    /// error the old credentials stay in use. Returns what is now in use.
+    pub fn reload_tls(&self) -> Result<String, NodeError> {
+        let tls = self
+            .tls
+            .as_ref()
+            .ok_or(NodeError::NotAvailable { cmd: "reload-tls", why: "TLS is off ([tls] in the config)" })?;
+        match tls.reload() {
+            Ok(report) => {
+                let now = std::time::SystemTime::now();
+                for w in report.certs.iter().filter_map(|c| c.expiry_warning(now)) {
+                    tracing::warn!("TLS: {w}");
+                }
+                let list: Vec<String> = report
+                    .certs
+                    .iter()
+                    .map(|c| format!("{} ({}, {} days left)", c.file.display(), c.subject, c.expires_in(now) / 86400))
+                    .collect();
+                tracing::info!(certificates = %list.join("; "), "TLS certificates reloaded");
+                Ok(format!("reloaded {}", list.join("; ")))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in use");
+                Err(NodeError::Tls(e.to_string()))
+            }
+        }
+    }
+
     /// The status object (design.md §6).
     pub fn status(&self) -> Status {
         let failed = self.check_failed();
         let vs = self.volume.status();
         let disk = self.disk();
-        let (role, clients, serving) = {
+        let (role, clients, serving, tls_clients) = {
             let st = self.state();
-            (st.role, st.export.as_ref().map_or(0, |e| e.client_count()), st.export.is_some())
+            let e = st.export.as_ref();
+            (st.role, e.map_or(0, |e| e.client_count()), e.is_some(), e.map_or(0, |e| e.tls_client_count()))
         };
         let peer = self.config.peer_of(&self.me.name);
         let view = self.repl.as_ref().map(|r| r.view());
@@ -382,6 +467,7 @@ impl Node {
                 peer_written: acks.written,
                 peer_durable: acks.durable,
             },
+            tls: self.tls_status(view.as_ref(), tls_clients),
             io_suspended: view.as_ref().is_some_and(|v| v.suspended),
             link_error: view.as_ref().and_then(|v| v.last_error.clone()),
             bitmap_granularity: self.repl.as_ref().map_or(self.config.bitmap_granularity, |r| r.bitmap_granularity()),

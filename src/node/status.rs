@@ -83,6 +83,11 @@ pub struct Status {
     /// requests, pending, buffer fill, WAL syncs; src/stats.rs).
     #[serde(default)]
     pub statistics: crate::stats::Statistics,
+    /// `[tls]`: modes, the encrypted link's peer certificate, the
+    /// certificates in use and their expiry warnings (docs/tls.md); null
+    /// when TLS is off.
+    #[serde(default)]
+    pub tls: Option<TlsStatus>,
 }
 
 /// `decision` in the status.
@@ -350,6 +355,7 @@ mod tests {
             wal: WalStatus { bytes: 64 << 20, checkpoint_lsn: 10, durable_lsn: 12 },
             failed: None,
             pid: 1,
+            tls: None,
             io_suspended: false,
             link_error: None,
             bitmap_granularity: 4096,
@@ -454,4 +460,46 @@ mod tests {
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["peer"], serde_json::json!({"name": "beta", "role": null, "disk": "unknown"}));
     }
+}
+
+/// `status.tls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TlsStatus {
+    /// The certificate directory.
+    pub dir: String,
+    /// `off`, `on` or `require`.
+    pub nbd: String,
+    pub nbd_verify_client: bool,
+    /// Open NBD connections that negotiated TLS.
+    pub nbd_tls_clients: usize,
+    pub replication: TlsLinkStatus,
+    /// The certificates in use (CA, server, client).
+    pub certificates: Vec<CertStatus>,
+    /// Certificates (ours or the peer's) expiring within 30 days.
+    pub warnings: Vec<String>,
+}
+
+/// `status.tls.replication`: the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TlsLinkStatus {
+    /// `off` or `require`.
+    pub mode: String,
+    /// The link is up and inside TLS.
+    pub encrypted: bool,
+    pub version: Option<String>,
+    pub cipher: Option<String>,
+    /// The peer certificate's subject (`CN=beta`) and expiry (Unix seconds).
+    pub peer_subject: Option<String>,
+    pub peer_not_after: Option<u64>,
+    pub peer_expires_in_days: Option<i64>,
+}
+
+/// One certificate in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CertStatus {
+    pub file: String,
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: u64,
+    pub expires_in_days: i64,
 }

@@ -37,6 +37,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) 
         on_peer_loss: OnPeerLoss::Continue,
         resync_rate: None,
         split_brain: Default::default(),
+        tls: None,
         before_resync_target: None,
     }
 }
@@ -92,12 +93,12 @@ async fn full_sync_then_streaming_make_identical_copies() {
     let mut last = 0;
     for i in 0..64usize {
         let lsn = p.a.write((i * 12_288) % (SIZE - 8192), &pattern(100 + i as u8, 8192), i % 7 == 1);
-        p.alpha.wait(lsn, Durability::Write).await;
+        p.alpha.gate().wait(lsn, Durability::Write).await;
         last = lsn;
     }
     let upto = p.a.flush_primary();
     assert_eq!(upto, last);
-    p.alpha.wait(upto, Durability::Flush).await;
+    p.alpha.gate().wait(upto, Durability::Flush).await;
     let acks = p.alpha.view().acks;
     assert!(acks.durable >= upto, "{acks:?}");
     assert!(p.b.data() == p.a.data(), "secondary copy differs from the primary's");
@@ -106,7 +107,7 @@ async fn full_sync_then_streaming_make_identical_copies() {
 
 async fn timed_wait(p: &Pair, lsn: u64, d: Durability) -> Duration {
     let t = Instant::now();
-    p.alpha.wait(lsn, d).await;
+    p.alpha.gate().wait(lsn, d).await;
     t.elapsed()
 }
 
@@ -168,7 +169,7 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     p.b.set_apply_delay(Duration::from_secs(30));
     let lsn = p.a.write(0, &pattern(9, 4096), false);
     let alpha = p.alpha.clone();
-    let waiter = tokio::spawn(async move { alpha.wait(lsn, Durability::Write).await });
+    let waiter = tokio::spawn(async move { alpha.gate().wait(lsn, Durability::Write).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!waiter.is_finished(), "the write waits for the slow peer");
     p.beta.disconnect();
@@ -181,7 +182,7 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     assert_eq!(meta.gen_ids.bitmap, 7, "{meta:?}");
     assert_ne!(meta.gen_ids.current, 7);
     assert!(p.a.is_dirty(0), "the unacked write is marked");
-    p.alpha.before_write().await.expect("before_write");
+    p.alpha.gate().before_write().await.expect("before_write");
     assert_eq!(p.a.meta(), meta, "once per divergence");
     p.a.write(8192, &pattern(10, 4096), false);
     p.b.set_apply_delay(Duration::ZERO);
@@ -192,7 +193,7 @@ async fn peer_loss_releases_waiting_replies_and_reconnect_resyncs() {
     p.beta.connect(false);
     in_sync(&p).await;
     let upto = p.a.flush_primary();
-    p.alpha.wait(upto, Durability::Flush).await;
+    p.alpha.gate().wait(upto, Durability::Flush).await;
     assert!(p.b.data() == p.a.data(), "resynced copy differs");
     assert_eq!(p.b.meta().gen_ids.current, p.a.meta().gen_ids.current);
 }
@@ -204,10 +205,10 @@ async fn suspend_holds_writes_until_resume_io() {
     p.beta.disconnect();
     until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
     let alpha = p.alpha.clone();
-    let w = tokio::spawn(async move { alpha.before_write().await });
+    let w = tokio::spawn(async move { alpha.gate().before_write().await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!w.is_finished(), "writes are held while suspended");
-    assert!(p.alpha.resume_io());
+    assert!(p.alpha.gate().resume_io());
     tokio::time::timeout(Duration::from_secs(2), w).await.expect("released by resume-io").expect("task").expect("ok");
     assert!(!p.alpha.view().suspended);
 }
@@ -219,7 +220,7 @@ async fn suspended_writes_resume_when_the_peer_is_back_in_sync() {
     p.beta.disconnect();
     until("alpha suspended", Duration::from_secs(5), || p.alpha.view().suspended).await;
     let alpha = p.alpha.clone();
-    let w = tokio::spawn(async move { alpha.before_write().await });
+    let w = tokio::spawn(async move { alpha.gate().before_write().await });
     p.beta.connect(false);
     tokio::time::timeout(Duration::from_secs(5), w)
         .await
@@ -377,7 +378,7 @@ async fn records_the_peer_never_acknowledges_end_the_session() {
     let sent_at = Instant::now();
     let waiter = {
         let alpha = alpha.clone();
-        tokio::spawn(async move { alpha.wait(lsn, Durability::Write).await })
+        tokio::spawn(async move { alpha.gate().wait(lsn, Durability::Write).await })
     };
     tokio::time::sleep(stall / 2).await;
     assert!(!waiter.is_finished(), "the C write waits for the peer's ack");
@@ -395,7 +396,7 @@ async fn role_swap_while_connected_needs_no_sync() {
     let p = pair(Protocol::C, |_| {}).await;
     in_sync(&p).await;
     let lsn = p.a.write(0, &pattern(5, 4096), true);
-    p.alpha.wait(lsn, Durability::Flush).await;
+    p.alpha.gate().wait(lsn, Durability::Flush).await;
     // alpha demotes, beta promotes: same generation, same log, no sync.
     p.alpha.set_role(Role::Secondary, Duration::from_secs(2)).await;
     assert!(!p.beta.peer_is_primary(Duration::from_secs(2)).await, "beta sees alpha demoted");
@@ -405,7 +406,7 @@ async fn role_swap_while_connected_needs_no_sync() {
     assert!(!p.beta.diverged(), "a promote with the peer connected starts no new generation");
     assert_eq!(p.a.meta().gen_ids.current, p.b.meta().gen_ids.current);
     let lsn = p.b.write(4096, &pattern(6, 4096), false);
-    p.beta.wait(lsn, Durability::Write).await;
+    p.beta.gate().wait(lsn, Durability::Write).await;
     assert!(p.a.data() == p.b.data());
 }
 
@@ -446,7 +447,7 @@ async fn diverge_alone(p: &Pair, blocks: usize) -> Vec<usize> {
     in_sync(p).await;
     p.beta.disconnect();
     until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
-    p.alpha.before_write().await.expect("new generation");
+    p.alpha.gate().before_write().await.expect("new generation");
     let offsets: Vec<usize> = (0..blocks).map(|i| (i * 37 % 256) * 16384).collect();
     for (i, off) in offsets.iter().enumerate() {
         p.a.write(*off, &pattern(50 + i as u8, 4096), false);
@@ -524,7 +525,7 @@ async fn log_catch_up_clears_the_marks_of_records_whose_acks_were_lost() {
     until("beta has both records", Duration::from_secs(5), || p.b.local_lsn() == acked_lost).await;
     p.beta.disconnect();
     until("alpha lost beta", Duration::from_secs(5), || p.alpha.view().connection != ConnState::Connected).await;
-    p.alpha.before_write().await.expect("new generation");
+    p.alpha.gate().before_write().await.expect("new generation");
     // As if the acks of the two records had been lost with the link.
     p.a.set_bitmap_base_lsn(acked_lost - 2);
     p.a.mark(0, 4096);
@@ -668,8 +669,8 @@ async fn split_brain_moves_nothing_until_discard_my_data() {
     until("sessions ended", Duration::from_secs(5), || !p.alpha.is_connected() && !p.beta.is_connected()).await;
     // Both become primary and write on their own.
     p.beta.set_role(Role::Primary, Duration::ZERO).await;
-    p.alpha.before_write().await.expect("alpha new generation");
-    p.beta.before_write().await.expect("beta new generation");
+    p.alpha.gate().before_write().await.expect("alpha new generation");
+    p.beta.gate().before_write().await.expect("beta new generation");
     p.a.write(0, &pattern(1, 4096), false);
     p.b.write(65536, &pattern(2, 8192), false);
     p.beta.set_role(Role::Secondary, Duration::ZERO).await;
@@ -705,7 +706,7 @@ async fn split_brain_moves_nothing_until_discard_my_data() {
     until("sessions ended", Duration::from_secs(5), || !p.alpha.is_connected() && !p.beta.is_connected()).await;
     p.alpha.set_role(Role::Secondary, Duration::ZERO).await;
     p.beta.set_role(Role::Primary, Duration::ZERO).await;
-    p.beta.before_write().await.expect("beta new generation");
+    p.beta.gate().before_write().await.expect("beta new generation");
     let g = p.b.meta().gen_ids;
     assert_ne!(g.current, taken, "beta writes under a generation of its own");
     assert_eq!(g.bitmap, taken);

@@ -147,6 +147,11 @@ pub enum HandshakeError {
     /// Our own parameters cannot be sent (a bad name, an empty secret).
     #[error("Cannot start a handshake: {0}")]
     Local(String),
+    /// The TLS handshake before ours failed (`[tls] replication`): `kind`
+    /// says why in a word (`unknown-ca`, `expired`, `wrong-name`,
+    /// `no-certificate`, `not-tls`...), `message` in a sentence.
+    #[error("TLS with {peer} failed ({kind}): {message}")]
+    Tls { peer: String, kind: &'static str, message: String },
 }
 
 /// Handshake stages that come before the peer proved it knows the secret.
@@ -170,6 +175,8 @@ impl HandshakeError {
             }
             HandshakeError::PeerRefused { .. } => true,
             HandshakeError::Local(_) => false,
+            // Anyone can reach the port and fail TLS.
+            HandshakeError::Tls { kind, .. } => *kind != "local",
         }
     }
 
@@ -186,6 +193,7 @@ impl HandshakeError {
             HandshakeError::Refused { reason, .. } => ("refused", reason.as_str()),
             HandshakeError::PeerRefused { reason, .. } => ("refused-by-peer", reason.as_str()),
             HandshakeError::Local(_) => ("local", ""),
+            HandshakeError::Tls { kind, .. } => ("tls", kind),
         }
     }
 

@@ -19,11 +19,20 @@ use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::os::fd::RawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::handshake::HandshakeError;
+use crate::tls::{SessionInfo, TlsContext};
 
 use tokio::sync::{Notify, mpsc};
 
@@ -106,7 +115,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-impl FrameReader<OwnedReadHalf> {
+impl FrameReader<LinkRead> {
     /// Whether the next `read` has something to work on without waiting:
     /// a whole frame buffered, or bytes (or the end of the stream, or an
     /// error) waiting in the socket. Asks the kernel (`MSG_PEEK`), not the
@@ -118,7 +127,9 @@ impl FrameReader<OwnedReadHalf> {
         if !matches!(check(&self.buf), Ok(None)) {
             return true;
         }
-        let fd = self.inner.as_ref().as_raw_fd();
+        // With TLS this peeks at the encrypted bytes: a record on its way
+        // is input too.
+        let fd = self.inner.raw_fd();
         let mut byte = 0u8;
         // SAFETY: `fd` is the socket `self.inner` owns for the whole call;
         // the one-byte buffer is valid for writes; MSG_PEEK leaves the
@@ -310,14 +321,180 @@ pub async fn run_writer_counted<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Splits a connected socket into a framed reader and writer, with
-/// TCP_NODELAY set (frames are batched by [`FrameWriter`], not by Nagle).
-/// Call after [`super::handshake::handshake`] on the same stream: the
-/// handshake reads exactly its own frames, so nothing is lost.
-pub fn split_tcp(stream: TcpStream) -> io::Result<(FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>)> {
-    stream.set_nodelay(true)?;
-    let (r, w) = stream.into_split();
+/// A replication connection: plain TCP, or TCP inside mutual TLS
+/// (`[tls] replication = "require"`, docs/tls.md).
+pub enum LinkStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl LinkStream {
+    /// The TLS session (version, cipher, the peer's certificate), if any.
+    pub fn tls_session(&self) -> Option<SessionInfo> {
+        match self {
+            LinkStream::Tcp(_) => None,
+            LinkStream::Tls(t) => Some(match &**t {
+                tokio_rustls::TlsStream::Client(c) => SessionInfo::of(c.get_ref().1),
+                tokio_rustls::TlsStream::Server(c) => SessionInfo::of(c.get_ref().1),
+            }),
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            LinkStream::Tcp(s) => s,
+            LinkStream::Tls(t) => t.get_ref().0,
+        }
+    }
+}
+
+/// `AsyncRead` for an enum whose variants each hold a reader first.
+macro_rules! delegate_read {
+    ($ty:ident, $($variant:ident),+) => {
+        impl AsyncRead for $ty {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s, ..) => Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+    };
+}
+
+/// `AsyncWrite` (vectored writes included) for an enum whose variants each
+/// hold a writer.
+macro_rules! delegate_write {
+    ($ty:ident, $($variant:ident),+) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $($ty::$variant(s) => s.is_write_vectored(),)+
+                }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+
+delegate_read!(LinkStream, Tcp, Tls);
+delegate_write!(LinkStream, Tcp, Tls);
+delegate_read!(LinkRead, Tcp, Tls);
+delegate_write!(LinkWrite, Tcp, Tls);
+
+/// The read half of a [`LinkStream`].
+pub enum LinkRead {
+    Tcp(OwnedReadHalf),
+    /// With the socket's descriptor, for [`FrameReader::has_input`], and
+    /// the peer's address.
+    Tls(tokio::io::ReadHalf<LinkStream>, RawFd, Option<std::net::SocketAddr>),
+}
+
+/// The write half of a [`LinkStream`].
+pub enum LinkWrite {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<LinkStream>),
+}
+
+impl LinkRead {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            LinkRead::Tcp(r) => r.as_ref().as_raw_fd(),
+            LinkRead::Tls(_, fd, _) => *fd,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            LinkRead::Tcp(r) => r.peer_addr(),
+            LinkRead::Tls(_, _, addr) => addr.ok_or_else(|| io::Error::other("peer address unknown")),
+        }
+    }
+}
+
+/// Brings a fresh replication connection into TLS when `tls` is set (the
+/// dialler as TLS client, expecting the peer's certificate to name `peer`;
+/// the acceptor as TLS server, requiring a CA-signed client certificate
+/// that names `peer`); plain TCP otherwise. The HMAC handshake runs next,
+/// inside. Errors say what was wrong with the peer's certificate.
+pub async fn secure(
+    stream: TcpStream,
+    tls: Option<&TlsContext>,
+    dialled_by_us: bool,
+    peer: &str,
+    timeout: Duration,
+) -> Result<LinkStream, HandshakeError> {
+    let Some(tls) = tls else { return Ok(LinkStream::Tcp(stream)) };
+    let fail = |kind: &'static str, message: String| HandshakeError::Tls { peer: peer.to_string(), kind, message };
+    let tls_err = |e: io::Error| fail(crate::tls::failure_kind(&e), e.to_string());
+    let run = async {
+        if dialled_by_us {
+            let connector = tls.repl_connector().ok_or_else(|| fail("local", "no client credentials".into()))?;
+            let name = crate::tls::server_name(peer).map_err(|m| fail("local", m))?;
+            let t = connector.connect(name, stream).await.map_err(tls_err)?;
+            Ok(LinkStream::Tls(Box::new(tokio_rustls::TlsStream::Client(t))))
+        } else {
+            let acceptor = tls.repl_acceptor().ok_or_else(|| fail("local", "no server credentials".into()))?;
+            let t = acceptor.accept(stream).await.map_err(tls_err)?;
+            let cert = t.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+            let cert = cert.ok_or_else(|| fail("no-certificate", "the peer presented no certificate".into()))?;
+            crate::tls::check_peer_name(&cert, peer).map_err(|m| fail("wrong-name", m))?;
+            Ok(LinkStream::Tls(Box::new(tokio_rustls::TlsStream::Server(t))))
+        }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(fail("timeout", format!("TLS handshake not finished within {timeout:?}"))),
+    }
+}
+
+/// Splits a connection into a framed reader and writer, with TCP_NODELAY
+/// set (frames are batched by [`FrameWriter`], not by Nagle). Call after
+/// [`super::handshake::handshake`] on the same stream: the handshake reads
+/// exactly its own frames, so nothing is lost.
+pub fn split_link(stream: LinkStream) -> io::Result<(FrameReader<LinkRead>, FrameWriter<LinkWrite>)> {
+    stream.tcp().set_nodelay(true)?;
+    let (r, w) = match stream {
+        LinkStream::Tcp(s) => {
+            let (r, w) = s.into_split();
+            (LinkRead::Tcp(r), LinkWrite::Tcp(w))
+        }
+        tls @ LinkStream::Tls(_) => {
+            let fd = tls.tcp().as_raw_fd();
+            let addr = tls.tcp().peer_addr().ok();
+            let (r, w) = tokio::io::split(tls);
+            (LinkRead::Tls(r, fd, addr), LinkWrite::Tls(w))
+        }
+    };
     Ok((FrameReader::new(r), FrameWriter::new(w)))
+}
+
+/// [`split_link`] of a plain TCP connection.
+pub fn split_tcp(stream: TcpStream) -> io::Result<(FrameReader<LinkRead>, FrameWriter<LinkWrite>)> {
+    split_link(LinkStream::Tcp(stream))
 }
 
 #[cfg(test)]

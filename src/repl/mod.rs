@@ -41,10 +41,10 @@ pub mod decide;
 pub mod engine;
 #[cfg(test)]
 mod engine_tests;
-pub mod gate;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+pub mod resync_hook;
 mod session;
 pub mod stats;
 pub mod store;
@@ -60,7 +60,10 @@ pub use handshake::{
     HandshakeError, LocalHello, PeerInfo, compute_auth, connection_winner, handshake, keep_connection,
     negotiate_version, refuse,
 };
-pub use link::{FrameReader, FrameWriter, LinkError, QueuedBytes, run_writer, run_writer_counted, split_tcp};
+pub use link::{
+    FrameReader, FrameWriter, LinkError, LinkRead, LinkStream, LinkWrite, QueuedBytes, run_writer, run_writer_counted,
+    secure, split_link, split_tcp,
+};
 pub use proto::{
     FrameError, GoodbyeReason, Hello, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason, decode, encode,
 };

@@ -46,7 +46,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::OwnedWriteHalf;
+use super::link::LinkWrite;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep_until;
 
@@ -114,13 +114,13 @@ pub enum Outcome {
     Failed(String),
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type Reader = FrameReader<super::link::LinkRead>;
 
 /// What the engine hands a new session: the connection after the handshake
 /// and the SyncInfo exchange.
 pub struct Start {
     pub reader: Reader,
-    pub writer: FrameWriter<OwnedWriteHalf>,
+    pub writer: FrameWriter<LinkWrite>,
     pub peer: PeerInfo,
     pub mine: SyncInfo,
     pub theirs: SyncInfo,
@@ -624,7 +624,7 @@ impl Session {
         // committed while tracking was on (bits) or is in the feed.
         let (base, mut feed) = store.attach_feed(engine.cfg.max_buffer);
         store.set_tracking(false);
-        engine.feed_attached(base);
+        engine.gate().feed_attached(base);
         let mut catchup: Option<Catchup> = None;
         let mut walk: Option<Walk> = None;
         let wants_log = matches!(plan, None | Some(ResyncKind::Log)) && peer_lsn < base;
@@ -693,7 +693,7 @@ impl Session {
                 return Ok(Outcome::Stopped(r));
             }
             self.tick();
-            if let Some(o) = acks_watch.check(engine.acks.borrow().received, self.queued.get()) {
+            if let Some(o) = acks_watch.check(engine.gate().acks().received, self.queued.get()) {
                 return Ok(o);
             }
             // The log catch-up comes before the feed (its records are older).
@@ -741,7 +741,7 @@ impl Session {
             }
             let mut rate_wake: Option<Instant> = None;
             if let Some(w) = walk.as_mut() {
-                let app_waiting = last_record > engine.acks.borrow().written;
+                let app_waiting = last_record > engine.gate().acks().written;
                 rate_wake = w.queue_reads(&*store, app_waiting, self.queued.get() as u64, engine.cfg.resync_rate)?;
                 if w.scan_done && !w.end_sent && w.seen >= w.queued && pending.is_none() {
                     pending = Some(Message::SyncEnd { bytes: w.queued });
@@ -752,7 +752,7 @@ impl Session {
             // not during a resync; a write committed but not yet written by
             // the peer (even if still in the feed) has priority.
             let app_waiting =
-                io.verify.is_source() && store.local_lsn().max(last_record) > engine.acks.borrow().written;
+                io.verify.is_source() && store.local_lsn().max(last_record) > engine.gate().acks().written;
             self.verify_source_tick(io, ReadMode::Feed, walk.is_some() || catchup.is_some(), app_waiting).await?;
             let feed_open = catchup.as_ref().is_none_or(|c| c.end_sent);
             // The walk waits for the writer: wake up when it sent something.
@@ -798,8 +798,8 @@ impl Session {
                     Tick::Out(o) => return Ok(o),
                     Tick::Ping | Tick::Frame(Message::State { .. }) => {}
                     Tick::Frame(Message::Ack { received, written, durable }) => {
-                        engine.record_ack(received, written, durable);
-                        let a = *engine.acks.borrow();
+                        engine.gate().record_ack(received, written, durable);
+                        let a = engine.gate().acks();
                         store.set_peer_written(a.written);
                         if catchup.is_none() {
                             store.set_retain_after(Some(a.durable));
@@ -830,7 +830,7 @@ impl Session {
                         {
                             self.catchup_finished(c, theirs)?;
                             catchup = None;
-                            let a = *engine.acks.borrow();
+                            let a = engine.gate().acks();
                             store.set_retain_after(Some(a.durable));
                         }
                     }
@@ -1198,7 +1198,8 @@ impl Session {
                 }
                 if total_bytes > 0
                     && let Err(why) =
-                        super::gate::before_resync_target(&engine, kind, total_bytes, theirs.gen_ids.current).await
+                        super::resync_hook::before_resync_target(&engine, kind, total_bytes, theirs.gen_ids.current)
+                            .await
                 {
                     let _ = self.tx.try_send(Message::Goodbye { reason: GoodbyeReason::Other, message: why.clone() });
                     engine.go_standalone(&why);

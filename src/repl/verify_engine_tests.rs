@@ -39,6 +39,7 @@ fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16) -> EngineConfig {
         on_peer_loss: OnPeerLoss::Continue,
         resync_rate: None,
         split_brain: Default::default(),
+        tls: None,
         before_resync_target: None,
     }
 }
@@ -95,7 +96,7 @@ async fn verify_under_concurrent_writes_finds_nothing_on_a_healthy_pair() {
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 let off = (i * 7919 * 4096) % (SIZE - 12288);
                 let lsn = a.write(off, &pattern(i as u8, 12288), i.is_multiple_of(5));
-                alpha.wait(lsn, Durability::Write).await;
+                alpha.gate().wait(lsn, Durability::Write).await;
                 n += 1;
                 i += 1;
                 if i.is_multiple_of(16) {
@@ -130,7 +131,7 @@ async fn verify_under_concurrent_writes_finds_nothing_on_a_healthy_pair() {
     assert!(during >= 8 && writes >= during, "only {during} writes ran during the verifies");
     assert!(established(&p.alpha), "no renegotiation without differences");
     let upto = p.a.flush_primary();
-    p.alpha.wait(upto, Durability::Flush).await;
+    p.alpha.gate().wait(upto, Durability::Flush).await;
     assert!(p.a.data() == p.b.data(), "copies differ after the verify");
 }
 

@@ -159,15 +159,9 @@ pub(super) async fn accept_loop<B: BlockBackend>(listener: Listener, shared: Arc
         };
         let shared = shared.clone();
         match conn.stream {
-            Stream::Tcp(s) => {
-                let (r, w) = s.into_split();
-                conns.spawn(serve_connection(r, w, conn.id, conn.peer, shared, permit));
-            }
-            Stream::Unix(s) => {
-                let (r, w) = s.into_split();
-                conns.spawn(serve_connection(r, w, conn.id, conn.peer, shared, permit));
-            }
-        }
+            Stream::Tcp(s) => conns.spawn(serve_connection(s, conn.id, conn.peer, shared, permit)),
+            Stream::Unix(s) => conns.spawn(serve_connection(s, conn.id, conn.peer, shared, permit)),
+        };
     }
     if let Listener::Unix(_, path) = &listener
         && let Err(e) = std::fs::remove_file(path)

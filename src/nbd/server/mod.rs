@@ -147,6 +147,15 @@ impl Default for ServerConfig {
     }
 }
 
+/// TLS on the export (`[tls] nbd`, docs/tls.md).
+#[derive(Debug, Clone)]
+pub struct NbdTls {
+    /// `On` or `Require` (`Off` is no `NbdTls` at all).
+    pub mode: crate::tls::NbdTlsMode,
+    /// The credentials; reloading them changes what new handshakes use.
+    pub context: Arc<crate::tls::TlsContext>,
+}
+
 /// The NBD server.
 pub struct NbdServer;
 
@@ -155,6 +164,7 @@ pub struct NbdHandle {
     local: String,
     listen: ListenAddr,
     clients: Arc<AtomicUsize>,
+    tls_clients: Arc<AtomicUsize>,
     shutdown_tx: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -173,6 +183,11 @@ impl NbdHandle {
     /// Connections in the transmission phase.
     pub fn client_count(&self) -> usize {
         self.clients.load(Ordering::SeqCst)
+    }
+
+    /// Connections that negotiated TLS and are still open.
+    pub fn tls_client_count(&self) -> usize {
+        self.tls_clients.load(Ordering::SeqCst)
     }
 
     /// Stops accepting, lets in-flight requests finish and their replies go
@@ -208,11 +223,22 @@ impl Drop for NbdHandle {
 }
 
 impl NbdServer {
-    /// Binds `addr` and serves `backend` until [`NbdHandle::shutdown`].
+    /// Binds `addr` and serves `backend` until [`NbdHandle::shutdown`]
+    /// (without TLS: STARTTLS is answered `NBD_REP_ERR_UNSUP`).
     pub async fn start<B: BlockBackend>(
         addr: &ListenAddr,
         backend: Arc<B>,
         cfg: ServerConfig,
+    ) -> io::Result<NbdHandle> {
+        NbdServer::start_with_tls(addr, backend, cfg, None).await
+    }
+
+    /// [`NbdServer::start`], offering or requiring TLS when `tls` is set.
+    pub async fn start_with_tls<B: BlockBackend>(
+        addr: &ListenAddr,
+        backend: Arc<B>,
+        cfg: ServerConfig,
+        tls: Option<NbdTls>,
     ) -> io::Result<NbdHandle> {
         if cfg.max_connections == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "max_connections must be at least 1"));
@@ -242,10 +268,13 @@ impl NbdServer {
         };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let clients = Arc::new(AtomicUsize::new(0));
-        info!(addr = %listen, export = %cfg.export_name, size = backend.size(), "NBD server listening");
-        let shared = Arc::new(Shared::new(backend, cfg, clients.clone(), shutdown_rx));
-        let task = tokio::spawn(accept_loop(listener, shared));
-        Ok(NbdHandle { local, listen, clients, shutdown_tx, task: Some(task) })
+        let tls_mode = tls.as_ref().map_or("off", |t| t.mode.as_str());
+        info!(addr = %listen, export = %cfg.export_name, size = backend.size(), tls = tls_mode, "NBD server listening");
+        let mut shared = Shared::new(backend, cfg, clients.clone(), shutdown_rx);
+        shared.tls = tls.filter(|t| t.mode != crate::tls::NbdTlsMode::Off);
+        let tls_clients = shared.tls_clients.clone();
+        let task = tokio::spawn(accept_loop(listener, Arc::new(shared)));
+        Ok(NbdHandle { local, listen, clients, tls_clients, shutdown_tx, task: Some(task) })
     }
 }
 
@@ -264,6 +293,10 @@ struct Shared<B> {
     /// Time base of [`WriteWatch`] stamps.
     epoch: Instant,
     clients: Arc<AtomicUsize>,
+    /// TLS offered or required (`None`: STARTTLS is not supported).
+    tls: Option<NbdTls>,
+    /// Open connections that negotiated TLS.
+    tls_clients: Arc<AtomicUsize>,
     shutdown: watch::Receiver<bool>,
     next_conn: AtomicU64,
     /// Connections refused by the cap.
@@ -308,6 +341,8 @@ impl<B> Shared<B> {
             epoch: Instant::now(),
             cfg,
             clients,
+            tls: None,
+            tls_clients: Arc::new(AtomicUsize::new(0)),
             shutdown,
             next_conn: AtomicU64::new(1),
             log_cap: RateLimit::new(),
@@ -401,9 +436,8 @@ pub(crate) mod fuzz {
     pub(crate) async fn option_haggling(data: &[u8]) {
         let (_keep, rx) = watch::channel(false);
         let shared = shared(rx);
-        let mut r = data;
-        let mut w = tokio::io::sink();
-        let _ = handshake(&mut r, &mut w, &shared).await;
+        let mut s = tokio::io::join(data, tokio::io::sink());
+        let _ = handshake(&mut s, &shared).await;
     }
 
     /// `data[0]` bit 0 chooses structured replies; the rest is what a client

@@ -28,6 +28,10 @@ pub(super) enum HandshakeError {
     Protocol(String),
     #[error("Handshake not finished within {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake after NBD_OPT_STARTTLS failed (a client without a
+    /// certificate under `nbd_verify_client`, one that distrusts ours...).
+    #[error("TLS handshake failed ({kind}): {source}")]
+    Tls { kind: &'static str, source: io::Error },
 }
 
 pub(super) enum Negotiated {
@@ -39,6 +43,31 @@ pub(super) enum Negotiated {
     Transmission { structured: bool, last: Vec<u8> },
 }
 
+/// Where option haggling stands with respect to TLS (the NBD spec's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPhase {
+    /// NOTLS: STARTTLS is answered `NBD_REP_ERR_UNSUP`.
+    NotOffered,
+    /// Plain, STARTTLS offered, plain clients served (`nbd = "on"`).
+    Offered,
+    /// FORCEDTLS before STARTTLS (`nbd = "require"`): every option but
+    /// STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD`.
+    Required,
+    /// TLS is up: a second STARTTLS is `NBD_REP_ERR_INVALID`.
+    Up,
+}
+
+/// How option haggling ended.
+enum Step {
+    Done(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// The message of `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &str =
+    "TLS is required by this server: send NBD_OPT_STARTTLS first (nbds:// URI with tls-certificates=DIR)";
+
 /// Decrements the transmission-phase client count when dropped.
 struct ClientGuard(Arc<AtomicUsize>);
 
@@ -48,23 +77,60 @@ impl Drop for ClientGuard {
     }
 }
 
-pub(super) async fn serve_connection<B, R, W>(
-    mut r: R,
-    mut w: W,
+/// A connection's stream, and how it splits into the transmission phase's
+/// reader and writer: TCP and Unix sockets into their owned halves, a TLS
+/// stream with `tokio::io::split`. One generic transmission loop serves all.
+pub(super) trait Halves: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::R, Self::W);
+}
+
+impl Halves for tokio::net::TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl Halves for tokio::net::UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Halves for tokio_rustls::server::TlsStream<S> {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+}
+
+/// The stream after negotiation: as accepted, or inside TLS.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+pub(super) async fn serve_connection<B, S>(
+    stream: S,
     id: u64,
     peer: String,
     shared: Arc<Shared<B>>,
     _permit: OwnedSemaphorePermit,
 ) where
     B: BlockBackend,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Halves,
 {
     debug!(conn = id, peer = %peer, "NBD client connected");
     let mut shutdown = shared.shutdown.clone();
     let timeout = shared.cfg.handshake_timeout;
     let negotiated = tokio::select! {
-        res = tokio::time::timeout(timeout, handshake(&mut r, &mut w, &shared)) => {
+        res = tokio::time::timeout(timeout, negotiate(stream, &shared)) => {
             res.unwrap_or(Err(HandshakeError::Timeout(timeout)))
         }
         _ = wait_shutdown(&mut shutdown) => {
@@ -73,13 +139,76 @@ pub(super) async fn serve_connection<B, R, W>(
         }
     };
     match negotiated {
-        Ok(Negotiated::Abort) => {
+        Ok((n, Conn::Plain(s))) => serve_negotiated(s, n, id, &peer, &shared).await,
+        Ok((n, Conn::Tls(s))) => {
+            shared.tls_clients.fetch_add(1, Ordering::SeqCst);
+            let _guard = ClientGuard(shared.tls_clients.clone());
+            serve_negotiated(*s, n, id, &peer, &shared).await
+        }
+        Err(HandshakeError::Io(e)) if is_disconnect(&e) => {
+            debug!(conn = id, peer = %peer, error = %e, "NBD client left during the handshake");
+        }
+        Err(e) => {
+            if let Some(suppressed) = shared.log_client.allow() {
+                info!(conn = id, peer = %peer, error = %e, suppressed, "NBD handshake failed");
+            }
+        }
+    }
+}
+
+/// The greeting, option haggling and, after STARTTLS, the TLS handshake and
+/// option haggling again inside TLS (nothing negotiated before STARTTLS
+/// carries over, as the spec asks).
+async fn negotiate<B, S>(mut s: S, shared: &Shared<B>) -> Result<(Negotiated, Conn<S>), HandshakeError>
+where
+    B: BlockBackend,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(&mut s).await?;
+    let phase = match &shared.tls {
+        None => TlsPhase::NotOffered,
+        Some(t) if t.mode == crate::tls::NbdTlsMode::Require => TlsPhase::Required,
+        Some(_) => TlsPhase::Offered,
+    };
+    match options(&mut s, shared, no_zeroes, phase).await? {
+        Step::Done(n) => Ok((n, Conn::Plain(s))),
+        Step::StartTls => {
+            let acceptor = shared
+                .tls
+                .as_ref()
+                .and_then(|t| t.context.nbd_acceptor())
+                .ok_or_else(|| HandshakeError::Protocol("STARTTLS acknowledged without TLS credentials".into()))?;
+            let mut t = acceptor
+                .accept(s)
+                .await
+                .map_err(|source| HandshakeError::Tls { kind: crate::tls::failure_kind(&source), source })?;
+            match options(&mut t, shared, no_zeroes, TlsPhase::Up).await? {
+                Step::Done(n) => Ok((n, Conn::Tls(Box::new(t)))),
+                Step::StartTls => Err(HandshakeError::Protocol("STARTTLS inside TLS".into())),
+            }
+        }
+    }
+}
+
+/// After the handshake: the transmission phase (or the end of an aborted
+/// handshake), and what is logged when it ends.
+async fn serve_negotiated<B: BlockBackend, S: Halves>(
+    s: S,
+    negotiated: Negotiated,
+    id: u64,
+    peer: &str,
+    shared: &Arc<Shared<B>>,
+) {
+    let (r, mut w) = s.halves();
+    match negotiated {
+        Negotiated::Abort => {
             debug!(conn = id, peer = %peer, "NBD client aborted the handshake");
             let _ = w.shutdown().await;
         }
-        Ok(Negotiated::Transmission { structured, last }) => {
+        Negotiated::Transmission { structured, last } => {
             shared.clients.fetch_add(1, Ordering::SeqCst);
             let _guard = ClientGuard(shared.clients.clone());
+            let timeout = shared.cfg.handshake_timeout;
             let sent = async {
                 w.write_all(&last).await?;
                 w.flush().await
@@ -96,7 +225,7 @@ pub(super) async fn serve_connection<B, R, W>(
                 }
             }
             debug!(conn = id, peer = %peer, structured, "NBD transmission phase");
-            let end = transmission(r, w, id, &peer, structured, &shared).await;
+            let end = transmission(r, w, id, peer, structured, shared).await;
             match end {
                 End::Eof | End::Disc | End::Shutdown => {
                     debug!(conn = id, peer = %peer, reason = ?end, "NBD client disconnected")
@@ -112,14 +241,6 @@ pub(super) async fn serve_connection<B, R, W>(
                         info!(conn = id, peer = %peer, reason = %end, suppressed, "NBD connection closed");
                     }
                 }
-            }
-        }
-        Err(HandshakeError::Io(e)) if is_disconnect(&e) => {
-            debug!(conn = id, peer = %peer, error = %e, "NBD client left during the handshake");
-        }
-        Err(e) => {
-            if let Some(suppressed) = shared.log_client.allow() {
-                info!(conn = id, peer = %peer, error = %e, suppressed, "NBD handshake failed");
             }
         }
     }
@@ -149,27 +270,48 @@ fn export_matches(cfg: &ServerConfig, name: &[u8]) -> bool {
     name.is_empty() || name == cfg.export_name.as_bytes()
 }
 
-/// The fixed newstyle handshake, up to the transmission phase (or abort).
-pub(super) async fn handshake<B, R, W>(r: &mut R, w: &mut W, shared: &Shared<B>) -> Result<Negotiated, HandshakeError>
+/// The fixed newstyle handshake without TLS, up to the transmission phase
+/// (or abort): what the fuzz target drives.
+#[cfg(feature = "testkit")]
+pub(super) async fn handshake<B, S>(s: &mut S, shared: &Shared<B>) -> Result<Negotiated, HandshakeError>
 where
     B: BlockBackend,
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let cfg = &shared.cfg;
-    let size = shared.backend.size();
-    w.write_all(&encode_greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)).await?;
+    let no_zeroes = greet(s).await?;
+    match options(s, shared, no_zeroes, TlsPhase::NotOffered).await? {
+        Step::Done(n) => Ok(n),
+        Step::StartTls => Err(HandshakeError::Protocol("STARTTLS without TLS".into())),
+    }
+}
+
+/// Sends the greeting and reads the client flags; whether the client asked
+/// for no zeroes.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, HandshakeError> {
+    s.write_all(&encode_greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)).await?;
     let mut cf = [0u8; 4];
-    r.read_exact(&mut cf).await?;
+    s.read_exact(&mut cf).await?;
     let client_flags = u32::from_be_bytes(cf);
     if client_flags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(HandshakeError::Protocol(format!("Unknown client flags {client_flags:#010x}")));
     }
-    let no_zeroes = client_flags & NBD_FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & NBD_FLAG_C_NO_ZEROES != 0)
+}
+
+/// Option haggling, up to the transmission phase, an abort, or an
+/// acknowledged STARTTLS. Starts with nothing negotiated (after STARTTLS,
+/// nothing from before it is honoured).
+async fn options<B, S>(s: &mut S, shared: &Shared<B>, no_zeroes: bool, phase: TlsPhase) -> Result<Step, HandshakeError>
+where
+    B: BlockBackend,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.cfg;
+    let size = shared.backend.size();
     let mut structured = false;
     loop {
         let mut hb = [0u8; OptionHeader::LEN];
-        r.read_exact(&mut hb).await?;
+        s.read_exact(&mut hb).await?;
         let h = OptionHeader::parse(&hb).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
         if h.len > MAX_OPTION_DATA {
             return Err(HandshakeError::Protocol(format!(
@@ -180,9 +322,21 @@ where
             )));
         }
         let mut data = vec![0u8; h.len as usize];
-        r.read_exact(&mut data).await?;
+        s.read_exact(&mut data).await?;
         let mut out = BytesMut::new();
         let opt = h.option;
+        if phase == TlsPhase::Required && !matches!(opt, NBD_OPT_STARTTLS | NBD_OPT_ABORT) {
+            if opt == NBD_OPT_EXPORT_NAME {
+                // It cannot be answered with an error: the spec says close.
+                return Err(HandshakeError::Protocol(
+                    "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and TLS is required".into(),
+                ));
+            }
+            put_option_reply(&mut out, opt, NBD_REP_ERR_TLS_REQD, TLS_REQUIRED.as_bytes());
+            s.write_all(&out).await?;
+            s.flush().await?;
+            continue;
+        }
         match opt {
             NBD_OPT_EXPORT_NAME => {
                 if !export_matches(cfg, &data) {
@@ -193,14 +347,14 @@ where
                     )));
                 }
                 let last = export_name_reply(size, TRANSMISSION_FLAGS, no_zeroes);
-                return Ok(Negotiated::Transmission { structured, last });
+                return Ok(Step::Done(Negotiated::Transmission { structured, last }));
             }
             NBD_OPT_ABORT => {
                 // The spec asks to ignore any data sent with ABORT.
                 put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 // The client may already be gone; that is fine.
-                let _ = w.write_all(&out).await;
-                return Ok(Negotiated::Abort);
+                let _ = s.write_all(&out).await;
+                return Ok(Step::Done(Negotiated::Abort));
             }
             NBD_OPT_LIST => {
                 if !data.is_empty() {
@@ -211,9 +365,23 @@ where
                     put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 }
             }
-            NBD_OPT_STARTTLS => {
-                put_option_reply(&mut out, opt, NBD_REP_ERR_UNSUP, b"TLS is not supported by this server");
-            }
+            NBD_OPT_STARTTLS => match phase {
+                TlsPhase::NotOffered => {
+                    put_option_reply(&mut out, opt, NBD_REP_ERR_UNSUP, b"TLS is not supported by this server");
+                }
+                TlsPhase::Up => {
+                    put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, b"TLS is already negotiated");
+                }
+                TlsPhase::Offered | TlsPhase::Required if !data.is_empty() => {
+                    put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                }
+                TlsPhase::Offered | TlsPhase::Required => {
+                    put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
+                    s.write_all(&out).await?;
+                    s.flush().await?;
+                    return Ok(Step::StartTls);
+                }
+            },
             NBD_OPT_INFO | NBD_OPT_GO => match InfoRequest::parse(&data) {
                 Err(e) => put_option_reply(&mut out, opt, NBD_REP_ERR_INVALID, e.to_string().as_bytes()),
                 Ok(req) if !export_matches(cfg, &req.name) => {
@@ -233,7 +401,7 @@ where
                     put_option_reply(&mut out, opt, NBD_REP_ACK, &[]);
                     if opt == NBD_OPT_GO {
                         let last = out.to_vec();
-                        return Ok(Negotiated::Transmission { structured, last });
+                        return Ok(Step::Done(Negotiated::Transmission { structured, last }));
                     }
                 }
             },
@@ -250,7 +418,7 @@ where
                 put_option_reply(&mut out, opt, NBD_REP_ERR_UNSUP, msg.as_bytes());
             }
         }
-        w.write_all(&out).await?;
-        w.flush().await?;
+        s.write_all(&out).await?;
+        s.flush().await?;
     }
 }

@@ -11,13 +11,10 @@
 //!   NBD request ─► local commit ─► Gate::wait(lsn, level) ◄── acks (watch) ◄── session
 //! ```
 //!
-//! Gate (design.md §2): after the local completion of a request with LSN
-//! `l`, the reply waits under protocol A for nothing, under B for the peer's
-//! `received >= l`, under C for `written >= l` (`durable >= l` for FLUSH and
-//! FUA). Acks are cumulative. Waiters are released when the peer is lost
-//! (the primary goes on alone; the next connect resyncs), unless
-//! `on_peer_loss = "suspend"`: then they, and new writes, wait for the peer
-//! to be back and in sync, or for `resume-io`.
+//! The reply gate (design.md §2) is [`Gate`] ([`gate`]): the one handle the
+//! NBD path holds. The engine and its sessions move it (acks, suspension,
+//! the feed's attachment); the claim lock that serialises role,
+//! generation and session decisions is `gate::Claims`.
 //!
 //! Generations: a primary that writes while no peer receives its feed starts
 //! a new generation once (new random `current`, the old one into the
@@ -32,15 +29,20 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use super::decide::{Decision, SideView, Verdict};
 use super::handshake::{HandshakeError, LocalHello, handshake, keep_connection};
-use super::link::{FrameReader, FrameWriter, split_tcp};
+use super::link::{FrameReader, FrameWriter, secure, split_link};
 use super::proto::{GoodbyeReason, Message};
 use super::proto::{SyncInfo, sync_flags};
 use super::store::{ReplMeta, ReplStore};
 use crate::event::{Event, EventLine, SyncRole};
 use crate::model::{
-    ConnState, DiskState, GenIds, Lsn, OnPeerLoss, Protocol, ReplState, ResyncKind, Role, SplitBrainPolicy, unix_ms,
+    ConnState, DiskState, GenIds, Lsn, OnPeerLoss, Protocol, ReplState, ResyncKind, Role, SplitBrainPolicy,
 };
 use crate::volume::VolumeError;
+
+pub mod gate;
+
+use gate::Claims;
+pub use gate::{Acks, Durability, Gate, Need, need_for};
 
 /// How long a handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,65 +81,11 @@ pub struct EngineConfig {
     pub resync_rate: Option<u64>,
     /// Automatic split-brain resolution (opt-in).
     pub split_brain: SplitBrainPolicy,
+    /// Mutual TLS on the link (`[tls] replication = "require"`), docs/tls.md.
+    pub tls: Option<Arc<crate::tls::TlsContext>>,
     /// What a sync target waits for before a bitmap or full resync writes
-    /// to it (`[handlers] before_resync_target`; src/repl/gate.rs).
-    pub before_resync_target: Option<super::gate::Gate>,
-}
-
-/// What a reply waits for (design.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// WRITE / TRIM / WRITE_ZEROES without FUA.
-    Write,
-    /// FLUSH, or any request with FUA.
-    Flush,
-}
-
-/// Cumulative peer acknowledgements of the current session.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Acks {
-    /// A session is streaming the feed to the peer: replies wait for acks.
-    pub active: bool,
-    /// The feed of the session starts after this LSN (older ones are not
-    /// the peer's to acknowledge: they reach it through the full sync, or
-    /// it has them already).
-    pub base: Lsn,
-    pub received: Lsn,
-    pub written: Lsn,
-    pub durable: Lsn,
-}
-
-impl Acks {
-    fn covers(&self, lsn: Lsn, need: Need) -> bool {
-        if !self.active || lsn <= self.base {
-            return true;
-        }
-        match need {
-            Need::Nothing => true,
-            Need::Received => self.received >= lsn,
-            Need::Written => self.written >= lsn,
-            Need::Durable => self.durable >= lsn,
-        }
-    }
-}
-
-/// The peer acknowledgement a reply needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Need {
-    Nothing,
-    Received,
-    Written,
-    Durable,
-}
-
-/// The §2 table.
-pub fn need_for(protocol: Protocol, d: Durability) -> Need {
-    match (protocol, d) {
-        (Protocol::A, _) => Need::Nothing,
-        (Protocol::B, _) => Need::Received,
-        (Protocol::C, Durability::Write) => Need::Written,
-        (Protocol::C, Durability::Flush) => Need::Durable,
-    }
+    /// to it (`[handlers] before_resync_target`; src/repl/resync_hook.rs).
+    pub before_resync_target: Option<super::resync_hook::ResyncHook>,
 }
 
 /// Resync progress.
@@ -282,6 +230,9 @@ pub struct LinkView {
     pub suspended: bool,
     /// The last refusal or connection error, for humans.
     pub last_error: Option<String>,
+    /// The TLS session of the last connection that became a session
+    /// (`[tls] replication`): version, cipher, the peer's certificate.
+    pub tls: Option<crate::tls::SessionInfo>,
 }
 
 /// Control of the running session.
@@ -330,9 +281,10 @@ pub struct Engine {
     pub(crate) cfg: EngineConfig,
     pub(crate) store: Arc<dyn ReplStore>,
     role: watch::Sender<Role>,
-    pub(crate) acks: watch::Sender<Acks>,
-    /// Writes wait while true.
-    suspended: watch::Sender<bool>,
+    /// What the NBD path sees: before-write, wait, suspend.
+    gate: Gate,
+    /// The claim lock and the generation it guards (shared with the gate).
+    claims: Arc<Claims>,
     /// The operator wants a connection (false after `disconnect` or split brain).
     want_connect: watch::Sender<bool>,
     /// Whether a session is up.
@@ -340,8 +292,6 @@ pub struct Engine {
     view: Mutex<LinkView>,
     slot: Mutex<Option<SessionSlot>>,
     next_session: AtomicU64,
-    /// A new generation was started since the peer last received our feed.
-    diverged: AtomicBool,
     /// Redial now (role change).
     kick: Notify,
     /// Sessions that ended in `Outcome::Failed` (a protocol error, a
@@ -358,14 +308,6 @@ pub struct Engine {
     pub(crate) verify: super::verify::VerifyCell,
     /// When each distinct link failure was last logged (rate limit).
     logged: Mutex<std::collections::HashMap<String, Instant>>,
-    /// The running session's claim on the node's state, taken under this
-    /// lock together with every role and generation change (see
-    /// [`SessionClaim`]).
-    claim: Mutex<Option<SessionClaim>>,
-    /// A session claimed the feed (we are its source) but has not attached
-    /// it yet: writes wait, so that they reach the peer through the feed
-    /// rather than start a generation the session did not announce.
-    feed_pending: watch::Sender<bool>,
     /// Bytes on the link, writer queue, peer address (statistics).
     pub(crate) link_stats: super::stats::LinkStats,
     /// Accepted connections before they authenticate: a cap on concurrent
@@ -437,12 +379,14 @@ impl Engine {
         role: Role,
         events: broadcast::Sender<EventLine>,
     ) -> Arc<Engine> {
+        let claims = Arc::new(Claims::new(Arc::clone(&store)));
+        let gate = Gate::new(cfg.protocol, cfg.peer.clone(), Arc::clone(&claims), events.clone());
         Arc::new(Engine {
             cfg,
             store,
             role: watch::Sender::new(role),
-            acks: watch::Sender::new(Acks::default()),
-            suspended: watch::Sender::new(false),
+            gate,
+            claims,
             want_connect: watch::Sender::new(true),
             connected: watch::Sender::new(false),
             view: Mutex::new(LinkView {
@@ -458,10 +402,10 @@ impl Engine {
                 acks: Acks::default(),
                 suspended: false,
                 last_error: None,
+                tls: None,
             }),
             slot: Mutex::new(None),
             next_session: AtomicU64::new(1),
-            diverged: AtomicBool::new(false),
             kick: Notify::new(),
             failed_sessions: AtomicU64::new(0),
             events,
@@ -471,8 +415,6 @@ impl Engine {
             clear_bitmap_offer: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             verify: super::verify::VerifyCell::default(),
-            claim: Mutex::new(None),
-            feed_pending: watch::Sender::new(false),
             link_stats: super::stats::LinkStats::default(),
         })
     }
@@ -491,7 +433,12 @@ impl Engine {
     }
 
     fn claim(&self) -> MutexGuard<'_, Option<SessionClaim>> {
-        self.claim.lock().unwrap_or_else(|p| p.into_inner())
+        self.claims.lock()
+    }
+
+    /// The reply gate: the only part of the engine the NBD path sees.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// How many sessions ended failed (see `failed_sessions`).
@@ -517,8 +464,8 @@ impl Engine {
     /// A snapshot for `status`.
     pub fn view(&self) -> LinkView {
         let mut v = self.view_mut().clone();
-        v.acks = *self.acks.borrow();
-        v.suspended = *self.suspended.borrow();
+        v.acks = self.gate.acks();
+        v.suspended = self.gate.suspended();
         v
     }
 
@@ -543,7 +490,7 @@ impl Engine {
     /// receiving the stream since the last session: the peer then needs a
     /// full sync.
     pub fn diverged(&self) -> bool {
-        self.diverged.load(Ordering::Acquire)
+        self.claims.diverged()
     }
 
     /// Whether a session is up.
@@ -558,7 +505,7 @@ impl Engine {
     /// Waits (up to `settle`) for the renegotiated session when there was
     /// one, so that a new primary's first writes already stream to the
     /// peer. A primary without a peer receiving its feed starts a new
-    /// generation at its first write ([`Engine::before_write`]).
+    /// generation at its first write ([`Gate::before_write`]).
     pub async fn set_role(&self, role: Role, settle: Duration) {
         let old = {
             let _claim = self.claim();
@@ -674,111 +621,11 @@ impl Engine {
         }
     }
 
-    /// Starts a new generation (once per divergence): if the bitmap has no
-    /// generation yet it takes the current one (the bits count from there),
-    /// else the current one goes into the history; a new random current.
-    /// Under the claim lock: a session that announced the old generation
-    /// and has not claimed yet sees the change and renegotiates.
+    /// Starts a new generation under the claim lock (see
+    /// [`Claims::new_generation_locked`]).
     fn new_generation(&self, why: &'static str) -> Result<(), EngineError> {
-        let _claim = self.claim();
-        self.new_generation_locked(why)
-    }
-
-    fn new_generation_locked(&self, why: &'static str) -> Result<(), EngineError> {
-        if self.diverged.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let mut meta = self.store.meta();
-        let old = meta.gen_ids.current;
-        meta.gen_ids.diverge(GenIds::new_id());
-        meta.gen_created_ms = unix_ms();
-        if let Err(source) = self.store.store_meta(meta) {
-            self.diverged.store(false, Ordering::Release);
-            return Err(EngineError::Volume { what: "cannot record a new generation", source });
-        }
-        tracing::info!(
-            old = format_args!("{old:016X}"),
-            new = format_args!("{:016X}", meta.gen_ids.current),
-            bitmap = format_args!("{:016X}", meta.gen_ids.bitmap),
-            "{why}: new generation"
-        );
-        Ok(())
-    }
-
-    // --- The gate -------------------------------------------------------------
-
-    /// Called before a write is submitted on the primary: waits while IO is
-    /// suspended; starts a new generation at the first write no peer
-    /// receives.
-    pub async fn before_write(&self) -> Result<(), EngineError> {
-        let mut rx = self.suspended.subscribe();
-        // The sender lives as long as self.
-        let _ = rx.wait_for(|s| !*s).await;
-        if self.acks.borrow().active {
-            return Ok(());
-        }
-        // A session that claimed the feed attaches it within a round trip
-        // (the target's bitmap): the write goes through it.
-        let mut pending = self.feed_pending.subscribe();
-        let _ = pending.wait_for(|p| !*p).await;
-        let _claim = self.claim();
-        if !self.acks.borrow().active && !*self.feed_pending.borrow() {
-            self.new_generation_locked("writing without the peer")?;
-        }
-        Ok(())
-    }
-
-    /// Waits until the peer acknowledged `lsn` as the protocol requires for
-    /// `d` (returns at once under protocol A, without a peer, or once the
-    /// peer is lost, unless IO is suspended).
-    pub async fn wait(&self, lsn: Lsn, d: Durability) {
-        let need = need_for(self.cfg.protocol, d);
-        if need == Need::Nothing {
-            return;
-        }
-        let mut acks = self.acks.subscribe();
-        let mut suspended = self.suspended.subscribe();
-        loop {
-            let _ = acks.wait_for(|a| a.covers(lsn, need)).await;
-            if !*suspended.borrow_and_update() {
-                return;
-            }
-            // Suspended: wait for the peer to be back and synced, or resume-io.
-            tokio::select! {
-                _ = suspended.wait_for(|s| !*s) => {}
-                _ = acks.changed() => {}
-            }
-            if acks.borrow().covers(lsn, need) && !*suspended.borrow() {
-                return;
-            }
-        }
-    }
-
-    /// `repctl resume-io`: releases suspended writes (the peer will be
-    /// resynced when it is back).
-    pub fn resume_io(&self) -> bool {
-        let was = self.suspended.send_replace(false);
-        if was {
-            tracing::warn!("IO resumed without the peer (`repctl resume-io`, or a fence-peer handler)");
-            self.emit(Event::IoResumed);
-        }
-        was
-    }
-
-    pub(crate) fn set_suspended(&self, on: bool) {
-        if self.suspended.send_replace(on) != on {
-            self.emit(if on { Event::IoSuspended } else { Event::IoResumed });
-            if on {
-                tracing::warn!(peer = %self.cfg.peer, "peer lost: writes suspended until it is back or `repctl resume-io`");
-            }
-        }
-    }
-
-    /// Waits until the peer received every LSN up to `lsn` (demote), or the
-    /// session ends, or `timeout`.
-    pub async fn wait_received(&self, lsn: Lsn, timeout: Duration) -> bool {
-        let mut rx = self.acks.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|a| a.covers(lsn, Need::Received))).await.is_ok()
+        let claim = self.claim();
+        self.claims.new_generation_locked(&claim, why)
     }
 
     // --- Connect / disconnect ------------------------------------------------
@@ -1015,9 +862,14 @@ impl Engine {
 
     /// Runs the handshake and the SyncInfo exchange on a new connection and,
     /// if it becomes the session, the session. Returns whether a session ran.
-    async fn handshake_and_adopt(self: &Arc<Self>, mut stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
+    async fn handshake_and_adopt(self: &Arc<Self>, stream: TcpStream, dialled_by_us: bool, addr: &str) -> bool {
         let local = self.local_hello();
-        let peer = match handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await {
+        let secured = secure(stream, self.cfg.tls.as_deref(), dialled_by_us, &self.cfg.peer, HANDSHAKE_TIMEOUT).await;
+        let peer = match secured {
+            Ok(mut stream) => handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map(|p| (p, stream)),
+            Err(e) => Err(e),
+        };
+        let (peer, stream) = match peer {
             Ok(p) => p,
             Err(e) if !dialled_by_us && e.before_auth() => {
                 // Anyone can cause this: summarised, not the link's error.
@@ -1029,7 +881,8 @@ impl Engine {
                 return false;
             }
         };
-        let (mut reader, mut writer) = match split_tcp(stream) {
+        let tls_session = stream.tls_session();
+        let (mut reader, mut writer) = match split_link(stream) {
             Ok(x) => x,
             Err(e) => {
                 self.note_failure(format!("socket setup with {} failed: {e}", self.cfg.peer), addr);
@@ -1089,7 +942,11 @@ impl Engine {
             // One shot: used by this session's decision.
             self.discard_my_data.store(false, Ordering::Release);
         }
-        self.view_mut().last_error = None;
+        {
+            let mut v = self.view_mut();
+            v.last_error = None;
+            v.tls = tls_session;
+        }
         let start = super::session::Start { reader, writer, peer, mine, theirs };
         self.run_session(id, start, stop_rx, local.role).await;
         true
@@ -1100,13 +957,16 @@ impl Engine {
     /// Goodbye. Changes nothing on either node (works standalone too).
     pub async fn probe(&self, discard_my_data: bool) -> Result<ProbeReport, String> {
         let peer_name = &self.cfg.peer;
-        let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&self.cfg.peer_addr))
             .await
             .map_err(|_| format!("cannot connect to {peer_name} at {}: timed out", self.cfg.peer_addr))?
             .map_err(|e| format!("cannot connect to {peer_name} at {}: {e}", self.cfg.peer_addr))?;
         let local = self.local_hello();
+        let mut stream = secure(stream, self.cfg.tls.as_deref(), true, peer_name, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| describe_handshake_error(&e, peer_name))?;
         handshake(&mut stream, &local, HANDSHAKE_TIMEOUT).await.map_err(|e| describe_handshake_error(&e, peer_name))?;
-        let (mut reader, mut writer) = split_tcp(stream).map_err(|e| format!("socket setup failed: {e}"))?;
+        let (mut reader, mut writer) = split_link(stream).map_err(|e| format!("socket setup failed: {e}"))?;
         let mut flags = sync_flags::DRY_RUN;
         if discard_my_data {
             flags |= sync_flags::DISCARD_MY_DATA;
@@ -1259,7 +1119,7 @@ impl Engine {
     fn end_session(&self, id: u64, outcome: &super::session::Outcome) {
         use super::session::Outcome;
         self.link_stats.session_down();
-        let was_feeding = self.acks.borrow().active;
+        let was_feeding = self.gate.streaming();
         if was_feeding {
             self.store.detach_feed();
             self.store.set_retain_after(None);
@@ -1273,7 +1133,7 @@ impl Engine {
             // Records the peer never wrote are writes no peer received: a
             // new generation, before their replies are released (the next
             // connect must see that this node wrote alone).
-            let acks = *self.acks.borrow();
+            let acks = self.gate.acks();
             if self.role() == Role::Primary
                 && self.store.local_lsn() > acks.written
                 && let Err(e) = self.new_generation("records the peer never wrote")
@@ -1284,14 +1144,14 @@ impl Engine {
                 && !matches!(outcome, Outcome::Stopped(StopReason::RoleChange | StopReason::Renegotiate))
             {
                 // Suspend before releasing the waiters, so none slips through.
-                self.set_suspended(true);
+                self.gate.set_suspended(true);
             }
-            self.acks.send_modify(|a| a.active = false);
+            self.gate.stop_streaming();
         }
         // The session's claim ends with it (after `active` is off, so that
         // a write released here starts the generation it must).
         *self.claim() = None;
-        self.feed_pending.send_replace(false);
+        self.gate.release_feed_claim();
         {
             let mut slot = self.slot();
             if slot.as_ref().is_some_and(|s| s.id == id) {
@@ -1351,7 +1211,7 @@ impl Engine {
             _ => false,
         };
         if feeds {
-            self.feed_pending.send_replace(true);
+            self.gate.claim_feed();
         }
         *claim = Some(SessionClaim { decision: verdict.decision.clone(), rule: verdict.rule });
         Ok(())
@@ -1429,32 +1289,14 @@ impl Engine {
         self.role.send_replace(Role::Primary);
         let was_connected = self.is_connected();
         self.stop_session(StopReason::RoleChange);
-        let new_generation = !was_connected && !self.acks.borrow().active;
+        let new_generation = !was_connected && !self.gate.streaming();
         if new_generation {
-            tokio::task::block_in_place(|| self.new_generation_locked("promoted without the peer"))
+            tokio::task::block_in_place(|| self.claims.new_generation_locked(&claim, "promoted without the peer"))
                 .map_err(|e| format!("promoted, but {e}"))?;
         }
         drop(claim);
         self.kick.notify_waiters();
         Ok(Promoted { from: disk, was_connected, new_generation })
-    }
-
-    /// The peer now receives the feed (or stopped): no new generation needed.
-    pub(crate) fn feed_attached(&self, base: Lsn) {
-        self.diverged.store(false, Ordering::Release);
-        self.acks.send_replace(Acks { active: true, base, received: base, written: base, durable: base });
-        self.feed_pending.send_replace(false);
-    }
-
-    /// Records the peer's cumulative acks (never moving backwards).
-    pub(crate) fn record_ack(&self, received: Lsn, written: Lsn, durable: Lsn) {
-        self.acks.send_if_modified(|a| {
-            let before = *a;
-            a.received = a.received.max(received);
-            a.written = a.written.max(written).min(a.received);
-            a.durable = a.durable.max(durable).min(a.written);
-            *a != before
-        });
     }
 
     pub(crate) fn set_peer(&self, role: Role, disk: DiskState) {
@@ -1486,7 +1328,7 @@ impl Engine {
             });
             if r == ReplState::Established && self.role() == Role::Primary {
                 // Back in sync: suspended writes go on.
-                self.set_suspended(false);
+                self.gate.set_suspended(false);
             }
         }
     }
@@ -1574,7 +1416,7 @@ impl Engine {
     /// This node (the sync target) took the peer's generation: a later write
     /// without the peer must start a generation of its own again.
     pub(crate) fn took_peer_generation(&self) {
-        self.diverged.store(false, Ordering::Release);
+        self.claims.clear_diverged();
     }
 }
 
@@ -1652,35 +1494,5 @@ pub fn describe_handshake_error(e: &HandshakeError, peer: &str) -> String {
             format!("peer {peer} refused: {}: {message}", reason.as_str().replace('-', " "))
         }
         other => format!("handshake with {peer} failed: {other}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reply_table_of_design_section_2() {
-        use Durability::*;
-        assert_eq!(need_for(Protocol::A, Write), Need::Nothing);
-        assert_eq!(need_for(Protocol::A, Flush), Need::Nothing);
-        assert_eq!(need_for(Protocol::B, Write), Need::Received);
-        assert_eq!(need_for(Protocol::B, Flush), Need::Received);
-        assert_eq!(need_for(Protocol::C, Write), Need::Written);
-        assert_eq!(need_for(Protocol::C, Flush), Need::Durable);
-    }
-
-    #[test]
-    fn acks_cover_only_what_the_peer_acknowledged_in_this_session() {
-        let a = Acks { active: true, base: 10, received: 15, written: 12, durable: 11 };
-        assert!(a.covers(9, Need::Durable), "older than the session: not the peer's");
-        assert!(a.covers(15, Need::Received));
-        assert!(!a.covers(16, Need::Received));
-        assert!(a.covers(12, Need::Written));
-        assert!(!a.covers(13, Need::Written));
-        assert!(a.covers(11, Need::Durable));
-        assert!(!a.covers(12, Need::Durable));
-        let gone = Acks { active: false, ..a };
-        assert!(gone.covers(100, Need::Durable), "no peer: nothing to wait for");
     }
 }

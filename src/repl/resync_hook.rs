@@ -1,11 +1,11 @@
-//! The `before-resync-target` gate: the one point where the replication
+//! The `before-resync-target` hook: the one point where the replication
 //! core waits for something outside it before a resync writes to this
 //! node's disk.
 //!
 //! The core knows nothing of handlers or of the config (docs/architecture.md):
 //! the composition root (`node`) hands it a [`ResyncGate`] in
 //! [`EngineConfig::before_resync_target`](super::engine::EngineConfig), and
-//! the sync target calls [`before_resync_target`] when the source's
+//! the sync target calls `before_resync_target` when the source's
 //! `SyncStart` of a bitmap or full resync arrives, before the disk is marked
 //! inconsistent and before any resync data is applied. A log catch-up does
 //! not call it: the target stays `consistent` through one (docs/resync.md).
@@ -69,20 +69,20 @@ pub trait ResyncGate: Send + Sync {
 /// The gate in [`EngineConfig`](super::engine::EngineConfig), with what its
 /// last success covered.
 #[derive(Clone)]
-pub struct Gate {
+pub struct ResyncHook {
     gate: Arc<dyn ResyncGate>,
     passed: Arc<Mutex<Option<Covered>>>,
 }
 
-impl Gate {
-    pub fn new(gate: Arc<dyn ResyncGate>) -> Gate {
-        Gate { gate, passed: Arc::new(Mutex::new(None)) }
+impl ResyncHook {
+    pub fn new(gate: Arc<dyn ResyncGate>) -> ResyncHook {
+        ResyncHook { gate, passed: Arc::new(Mutex::new(None)) }
     }
 }
 
-impl fmt::Debug for Gate {
+impl fmt::Debug for ResyncHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Gate")
+        f.write_str("ResyncHook")
     }
 }
 
