@@ -69,7 +69,7 @@ impl Case {
 }
 
 /// Returns operations per second.
-async fn run_volume(v: Arc<Volume>, case: Case) -> f64 {
+async fn run_volume(v: Arc<Volume>, case: Case, size: u64) -> f64 {
     let (bs, qd, _) = case.params();
     let deadline = Instant::now() + secs();
     let ops = Arc::new(AtomicU64::new(0));
@@ -87,8 +87,8 @@ async fn run_volume(v: Arc<Volume>, case: Case) -> f64 {
             let data = Bytes::from(buf);
             while Instant::now() < deadline {
                 let off = match case {
-                    Case::SeqWrite1mQd8 => (seq_next.fetch_add(1, Ordering::Relaxed) * bs as u64) % SIZE,
-                    _ => rng.random_range(0..SIZE / bs as u64) * bs as u64,
+                    Case::SeqWrite1mQd8 => (seq_next.fetch_add(1, Ordering::Relaxed) * bs as u64) % size,
+                    _ => rng.random_range(0..size / bs as u64) * bs as u64,
                 };
                 match case {
                     Case::RandWriteFsyncQd1 => {
@@ -192,7 +192,7 @@ async fn bench_engine(choice: EngineChoice) {
         if !only.is_empty() && !only.split(',').any(|c| case.name().contains(c.trim())) {
             continue;
         }
-        let ours = run_volume(v.clone(), case).await;
+        let ours = run_volume(v.clone(), case, SIZE).await;
         let peer = tokio::task::spawn_blocking({
             let p = peer_path.clone();
             move || run_peer(&p, case)
@@ -228,5 +228,55 @@ async fn volume_vs_odirect_peer() {
     }
     if which != "sync" {
         bench_engine(EngineChoice::IoUring).await;
+    }
+}
+
+/// One volume of `size` bytes, opened on the sync engine in `dir`.
+#[cfg(feature = "testkit")]
+fn bench_volume(io: &Arc<dyn IoEngine>, dir: &Path, size: u64) -> Arc<Volume> {
+    let opts = VolumeOptions::new(dir.to_path_buf());
+    let id = Identity { resource: "bench".into(), node: "a".into(), size };
+    create_md(
+        &**io,
+        &opts,
+        &CreateOptions { resource: "bench".into(), node: "a".into(), size, block_size: 4096, force: false },
+    )
+    .expect("create_md");
+    Volume::open(io.clone(), opts, &id).expect("open")
+}
+
+/// The activity log's cost on the write path, with and without it, same run.
+#[cfg(feature = "testkit")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+async fn activity_log_cost() {
+    let io: Arc<dyn IoEngine> = select_engine(EngineChoice::Sync).expect("sync engine");
+    let dir = bench_dir();
+    println!("activity log cost ({}s per case, engine {}):", secs().as_secs_f64(), io.kind());
+    for size in [SIZE, 8 * SIZE] {
+        for with_al in [true, false] {
+            let node = dir.path().join(format!("n{}-{with_al}", size >> 30));
+            let v = bench_volume(&io, &node, size);
+            if !with_al {
+                v.disable_activity_log_for_bench();
+            }
+            let qd1 = run_volume(v.clone(), Case::RandWriteFuaQd1, size).await;
+            let al_qd1 = v.activity_log_writes();
+            let qd32 = run_volume(v.clone(), Case::RandWriteQd32, size).await;
+            let al_qd32 = v.activity_log_writes() - al_qd1;
+            println!(
+                "  {:>2} GiB  activity log {:3}  QD1 FUA 4k: {:7.1} us/write ({:6.0} IOPS, {:5} log writes)   \
+                 QD32 4k randwrite: {:7.0} IOPS ({:5} log writes)",
+                size >> 30,
+                if with_al { "on" } else { "off" },
+                1e6 / qd1,
+                qd1,
+                al_qd1,
+                qd32,
+                al_qd32
+            );
+            v.close().await.expect("close");
+            std::fs::remove_dir_all(&node).expect("remove the bench volume");
+        }
     }
 }

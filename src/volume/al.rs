@@ -155,6 +155,8 @@ pub struct ActivityLog {
     dirty: bool,
     /// Log writes (each one 4 KiB write and one fdatasync).
     pub writes: u64,
+    /// Benchmarks only ([`ActivityLog::disable`]): admit nothing.
+    disabled: bool,
 }
 
 impl ActivityLog {
@@ -221,6 +223,7 @@ impl ActivityLog {
             tick: 0,
             dirty: true,
             writes: 0,
+            disabled: false,
         };
         Ok((al, AlOpen { marks, why }))
     }
@@ -230,6 +233,9 @@ impl ActivityLog {
     /// the log is full of extents whose last write is not durable yet: the
     /// caller syncs the WAL and calls again.
     pub fn admit(&mut self, writes: &[(Lsn, u64, u64)], durable: Lsn) -> bool {
+        if self.disabled {
+            return true;
+        }
         let mut need: Vec<u64> = Vec::new();
         for &(lsn, off, len) in writes {
             if len == 0 {
@@ -275,6 +281,13 @@ impl ActivityLog {
         }
         self.dirty = true;
         true
+    }
+
+    /// Stops admitting extents (a benchmark's baseline: the write path as
+    /// it was without the log). The power-loss guarantee is gone.
+    #[cfg(feature = "testkit")]
+    pub fn disable(&mut self) {
+        self.disabled = true;
     }
 
     /// Whether the set changed since it was persisted.

@@ -823,6 +823,21 @@ impl Volume {
         &self.recovery
     }
 
+    /// Benchmark switch (feature `testkit`): stops adding extents to the
+    /// activity log, so that its cost on the write path can be measured
+    /// (tests/volume_bench.rs). A power loss afterwards can leave blocks
+    /// differing from the peer unmarked: never for real use.
+    #[cfg(feature = "testkit")]
+    pub fn disable_activity_log_for_bench(&self) {
+        parking::lock(&self.shared.activity).disable();
+    }
+
+    /// Activity-log writes (one 4 KiB write and one fdatasync each) since
+    /// the volume was opened.
+    pub fn activity_log_writes(&self) -> u64 {
+        parking::lock(&self.shared.activity).writes
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.shared.size => Ok(()),
