@@ -11,7 +11,7 @@
 //!   resync).
 //! - [`decide`]: the pure resync decision at connect (who sends what), with
 //!   its split-brain policies; [`verify`]: online verify and `invalidate`.
-//! - [`gate`]: the `before-resync-target` hook a sync target waits for
+//! - [`resync_hook`]: the `before-resync-target` hook a sync target waits for
 //!   (a trait object the node passes in [`engine::EngineConfig`]).
 //! - [`store`]: what the engine needs from local storage, as a trait;
 //!   [`volume_store`] implements it over the real volume.
