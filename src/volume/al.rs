@@ -301,7 +301,7 @@ impl ActivityLog {
         extents.sort_unstable();
         self.counter += 1;
         let slot = Slot { counter: self.counter, uuid: self.uuid, boot_id: self.boot_id, extents };
-        let at = if self.counter % 2 == 0 { 0 } else { SLOT as u64 };
+        let at = if self.counter.is_multiple_of(2) { 0 } else { SLOT as u64 };
         io.write_all_at(&self.file, &encode(&slot), at)?;
         io.sync_data(&self.file)?;
         self.dirty = false;
