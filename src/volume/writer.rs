@@ -648,7 +648,7 @@ impl Writer {
         }
         if al.dirty() {
             al.persist(&*shared.io)
-                .map_err(|e| FailStop::io(format!("activity log write {}", al.path().display()), &e))?;
+                .map_err(|e| FailStop::io(format!("write batch: activity log write {}", al.path().display()), &e))?;
         }
         Ok(())
     }
