@@ -190,6 +190,54 @@ pub enum Event {
     EventsLost {
         count: u64,
     },
+    /// The witness (automatic failover): first line of its stream.
+    WitnessState {
+        /// Data nodes connected to the witness now.
+        connected: Vec<String>,
+        primary: Option<String>,
+        term: u64,
+        uptodate: Vec<String>,
+        /// False while the witness has no state (amnesia) or its state file
+        /// failed: it refuses every request.
+        voting: bool,
+    },
+    /// The witness's record changed (persisted before this is sent).
+    TermChanged {
+        primary: Option<String>,
+        term: u64,
+        uptodate: Vec<String>,
+    },
+    /// The witness answered a request: `granted`, or refused for `reason`.
+    Vote {
+        granted: bool,
+        node: String,
+        reason: Option<String>,
+        /// `claim`, `solo`, `peer-uptodate` or `release`.
+        request: String,
+        /// The term the request named.
+        request_term: u64,
+        /// The witness's term after the answer.
+        term: u64,
+    },
+    /// A data node: its witness link is up.
+    WitnessConnected {
+        witness: String,
+    },
+    /// A data node: its witness link ended.
+    WitnessLost {
+        reason: String,
+        witness: String,
+    },
+    /// A data node connected to the witness (authenticated).
+    NodeConnected {
+        address: String,
+        node: String,
+    },
+    /// A data node's witness link ended.
+    NodeDisconnected {
+        node: String,
+        reason: String,
+    },
     /// `repctl events --statistics`: the status' `statistics` fields plus
     /// `lsn` and `out_of_sync_bytes` (made by repctl, never by repd).
     Statistics {
@@ -229,6 +277,13 @@ impl Event {
             Event::HandlerFinished { .. } => "handler-finished",
             Event::EventsLost { .. } => "events-lost",
             Event::Statistics { .. } => "statistics",
+            Event::WitnessState { .. } => "witness-state",
+            Event::TermChanged { .. } => "term-changed",
+            Event::Vote { .. } => "vote",
+            Event::WitnessConnected { .. } => "witness-connected",
+            Event::WitnessLost { .. } => "witness-lost",
+            Event::NodeConnected { .. } => "node-connected",
+            Event::NodeDisconnected { .. } => "node-disconnected",
         }
     }
 }
@@ -373,6 +428,53 @@ mod tests {
                 r#"{"time":"T","event":"peer-fencing","exit_code":4,"fenced":true,"io_resumed":true,"meaning":"peer outdated","peer":"beta"}"#,
             ),
             (Event::EventsLost { count: 7 }, r#"{"time":"T","event":"events-lost","count":7}"#),
+        ];
+        for (e, want) in cases {
+            let name = e.name();
+            let got = line(e);
+            assert_eq!(got, want);
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&got).unwrap()["event"], name);
+        }
+    }
+
+    #[test]
+    fn failover_events_name_themselves_and_sort_their_fields() {
+        let cases: Vec<(Event, &str)> = vec![
+            (
+                Event::Vote {
+                    granted: false,
+                    node: "beta".into(),
+                    reason: Some("primary-alive".into()),
+                    request: "claim".into(),
+                    request_term: 4,
+                    term: 4,
+                },
+                r#"{"time":"T","event":"vote","granted":false,"node":"beta","reason":"primary-alive","request":"claim","request_term":4,"term":4}"#,
+            ),
+            (
+                Event::TermChanged { primary: Some("alpha".into()), term: 5, uptodate: vec!["alpha".into()] },
+                r#"{"time":"T","event":"term-changed","primary":"alpha","term":5,"uptodate":["alpha"]}"#,
+            ),
+            (
+                Event::WitnessLost { reason: "closed".into(), witness: "gamma".into() },
+                r#"{"time":"T","event":"witness-lost","reason":"closed","witness":"gamma"}"#,
+            ),
+            (
+                Event::WitnessConnected { witness: "gamma".into() },
+                r#"{"time":"T","event":"witness-connected","witness":"gamma"}"#,
+            ),
+            (
+                Event::NodeConnected { address: "127.0.0.1:5".into(), node: "alpha".into() },
+                r#"{"time":"T","event":"node-connected","address":"127.0.0.1:5","node":"alpha"}"#,
+            ),
+            (
+                Event::NodeDisconnected { node: "alpha".into(), reason: "closed".into() },
+                r#"{"time":"T","event":"node-disconnected","node":"alpha","reason":"closed"}"#,
+            ),
+            (
+                Event::WitnessState { connected: vec![], primary: None, term: 0, uptodate: vec![], voting: true },
+                r#"{"time":"T","event":"witness-state","connected":[],"primary":null,"term":0,"uptodate":[],"voting":true}"#,
+            ),
         ];
         for (e, want) in cases {
             let name = e.name();

@@ -20,6 +20,7 @@ const RULE: &[(&str, &[&str])] = &[
     // Leaves: the shared vocabulary and small utilities.
     ("model", &[]),
     ("units", &[]),
+    ("ports", &[]),
     ("errors", &[]),
     ("stats", &[]),
     ("tls", &[]),

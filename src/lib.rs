@@ -29,6 +29,8 @@
 //! - [`stats`]: cheap operation counters behind `status` statistics and
 //!   `/metrics` (the link's own are in `repl::stats`).
 //! - [`units`]: human-readable sizes and durations.
+//! - [`ports`]: loopback ports for the pairs tests and benchmarks start
+//!   (outside the kernel's ephemeral range).
 //! - [`errors`]: rendering error chains shared by the binaries.
 //! - [`clidoc`]: man pages and shell completions of the binaries.
 //! - `fuzzing` (feature `testkit`): the fuzz targets' entry points (fuzz/,
@@ -48,6 +50,7 @@ mod layering_tests;
 pub mod model;
 pub mod nbd;
 pub mod node;
+pub mod ports;
 pub mod repl;
 pub mod stats;
 pub mod tls;

@@ -16,10 +16,11 @@ use common::pair::{Pair, PairOpts};
 /// was never `established` (status `connection: connecting`, `replication`
 /// null) while the source said connected and established; `wait-sync`
 /// could not return. Here: the primary is stopped, restarted alone and
-/// promoted, then the link comes back. Fails today (reported; the fix
-/// belongs to the replication session's log catch-up, src/repl/session.rs).
+/// promoted, then the link comes back. Failed before the fix: the source
+/// now runs the catch-up with nothing to replay (`SyncStart`, `SyncEnd`,
+/// src/repl/resync/catchup.rs `Catchup::nothing_to_replay`), and the
+/// target ends it like any other.
 #[test]
-#[ignore = "defect found by the fault campaign: a log catch-up with nothing to replay never establishes the target"]
 fn a_log_catch_up_with_nothing_to_replay_establishes_the_pair() {
     let mut pair = Pair::up(PairOpts::new("C").proxied());
     let c = pair.rt.block_on(pair.alpha.nbd());

@@ -298,6 +298,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         bitmap_base_lsn: 0,
         peer_written_lsn: 9,
         gen_created_ms: 1_700_000_000_000,
+        term: 3,
     };
     s.push(("superblock", "uptodate", sb.encode().expect("superblock")));
     let words: Vec<u64> = (0..511u64).map(|i| if i % 3 == 0 { i.wrapping_mul(0x9e37_79b9) } else { 0 }).collect();

@@ -474,3 +474,65 @@ fn sighup_reloads_certificates_under_load_without_dropping_connections() {
         "{a:#}"
     );
 }
+
+/// `FrameReader::has_input` over a real TLS link: frames rustls already
+/// decrypted but nobody read yet are no longer in the socket, and are
+/// input all the same (a node held up in a long fsync must not declare its
+/// peer lost while the peer's pings sit decrypted in its TLS buffer).
+#[test]
+fn has_input_sees_plaintext_rustls_decrypted_but_not_yet_read() {
+    use repblock::repl::{FrameWriter, Message, encode, secure, split_link};
+    use repblock::tls::{NbdTlsMode, ReplTlsMode, TlsContext, TlsSettings};
+    use tokio::io::AsyncReadExt;
+
+    require_tool("certtool", "gnutls-bin");
+    let pki = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(pki.path(), "ca");
+    let ctx = |node: &str| {
+        let dir = pki.path().join(node);
+        ca.node_dir(&dir, node);
+        let settings =
+            TlsSettings { dir, nbd: NbdTlsMode::Off, replication: ReplTlsMode::Require, nbd_verify_client: false };
+        TlsContext::load(settings).expect("credentials")
+    };
+    let (alpha, beta) = (ctx("alpha"), ctx("beta"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let timeout = Duration::from_secs(10);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let dial = tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            secure(s, Some(&alpha), true, "beta", timeout).await.expect("alpha's TLS")
+        });
+        let (s, _) = l.accept().await.expect("accept");
+        let mut b = secure(s, Some(&beta), false, "alpha", timeout).await.expect("beta's TLS");
+        let mut w = FrameWriter::new(dial.await.expect("dial task"));
+        // Two pings in one write: one TLS record.
+        let (first, second) = (Message::Ping { seq: 1, sent_ns: 1 }, Message::Ping { seq: 2, sent_ns: 2 });
+        w.queue(&first).expect("encode");
+        w.queue(&second).expect("encode");
+        w.flush().await.expect("send");
+        // Read exactly the first frame off the TLS stream, as the HMAC
+        // handshake reads exactly its own frames: rustls decrypted the whole
+        // record, so the second ping waits in its buffer, not in the socket.
+        let mut one = bytes::BytesMut::new();
+        encode(&first, &mut one).expect("encode");
+        let mut got = vec![0u8; one.len()];
+        b.read_exact(&mut got).await.expect("first frame");
+        assert_eq!(got, one.to_vec());
+        let (mut r, _bw) = split_link(b).expect("split");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(r.has_input(), "the second ping, decrypted by rustls but not read, is input");
+        assert!(matches!(r.read().await.expect("read"), Some(Message::Ping { seq: 2, .. })));
+        assert!(!r.has_input(), "everything read");
+        // The peer's close_notify: the end of the stream is input too.
+        w.shutdown().await.expect("close_notify");
+        let t = Instant::now();
+        while !r.has_input() {
+            assert!(t.elapsed() < Duration::from_secs(5), "the end of the stream never showed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(r.read().await.expect("clean end").is_none());
+    });
+}

@@ -43,6 +43,13 @@ enum Command {
         /// Overwrite existing metadata (the data is lost).
         #[arg(long)]
         force: bool,
+        /// Witness only: re-initialise at this term (the highest `term` of the data nodes' status)
+        /// instead of the bootstrap term 0.
+        #[arg(long, value_name = "TERM")]
+        term: Option<u64>,
+        /// Witness only, with --term: the data node serving now (the only one up to date).
+        #[arg(long, value_name = "NODE", requires = "term")]
+        primary: Option<String>,
     },
     /// Role, disk, connection, peer, out-of-sync bytes, resync progress.
     Status {
@@ -165,17 +172,23 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
     let config = Config::load(&config_path)?;
-    let node = config.node(&node_name)?.clone();
     let timeout = Duration::try_from_secs_f64(cli.timeout)
         .ok()
         .filter(|t| !t.is_zero())
         .with_context(|| format!("--timeout: expected a positive number of seconds, got {}", cli.timeout))?;
+    if let Some(w) = config.witness_node(&node_name).cloned() {
+        return run_witness(cli.command, &config, &w, timeout);
+    }
+    let node = config.node(&node_name)?.clone();
     let connect = || ControlClient::connect(&node.control, &node.name, timeout);
     let mut stdout = std::io::stdout().lock();
     match cli.command {
         // Answered in main without a config.
         Command::Doc(_) => {}
-        Command::CreateMd { force } => {
+        Command::CreateMd { force, term, primary } => {
+            if term.is_some() || primary.is_some() {
+                anyhow::bail!("create-md: --term and --primary are for the witness node; {} is a data node", node.name);
+            }
             daemon::create_md(&config, &node, force)?;
             writeln!(
                 stdout,
@@ -306,25 +319,103 @@ fn run(cli: Cli, config_path: PathBuf, node_name: String) -> Result<()> {
                     }
                 });
             }
-            let mut out_err = None;
-            let write_line = |v: &serde_json::Value| {
+            print_events(client, |v| {
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 writeln!(o, "{v}").and_then(|()| o.flush())
-            };
-            client.events(|v| match write_line(v) {
-                Ok(()) => true,
-                Err(e) => {
-                    // A closed pipe (`repctl events | head`) ends the stream.
-                    out_err = Some(e);
-                    false
-                }
             })?;
-            if let Some(e) = out_err.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
-                return Err(e.into());
-            }
         }
     }
     Ok(())
+}
+
+/// The commands of a witness node (`[[node]] witness = true`): create-md
+/// (its state file), status, events.
+fn run_witness(
+    command: Command,
+    config: &Config,
+    w: &repblock::config::WitnessNodeConfig,
+    timeout: Duration,
+) -> Result<()> {
+    use repblock::node::witness::{self, WitnessStatus};
+    let connect = || ControlClient::connect(&w.control, &w.name, timeout);
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        Command::Doc(_) => {}
+        Command::CreateMd { force, term, primary } => {
+            let r = witness::create_state(config, w, force, term, primary.as_deref())?;
+            let primary = r.primary.and_then(|p| config.node_name(p)).unwrap_or("none");
+            writeln!(
+                stdout,
+                "{}: witness state created in {} (term {}, primary {primary})",
+                w.name,
+                w.dir.display(),
+                r.term
+            )?;
+        }
+        Command::Status { json: true, .. } => {
+            let v: serde_json::Value = connect()?.call(&Request::Status)?;
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        Command::Status { json: false, .. } => {
+            let s: WitnessStatus = connect()?.call(&Request::Status)?;
+            write!(stdout, "{}", s.human())?;
+        }
+        Command::Events { .. } => {
+            drop(stdout);
+            print_events(connect()?, |v| {
+                let mut o = std::io::stdout().lock();
+                writeln!(o, "{v}").and_then(|()| o.flush())
+            })?;
+        }
+        other => {
+            let data: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow::bail!(
+                "{} is the witness (no volume): `{}` applies to the data nodes ({}); the witness has create-md, status and events",
+                w.name,
+                command_name(&other),
+                data.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Streams `events` through `write_line` until repd stops or the output
+/// goes away (a closed pipe, `repctl events | head`, ends it quietly).
+fn print_events(
+    client: ControlClient,
+    mut write_line: impl FnMut(&serde_json::Value) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut out_err = None;
+    client.events(|v| match write_line(v) {
+        Ok(()) => true,
+        Err(e) => {
+            out_err = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = out_err.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// The subcommand's name as typed (`promote`, `wait-sync` …).
+fn command_name(c: &Command) -> String {
+    let debug = format!("{c:?}");
+    let head = debug.split([' ', '{', '(']).next().unwrap_or("");
+    let mut out = String::new();
+    for (i, ch) in head.chars().enumerate() {
+        if ch.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(ch.to_ascii_lowercase());
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// The `statistics` event of `events --statistics`: the status'

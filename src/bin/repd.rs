@@ -1,7 +1,7 @@
 //! repd: runs one node of a resource in the foreground.
 //!
 //! ```text
-//! repd --config FILE --node NAME [--log-level info]
+//! repd --config FILE --node NAME [--log-level info]   (a data node, or the witness)
 //! repd demo [--dir ./repblock-demo] [--size 1GiB] [--nbd 127.0.0.1:10809]
 //! ```
 //!
@@ -103,6 +103,10 @@ fn main() -> ExitCode {
 
 async fn run(config_path: &Path, node: &str) -> Result<()> {
     let config = Config::load(config_path)?;
+    if let Some(me) = config.witness_node(node).cloned() {
+        // `[[node]] witness = true`: the diskless voter of automatic failover.
+        return Ok(repblock::node::witness::run(config, me).await?);
+    }
     let daemon = Daemon::start(config, node).await?;
     tracing::info!(node, "running as secondary; `repctl promote` exports the volume");
     serve_until_signal(daemon).await

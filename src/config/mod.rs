@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::failover::{Drift, FailoverTimings, NodeIndex};
 use crate::io::EngineChoice;
 use crate::model::{AfterSb0Pri, AfterSb1Pri, OnPeerLoss, Protocol, SplitBrainPolicy};
 use crate::units;
@@ -133,6 +134,69 @@ pub struct NodeConfig {
     pub tls_dir: Option<PathBuf>,
 }
 
+/// A `[[node]]` section with `witness = true`: the diskless third node of
+/// automatic failover (docs/failover.md). It has no volume and no NBD
+/// export; `dir` holds only `witness.state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessNodeConfig {
+    /// Node name, unique in the file.
+    pub name: String,
+    /// Its node index: the position of its `[[node]]` section in the file.
+    pub index: NodeIndex,
+    /// `host:port` the data nodes connect to (required).
+    pub replication: String,
+    /// `host:port` to bind (defaults to `replication`).
+    pub replication_listen: Option<String>,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Directory holding `witness.state`.
+    pub dir: PathBuf,
+}
+
+/// `[failover] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailoverMode {
+    /// Manual promote only (today's behaviour; the default).
+    #[default]
+    Off,
+    /// Automatic failover arbitrated by the witness node.
+    Witness,
+}
+
+impl FailoverMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverMode::Off => "off",
+            FailoverMode::Witness => "witness",
+        }
+    }
+}
+
+impl fmt::Display for FailoverMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[failover]`, validated (docs/config.md, docs/failover.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FailoverConfig {
+    pub mode: FailoverMode,
+    /// The timings (the `profile`, then each key that overrides it),
+    /// validated by [`FailoverTimings::validate`].
+    pub timings: FailoverTimings,
+    /// Automatic failover with protocol B (acknowledged writes are received,
+    /// not yet written, by the secondary).
+    pub allow_protocol_b: bool,
+}
+
+impl FailoverConfig {
+    /// Whether automatic failover is configured (`mode` is not `off`).
+    pub fn enabled(&self) -> bool {
+        self.mode != FailoverMode::Off
+    }
+}
+
 /// A validated resource configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -190,8 +254,15 @@ pub struct Config {
     pub handlers: Handlers,
     /// `[tls]` (docs/tls.md); all off by default.
     pub tls: TlsConfig,
-    /// The nodes (one or two).
+    /// The data nodes (one or two), in file order.
     pub nodes: Vec<NodeConfig>,
+    /// `[failover]` (mode `off` when absent).
+    pub failover: FailoverConfig,
+    /// The witness node (`[[node]] witness = true`), if any.
+    pub witness: Option<WitnessNodeConfig>,
+    /// Every `[[node]]` name in file order (data nodes and the witness): a
+    /// node's index on the witness link is its position here.
+    pub node_order: Vec<String>,
 }
 
 /// Default `[handlers] timeout`.
@@ -243,13 +314,36 @@ impl Config {
         SplitBrainPolicy { after_sb_0pri: self.after_sb_0pri, after_sb_1pri: self.after_sb_1pri }
     }
 
-    /// The section of node `name`, or an error listing the nodes present.
+    /// The section of data node `name`, or an error listing the nodes
+    /// present (a witness node is named as such: it has no volume).
     pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
-        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::NoSuchNode {
-            file: self.file.display().to_string(),
-            name: name.to_string(),
-            present: self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| match &self.witness {
+            Some(w) if w.name == name => ConfigError::Invalid {
+                file: self.file.display().to_string(),
+                message: format!("node {name:?} is the witness (witness = true): it has no volume"),
+            },
+            _ => ConfigError::NoSuchNode {
+                file: self.file.display().to_string(),
+                name: name.to_string(),
+                present: self.node_order.join(", "),
+            },
         })
+    }
+
+    /// The witness node if it is called `name`.
+    pub fn witness_node(&self, name: &str) -> Option<&WitnessNodeConfig> {
+        self.witness.as_ref().filter(|w| w.name == name)
+    }
+
+    /// The node index of `name` (its `[[node]]` position), data node or
+    /// witness.
+    pub fn node_index(&self, name: &str) -> Option<NodeIndex> {
+        self.node_order.iter().position(|n| n == name).map(|i| NodeIndex(i as u8))
+    }
+
+    /// The name of the node with index `i`.
+    pub fn node_name(&self, i: NodeIndex) -> Option<&str> {
+        self.node_order.get(usize::from(i.0)).map(String::as_str)
     }
 
     /// The other node of a two-node resource.

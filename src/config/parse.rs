@@ -33,8 +33,24 @@ struct RawConfig {
     after_sb_0pri: Option<toml::Value>,
     after_sb_1pri: Option<toml::Value>,
     handlers: Option<RawHandlers>,
+    failover: Option<RawFailover>,
     tls: Option<super::tls::RawTls>,
     node: Option<Vec<RawNode>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    mode: Option<toml::Value>,
+    profile: Option<toml::Value>,
+    heartbeat: Option<toml::Value>,
+    lease: Option<toml::Value>,
+    detect: Option<toml::Value>,
+    fence_demote_after: Option<toml::Value>,
+    max_clock_drift: Option<toml::Value>,
+    max_auto_failovers: Option<toml::Value>,
+    failover_window: Option<toml::Value>,
+    allow_protocol_b: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +77,7 @@ struct RawNode {
     dir: Option<toml::Value>,
     disk: Option<toml::Value>,
     metrics: Option<toml::Value>,
+    witness: Option<toml::Value>,
     tls_dir: Option<toml::Value>,
 }
 
@@ -393,14 +410,78 @@ impl Config {
         };
 
         let raw_nodes = raw.node.unwrap_or_default();
-        if raw_nodes.is_empty() || raw_nodes.len() > 2 {
-            return Err(c.err("node", format!("expected one or two [[node]] sections, got {}", raw_nodes.len())));
+        let mut is_witness = Vec::with_capacity(raw_nodes.len());
+        for (i, n) in raw_nodes.iter().enumerate() {
+            is_witness.push(match &n.witness {
+                None => false,
+                Some(toml::Value::Boolean(b)) => *b,
+                Some(other) => {
+                    return Err(c.err(
+                        &format!("node[{i}].witness"),
+                        format!("expected true or false, got {}", describe(other)),
+                    ));
+                }
+            });
         }
-        let two = raw_nodes.len() == 2;
-        let mut nodes = Vec::with_capacity(raw_nodes.len());
+        let witnesses: Vec<usize> = (0..raw_nodes.len()).filter(|i| is_witness[*i]).collect();
+        if let [_, second, ..] = witnesses[..] {
+            return Err(c.err(
+                &format!("node[{second}].witness"),
+                format!("a resource has at most one witness node, node[{}] is one already", witnesses[0]),
+            ));
+        }
+        let data_count = raw_nodes.len() - witnesses.len();
+        if data_count == 0 || data_count > 2 {
+            let message = if witnesses.is_empty() {
+                format!("expected one or two [[node]] sections, got {data_count}")
+            } else {
+                format!("expected one or two data [[node]] sections (without witness = true), got {data_count}")
+            };
+            return Err(c.err("node", message));
+        }
+        if let Some(&w) = witnesses.first()
+            && data_count != 2
+        {
+            return Err(c.err(&format!("node[{w}].witness"), "a witness node needs two data nodes, this file has one"));
+        }
+        let two = data_count == 2;
+        let mut nodes = Vec::with_capacity(data_count);
+        let mut witness = None;
+        let mut node_order = Vec::with_capacity(raw_nodes.len());
         for (i, n) in raw_nodes.iter().enumerate() {
             let f = |key: &str| format!("node[{i}].{key}");
             let name = c.name(&f("name"), c.required(&f("name"), &n.name, "\"alpha\"")?)?;
+            node_order.push(name.clone());
+            if is_witness[i] {
+                for (key, v) in [("nbd", &n.nbd), ("disk", &n.disk), ("metrics", &n.metrics), ("tls_dir", &n.tls_dir)] {
+                    if v.is_some() {
+                        return Err(c.err(
+                            &f(key),
+                            "a witness node (witness = true) has no volume and no export: remove this key",
+                        ));
+                    }
+                }
+                let replication = c.host_port(
+                    &f("replication"),
+                    c.required(&f("replication"), &n.replication, "\"10.0.0.3:7790\"")?,
+                )?;
+                let replication_listen = match &n.replication_listen {
+                    Some(v) => Some(c.host_port(&f("replication_listen"), v)?),
+                    None => None,
+                };
+                let control =
+                    c.path(&f("control"), c.required(&f("control"), &n.control, "\"/run/repblock/r0-gamma.sock\"")?)?;
+                let dir = c.path(&f("dir"), c.required(&f("dir"), &n.dir, "\"/var/lib/repblock/r0-gamma\"")?)?;
+                witness = Some(WitnessNodeConfig {
+                    name,
+                    index: NodeIndex(i as u8),
+                    replication,
+                    replication_listen,
+                    control,
+                    dir,
+                });
+                continue;
+            }
             let replication = match &n.replication {
                 Some(v) => Some(c.host_port(&f("replication"), v)?),
                 None if two => {
@@ -432,14 +513,41 @@ impl Config {
             };
             nodes.push(NodeConfig { name, replication, replication_listen, nbd, control, dir, disk, metrics, tls_dir });
         }
-        if two && secret.is_none() {
+        if (two || witness.is_some()) && secret.is_none() {
             return Err(c.err("secret", "missing (required with two nodes: it authenticates the replication link)"));
         }
         let invalid = |message: String| ConfigError::Invalid { file: file.clone(), message };
         let mut seen = HashSet::new();
-        for (i, n) in nodes.iter().enumerate() {
-            if !seen.insert(&n.name) {
-                return Err(invalid(format!("node[{i}].name: {:?} is used by two nodes", n.name)));
+        for (i, name) in node_order.iter().enumerate() {
+            if !seen.insert(name) {
+                return Err(invalid(format!("node[{i}].name: {name:?} is used by two nodes")));
+            }
+        }
+        if let Some(w) = &witness {
+            // The witness shares a host with a data node (a test setup, a
+            // demo): it needs its own port and paths.
+            let w_host = parse_host_port(&w.replication).map(|(h, _)| h.to_ascii_lowercase());
+            for (i, n) in nodes.iter().enumerate() {
+                let n_host = n.replication.as_deref().and_then(parse_host_port).map(|(h, _)| h.to_ascii_lowercase());
+                if n_host != w_host {
+                    continue;
+                }
+                let clash = if n.replication.as_deref() == Some(w.replication.as_str()) {
+                    Some(("replication", w.replication.clone()))
+                } else if n.control == w.control {
+                    Some(("control", w.control.display().to_string()))
+                } else if n.dir == w.dir {
+                    Some(("dir", w.dir.display().to_string()))
+                } else {
+                    None
+                };
+                if let Some((field, value)) = clash {
+                    let data_index = node_order.iter().position(|x| *x == n.name).unwrap_or(i);
+                    return Err(invalid(format!(
+                        "node[{}].{field}: {value:?} is also node[{data_index}].{field}; the witness needs its own",
+                        w.index.0
+                    )));
+                }
             }
         }
         // Two nodes on one host (their replication addresses share a host,
@@ -593,6 +701,38 @@ impl Config {
                 }
             }
         };
+        let failover = failover_section(&c, raw.failover.as_ref())?;
+        if failover.enabled() {
+            if witness.is_none() {
+                return Err(c.err(
+                    "failover.mode",
+                    "\"witness\" needs a witness node: add a [[node]] with witness = true (docs/failover.md)",
+                ));
+            }
+            match protocol {
+                Protocol::C => {}
+                Protocol::B if failover.allow_protocol_b => {}
+                Protocol::B => {
+                    return Err(c.err(
+                        "protocol",
+                        "automatic failover needs protocol \"C\"; with \"B\" a write acknowledged only as received by \
+                         the secondary is lost if both nodes fail at once: set failover.allow_protocol_b = true to accept that",
+                    ));
+                }
+                Protocol::A => {
+                    return Err(c.err(
+                        "protocol",
+                        "automatic failover needs protocol \"C\" (with \"A\" acknowledged writes are lost at a failover)",
+                    ));
+                }
+            }
+            if raw.on_peer_loss.is_some() {
+                return Err(c.err(
+                    "on_peer_loss",
+                    "not used with automatic failover: the witness decides (solo grant); remove on_peer_loss",
+                ));
+            }
+        }
         let tls = super::tls::parse(&c, raw.tls.as_ref(), &nodes)?;
         Ok(Config {
             file: path.to_path_buf(),
@@ -621,6 +761,69 @@ impl Config {
             handlers,
             tls,
             nodes,
+            failover,
+            witness,
+            node_order,
         })
     }
+}
+
+/// `[failover]`: the mode, the timings (the profile's, then each key given),
+/// validated by [`FailoverTimings::validate`] (errors name `failover.KEY`).
+fn failover_section(c: &Checker<'_>, raw: Option<&RawFailover>) -> Result<FailoverConfig, ConfigError> {
+    let Some(f) = raw else { return Ok(FailoverConfig::default()) };
+    let field = |key: &str| format!("failover.{key}");
+    let mode = match &f.mode {
+        None => FailoverMode::Off,
+        Some(v) => match c.string(&field("mode"), v, "\"off\" or \"witness\"")?.as_str() {
+            "off" => FailoverMode::Off,
+            "witness" => FailoverMode::Witness,
+            other => return Err(c.err(&field("mode"), format!("expected \"off\" or \"witness\", got {other:?}"))),
+        },
+    };
+    let mut t = match &f.profile {
+        None => FailoverTimings::DEFAULT,
+        Some(v) => match c.string(&field("profile"), v, "\"default\" or \"fast\"")?.as_str() {
+            "default" => FailoverTimings::DEFAULT,
+            "fast" => FailoverTimings::FAST,
+            other => {
+                return Err(c.err(&field("profile"), format!("expected \"default\" or \"fast\", got {other:?}")));
+            }
+        },
+    };
+    for (key, raw, slot) in [
+        ("heartbeat", &f.heartbeat, &mut t.heartbeat),
+        ("lease", &f.lease, &mut t.lease),
+        ("detect", &f.detect, &mut t.detect),
+        ("fence_demote_after", &f.fence_demote_after, &mut t.fence_demote_after),
+        ("failover_window", &f.failover_window, &mut t.failover_window),
+    ] {
+        if let Some(v) = raw {
+            *slot = c.duration(&field(key), v)?;
+        }
+    }
+    if let Some(v) = &f.max_clock_drift {
+        let s = c.string(&field("max_clock_drift"), v, "a percentage such as \"1%\"")?;
+        t.max_clock_drift = Drift::parse(&s).ok_or_else(|| {
+            c.err(&field("max_clock_drift"), format!("expected a percentage such as \"1%\" or \"500ppm\", got {s:?}"))
+        })?;
+    }
+    match &f.max_auto_failovers {
+        None => {}
+        Some(toml::Value::Integer(n)) if (0..=i64::from(u32::MAX)).contains(n) => t.max_auto_failovers = *n as u32,
+        Some(other) => {
+            return Err(
+                c.err(&field("max_auto_failovers"), format!("expected a number from 0, got {}", describe(other)))
+            );
+        }
+    }
+    let allow_protocol_b = match &f.allow_protocol_b {
+        None => false,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(other) => {
+            return Err(c.err(&field("allow_protocol_b"), format!("expected true or false, got {}", describe(other))));
+        }
+    };
+    let timings = t.validate().map_err(|e| c.err(&field(e.field), e.message))?;
+    Ok(FailoverConfig { mode, timings, allow_protocol_b })
 }

@@ -499,6 +499,155 @@ fn split_brain_policies_are_named_values() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// [failover] and the witness node (issue 10).
+// ---------------------------------------------------------------------------
+
+const WITNESS_NODE: &str = r#"
+[[node]]
+name = "gamma"
+witness = true
+replication = "10.0.0.3:7790"
+control = "/run/repblock/r0-gamma.sock"
+dir = "/var/lib/repblock/r0-gamma"
+"#;
+
+/// TWO (protocol B in it) with protocol C, `extra` top-level lines, a
+/// `[failover]` body, and the witness node.
+fn with_failover(failover: &str, witness: &str) -> String {
+    let two = TWO.replace("protocol = \"B\"", "protocol = \"C\"");
+    let (top, nodes) = two.split_once("[[node]]").unwrap();
+    format!("{top}[failover]\n{failover}\n\n[[node]]{nodes}{witness}")
+}
+
+#[test]
+fn failover_is_off_by_default_and_existing_files_load_unchanged() {
+    for text in [ONE, TWO] {
+        let c = load(text).unwrap();
+        assert_eq!(c.failover, FailoverConfig::default());
+        assert_eq!(c.failover.mode, FailoverMode::Off);
+        assert_eq!(c.failover.timings, FailoverTimings::DEFAULT);
+        assert!(c.witness.is_none());
+    }
+    let c = load(TWO).unwrap();
+    assert_eq!(c.node_order, ["alpha", "beta"]);
+    assert_eq!(c.node_index("beta"), Some(NodeIndex(1)));
+}
+
+#[test]
+fn witness_mode_with_a_witness_node() {
+    let c = load(&with_failover("mode = \"witness\"", WITNESS_NODE)).unwrap();
+    assert_eq!(c.failover.mode, FailoverMode::Witness);
+    assert!(c.failover.enabled());
+    assert_eq!(c.failover.timings, FailoverTimings::DEFAULT);
+    assert_eq!(c.nodes.len(), 2, "the witness is not a data node");
+    let w = c.witness.as_ref().unwrap();
+    assert_eq!((w.name.as_str(), w.index, w.replication.as_str()), ("gamma", NodeIndex(2), "10.0.0.3:7790"));
+    assert_eq!(w.dir, PathBuf::from("/var/lib/repblock/r0-gamma"));
+    assert_eq!(c.node_order, ["alpha", "beta", "gamma"]);
+    assert_eq!(c.node_name(NodeIndex(2)), Some("gamma"));
+    assert!(c.witness_node("gamma").is_some() && c.witness_node("alpha").is_none());
+    assert_eq!(c.peer_of("alpha").unwrap().name, "beta", "the witness is nobody's peer");
+    let e = c.node("gamma").unwrap_err().to_string();
+    assert!(e.contains("is the witness"), "{e}");
+    // A witness node with failover off is accepted (it may be set up first).
+    let c = load(&with_failover("mode = \"off\"", WITNESS_NODE)).unwrap();
+    assert!(!c.failover.enabled() && c.witness.is_some());
+}
+
+#[test]
+fn failover_timings_profile_and_overrides() {
+    let c = load(&with_failover("mode = \"witness\"\nprofile = \"fast\"", WITNESS_NODE)).unwrap();
+    assert_eq!(c.failover.timings, FailoverTimings::FAST);
+    let body = "mode = \"witness\"\nheartbeat = \"100ms\"\nlease = \"2s\"\ndetect = \"3s\"\nfence_demote_after = \"4s\"\n\
+                max_clock_drift = \"0.5%\"\nmax_auto_failovers = 5\nfailover_window = \"30m\"";
+    let t = load(&with_failover(body, WITNESS_NODE)).unwrap().failover.timings;
+    assert_eq!(t.heartbeat, Duration::from_millis(100));
+    assert_eq!(t.lease, Duration::from_secs(2));
+    assert_eq!(t.detect, Duration::from_secs(3));
+    assert_eq!(t.fence_demote_after, Duration::from_secs(4));
+    assert_eq!(t.max_clock_drift, Drift::ppm(5000));
+    assert_eq!((t.max_auto_failovers, t.failover_window), (5, Duration::from_secs(1800)));
+}
+
+#[test]
+fn failover_refusals_name_the_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("mode = \"etcd\"", WITNESS_NODE, "failover.mode: expected \"off\" or \"witness\", got \"etcd\""),
+        ("mode = \"witness\"", "", "failover.mode: \"witness\" needs a witness node"),
+        ("profile = \"turbo\"", WITNESS_NODE, "failover.profile: expected \"default\" or \"fast\""),
+        ("lease = \"500ms\"", WITNESS_NODE, "failover.lease: must be at least 4 x heartbeat (800ms)"),
+        ("detect = \"100ms\"", WITNESS_NODE, "failover.detect: must be at least 3 x heartbeat"),
+        ("fence_demote_after = \"500ms\"", WITNESS_NODE, "failover.fence_demote_after: must be at least lease"),
+        ("max_clock_drift = \"20%\"", WITNESS_NODE, "failover.max_clock_drift: must be between"),
+        ("max_clock_drift = \"lots\"", WITNESS_NODE, "failover.max_clock_drift: expected a percentage"),
+        ("max_auto_failovers = -1", WITNESS_NODE, "failover.max_auto_failovers: expected a number"),
+        ("allow_protocol_b = \"yes\"", WITNESS_NODE, "failover.allow_protocol_b: expected true or false"),
+        ("heartbeat = \"1 fortnight\"", WITNESS_NODE, "failover.heartbeat:"),
+        ("quorum = 2", WITNESS_NODE, "unknown field \"quorum\""),
+    ];
+    for (body, witness, want) in cases {
+        let e = err(&with_failover(body, witness));
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
+#[test]
+fn failover_needs_protocol_c_or_the_b_opt_in() {
+    let on = "mode = \"witness\"";
+    let a = with_failover(on, WITNESS_NODE).replace("protocol = \"C\"", "protocol = \"A\"");
+    let e = err(&a);
+    assert!(e.starts_with("r0.toml: protocol: automatic failover needs protocol \"C\""), "{e}");
+    let b = with_failover(on, WITNESS_NODE).replace("protocol = \"C\"", "protocol = \"B\"");
+    let e = err(&b);
+    assert!(e.contains("protocol:") && e.contains("allow_protocol_b"), "{e}");
+    let b_ok = with_failover("mode = \"witness\"\nallow_protocol_b = true", WITNESS_NODE)
+        .replace("protocol = \"C\"", "protocol = \"B\"");
+    let c = load(&b_ok).unwrap();
+    assert!(c.failover.allow_protocol_b && c.protocol == Protocol::B);
+    // Protocol A is fine while failover is off, witness node or not.
+    let off = with_failover("mode = \"off\"", WITNESS_NODE).replace("protocol = \"C\"", "protocol = \"A\"");
+    load(&off).unwrap();
+    // on_peer_loss is the witness's decision with failover on.
+    let opl = with_failover(on, WITNESS_NODE).replace("secret =", "on_peer_loss = \"suspend\"\nsecret =");
+    let e = err(&opl);
+    assert!(e.contains("on_peer_loss: not used with automatic failover"), "{e}");
+}
+
+#[test]
+fn witness_node_rules() {
+    let on = "mode = \"witness\"";
+    let e = err(&with_failover(on, &format!("{WITNESS_NODE}nbd = \"127.0.0.1:10811\"\n")));
+    assert!(e.contains("node[2].nbd: a witness node (witness = true) has no volume"), "{e}");
+    let e = err(&with_failover(on, &format!("{WITNESS_NODE}disk = \"/dev/sdz\"\n")));
+    assert!(e.contains("node[2].disk: a witness node"), "{e}");
+    let e = err(&with_failover(on, &format!("{WITNESS_NODE}tls_dir = \"/pki\"\n")));
+    assert!(e.contains("node[2].tls_dir: a witness node"), "{e}");
+    let e = err(&with_failover(on, &WITNESS_NODE.replace("replication = \"10.0.0.3:7790\"\n", "")));
+    assert!(e.contains("node[2].replication: missing"), "{e}");
+    let e = err(&with_failover(on, &WITNESS_NODE.replace("witness = true", "witness = \"yes\"")));
+    assert!(e.contains("node[2].witness: expected true or false"), "{e}");
+    let second = WITNESS_NODE.replace("gamma", "delta");
+    let e = err(&with_failover(on, &format!("{WITNESS_NODE}{second}")));
+    assert!(e.contains("node[3].witness: a resource has at most one witness node"), "{e}");
+    // Only one data node beside the witness.
+    let e = err(&format!("{ONE}{WITNESS_NODE}"));
+    assert!(e.contains("node[1].witness: a witness node needs two data nodes"), "{e}");
+    // A witness on a data node's host needs its own port and paths.
+    let same_host = WITNESS_NODE.replace("10.0.0.3:7790", "10.0.0.1:7790");
+    let e = err(&with_failover(on, &same_host));
+    assert!(e.contains("node[2].replication: \"10.0.0.1:7790\" is also node[0].replication"), "{e}");
+    let ok = WITNESS_NODE.replace("10.0.0.3:7790", "10.0.0.1:7791");
+    load(&with_failover(on, &ok)).unwrap();
+    let e = err(&with_failover(on, &ok.replace("r0-gamma.sock", "r0-alpha.sock")));
+    assert!(e.contains("node[2].control:") && e.contains("the witness needs its own"), "{e}");
+    // Names are unique across data nodes and the witness.
+    let e = err(&with_failover(on, &WITNESS_NODE.replace("gamma", "alpha")));
+    assert!(e.contains("node[2].name: \"alpha\" is used by two nodes"), "{e}");
+    let e = load(&with_failover(on, WITNESS_NODE)).unwrap().node("omega").unwrap_err().to_string();
+    assert!(e.contains("alpha, beta, gamma"), "{e}");
+}
+
 #[test]
 fn tls_section_is_off_by_default_and_checked_by_field() {
     use crate::tls::{NbdTlsMode, ReplTlsMode};

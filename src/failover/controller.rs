@@ -350,7 +350,7 @@ impl fmt::Display for Ineligible {
             }
             Ineligible::LocalDisk => f.write_str("local disk is not uptodate"),
             Ineligible::NoWitness => f.write_str("witness not reachable"),
-            Ineligible::WitnessNoState => f.write_str("witness has no state (repctl witness init)"),
+            Ineligible::WitnessNoState => f.write_str("witness has no state (repctl --node WITNESS create-md)"),
             Ineligible::Outdated { term } => write!(f, "outdated in term {term}"),
         }
     }

@@ -8,7 +8,7 @@
 //! reserved bytes, field ranges) with the highest sequence, so a torn update
 //! leaves the previous record readable in the other slot. A missing file, or
 //! two invalid slots, is amnesia: the witness refuses to vote until
-//! `repctl witness init`. A failed write or sync is fail-stop: the file
+//! `repctl --node WITNESS create-md`. A failed write or sync is fail-stop: the file
 //! refuses every later update (the witness must be restarted, and then reads
 //! what is really on disk).
 
@@ -221,7 +221,7 @@ impl StateFile {
         dir.join(STATE_FILE)
     }
 
-    /// `repctl witness init`: writes a new file holding `record` (slot 0,
+    /// `repctl --node WITNESS create-md`: writes a new file holding `record` (slot 0,
     /// sequence 1; slot 1 zeroed), syncs it and its directory. An existing
     /// file is refused unless `force`.
     pub fn create(path: &Path, record: WitnessRecord, force: bool) -> Result<StateFile, StateFileError> {

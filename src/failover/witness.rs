@@ -95,7 +95,7 @@ pub struct WitnessRecord {
 }
 
 impl WitnessRecord {
-    /// A fresh witness (`repctl witness init`): term 0, no primary, nobody
+    /// A fresh witness (`repctl --node WITNESS create-md`): term 0, no primary, nobody
     /// up to date (the first claim must be forced).
     pub const BOOTSTRAP: WitnessRecord = WitnessRecord { term: Term::ZERO, primary: None, uptodate: NodeSet::EMPTY };
 
@@ -171,7 +171,7 @@ pub enum RefuseReason {
     /// node, or to this node for another request).
     AlreadyGranted,
     /// The witness lost its state: it votes again only after
-    /// `repctl witness init`.
+    /// `repctl --node WITNESS create-md`.
     NoState,
     /// The request names a term newer than the witness's: the witness was
     /// re-initialised with too low a term.
@@ -338,7 +338,8 @@ impl Witness {
         Decision::Answer(Err(Refusal { reason, view: self.view() }))
     }
 
-    /// `repctl witness init` on a running witness: persist `record` (after
+    /// Re-initialising a running witness (unused: `repctl --node WITNESS create-md`
+    /// is offline, and a restart reads the new file): persist `record` (after
     /// amnesia, or `--force`), then vote again after a fresh holdoff.
     pub fn reinitialise(&mut self, record: WitnessRecord, now: MonoTime) -> PendingAnswer<'_> {
         self.started_at = now;

@@ -121,6 +121,8 @@ pub struct Daemon {
     metrics: Option<JoinHandle<()>>,
     /// The `[handlers]` runner, if any handler is configured.
     handlers: Option<JoinHandle<()>>,
+    /// The witness link (`[failover] mode = "witness"`).
+    witness_link: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -177,8 +179,9 @@ impl Daemon {
             tokio::spawn(super::metrics::serve(l, Arc::downgrade(&node), stop_rx_metrics))
         });
         let handlers = super::handlers::any(&node.config.handlers).then(|| super::handlers::spawn(&node));
+        let witness_link = super::failover::spawn(&node, stop.subscribe());
         tracing::info!(control = %node.me.control.display(), "control socket ready");
-        Ok(Daemon { node, stop, control, watcher, metrics, handlers })
+        Ok(Daemon { node, stop, control, watcher, metrics, handlers, witness_link })
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -199,6 +202,9 @@ impl Daemon {
         let _ = self.watcher.await;
         if let Some(m) = self.metrics {
             let _ = m.await;
+        }
+        if let Some(w) = self.witness_link {
+            let _ = w.await;
         }
         if let Some(mut h) = self.handlers {
             // The runner ends at the `stopping` event, after the handlers

@@ -46,10 +46,12 @@ pub mod backend;
 mod commands;
 pub mod daemon;
 mod export;
+pub mod failover;
 pub mod handlers;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
+pub mod witness;
 
 pub use backend::VolumeBackend;
 pub use commands::{Reply, probe_human};
@@ -101,6 +103,8 @@ pub struct Node {
     repl: Option<Arc<Engine>>,
     /// NBD request counters (status statistics, /metrics).
     io_stats: Arc<crate::stats::IoStats>,
+    /// The witness link (automatic failover), as status shows it.
+    witness_link: failover::LinkShared,
     /// TLS credentials (`[tls]`), if anything uses TLS.
     tls: Option<Arc<crate::tls::TlsContext>>,
 }
@@ -142,6 +146,7 @@ impl Node {
             events,
             repl,
             io_stats: Arc::default(),
+            witness_link: failover::LinkShared::default(),
             tls,
         })
     }
@@ -500,6 +505,8 @@ impl Node {
             statistics: self.statistics(&vs),
             failed,
             pid: std::process::id(),
+            term: self.volume.term(),
+            failover: failover::status(self),
         }
     }
 

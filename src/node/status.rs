@@ -83,6 +83,12 @@ pub struct Status {
     /// requests, pending, buffer fill, WAL syncs; src/stats.rs).
     #[serde(default)]
     pub statistics: crate::stats::Statistics,
+    /// The node's failover term (superblock; 0 without failover).
+    #[serde(default)]
+    pub term: u64,
+    /// Automatic failover (docs/failover.md): mode, the witness link.
+    #[serde(default)]
+    pub failover: super::failover::FailoverStatus,
     /// `[tls]`: modes, the encrypted link's peer certificate, the
     /// certificates in use and their expiry warnings (docs/tls.md); null
     /// when TLS is off.
@@ -250,6 +256,9 @@ impl Status {
                 }
             }
         }
+        if let Some(line) = self.failover.human_line(self.term) {
+            let _ = writeln!(s, "  {line}");
+        }
         let _ = writeln!(
             s,
             "  node:{} protocol:{} size:{} io-engine:{}",
@@ -364,6 +373,8 @@ mod tests {
             last_sync: None,
             verify: Default::default(),
             statistics: Default::default(),
+            term: 0,
+            failover: Default::default(),
         }
     }
 

@@ -70,7 +70,13 @@ impl Notifier {
     /// Sends `READY=1` and the first `STATUS=`, then keeps the status line
     /// and the watchdog going.
     pub fn start(node: Arc<Node>) -> Notifier {
-        let mut line = status_line(&node.status());
+        Notifier::start_for(node, |n| status_line(&n.status()))
+    }
+
+    /// [`Notifier::start`] for any daemon with a control socket (the
+    /// witness too): `line_of` makes its `STATUS=` line.
+    pub fn start_for<H: crate::control::ControlHandler>(node: Arc<H>, line_of: fn(&H) -> String) -> Notifier {
+        let mut line = line_of(&node);
         send(&[NotifyState::Ready, NotifyState::Status(&line)]);
         let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
         if let Some(d) = watchdog {
@@ -88,7 +94,7 @@ impl Notifier {
                     }
                     _ = tokio::time::sleep(ping) => {}
                 }
-                let now = status_line(&node.status());
+                let now = line_of(&node);
                 if now != line {
                     line = now;
                     send(&[NotifyState::Status(&line)]);
@@ -103,8 +109,13 @@ impl Notifier {
 
     /// The clean stop begins: `STOPPING=1`; no more status or pings.
     pub fn stopping(self) {
+        self.stopping_with("stopping: export down, closing the volume");
+    }
+
+    /// [`Notifier::stopping`] with another `STATUS=` text.
+    pub fn stopping_with(self, status: &str) {
         self.task.abort();
-        send(&[NotifyState::Stopping, NotifyState::Status("stopping: export down, closing the volume")]);
+        send(&[NotifyState::Stopping, NotifyState::Status(status)]);
     }
 }
 

@@ -15,8 +15,7 @@ use crate::model::{ConnState, DiskState, OnPeerLoss, Protocol, ReplState, Resync
 const SIZE: usize = 4 << 20;
 
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    crate::ports::unused_local_port().expect("a free port")
 }
 
 fn cfg(node: &str, peer: &str, listen: u16, peer_port: u16, protocol: Protocol) -> EngineConfig {
@@ -728,4 +727,29 @@ async fn dry_run_reports_the_decision_and_changes_nothing() {
     assert_eq!((p.a.meta(), p.b.meta()), (ma, mb), "a probe changes nothing");
     assert_eq!(p.beta.view().connection, ConnState::Standalone);
     assert!(p.alpha.view().last_sync == la && p.beta.view().last_sync == lb, "no resync ran");
+}
+
+/// Chaos seed 1000 cycle 31: a session whose SyncInfo was sent before the
+/// previous session's end marked its unacknowledged records must not act
+/// on it (the marks would stay on an in-sync pair): its claim is stale.
+#[tokio::test]
+async fn a_claim_made_on_a_sync_info_older_than_new_marks_is_stale() {
+    use super::decide::{Decision, Verdict};
+    let store = MemStore::new(SIZE, DiskState::UpToDate, 7);
+    let e =
+        Engine::new(cfg("alpha", "beta", 1, 2, Protocol::C), store.clone(), Role::Primary, broadcast::channel(16).0);
+    let verdict = Verdict { decision: Decision::NoSync, rule: "in-sync", explanation: String::new() };
+    let marks = store.mark_count();
+    let mine = e.sync_info(0);
+    e.claim_session(&mine, marks, &verdict).expect("nothing changed since the SyncInfo");
+    // The old session's end marks what the peer had not acknowledged (a
+    // record written while it streamed: in the unacked ring).
+    store.set_tracking(false);
+    store.write(0, &pattern(3, 4096), false);
+    store.mark_unacked().expect("mark");
+    let marks_now = store.mark_count();
+    assert!(marks_now > marks, "marking counts");
+    let stale = e.claim_session(&mine, marks, &verdict).expect_err("marks since the SyncInfo");
+    assert!(stale.0.contains("marked out of sync since the session start"), "{}", stale.0);
+    e.claim_session(&mine, marks_now, &verdict).expect("a SyncInfo made after the marks");
 }

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 
 use super::proto::{
     FRAME_HEADER_LEN, FrameError, Hello, MAX_NAME_LEN, MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, RefuseReason,
-    check, decode, encode,
+    WITNESS_PROTOCOL_VERSION, check, decode, encode,
 };
 use crate::model::{DiskState, GenIds, Role};
 
@@ -249,9 +249,51 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     local: &LocalHello,
     timeout: Duration,
 ) -> Result<PeerInfo, HandshakeError> {
+    handshake_with(stream, local, &Expect::data_link(), timeout).await
+}
+
+/// What a side of a handshake accepts, beyond [`LocalHello`]: the versions
+/// it speaks, and whether it takes any of several peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// Oldest and newest version this side speaks.
+    pub versions: (u16, u16),
+    /// `None`: the peer must be [`LocalHello::peer`]. `Some(names)` (the
+    /// witness, which serves both data nodes): the peer may be any of
+    /// `names`; this side reads the peer's Hello first and names that node
+    /// as its peer in its own (the dialling side always writes first, so
+    /// nobody waits for the other).
+    pub any_of: Option<Vec<String>>,
+}
+
+impl Expect {
+    /// The data link: [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`], the
+    /// configured peer.
+    pub fn data_link() -> Expect {
+        Expect { versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), any_of: None }
+    }
+
+    /// A data node dialling the witness: [`WITNESS_PROTOCOL_VERSION`] only.
+    pub fn witness_link() -> Expect {
+        Expect { versions: (WITNESS_PROTOCOL_VERSION, WITNESS_PROTOCOL_VERSION), any_of: None }
+    }
+
+    /// The witness accepting any of the data nodes `names`.
+    pub fn witness_accepting(names: Vec<String>) -> Expect {
+        Expect { versions: (WITNESS_PROTOCOL_VERSION, WITNESS_PROTOCOL_VERSION), any_of: Some(names) }
+    }
+}
+
+/// [`handshake`] with explicit versions and peers (the witness link).
+pub async fn handshake_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    local: &LocalHello,
+    expect: &Expect,
+    timeout: Duration,
+) -> Result<PeerInfo, HandshakeError> {
     let deadline = Instant::now() + timeout;
     let mut progress = Progress { stage: "sending our hello", peer: local.peer.clone() };
-    let err = match tokio::time::timeout_at(deadline, exchange(stream, local, &mut progress)).await {
+    let err = match tokio::time::timeout_at(deadline, exchange(stream, local, expect, &mut progress)).await {
         Ok(Ok(info)) => {
             tracing::debug!(peer = %info.node, version = info.version, "replication handshake done");
             return Ok(info);
@@ -370,21 +412,23 @@ fn check_local(local: &LocalHello) -> Result<(), HandshakeError> {
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     local: &LocalHello,
+    expect: &Expect,
     p: &mut Progress,
 ) -> Result<PeerInfo, HandshakeError> {
     check_local(local)?;
     let mut nonce = [0u8; 32];
     rand::rng().fill(&mut nonce);
     let me = &local.node;
+    let (min_version, max_version) = expect.versions;
+    let mut local_peer = local.peer.clone();
 
-    p.stage = "sending our hello";
-    let hello = Hello {
-        min_version: MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
+    let hello = |peer: &str| Hello {
+        min_version,
+        max_version,
         flags: 0,
         resource: local.resource.clone(),
         node: local.node.clone(),
-        peer: local.peer.clone(),
+        peer: peer.to_owned(),
         size: local.size,
         block_size: local.block_size,
         gen_ids: local.gen_ids,
@@ -392,7 +436,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         disk: local.disk,
         nonce,
     };
-    send(s, &Message::Hello(Box::new(hello)), p).await?;
+    if expect.any_of.is_none() {
+        p.stage = "sending our hello";
+        send(s, &Message::Hello(Box::new(hello(&local_peer))), p).await?;
+    }
 
     p.stage = "reading the peer's hello";
     let theirs = match recv(s, p).await? {
@@ -401,14 +448,23 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     };
     p.peer = theirs.node.clone();
     let them = &theirs.node;
+    if let Some(names) = &expect.any_of {
+        // Name the dialler as our peer if it is one we serve; otherwise the
+        // identity check after authentication refuses it.
+        if names.contains(them) {
+            local_peer = them.clone();
+        } else {
+            local_peer = names.join(" or ");
+        }
+        p.stage = "sending our hello";
+        send(s, &Message::Hello(Box::new(hello(&local_peer))), p).await?;
+    }
 
-    let Some(version) =
-        negotiate_version((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (theirs.min_version, theirs.max_version))
-    else {
+    let Some(version) = negotiate_version((min_version, max_version), (theirs.min_version, theirs.max_version)) else {
         return Err(p.refuse(
             RefuseReason::IncompatibleVersion,
             format!(
-                "no common protocol version ({me} speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, {them} speaks {} to {})",
+                "no common protocol version ({me} speaks {min_version} to {max_version}, {them} speaks {} to {})",
                 theirs.min_version, theirs.max_version
             ),
         ));
@@ -441,10 +497,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if theirs.node == local.node {
         return Err(p.refuse(RefuseReason::WrongPeer, format!("both nodes are called {me:?}; node names must differ")));
     }
-    if theirs.node != local.peer {
+    if theirs.node != local_peer {
         return Err(p.refuse(
             RefuseReason::WrongPeer,
-            format!("{me} expects its peer to be {:?}, the peer is {them:?}", local.peer),
+            format!("{me} expects its peer to be {local_peer:?}, the peer is {them:?}"),
         ));
     }
     if theirs.peer != local.node {

@@ -397,3 +397,37 @@ fn the_secret_is_redacted_in_debug_output() {
     assert!(!text.contains("change-me"), "{text}");
     assert!(text.contains("<redacted>"));
 }
+
+#[tokio::test]
+async fn the_witness_accepts_either_data_node_at_version_3() {
+    let names = vec!["alpha".to_string(), "beta".to_string()];
+    // `peer` of the witness's LocalHello is replaced by whoever dials.
+    let gamma = local("gamma", "-");
+    for dialler in ["alpha", "beta"] {
+        let (mut sa, mut sg) = duplex(64 << 10);
+        let me = local(dialler, "gamma");
+        let (data_side, witness_side) = (Expect::witness_link(), Expect::witness_accepting(names.clone()));
+        let (rd, rw) = tokio::join!(
+            handshake_with(&mut sa, &me, &data_side, T),
+            handshake_with(&mut sg, &gamma, &witness_side, T)
+        );
+        let (pd, pw) = (rd.expect("the data node accepts the witness"), rw.expect("the witness accepts"));
+        assert_eq!((pd.node.as_str(), pw.node.as_str()), ("gamma", dialler));
+        assert_eq!((pd.version, pw.version), (WITNESS_PROTOCOL_VERSION, WITNESS_PROTOCOL_VERSION));
+    }
+    // A stranger is refused after authentication, naming whom it serves.
+    let (mut sa, mut sg) = duplex(64 << 10);
+    let (delta, data_side, witness_side) =
+        (local("delta", "gamma"), Expect::witness_link(), Expect::witness_accepting(names.clone()));
+    let (rd, rw) =
+        tokio::join!(handshake_with(&mut sa, &delta, &data_side, T), handshake_with(&mut sg, &gamma, &witness_side, T));
+    let (reason, message) = refused(&rw);
+    assert_eq!(reason, RefuseReason::WrongPeer);
+    assert!(message.contains("\"alpha or beta\""), "{message}");
+    assert!(rd.is_err());
+    // A version-2 data link dialling the witness finds no common version.
+    let (mut sa, mut sg) = duplex(64 << 10);
+    let (alpha, witness_side) = (local("alpha", "gamma"), Expect::witness_accepting(names));
+    let (_, rw) = tokio::join!(handshake(&mut sa, &alpha, T), handshake_with(&mut sg, &gamma, &witness_side, T));
+    assert_eq!(refused(&rw).0, RefuseReason::IncompatibleVersion);
+}

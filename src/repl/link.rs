@@ -22,7 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -125,6 +125,13 @@ impl FrameReader<LinkRead> {
     /// waiting unread.
     pub fn has_input(&self) -> bool {
         if !matches!(check(&self.buf), Ok(None)) {
+            return true;
+        }
+        // With TLS, records rustls already decrypted but nobody read yet
+        // are input, and no longer in the socket.
+        if let LinkRead::Tls(_, _, _, probe) = &self.inner
+            && probe.load(Ordering::Acquire)
+        {
             return true;
         }
         // With TLS this peeks at the encrypted bytes: a record on its way
@@ -407,22 +414,81 @@ delegate_write!(LinkWrite, Tcp, Tls);
 /// The read half of a [`LinkStream`].
 pub enum LinkRead {
     Tcp(OwnedReadHalf),
-    /// With the socket's descriptor, for [`FrameReader::has_input`], and
-    /// the peer's address.
-    Tls(tokio::io::ReadHalf<LinkStream>, RawFd, Option<std::net::SocketAddr>),
+    /// With the socket's descriptor and [`TlsProbe`]'s flag, for
+    /// [`FrameReader::has_input`], and the peer's address.
+    Tls(tokio::io::ReadHalf<TlsProbe>, RawFd, Option<std::net::SocketAddr>, Arc<AtomicBool>),
 }
 
 /// The write half of a [`LinkStream`].
 pub enum LinkWrite {
     Tcp(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<LinkStream>),
+    Tls(tokio::io::WriteHalf<TlsProbe>),
+}
+
+/// A TLS connection that notes, after every read, whether rustls holds
+/// plaintext it decrypted but nobody read yet: such bytes are no longer in
+/// the socket, so [`FrameReader::has_input`] cannot see them there (the
+/// reader half cannot reach the connection through `tokio::io::split`'s
+/// lock, hence the shared flag).
+pub struct TlsProbe {
+    stream: Box<tokio_rustls::TlsStream<TcpStream>>,
+    pending: Arc<AtomicBool>,
+}
+
+impl TlsProbe {
+    fn new(stream: Box<tokio_rustls::TlsStream<TcpStream>>) -> TlsProbe {
+        let probe = TlsProbe { stream, pending: Arc::default() };
+        probe.note();
+        probe
+    }
+
+    /// Plaintext buffered (or the peer's close_notify, which the next read
+    /// reports as the end of the stream): rustls wants no more input then.
+    fn note(&self) {
+        let wants_read = match &*self.stream {
+            tokio_rustls::TlsStream::Client(c) => c.get_ref().1.wants_read(),
+            tokio_rustls::TlsStream::Server(c) => c.get_ref().1.wants_read(),
+        };
+        self.pending.store(!wants_read, Ordering::Release);
+    }
+}
+
+impl AsyncRead for TlsProbe {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut *me.stream).poll_read(cx, buf);
+        me.note();
+        r
+    }
+}
+
+impl AsyncWrite for TlsProbe {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 impl LinkRead {
     fn raw_fd(&self) -> RawFd {
         match self {
             LinkRead::Tcp(r) => r.as_ref().as_raw_fd(),
-            LinkRead::Tls(_, fd, _) => *fd,
+            LinkRead::Tls(_, fd, ..) => *fd,
         }
     }
 
@@ -430,7 +496,7 @@ impl LinkRead {
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         match self {
             LinkRead::Tcp(r) => r.peer_addr(),
-            LinkRead::Tls(_, _, addr) => addr.ok_or_else(|| io::Error::other("peer address unknown")),
+            LinkRead::Tls(_, _, addr, _) => addr.ok_or_else(|| io::Error::other("peer address unknown")),
         }
     }
 }
@@ -482,11 +548,13 @@ pub fn split_link(stream: LinkStream) -> io::Result<(FrameReader<LinkRead>, Fram
             let (r, w) = s.into_split();
             (LinkRead::Tcp(r), LinkWrite::Tcp(w))
         }
-        tls @ LinkStream::Tls(_) => {
-            let fd = tls.tcp().as_raw_fd();
-            let addr = tls.tcp().peer_addr().ok();
-            let (r, w) = tokio::io::split(tls);
-            (LinkRead::Tls(r, fd, addr), LinkWrite::Tls(w))
+        LinkStream::Tls(tls) => {
+            let fd = tls.get_ref().0.as_raw_fd();
+            let addr = tls.get_ref().0.peer_addr().ok();
+            let probe = TlsProbe::new(tls);
+            let pending = Arc::clone(&probe.pending);
+            let (r, w) = tokio::io::split(probe);
+            (LinkRead::Tls(r, fd, addr, pending), LinkWrite::Tls(w))
         }
     };
     Ok((FrameReader::new(r), FrameWriter::new(w)))

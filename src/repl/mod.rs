@@ -9,6 +9,11 @@
 //!   and `events` show. `session` (private): one connection's life, as
 //!   sync source, sync target or idle (log catch-up, bitmap and full
 //!   resync).
+//!   The reply gate the NBD path holds is [`engine::Gate`]; the source's
+//!   resync is a [`resync::ResyncJob`] (log catch-up, bitmap or full walk,
+//!   one pacing mechanism); verify is a sub-state machine of the session
+//!   ([`verify::VerifyState`]). docs/architecture.md has the files, the
+//!   tasks and the way of a write and of a resync.
 //! - [`decide`]: the pure resync decision at connect (who sends what), with
 //!   its split-brain policies; [`verify`]: online verify and `invalidate`.
 //! - [`resync_hook`]: the `before-resync-target` hook a sync target waits for
@@ -44,6 +49,7 @@ mod engine_tests;
 pub mod handshake;
 pub mod link;
 pub mod proto;
+pub mod resync;
 pub mod resync_hook;
 mod session;
 pub mod stats;

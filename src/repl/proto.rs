@@ -26,6 +26,11 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// SyncInfo exchange (every reconnect was a full sync); a version-1 peer is
 /// refused with `incompatible-version`.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// The version the witness link speaks (docs/replication-protocol.md,
+/// "Version 3"): data nodes dial the witness with exactly this version. The
+/// data link still speaks [`PROTOCOL_VERSION`] until the terms are wired
+/// into the session.
+pub const WITNESS_PROTOCOL_VERSION: u16 = 3;
 
 // ---------------------------------------------------------------------------
 // Frames.
@@ -111,6 +116,14 @@ pub mod msg_type {
     pub const VERIFY_DIGESTS: u16 = 0x42;
     pub const VERIFY_RESULT: u16 = 0x43;
     pub const VERIFY_END: u16 = 0x44;
+    // Version 3: the witness link (128..=143 reserved).
+    pub const CLAIM: u16 = 128;
+    pub const SOLO: u16 = 129;
+    pub const PEER_UPTODATE: u16 = 130;
+    pub const RELEASE: u16 = 131;
+    pub const GRANT: u16 = 132;
+    pub const REFUSED: u16 = 133;
+    pub const TERM_REFUSE: u16 = 134;
 }
 
 /// Errors of the frame codec. Any of them ends the connection: the stream
@@ -348,6 +361,47 @@ pub struct Hello {
     pub nonce: [u8; 32],
 }
 
+/// Node index meaning "none" on the witness link.
+pub const NO_NODE: u8 = 0xff;
+
+/// Pong flag bits (version 3).
+pub mod pong_flags {
+    /// The answerer follows the pinger as primary of `term`: the pinger's
+    /// lease is renewed from the echoed send time.
+    pub const PRIMARY_OK: u8 = 1 << 0;
+    /// `primary` and `uptodate` hold the witness's record.
+    pub const VIEW: u8 = 1 << 1;
+    pub const KNOWN: u8 = PRIMARY_OK | VIEW;
+}
+
+/// The witness's record as a Pong, Grant or Refused carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WitnessView {
+    pub term: u64,
+    /// Node index of the primary, `None` for 0xff.
+    pub primary: Option<u8>,
+    /// Bit `i`: node `i` is up to date.
+    pub uptodate: u8,
+}
+
+/// A version-3 Pong (32 bytes).
+///
+/// Format (Pong v3): | seq u64 | echo_sent_ns u64 | term u64 | flags u8 |
+/// | primary u8 | uptodate u8 | reserved 5 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TermPong {
+    pub seq: u64,
+    /// The Ping's `sent_ns`, echoed unchanged.
+    pub echo_sent_ns: u64,
+    /// The answering node's term.
+    pub term: u64,
+    /// [`pong_flags::PRIMARY_OK`].
+    pub primary_ok: bool,
+    /// The witness's primary and uptodate mask ([`pong_flags::VIEW`]); the
+    /// view's term is `term`.
+    pub view: Option<(Option<u8>, u8)>,
+}
+
 /// One replication message.
 ///
 /// Version history (bump [`PROTOCOL_VERSION`] and add a line for every change
@@ -372,6 +426,11 @@ pub struct Hello {
 ///   `verify`; a version-2 node built before them fails to decode one
 ///   (`FrameError::UnknownType`) and the session ends. The next change to
 ///   the exchange bumps to 3.
+/// - **3** (failover, docs/replication-protocol.md "Version 3"): Ping and
+///   Pong with the term (24 and 32 bytes; the 16-byte forms stay version
+///   2's), Claim / Solo / PeerUptodate / Release, Grant / Refused,
+///   TermRefuse at 128..=134. Spoken on the witness link
+///   ([`WITNESS_PROTOCOL_VERSION`]); the data link still negotiates 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     // --- Handshake -------------------------------------------------------
@@ -567,6 +626,75 @@ pub enum Message {
         complete: bool,
         message: String,
     },
+
+    // --- Version 3: terms and the witness link ------------------------------
+    //
+    // Format (Ping v3): | seq u64 | sent_ns u64 | term u64 | (24 bytes; a
+    // 16-byte Ping is version 2's [`Message::Ping`])
+    /// A heartbeat carrying the sender's term; `sent_ns` is its
+    /// `CLOCK_BOOTTIME`.
+    TermPing {
+        seq: u64,
+        sent_ns: u64,
+        term: u64,
+    },
+    // Format (Pong v3): see [`TermPong`] (32 bytes).
+    TermPong(TermPong),
+    // Format (Claim): | term u64 | node u8 | forced u8 | reserved 6 |
+    //                 | gen_current u64 | lsn_local u64 | last_heard_primary_ms u64 |
+    /// Data node -> witness: make `node` primary of `term + 1`.
+    Claim {
+        term: u64,
+        node: u8,
+        forced: bool,
+        gen_current: u64,
+        lsn_local: u64,
+        last_heard_primary_ms: u64,
+    },
+    // Format (Solo, Release): | term u64 | node u8 | reserved 7 |
+    /// Data node -> witness: the primary of `term` goes on without its peer.
+    Solo {
+        term: u64,
+        node: u8,
+    },
+    // Format (PeerUptodate): | term u64 | node u8 | peer u8 | reserved 6 |
+    /// Data node -> witness: the primary's peer finished its resync.
+    PeerUptodate {
+        term: u64,
+        node: u8,
+        peer: u8,
+    },
+    /// Data node -> witness: the primary of `term` stopped serving.
+    Release {
+        term: u64,
+        node: u8,
+    },
+    // Format (Grant): | request u16 | reserved 6 | request_term u64 | term u64 |
+    //                 | primary u8 | uptodate u8 | reserved 6 |
+    /// Witness -> data node: the request (its type code and term) was
+    /// granted; the witness's record is now `view` (durable).
+    Grant {
+        request: u16,
+        request_term: u64,
+        view: WitnessView,
+    },
+    // Format (Refused): | request u16 | reason u8 | flags u8 (bit 0 VIEW) | reserved 4 |
+    //                   | request_term u64 | term u64 | primary u8 | uptodate u8 | reserved 6 |
+    /// Witness -> data node: the request was refused for `reason`
+    /// (`failover::RefuseReason::code`); `view` is the witness's record
+    /// (`None`: it has no state).
+    Refused {
+        request: u16,
+        reason: u8,
+        request_term: u64,
+        view: Option<WitnessView>,
+    },
+    // Format (TermRefuse): | higher_term u64 |
+    /// The sender's term is higher than the one the receiver's session or
+    /// frame carries; the connection is closed after it.
+    TermRefuse {
+        higher_term: u64,
+    },
 }
 
 impl Message {
@@ -599,6 +727,15 @@ impl Message {
             Message::VerifyDigests { .. } => VERIFY_DIGESTS,
             Message::VerifyResult { .. } => VERIFY_RESULT,
             Message::VerifyEnd { .. } => VERIFY_END,
+            Message::TermPing { .. } => PING,
+            Message::TermPong(_) => PONG,
+            Message::Claim { .. } => CLAIM,
+            Message::Solo { .. } => SOLO,
+            Message::PeerUptodate { .. } => PEER_UPTODATE,
+            Message::Release { .. } => RELEASE,
+            Message::Grant { .. } => GRANT,
+            Message::Refused { .. } => REFUSED,
+            Message::TermRefuse { .. } => TERM_REFUSE,
         }
     }
 
@@ -667,6 +804,12 @@ impl Message {
             Message::VerifyDigests { digests, .. } => 16 + digests.len(),
             Message::VerifyResult { mismatched, .. } => 16 + 12 * mismatched.len(),
             Message::VerifyEnd { message, .. } => 20 + cut(message).len(),
+            Message::TermPing { .. } => 24,
+            Message::TermPong(_) => 32,
+            Message::Claim { .. } => 40,
+            Message::Solo { .. } | Message::PeerUptodate { .. } | Message::Release { .. } => 16,
+            Message::Grant { .. } | Message::Refused { .. } => 32,
+            Message::TermRefuse { .. } => 8,
         }
     }
 
@@ -831,9 +974,76 @@ impl Message {
                 b.put_u64_le(*out_of_sync_bytes);
                 put_text(b, if *complete { 0 } else { 1 }, message);
             }
+            Message::TermPing { seq, sent_ns, term } => {
+                b.put_u64_le(*seq);
+                b.put_u64_le(*sent_ns);
+                b.put_u64_le(*term);
+            }
+            Message::TermPong(p) => {
+                b.put_u64_le(p.seq);
+                b.put_u64_le(p.echo_sent_ns);
+                b.put_u64_le(p.term);
+                let mut flags = 0;
+                if p.primary_ok {
+                    flags |= pong_flags::PRIMARY_OK;
+                }
+                if p.view.is_some() {
+                    flags |= pong_flags::VIEW;
+                }
+                b.put_u8(flags);
+                let (primary, uptodate) = p.view.unwrap_or((None, 0));
+                b.put_u8(primary.unwrap_or(NO_NODE));
+                b.put_u8(uptodate);
+                b.put_slice(&[0; 5]);
+            }
+            Message::Claim { term, node, forced, gen_current, lsn_local, last_heard_primary_ms } => {
+                b.put_u64_le(*term);
+                b.put_u8(*node);
+                b.put_u8(u8::from(*forced));
+                b.put_slice(&[0; 6]);
+                b.put_u64_le(*gen_current);
+                b.put_u64_le(*lsn_local);
+                b.put_u64_le(*last_heard_primary_ms);
+            }
+            Message::Solo { term, node } | Message::Release { term, node } => {
+                b.put_u64_le(*term);
+                b.put_u8(*node);
+                b.put_slice(&[0; 7]);
+            }
+            Message::PeerUptodate { term, node, peer } => {
+                b.put_u64_le(*term);
+                b.put_u8(*node);
+                b.put_u8(*peer);
+                b.put_slice(&[0; 6]);
+            }
+            Message::Grant { request, request_term, view } => {
+                b.put_u16_le(*request);
+                b.put_slice(&[0; 6]);
+                b.put_u64_le(*request_term);
+                put_view(b, Some(*view));
+            }
+            Message::Refused { request, reason, request_term, view } => {
+                b.put_u16_le(*request);
+                b.put_u8(*reason);
+                b.put_u8(u8::from(view.is_some()));
+                b.put_slice(&[0; 4]);
+                b.put_u64_le(*request_term);
+                put_view(b, *view);
+            }
+            Message::TermRefuse { higher_term } => b.put_u64_le(*higher_term),
         }
         Ok(())
     }
+}
+
+/// `| term u64 | primary u8 | uptodate u8 | reserved 6 |` (term 0, no
+/// primary, empty mask for `None`).
+fn put_view(b: &mut BytesMut, view: Option<WitnessView>) {
+    let v = view.unwrap_or(WitnessView { term: 0, primary: None, uptodate: 0 });
+    b.put_u64_le(v.term);
+    b.put_u8(v.primary.unwrap_or(NO_NODE));
+    b.put_u8(v.uptodate);
+    b.put_slice(&[0; 6]);
 }
 
 /// Bytes of the Hello payload before the names.
@@ -868,6 +1078,13 @@ pub fn type_name(t: u16) -> Option<&'static str> {
         VERIFY_DIGESTS => "verify-digests",
         VERIFY_RESULT => "verify-result",
         VERIFY_END => "verify-end",
+        CLAIM => "claim",
+        SOLO => "solo",
+        PEER_UPTODATE => "peer-uptodate",
+        RELEASE => "release",
+        GRANT => "grant",
+        REFUSED => "refused",
+        TERM_REFUSE => "term-refuse",
         _ => return None,
     })
 }
@@ -1112,6 +1329,41 @@ impl Payload {
         Ok(())
     }
 
+    /// A node index (0..=7).
+    fn node(&mut self, field: &'static str) -> Result<u8, FrameError> {
+        let n = self.u8(field)?;
+        if n > 7 {
+            return Err(self.bad(format!("{field} {n} is not a node index (0..=7)")));
+        }
+        Ok(n)
+    }
+
+    /// A node index, or 0xff for none.
+    fn node_or_none(&mut self, field: &'static str) -> Result<Option<u8>, FrameError> {
+        let n = self.u8(field)?;
+        match n {
+            NO_NODE => Ok(None),
+            0..=7 => Ok(Some(n)),
+            _ => Err(self.bad(format!("{field} {n:#04x} is neither a node index (0..=7) nor 0xff"))),
+        }
+    }
+
+    fn reserved_bytes<const N: usize>(&mut self) -> Result<(), FrameError> {
+        if self.array::<N>("reserved")? != [0; N] {
+            return Err(self.bad("reserved bytes must be 0".into()));
+        }
+        Ok(())
+    }
+
+    /// `| term u64 | primary u8 | uptodate u8 | reserved 6 |`.
+    fn view(&mut self) -> Result<WitnessView, FrameError> {
+        let term = self.u64("term")?;
+        let primary = self.node_or_none("primary")?;
+        let uptodate = self.u8("uptodate")?;
+        self.reserved_bytes::<6>()?;
+        Ok(WitnessView { term, primary, uptodate })
+    }
+
     fn op_flags(&mut self, known: u8) -> Result<u8, FrameError> {
         let f = self.u8("flags")?;
         if f & !known != 0 {
@@ -1280,8 +1532,95 @@ fn decode_payload(t: u16, name: &'static str, payload: Bytes) -> Result<Message,
         }
         SYNC_END => Message::SyncEnd { bytes: p.u64("bytes")? },
         SYNC_ACK => Message::SyncAck { done_bytes: p.u64("done_bytes")?, written_bytes: p.u64("written_bytes")? },
+        PING if p.b.remaining() == 24 => {
+            Message::TermPing { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")?, term: p.u64("term")? }
+        }
         PING => Message::Ping { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
+        PONG if p.b.remaining() == 32 => {
+            let seq = p.u64("seq")?;
+            let echo_sent_ns = p.u64("echo_sent_ns")?;
+            let term = p.u64("term")?;
+            let flags = p.u8("flags")?;
+            if flags & !pong_flags::KNOWN != 0 {
+                return Err(p.bad(format!("unknown flags {flags:#04x}")));
+            }
+            let primary = p.node_or_none("primary")?;
+            let uptodate = p.u8("uptodate")?;
+            p.reserved_bytes::<5>()?;
+            let view = if flags & pong_flags::VIEW != 0 {
+                Some((primary, uptodate))
+            } else if primary.is_some() || uptodate != 0 {
+                return Err(p.bad("primary/uptodate set without the VIEW flag".into()));
+            } else {
+                None
+            };
+            Message::TermPong(TermPong {
+                seq,
+                echo_sent_ns,
+                term,
+                primary_ok: flags & pong_flags::PRIMARY_OK != 0,
+                view,
+            })
+        }
         PONG => Message::Pong { seq: p.u64("seq")?, sent_ns: p.u64("sent_ns")? },
+        CLAIM => {
+            let term = p.u64("term")?;
+            let node = p.node("node")?;
+            let forced = match p.u8("forced")? {
+                0 => false,
+                1 => true,
+                other => return Err(p.bad(format!("forced is {other}, must be 0 or 1"))),
+            };
+            p.reserved_bytes::<6>()?;
+            Message::Claim {
+                term,
+                node,
+                forced,
+                gen_current: p.u64("gen_current")?,
+                lsn_local: p.u64("lsn_local")?,
+                last_heard_primary_ms: p.u64("last_heard_primary_ms")?,
+            }
+        }
+        SOLO | RELEASE => {
+            let term = p.u64("term")?;
+            let node = p.node("node")?;
+            p.reserved_bytes::<7>()?;
+            if t == SOLO { Message::Solo { term, node } } else { Message::Release { term, node } }
+        }
+        PEER_UPTODATE => {
+            let term = p.u64("term")?;
+            let node = p.node("node")?;
+            let peer = p.node("peer")?;
+            p.reserved_bytes::<6>()?;
+            Message::PeerUptodate { term, node, peer }
+        }
+        GRANT => {
+            let request = p.u16("request")?;
+            p.reserved_bytes::<6>()?;
+            let request_term = p.u64("request_term")?;
+            let view = p.view()?;
+            Message::Grant { request, request_term, view }
+        }
+        REFUSED => {
+            let request = p.u16("request")?;
+            let reason = p.u8("reason")?;
+            let flags = p.u8("flags")?;
+            if flags > 1 {
+                return Err(p.bad(format!("unknown flags {flags:#04x}")));
+            }
+            p.reserved_bytes::<4>()?;
+            let request_term = p.u64("request_term")?;
+            let view = p.view()?;
+            let view = if flags & 1 != 0 {
+                Some(view)
+            } else if view != (WitnessView { term: 0, primary: None, uptodate: 0 }) {
+                return Err(p.bad("a record without the VIEW flag".into()));
+            } else {
+                None
+            };
+            Message::Refused { request, reason, request_term, view }
+        }
+        TERM_REFUSE => Message::TermRefuse { higher_term: p.u64("higher_term")? },
         GOODBYE => {
             let reason = GoodbyeReason::from_code(p.u16("reason")?);
             Message::Goodbye { reason, message: p.text()? }

@@ -527,3 +527,121 @@ fn bad_resync_payloads_are_refused_with_the_field() {
         other => panic!("{other:?}"),
     }
 }
+
+// --- Version 3: the witness link ------------------------------------------
+
+fn arb_node() -> impl Strategy<Value = u8> {
+    0u8..=7
+}
+
+fn arb_view() -> impl Strategy<Value = WitnessView> {
+    (any::<u64>(), prop::option::of(arb_node()), any::<u8>()).prop_map(|(term, primary, uptodate)| WitnessView {
+        term,
+        primary,
+        uptodate,
+    })
+}
+
+fn arb_v3_message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, sent_ns, term)| Message::TermPing {
+            seq,
+            sent_ns,
+            term
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            prop::option::of((prop::option::of(arb_node()), any::<u8>()))
+        )
+            .prop_map(|(seq, echo_sent_ns, term, primary_ok, view)| Message::TermPong(TermPong {
+                seq,
+                echo_sent_ns,
+                term,
+                primary_ok,
+                view
+            })),
+        (any::<u64>(), arb_node(), any::<bool>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(term, node, forced, gen_current, lsn_local, last_heard_primary_ms)| Message::Claim {
+                term,
+                node,
+                forced,
+                gen_current,
+                lsn_local,
+                last_heard_primary_ms
+            }
+        ),
+        (any::<u64>(), arb_node()).prop_map(|(term, node)| Message::Solo { term, node }),
+        (any::<u64>(), arb_node(), arb_node()).prop_map(|(term, node, peer)| Message::PeerUptodate {
+            term,
+            node,
+            peer
+        }),
+        (any::<u64>(), arb_node()).prop_map(|(term, node)| Message::Release { term, node }),
+        (128u16..=131, any::<u64>(), arb_view()).prop_map(|(request, request_term, view)| Message::Grant {
+            request,
+            request_term,
+            view
+        }),
+        (128u16..=131, 1u8..=7, any::<u64>(), prop::option::of(arb_view()))
+            .prop_map(|(request, reason, request_term, view)| Message::Refused { request, reason, request_term, view }),
+        any::<u64>().prop_map(|higher_term| Message::TermRefuse { higher_term }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_v3_message_round_trips(m in arb_v3_message()) {
+        let mut b = enc(&m);
+        prop_assert_eq!(b.len(), m.encoded_len());
+        prop_assert_eq!(decode(&mut b).unwrap(), Some(m));
+        prop_assert!(b.is_empty());
+    }
+}
+
+#[test]
+fn v3_layouts_are_pinned() {
+    // Ping v3: 24 bytes; the 16-byte Ping stays version 2's.
+    let b = enc(&Message::TermPing { seq: 1, sent_ns: 2, term: 3 });
+    assert_eq!(b.len(), FRAME_HEADER_LEN + 24);
+    assert_eq!(&b[FRAME_HEADER_LEN + 16..], &3u64.to_le_bytes());
+    let pong = TermPong { seq: 1, echo_sent_ns: 2, term: 7, primary_ok: true, view: Some((Some(0), 0b11)) };
+    let b = enc(&Message::TermPong(pong));
+    assert_eq!(b.len(), FRAME_HEADER_LEN + 32);
+    assert_eq!(&b[FRAME_HEADER_LEN + 24..FRAME_HEADER_LEN + 27], &[0b11, 0, 0b11]);
+    let b = enc(&Message::Claim {
+        term: 5,
+        node: 1,
+        forced: true,
+        gen_current: 9,
+        lsn_local: 10,
+        last_heard_primary_ms: 11,
+    });
+    assert_eq!(u16::from_le_bytes([b[4], b[5]]), 128);
+    assert_eq!(&b[FRAME_HEADER_LEN + 8..FRAME_HEADER_LEN + 16], &[1, 1, 0, 0, 0, 0, 0, 0]);
+    let b = enc(&Message::Refused { request: 128, reason: 6, request_term: 4, view: None });
+    assert_eq!(&b[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4], &[128, 0, 6, 0]);
+    assert_eq!(b[FRAME_HEADER_LEN + 24], 0xff, "no primary without a view");
+}
+
+#[test]
+fn bad_v3_payloads_are_refused_with_the_field() {
+    let mut p = vec![0u8; 16];
+    p[8] = 9;
+    let e = decode(&mut raw_frame(msg_type::SOLO, 0, &p)).unwrap_err().to_string();
+    assert!(e.contains("node 9 is not a node index"), "{e}");
+    p[8] = 1;
+    p[15] = 1;
+    let e = decode(&mut raw_frame(msg_type::SOLO, 0, &p)).unwrap_err().to_string();
+    assert!(e.contains("reserved"), "{e}");
+    let mut pong = vec![0u8; 32];
+    pong[24] = 0x80;
+    let e = decode(&mut raw_frame(msg_type::PONG, 0, &pong)).unwrap_err().to_string();
+    assert!(e.contains("unknown flags"), "{e}");
+    pong[24] = 0;
+    pong[26] = 1;
+    let e = decode(&mut raw_frame(msg_type::PONG, 0, &pong)).unwrap_err().to_string();
+    assert!(e.contains("without the VIEW flag"), "{e}");
+}

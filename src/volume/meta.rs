@@ -25,9 +25,13 @@ pub const BITMAP_OFFSET: u64 = 2 * SLOT_SIZE as u64;
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBLKMETA");
 /// Format version: 1 (repblock 0.1, no bitmap), 2 (resync: bitmap
 /// granularity, bitmap pages after the slots, bitmap_base_lsn,
-/// peer_written_lsn, gen_created_ms). Version 1 is refused (run
-/// `create-md --force`).
-pub const SUPERBLOCK_VERSION: u32 = 2;
+/// peer_written_lsn, gen_created_ms), 3 (automatic failover: the term at
+/// byte 288). Version 1 is refused (run `create-md --force`); version 2 is
+/// read as term 0 and written back as version 3 at the next superblock
+/// update (opening the volume does one).
+pub const SUPERBLOCK_VERSION: u32 = 3;
+/// Oldest format version this build reads.
+pub const SUPERBLOCK_MIN_VERSION: u32 = 2;
 
 /// Size of the `meta` file of a volume of `size` bytes at `granularity`:
 /// the two slots and the bitmap pages.
@@ -50,7 +54,7 @@ pub const FLAG_FOREIGN_MARKS: u32 = 2;
 //
 // | off  | size | field                                             |
 // |    0 |    8 | magic "RBLKMETA"                                  |
-// |    8 |    4 | format version (2)                                |
+// |    8 |    4 | format version (3; 2 is read, as term 0)          |
 // |   12 |    4 | flags (bit 0: CLEAN_SHUTDOWN, 1: FOREIGN_MARKS)   |
 // |   16 |    8 | update counter (the newest valid slot wins)       |
 // |   24 |   16 | volume uuid (random, made by create-md)           |
@@ -78,7 +82,9 @@ pub const FLAG_FOREIGN_MARKS: u32 = 2;
 // |      |      |   record <= it (recovery re-marks the records     |
 // |      |      |   above it found in the retained WAL)             |
 // |  280 |    8 | gen_created_ms: unix ms when gen_current was made |
-// |  288 | 3804 | reserved (zero)                                   |
+// |  288 |    8 | term: the node's failover term (version 3; 0 in a |
+// |      |      |   version-2 superblock)                           |
+// |  296 | 3796 | reserved (zero)                                   |
 // | 4092 |    4 | crc32c over bytes 0..4092                         |
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Superblock {
@@ -103,6 +109,9 @@ pub struct Superblock {
     pub peer_written_lsn: Lsn,
     /// Unix milliseconds when `gen_current` was made (0: unknown).
     pub gen_created_ms: u64,
+    /// The node's failover term (docs/failover.md): persisted before the
+    /// node acts on it; never lowered. 0 without failover.
+    pub term: u64,
 }
 
 impl Superblock {
@@ -141,6 +150,7 @@ impl Superblock {
         b[264..272].copy_from_slice(&self.bitmap_base_lsn.to_le_bytes());
         b[272..280].copy_from_slice(&self.peer_written_lsn.to_le_bytes());
         b[280..288].copy_from_slice(&self.gen_created_ms.to_le_bytes());
+        b[288..296].copy_from_slice(&self.term.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SLOT_SIZE - 4]);
         b[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
@@ -167,8 +177,10 @@ impl Superblock {
             return Err(format!("CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"));
         }
         let version = u32_at(8);
-        if version != SUPERBLOCK_VERSION {
-            return Err(format!("{OLD_VERSION_PREFIX}{version} (this build reads {SUPERBLOCK_VERSION})"));
+        if !(SUPERBLOCK_MIN_VERSION..=SUPERBLOCK_VERSION).contains(&version) {
+            return Err(format!(
+                "{OLD_VERSION_PREFIX}{version} (this build reads {SUPERBLOCK_MIN_VERSION} to {SUPERBLOCK_VERSION})"
+            ));
         }
         let bitmap_granularity = u32_at(256);
         bitmap::validate_granularity(bitmap_granularity).map_err(|e| format!("bitmap granularity {e}"))?;
@@ -204,6 +216,8 @@ impl Superblock {
             bitmap_base_lsn: u64_at(264),
             peer_written_lsn: u64_at(272),
             gen_created_ms: u64_at(280),
+            // Version 2 had no term; its byte 288 was reserved.
+            term: if version >= 3 { u64_at(288) } else { 0 },
         })
     }
 }
@@ -445,7 +459,50 @@ mod tests {
             bitmap_base_lsn: 11,
             peer_written_lsn: 15,
             gen_created_ms: 1_700_000_000_000,
+            term: 5,
         }
+    }
+
+    /// A version-2 slot: the same layout with byte 288 reserved (zero).
+    fn version_2(sb: &Superblock) -> Vec<u8> {
+        let mut raw = sb.encode().unwrap();
+        raw[8..12].copy_from_slice(&2u32.to_le_bytes());
+        raw[288..296].fill(0);
+        let crc = crc32c::crc32c(&raw[..SLOT_SIZE - 4]);
+        raw[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        raw
+    }
+
+    #[test]
+    fn version_3_carries_the_term_and_version_2_reads_as_term_0() {
+        let sb = sample();
+        let enc = sb.encode().unwrap();
+        assert_eq!(u32::from_le_bytes(enc[8..12].try_into().unwrap()), 3);
+        assert_eq!(u64::from_le_bytes(enc[288..296].try_into().unwrap()), 5);
+        assert_eq!(Superblock::decode(&enc).unwrap().term, 5);
+        let old = Superblock::decode(&version_2(&sb)).unwrap();
+        assert_eq!(old, Superblock { term: 0, ..sb }, "a version-2 superblock is the same but for the term");
+        // Migration: the next write of a version-2 store is version 3.
+        let d = tempfile::tempdir().unwrap();
+        let (io, _st) = store(d.path());
+        let f = io.open(&d.path().join("meta"), OpenMode::READ_WRITE).unwrap();
+        io.write_all_at(&f, &version_2(&sample()), 0).unwrap();
+        let mut st = reopen(&io, d.path()).unwrap();
+        assert_eq!(st.current().term, 0);
+        let next = Superblock { term: 9, ..st.current().clone() };
+        st.write(&io, next).unwrap();
+        let st = reopen(&io, d.path()).unwrap();
+        assert_eq!(st.current().term, 9);
+        let mut raw = vec![0u8; 2 * SLOT_SIZE];
+        io.read_exact_at(&f, &mut raw, 0).unwrap();
+        assert_eq!(u32::from_le_bytes(raw[SLOT_SIZE + 8..SLOT_SIZE + 12].try_into().unwrap()), 3);
+        // A newer format than this build reads is refused, naming it.
+        let mut v4 = sample().encode().unwrap();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v4[..SLOT_SIZE - 4]);
+        v4[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        let e = Superblock::decode(&v4).unwrap_err();
+        assert!(e.contains("version 4 (this build reads 2 to 3)"), "{e}");
     }
 
     #[test]

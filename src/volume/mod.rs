@@ -590,6 +590,7 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
         bitmap_base_lsn: 0,
         peer_written_lsn: 0,
         gen_created_ms: unix_ms(),
+        term: 0,
     };
     let file = io.open(&meta_path, OpenMode::CREATE).map_err(|e| VolumeError::io(&meta_path, e))?;
     MetaStore::create(io, file, sb.clone())?;
@@ -929,8 +930,25 @@ impl Volume {
         parking::lock(&self.shared.meta).current().clone()
     }
 
+    /// The node's failover term (superblock; 0 without failover).
+    pub fn term(&self) -> u64 {
+        parking::lock(&self.shared.meta).current().term
+    }
+
+    /// Durably raises the failover term to `term` (superblock written and
+    /// fdatasync'ed before this returns; docs/failover.md: a term is
+    /// persisted before it is acted on). A term at or below the stored one
+    /// changes nothing: terms never go back. Returns the stored term.
+    pub fn persist_term(&self, term: u64) -> Result<u64, VolumeError> {
+        if term <= self.term() {
+            return Ok(self.term());
+        }
+        self.update_superblock(|sb| sb.term = sb.term.max(term))?;
+        Ok(self.term())
+    }
+
     /// Durably updates the superblock (written and fdatasync'ed before this
-    /// returns). `f` may change the disk state, the generation ids and the
+    /// returns). `f` may change the disk state, the generation ids, the term and the
     /// flags other than CLEAN_SHUTDOWN and `gen_created_ms`; the fields the
     /// volume owns (names, size, uuid, checkpoint, counter, bitmap
     /// granularity, bitmap base, peer written LSN) are kept as they are. A failed write

@@ -22,7 +22,6 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -51,18 +50,16 @@ macro_rules! both_engines {
     };
 }
 
-/// A TCP port nobody listens on right now.
+/// A TCP port nobody listens on right now, outside the kernel's ephemeral
+/// range (so that no dial can take it as its source port before the daemon
+/// binds it; see `repblock::ports`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    repblock::ports::unused_local_port().expect("a free port")
 }
 
-/// `N` distinct TCP ports nobody listens on right now (all bound at once,
-/// so that two calls in a row cannot return the same port).
+/// `N` distinct TCP ports nobody listens on right now.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> =
-        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
+    std::array::from_fn(|_| free_port())
 }
 
 /// Panics with an install hint when `tool` is not on PATH.
@@ -494,6 +491,7 @@ pub fn spawn_events(config: &Path, node: &str, args: &[&str]) -> (ChildGuard, st
 pub mod durable;
 pub mod pair;
 pub mod resync;
+pub mod witness;
 
 /// Sends SIGTERM to a repd we spawned and waits (at most 60 s) for its exit
 /// status; past that it is killed and the test fails with `log()`.

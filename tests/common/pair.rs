@@ -463,14 +463,20 @@ impl Pair {
     /// other test checks its own property.
     pub fn up(opts: PairOpts) -> Pair {
         let mut pair = Pair::new(opts);
-        pair.start_both();
-        for p in [&pair.alpha, &pair.beta] {
+        pair.bring_up();
+        pair
+    }
+
+    /// What [`Pair::up`] does after `new`: for a pair whose config a test
+    /// changed first.
+    pub fn bring_up(&mut self) {
+        self.start_both();
+        for p in [&self.alpha, &self.beta] {
             p.wait_status("connected", Duration::from_secs(20), |s| s["connection"] == "connected");
         }
-        pair.alpha.repctl_ok(&["promote", "--force"]);
-        pair.beta.wait_sync(90);
-        pair.assert_established();
-        pair
+        self.alpha.repctl_ok(&["promote", "--force"]);
+        self.beta.wait_sync(90);
+        self.assert_established();
     }
 
     /// Both sides connected, established, uptodate, roles primary/secondary.

@@ -20,7 +20,7 @@
 //! costs the RTT.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -155,10 +155,10 @@ pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, outside the ephemeral range (see
+/// `repblock::ports`).
 fn free_port() -> Result<u16, TargetError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding an ephemeral port"))?;
-    Ok(l.local_addr().map_err(io_err("local address of an ephemeral port"))?.port())
+    repblock::ports::unused_local_port().map_err(io_err("choosing a free port"))
 }
 
 /// Puts the command's process in its own process group, so that a Ctrl-C

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -90,7 +90,7 @@ pub fn control_request(path: &Path, req: &Value, timeout: Duration) -> anyhow::R
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(repblock::ports::unused_local_port()?)
 }
 
 /// Settings of the pair's config file.
