@@ -147,6 +147,9 @@ pub struct VolumeOptions {
     /// them durable (log catch-up); older records are marked in the bitmap
     /// and dropped.
     pub wal_retain: u64,
+    /// Extents (4 MiB each) the activity log keeps hot (`al_extents`,
+    /// src/volume/al.rs): a write to a cold one costs a log write first.
+    pub al_extents: usize,
 }
 
 impl VolumeOptions {
@@ -160,6 +163,7 @@ impl VolumeOptions {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             bitmap_granularity: DEFAULT_BITMAP_GRANULARITY,
             wal_retain: DEFAULT_WAL_RETAIN,
+            al_extents: al::DEFAULT_EXTENTS,
         }
     }
 
@@ -671,8 +675,9 @@ impl Volume {
         // After a power loss, the extents of the activity log may hold data
         // writes whose records the torn tail lost (src/volume/al.rs).
         let al_path = opts.dir.join(al::AL_FILE);
-        let (activity, al_open) = al::ActivityLog::open(&*io, &opts.dir, sb.uuid, sb.size, sb.clean_shutdown())
-            .map_err(|e| VolumeError::io(&al_path, e))?;
+        let (activity, al_open) =
+            al::ActivityLog::open(&*io, &opts.dir, sb.uuid, sb.size, sb.clean_shutdown(), opts.al_extents)
+                .map_err(|e| VolumeError::io(&al_path, e))?;
         for &(off, len) in &al_open.marks {
             bm.set_range(off, len);
         }
@@ -833,10 +838,16 @@ impl Volume {
         parking::lock(&self.shared.activity).disable();
     }
 
-    /// Activity-log writes (one 4 KiB write and one fdatasync each) since
-    /// the volume was opened.
+    /// Activity-log writes (one write and one fdatasync each) since the
+    /// volume was opened.
     pub fn activity_log_writes(&self) -> u64 {
         parking::lock(&self.shared.activity).writes
+    }
+
+    /// Write batches that touched more cold extents than the activity log
+    /// holds (each persisted the log as "every block", src/volume/al.rs).
+    pub fn activity_log_overflows(&self) -> u64 {
+        parking::lock(&self.shared.activity).overflows
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {

@@ -636,15 +636,18 @@ impl Writer {
     fn admit_activity(&mut self) -> Result<(), FailStop> {
         let shared = self.shared.clone();
         let mut al = parking::lock(&shared.activity);
-        if !al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire)) {
+        if !al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire), false) {
             let applied = shared.applied_lsn.load(Ordering::Acquire);
             if applied > shared.durable_lsn.load(Ordering::Acquire) {
                 // Mid-batch: a segment this batch rolled over from, and its
                 // in-place writes, still need the batch's own sync.
                 self.sync_upto(applied, true)?;
             }
-            let admitted = al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire));
-            debug_assert!(admitted, "every earlier write is durable: every extent can leave");
+            // Every earlier write is durable now: every extent but this
+            // batch's can leave; a batch wider than the log overflows it
+            // (persisted as "every block").
+            let admitted = al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire), true);
+            debug_assert!(admitted, "a forced admit always succeeds");
         }
         if al.dirty() {
             al.persist(&*shared.io)
