@@ -301,7 +301,7 @@ impl ActivityLog {
     /// even with every earlier write durable, is admitted all the same (with
     /// `force`, or when nothing else is pending): the log then holds more
     /// than its capacity in memory and is persisted as "every block"
-    /// ([`FLAG_ALL`]): a power cut before that batch is durable marks the
+    /// (flag `ALL`): a power cut before that batch is durable marks the
     /// whole volume. The next admit after it shrinks the log back to its
     /// capacity (durable extents leave, least recently used first) and
     /// persists the list again.
