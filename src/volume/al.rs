@@ -501,12 +501,15 @@ mod tests {
         assert!(!al.hot.contains_key(&0) && !al.hot.contains_key(&1));
     }
 
+    /// A node directory, an engine and the extent size.
+    fn fixture() -> (tempfile::TempDir, crate::io::sync::SyncEngine, u64) {
+        (tempfile::tempdir().unwrap(), crate::io::sync::SyncEngine::new(), 1u64 << EXTENT_SHIFT)
+    }
+
     #[test]
     fn an_unclean_stop_in_another_boot_marks_the_extents() {
-        let dir = tempfile::tempdir().unwrap();
-        let io = crate::io::sync::SyncEngine::new();
+        let (dir, io, ext) = fixture();
         let size = 64u64 << 20;
-        let ext = 1u64 << EXTENT_SHIFT;
         let (mut al, _) = ActivityLog::open(&io, dir.path(), 5, size, true, DEFAULT_EXTENTS).unwrap();
         assert!(al.admit(&[(1, 3 * ext + 7, 1), (2, 15 * ext, ext)], 0, false));
         al.persist(&io).unwrap();
@@ -682,10 +685,8 @@ mod tests {
 
     #[test]
     fn a_batch_wider_than_the_log_is_persisted_as_every_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let io = crate::io::sync::SyncEngine::new();
+        let (dir, io, ext) = fixture();
         let size = 1u64 << 30;
-        let ext = 1u64 << EXTENT_SHIFT;
         let (mut al, _) = ActivityLog::open(&io, dir.path(), 5, size, true, MIN_EXTENTS).unwrap();
         al.persist(&io).unwrap();
         // Three hot extents, durable up to LSN 3.
