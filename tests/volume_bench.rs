@@ -43,6 +43,8 @@ enum Case {
     RandWriteFsyncQd1,
     /// 4 KiB random writes with FUA, QD1.
     RandWriteFuaQd1,
+    /// 4 KiB random writes, QD1, no flush (only `activity_log_cost`).
+    RandWriteQd1,
     /// 4 KiB random writes, QD32, no flush.
     RandWriteQd32,
     /// 1 MiB sequential writes, QD8, no flush.
@@ -54,6 +56,7 @@ impl Case {
         match self {
             Case::RandWriteFsyncQd1 => "4k randwrite QD1 fsync=1",
             Case::RandWriteFuaQd1 => "4k randwrite QD1 FUA",
+            Case::RandWriteQd1 => "4k randwrite QD1",
             Case::RandWriteQd32 => "4k randwrite QD32",
             Case::SeqWrite1mQd8 => "1M seqwrite QD8",
         }
@@ -62,6 +65,7 @@ impl Case {
         // (block size, queue depth, durable per write)
         match self {
             Case::RandWriteFsyncQd1 | Case::RandWriteFuaQd1 => (4096, 1, true),
+            Case::RandWriteQd1 => (4096, 1, false),
             Case::RandWriteQd32 => (4096, 32, false),
             Case::SeqWrite1mQd8 => (1 << 20, 8, false),
         }
@@ -69,7 +73,7 @@ impl Case {
 }
 
 /// Returns operations per second.
-async fn run_volume(v: Arc<Volume>, case: Case) -> f64 {
+async fn run_volume(v: Arc<Volume>, case: Case, size: u64) -> f64 {
     let (bs, qd, _) = case.params();
     let deadline = Instant::now() + secs();
     let ops = Arc::new(AtomicU64::new(0));
@@ -87,8 +91,8 @@ async fn run_volume(v: Arc<Volume>, case: Case) -> f64 {
             let data = Bytes::from(buf);
             while Instant::now() < deadline {
                 let off = match case {
-                    Case::SeqWrite1mQd8 => (seq_next.fetch_add(1, Ordering::Relaxed) * bs as u64) % SIZE,
-                    _ => rng.random_range(0..SIZE / bs as u64) * bs as u64,
+                    Case::SeqWrite1mQd8 => (seq_next.fetch_add(1, Ordering::Relaxed) * bs as u64) % size,
+                    _ => rng.random_range(0..size / bs as u64) * bs as u64,
                 };
                 match case {
                     Case::RandWriteFsyncQd1 => {
@@ -192,7 +196,7 @@ async fn bench_engine(choice: EngineChoice) {
         if !only.is_empty() && !only.split(',').any(|c| case.name().contains(c.trim())) {
             continue;
         }
-        let ours = run_volume(v.clone(), case).await;
+        let ours = run_volume(v.clone(), case, SIZE).await;
         let peer = tokio::task::spawn_blocking({
             let p = peer_path.clone();
             move || run_peer(&p, case)
@@ -228,5 +232,64 @@ async fn volume_vs_odirect_peer() {
     }
     if which != "sync" {
         bench_engine(EngineChoice::IoUring).await;
+    }
+}
+
+/// One volume of `size` bytes, opened on the sync engine in `dir`.
+#[cfg(feature = "testkit")]
+fn bench_volume(io: &Arc<dyn IoEngine>, dir: &Path, size: u64, al_extents: usize) -> Arc<Volume> {
+    let mut opts = VolumeOptions::new(dir.to_path_buf());
+    opts.al_extents = al_extents;
+    let id = Identity { resource: "bench".into(), node: "a".into(), size };
+    create_md(
+        &**io,
+        &opts,
+        &CreateOptions { resource: "bench".into(), node: "a".into(), size, block_size: 4096, force: false },
+    )
+    .expect("create_md");
+    Volume::open(io.clone(), opts, &id).expect("open")
+}
+
+/// The activity log's cost on the write path, with and without it, same
+/// run: a working set that fits the default `al_extents` (1 GiB = 256
+/// extents) and one that does not (8 GiB = 2048 > 1237), the latter also
+/// with `al_extents` raised to hold it. Run in a release build:
+/// `cargo test --release --features testkit --test volume_bench activity_log_cost -- --ignored --nocapture`.
+#[cfg(feature = "testkit")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+async fn activity_log_cost() {
+    use repblock::volume::al::DEFAULT_EXTENTS;
+    let io: Arc<dyn IoEngine> = select_engine(EngineChoice::Sync).expect("sync engine");
+    let dir = bench_dir();
+    println!("activity log cost ({}s per case, engine {}):", secs().as_secs_f64(), io.kind());
+    let runs: [(u64, Option<usize>); 5] = [
+        (SIZE, Some(DEFAULT_EXTENTS)),
+        (SIZE, None),
+        (8 * SIZE, Some(DEFAULT_EXTENTS)),
+        (8 * SIZE, Some(2100)),
+        (8 * SIZE, None),
+    ];
+    for (size, al) in runs {
+        let node = dir.path().join(format!("n{}-{al:?}", size >> 30));
+        let v = bench_volume(&io, &node, size, al.unwrap_or(DEFAULT_EXTENTS));
+        if al.is_none() {
+            v.disable_activity_log_for_bench();
+        }
+        let mut line =
+            format!("  {:>2} GiB  activity log {:>4}:", size >> 30, al.map_or("off".to_string(), |n| n.to_string()));
+        for case in [Case::RandWriteQd1, Case::RandWriteFsyncQd1, Case::RandWriteFuaQd1, Case::RandWriteQd32] {
+            let before = v.activity_log_writes();
+            let rate = run_volume(v.clone(), case, size).await;
+            let logged = v.activity_log_writes() - before;
+            if case.params().1 == 1 {
+                line += &format!("  {}: {:6.1} us ({logged} log writes)", case.name(), 1e6 / rate);
+            } else {
+                line += &format!("  {}: {:6.0} IOPS ({logged} log writes)", case.name(), rate);
+            }
+        }
+        println!("{line}");
+        v.close().await.expect("close");
+        std::fs::remove_dir_all(&node).expect("remove the bench volume");
     }
 }

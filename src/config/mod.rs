@@ -244,6 +244,9 @@ pub struct Config {
     /// WAL bytes kept for a lagging peer's log catch-up (1GiB by default,
     /// at least 64MiB). Beyond it the peer gets a bitmap resync instead.
     pub wal_retain: u64,
+    /// Activity-log extents (4 MiB each) kept hot (1237 by default, 7 to
+    /// 65534, DRBD's `al-extents`); src/volume/al.rs.
+    pub al_extents: usize,
     /// Resync rate cap in bytes per second; `None` = unlimited (the default).
     pub resync_rate: Option<u64>,
     /// Split-brain policy with no primary at connect (`disconnect` by default).
@@ -361,6 +364,7 @@ impl Config {
             checkpoint_interval: self.checkpoint_interval,
             bitmap_granularity: self.bitmap_granularity,
             wal_retain: self.wal_retain,
+            al_extents: self.al_extents,
         }
     }
 

@@ -29,6 +29,7 @@ struct RawConfig {
     max_buffer: Option<toml::Value>,
     bitmap_granularity: Option<toml::Value>,
     wal_retain: Option<toml::Value>,
+    al_extents: Option<toml::Value>,
     resync_rate: Option<toml::Value>,
     after_sb_0pri: Option<toml::Value>,
     after_sb_1pri: Option<toml::Value>,
@@ -641,6 +642,25 @@ impl Config {
                 s
             }
         };
+        let al_extents = match &raw.al_extents {
+            None => crate::volume::al::DEFAULT_EXTENTS,
+            Some(toml::Value::Integer(n))
+                if (crate::volume::al::MIN_EXTENTS as i64..=crate::volume::al::MAX_EXTENTS as i64).contains(n) =>
+            {
+                *n as usize
+            }
+            Some(other) => {
+                return Err(c.err(
+                    "al_extents",
+                    format!(
+                        "expected a number from {} to {}, got {}",
+                        crate::volume::al::MIN_EXTENTS,
+                        crate::volume::al::MAX_EXTENTS,
+                        describe(other)
+                    ),
+                ));
+            }
+        };
         let resync_rate = match &raw.resync_rate {
             None => None,
             Some(toml::Value::String(s)) if s == "unlimited" => None,
@@ -755,6 +775,7 @@ impl Config {
             max_buffer,
             bitmap_granularity,
             wal_retain,
+            al_extents,
             resync_rate,
             after_sb_0pri,
             after_sb_1pri,

@@ -441,6 +441,22 @@ fn resync_keys_reach_the_volume() {
 }
 
 #[test]
+fn al_extents_is_drbds_range() {
+    let c = load(&with_key("")).unwrap();
+    assert_eq!(c.al_extents, crate::volume::al::DEFAULT_EXTENTS);
+    assert_eq!(c.volume_options(&c.nodes[0]).al_extents, 1237);
+    let c = load(&with_key("al_extents = 7")).unwrap();
+    assert_eq!(c.volume_options(&c.nodes[0]).al_extents, 7);
+    assert_eq!(load(&with_key("al_extents = 65534")).unwrap().al_extents, 65534);
+    assert_eq!(
+        err(&with_key("al_extents = 6")),
+        "r0.toml: al_extents: expected a number from 7 to 65534, got the number 6"
+    );
+    assert!(err(&with_key("al_extents = 65535")).starts_with("r0.toml: al_extents: expected a number from 7 to 65534"));
+    assert!(err(&with_key("al_extents = \"1237\"")).starts_with("r0.toml: al_extents: expected a number"));
+}
+
+#[test]
 fn wal_retain_is_at_least_64m() {
     assert_eq!(load(&with_key("wal_retain = \"64MiB\"")).unwrap().wal_retain, 64 << 20);
     assert_eq!(load(&with_key("wal_retain = \"10GiB\"")).unwrap().wal_retain, 10 << 30);

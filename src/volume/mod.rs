@@ -70,6 +70,7 @@ use tokio::sync::oneshot;
 use crate::io::{IoEngine, IoFile, OpenMode};
 use crate::model::{DiskState, GenIds, unix_ms};
 
+pub mod al;
 pub mod bitmap;
 pub mod checkpoint;
 pub mod failstop;
@@ -146,6 +147,9 @@ pub struct VolumeOptions {
     /// them durable (log catch-up); older records are marked in the bitmap
     /// and dropped.
     pub wal_retain: u64,
+    /// Extents (4 MiB each) the activity log keeps hot (`al_extents`,
+    /// src/volume/al.rs): a write to a cold one costs a log write first.
+    pub al_extents: usize,
 }
 
 impl VolumeOptions {
@@ -159,6 +163,7 @@ impl VolumeOptions {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             bitmap_granularity: DEFAULT_BITMAP_GRANULARITY,
             wal_retain: DEFAULT_WAL_RETAIN,
+            al_extents: al::DEFAULT_EXTENTS,
         }
     }
 
@@ -356,6 +361,8 @@ pub(crate) struct Shared {
     pub bitmap_io: Mutex<()>,
     /// Ranges replay would write (see [`writer::ReplayRanges`]).
     pub replay_ranges: Mutex<writer::ReplayRanges>,
+    /// The activity log (src/volume/al.rs), written by the log writer.
+    pub activity: Mutex<al::ActivityLog>,
     failed: Mutex<Option<FailStop>>,
     failed_flag: AtomicBool,
     stopping: AtomicBool,
@@ -549,6 +556,11 @@ pub fn create_md(io: &dyn IoEngine, opts: &VolumeOptions, create: &CreateOptions
     for p in listing.segments.values().chain(&listing.spares).chain(&listing.temporary) {
         io.remove(p).map_err(|e| VolumeError::io(p, e))?;
     }
+    // An old activity log belongs to the old volume (another uuid).
+    let al_path = opts.dir.join(al::AL_FILE);
+    if al_path.exists() {
+        io.remove(&al_path).map_err(|e| VolumeError::io(&al_path, e))?;
+    }
     io.sync_dir(&wal_dir).map_err(|e| VolumeError::io(&wal_dir, e))?;
 
     let data_path = opts.data_path();
@@ -660,6 +672,21 @@ impl Volume {
             &mut recovery::Marks { bitmap: &mut bm, after: sb.peer_written_lsn },
         )?;
         io.sync_data(&data).map_err(|e| VolumeError::io(data.path(), e))?;
+        // After a power loss, the extents of the activity log may hold data
+        // writes whose records the torn tail lost (src/volume/al.rs).
+        let al_path = opts.dir.join(al::AL_FILE);
+        let (activity, al_open) =
+            al::ActivityLog::open(&*io, &opts.dir, sb.uuid, sb.size, sb.clean_shutdown(), opts.al_extents)
+                .map_err(|e| VolumeError::io(&al_path, e))?;
+        for &(off, len) in &al_open.marks {
+            bm.set_range(off, len);
+        }
+        let al_marked = !al_open.marks.is_empty();
+        if al_marked {
+            tracing::warn!(path = %al_path.display(), extents = al_open.marks.len(), "activity log: {}", al_open.why);
+        } else {
+            tracing::info!(path = %al_path.display(), "activity log: {}", al_open.why);
+        }
         // The re-marked bits are durable before the old segments go.
         meta.write_bitmap(&*io, |from| bm.take_dirty_pages(sb.uuid, from, meta::PAGES_PER_IO))?;
         let last = report.last_lsn;
@@ -683,6 +710,9 @@ impl Volume {
         nsb.checkpoint_lsn = last;
         nsb.replay_seq = new_seq;
         nsb.flags &= !FLAG_CLEAN_SHUTDOWN;
+        if al_marked {
+            nsb.flags |= meta::FLAG_FOREIGN_MARKS;
+        }
         // Recovery re-marked every local record above the peer's written
         // LSN; replicated records were written by the peer first. The
         // bitmap covers every record above the base.
@@ -691,6 +721,9 @@ impl Volume {
         nsb.peer_written_lsn = peer_written;
         nsb.bitmap_base_lsn = base_lsn;
         meta.write(&*io, nsb)?;
+        // The marks are persisted: the log may start empty.
+        let mut activity = activity;
+        activity.persist(&*io).map_err(|e| VolumeError::io(&al_path, e))?;
 
         let mut files = WalFiles {
             dir: wal_dir.clone(),
@@ -743,11 +776,12 @@ impl Volume {
             wal_retain: AtomicU64::new(opts.wal_retain),
             tracker: Mutex::new({
                 let mut t = tracking::Tracker::new(bm, peer_written, base_lsn);
-                t.foreign = sb.flags & meta::FLAG_FOREIGN_MARKS != 0 && t.bitmap.dirty_bytes() > 0;
+                t.foreign = (sb.flags & meta::FLAG_FOREIGN_MARKS != 0 || al_marked) && t.bitmap.dirty_bytes() > 0;
                 t
             }),
             bitmap_io: Mutex::new(()),
             replay_ranges: Mutex::new(writer::ReplayRanges::default()),
+            activity: Mutex::new(activity),
             failed: Mutex::new(None),
             failed_flag: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -793,6 +827,27 @@ impl Volume {
     /// What recovery found when this volume was opened.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Benchmark switch (feature `testkit`): stops adding extents to the
+    /// activity log, so that its cost on the write path can be measured
+    /// (tests/volume_bench.rs). A power loss afterwards can leave blocks
+    /// differing from the peer unmarked: never for real use.
+    #[cfg(feature = "testkit")]
+    pub fn disable_activity_log_for_bench(&self) {
+        parking::lock(&self.shared.activity).disable();
+    }
+
+    /// Activity-log writes (one write and one fdatasync each) since the
+    /// volume was opened.
+    pub fn activity_log_writes(&self) -> u64 {
+        parking::lock(&self.shared.activity).writes
+    }
+
+    /// Write batches that touched more cold extents than the activity log
+    /// holds (each persisted the log as "every block", src/volume/al.rs).
+    pub fn activity_log_overflows(&self) -> u64 {
+        parking::lock(&self.shared.activity).overflows
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {

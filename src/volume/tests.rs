@@ -25,6 +25,7 @@ pub(crate) fn small_opts(dir: &Path) -> VolumeOptions {
         checkpoint_interval: Duration::from_secs(3600),
         bitmap_granularity: DEFAULT_BITMAP_GRANULARITY,
         wal_retain: DEFAULT_WAL_RETAIN,
+        al_extents: crate::volume::al::DEFAULT_EXTENTS,
     }
 }
 

@@ -562,6 +562,11 @@ impl Writer {
             lsns.push(lsn);
         }
         drop(replay);
+        // The activity log lists every extent this batch writes locally
+        // before anything is submitted (src/volume/al.rs).
+        if !self.tracked.is_empty() {
+            self.admit_activity()?;
+        }
         // Bits (or ring entries) exist before the LSNs are published as
         // applied: a checkpoint that sees LSN `A` persists their bits.
         let from_peer = batch.iter().zip(&lsns).filter(|(r, _)| r.lsn.is_some()).map(|(_, &l)| l).max();
@@ -609,6 +614,53 @@ impl Writer {
         self.shared.wal_written.fetch_add(self.buf.len() as u64, Ordering::AcqRel);
 
         if need_sync && last > self.shared.durable_lsn.load(Ordering::Acquire) {
+            self.sync_upto(last, false)?;
+        }
+        let durable_now = self.shared.durable_lsn.load(Ordering::Acquire);
+        for (r, lsn) in batch.iter().zip(lsns.iter_mut()) {
+            if matches!(r.op, Op::Flush) {
+                *lsn = durable_now;
+            }
+        }
+        if flushed {
+            self.feed_items.push(FeedItem::Barrier { upto: durable_now });
+        }
+        self.shared.maybe_request_checkpoint();
+        let mut refused = refused.into_iter();
+        Ok(lsns.into_iter().map(|lsn| refused.next().flatten().map_or(Ok(lsn), Err)).collect())
+    }
+
+    /// Adds the extents of `self.tracked` (this batch's local writes) to
+    /// the activity log, persisting it if one was new. A log full of
+    /// extents with writes not yet durable is emptied by a WAL sync first.
+    fn admit_activity(&mut self) -> Result<(), FailStop> {
+        let shared = self.shared.clone();
+        let mut al = parking::lock(&shared.activity);
+        if !al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire), false) {
+            let applied = shared.applied_lsn.load(Ordering::Acquire);
+            if applied > shared.durable_lsn.load(Ordering::Acquire) {
+                // Mid-batch: a segment this batch rolled over from, and its
+                // in-place writes, still need the batch's own sync.
+                self.sync_upto(applied, true)?;
+            }
+            // Every earlier write is durable now: every extent but this
+            // batch's can leave; a batch wider than the log overflows it
+            // (persisted as "every block").
+            let admitted = al.admit(&self.tracked, shared.durable_lsn.load(Ordering::Acquire), true);
+            debug_assert!(admitted, "a forced admit always succeeds");
+        }
+        if al.dirty() {
+            al.persist(&*shared.io)
+                .map_err(|e| FailStop::io(format!("write batch: activity log write {}", al.path().display()), &e))?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs the WAL (and the data file after in-place writes): every
+    /// record up to `last`, all submitted, becomes durable. `mid_batch`:
+    /// the files stay listed as unsynced (the batch writes more to them).
+    fn sync_upto(&mut self, last: Lsn, mid_batch: bool) -> Result<(), FailStop> {
+        {
             let mut sync_ops: Vec<IoOp<'_>> = Vec::with_capacity(1 + self.unsynced.len());
             for f in &self.unsynced {
                 sync_ops.push(IoOp::SyncData { file: f });
@@ -631,23 +683,14 @@ impl Writer {
                 return Err(FailStop::io(op, &e));
             }
             drop(sync_ops);
-            self.unsynced.clear();
-            self.in_place_unsynced = false;
+            if !mid_batch {
+                self.unsynced.clear();
+                self.in_place_unsynced = false;
+            }
             self.shared.durable_lsn.fetch_max(last, Ordering::AcqRel);
             super::VolumeCounters::add(&self.shared.counters.wal_syncs, 1);
         }
-        let durable_now = self.shared.durable_lsn.load(Ordering::Acquire);
-        for (r, lsn) in batch.iter().zip(lsns.iter_mut()) {
-            if matches!(r.op, Op::Flush) {
-                *lsn = durable_now;
-            }
-        }
-        if flushed {
-            self.feed_items.push(FeedItem::Barrier { upto: durable_now });
-        }
-        self.shared.maybe_request_checkpoint();
-        let mut refused = refused.into_iter();
-        Ok(lsns.into_iter().map(|lsn| refused.next().flatten().map_or(Ok(lsn), Err)).collect())
+        Ok(())
     }
 
     fn submit(&self, ops: &mut [IoOp<'_>]) -> Result<(), FailStop> {

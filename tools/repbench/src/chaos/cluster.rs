@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,9 @@ pub struct Node {
     pub logs: Vec<PathBuf>,
     events: Arc<Mutex<Vec<Event>>>,
     stopped: bool,
+    /// Power cuts so far: each one is a reboot, and repd learns of it by
+    /// its boot id (`REPBLOCK_BOOT_ID`, read by its activity log).
+    power_cuts: AtomicU64,
 }
 
 impl Node {
@@ -156,6 +160,7 @@ impl Cluster {
                 logs: Vec::new(),
                 events: Arc::new(Mutex::new(Vec::new())),
                 stopped: false,
+                power_cuts: AtomicU64::new(0),
             }
         });
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
@@ -218,6 +223,9 @@ impl Cluster {
         let _ = std::fs::remove_file(&node.trigger);
         if self.disk_faults {
             cmd.env("REPBLOCK_FAULTS", format!("seed={},trigger={}", self.fault_seed, node.trigger.display()));
+            // A simulated machine of its own per node, rebooted by each power cut.
+            let boot = ((i as u128 + 1) << 64) | u128::from(node.power_cuts.load(Ordering::Relaxed) + 1);
+            cmd.env("REPBLOCK_BOOT_ID", format!("{boot:032x}"));
         } else {
             cmd.env_remove("REPBLOCK_FAULTS");
         }
@@ -316,6 +324,9 @@ impl Cluster {
     pub fn trigger(&self, i: usize, cmd: &str) -> anyhow::Result<()> {
         anyhow::ensure!(self.disk_faults, "disk faults are off");
         let path = &self.nodes[i].trigger;
+        if cmd.trim() == "power-cut" {
+            self.nodes[i].power_cuts.fetch_add(1, Ordering::Relaxed);
+        }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, cmd)?;
         std::fs::rename(&tmp, path)?;

@@ -169,8 +169,14 @@ pub struct Summary {
     pub hangs: u64,
     pub not_in_sync: u64,
     pub copies_differ: u64,
-    /// Outcomes of the known power-loss gap (power cut of a primary only).
+    /// Outcomes of the power-loss gap (power cut of a primary only): a
+    /// block differing from the peer unmarked, or holding another block's
+    /// write. The activity log (issue 15 part 1) closes it: 0 expected.
     pub known_gap: u64,
+    /// Blocks a primary's power cut left torn (a write not yet durable, cut
+    /// at 512-byte sectors as a disk may), served alike by both copies:
+    /// legal after a power loss, counted for the record.
+    pub torn_after_power_cut: u64,
     /// Cycles that ended with the pair in sync (connected, established,
     /// both `uptodate`, every record acknowledged, identical data) but
     /// dirty-bitmap marks left on a node (`out_of_sync_bytes` > 0) that no
@@ -405,6 +411,7 @@ pub fn run(mut opts: ChaosOptions) -> anyhow::Result<Summary> {
         not_in_sync: 0,
         copies_differ: 0,
         known_gap: 0,
+        torn_after_power_cut: 0,
         stale_marks: 0,
         stale_mark_cycles: Vec::new(),
         verifies: 0,
@@ -904,7 +911,24 @@ impl Campaign {
             let gap_possible = plan.fault == Fault::PowerCutPrimary;
             let (gap, real): (Vec<Violation>, Vec<Violation>) =
                 bad.into_iter().partition(|v| gap_possible && v.kind == "corrupt" && v.required.is_none());
+            // A write not yet durable, torn at 512-byte sectors by the cut
+            // (as a disk may tear it): legal after a power loss, as long as
+            // both copies agree (checked below). Anything else is the gap.
+            let (torn, gap): (Vec<Violation>, Vec<Violation>) =
+                gap.into_iter().partition(|v| v.found == model::FOREIGN);
+            self.summary.torn_after_power_cut += torn.len() as u64;
             known_gap |= !gap.is_empty();
+            if self.opts.verbose && !(gap.is_empty() && torn.is_empty()) {
+                let g: Vec<String> =
+                    gap.iter().chain(&torn).take(5).map(|v| format!("block {}: {}", v.block, v.detail)).collect();
+                eprintln!(
+                    "cycle {}: the primary serves {} torn and {} other unrequired block(s) never written: {}",
+                    plan.cycle,
+                    torn.len(),
+                    gap.len(),
+                    g.join("; ")
+                );
+            }
             for v in &real {
                 if v.kind == "lost" {
                     self.summary.lost += 1;
@@ -917,6 +941,9 @@ impl Campaign {
             let (a, b) = (self.cluster.read_data(0)?, self.cluster.read_data(1)?);
             if in_sync && a != b {
                 if gap_possible {
+                    if self.opts.verbose {
+                        eprintln!("cycle {}: in sync, but the data files differ: {}", plan.cycle, diff_blocks(&a, &b));
+                    }
                     known_gap = true;
                     self.repair_known_gap()?;
                 } else {
